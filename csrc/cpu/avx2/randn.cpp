@@ -1,0 +1,20 @@
+// AVX2 + FMA build of the vectorized noise loop. setup.py and CMake compile the files in csrc/cpu/avx2/
+// with -mavx2 -mfma -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2; randn.cpp calls them only after a
+// runtime CPU check. Only float32 is built here: inline helpers this file shares with the portable build
+// (e.g. c10::Half conversions) could be merged by the linker into their AVX2 copies, so the code it
+// instantiates stays minimal.
+#include "../noise_block.h"
+#include "../randn_isa.h"
+
+namespace fastdiff {
+namespace cpu {
+
+template <typename scalar_t>
+void randn_avx2(const int64_t* seeds, int64_t B, uint32_t stream, int64_t n, int64_t offset, scalar_t* out) {
+  randn_blocks(seeds, B, stream, n, offset, out);
+}
+
+template void randn_avx2<float>(const int64_t*, int64_t, uint32_t, int64_t, int64_t, float*);
+
+}  // namespace cpu
+}  // namespace fastdiff

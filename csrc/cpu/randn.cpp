@@ -1,0 +1,121 @@
+// CPU implementations of fastdiff::randn and fastdiff::philox4x32_10.
+#include <cstdlib>
+#include <cstring>
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "fastdiff/philox.h"
+#include "noise_block.h"
+#include "randn_isa.h"
+
+namespace fastdiff {
+namespace cpu {
+
+template <typename scalar_t>
+void randn_portable(const int64_t* seeds, int64_t B, uint32_t stream, int64_t n, int64_t offset, scalar_t* out) {
+  randn_blocks(seeds, B, stream, n, offset, out);
+}
+
+template void randn_portable<float>(const int64_t*, int64_t, uint32_t, int64_t, int64_t, float*);
+template void randn_portable<c10::Half>(const int64_t*, int64_t, uint32_t, int64_t, int64_t, c10::Half*);
+template void randn_portable<c10::BFloat16>(const int64_t*, int64_t, uint32_t, int64_t, int64_t, c10::BFloat16*);
+
+// "avx2" when this build has the AVX2 loop and the CPU runs it, else "portable".
+// FASTDIFF_CPU_SIMD=portable forces the baseline (tests compare the two).
+const char* simd_level() {
+#if defined(FASTDIFF_HAVE_AVX2)
+  const char* env = std::getenv("FASTDIFF_CPU_SIMD");
+  if (env != nullptr && std::strcmp(env, "portable") == 0) return "portable";
+  static const bool cpu_ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (cpu_ok) return "avx2";
+#endif
+  return "portable";
+}
+
+namespace {
+
+template <typename scalar_t>
+void randn_dispatch(const int64_t* seeds, int64_t B, uint32_t stream, int64_t n, int64_t offset, scalar_t* out) {
+#if defined(FASTDIFF_HAVE_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (std::strcmp(simd_level(), "avx2") == 0) return randn_avx2(seeds, B, stream, n, offset, out);
+  }
+#endif
+  randn_portable(seeds, B, stream, n, offset, out);
+}
+
+// float64 output: the spec evaluated in double, one group at a time.
+void randn_double(const int64_t* seeds, int64_t B, uint32_t stream, int64_t n, int64_t offset, double* out) {
+  if (B == 0 || n == 0) return;
+  const int64_t q_begin = offset >> 2;
+  const int64_t groups = ((offset + n + 3) >> 2) - q_begin;
+  at::parallel_for(0, B * groups, 1024, [&](int64_t begin, int64_t end) {
+    double g[4];
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t b = job / groups;
+      const int64_t q = q_begin + job % groups;
+      normal4<double>(static_cast<uint64_t>(seeds[b]), static_cast<uint64_t>(q), stream, g);
+      double* row = out + b * n - offset;
+      for (int64_t e = std::max<int64_t>(4 * q, offset); e < std::min<int64_t>(4 * q + 4, offset + n); ++e) {
+        row[e] = g[e - 4 * q];
+      }
+    }
+  });
+}
+
+at::Tensor randn_cpu(const at::Tensor& seeds_in, int64_t stream, at::IntArrayRef shape, int64_t offset,
+                     at::ScalarType dtype) {
+  check_randn_args(seeds_in, stream, shape, offset, dtype);
+  const at::Tensor seeds = seeds_in.contiguous();
+  at::Tensor out = randn_output(seeds, shape, dtype);
+  const int64_t B = seeds.size(0);
+  const int64_t n = B == 0 ? 0 : out.numel() / B;
+  const int64_t* s = seeds.data_ptr<int64_t>();
+  const auto k = static_cast<uint32_t>(stream);
+  switch (dtype) {
+    case at::kFloat: randn_dispatch(s, B, k, n, offset, out.data_ptr<float>()); break;
+    case at::kHalf: randn_dispatch(s, B, k, n, offset, out.data_ptr<c10::Half>()); break;
+    case at::kBFloat16: randn_dispatch(s, B, k, n, offset, out.data_ptr<c10::BFloat16>()); break;
+    case at::kDouble: randn_double(s, B, k, n, offset, out.data_ptr<double>()); break;
+    default: TORCH_CHECK(false, "unreachable");
+  }
+  return out;
+}
+
+at::Tensor philox_cpu(const at::Tensor& counter_in, const at::Tensor& key_in) {
+  check_philox_args(counter_in, key_in);
+  const at::Tensor counter = counter_in.contiguous();
+  const at::Tensor key = key_in.contiguous();
+  at::Tensor out = at::empty_like(counter);
+  const int64_t* c = counter.data_ptr<int64_t>();  // [N, 4]
+  const int64_t* k = key.data_ptr<int64_t>();      // [N, 2]
+  int64_t* o = out.data_ptr<int64_t>();            // [N, 4]
+  at::parallel_for(0, counter.size(0), 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Philox4 w = philox4x32_10(static_cast<uint32_t>(c[4 * i]), static_cast<uint32_t>(c[4 * i + 1]),
+                                      static_cast<uint32_t>(c[4 * i + 2]), static_cast<uint32_t>(c[4 * i + 3]),
+                                      static_cast<uint32_t>(k[2 * i]), static_cast<uint32_t>(k[2 * i + 1]));
+      for (int j = 0; j < 4; ++j) o[4 * i + j] = static_cast<int64_t>(w.w[j]);
+    }
+  });
+  return out;
+}
+
+std::string cpu_simd() { return simd_level(); }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
+  m.impl("randn", &randn_cpu);
+  m.impl("philox4x32_10", &philox_cpu);
+}
+
+// Device-independent query (no tensor arguments): registered as a catch-all.
+TORCH_LIBRARY_FRAGMENT(fastdiff, m) {
+  m.def("cpu_simd() -> str", &cpu_simd);
+}
+
+}  // namespace cpu
+}  // namespace fastdiff

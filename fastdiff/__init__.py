@@ -1,0 +1,16 @@
+"""fastdiff: fast sampling and training for diffusion and flow-matching models.
+
+Fused CUDA, Triton and C++ kernels behind pure-PyTorch reference ops. Conventions: flow time t from
+0 (noise) to 1 (data), x_t = alpha_t z + beta_t eps (see the README and docs/).
+"""
+
+__version__ = "0.1.0"
+
+from fastdiff import _native
+
+_native.load()
+
+from fastdiff import ops, paths  # noqa: E402
+from fastdiff.dispatch import BackendUnavailable, backends, use_backend  # noqa: E402
+
+__all__ = ["BackendUnavailable", "backends", "ops", "paths", "use_backend", "__version__"]

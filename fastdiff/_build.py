@@ -1,0 +1,142 @@
+"""Build parameters of the native extension ``fastdiff._C``: source lists and flags.
+
+One module feeds ``setup.py`` (ahead-of-time build) and :func:`fastdiff._native.jit_build`
+(``torch.utils.cpp_extension.load``), so the two cannot drift. It imports nothing from fastdiff and
+no torch at module level, so setup.py can load it by path.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+import sys
+
+# Architectures built when TORCH_CUDA_ARCH_LIST is unset: A100 (sm_80) and H100/H200 (sm_90).
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+CXX_FLAGS = ["-O3", "-fvisibility=hidden"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+# Files under csrc/cpu/avx2 get these on top of CXX_FLAGS; they run only after a runtime CPU check.
+AVX2_FLAGS = ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+
+
+def cxx_std_flag() -> str:
+    """-std=c++20 where torch's headers demand it (torch 2.14 does), else -std=c++17."""
+    import torch
+
+    header = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "ATen.h")
+    try:
+        with open(header) as f:
+            needs_20 = "C++20 or later" in f.read()
+    except OSError:
+        needs_20 = False
+    return "-std=c++20" if needs_20 else "-std=c++17"
+
+
+def cxx_flags() -> list[str]:
+    return [cxx_std_flag(), *CXX_FLAGS]
+
+
+def nvcc_flags() -> list[str]:
+    return [cxx_std_flag(), *NVCC_FLAGS]
+
+
+def _rel(paths: list[str], root: str) -> list[str]:
+    return sorted(os.path.relpath(p, root) for p in paths)
+
+
+def sources(root: str, cuda: bool) -> dict[str, list[str]]:
+    """Source files relative to ``root`` (the repository): 'cpp', 'avx2' and 'cuda' lists."""
+    csrc = os.path.join(root, "csrc")
+    cpp = glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp"))
+    avx2 = glob.glob(os.path.join(csrc, "cpu", "avx2", "*.cpp")) if has_x86_simd() else []
+    cu = glob.glob(os.path.join(csrc, "cuda", "*.cu")) + glob.glob(os.path.join(csrc, "cuda", "*.cpp")) if cuda else []
+    return {"cpp": _rel(cpp, root), "avx2": _rel(avx2, root), "cuda": _rel(cu, root)}
+
+
+def include_dirs(root: str) -> list[str]:
+    return [os.path.join(root, "csrc", "include"), os.path.join(root, "csrc")]
+
+
+def has_x86_simd() -> bool:
+    """Whether the AVX2 translation units can be compiled here (x86-64 with GCC or Clang)."""
+    return platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32"
+
+
+def defines(cuda: bool) -> list[str]:
+    out = []
+    if has_x86_simd():
+        out.append("-DFASTDIFF_HAVE_AVX2")
+    if cuda:
+        out.append("-DFASTDIFF_WITH_CUDA")
+    return out
+
+
+def nvidia_include_dirs() -> list[str]:
+    """Headers that CUDA builds of torch get from the nvidia-* wheels (cusparse.h, cublas_v2.h, ...).
+
+    A CUDA toolkit without the math libraries lacks them; the wheels ship them under
+    site-packages/nvidia/cu13/include (CUDA 13) or nvidia/<lib>/include (CUDA 12).
+    """
+    found = []
+    for site in sys.path:
+        base = os.path.join(site, "nvidia")
+        if not os.path.isdir(base):
+            continue
+        for inc in sorted(glob.glob(os.path.join(base, "*", "include"))):
+            if inc not in found:
+                found.append(inc)
+    return found
+
+
+def _is_toolkit(home: str | None) -> bool:
+    if not home:
+        return False
+    has_lib = any(os.path.exists(os.path.join(home, d, "libcudart.so")) for d in ("lib64", "lib"))
+    return has_lib and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit to build with; also installed as torch.utils.cpp_extension.CUDA_HOME.
+
+    torch guesses CUDA_HOME from the nvcc on PATH; where nvcc sits outside its toolkit (e.g.
+    /usr/local/bin/nvcc with the libraries in /usr/local/cuda) that guess has no libcudart to link,
+    so an unset CUDA_HOME/CUDA_PATH falls back to the first real toolkit among the usual places.
+    """
+    import torch.utils.cpp_extension as cpp
+
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or _is_toolkit(cpp.CUDA_HOME):
+        return cpp.CUDA_HOME
+    for home in ("/usr/local/cuda", "/opt/cuda", "/usr/lib/cuda"):
+        if _is_toolkit(home):
+            home = os.path.realpath(home)
+            cpp.CUDA_HOME = home
+            os.environ["CUDA_HOME"] = home
+            return home
+    return cpp.CUDA_HOME
+
+
+def want_cuda() -> tuple[bool, str]:
+    """(build the CUDA sources?, why). FASTDIFF_CUDA=0/1 overrides the detection."""
+    import torch
+
+    CUDA_HOME = find_cuda_home()
+
+    forced = os.environ.get("FASTDIFF_CUDA")
+    if forced == "0":
+        return False, "FASTDIFF_CUDA=0"
+    if torch.version.cuda is None:
+        if forced == "1":
+            raise RuntimeError("FASTDIFF_CUDA=1 but this torch is a CPU build (torch.version.cuda is None)")
+        return False, f"torch {torch.__version__} is not a CUDA build"
+    if CUDA_HOME is None:
+        if forced == "1":
+            raise RuntimeError("FASTDIFF_CUDA=1 but no CUDA toolkit (nvcc) was found; set CUDA_HOME")
+        return False, "no CUDA toolkit (nvcc) found; set CUDA_HOME"
+    return True, f"torch CUDA {torch.version.cuda}, toolkit at {CUDA_HOME}"
+
+
+def set_default_cuda_archs() -> str:
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    return os.environ["TORCH_CUDA_ARCH_LIST"]

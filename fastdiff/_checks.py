@@ -1,0 +1,93 @@
+"""Argument validation shared by the public ops: errors name the offending argument."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+
+_U64 = 1 << 64
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def seeds_tensor(seeds, device: torch.device | None = None, name: str = "seeds") -> torch.Tensor:
+    """Per-sample 64-bit seeds as a 1-D int64 tensor (seeds >= 2^63 in two's complement).
+
+    ``seeds``: a sequence of ints in [0, 2^64) or a 1-D int64 tensor (whose negative entries are
+    read as the two's complement of seeds >= 2^63).
+    """
+    if isinstance(seeds, torch.Tensor):
+        if seeds.dtype != torch.int64:
+            raise TypeError(f"{name} must be an int64 tensor or a list of ints, got a {seeds.dtype} tensor")
+        if seeds.dim() != 1:
+            raise ValueError(f"{name} must be 1-D (one seed per sample), got shape {tuple(seeds.shape)}")
+        return seeds if device is None else seeds.to(device)
+    if _is_int(seeds):
+        raise TypeError(f"{name} must be a sequence of ints (one per sample) or an int64 tensor, got the int "
+                        f"{seeds}; write [{seeds}] for one sample")
+    if not isinstance(seeds, Sequence) or isinstance(seeds, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of ints or an int64 tensor, got {type(seeds).__name__}")
+    values = []
+    for i, s in enumerate(seeds):
+        if not _is_int(s):
+            raise TypeError(f"{name}[{i}] must be an int, got {type(s).__name__} {s!r}")
+        s = int(s)
+        if s < 0 or s >= _U64:
+            raise ValueError(f"{name}[{i}] = {s} is out of range: seeds must be in [0, 2^64)")
+        values.append(s - _U64 if s >= 1 << 63 else s)
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def seeds_to_ints(seeds: torch.Tensor) -> list[int]:
+    """The unsigned 64-bit seeds of an int64 seed tensor (host copy)."""
+    return [int(s) % _U64 for s in seeds.tolist()]
+
+
+def stream_id(stream, name: str = "stream") -> int:
+    if not _is_int(stream):
+        raise TypeError(f"{name} must be an int in [0, 2^32), got {type(stream).__name__} {stream!r}")
+    stream = int(stream)
+    if not 0 <= stream < 1 << 32:
+        raise ValueError(f"{name} = {stream} is out of range: stream ids are in [0, 2^32)")
+    return stream
+
+
+def shape_tuple(shape, name: str = "shape") -> tuple[int, ...]:
+    if _is_int(shape):
+        shape = (shape,)
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if not isinstance(shape, Sequence) or isinstance(shape, (str, bytes)):
+        raise TypeError(f"{name} must be an int or a sequence of ints, got {type(shape).__name__}")
+    out = []
+    for i, d in enumerate(shape):
+        if not _is_int(d):
+            raise TypeError(f"{name}[{i}] must be an int, got {type(d).__name__} {d!r}")
+        if d < 0:
+            raise ValueError(f"{name}[{i}] = {d} is negative")
+        out.append(int(d))
+    return tuple(out)
+
+
+def float_dtype(dtype, name: str = "dtype") -> torch.dtype:
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be one of float32, float64, float16, bfloat16; got {dtype}")
+    return dtype
+
+
+def offset_value(offset, name: str = "offset") -> int:
+    if not _is_int(offset):
+        raise TypeError(f"{name} must be an int, got {type(offset).__name__} {offset!r}")
+    if offset < 0 or offset >= 1 << 62:
+        raise ValueError(f"{name} = {offset} is out of range [0, 2^62)")
+    return int(offset)
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)

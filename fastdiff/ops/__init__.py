@@ -1,0 +1,8 @@
+"""fastdiff's fused ops. Each op dispatches to the backend in force (see fastdiff.backends) and has a
+pure-PyTorch ``*_reference`` twin with the same signature: the specification and the test oracle."""
+
+from fastdiff.ops import _fake  # noqa: F401  (fake kernels for torch.compile / opcheck)
+from fastdiff.ops.philox import philox4x32_10, philox4x32_10_reference
+from fastdiff.ops.randn import randn, randn_reference
+
+__all__ = ["philox4x32_10", "philox4x32_10_reference", "randn", "randn_reference"]

@@ -1,0 +1,422 @@
+"""Gaussian probability paths and prediction conversions (DESIGN.md §1).
+
+Flow time ``t`` runs from 0 (noise) to 1 (data) and a path is
+``x_t = alpha_t * z + beta_t * eps`` with ``eps ~ N(0, I)``.
+
+Every path method accepts ``t`` either as
+
+* a Python number: validated to lie in [0, 1] and evaluated in float64 with the
+  :mod:`math` module; the result is a Python float (this is what the sampler's
+  host-side coefficient tables use), or
+* a torch tensor: evaluated elementwise with torch ops in ``t``'s dtype and on its
+  device (integer tensors are promoted to the default float dtype). Tensors are not
+  range-checked (that would need a host sync); values outside [0, 1] give NaN for the
+  VP paths.
+
+Model predictions are one of ``"velocity"`` (u), ``"eps"`` (noise), ``"score"``
+(grad log p_t) or ``"x0"`` (clean data). All four are affine in (x, prediction);
+:func:`affine_coefficients` gives ``(a, b)`` with ``to = a * x + b * pred`` and
+:func:`convert` applies it. The stable forms of DESIGN.md §1 are used, with
+``Delta = beta * d_alpha - d_beta * alpha``:
+
+* from velocity: ``x0 = (beta u - d_beta x) / Delta``, ``eps = (d_alpha x - alpha u) / Delta``
+* from eps: ``x0 = (x - beta eps) / alpha``; from x0: ``eps = (x - alpha x0) / beta``;
+  from score: ``eps = -beta s``
+* ``u = d_alpha x0 + d_beta eps`` and ``s = -eps / beta``.
+
+No conversion divides by ``alpha`` unless the formula above does, so velocity models
+are finite at t = 0 (CondOT: ``s = (t u - x) / (1 - t)``, ``x0 = x + u``). A conversion
+that is singular at ``t`` (``eps``/``score`` -> ``x0``/``velocity`` where alpha = 0;
+anything except ``score`` itself -> ``score``, and ``x0`` -> ``eps``/``velocity``, where
+beta = 0; anything at a point where the path's derivatives are infinite, such as VP paths
+at t = 1) raises :class:`ValueError`; samplers start or end their grids accordingly.
+Converting a prediction to its own type is always the identity.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+
+__all__ = [
+    "GaussianPath",
+    "CondOT",
+    "VP",
+    "VPCosine",
+    "UserPath",
+    "get_path",
+    "PATH_NAMES",
+    "PREDICTIONS",
+    "check_prediction",
+    "affine_coefficients",
+    "convert",
+]
+
+Time = Union[float, torch.Tensor]
+PREDICTIONS = ("velocity", "eps", "score", "x0")
+_PREDICTION_ALIASES = {"epsilon": "eps"}
+
+
+def _check_t(t) -> Time:
+    """Validate ``t``: numbers must be finite and in [0, 1]; tensors become floating."""
+    if isinstance(t, torch.Tensor):
+        return t if t.is_floating_point() else t.to(torch.get_default_dtype())
+    if isinstance(t, numbers.Real) and not isinstance(t, bool):
+        tf = float(t)
+        if not 0.0 <= tf <= 1.0:  # also rejects NaN
+            raise ValueError(f"t must be a flow time in [0, 1], got t={t!r}")
+        return tf
+    raise TypeError(f"t must be a float or a torch.Tensor, got {type(t).__name__}")
+
+
+def _ops(t):
+    """The math namespace for ``t``: :mod:`math` for floats, :mod:`torch` for tensors."""
+    return torch if isinstance(t, torch.Tensor) else math
+
+
+def _const(value: float, t: Time) -> Time:
+    return torch.full_like(t, value) if isinstance(t, torch.Tensor) else float(value)
+
+
+def _d_beta_from_alpha(alpha: Time, d_alpha: Time, beta: Time) -> Time:
+    """d_beta for beta = sqrt(1 - alpha^2): -alpha * d_alpha / beta (-inf where beta = 0)."""
+    if isinstance(beta, torch.Tensor):
+        return -alpha * d_alpha / beta
+    if beta == 0.0:
+        num = alpha * d_alpha
+        return -math.copysign(math.inf, num) if num != 0.0 else math.nan
+    return -alpha * d_alpha / beta
+
+
+class GaussianPath:
+    """Base class of Gaussian paths ``x_t = alpha_t z + beta_t eps``.
+
+    Subclasses implement ``_coefficients(t)`` for an already validated ``t`` (a float
+    or a floating tensor) and return ``(alpha, beta, d_alpha, d_beta)``.
+    """
+
+    name = "gaussian"
+
+    def _coefficients(self, t: Time) -> Tuple[Time, Time, Time, Time]:
+        raise NotImplementedError
+
+    def coefficients(self, t: Time) -> Tuple[Time, Time, Time, Time]:
+        """``(alpha_t, beta_t, d alpha_t/dt, d beta_t/dt)`` at flow time ``t``."""
+        return self._coefficients(_check_t(t))
+
+    def alpha(self, t: Time) -> Time:
+        """Signal coefficient alpha_t."""
+        return self.coefficients(t)[0]
+
+    def beta(self, t: Time) -> Time:
+        """Noise coefficient beta_t."""
+        return self.coefficients(t)[1]
+
+    def d_alpha(self, t: Time) -> Time:
+        """d alpha_t / dt."""
+        return self.coefficients(t)[2]
+
+    def d_beta(self, t: Time) -> Time:
+        """d beta_t / dt."""
+        return self.coefficients(t)[3]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class CondOT(GaussianPath):
+    """Conditional optimal transport (rectified flow): alpha_t = t, beta_t = 1 - t."""
+
+    name = "condot"
+
+    def _coefficients(self, t):
+        return t, 1.0 - t, _const(1.0, t), _const(-1.0, t)
+
+
+class VP(GaussianPath):
+    """Variance-preserving path of the DDPM linear beta schedule.
+
+    In diffusion time ``s = 1 - t`` with ``B(s) = beta_min s + (beta_max - beta_min) s^2 / 2``:
+    ``alpha_t = exp(-B/2)`` and ``beta_t = sqrt(1 - alpha_t^2) = sqrt(-expm1(-B))`` (accurate
+    for small B). Derivatives by the chain rule (ds/dt = -1): ``d_alpha = B'(s) alpha / 2`` and
+    ``d_beta = -alpha d_alpha / beta``.
+
+    Ends: at t = 1, alpha = 1 and beta = 0 exactly and d_beta = -inf (beta ~ sqrt(beta_min s));
+    at t = 0, alpha = exp(-(beta_min + beta_max)/4) (~6.6e-3 by default), beta ~ 1 - 2e-5.
+    """
+
+    name = "vp"
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
+        if not 0.0 <= beta_min <= beta_max or beta_max <= 0.0:
+            raise ValueError(
+                f"VP needs 0 <= beta_min <= beta_max, beta_max > 0; got beta_min={beta_min}, "
+                f"beta_max={beta_max}")
+        self.beta_min = float(beta_min)
+        self.beta_max = float(beta_max)
+
+    def _coefficients(self, t):
+        m = _ops(t)
+        s = 1.0 - t
+        slope = self.beta_max - self.beta_min
+        big_b = self.beta_min * s + 0.5 * slope * s * s
+        d_big_b = self.beta_min + slope * s  # dB/ds
+        alpha = m.exp(-0.5 * big_b)
+        beta = m.sqrt(-m.expm1(-big_b))
+        d_alpha = 0.5 * d_big_b * alpha
+        return alpha, beta, d_alpha, _d_beta_from_alpha(alpha, d_alpha, beta)
+
+    def __repr__(self) -> str:
+        return f"VP(beta_min={self.beta_min}, beta_max={self.beta_max})"
+
+
+class VPCosine(GaussianPath):
+    """Nichol–Dhariwal cosine schedule in flow time (offset ``s``, default 0.008).
+
+    ``alpha_t = cos(pi/2 (s_d + s)/(1 + s)) / cos(pi/2 s/(1 + s))`` with ``s_d = 1 - t``.
+    It is evaluated in the equivalent form ``alpha_t = sin(w t) / sin(w)`` with
+    ``w = pi / (2 (1 + s))``, and ``beta_t = sqrt(sin(w (1 - t)) sin(w (1 + t))) / sin(w)``
+    (= sqrt(1 - alpha_t^2)), so alpha_0 = 0, beta_0 = 1, alpha_1 = 1, beta_1 = 0 hold
+    exactly and no clipping is needed. (The discrete-time clipping of beta at 0.999 in
+    the original paper does not apply to the continuous path.) d_beta(1) = -inf.
+    """
+
+    name = "vp-cosine"
+
+    def __init__(self, s: float = 0.008):
+        if not s > 0.0:
+            raise ValueError(f"VPCosine offset s must be > 0, got s={s}")
+        self.s = float(s)
+
+    def _coefficients(self, t):
+        m = _ops(t)
+        w = 0.5 * math.pi / (1.0 + self.s)
+        norm = math.sin(w)
+        alpha = m.sin(w * t) / norm
+        beta = m.sqrt(m.sin(w * (1.0 - t)) * m.sin(w * (1.0 + t))) / norm
+        d_alpha = w * m.cos(w * t) / norm
+        return alpha, beta, d_alpha, _d_beta_from_alpha(alpha, d_alpha, beta)
+
+    def __repr__(self) -> str:
+        return f"VPCosine(s={self.s})"
+
+
+def _fn_name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+class UserPath(GaussianPath):
+    """A path from user callables ``alpha(t)`` and ``beta(t)``.
+
+    The callables are applied elementwise to a tensor ``t`` (or to a 0-dim float64 tensor
+    when ``t`` is a Python float, so ``math``-based callables work too). A missing
+    derivative is computed with :mod:`torch.autograd` in float64 (then cast back to
+    ``t``'s dtype); for that the callable must use torch ops.
+    """
+
+    name = "user"
+
+    def __init__(self, alpha: Callable, beta: Callable, d_alpha: Optional[Callable] = None,
+                 d_beta: Optional[Callable] = None, name: str = "user"):
+        for arg, fn in (("alpha", alpha), ("beta", beta), ("d_alpha", d_alpha), ("d_beta", d_beta)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"UserPath argument {arg} must be callable, got {type(fn).__name__}")
+        self._alpha, self._beta = alpha, beta
+        self._d_alpha, self._d_beta = d_alpha, d_beta
+        self.name = name
+
+    @staticmethod
+    def _eval(fn: Callable, t: torch.Tensor) -> torch.Tensor:
+        out = fn(t)
+        out = torch.as_tensor(out, dtype=t.dtype, device=t.device)
+        return out.expand(t.shape) if out.shape != t.shape else out
+
+    @staticmethod
+    def _grad(fn: Callable, t: torch.Tensor, arg: str) -> torch.Tensor:
+        with torch.inference_mode(False), torch.enable_grad():
+            t64 = t.detach().to(torch.float64).clone().requires_grad_(True)
+            with warnings.catch_warnings():  # math-based callables: we raise a clear error below
+                warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
+                out = fn(t64)
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(
+                    f"UserPath: cannot differentiate {arg}(t) with autograd because it did not "
+                    f"return a tensor; use torch ops or pass d_{arg}")
+            if not out.requires_grad:  # constant in t
+                return torch.zeros_like(t)
+            (grad,) = torch.autograd.grad(out.sum(), t64)
+        return grad.to(t.dtype)
+
+    def _coefficients(self, t):
+        is_float = not isinstance(t, torch.Tensor)
+        tt = torch.tensor(t, dtype=torch.float64) if is_float else t
+        alpha = self._eval(self._alpha, tt)
+        beta = self._eval(self._beta, tt)
+        d_alpha = (self._eval(self._d_alpha, tt) if self._d_alpha is not None
+                   else self._grad(self._alpha, tt, "alpha"))
+        d_beta = (self._eval(self._d_beta, tt) if self._d_beta is not None
+                  else self._grad(self._beta, tt, "beta"))
+        res = (alpha, beta, d_alpha, d_beta)
+        return tuple(float(r) for r in res) if is_float else res
+
+    def __repr__(self) -> str:
+        def d(fn):
+            return "autograd" if fn is None else _fn_name(fn)
+        return (f"UserPath(alpha={_fn_name(self._alpha)}, beta={_fn_name(self._beta)}, "
+                f"d_alpha={d(self._d_alpha)}, d_beta={d(self._d_beta)}, name={self.name!r})")
+
+
+_PATHS = {"condot": CondOT, "vp": VP, "vp-cosine": VPCosine}
+PATH_NAMES = tuple(_PATHS)
+
+
+def get_path(name_or_path: Union[str, GaussianPath]) -> GaussianPath:
+    """A path by name (``"condot"``, ``"vp"``, ``"vp-cosine"``) or a GaussianPath as is."""
+    if isinstance(name_or_path, GaussianPath):
+        return name_or_path
+    if isinstance(name_or_path, str):
+        key = name_or_path.strip().lower().replace("_", "-")
+        if key in _PATHS:
+            return _PATHS[key]()
+    raise ValueError(
+        f"unknown path name_or_path={name_or_path!r}; valid names: {', '.join(PATH_NAMES)} "
+        f"(or a GaussianPath instance)")
+
+
+def check_prediction(prediction: str, arg: str = "prediction") -> str:
+    """Validate a prediction type name and return its canonical form."""
+    if isinstance(prediction, str):
+        key = _PREDICTION_ALIASES.get(prediction.lower(), prediction.lower())
+        if key in PREDICTIONS:
+            return key
+    raise ValueError(f"unknown {arg}={prediction!r}; valid prediction types: {', '.join(PREDICTIONS)}")
+
+
+class _Singular(Exception):
+    pass
+
+
+def _div(num, den, why: str):
+    """num / den; for a host (float) denominator of 0, signal a singular conversion."""
+    if not isinstance(den, torch.Tensor) and den == 0.0:
+        raise _Singular(why)
+    return num / den
+
+
+def _eps_pair(src, al, be, dal, dbe):
+    """(a, b) with eps_hat = a x + b pred."""
+    if src == "eps":
+        return 0.0, 1.0
+    if src == "x0":
+        return _div(1.0, be, "beta_t = 0"), _div(-al, be, "beta_t = 0")
+    if src == "score":
+        return 0.0, -be
+    delta = be * dal - dbe * al
+    why = "Delta_t = beta_t*d_alpha_t - d_beta_t*alpha_t = 0"
+    return _div(dal, delta, why), _div(-al, delta, why)
+
+
+def _x0_pair(src, al, be, dal, dbe):
+    """(a, b) with x0_hat = a x + b pred."""
+    if src == "x0":
+        return 0.0, 1.0
+    if src == "eps":
+        return _div(1.0, al, "alpha_t = 0"), _div(-be, al, "alpha_t = 0")
+    if src == "score":
+        return _div(1.0, al, "alpha_t = 0"), _div(be * be, al, "alpha_t = 0")
+    delta = be * dal - dbe * al
+    why = "Delta_t = beta_t*d_alpha_t - d_beta_t*alpha_t = 0"
+    return _div(-dbe, delta, why), _div(be, delta, why)
+
+
+def _affine(path: GaussianPath, t: Time, src: str, dst: str, check: bool = True):
+    t = _check_t(t)
+    coeffs = path.coefficients(t)
+    tensor = isinstance(t, torch.Tensor)
+    if src == dst:
+        return (torch.zeros_like(t), torch.ones_like(t)) if tensor else (0.0, 1.0)
+
+    def fail(why, tval):
+        raise ValueError(
+            f"cannot convert prediction type {src!r} to {dst!r} at t={tval!r} on path {path!r}: "
+            f"the conversion is singular there ({why})") from None
+
+    if not tensor and not all(math.isfinite(c) for c in coeffs):
+        fail("the path's alpha, beta or derivatives are not finite", t)
+    try:
+        if dst == "eps":
+            a, b = _eps_pair(src, *coeffs)
+        elif dst == "x0":
+            a, b = _x0_pair(src, *coeffs)
+        elif dst == "score":
+            ea, eb = _eps_pair(src, *coeffs)
+            a, b = _div(-ea, coeffs[1], "beta_t = 0"), _div(-eb, coeffs[1], "beta_t = 0")
+        else:  # velocity = d_alpha * x0 + d_beta * eps
+            za, zb = _x0_pair(src, *coeffs)
+            ea, eb = _eps_pair(src, *coeffs)
+            dal, dbe = coeffs[2], coeffs[3]
+            a, b = dal * za + dbe * ea, dal * zb + dbe * eb
+    except _Singular as exc:
+        fail(str(exc), t)
+    if tensor:
+        a, b = a + torch.zeros_like(t), b + torch.zeros_like(t)
+        if check:
+            ok = torch.isfinite(a) & torch.isfinite(b)
+            for c in coeffs:
+                ok = ok & torch.isfinite(c)
+            if not bool(ok.all()):
+                bad = t.detach().expand(ok.shape).reshape(-1)[~ok.reshape(-1)][0].item()
+                _affine(path, bad, src, dst)  # raises the precise message where it can
+                fail("non-finite coefficient", bad)
+    elif not (math.isfinite(a) and math.isfinite(b)):
+        fail("non-finite coefficient", t)
+    return a, b
+
+
+def affine_coefficients(path: Union[str, GaussianPath], t: Time, from_type: str,
+                        to_type: str) -> Tuple[Time, Time]:
+    """``(a, b)`` such that ``to = a * x + b * pred`` converts a ``from_type`` prediction.
+
+    For a Python float ``t`` the coefficients are Python floats computed in float64; for a
+    tensor ``t`` they are tensors of ``t``'s shape and dtype. Raises ValueError where the
+    conversion is singular (see the module docstring).
+    """
+    src = check_prediction(from_type, "from_type")
+    dst = check_prediction(to_type, "to_type")
+    return _affine(get_path(path), t, src, dst)
+
+
+def convert(pred: torch.Tensor, x: torch.Tensor, t: Time, path: Union[str, GaussianPath],
+            from_type: str, to_type: str, *, check: bool = True) -> torch.Tensor:
+    """Convert a model prediction at state ``x`` and time ``t`` from one type to another.
+
+    ``t`` is a float or a tensor: 0-dim, shape ``[B]`` (broadcast over the trailing dims of
+    ``x`` of shape ``[B, ...]``), or already broadcastable to ``x``. For a tensor ``t`` the
+    coefficients are computed in float64 and cast to the result dtype
+    (``promote_types(x.dtype, pred.dtype)``). ``check=False`` skips the singularity check
+    for tensor ``t`` (which needs a host sync); singular points then give inf/NaN.
+    """
+    src = check_prediction(from_type, "from_type")
+    dst = check_prediction(to_type, "to_type")
+    path = get_path(path)
+    dtype = torch.promote_types(x.dtype, pred.dtype)
+    if src == dst:
+        _check_t(t)
+        return pred.to(dtype, copy=True)
+    if isinstance(t, torch.Tensor):
+        t = t.to(device=x.device, dtype=torch.float64)
+        if t.dim() == 1 and x.dim() >= 1 and t.shape[0] == x.shape[0]:
+            t = t.reshape((-1,) + (1,) * (x.dim() - 1))
+        elif t.dim() not in (0, x.dim()):
+            raise ValueError(
+                f"t of shape {tuple(t.shape)} does not match x of shape {tuple(x.shape)}: "
+                f"pass a float, a 0-dim tensor, a [B] tensor or one broadcastable to x")
+        a, b = _affine(path, t, src, dst, check)
+        a, b = a.to(dtype), b.to(dtype)
+    else:
+        a, b = _affine(path, t, src, dst)
+    return a * x + b * pred

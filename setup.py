@@ -1,0 +1,70 @@
+"""Builds fastdiff._C with torch's cpp_extension (ninja): C++ CPU sources always, CUDA sources where a
+CUDA build of torch and nvcc are present. Source lists and flags live in fastdiff/_build.py."""
+
+import importlib.util
+import json
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location("fastdiff_build", os.path.join(ROOT, "fastdiff", "_build.py"))
+build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build)
+
+
+class BuildFastdiff(BuildExtension):
+    """BuildExtension plus per-file flags (csrc/cpu/avx2 gets AVX2) and a build record next to _C."""
+
+    def build_extension(self, ext):
+        simd = getattr(ext, "avx2_sources", [])
+        if simd:
+            cxx = list(ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict)
+                       else ext.extra_compile_args)
+            objects = self.compiler.compile(
+                simd, output_dir=self.build_temp, include_dirs=ext.include_dirs,
+                extra_postargs={"cxx": cxx + build.AVX2_FLAGS} if self.use_ninja else cxx + build.AVX2_FLAGS)
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extension(ext)
+        record = {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda if getattr(ext, "with_cuda", False) else None,
+            "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST") if getattr(ext, "with_cuda", False) else None,
+            "avx2": bool(simd),
+        }
+        path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_C.build.json")
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+def extension():
+    cuda, why = build.want_cuda()
+    print(f"fastdiff: CUDA sources {'on' if cuda else 'off'} ({why})")
+    src = build.sources(ROOT, cuda)
+    cxx = build.cxx_flags() + build.defines(cuda)
+    kwargs = dict(
+        name="fastdiff._C",
+        sources=src["cpp"] + src["cuda"],
+        include_dirs=build.include_dirs(ROOT),
+        # _C is loaded as a Python module only to run the op registrations; it needs no libpython symbols
+        # beyond PyModule_Create.
+        py_limited_api=False,
+    )
+    if cuda:
+        archs = build.set_default_cuda_archs()
+        print(f"fastdiff: CUDA architectures {archs}")
+        ext = CUDAExtension(**kwargs, extra_compile_args={"cxx": cxx, "nvcc": build.nvcc_flags() + build.defines(cuda)})
+        ext.include_dirs += build.nvidia_include_dirs()
+    else:
+        ext = CppExtension(**kwargs, extra_compile_args={"cxx": cxx})
+    ext.avx2_sources = src["avx2"]
+    ext.with_cuda = cuda
+    return ext
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildFastdiff},
+)

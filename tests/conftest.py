@@ -1,0 +1,37 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Triton kernels run in its CPU interpreter on machines without a GPU (CI). It must be set before
+# triton compiles anything, so before fastdiff.kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastdiff  # noqa: E402
+
+SPEC = Path(__file__).with_name("noise_vectors.json")
+
+
+@pytest.fixture(scope="session")
+def spec():
+    with open(SPEC) as f:
+        return json.load(f)
+
+
+def _backend_params():
+    """(backend, device) pairs; unavailable ones are skipped with the reason fastdiff gives."""
+    out = []
+    for name, device in (("reference", "cpu"), ("cpu", "cpu"), ("triton", "cuda" if torch.cuda.is_available() else "cpu"),
+                         ("cuda", "cuda")):
+        st = fastdiff.backends()[name]
+        marks = [pytest.mark.skipif(not st.available, reason=f"{name}: {st.reason}")]
+        if name in ("triton", "cuda"):
+            marks.append(getattr(pytest.mark, name))
+        out.append(pytest.param((name, device), id=name, marks=marks))
+    return out
+
+
+BACKENDS = _backend_params()
