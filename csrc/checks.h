@@ -4,6 +4,7 @@
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 namespace fastdiff {
 
@@ -28,6 +29,64 @@ inline void check_philox_args(const at::Tensor& counter, const at::Tensor& key) 
   TORCH_CHECK(counter.scalar_type() == at::kLong && key.scalar_type() == at::kLong,
               "fastdiff::philox4x32_10: counter and key must be int64");
   TORCH_CHECK(counter.device() == key.device(), "fastdiff::philox4x32_10: counter and key on different devices");
+}
+
+// fastdiff::guided_step. x, extra, out, side: float32 [B, ...]; pred, pred_uncond: the same shape,
+// float32 / float16 / bfloat16 (one dtype); seeds: int64 [B]; everything on x's device and
+// contiguous. An output may be exactly an input (out = x, side = extra: each element is read before
+// it is written) but may not overlap one partially, and out and side may not overlap at all.
+inline void check_guided_step_args(const at::Tensor& x, const at::Tensor& pred,
+                                   const std::optional<at::Tensor>& pred_uncond,
+                                   const std::optional<at::Tensor>& extra, const at::Tensor& seeds,
+                                   int64_t stream, const at::Tensor& out, const std::optional<at::Tensor>& side) {
+  constexpr const char* op = "fastdiff::guided_step: ";
+  TORCH_CHECK(x.dim() >= 1, op, "x must have a batch dimension [B, ...], got a 0-d tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, "x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.is_contiguous(), op, "x must be contiguous");
+  auto check_like_x = [&](const at::Tensor& t, const char* name, bool pred_dtype) {
+    TORCH_CHECK(t.sizes() == x.sizes(), op, name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
+    TORCH_CHECK(t.device() == x.device(), op, name, " is on ", t.device(), " but x is on ", x.device());
+    if (pred_dtype) {
+      TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
+                  op, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+    } else {
+      TORCH_CHECK(t.scalar_type() == at::kFloat, op, name, " must be float32, got ", t.scalar_type());
+    }
+    TORCH_CHECK(t.is_contiguous(), op, name, " must be contiguous");
+  };
+  check_like_x(pred, "pred", true);
+  if (pred_uncond.has_value()) {
+    check_like_x(*pred_uncond, "pred_uncond", true);
+    TORCH_CHECK(pred_uncond->scalar_type() == pred.scalar_type(), op, "pred_uncond must have pred's dtype ",
+                pred.scalar_type(), ", got ", pred_uncond->scalar_type());
+  }
+  if (extra.has_value()) check_like_x(*extra, "extra", false);
+  check_like_x(out, "out", false);
+  if (side.has_value()) check_like_x(*side, "side", false);
+  TORCH_CHECK(seeds.dim() == 1 && seeds.size(0) == x.size(0), op, "seeds must be [B] = [", x.size(0),
+              "] (one seed per sample), got ", seeds.sizes());
+  TORCH_CHECK(seeds.scalar_type() == at::kLong, op, "seeds must be int64, got ", seeds.scalar_type());
+  TORCH_CHECK(seeds.device() == x.device(), op, "seeds is on ", seeds.device(), " but x is on ", x.device());
+  TORCH_CHECK(stream >= 0 && stream <= 0xFFFFFFFFLL, op, "stream must be in [0, 2^32), got ", stream);
+
+  // Aliasing: full overlap of an output with an input is fine (elementwise, read before write).
+  auto no_partial = [&](const at::Tensor& written, const char* wname, const at::Tensor& read, const char* rname) {
+    TORCH_CHECK(at::get_overlap_status(written, read) != at::MemOverlapStatus::Partial, op, wname,
+                " partially overlaps ", rname, " (an output may be exactly an input, e.g. out=x, but not a "
+                "shifted view of one)");
+  };
+  const std::pair<const at::Tensor*, const char*> inputs[] = {
+      {&x, "x"}, {&pred, "pred"}, {pred_uncond ? &*pred_uncond : nullptr, "pred_uncond"},
+      {extra ? &*extra : nullptr, "extra"}};
+  for (const auto& in : inputs) {
+    if (in.first == nullptr) continue;
+    no_partial(out, "out", *in.first, in.second);
+    if (side.has_value()) no_partial(*side, "side", *in.first, in.second);
+  }
+  if (side.has_value()) {
+    const auto s = at::get_overlap_status(out, *side);
+    TORCH_CHECK(s == at::MemOverlapStatus::No || out.numel() == 0, op, "out and side must not overlap");
+  }
 }
 
 inline at::Tensor randn_output(const at::Tensor& seeds, at::IntArrayRef shape, at::ScalarType dtype) {

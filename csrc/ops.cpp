@@ -20,4 +20,13 @@ TORCH_LIBRARY(fastdiff, m) {
   // Returns [B, *shape] of `dtype` on seeds' device; element i of sample b is the stream's element
   // offset + i (flattened C order).
   m.def("randn(Tensor seeds, int stream, int[] shape, int offset, ScalarType dtype) -> Tensor");
+  // The fused sampler step (DESIGN.md §2; spec: guided_step_reference in fastdiff/ops/guided_step.py):
+  //   g = pred_uncond is None ? pred : pred_uncond + cfg (pred - pred_uncond)
+  //   out = c_x x + c_pred g + c_extra extra + c_noise z,  z = spec-v1 normals of (seeds[b], stream)
+  //   side = s_x x + s_pred g + s_extra extra               (when side is given)
+  // x, extra, out, side float32 [B, ...]; pred, pred_uncond float32/float16/bfloat16; seeds int64 [B];
+  // all contiguous on one device. out may be x and side may be extra. c_noise == 0 draws no noise.
+  m.def("guided_step(Tensor x, Tensor pred, Tensor? pred_uncond, Tensor? extra, Tensor seeds, int stream, "
+        "float cfg, float c_x, float c_pred, float c_extra, float c_noise, float s_x, float s_pred, float s_extra, "
+        "Tensor(a!) out, Tensor(b!)? side) -> ()");
 }

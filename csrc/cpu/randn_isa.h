@@ -9,6 +9,10 @@
 namespace fastdiff {
 namespace cpu {
 
+// "avx2" when this build has the AVX2 loops and the CPU runs them, else "portable" (also under
+// FASTDIFF_CPU_SIMD=portable). Defined in randn.cpp; every CPU op dispatches on it.
+const char* simd_level();
+
 // out[b, i] = element offset + i of the stream of seed seeds[b]; scalar_t is float, Half or BFloat16.
 template <typename scalar_t>
 void randn_portable(const int64_t* seeds,  // [B]

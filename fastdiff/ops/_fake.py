@@ -15,3 +15,10 @@ if _native.status.loaded:
     @torch.library.register_fake("fastdiff::philox4x32_10")
     def _philox_fake(counter, key):
         return torch.empty_like(counter)
+
+if _native.status.loaded and hasattr(torch.ops.fastdiff, "guided_step"):
+
+    @torch.library.register_fake("fastdiff::guided_step")
+    def _guided_step_fake(x, pred, pred_uncond, extra, seeds, stream, cfg, c_x, c_pred, c_extra, c_noise, s_x, s_pred,
+                          s_extra, out, side):
+        return None  # writes out (and side) in place

@@ -1,0 +1,177 @@
+"""Per-step coefficient tables of the samplers (DESIGN.md §2), computed on the host in float64.
+
+Every method is a sequence of fused-kernel calls (:func:`fastdiff.ops.guided_step`)
+
+    out  = c_x x + c_pred g + c_extra extra + c_noise noise(seeds, stream)
+    side = s_x x + s_pred g + s_extra extra
+
+where g is the (guided) model prediction at the stage's time. Conversions between prediction types
+are affine in (x, g) (fastdiff.paths.affine_coefficients), so a method is fully described by these
+scalars. Buffers: "x" is the sampler state; "stage" holds Heun's Euler predictor; "side0"/"side1"
+hold Heun's partial sum or DPM-Solver++'s previous x0 prediction (ping-pong).
+
+Methods (h = t' - t, all in flow time):
+- euler: x' = x + h u                              (sigma = 0, probability-flow ODE)
+         x' = x + h (u + sigma_t^2 / 2 s) + sigma_t sqrt(h) xi   (Euler–Maruyama, SDE extension trick)
+- ddim:  x' = alpha' x0 + sqrt(beta'^2 - s^2) eps + s xi,  s = eta beta' sqrt(1 - (alpha beta' / (alpha' beta))^2)
+         (eta = 0 deterministic DDIM; eta = 1 the DDPM posterior, i.e. ancestral sampling)
+- heun:  predictor x_e = x + h u(x, t), corrector x' = x + h/2 (u(x, t) + u(x_e, t')); the last step is
+         Euler where u at t' is singular (e.g. VP paths at t' = 1), as k-diffusion does at sigma = 0
+- dpmpp_2m: DPM-Solver++(2M) in lambda = log(alpha / beta) with x0 predictions; first order on the
+         first step and on a last step that ends at beta' = 0
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from fastdiff.paths import GaussianPath, affine_coefficients
+
+METHODS = ("euler", "heun", "ddim", "dpmpp_2m")
+# cost in model evaluations per step (x2 with batched CFG counts as one evaluation of 2B)
+EVALS_PER_STEP = {"euler": 1, "ddim": 1, "dpmpp_2m": 1, "heun": 2}
+
+
+@dataclass
+class Stage:
+    """One model evaluation and one fused-kernel call."""
+
+    step: int  # sampler step index i (t_i -> t_{i+1})
+    t: float  # time at which the model is evaluated
+    input: str  # buffer fed to the model and used as `x` in the kernel
+    out: str  # buffer written with `out`
+    c_x: float
+    c_pred: float
+    c_extra: float = 0.0
+    c_noise: float = 0.0
+    extra: str | None = None  # buffer read as `extra`
+    side: str | None = None  # buffer written with `side`
+    s_x: float = 0.0
+    s_pred: float = 0.0
+    s_extra: float = 0.0
+    stream: int = 0  # noise stream id (1 + step)
+    x0: tuple[float, float] = field(default=(0.0, 0.0))  # x0 = a x + b g of a step's first stage (callbacks)
+    final: bool = False  # last stage of its step: the state buffer "x" holds x_{i+1}
+
+
+def _conv(path: GaussianPath, t: float, prediction: str, to: str) -> tuple[float, float]:
+    return affine_coefficients(path, t, prediction, to)
+
+
+def _singular(path: GaussianPath, t: float, prediction: str, to: str) -> bool:
+    """Whether the `to` field is undefined at t: a singular conversion, or a path derivative that is
+    infinite there (VP paths at t = 1), which makes even a velocity model's own output infinite."""
+    if not all(math.isfinite(c) for c in path.coefficients(t)):
+        return True
+    try:
+        a, b = _conv(path, t, prediction, to)
+    except ValueError:
+        return True
+    return not (math.isfinite(a) and math.isfinite(b))
+
+
+def _euler(path, grid, prediction, sigma) -> list[Stage]:
+    stages = []
+    for i in range(len(grid) - 1):
+        t, t1 = grid[i], grid[i + 1]
+        h = t1 - t
+        a_u, b_u = _conv(path, t, prediction, "velocity")
+        s = sigma(t)
+        c_x, c_p, c_n = 1.0 + h * a_u, h * b_u, 0.0
+        if s > 0:
+            a_s, b_s = _conv(path, t, prediction, "score")
+            c_x += h * 0.5 * s * s * a_s
+            c_p += h * 0.5 * s * s * b_s
+            c_n = s * math.sqrt(h)
+        stages.append(Stage(i, t, "x", "x", c_x, c_p, c_noise=c_n, stream=1 + i,
+                            x0=_conv(path, t, prediction, "x0"), final=True))
+    return stages
+
+
+def _ddim(path, grid, prediction, eta) -> list[Stage]:
+    stages = []
+    for i in range(len(grid) - 1):
+        t, t1 = grid[i], grid[i + 1]
+        al, be = path.coefficients(t)[:2]
+        al1, be1 = path.coefficients(t1)[:2]
+        a_z, b_z = _conv(path, t, prediction, "x0")
+        a_e, b_e = _conv(path, t, prediction, "eps")
+        s = 0.0
+        if eta > 0 and be1 > 0:
+            ratio = (al * be1) / (al1 * be)
+            s = eta * be1 * math.sqrt(max(0.0, 1.0 - ratio * ratio))
+        k = math.sqrt(max(0.0, be1 * be1 - s * s))
+        stages.append(Stage(i, t, "x", "x", al1 * a_z + k * a_e, al1 * b_z + k * b_e, c_noise=s, stream=1 + i,
+                            x0=(a_z, b_z), final=True))
+    return stages
+
+
+def _heun(path, grid, prediction) -> list[Stage]:
+    stages = []
+    for i in range(len(grid) - 1):
+        t, t1 = grid[i], grid[i + 1]
+        h = t1 - t
+        a_u, b_u = _conv(path, t, prediction, "velocity")
+        x0 = _conv(path, t, prediction, "x0")
+        if _singular(path, t1, prediction, "velocity"):
+            stages.append(Stage(i, t, "x", "x", 1.0 + h * a_u, h * b_u, x0=x0, final=True))
+            continue
+        # predictor into "stage"; side = x + h/2 u(x, t) for the corrector
+        stages.append(Stage(i, t, "x", "stage", 1.0 + h * a_u, h * b_u, side="side0",
+                            s_x=1.0 + 0.5 * h * a_u, s_pred=0.5 * h * b_u, x0=x0))
+        a1, b1 = _conv(path, t1, prediction, "velocity")
+        stages.append(Stage(i, t1, "stage", "x", 0.5 * h * a1, 0.5 * h * b1, c_extra=1.0, extra="side0",
+                            final=True))
+    return stages
+
+
+def _lambda(al: float, be: float) -> float:
+    if al == 0.0:
+        return -math.inf
+    if be == 0.0:
+        return math.inf
+    return math.log(al / be)
+
+
+def _dpmpp_2m(path, grid, prediction) -> list[Stage]:
+    stages = []
+    h_prev = None
+    for i in range(len(grid) - 1):
+        t, t1 = grid[i], grid[i + 1]
+        al, be = path.coefficients(t)[:2]
+        al1, be1 = path.coefficients(t1)[:2]
+        h = _lambda(al1, be1) - _lambda(al, be)
+        a0, b0 = _conv(path, t, prediction, "x0")
+        A = be1 / be  # beta' / beta (0 at the last step to beta' = 0)
+        Bc = al1 * -math.expm1(-h) if math.isfinite(h) else al1  # alpha' (1 - e^-h)
+        # second-order weight 1 / (2r), r = h_prev / h; first order without a usable previous step
+        w = 0.0
+        if h_prev is not None and math.isfinite(h_prev) and math.isfinite(h) and be1 > 0 and h_prev > 0:
+            w = 0.5 * h / h_prev
+        side, prev = f"side{i % 2}", f"side{(i - 1) % 2}"
+        stages.append(Stage(i, t, "x", "x", A + Bc * (1 + w) * a0, Bc * (1 + w) * b0,
+                            c_extra=-Bc * w, extra=prev if w != 0.0 else None,
+                            side=side, s_x=a0, s_pred=b0, x0=(a0, b0), final=True))
+        h_prev = h
+    return stages
+
+
+def build_stages(method: str, path: GaussianPath, grid: list[float], prediction: str, *, sigma=None,
+                 eta: float = 0.0) -> list[Stage]:
+    """The kernel calls of ``method`` over ``grid`` (increasing flow times, len = steps + 1)."""
+    if method == "euler":
+        return _euler(path, grid, prediction, sigma or (lambda t: 0.0))
+    if method == "ddim":
+        return _ddim(path, grid, prediction, eta)
+    if method == "heun":
+        return _heun(path, grid, prediction)
+    if method == "dpmpp_2m":
+        return _dpmpp_2m(path, grid, prediction)
+    raise ValueError(f"method={method!r} is not a sampler; choose one of {', '.join(METHODS)}")
+
+
+def needed_conversions(method: str, stochastic: bool) -> tuple[str, ...]:
+    """Prediction types a method converts to at the grid's first point."""
+    return {"euler": ("velocity", "score", "x0") if stochastic else ("velocity", "x0"),
+            "ddim": ("x0", "eps"), "heun": ("velocity", "x0"), "dpmpp_2m": ("x0",)}[method]
