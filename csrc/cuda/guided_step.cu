@@ -29,22 +29,12 @@
 #include <type_traits>
 
 #include "checks.h"
+#include "cuda/launch.h"
 #include "fastdiff/philox.h"
 #include "fastdiff/step.h"
 
 namespace fastdiff {
 namespace {
-
-constexpr int kBlock = 256;
-
-// Blocks for `work` items with one item per thread per grid-stride step, capped at enough blocks to
-// fill every SM (2048 resident threads / kBlock); larger inputs loop.
-int64_t grid_size(int64_t work) {
-  const int64_t needed = (work + kBlock - 1) / kBlock;
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t cap = sms * (2048 / kBlock);
-  return std::max<int64_t>(1, std::min(needed, cap));
-}
 
 template <typename pred_t>
 struct StepPtrs {

@@ -19,22 +19,11 @@
 #include <limits>
 
 #include "checks.h"
+#include "cuda/launch.h"
 #include "fastdiff/philox.h"
 
 namespace fastdiff {
 namespace {
-
-constexpr int kBlock = 256;
-
-// Blocks for `work` items with one item per thread per grid-stride step. Capped at enough blocks
-// to fill every SM (2048 resident threads / kBlock), so huge outputs loop instead of launching
-// millions of blocks.
-int64_t grid_size(int64_t work) {
-  const int64_t needed = (work + kBlock - 1) / kBlock;
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t cap = sms * (2048 / kBlock);
-  return std::max<int64_t>(1, std::min(needed, cap));
-}
 
 // Four outputs stored with one vector instruction: 16 bytes for float32 (float4), 8 for
 // float16/bfloat16. float64 (32 bytes) is capped at 16-byte alignment, i.e. two stores.

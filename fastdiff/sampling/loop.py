@@ -261,6 +261,9 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     if y is not None and isinstance(y, torch.Tensor) and y.device != device:
         y = y.to(device)
     null = _expand_label(null_y, y, B) if guided else None
+    if cuda_graph:  # the capture reads these tensors; later calls refill private copies, never the caller's
+        y = y.clone() if isinstance(y, torch.Tensor) else y
+        null = null.clone() if isinstance(null, torch.Tensor) else null
     y2 = _concat_labels(y, null) if guided and cfg_batch else None
     x_shape = (B, *shape)
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first stage with inf/NaN output
