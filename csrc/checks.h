@@ -89,6 +89,68 @@ inline void check_guided_step_args(const at::Tensor& x, const at::Tensor& pred,
   }
 }
 
+// fastdiff::add_noise, fastdiff::diffusion_loss and fastdiff::diffusion_loss_backward. `op` is the
+// message prefix ("fastdiff::<op>: ").
+
+// A [B, ...] data tensor: float32 / float16 / bfloat16, contiguous, at least 1-D.
+inline void check_loss_data(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() >= 1, op, name, " must have a batch dimension [B, ...], got a 0-d tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, op,
+              name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), op, name, " must be contiguous");
+}
+
+// A per-sample float32 vector [B] on `like`'s device (its layout is made contiguous by the caller).
+inline void check_per_sample(const char* op, const at::Tensor& v, const char* name, int64_t B, const at::Tensor& like,
+                             const char* like_name) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == B, op, name, " must be [B] = [", B, "] (one value per sample), got ",
+              v.sizes());
+  TORCH_CHECK(v.scalar_type() == at::kFloat, op, name, " must be float32, got ", v.scalar_type());
+  TORCH_CHECK(v.device() == like.device(), op, name, " is on ", v.device(), " but ", like_name, " is on ",
+              like.device());
+}
+
+inline void check_loss_seeds(const char* op, const at::Tensor& seeds, int64_t stream, int64_t B,
+                             const at::Tensor& like, const char* like_name) {
+  TORCH_CHECK(seeds.dim() == 1 && seeds.size(0) == B, op, "seeds must be [B] = [", B, "] (one seed per sample), got ",
+              seeds.sizes());
+  TORCH_CHECK(seeds.scalar_type() == at::kLong, op, "seeds must be int64, got ", seeds.scalar_type());
+  TORCH_CHECK(seeds.device() == like.device(), op, "seeds is on ", seeds.device(), " but ", like_name, " is on ",
+              like.device());
+  TORCH_CHECK(stream >= 0 && stream <= 0xFFFFFFFFLL, op, "stream must be in [0, 2^32), got ", stream);
+}
+
+// add_noise(z, alpha, beta, seeds, stream): z float32/float16/bfloat16 [B, ...] contiguous; alpha,
+// beta float32 [B]; seeds int64 [B]; one device.
+inline void check_add_noise_args(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
+                                 const at::Tensor& seeds, int64_t stream) {
+  constexpr const char* op = "fastdiff::add_noise: ";
+  check_loss_data(op, z, "z");
+  const int64_t B = z.size(0);
+  check_per_sample(op, alpha, "alpha", B, z, "z");
+  check_per_sample(op, beta, "beta", B, z, "z");
+  check_loss_seeds(op, seeds, stream, B, z, "z");
+}
+
+// diffusion_loss(pred, z, coef_z, coef_eps, weight, seeds, stream) and, with grad_loss,
+// diffusion_loss_backward: pred, z float32/float16/bfloat16 (each its own dtype) of one shape
+// [B, ...], contiguous; coef_z, coef_eps, weight (and grad_loss) float32 [B]; seeds int64 [B]; one
+// device. `op` names the op in the messages.
+inline void check_diffusion_loss_args(const char* op, const at::Tensor* grad_loss, const at::Tensor& pred,
+                                      const at::Tensor& z, const at::Tensor& coef_z, const at::Tensor& coef_eps,
+                                      const at::Tensor& weight, const at::Tensor& seeds, int64_t stream) {
+  check_loss_data(op, pred, "pred");
+  TORCH_CHECK(z.sizes() == pred.sizes(), op, "z must have pred's shape ", pred.sizes(), ", got ", z.sizes());
+  TORCH_CHECK(z.device() == pred.device(), op, "z is on ", z.device(), " but pred is on ", pred.device());
+  check_loss_data(op, z, "z");
+  const int64_t B = pred.size(0);
+  if (grad_loss != nullptr) check_per_sample(op, *grad_loss, "grad_loss", B, pred, "pred");
+  check_per_sample(op, coef_z, "coef_z", B, pred, "pred");
+  check_per_sample(op, coef_eps, "coef_eps", B, pred, "pred");
+  check_per_sample(op, weight, "weight", B, pred, "pred");
+  check_loss_seeds(op, seeds, stream, B, pred, "pred");
+}
+
 inline at::Tensor randn_output(const at::Tensor& seeds, at::IntArrayRef shape, at::ScalarType dtype) {
   std::vector<int64_t> sizes{seeds.size(0)};
   sizes.insert(sizes.end(), shape.begin(), shape.end());

@@ -29,4 +29,19 @@ TORCH_LIBRARY(fastdiff, m) {
   m.def("guided_step(Tensor x, Tensor pred, Tensor? pred_uncond, Tensor? extra, Tensor seeds, int stream, "
         "float cfg, float c_x, float c_pred, float c_extra, float c_noise, float s_x, float s_pred, float s_extra, "
         "Tensor(a!) out, Tensor(b!)? side) -> ()");
+  // Noising and the fused training loss (DESIGN.md §4; spec: fastdiff/ops/diffusion_loss.py), with
+  // eps[b, i] the spec-v1 normal of (seeds[b], stream, element i) and n the elements per sample:
+  //   add_noise:               float32 [B, ...]  alpha[b] z[b, i] + beta[b] eps[b, i]
+  //   diffusion_loss:          float32 [B]       weight[b] / n sum_i (pred[b, i] - target[b, i])^2,
+  //                                              target = coef_z[b] z[b, i] + coef_eps[b] eps[b, i]
+  //   diffusion_loss_backward: pred's dtype and shape, grad_loss[b] weight[b] 2 / n (pred - target)
+  // pred, z float32/float16/bfloat16 (each its own dtype), contiguous [B, ...]; alpha, beta, coef_z,
+  // coef_eps, weight, grad_loss float32 [B]; seeds int64 [B]; all on one device. The per-sample sums
+  // are deterministic (fixed chunks added in order; no atomics).
+  m.def("add_noise(Tensor z, Tensor alpha, Tensor beta, Tensor seeds, int stream) -> Tensor");
+  m.def("diffusion_loss(Tensor pred, Tensor z, Tensor coef_z, Tensor coef_eps, Tensor weight, Tensor seeds, "
+        "int stream) -> Tensor");
+  m.def("diffusion_loss_backward(Tensor grad_loss, Tensor pred, Tensor z, Tensor coef_z, Tensor coef_eps, "
+        "Tensor weight, Tensor seeds, int stream) -> Tensor");
 }
+

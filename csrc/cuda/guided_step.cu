@@ -30,6 +30,7 @@
 
 #include "checks.h"
 #include "cuda/launch.h"
+#include "cuda/vec4.h"
 #include "fastdiff/philox.h"
 #include "fastdiff/step.h"
 
@@ -46,30 +47,6 @@ struct StepPtrs {
   float* out;            // [B, n]
   float* side;           // [B, n] or nullptr
 };
-
-// Group g4 (elements 4 g4 .. 4 g4 + 3 of the flattened [B, n] buffer) with one vector load.
-__device__ __forceinline__ void load4(const float* p, int64_t g4, float v[4]) {
-  const float4 t = reinterpret_cast<const float4*>(p)[g4];
-  v[0] = t.x;
-  v[1] = t.y;
-  v[2] = t.z;
-  v[3] = t.w;
-}
-
-template <typename half_t>  // c10::Half or c10::BFloat16: 4 x 16 bits = one 8-byte load
-__device__ __forceinline__ void load4_16(const half_t* p, int64_t g4, float v[4]) {
-  const uint2 t = reinterpret_cast<const uint2*>(p)[g4];
-  v[0] = static_cast<float>(half_t(static_cast<uint16_t>(t.x & 0xFFFFu), half_t::from_bits()));
-  v[1] = static_cast<float>(half_t(static_cast<uint16_t>(t.x >> 16), half_t::from_bits()));
-  v[2] = static_cast<float>(half_t(static_cast<uint16_t>(t.y & 0xFFFFu), half_t::from_bits()));
-  v[3] = static_cast<float>(half_t(static_cast<uint16_t>(t.y >> 16), half_t::from_bits()));
-}
-__device__ __forceinline__ void load4(const c10::Half* p, int64_t g4, float v[4]) { load4_16(p, g4, v); }
-__device__ __forceinline__ void load4(const c10::BFloat16* p, int64_t g4, float v[4]) { load4_16(p, g4, v); }
-
-__device__ __forceinline__ void store4(float* p, int64_t g4, const float v[4]) {
-  reinterpret_cast<float4*>(p)[g4] = make_float4(v[0], v[1], v[2], v[3]);
-}
 
 // Work item idx = (sample b, group g), g fastest; groups = ceil(n / 4) per sample.
 //
