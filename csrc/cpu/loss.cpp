@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "../dispatch.h"
 #include "fastdiff/loss.h"
 #include "loss_block.h"
 #include "randn_isa.h"
@@ -60,21 +61,6 @@ bool use_avx2() {
 #else
   return false;
 #endif
-}
-
-// f(T{}) with T the C++ type of a float32 / float16 / bfloat16 tensor (checked before).
-template <typename F>
-void with_data_type(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat:
-      return f(float{});
-    case at::kHalf:
-      return f(c10::Half{});
-    case at::kBFloat16:
-      return f(c10::BFloat16{});
-    default:
-      TORCH_CHECK(false, "unreachable");
-  }
 }
 
 at::Tensor add_noise_cpu(const at::Tensor& z, const at::Tensor& alpha_in, const at::Tensor& beta_in,

@@ -29,6 +29,7 @@
 #include <type_traits>
 
 #include "checks.h"
+#include "dispatch.h"
 #include "cuda/launch.h"
 #include "cuda/vec4.h"
 #include "fastdiff/philox.h"
@@ -107,17 +108,6 @@ guided_step_kernel(StepPtrs<pred_t> p, StepCoeffs k, int64_t n, int64_t groups, 
     }
   }
 }
-
-template <typename F>
-void with_bool(bool v, F&& f) {
-  if (v) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
-bool aligned(const void* ptr, std::size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
 
 template <typename pred_t>
 void launch_guided_step(const StepPtrs<pred_t>& p, const StepCoeffs& k, bool noise, int64_t B, int64_t n,

@@ -32,6 +32,7 @@
 #include <type_traits>
 
 #include "checks.h"
+#include "dispatch.h"
 #include "cuda/launch.h"
 #include "cuda/vec4.h"
 #include "fastdiff/loss.h"
@@ -199,32 +200,6 @@ loss_finish_kernel(const double* partial, const float* weight, float* loss, int6
     if (threadIdx.x == 0) loss[b] = loss_from_sum(total, weight[b], n);
   }
 }
-
-template <typename F>
-void with_bool(bool v, F&& f) {
-  if (v) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
-// f(T{}) with T the C++ type of a float32 / float16 / bfloat16 tensor (checked before).
-template <typename F>
-void with_data_type(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat:
-      return f(float{});
-    case at::kHalf:
-      return f(c10::Half{});
-    case at::kBFloat16:
-      return f(c10::BFloat16{});
-    default:
-      TORCH_CHECK(false, "unreachable");
-  }
-}
-
-bool aligned(const void* ptr, std::size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
 
 // Blocks for `items` block-sized work items, capped as grid_size caps threads.
 int64_t item_blocks(int64_t items) { return grid_size(items * kBlock); }
