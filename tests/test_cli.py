@@ -1,3 +1,4 @@
+import pytest
 import subprocess
 import sys
 
@@ -16,3 +17,78 @@ def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "fastdiff.cli", "info"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "backends:" in out.stdout
+
+
+def _png_size(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+def test_train_then_sample_ring(tmp_path, capsys):
+    import pytest
+
+    pytest.importorskip("PIL")
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", "ring", "--out", str(out), "--steps", "30", "--checkpoint-every", "10",
+                     "--batch-size", "64", "--no-progress"]) == 0
+    assert "checkpoints in" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.json")) == ["step-00000020.json",
+                                                                           "step-00000030.json"]
+    # running it again with more steps resumes
+    assert cli.main(["train", "--data", "ring", "--out", str(out), "--steps", "40", "--batch-size", "64",
+                     "--no-progress"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    png = tmp_path / "ring.png"
+    assert cli.main(["sample", "--checkpoint", str(out / "checkpoints"), "--cfg", "3", "--out", str(png),
+                     "--steps", "8", "--per-class", "50", "--no-progress"]) == 0
+    assert _png_size(png)[0] > 100
+    st = tmp_path / "ring.safetensors"
+    assert cli.main(["sample", "--checkpoint", str(out / "checkpoints"), "--out", str(st), "--steps", "4",
+                     "--per-class", "5", "--method", "euler", "--no-progress"]) == 0
+    import safetensors.torch
+
+    saved = safetensors.torch.load_file(st)
+    assert saved["x"].shape == (20, 2) and saved["y"].tolist() == [c for c in range(4) for _ in range(5)]
+
+
+def test_demo_pieces_run_quickly(tmp_path):
+    """The demo's wiring on a tiny budget (the full demo is test_demo_meets_its_targets)."""
+    import json
+
+    import pytest
+
+    pytest.importorskip("sklearn")
+    pytest.importorskip("PIL")
+    from fastdiff import demo
+
+    metrics = demo.run(tmp_path, steps=6, batch_size=32, sample_steps=2, judged_per_class=3, progress=False,
+                       log=lambda *a: None)
+    assert set(metrics["generated_accuracy"]) == {"1", "4"}
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 6
+    w, h = _png_size(tmp_path / "samples.png")
+    assert w > 2 * 3 * 32 and h > 10 * 32  # two panels of 10 classes x 3 digits at 4x
+    png = tmp_path / "grid.png"
+    assert cli.main(["sample", "--checkpoint", str(tmp_path / "checkpoints"), "--cfg", "4", "--out", str(png),
+                     "--steps", "2", "--per-class", "3", "--no-progress"]) == 0
+    assert _png_size(png)[1] > 10 * 32
+
+
+@pytest.mark.slow
+def test_demo_meets_its_targets(tmp_path):
+    """Issue 4's acceptance, end to end on the CPU: classifier accuracy on generated digits is at least
+    0.9 with cfg = 4 and higher than with cfg = 1 (measured: 0.994 and 1.000, 3 minutes on 2 cores)."""
+    import json
+
+    import pytest
+
+    pytest.importorskip("sklearn")
+    pytest.importorskip("PIL")
+    out = subprocess.run([sys.executable, "-m", "fastdiff.cli", "demo", "--out", str(tmp_path), "--no-progress"],
+                         capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    acc = m["generated_accuracy"]
+    assert acc["4"] >= 0.9 and acc["4"] > acc["1"], acc
+    assert "accuracy on generated digits, cfg = 4" in out.stdout

@@ -1,0 +1,181 @@
+"""Atomic, verifiable checkpoints: tensors in safetensors, state in a small JSON file.
+
+A checkpoint of step k is two files in one folder:
+
+    step-0000000k.safetensors   every tensor (model, EMA, optimizer state, RNG state); no pickle
+    step-0000000k.json          step, settings, and the sha256 and size of the .safetensors file
+
+Each file is written to a temporary name, flushed to disk and renamed, the tensor file first: the
+JSON appears only once the tensors it vouches for are complete, so a process killed at any moment
+leaves either a whole checkpoint or none. Loading re-hashes the tensor file, so a truncated or
+modified checkpoint is refused with :class:`CheckpointError`; older checkpoints are deleted only
+after a newer one is written and verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+FORMAT = "fastdiff-checkpoint"
+VERSION = 1
+_NAME = re.compile(r"^step-(\d{8,})\.json$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupt or of an unknown format."""
+
+
+def _safetensors():
+    try:
+        import safetensors.torch as st
+    except ImportError as e:  # pragma: no cover - safetensors is a dependency
+        raise ImportError("fastdiff checkpoints need safetensors: pip install safetensors") from e
+    return st
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def checkpoint_paths(folder, step: int) -> tuple[Path, Path]:
+    folder = Path(folder)
+    return folder / f"step-{step:08d}.safetensors", folder / f"step-{step:08d}.json"
+
+
+def save(folder, step: int, tensors: dict[str, torch.Tensor], state: dict) -> Path:
+    """Write checkpoint ``step`` atomically; returns the JSON path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensor_path, json_path = checkpoint_paths(folder, step)
+    st = _safetensors()
+    data = st.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    _write_atomic(tensor_path, lambda f: f.write(data))
+    record = {"format": FORMAT, "version": VERSION, "step": int(step), "tensors": tensor_path.name,
+              "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), **state}
+    text = json.dumps(record, indent=1, sort_keys=True).encode()
+    _write_atomic(json_path, lambda f: f.write(text))
+    return json_path
+
+
+def read(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, state) of the checkpoint at ``path`` (its .json, its .safetensors, or a folder: the
+    newest valid checkpoint in it), after checking size and sha256."""
+    json_path = _json_path(path)
+    try:
+        state = json.loads(json_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {json_path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {json_path} is corrupt: its JSON state does not parse ({e})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{json_path} is not a fastdiff checkpoint (format {state.get('format')!r})"
+                              if isinstance(state, dict) else f"{json_path} is not a fastdiff checkpoint")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{json_path} has checkpoint format version {state.get('version')}; "
+                              f"this fastdiff reads version {VERSION}")
+    tensor_path = json_path.with_name(state["tensors"])
+    if not tensor_path.exists():
+        raise CheckpointError(f"checkpoint {json_path} is incomplete: its tensor file {tensor_path.name} is missing")
+    size = tensor_path.stat().st_size
+    if size != state["bytes"]:
+        raise CheckpointError(f"checkpoint {tensor_path} is truncated or corrupt: {size} bytes, expected "
+                              f"{state['bytes']}")
+    data = tensor_path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != state["sha256"]:
+        raise CheckpointError(f"checkpoint {tensor_path} is corrupt: its sha256 does not match the one "
+                              f"recorded in {json_path.name}")
+    tensors = _safetensors().load(data)
+    return tensors, state
+
+
+def _json_path(path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        found = latest(path)
+        if found is None:
+            raise CheckpointError(f"no valid checkpoint in {path}")
+        return found
+    if path.suffix == ".safetensors":
+        return path.with_suffix(".json")
+    return path
+
+
+def list_checkpoints(folder) -> list[tuple[int, Path]]:
+    """(step, json path) of the checkpoints in ``folder``, newest first (not verified)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def verify(json_path) -> str | None:
+    """None when the checkpoint reads back intact, else the reason it does not."""
+    try:
+        read(json_path)
+    except CheckpointError as e:
+        return str(e)
+    except Exception as e:  # a safetensors header that does not parse, …
+        return f"checkpoint {json_path} is corrupt: {type(e).__name__}: {e}"
+    return None
+
+
+def latest(folder, *, warn: bool = True) -> Path | None:
+    """The newest checkpoint in ``folder`` that verifies; corrupt newer ones are reported and skipped."""
+    for step, json_path in list_checkpoints(folder):
+        problem = verify(json_path)
+        if problem is None:
+            return json_path
+        if warn:
+            warnings.warn(f"skipping checkpoint of step {step}: {problem}", RuntimeWarning, stacklevel=2)
+    return None
+
+
+def prune(folder, keep: int, newest_good: Path) -> None:
+    """Delete all but the ``keep`` newest checkpoints, never ``newest_good`` and never a newer one."""
+    if keep <= 0:
+        return
+    kept = 0
+    good_step = int(_NAME.match(newest_good.name).group(1))
+    for step, json_path in list_checkpoints(folder):
+        if step >= good_step or kept < keep:
+            kept += step <= good_step
+            continue
+        json_path.unlink(missing_ok=True)  # the JSON first: a half-deleted checkpoint is never "valid"
+        json_path.with_suffix(".safetensors").unlink(missing_ok=True)
