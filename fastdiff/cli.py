@@ -146,6 +146,20 @@ def _scatter(x, y, path: str, title: str) -> None:
     images.labelled_grid([(title, torch.stack(pics)[None].float())], path=path, scale=2, vmin=1.0, vmax=-1.0)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastdiff import benchmarks
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    benchmarks.report(ops=args.ops.split(","), log2_sizes=[int(k) for k in args.sizes.split(",")],
+                      dtypes=args.dtypes.split(","), device=device, repeat=args.repeat,
+                      compile=not args.no_compile, csv_dir=None if args.no_csv else args.csv_dir)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,6 +215,19 @@ def main(argv: list[str] | None = None) -> int:
     p_sample.add_argument("--device", default="cpu")
     p_sample.add_argument("--no-progress", action="store_true")
     p_sample.set_defaults(func=_sample)
+    p_bench = sub.add_parser("bench", help="time the fused ops against eager PyTorch and torch.compile; "
+                                           "print ratios and write CSV rows")
+    p_bench.add_argument("--ops", default="step_sde,step_ode,loss,randn")
+    p_bench.add_argument("--sizes", default="20,22", help="log2 of N, comma-separated (default: %(default)s)")
+    p_bench.add_argument("--dtypes", default="fp32,bf16", help="prediction dtypes (default: %(default)s)")
+    p_bench.add_argument("--repeat", type=int, default=15, help="interleaved rounds (median)")
+    p_bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p_bench.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    p_bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p_bench.add_argument("--csv-dir", default="bench/results")
+    p_bench.add_argument("--no-csv", action="store_true")
+    p_bench.set_defaults(func=_bench)
+
     args = parser.parse_args(argv)
     return args.func(args)
 

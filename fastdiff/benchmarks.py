@@ -1,0 +1,313 @@
+"""Benchmark cases: each fused op next to the same work written in eager PyTorch the way users write
+it, torch.compile of that, and fastdiff's reference op. One definition feeds the pytest-benchmark
+suites (bench/) and the interleaved report (``fastdiff bench``, ``python bench/report.py``).
+
+Cases (N elements of fp32 state; the guided cases take one [2B] prediction, cfg = 4, CondOT velocity):
+
+- ``step_sde``: Euler–Maruyama with σ = 1 (SDE extension trick, score from velocity), noise inside
+  the kernel vs ``torch.randn_like`` in eager;
+- ``step_ode``: the Euler ODE step with guidance;
+- ``loss``: noising + loss forward + backward (eager stores ε from ``torch.randn_like`` and the target);
+- ``randn``: ``fastdiff.ops.randn`` vs ``torch.randn``;
+- ``copy``: a device-to-device copy of N fp32 elements, the bandwidth yardstick.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+OPS = ("step_sde", "step_ode", "loss", "randn")
+CFG, T, DT, SIGMA, BATCH = 4.0, 0.4, 0.02, 1.0, 16
+
+
+@dataclass
+class Case:
+    op: str
+    impl: str                 # fastdiff | eager | compile | reference | torch
+    n: int
+    dtype: str                # prediction dtype (state is fp32)
+    fn: Callable[[], object]
+    bytes: int                # bytes the op must move at minimum (for GB/s)
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _sde_coefficients(t=T, dt=DT, sigma=SIGMA):
+    """x' = x + dt (u + σ²/2 s) + σ √dt ξ with the CondOT score s = (t u − x)/(1 − t), as c_x x + c_p u + c_n ξ."""
+    k = 0.5 * sigma * sigma / (1.0 - t)
+    return 1.0 - dt * k, dt * (1.0 + k * t), sigma * math.sqrt(dt)
+
+
+def eager_sde_step(x, out2b, *, cfg=CFG, t=T, dt=DT, sigma=SIGMA, noise_like=torch.randn_like):
+    """The SDE step as users write it: split, guide, convert, update, draw noise."""
+    cond, uncond = out2b.float().chunk(2)
+    u = uncond + cfg * (cond - uncond)
+    score = (t * u - x) / (1.0 - t)
+    drift = u + 0.5 * sigma**2 * score
+    return x + dt * drift + sigma * math.sqrt(dt) * noise_like(x)
+
+
+def eager_ode_step(x, out2b, *, cfg=CFG, dt=DT):
+    cond, uncond = out2b.float().chunk(2)
+    return x + dt * (uncond + cfg * (cond - uncond))
+
+
+def eager_loss(pred, z, t, *, noise_like=torch.randn_like):
+    """Noising, velocity target and MSE as users write it (ε and the target are stored)."""
+    eps = noise_like(z)
+    tt = t.view(-1, *([1] * (z.dim() - 1)))
+    x_t = tt * z + (1 - tt) * eps
+    target = z - eps
+    return x_t, ((pred.float() - target) ** 2).mean()
+
+
+def _inputs(n: int, dtype: torch.dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    shape = (BATCH, n // BATCH)
+    x = torch.randn(shape, generator=g).to(device)
+    out2b = torch.randn((2 * BATCH, n // BATCH), generator=g).to(device=device, dtype=dtype)
+    seeds = torch.arange(BATCH, dtype=torch.int64, device=device)
+    return x, out2b, seeds
+
+
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def step_cases(op: str, n: int, dtype: str = "fp32", device="cpu", impls=None) -> list[Case]:
+    import fastdiff
+
+    dt_ = _dtype(dtype)
+    x, out2b, seeds = _inputs(n, dt_, device)
+    cond, uncond = out2b.chunk(2)
+    out = torch.empty_like(x)
+    pb = dt_.itemsize
+    nbytes = n * (4 + 4 + 2 * pb)  # read x and both halves of the prediction, write the new state
+    if op == "step_sde":
+        c_x, c_p, c_n = _sde_coefficients()
+        coeffs = dict(cfg=CFG, c_x=c_x, c_pred=c_p, c_noise=c_n)
+        eager = lambda: eager_sde_step(x, out2b)  # noqa: E731
+    elif op == "step_ode":
+        coeffs = dict(cfg=CFG, c_x=1.0, c_pred=DT)
+        eager = lambda: eager_ode_step(x, out2b)  # noqa: E731
+    else:
+        raise ValueError(f"op must be step_sde or step_ode, got {op!r}")
+    cases = {
+        "fastdiff": lambda: fastdiff.ops.guided_step(x, cond, uncond, seeds=seeds, stream=1, out=out, **coeffs),
+        "eager": eager,
+        "reference": lambda: fastdiff.ops.guided_step(x, cond, uncond, seeds=seeds, stream=1, out=out,
+                                                      backend="reference", **coeffs),
+    }
+    if impls is None or "compile" in impls:
+        step = eager_sde_step if op == "step_sde" else eager_ode_step
+        compiled = _compiled(step)
+        cases["compile"] = lambda: compiled(x, out2b)
+    return [Case(op, k, n, dtype, f, nbytes) for k, f in cases.items() if impls is None or k in impls]
+
+
+def loss_cases(n: int, dtype: str = "fp32", device="cpu", impls=None) -> list[Case]:
+    import fastdiff
+
+    dt_ = _dtype(dtype)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    z = torch.randn((BATCH, n // BATCH), generator=g).to(device)
+    pred = torch.randn((BATCH, n // BATCH), generator=g).to(device=device, dtype=dt_).requires_grad_()
+    t = torch.rand(BATCH, generator=g, dtype=torch.float64).to(device)
+    seeds = torch.arange(BATCH, dtype=torch.int64, device=device)
+
+    def fused(backend=None):
+        pred.grad = None
+        x_t = fastdiff.ops.add_noise(z, t, seeds, 0, "condot", backend=backend)
+        loss = fastdiff.ops.diffusion_loss(pred, z, t, seeds, 0, "condot", "velocity", backend=backend)
+        loss.backward()
+        return x_t, loss
+
+    def eager(fn=eager_loss):
+        pred.grad = None
+        x_t, loss = fn(pred, z, t.float())
+        loss.backward()
+        return x_t, loss
+
+    # add_noise: read z, write x_t; loss: read pred, z; backward: read pred, z, write grad
+    nbytes = n * (4 + 4 + dt_.itemsize + 4 + dt_.itemsize + 4 + dt_.itemsize)
+    cases = {"fastdiff": fused, "eager": eager, "reference": lambda: fused("reference")}
+    if impls is None or "compile" in impls:
+        compiled = _compiled(eager_loss)
+        cases["compile"] = lambda: eager(compiled)
+    return [Case("loss", k, n, dtype, f, nbytes) for k, f in cases.items() if impls is None or k in impls]
+
+
+def randn_cases(n: int, dtype: str = "fp32", device="cpu", impls=None) -> list[Case]:
+    import fastdiff
+
+    seeds = torch.arange(BATCH, dtype=torch.int64, device=device)
+    shape = (n // BATCH,)
+    cases = {
+        "fastdiff": lambda: fastdiff.ops.randn(seeds, 0, shape),
+        "torch": lambda: torch.randn((BATCH, *shape), device=device),
+        "reference": lambda: fastdiff.ops.randn_reference(seeds, 0, shape),
+    }
+    return [Case("randn", k, n, "fp32", f, 4 * n) for k, f in cases.items() if impls is None or k in impls]
+
+
+def copy_case(n: int, device="cpu") -> Case:
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    return Case("copy", "torch", n, "fp32", lambda: dst.copy_(src), 8 * n)
+
+
+def cases(op: str, n: int, dtype: str = "fp32", device="cpu", impls=None) -> list[Case]:
+    if op in ("step_sde", "step_ode"):
+        return step_cases(op, n, dtype, device, impls)
+    if op == "loss":
+        return loss_cases(n, dtype, device, impls)
+    if op == "randn":
+        return randn_cases(n, dtype, device, impls)
+    raise ValueError(f"op must be one of {OPS}, got {op!r}")
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(group: list[Case], repeat: int = 15, warmup: int = 2, device="cpu",
+                     min_time: float = 0.02) -> dict[str, float]:
+    """Median seconds per call of each case, measured round-robin (one timing of each case per
+    round), so that drifting machine load affects all sides alike. Each timing averages enough calls
+    to last ``min_time``."""
+    loops = {}
+    for c in group:
+        for _ in range(warmup):
+            c.fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        c.fn()
+        _sync(device)
+        once = max(time.perf_counter() - t0, 1e-7)
+        loops[c.impl] = max(1, int(min_time / once))
+    samples: dict[str, list[float]] = {c.impl: [] for c in group}
+    for _ in range(repeat):
+        for c in group:
+            k = loops[c.impl]
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(k):
+                c.fn()
+            _sync(device)
+            samples[c.impl].append((time.perf_counter() - t0) / k)
+    return {impl: statistics.median(v) for impl, v in samples.items()}
+
+
+def peak_memory(fn: Callable, device) -> Optional[int]:
+    """Peak bytes allocated on a CUDA device by one call (None on the CPU)."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+# ---- the report: interleaved medians, ratios, CSV rows ------------------------------------------------
+
+BASELINES = {"step_sde": "eager", "step_ode": "eager", "loss": "eager", "randn": "torch"}
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def report(ops=OPS, log2_sizes=(22,), dtypes=("fp32",), device="cpu", repeat=15, compile: bool = True,
+           csv_dir=None, log=print) -> list[dict]:
+    """Time every case of ``ops`` at N = 2^k for k in ``log2_sizes``, print the comparison table, and
+    write the rows to ``csv_dir/<device>-<date>.csv`` (when given). Returns the rows."""
+    import csv
+    import datetime
+    import re
+
+    import fastdiff
+
+    device = torch.device(device)
+    name = device_name(device)
+    threads = torch.get_num_threads()
+    rows = []
+    log(f"fastdiff {fastdiff.__version__}, torch {torch.__version__}, {name}, "
+        f"{threads if device.type == 'cpu' else 'GPU'} threads; medians of {repeat} interleaved rounds")
+    header = f"{'op':9s} {'dtype':5s} {'N':>9s} {'impl':10s} {'median ms':>10s} {'GB/s':>7s}"
+    header += f" {'% copy':>7s}" if device.type == "cuda" else ""
+    header += f" {'x eager':>8s} {'x compile':>9s}"
+    log(header)
+    for k in log2_sizes:
+        n = 1 << k
+        copy_s = None
+        if device.type == "cuda":
+            copy_s = time_interleaved([copy_case(n, device)], repeat, device=device)["torch"]
+        for op in ops:
+            for dtype in (dtypes if op != "randn" else ("fp32",)):
+                impls = None if compile else ["fastdiff", "eager", "reference", "torch"]
+                group = cases(op, n, dtype, device, impls)
+                med = time_interleaved(group, repeat, device=device)
+                base, comp = med.get(BASELINES[op]), med.get("compile")
+                for c in group:
+                    s = med[c.impl]
+                    row = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": name,
+                           "threads": threads, "op": op, "dtype": dtype, "N": n, "backend": c.impl,
+                           "median_ms": _sig(s * 1e3), "GB/s": _sig(c.bytes / s / 1e9),
+                           "pct_copy": None,
+                           "x_vs_baseline": round(base / s, 3) if base else None,
+                           "x_vs_compile": round(comp / s, 3) if comp else None,
+                           "torch": torch.__version__, "fastdiff": fastdiff.__version__}
+                    if copy_s is not None:
+                        row["pct_copy"] = round(100 * (c.bytes / s) / (8 * n / copy_s), 1)
+                    rows.append(row)
+                    line = f"{op:9s} {dtype:5s} {n:9d} {c.impl:10s} {row['median_ms']:10.4g} {row['GB/s']:7.3g}"
+                    if device.type == "cuda":
+                        line += f" {row['pct_copy']:7.1f}"
+                    line += f" {_x(row['x_vs_baseline']):>8s} {_x(row['x_vs_compile']):>9s}"
+                    log(line)
+    if csv_dir is not None and rows:
+        from pathlib import Path
+
+        folder = Path(csv_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+        path = folder / f"{slug}-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        log(f"wrote {path}")
+    return rows
+
+
+def _sig(v: float, digits: int = 4) -> float:
+    return float(f"{v:.{digits}g}")
+
+
+def _x(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"

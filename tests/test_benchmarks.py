@@ -1,0 +1,80 @@
+"""The benchmark cases compute what they claim: fused and eager sides agree when the eager side is
+given fastdiff's noise, and the report writes its table and CSV rows."""
+
+import csv
+import math
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import benchmarks as bm
+
+
+def _spec_noise(seeds, stream):
+    return lambda like: fastdiff.ops.randn(seeds, stream, like.shape[1:])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("op", ["step_sde", "step_ode"])
+def test_step_cases_agree(op, dtype):
+    n = 16 * 37
+    cases = {c.impl: c for c in bm.step_cases(op, n, dtype, impls=["fastdiff", "eager", "reference"])}
+    fused = cases["fastdiff"].fn().clone()
+    ref = cases["reference"].fn().clone()
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+    x, out2b, seeds = bm._inputs(n, bm._dtype(dtype), "cpu")
+    if op == "step_sde":
+        eager = bm.eager_sde_step(x, out2b, noise_like=_spec_noise(seeds, 1))
+    else:
+        eager = bm.eager_ode_step(x, out2b)
+        assert torch.equal(bm.eager_ode_step(x, out2b), cases["eager"].fn())
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+    assert cases["fastdiff"].bytes == n * (8 + 2 * bm._dtype(dtype).itemsize)
+
+
+def test_sde_coefficients_are_the_condot_sde_step():
+    c_x, c_p, c_n = bm._sde_coefficients(t=0.3, dt=0.1, sigma=0.7)
+    x, u = 1.3, -0.4
+    score = (0.3 * u - x) / 0.7
+    assert c_x * x + c_p * u == pytest.approx(x + 0.1 * (u + 0.5 * 0.49 * score))
+    assert c_n == pytest.approx(0.7 * math.sqrt(0.1))
+
+
+def test_loss_cases_agree():
+    n = 16 * 41
+    cases = {c.impl: c for c in bm.loss_cases(n, impls=["fastdiff", "eager", "reference"])}
+    x_f, loss_f = cases["fastdiff"].fn()
+    x_r, loss_r = cases["reference"].fn()
+    torch.testing.assert_close(x_f, x_r, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_f, loss_r, rtol=1e-5, atol=1e-6)
+    # eager with fastdiff's ε gives the same x_t and loss
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn((bm.BATCH, n // bm.BATCH), generator=g)
+    p = torch.randn((bm.BATCH, n // bm.BATCH), generator=g)
+    t = torch.rand(bm.BATCH, generator=g, dtype=torch.float64)
+    seeds = torch.arange(bm.BATCH)
+    x_e, loss_e = bm.eager_loss(p, z, t.float(), noise_like=_spec_noise(seeds, 0))
+    torch.testing.assert_close(x_f, x_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_f, loss_e, rtol=1e-5, atol=1e-5)
+    assert all(c.op == "loss" for c in cases.values())
+
+
+def test_randn_case_is_the_stream():
+    (case,) = bm.randn_cases(16 * 8, impls=["fastdiff"])
+    assert torch.equal(case.fn(), fastdiff.ops.randn(list(range(16)), 0, (8,)))
+
+
+def test_report_prints_ratios_and_writes_csv(tmp_path):
+    lines = []
+    rows = bm.report(ops=("step_ode", "randn"), log2_sizes=(10,), dtypes=("fp32",), repeat=3, compile=False,
+                     csv_dir=tmp_path, log=lines.append)
+    assert {r["backend"] for r in rows if r["op"] == "step_ode"} == {"fastdiff", "eager", "reference"}
+    eager = next(r for r in rows if r["op"] == "step_ode" and r["backend"] == "eager")
+    assert eager["x_vs_baseline"] == 1.0
+    assert all(r["median_ms"] > 0 and r["GB/s"] > 0 for r in rows)
+    (path,) = tmp_path.glob("*.csv")
+    with open(path) as f:
+        read = list(csv.DictReader(f))
+    assert len(read) == len(rows) and read[0]["device"] == bm.device_name("cpu")
+    assert any("x eager" in line for line in lines)
