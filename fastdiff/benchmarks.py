@@ -84,13 +84,15 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
-def step_cases(op: str, n: int, dtype: str = "fp32", device="cpu", impls=None) -> list[Case]:
+def step_cases(op: str, n: int, dtype: str = "fp32", device="cpu", impls=None, inplace: bool = True) -> list[Case]:
+    """``inplace``: the fused step updates x in place, as fastdiff's sampler calls it (the eager
+    side allocates its result, as users' ``x = x + …`` does)."""
     import fastdiff
 
     dt_ = _dtype(dtype)
     x, out2b, seeds = _inputs(n, dt_, device)
     cond, uncond = out2b.chunk(2)
-    out = torch.empty_like(x)
+    out = x if inplace else torch.empty_like(x)
     pb = dt_.itemsize
     nbytes = n * (4 + 4 + 2 * pb)  # read x and both halves of the prediction, write the new state
     if op == "step_sde":
@@ -105,8 +107,8 @@ def step_cases(op: str, n: int, dtype: str = "fp32", device="cpu", impls=None) -
     cases = {
         "fastdiff": lambda: fastdiff.ops.guided_step(x, cond, uncond, seeds=seeds, stream=1, out=out, **coeffs),
         "eager": eager,
-        "reference": lambda: fastdiff.ops.guided_step(x, cond, uncond, seeds=seeds, stream=1, out=out,
-                                                      backend="reference", **coeffs),
+        "reference": lambda: fastdiff.ops.guided_step(x, cond, uncond, seeds=seeds, stream=1,
+                                                      out=None if inplace else out, backend="reference", **coeffs),
     }
     if impls is None or "compile" in impls:
         step = eager_sde_step if op == "step_sde" else eager_ode_step

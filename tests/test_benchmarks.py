@@ -19,7 +19,8 @@ def _spec_noise(seeds, stream):
 @pytest.mark.parametrize("op", ["step_sde", "step_ode"])
 def test_step_cases_agree(op, dtype):
     n = 16 * 37
-    cases = {c.impl: c for c in bm.step_cases(op, n, dtype, impls=["fastdiff", "eager", "reference"])}
+    cases = {c.impl: c for c in bm.step_cases(op, n, dtype, impls=["fastdiff", "eager", "reference"],
+                                                         inplace=False)}
     fused = cases["fastdiff"].fn().clone()
     ref = cases["reference"].fn().clone()
     torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
@@ -31,6 +32,12 @@ def test_step_cases_agree(op, dtype):
         assert torch.equal(bm.eager_ode_step(x, out2b), cases["eager"].fn())
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
     assert cases["fastdiff"].bytes == n * (8 + 2 * bm._dtype(dtype).itemsize)
+
+
+def test_inplace_step_case_updates_x():
+    (case,) = bm.step_cases("step_ode", 16 * 5, impls=["fastdiff"])
+    x, out2b, _ = bm._inputs(16 * 5, torch.float32, "cpu")
+    torch.testing.assert_close(case.fn(), bm.eager_ode_step(x, out2b), rtol=1e-5, atol=1e-5)  # x, updated
 
 
 def test_sde_coefficients_are_the_condot_sde_step():

@@ -2,7 +2,7 @@
 // built twice like step_block.h: by loss.cpp (portable) and by avx2/loss.cpp (-mavx2 -mfma
 // -DCPU_CAPABILITY=AVX2), which loss.cpp calls only after the runtime check simd_level() == "avx2".
 //
-// Work is cut into blocks of 32 elements of one sample (one normal_block of noise); the math of a
+// Work is cut into blocks of kBlockElems (64) elements of one sample (one normal_block of noise); the math of a
 // block runs in at::vec::Vectorized<float> through fastdiff/loss.h, the definition the CUDA kernels
 // use. A partial last block goes through zero-padded buffers (its padded normals are zeroed too, so
 // they add nothing to the loss). A sample whose noise coefficient (beta, coef_eps) is 0 draws no
@@ -149,7 +149,7 @@ void loss_rows(const LossArgs<pred_t, z_t>& a) {
   if (a.B == 0 || n == 0) return;
   const int64_t chunks = loss_chunks(n);
   static_assert(kLossChunk % kBlockElems == 0, "a chunk holds whole blocks");
-  // One chunk (4096 elements, 128 noise blocks) per job: enough work to amortize the scheduling.
+  // One chunk (4096 elements, 64 noise blocks) per job: enough work to amortize the scheduling.
   at::parallel_for(0, a.B * chunks, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float eps[kBlockElems], pbuf[kBlockElems], zbuf[kBlockElems], lanes[V];
     for (int64_t job = begin; job < end; ++job) {

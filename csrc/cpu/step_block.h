@@ -2,7 +2,7 @@
 // and by avx2/guided_step.cpp (-mavx2 -mfma -DCPU_CAPABILITY=AVX2), which guided_step.cpp calls only
 // after the runtime check simd_level() == "avx2".
 //
-// Work is split into blocks of 32 elements of one sample (one normal_block of noise) and spread over
+// Work is split into blocks of kBlockElems (64) elements of one sample (one normal_block of noise) and spread over
 // threads with at::parallel_for. A block's math runs in at::vec::Vectorized<float> through
 // step_element (fastdiff/step.h), the same per-element definition the CUDA kernel uses. A partial
 // last block of a sample goes through zero-padded local buffers.
@@ -78,7 +78,7 @@ inline __m256 bf16x8_to_float(__m128i h) {
 }
 #endif
 
-// src[0 .. count) as float into dst[0 .. 32), zero-padded past count (count <= 32).
+// src[0 .. count) as float into dst[0 .. kBlockElems), zero-padded past count (count <= kBlockElems).
 template <typename pred_t>
 inline void to_float_block(const pred_t* src, int count, float* dst) {
   if constexpr (std::is_same_v<pred_t, float>) {
@@ -109,11 +109,11 @@ inline void to_float_block(const pred_t* src, int count, float* dst) {
   }
 }
 
-// One block of 32 elements. Every vector's inputs are loaded before its outputs are stored, so out may
+// One block of kBlockElems elements. Every vector's inputs are loaded before its outputs are stored, so out may
 // be x (or pred) and side may be extra. Pointers of absent inputs (kUncond / kExtra / kNoise false)
 // are not read.
 template <bool kUncond, bool kExtra, bool kNoise, bool kSide>
-inline void step_block32(const StepCoeffs& k, const float* x, const float* p, const float* u, const float* e,
+inline void step_block(const StepCoeffs& k, const float* x, const float* p, const float* u, const float* e,
                          const float* z, float* out, float* side) {
   using Vec = at::vec::Vectorized<float>;
   constexpr int V = Vec::size();
@@ -163,7 +163,7 @@ void step_rows(const StepArgs<pred_t>& a) {
           to_float_block(a.pred + base, kBlockElems, pbuf);
           if constexpr (kUncond) to_float_block(a.uncond + base, kBlockElems, ubuf);
         }
-        step_block32<kUncond, kExtra, kNoise, kSide>(a.k, a.x + base, p, u, kExtra ? a.extra + base : nullptr, z,
+        step_block<kUncond, kExtra, kNoise, kSide>(a.k, a.x + base, p, u, kExtra ? a.extra + base : nullptr, z,
                                                      a.out + base, kSide ? a.side + base : nullptr);
       } else {
         // Partial last block: every input is copied before anything is written (out may be x).
@@ -171,7 +171,7 @@ void step_rows(const StepArgs<pred_t>& a) {
         to_float_block(a.pred + base, count, pbuf);
         if constexpr (kUncond) to_float_block(a.uncond + base, count, ubuf);
         if constexpr (kExtra) to_float_block(a.extra + base, count, ebuf);
-        step_block32<kUncond, kExtra, kNoise, kSide>(a.k, xbuf, pbuf, ubuf, ebuf, z, obuf, sbuf);
+        step_block<kUncond, kExtra, kNoise, kSide>(a.k, xbuf, pbuf, ubuf, ebuf, z, obuf, sbuf);
         std::memcpy(a.out + base, obuf, sizeof(float) * count);
         if constexpr (kSide) std::memcpy(a.side + base, sbuf, sizeof(float) * count);
       }
