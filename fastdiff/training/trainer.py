@@ -81,9 +81,9 @@ class Trainer:
         if checkpoint_every and out_dir is None:
             raise ValueError("checkpoint_every needs out_dir")
 
-        if device is None:
+        if device is None and not distributed.launched():
             p = next(model.parameters(), None)
-            device = p.device if p is not None and distributed.launched() is False else None
+            device = p.device if p is not None else None  # train where the model lives
         self.ctx = distributed.setup(device)
         self.device = self.ctx.device
         self.model = model.to(self.device)
@@ -129,8 +129,9 @@ class Trainer:
         """One optimizer step on global batch ``self.step``; returns the (local) loss, detached."""
         x, y = self.batches(self.step)
         x = x.to(self.device, non_blocking=True)
-        if self.step == self._checked_step:
+        if not self._batch_checked:  # the first batch of this process: clear errors before any math
             self._check_batch(x)
+            self._batch_checked = True
         y = None if y is None else y.to(self.device, non_blocking=True)
         first = self.step * self.batch_size + self.ctx.rank * self.batches.local_batch
         seeds = training_seeds(self.seed, first, x.shape[0])
@@ -150,7 +151,7 @@ class Trainer:
         self.step += 1
         return loss.detach()
 
-    _checked_step = 0
+    _batch_checked = False
 
     def _check_batch(self, x: torch.Tensor) -> None:
         p = next(self.model.parameters(), None)
