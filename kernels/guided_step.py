@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import normal4, seed_key
+from .philox import normal_tile, sample_tile, seed_key
 
 _MAX_GRID_Y = 65535  # CUDA limit on grid dimension 1; larger batches are launched in chunks
 
@@ -43,15 +43,7 @@ def _guided_step_kernel(
     HAS_NOISE: tl.constexpr,
     BLOCK: tl.constexpr,  # groups (of 4 elements) per program
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-
-    # [BLOCK, 4] tile: row = group q of 4 consecutive elements, column = lane; element index 4 q + lane.
-    q = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # [BLOCK]
-    lane = tl.arange(0, 4)[None, :]
-    idx = q[:, None] * 4 + lane.to(tl.int64)  # [BLOCK, 4] int64
-    mask = idx < n
-    offs = b * n + idx  # 64-bit
+    b, q, offs, mask = sample_tile(n, BLOCK)  # [BLOCK, 4] tile of sample b: row = group q, column = lane
 
     # Every input is loaded before anything is stored (out may be x, side may be extra).
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
@@ -71,9 +63,7 @@ def _guided_step_kernel(
             sv = sv + s_extra * e
     if HAS_NOISE:
         k0, k1 = seed_key(tl.load(seeds_ptr + b))
-        z0, z1, z2, z3 = normal4(k0, k1, q, stream)  # one Philox call per group feeds its 4 lanes
-        z = tl.where(lane == 0, z0[:, None],
-                     tl.where(lane == 1, z1[:, None], tl.where(lane == 2, z2[:, None], z3[:, None])))
+        z = normal_tile(k0, k1, q, stream)
         res = res + c_noise * z
 
     tl.store(out_ptr + offs, res, mask=mask)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import normal4, seed_key, store_cast
+from .philox import normal_tile, sample_tile, seed_key, store_cast
 
 _MAX_GRID_Y = 65535  # CUDA limit on grid dimension 1; larger batches are launched in chunks
 
@@ -46,15 +46,7 @@ def _loss_kernel(
     MODE: tl.constexpr,
     BLOCK: tl.constexpr,  # groups (of 4 elements) per program
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-
-    # [BLOCK, 4] tile: row = group q of 4 consecutive elements, column = lane; element index 4 q + lane.
-    q = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # [BLOCK]
-    lane = tl.arange(0, 4)[None, :]
-    idx = q[:, None] * 4 + lane.to(tl.int64)  # [BLOCK, 4] int64
-    mask = idx < n
-    offs = b * n + idx  # 64-bit
+    b, q, offs, mask = sample_tile(n, BLOCK)  # [BLOCK, 4] tile of sample b: row = group q, column = lane
 
     z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if MODE != 0:
@@ -63,9 +55,7 @@ def _loss_kernel(
     ce = tl.load(ce_ptr + b)
 
     k0, k1 = seed_key(tl.load(seeds_ptr + b))
-    e0, e1, e2, e3 = normal4(k0, k1, q, stream)  # one Philox call per group feeds its 4 lanes
-    eps = tl.where(lane == 0, e0[:, None],
-                   tl.where(lane == 1, e1[:, None], tl.where(lane == 2, e2[:, None], e3[:, None])))
+    eps = normal_tile(k0, k1, q, stream)
     target = cz * z + ce * eps
 
     if MODE == 0:
@@ -73,7 +63,7 @@ def _loss_kernel(
     elif MODE == 1:
         d = tl.where(mask, p - target, 0.0)
         s = tl.sum(tl.sum(d * d, axis=1), axis=0)
-        tl.store(out_ptr + b * tl.num_programs(0) + pid, s)
+        tl.store(out_ptr + b * tl.num_programs(0) + tl.program_id(0), s)
     else:
         g = tl.load(scale_ptr + b) * (p - target)
         tl.store(out_ptr + offs, store_cast(g, out_ptr.dtype.element_ty), mask=mask)

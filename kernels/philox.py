@@ -120,6 +120,25 @@ def select_lane(z0, z1, z2, z3, lane):
 
 
 @triton.jit
+def normal_tile(k0, k1, q, stream):
+    """[BLOCK, 4] normals of the groups q [BLOCK]: row = group, column = lane (element 4 q + lane)."""
+    z0, z1, z2, z3 = normal4(k0, k1, q, stream)  # one Philox call per group feeds its 4 lanes
+    return select_lane(z0[:, None], z1[:, None], z2[:, None], z3[:, None], tl.arange(0, 4)[None, :])
+
+
+@triton.jit
+def sample_tile(n, BLOCK: tl.constexpr):
+    """This program's [BLOCK, 4] tile of sample b = program_id(1): (b, groups q [BLOCK], offsets into
+    the [B, n] tensors, mask). Element index 4 q + lane; 64-bit offsets. No .to() on n: it may be
+    specialized to a constexpr."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    q = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    idx = q[:, None] * 4 + tl.arange(0, 4)[None, :].to(tl.int64)
+    return b, q, b * n + idx, idx < n
+
+
+@triton.jit
 def normal_at(k0, k1, e, stream):
     """The float32 normal of element e (int64, >= 0) of the stream: elementwise, one group per element."""
     e = e.to(tl.int64)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import normal4, philox4x32_10 as _philox4x32_10, seed_key, store_cast
+from .philox import normal4, philox4x32_10 as _philox4x32_10, seed_key, select_lane, store_cast
 
 _OUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _MAX_GRID_Y = 65535  # CUDA limit on grid dimension 1; larger batches are launched in chunks
@@ -39,8 +39,7 @@ def _randn_kernel(
     # [BLOCK, 4] tile: row = group, column = lane; output index of element (q, lane) is
     # 4 q + lane - offset = 4 g + lane - lane0.
     lane = tl.arange(0, 4)[None, :]
-    z = tl.where(lane == 0, z0[:, None],
-                 tl.where(lane == 1, z1[:, None], tl.where(lane == 2, z2[:, None], z3[:, None])))
+    z = select_lane(z0[:, None], z1[:, None], z2[:, None], z3[:, None], lane)
     idx = g[:, None] * 4 + lane.to(tl.int64) - lane0.to(tl.int64)
     n64 = n.to(tl.int64)
     mask = (idx >= 0) & (idx < n64)
