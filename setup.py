@@ -16,23 +16,29 @@ _spec.loader.exec_module(build)
 
 
 class BuildFastdiff(BuildExtension):
-    """BuildExtension plus per-file flags (csrc/cpu/avx2 gets AVX2) and a build record next to _C."""
+    """BuildExtension plus per-file flags (csrc/cpu/avx2 and csrc/cpu/avx512 get their instruction
+    sets) and a build record next to _C."""
 
     def build_extension(self, ext):
-        simd = getattr(ext, "avx2_sources", [])
-        if simd:
-            cxx = list(ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict)
-                       else ext.extra_compile_args)
+        simd = getattr(ext, "simd_sources", {})
+        cxx = list(ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict)
+                   else ext.extra_compile_args)
+        for level, files in simd.items():
+            if not files:
+                continue
+            flags = cxx + build.SIMD_FLAGS[level]
             objects = self.compiler.compile(
-                simd, output_dir=self.build_temp, include_dirs=ext.include_dirs,
-                extra_postargs={"cxx": cxx + build.AVX2_FLAGS} if self.use_ninja else cxx + build.AVX2_FLAGS)
+                files, output_dir=self.build_temp, include_dirs=ext.include_dirs,
+                extra_postargs={"cxx": flags} if self.use_ninja else flags)
             ext.extra_objects = list(ext.extra_objects or []) + objects
         super().build_extension(ext)
         record = {
             "torch": torch.__version__,
             "cuda": torch.version.cuda if getattr(ext, "with_cuda", False) else None,
             "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST") if getattr(ext, "with_cuda", False) else None,
-            "avx2": bool(simd),
+            "avx2": bool(simd.get("avx2")),
+            "avx512": bool(simd.get("avx512")),
+            "openmp": "-fopenmp" in build.link_flags(),
         }
         path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_C.build.json")
         with open(path, "w") as f:
@@ -59,7 +65,8 @@ def extension():
         ext.include_dirs += build.nvidia_include_dirs()
     else:
         ext = CppExtension(**kwargs, extra_compile_args={"cxx": cxx})
-    ext.avx2_sources = src["avx2"]
+    ext.extra_link_args = list(ext.extra_link_args or []) + build.link_flags()
+    ext.simd_sources = {level: src[level] for level in build.SIMD_FLAGS}
     ext.with_cuda = cuda
     return ext
 

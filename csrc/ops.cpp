@@ -41,6 +41,10 @@ TORCH_LIBRARY(fastdiff, m) {
   m.def("add_noise(Tensor z, Tensor alpha, Tensor beta, Tensor seeds, int stream) -> Tensor");
   m.def("diffusion_loss(Tensor pred, Tensor z, Tensor coef_z, Tensor coef_eps, Tensor weight, Tensor seeds, "
         "int stream) -> Tensor");
+  // diffusion_loss_residual: (diffusion_loss, float32 pred - target) in one pass, so that a backward
+  // needs no second pass over the noise (CPU, where the normals cost far more than the memory).
+  m.def("diffusion_loss_residual(Tensor pred, Tensor z, Tensor coef_z, Tensor coef_eps, Tensor weight, "
+        "Tensor seeds, int stream) -> (Tensor, Tensor)");
   m.def("diffusion_loss_backward(Tensor grad_loss, Tensor pred, Tensor z, Tensor coef_z, Tensor coef_eps, "
         "Tensor weight, Tensor seeds, int stream) -> Tensor");
 }

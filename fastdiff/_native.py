@@ -94,17 +94,19 @@ def jit_build(verbose: bool = False) -> None:
     if cuda:
         _build.set_default_cuda_archs()
     src = _build.sources(_REPO_ROOT, cuda)
-    defines = [d for d in _build.defines(cuda) if d != "-DFASTDIFF_HAVE_AVX2"]
+    defines = [d for d in _build.defines(cuda) if d not in ("-DFASTDIFF_HAVE_AVX2", "-DFASTDIFF_HAVE_AVX512")]
     load(
         name="fastdiff_jit",
         sources=[os.path.join(_REPO_ROOT, s) for s in src["cpp"] + src["cuda"]],
         extra_include_paths=_build.include_dirs(_REPO_ROOT) + (_build.nvidia_include_dirs() if cuda else []),
         extra_cflags=_build.cxx_flags() + defines,
         extra_cuda_cflags=_build.nvcc_flags() + defines,
+        extra_ldflags=_build.link_flags(),
         is_python_module=False,
         verbose=verbose,
     )
-    status.build = {"torch": torch.__version__, "cuda": torch.version.cuda if cuda else None, "avx2": False, "jit": True}
+    status.build = {"torch": torch.__version__, "cuda": torch.version.cuda if cuda else None, "avx2": False, "avx512": False,
+                    "jit": True}
 
 
 def load() -> NativeStatus:

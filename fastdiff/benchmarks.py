@@ -171,7 +171,7 @@ def copy_case(n: int, device="cpu") -> Case:
 # ---- whole sampling loops: fastdiff vs the peers, same cheap model, batch and step count -------------
 
 LOOP_STEPS, LOOP_SHAPE = 50, (4, 32, 32)  # per-sample latent shape; N = batch x 4096
-PEERS = ("diffusers", "torchsde", "flow_matching")  # fastdiff_ode is the like-for-like row for flow_matching
+PEERS = ("diffusers", "k_diffusion", "torchsde", "flow_matching")  # fastdiff_ode is the like-for-like row for flow_matching
 
 
 class CheapModel(torch.nn.Module):
@@ -187,6 +187,20 @@ class CheapModel(torch.nn.Module):
     def forward(self, x, t, y):
         scale = (-(1.0 + t.float()) / 2).view(-1, *([1] * (x.dim() - 1)))
         return x * scale + self.bias[y]
+
+
+def condot_denoiser(velocity: Callable) -> Callable:
+    """k-diffusion's denoiser D(x, σ) (σ-space: x = z + σ ε) for a CondOT velocity field
+    ``velocity(x_t, t)`` (t [B] in flow time): the flow state is x_t = t x with t = 1 / (1 + σ), and
+    D = ẑ = x_t + (1 − t) u. k-diffusion's Euler step in σ-space is then DDIM on the CondOT path."""
+
+    def denoiser(x, sigma):
+        t = 1.0 / (1.0 + sigma)
+        shape = (-1, *([1] * (x.dim() - 1)))
+        xt = x * t.view(shape)
+        return xt + (1.0 - t).view(shape) * velocity(xt, t)
+
+    return denoiser
 
 
 def loop_cases(n: int, device="cpu", impls=None, steps: int = LOOP_STEPS, cfg: float = CFG,
@@ -253,6 +267,23 @@ def loop_cases(n: int, device="cpu", impls=None, steps: int = LOOP_STEPS, cfg: f
             sde, ts = SDE(), torch.tensor([0.0, 1.0 - 1.0 / steps], device=device)
             out["torchsde"] = (lambda: torchsde.sdeint(sde, x0.view(B, -1), ts, method="euler", dt=1.0 / steps)[-1],
                                "sdeint(method='euler')")
+    if want("k_diffusion"):
+        try:
+            from fastdiff.peers import k_diffusion_sampling
+
+            kd = k_diffusion_sampling()
+        except ImportError:
+            pass
+        else:
+            def velocity(xt, t):  # guided velocity at per-sample flow times t [B]
+                cond, uncond = model(torch.cat([xt, xt]), torch.cat([t, t]).float(), y2).chunk(2)
+                return uncond + cfg * (cond - uncond)
+
+            denoiser = condot_denoiser(velocity)
+            t_grid = torch.linspace(1.0 / steps, 1.0, steps + 1, dtype=torch.float64)
+            sigmas = ((1.0 - t_grid) / t_grid).float().to(device)
+            out["k_diffusion"] = (lambda: kd.sample_euler_ancestral(denoiser, x0 * sigmas[0], sigmas, disable=True),
+                                  "sample_euler_ancestral (eta 1)")
     if want("flow_matching"):
         try:
             from flow_matching.solver import ODESolver

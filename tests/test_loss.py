@@ -129,6 +129,31 @@ def test_opcheck_cpu():
                           (pred.requires_grad_(), z, cz, ce, w, seeds, 3))
     torch.library.opcheck(torch.ops.fastdiff.diffusion_loss_backward.default,
                           (torch.ones(2), pred.detach(), z, cz, ce, w, seeds, 3))
+    torch.library.opcheck(torch.ops.fastdiff.diffusion_loss_residual.default, (pred.detach(), z, cz, ce, w, seeds, 3))
+
+
+@pytest.mark.parametrize("pred_dtype", DTYPES)
+def test_cpu_residual_path_equals_the_fused_backward(pred_dtype):
+    """On the CPU a differentiable loss stores pred − target in the forward and scales it in the backward;
+    that gives bit for bit what the fused backward kernel (ε regenerated) gives."""
+    if not fastdiff.backends()["cpu"]:
+        pytest.skip("cpu backend unavailable")
+    z, pred, t, w = _batch(3, (5, 77), pred_dtype, torch.float32, "cpu", seed=5)
+    seeds = torch.tensor([4, 5, 6])
+    p = pred.clone().requires_grad_()
+    loss = ops.diffusion_loss(p, z, t, seeds, 2, "vp", "velocity", weight=w, reduction="none", backend="cpu")
+    g = torch.tensor([0.5, -2.0, 3.0])
+    loss.backward(g)
+    cz, ce = (c.float() for c in ops.diffusion_loss.__globals__["target_coefficients"](get_path("vp"), t, "velocity"))
+    fused = torch.ops.fastdiff.diffusion_loss_backward(g, pred, z, cz, ce, w, seeds, 2)
+    assert p.grad.dtype == pred_dtype
+    assert torch.equal(p.grad, fused)
+    # the forward's residual and loss against the reference
+    got_loss, residual = torch.ops.fastdiff.diffusion_loss_residual(pred, z, cz, ce, w, seeds, 2)
+    want_loss, want_res = ops.diffusion_loss_residual_reference(pred, z, cz, ce, w, seeds, 2)
+    assert torch.equal(got_loss, loss.detach())
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(residual, want_res, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("call,exc,match", [

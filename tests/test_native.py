@@ -34,7 +34,7 @@ def test_missing_build_reported(tmp_path):
 def test_ops_registered_for_cpu():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fastdiff::randn", "CPU")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fastdiff::philox4x32_10", "CPU")
-    assert torch.ops.fastdiff.cpu_simd() in ("avx2", "portable")
+    assert torch.ops.fastdiff.cpu_simd() in ("avx512", "avx2", "portable")
 
 
 def test_source_lists_are_globbed():
@@ -46,5 +46,5 @@ def test_source_lists_are_globbed():
     src = _build.sources(repo, cuda=True)
     on_disk = {os.path.relpath(p, repo) for p in glob.glob(os.path.join(repo, "csrc", "**", "*.c*"), recursive=True)
                if not p.endswith(".cmake") and "/tests/" not in p}
-    assert set(src["cpp"] + src["avx2"] + src["cuda"]) == on_disk
+    assert set(src["cpp"] + src["avx2"] + src["avx512"] + src["cuda"]) == on_disk
     assert fastdiff.__version__

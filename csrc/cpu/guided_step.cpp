@@ -1,6 +1,6 @@
 // CPU implementation of fastdiff::guided_step (the fused sampler step, DESIGN.md §2). The loop lives
-// in step_block.h; this file builds its portable copy, picks the AVX2 copy (avx2/guided_step.cpp)
-// when simd_level() says so, and registers the op.
+// in step_block.h; this file builds its portable copy, picks a SIMD copy (avx2/, avx512/guided_step.cpp)
+// by simd(), and registers the op.
 #include <cstring>
 #include <optional>
 
@@ -9,29 +9,19 @@
 
 #include "../checks.h"
 #include "fastdiff/step.h"
-#include "randn_isa.h"
+#include "simd.h"
 #include "step_block.h"
 
 namespace fastdiff {
 namespace cpu {
 
-template <typename pred_t>
-void guided_step_portable(const StepArgs<pred_t>& a) {
-  step_dispatch(a);
-}
-
-template void guided_step_portable<float>(const StepArgs<float>&);
-template void guided_step_portable<c10::Half>(const StepArgs<c10::Half>&);
-template void guided_step_portable<c10::BFloat16>(const StepArgs<c10::BFloat16>&);
+FASTDIFF_DEFINE_STEP_LOOPS(portable)
 
 namespace {
 
 template <typename pred_t>
 void guided_step_run(const StepArgs<pred_t>& a) {
-#if defined(FASTDIFF_HAVE_AVX2)
-  if (std::strcmp(simd_level(), "avx2") == 0) return guided_step_avx2(a);
-#endif
-  guided_step_portable(a);
+  FASTDIFF_SIMD_CALL(guided_step, a);
 }
 
 template <typename pred_t>

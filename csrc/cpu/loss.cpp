@@ -1,7 +1,7 @@
 // CPU implementation of fastdiff::add_noise, fastdiff::diffusion_loss and
 // fastdiff::diffusion_loss_backward (DESIGN.md §4; spec: fastdiff/ops/diffusion_loss.py). The loops
-// live in loss_block.h; this file builds their portable copies, picks the AVX2 copies
-// (avx2/loss.cpp) when simd_level() says so, adds the loss's chunk sums in order and registers the ops.
+// live in loss_block.h; this file builds their portable copies, picks SIMD copies (avx2/, avx512/loss.cpp)
+// by simd(), adds the loss's chunk sums in order and registers the ops.
 #include <cstring>
 #include <type_traits>
 
@@ -12,7 +12,7 @@
 #include "../dispatch.h"
 #include "fastdiff/loss.h"
 #include "loss_block.h"
-#include "randn_isa.h"
+#include "simd.h"
 
 namespace fastdiff {
 namespace cpu {
@@ -24,44 +24,10 @@ void narrow_block(const float* src, int count, c10::BFloat16* dst) {
   for (int j = 0; j < count; ++j) dst[j] = static_cast<c10::BFloat16>(src[j]);
 }
 
-template <typename z_t>
-void add_noise_portable(const AddNoiseArgs<z_t>& a) {
-  add_noise_rows(a);
-}
-template <typename pred_t, typename z_t>
-void diffusion_loss_portable(const LossArgs<pred_t, z_t>& a) {
-  loss_rows(a);
-}
-template <typename pred_t, typename z_t>
-void diffusion_loss_backward_portable(const LossArgs<pred_t, z_t>& a) {
-  loss_backward_rows(a);
-}
-
-template void add_noise_portable<float>(const AddNoiseArgs<float>&);
-template void add_noise_portable<c10::Half>(const AddNoiseArgs<c10::Half>&);
-template void add_noise_portable<c10::BFloat16>(const AddNoiseArgs<c10::BFloat16>&);
-#define FASTDIFF_LOSS_INSTANTIATE(P, Z)                                          \
-  template void diffusion_loss_portable<P, Z>(const LossArgs<P, Z>&);          \
-  template void diffusion_loss_backward_portable<P, Z>(const LossArgs<P, Z>&);
-#define FASTDIFF_LOSS_INSTANTIATE_Z(P)        \
-  FASTDIFF_LOSS_INSTANTIATE(P, float)         \
-  FASTDIFF_LOSS_INSTANTIATE(P, c10::Half)     \
-  FASTDIFF_LOSS_INSTANTIATE(P, c10::BFloat16)
-FASTDIFF_LOSS_INSTANTIATE_Z(float)
-FASTDIFF_LOSS_INSTANTIATE_Z(c10::Half)
-FASTDIFF_LOSS_INSTANTIATE_Z(c10::BFloat16)
-#undef FASTDIFF_LOSS_INSTANTIATE_Z
-#undef FASTDIFF_LOSS_INSTANTIATE
+FASTDIFF_DEFINE_LOSS_LOOPS(portable)
 
 namespace {
 
-bool use_avx2() {
-#if defined(FASTDIFF_HAVE_AVX2)
-  return std::strcmp(simd_level(), "avx2") == 0;
-#else
-  return false;
-#endif
-}
 
 at::Tensor add_noise_cpu(const at::Tensor& z, const at::Tensor& alpha_in, const at::Tensor& beta_in,
                          const at::Tensor& seeds_in, int64_t stream) {
@@ -80,10 +46,7 @@ at::Tensor add_noise_cpu(const at::Tensor& z, const at::Tensor& alpha_in, const 
     a.B = z.size(0);
     a.n = z.numel() / a.B;
     a.stream = static_cast<uint32_t>(stream);
-#if defined(FASTDIFF_HAVE_AVX2)
-    if (use_avx2()) return add_noise_avx2(a);
-#endif
-    add_noise_portable(a);
+    FASTDIFF_SIMD_CALL(add_noise, a);
   });
   return out;
 }
@@ -106,6 +69,7 @@ void with_loss_args(const at::Tensor* grad_loss, const at::Tensor& pred, const a
       a.seeds = seeds.const_data_ptr<int64_t>();
       a.grad_loss = grad_loss ? grad_loss->const_data_ptr<float>() : nullptr;
       a.partial = nullptr;
+      a.residual = nullptr;
       a.grad = nullptr;
       a.B = pred.size(0);
       a.n = a.B == 0 ? 0 : pred.numel() / a.B;
@@ -115,13 +79,14 @@ void with_loss_args(const at::Tensor* grad_loss, const at::Tensor& pred, const a
   });
 }
 
-at::Tensor diffusion_loss_cpu(const at::Tensor& pred, const at::Tensor& z, const at::Tensor& coef_z_in,
-                              const at::Tensor& coef_eps_in, const at::Tensor& weight_in, const at::Tensor& seeds_in,
-                              int64_t stream) {
-  check_diffusion_loss_args("fastdiff::diffusion_loss: ", nullptr, pred, z, coef_z_in, coef_eps_in, weight_in, seeds_in,
-                            stream);
+// diffusion_loss, and with `residual` also pred - target (float32, pred's shape) for the backward.
+at::Tensor loss_forward(const char* op, const at::Tensor& pred, const at::Tensor& z, const at::Tensor& coef_z_in,
+                        const at::Tensor& coef_eps_in, const at::Tensor& weight_in, const at::Tensor& seeds_in,
+                        int64_t stream, at::Tensor* residual) {
+  check_diffusion_loss_args(op, nullptr, pred, z, coef_z_in, coef_eps_in, weight_in, seeds_in, stream);
   const int64_t B = pred.size(0);
   at::Tensor loss = at::empty({B}, pred.options().dtype(at::kFloat));
+  if (residual != nullptr) *residual = at::empty(pred.sizes(), pred.options().dtype(at::kFloat));
   if (B == 0) return loss;
   const at::Tensor coef_z = coef_z_in.contiguous(), coef_eps = coef_eps_in.contiguous();
   const at::Tensor weight = weight_in.contiguous(), seeds = seeds_in.contiguous();
@@ -131,10 +96,8 @@ at::Tensor diffusion_loss_cpu(const at::Tensor& pred, const at::Tensor& z, const
   double* part = partial.mutable_data_ptr<double>();
   with_loss_args(nullptr, pred, z, coef_z, coef_eps, weight, seeds, stream, [&](auto& a) {
     a.partial = part;
-#if defined(FASTDIFF_HAVE_AVX2)
-    if (use_avx2()) return diffusion_loss_avx2(a);
-#endif
-    diffusion_loss_portable(a);
+    if (residual != nullptr && n > 0) a.residual = residual->mutable_data_ptr<float>();
+    FASTDIFF_SIMD_CALL(diffusion_loss, a);
   });
   // The chunks of each sample in index order: the same sums whatever the thread count.
   const float* w = weight.const_data_ptr<float>();
@@ -145,6 +108,22 @@ at::Tensor diffusion_loss_cpu(const at::Tensor& pred, const at::Tensor& z, const
     out[b] = loss_from_sum(sum, w[b], n);
   }
   return loss;
+}
+
+at::Tensor diffusion_loss_cpu(const at::Tensor& pred, const at::Tensor& z, const at::Tensor& coef_z,
+                              const at::Tensor& coef_eps, const at::Tensor& weight, const at::Tensor& seeds,
+                              int64_t stream) {
+  return loss_forward("fastdiff::diffusion_loss: ", pred, z, coef_z, coef_eps, weight, seeds, stream, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> diffusion_loss_residual_cpu(const at::Tensor& pred, const at::Tensor& z,
+                                                               const at::Tensor& coef_z, const at::Tensor& coef_eps,
+                                                               const at::Tensor& weight, const at::Tensor& seeds,
+                                                               int64_t stream) {
+  at::Tensor residual;
+  at::Tensor loss = loss_forward("fastdiff::diffusion_loss_residual: ", pred, z, coef_z, coef_eps, weight, seeds,
+                                 stream, &residual);
+  return {loss, residual};
 }
 
 at::Tensor diffusion_loss_backward_cpu(const at::Tensor& grad_loss_in, const at::Tensor& pred, const at::Tensor& z,
@@ -160,10 +139,7 @@ at::Tensor diffusion_loss_backward_cpu(const at::Tensor& grad_loss_in, const at:
   with_loss_args(&grad_loss, pred, z, coef_z, coef_eps, weight, seeds, stream, [&](auto& a) {
     using pred_t = std::remove_const_t<std::remove_pointer_t<decltype(a.pred)>>;
     a.grad = grad.mutable_data_ptr<pred_t>();
-#if defined(FASTDIFF_HAVE_AVX2)
-    if (use_avx2()) return diffusion_loss_backward_avx2(a);
-#endif
-    diffusion_loss_backward_portable(a);
+    FASTDIFF_SIMD_CALL(diffusion_loss_backward, a);
   });
   return grad;
 }
@@ -173,6 +149,7 @@ at::Tensor diffusion_loss_backward_cpu(const at::Tensor& grad_loss_in, const at:
 TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
   m.impl("add_noise", &add_noise_cpu);
   m.impl("diffusion_loss", &diffusion_loss_cpu);
+  m.impl("diffusion_loss_residual", &diffusion_loss_residual_cpu);
   m.impl("diffusion_loss_backward", &diffusion_loss_backward_cpu);
 }
 

@@ -1,8 +1,8 @@
 // The CPU loops of fastdiff::add_noise, fastdiff::diffusion_loss and fastdiff::diffusion_loss_backward,
-// built twice like step_block.h: by loss.cpp (portable) and by avx2/loss.cpp (-mavx2 -mfma
-// -DCPU_CAPABILITY=AVX2), which loss.cpp calls only after the runtime check simd_level() == "avx2".
+// built once per instruction set like step_block.h (simd.h): by loss.cpp (portable), avx2/loss.cpp and
+// avx512/loss.cpp.
 //
-// Work is cut into blocks of kBlockElems (64) elements of one sample (one normal_block of noise); the math of a
+// Work is cut into blocks of kBlockElems (64; 128 under AVX-512) elements of one sample (one normal_block of noise); the math of a
 // block runs in at::vec::Vectorized<float> through fastdiff/loss.h, the definition the CUDA kernels
 // use. A partial last block goes through zero-padded buffers (its padded normals are zeroed too, so
 // they add nothing to the loss). A sample whose noise coefficient (beta, coef_eps) is 0 draws no
@@ -13,8 +13,8 @@
 // loss.cpp adds the chunks' partial sums in index order. No sum depends on the thread count.
 //
 // float16 / bfloat16 inputs are widened by to_float_block (step_block.h: AVX2 intrinsics on the raw
-// words in the AVX2 build). The backward's float16 / bfloat16 output is narrowed by narrow_block,
-// defined in the portable loss.cpp: the AVX2 build calls it and instantiates no c10::Half /
+// words in the SIMD builds). The backward's float16 / bfloat16 output is narrowed by narrow_block,
+// defined in the portable loss.cpp: the SIMD builds call it and instantiate no c10::Half /
 // c10::BFloat16 function itself (see step_block.h for why).
 #pragma once
 
@@ -47,7 +47,8 @@ struct AddNoiseArgs {
   uint32_t stream;
 };
 
-// diffusion_loss (partial != nullptr) or its backward (grad != nullptr) on contiguous buffers.
+// diffusion_loss (partial != nullptr; with residual, diffusion_loss_residual) or its backward
+// (grad != nullptr) on contiguous buffers.
 template <typename pred_t, typename z_t>
 struct LossArgs {
   const pred_t* pred;      // [B, n]
@@ -58,6 +59,7 @@ struct LossArgs {
   const int64_t* seeds;    // [B]
   const float* grad_loss;  // [B] (backward)
   double* partial;         // [B, loss_chunks(n)] sums of squared residuals (forward)
+  float* residual;         // [B, n] pred - target, or nullptr (forward of diffusion_loss_residual)
   pred_t* grad;            // [B, n] (backward)
   int64_t B, n;
   uint32_t stream;
@@ -67,21 +69,48 @@ struct LossArgs {
 void narrow_block(const float* src, int count, c10::Half* dst);
 void narrow_block(const float* src, int count, c10::BFloat16* dst);
 
-template <typename z_t>
-void add_noise_portable(const AddNoiseArgs<z_t>& a);
-template <typename pred_t, typename z_t>
-void diffusion_loss_portable(const LossArgs<pred_t, z_t>& a);
-template <typename pred_t, typename z_t>
-void diffusion_loss_backward_portable(const LossArgs<pred_t, z_t>& a);
-
+// add_noise_<isa>, diffusion_loss_<isa> and diffusion_loss_backward_<isa> for every pair of float32 /
+// float16 / bfloat16 inputs; defined by FASTDIFF_DEFINE_LOSS_LOOPS in loss.cpp, avx2/ and avx512/.
+#define FASTDIFF_DECLARE_LOSS_LOOPS(isa)                              \
+  template <typename z_t>                                             \
+  void add_noise_##isa(const AddNoiseArgs<z_t>& a);                   \
+  template <typename pred_t, typename z_t>                            \
+  void diffusion_loss_##isa(const LossArgs<pred_t, z_t>& a);          \
+  template <typename pred_t, typename z_t>                            \
+  void diffusion_loss_backward_##isa(const LossArgs<pred_t, z_t>& a);
+FASTDIFF_DECLARE_LOSS_LOOPS(portable)
 #if defined(FASTDIFF_HAVE_AVX2)
-template <typename z_t>
-void add_noise_avx2(const AddNoiseArgs<z_t>& a);
-template <typename pred_t, typename z_t>
-void diffusion_loss_avx2(const LossArgs<pred_t, z_t>& a);
-template <typename pred_t, typename z_t>
-void diffusion_loss_backward_avx2(const LossArgs<pred_t, z_t>& a);
+FASTDIFF_DECLARE_LOSS_LOOPS(avx2)
+FASTDIFF_DECLARE_LOSS_LOOPS(avx512)
 #endif
+#undef FASTDIFF_DECLARE_LOSS_LOOPS
+
+#define FASTDIFF_LOSS_PAIR(isa, P, Z)                                                 \
+  template void diffusion_loss_##isa<P, Z>(const LossArgs<P, Z>&);                    \
+  template void diffusion_loss_backward_##isa<P, Z>(const LossArgs<P, Z>&);
+#define FASTDIFF_LOSS_PRED(isa, P)          \
+  FASTDIFF_LOSS_PAIR(isa, P, float)         \
+  FASTDIFF_LOSS_PAIR(isa, P, c10::Half)     \
+  FASTDIFF_LOSS_PAIR(isa, P, c10::BFloat16)
+#define FASTDIFF_DEFINE_LOSS_LOOPS(isa)                                      \
+  template <typename z_t>                                                    \
+  void add_noise_##isa(const AddNoiseArgs<z_t>& a) {                         \
+    add_noise_rows(a);                                                       \
+  }                                                                          \
+  template <typename pred_t, typename z_t>                                   \
+  void diffusion_loss_##isa(const LossArgs<pred_t, z_t>& a) {                \
+    loss_rows(a);                                                            \
+  }                                                                          \
+  template <typename pred_t, typename z_t>                                   \
+  void diffusion_loss_backward_##isa(const LossArgs<pred_t, z_t>& a) {       \
+    loss_backward_rows(a);                                                   \
+  }                                                                          \
+  template void add_noise_##isa<float>(const AddNoiseArgs<float>&);          \
+  template void add_noise_##isa<c10::Half>(const AddNoiseArgs<c10::Half>&);  \
+  template void add_noise_##isa<c10::BFloat16>(const AddNoiseArgs<c10::BFloat16>&); \
+  FASTDIFF_LOSS_PRED(isa, float)                                             \
+  FASTDIFF_LOSS_PRED(isa, c10::Half)                                         \
+  FASTDIFF_LOSS_PRED(isa, c10::BFloat16)
 
 namespace {  // one copy per translation unit: the AVX2 and portable builds must not merge
 
@@ -151,7 +180,7 @@ void loss_rows(const LossArgs<pred_t, z_t>& a) {
   static_assert(kLossChunk % kBlockElems == 0, "a chunk holds whole blocks");
   // One chunk (4096 elements, 64 noise blocks) per job: enough work to amortize the scheduling.
   at::parallel_for(0, a.B * chunks, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float eps[kBlockElems], pbuf[kBlockElems], zbuf[kBlockElems], lanes[V];
+    alignas(64) float eps[kBlockElems], pbuf[kBlockElems], zbuf[kBlockElems], rbuf[kBlockElems], lanes[V];
     for (int64_t job = begin; job < end; ++job) {
       const int64_t b = job / chunks;
       const int64_t c = job - b * chunks;
@@ -168,10 +197,14 @@ void loss_rows(const LossArgs<pred_t, z_t>& a) {
         const float* p = block_floats(a.pred + base, count, pbuf);
         const float* z = block_floats(a.z + base, count, zbuf);
         Vec sq(0.0f);
+        // the residual goes straight to its place in full blocks, through rbuf in a partial one
+        float* res = a.residual == nullptr ? nullptr : count == kBlockElems ? a.residual + base : rbuf;
         for (int j = 0; j < kBlockElems; j += V) {
           const Vec r = loss_residual(Vec::loadu(p + j), czv, cev, Vec::loadu(z + j), Vec::loadu(eps + j));
           sq = sq + r * r;
+          if (res != nullptr) r.store(res + j);
         }
+        if (res == rbuf) std::memcpy(a.residual + base, rbuf, sizeof(float) * count);
         sq.store(lanes);
         for (int l = 0; l < V; ++l) acc[l] += static_cast<double>(lanes[l]);
       }

@@ -1,10 +1,12 @@
-// Vectorized spec-v1 normals for the CPU backend. Included by randn.cpp (portable build) and by
-// avx2/randn.cpp (compiled with -mavx2 -mfma -DCPU_CAPABILITY=AVX2), so the same source becomes a
-// baseline and an AVX2 kernel; at::vec picks its implementation from CPU_CAPABILITY.
+// Vectorized spec-v1 normals for the CPU backend, compiled once per instruction set (simd.h): by
+// randn.cpp (portable), avx2/randn.cpp and avx512/randn.cpp; at::vec picks its implementation from
+// CPU_CAPABILITY.
 //
-// Philox runs on 8 groups as 8 AVX2 lanes (scalar in the portable build); the log/sqrt/sin/cos of
-// Box–Muller run in at::vec::Vectorized<float> (Sleef under AVX2). Measured on the 2-core dev machine (N = 2^22): a scalar loop takes 23–34 ms, the
-// vectorized one 10–12 ms (DESIGN.md §7).
+// Philox runs as two chains of 8 (AVX2) or 16 (AVX-512) lanes, scalar in the portable build; the
+// log/sqrt/sin/cos of Box–Muller are written out for 8 and 16 lanes (the same operations in the same
+// order, so AVX2 and AVX-512 give bitwise equal normals) and use at::vec's Sleef in the portable build.
+// Measured single-threaded per 2^22 normals on the dev machine (Xeon, Sapphire Rapids class): a
+// scalar loop 23–34 ms, Sleef in at::vec 10–12 ms, the AVX2 code below 9.3 ms, AVX-512 6.3 ms.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -14,12 +16,17 @@
 
 namespace fastdiff {
 namespace cpu {
-namespace {  // one copy per translation unit: the AVX2 and portable builds must not merge
+namespace {  // one copy per translation unit: the per-ISA builds must not merge
 
-// 16 groups = two independent 8-lane Philox chains: one chain is latency-bound (~50 ns per 8 groups
-// single-threaded), two interleaved ones fill the multiplier's pipeline.
-constexpr int kBlockGroups = 16;                // groups of 4 elements per block
-constexpr int kBlockElems = 4 * kBlockGroups;   // 64 normals per block
+// Groups of 4 elements per block: two independent Philox chains of 8 (AVX2, portable) or 16 (AVX-512)
+// lanes. One chain is latency-bound (~50 ns per 8 groups single-threaded); two interleaved ones fill
+// the multiplier's pipeline.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kBlockGroups = 32;
+#else
+constexpr int kBlockGroups = 16;
+#endif
+constexpr int kBlockElems = 4 * kBlockGroups;   // 64 (128) normals per block
 constexpr int kBlockPairs = 2 * kBlockGroups;   // Box–Muller pairs per block
 
 #if defined(CPU_CAPABILITY_AVX2)
@@ -40,10 +47,65 @@ inline void interleave8(__m256i x, __m256i y, uint32_t* dst) {
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512)
+// hi:lo = a * m for 16 uint32 lanes; m_odd holds m in the low half of each 64-bit lane.
+inline void mulhilo16(__m512i a, __m512i m, __m512i m_odd, __m512i* hi, __m512i* lo) {
+  const __m512i even = _mm512_mul_epu32(a, m);                          // lanes 0, 2, ..., 14
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m_odd);  // lanes 1, 3, ..., 15
+  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+
+// x[0] y[0] x[1] y[1] ... x[15] y[15] into dst[0 .. 32).
+inline void interleave16(__m512i x, __m512i y, uint32_t* dst) {
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  _mm512_store_si512(dst, _mm512_permutex2var_epi32(x, lo, y));
+  _mm512_store_si512(dst + 16, _mm512_permutex2var_epi32(x, hi, y));
+}
+#endif
+
 // Philox words of groups q0 .. q0 + 15 in pair order (see normal_block). The scalar loop does not
 // auto-vectorize (32x32->64 multiplies); under AVX2 the groups run as 2 x 8 lanes.
 inline void philox_block(uint64_t seed, uint64_t q0, uint32_t stream, uint32_t* wa, uint32_t* wb) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  static_assert(kBlockGroups == 32, "two chains of 16 lanes");
+  const __m512i q_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q0 >> 32)));
+  const __m512i base_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q0)));
+  __m512i c0[2], c1[2], c2[2], c3[2];
+  for (int h = 0; h < 2; ++h) {
+    const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32(16 * h),
+                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    c0[h] = _mm512_add_epi32(base_lo, lane);
+    // carry into the high word where the low word wrapped (unsigned c0 < lane index)
+    const __mmask16 wrapped = _mm512_cmplt_epu32_mask(c0[h], lane);
+    c1[h] = _mm512_mask_add_epi32(q_hi, wrapped, q_hi, _mm512_set1_epi32(1));
+    c2[h] = _mm512_set1_epi32(static_cast<int>(stream));
+    c3[h] = _mm512_setzero_si512();
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
+  const __m512i m0_odd = _mm512_srli_epi64(m0, 32), m1_odd = _mm512_srli_epi64(m1, 32);
+  for (int round = 0; round < 10; ++round) {
+    const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0)), key1 = _mm512_set1_epi32(static_cast<int>(k1));
+    for (int h = 0; h < 2; ++h) {
+      __m512i hi0, lo0, hi1, lo1;
+      mulhilo16(c0[h], m0, m0_odd, &hi0, &lo0);
+      mulhilo16(c2[h], m1, m1_odd, &hi1, &lo1);
+      c0[h] = _mm512_ternarylogic_epi32(hi1, c1[h], key0, 0x96);  // hi1 ^ c1 ^ key0
+      c1[h] = lo1;
+      c2[h] = _mm512_ternarylogic_epi32(hi0, c3[h], key1, 0x96);
+      c3[h] = lo0;
+    }
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  for (int h = 0; h < 2; ++h) {
+    interleave16(c0[h], c2[h], wa + 32 * h);
+    interleave16(c1[h], c3[h], wb + 32 * h);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
   static_assert(kBlockGroups == 16, "two chains of 8 lanes");
   const __m256i bias = _mm256_set1_epi32(INT32_MIN);
   const __m256i q_hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(q0 >> 32)));
@@ -96,7 +158,7 @@ inline void philox_block(uint64_t seed, uint64_t q0, uint32_t stream, uint32_t* 
 // argument x (0 marks the plain-log lanes) and v = u(second) - 1/2. m < 2^24, so the int32
 // conversions are exact. Branch-free: the choice is a coin flip per pair, and the scalar loop's
 // mispredicted branches cost more than Philox itself (21 vs 6 ms per 2^22 normals, measured).
-#if !defined(CPU_CAPABILITY_AVX2)
+#if !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
 inline void prepare_pairs(const uint32_t* wa, const uint32_t* wb, at::vec::Vectorized<float>* a,
                           at::vec::Vectorized<float>* x, at::vec::Vectorized<float>* v) {
   using Vec = at::vec::Vectorized<float>;
@@ -186,6 +248,61 @@ inline void cos_sin_uniform8(__m256i w, __m256* c_out, __m256* s_out) {
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512)
+// log_uniform8 and cos_sin_uniform8 (below) on 16 lanes: the same operations in the same order.
+inline __m512 log_uniform16(__m512i w) {
+  const __m512i m = _mm512_srli_epi32(w, 8);
+  const __m512 scale = _mm512_set1_ps(2.98023223876953125e-08f);  // 2^-25
+  const __mmask16 upper = _mm512_cmpgt_epi32_mask(m, _mm512_set1_epi32((1 << 23) - 1));
+  const __m512i two_m1 = _mm512_add_epi32(_mm512_slli_epi32(m, 1), _mm512_set1_epi32(1));
+  const __m512i a_bits = _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(two_m1), scale));
+  const __m512i shifted = _mm512_sub_epi32(a_bits, _mm512_set1_epi32(0x3f3504f3));
+  const __m512i e = _mm512_srai_epi32(shifted, 23);
+  const __m512 mant = _mm512_castsi512_ps(
+      _mm512_add_epi32(_mm512_and_si512(shifted, _mm512_set1_epi32(0x7fffff)), _mm512_set1_epi32(0x3f3504f3)));
+  const __m512 f_lower = _mm512_sub_ps(mant, _mm512_set1_ps(1.0f));
+  const __m512 f_upper = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(two_m1, _mm512_set1_epi32(1 << 25))), scale);
+  const __m512 f = _mm512_mask_blend_ps(upper, f_lower, f_upper);
+  const __m512 ef = _mm512_maskz_mov_ps(static_cast<__mmask16>(~upper), _mm512_cvtepi32_ps(e));
+  const __m512 s = _mm512_div_ps(f, _mm512_add_ps(_mm512_set1_ps(2.0f), f));
+  const __m512 z = _mm512_mul_ps(s, s);
+  const __m512 z2 = _mm512_mul_ps(z, z);
+  const __m512 pa = _mm512_fmadd_ps(z, _mm512_set1_ps(1.0f / 5.0f), _mm512_set1_ps(1.0f / 3.0f));
+  const __m512 pb = _mm512_fmadd_ps(z, _mm512_set1_ps(1.0f / 9.0f), _mm512_set1_ps(1.0f / 7.0f));
+  const __m512 pc = _mm512_fmadd_ps(z, _mm512_set1_ps(1.0f / 13.0f), _mm512_set1_ps(1.0f / 11.0f));
+  const __m512 p = _mm512_fmadd_ps(_mm512_mul_ps(z2, z2), pc, _mm512_fmadd_ps(z2, pb, pa));
+  const __m512 two_s = _mm512_add_ps(s, s);
+  const __m512 log1p = _mm512_fmadd_ps(_mm512_mul_ps(two_s, z), p, two_s);
+  return _mm512_fmadd_ps(ef, _mm512_set1_ps(0.693147180559945309f), log1p);
+}
+
+inline void cos_sin_uniform16(__m512i w, __m512* c_out, __m512* s_out) {
+  const __m512i m = _mm512_srli_epi32(w, 8);
+  const __m512i c = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(m, 1), _mm512_set1_epi32(1)),
+                                     _mm512_set1_epi32(1 << 24));
+  const __m512i k = _mm512_srai_epi32(_mm512_add_epi32(c, _mm512_set1_epi32(1 << 22)), 23);
+  const __m512i rem = _mm512_sub_epi32(c, _mm512_slli_epi32(k, 23));
+  const __m512 phi = _mm512_mul_ps(_mm512_cvtepi32_ps(rem), _mm512_set1_ps(1.8725351414619535e-07f));  // 2 pi 2^-25
+  const __m512 p2 = _mm512_mul_ps(phi, phi);
+  const __m512 p4 = _mm512_mul_ps(p2, p2);
+  const __m512 sp = _mm512_fmadd_ps(p4, _mm512_fmadd_ps(p2, _mm512_set1_ps(1.0f / 362880.0f), _mm512_set1_ps(-1.0f / 5040.0f)),
+                                    _mm512_fmadd_ps(p2, _mm512_set1_ps(1.0f / 120.0f), _mm512_set1_ps(-1.0f / 6.0f)));
+  const __m512 sin_phi = _mm512_fmadd_ps(_mm512_mul_ps(phi, p2), sp, phi);
+  const __m512 cp = _mm512_fmadd_ps(p4, _mm512_fmadd_ps(p2, _mm512_set1_ps(1.0f / 40320.0f), _mm512_set1_ps(-1.0f / 720.0f)),
+                                    _mm512_fmadd_ps(p2, _mm512_set1_ps(1.0f / 24.0f), _mm512_set1_ps(-0.5f)));
+  const __m512 cos_phi = _mm512_fmadd_ps(cp, p2, _mm512_set1_ps(1.0f));
+  const __m512i q = _mm512_add_epi32(k, _mm512_set1_epi32(2));
+  const __mmask16 odd = _mm512_test_epi32_mask(q, _mm512_set1_epi32(1));
+  const __m512 cs = _mm512_mask_blend_ps(odd, cos_phi, sin_phi);
+  const __m512 sn = _mm512_mask_blend_ps(odd, sin_phi, cos_phi);
+  const __m512i sign_mask = _mm512_set1_epi32(2);
+  const __m512i neg_c = _mm512_slli_epi32(_mm512_and_si512(_mm512_add_epi32(q, _mm512_set1_epi32(1)), sign_mask), 30);
+  const __m512i neg_s = _mm512_slli_epi32(_mm512_and_si512(q, sign_mask), 30);
+  *c_out = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(cs), neg_c));
+  *s_out = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(sn), neg_s));
+}
+#endif
+
 // Normals of groups q0 .. q0 + 15 (elements 4 q0 .. 4 q0 + 63) into dst[0..63].
 inline void normal_block(uint64_t seed, uint64_t q0, uint32_t stream, float* dst) {
   using Vec = at::vec::Vectorized<float>;
@@ -198,7 +315,19 @@ inline void normal_block(uint64_t seed, uint64_t q0, uint32_t stream, float* dst
   alignas(64) uint32_t wb[kBlockPairs];
   philox_block(seed, q0, stream, wa, wb);
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int p = 0; p < kBlockPairs; p += 16) {
+    const __m512 L = log_uniform16(_mm512_load_si512(wa + p));
+    const __m512 r = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), L));
+    __m512 c, s;
+    cos_sin_uniform16(_mm512_load_si512(wb + p), &c, &s);
+    const __m512 xs = _mm512_mul_ps(r, c), ys = _mm512_mul_ps(r, s);
+    _mm512_storeu_ps(dst + 2 * p, _mm512_permutex2var_ps(xs, lo_idx, ys));
+    _mm512_storeu_ps(dst + 2 * p + 16, _mm512_permutex2var_ps(xs, hi_idx, ys));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
   for (int p = 0; p < kBlockPairs; p += 8) {
     const __m256 L = log_uniform8(_mm256_load_si256(reinterpret_cast<const __m256i*>(wa + p)));
     const __m256 r = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), L));

@@ -8,7 +8,7 @@
 #include "../checks.h"
 #include "fastdiff/philox.h"
 #include "noise_block.h"
-#include "randn_isa.h"
+#include "simd.h"
 
 namespace fastdiff {
 namespace cpu {
@@ -22,28 +22,38 @@ template void randn_portable<float>(const int64_t*, int64_t, uint32_t, int64_t, 
 template void randn_portable<c10::Half>(const int64_t*, int64_t, uint32_t, int64_t, int64_t, c10::Half*);
 template void randn_portable<c10::BFloat16>(const int64_t*, int64_t, uint32_t, int64_t, int64_t, c10::BFloat16*);
 
-// "avx2" when this build has the AVX2 loop and the CPU runs it, else "portable".
-// FASTDIFF_CPU_SIMD=portable forces the baseline (tests compare the two).
-const char* simd_level() {
+Simd simd() {
 #if defined(FASTDIFF_HAVE_AVX2)
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // the AVX-512 subsets ATen's AVX512 kernels need (and the flags in _build.py)
+  static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
   const char* env = std::getenv("FASTDIFF_CPU_SIMD");
-  if (env != nullptr && std::strcmp(env, "portable") == 0) return "portable";
-  static const bool cpu_ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (cpu_ok) return "avx2";
+  if (env != nullptr && std::strcmp(env, "portable") == 0) return Simd::kPortable;
+  const bool cap_avx2 = env != nullptr && std::strcmp(env, "avx2") == 0;
+  if (avx512 && !cap_avx2) return Simd::kAvx512;
+  if (avx2) return Simd::kAvx2;
 #endif
-  return "portable";
+  return Simd::kPortable;
+}
+
+const char* simd_level() {
+  switch (simd()) {
+    case Simd::kAvx512: return "avx512";
+    case Simd::kAvx2: return "avx2";
+    default: return "portable";
+  }
 }
 
 namespace {
 
 template <typename scalar_t>
 void randn_dispatch(const int64_t* seeds, int64_t B, uint32_t stream, int64_t n, int64_t offset, scalar_t* out) {
-#if defined(FASTDIFF_HAVE_AVX2)
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (std::strcmp(simd_level(), "avx2") == 0) return randn_avx2(seeds, B, stream, n, offset, out);
+    FASTDIFF_SIMD_CALL(randn, seeds, B, stream, n, offset, out);
+  } else {
+    randn_portable(seeds, B, stream, n, offset, out);  // the SIMD builds are float32 only
   }
-#endif
-  randn_portable(seeds, B, stream, n, offset, out);
 }
 
 // float64 output: the spec evaluated in double, one group at a time.

@@ -1,17 +1,16 @@
-// The CPU loop of fastdiff::guided_step, built twice like noise_block.h: by guided_step.cpp (portable)
-// and by avx2/guided_step.cpp (-mavx2 -mfma -DCPU_CAPABILITY=AVX2), which guided_step.cpp calls only
-// after the runtime check simd_level() == "avx2".
+// The CPU loop of fastdiff::guided_step, built once per instruction set like noise_block.h (simd.h):
+// by guided_step.cpp (portable), avx2/guided_step.cpp and avx512/guided_step.cpp.
 //
-// Work is split into blocks of kBlockElems (64) elements of one sample (one normal_block of noise) and spread over
+// Work is split into blocks of kBlockElems (64; 128 under AVX-512) elements of one sample (one normal_block of noise) and spread over
 // threads with at::parallel_for. A block's math runs in at::vec::Vectorized<float> through
 // step_element (fastdiff/step.h), the same per-element definition the CUDA kernel uses. A partial
 // last block of a sample goes through zero-padded local buffers.
 //
-// float16 / bfloat16 predictions are widened to float per block (to_float_block). The AVX2 build does
+// float16 / bfloat16 predictions are widened to float per block (to_float_block). The SIMD builds do
 // that with its own integer/float intrinsics on the raw 16-bit words, never with c10::Half or
 // c10::BFloat16 functions: those are inline functions outside at::vec's per-capability namespace,
 // so an AVX2-compiled copy could be merged by the linker with the portable one and then run on a CPU
-// without AVX2. The AVX2 build therefore instantiates nothing but float math and bit operations.
+// without AVX2. The SIMD builds therefore instantiate nothing but float math and bit operations.
 #pragma once
 
 #include <cstdint>
@@ -43,17 +42,30 @@ struct StepArgs {
   StepCoeffs k;
 };
 
-template <typename pred_t>
-void guided_step_portable(const StepArgs<pred_t>& a);
-
+// guided_step_<isa> for pred_t float, c10::Half, c10::BFloat16 (the SIMD builds widen with intrinsics,
+// see above); defined by FASTDIFF_DEFINE_STEP_LOOPS in guided_step.cpp, avx2/ and avx512/.
+#define FASTDIFF_DECLARE_STEP_LOOPS(isa) \
+  template <typename pred_t>             \
+  void guided_step_##isa(const StepArgs<pred_t>& a);
+FASTDIFF_DECLARE_STEP_LOOPS(portable)
 #if defined(FASTDIFF_HAVE_AVX2)
-template <typename pred_t>  // float, c10::Half, c10::BFloat16 (converted with intrinsics, see above)
-void guided_step_avx2(const StepArgs<pred_t>& a);
+FASTDIFF_DECLARE_STEP_LOOPS(avx2)
+FASTDIFF_DECLARE_STEP_LOOPS(avx512)
 #endif
+#undef FASTDIFF_DECLARE_STEP_LOOPS
+
+#define FASTDIFF_DEFINE_STEP_LOOPS(isa)                                                 \
+  template <typename pred_t>                                                            \
+  void guided_step_##isa(const StepArgs<pred_t>& a) {                                   \
+    step_dispatch(a);                                                                   \
+  }                                                                                     \
+  template void guided_step_##isa<float>(const StepArgs<float>&);                       \
+  template void guided_step_##isa<c10::Half>(const StepArgs<c10::Half>&);               \
+  template void guided_step_##isa<c10::BFloat16>(const StepArgs<c10::BFloat16>&);
 
 namespace {  // one copy per translation unit: the AVX2 and portable builds must not merge
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 // 8 IEEE half words -> float, exactly (the branch-free algorithm of c10's fp16_ieee_to_fp32_value,
 // Maratyszcza's FP16 library): normals by rebiasing the exponent, subnormals by a magic subtraction,
 // inf / NaN kept by the 2^-112 scaling of the rebiased exponent 0xFF.
@@ -86,7 +98,7 @@ inline void to_float_block(const pred_t* src, int count, float* dst) {
     for (int j = count; j < kBlockElems; ++j) dst[j] = 0.0f;
   } else {
     static_assert(sizeof(pred_t) == 2, "pred is float, c10::Half or c10::BFloat16");
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
     alignas(32) uint16_t tmp[kBlockElems];
     const void* words = src;
     if (count < kBlockElems) {

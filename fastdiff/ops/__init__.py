@@ -3,10 +3,11 @@ pure-PyTorch ``*_reference`` twin with the same signature: the specification and
 
 from fastdiff.ops import _fake  # noqa: F401  (fake kernels for torch.compile / opcheck)
 from fastdiff.ops.diffusion_loss import (add_noise, add_noise_reference, diffusion_loss,
-                                         diffusion_loss_backward_reference, diffusion_loss_reference)
+                                         diffusion_loss_backward_reference, diffusion_loss_reference,
+                                         diffusion_loss_residual_reference)
 from fastdiff.ops.guided_step import guided_step, guided_step_reference
 from fastdiff.ops.philox import philox4x32_10, philox4x32_10_reference
 from fastdiff.ops.randn import randn, randn_reference
 
 __all__ = ["add_noise", "add_noise_reference", "diffusion_loss", "diffusion_loss_backward_reference",
-           "diffusion_loss_reference", "guided_step", "guided_step_reference", "philox4x32_10", "philox4x32_10_reference", "randn", "randn_reference"]
+           "diffusion_loss_reference", "diffusion_loss_residual_reference", "guided_step", "guided_step_reference", "philox4x32_10", "philox4x32_10_reference", "randn", "randn_reference"]

@@ -48,5 +48,11 @@ if _native.status.loaded and hasattr(torch.ops.fastdiff, "diffusion_loss"):
                                                                seeds, ctx.stream)
         return grad_pred, None, None, None, None, None, None
 
+    if hasattr(torch.ops.fastdiff, "diffusion_loss_residual"):
+
+        @torch.library.register_fake("fastdiff::diffusion_loss_residual")
+        def _loss_residual_fake(pred, z, coef_z, coef_eps, weight, seeds, stream):
+            return pred.new_empty((pred.shape[0],), dtype=torch.float32), torch.empty_like(pred, dtype=torch.float32)
+
     # one fused backward pass: ε is regenerated from the seeds, nothing but the inputs is saved
     torch.library.register_autograd("fastdiff::diffusion_loss", _loss_backward, setup_context=_loss_setup_context)

@@ -1,10 +1,8 @@
-// AVX2 + FMA build of the vectorized noise loop. setup.py and CMake compile the files in csrc/cpu/avx2/
-// with -mavx2 -mfma -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2; randn.cpp calls them only after a
-// runtime CPU check. Only float32 is built here: inline helpers this file shares with the portable build
-// (e.g. c10::Half conversions) could be merged by the linker into their AVX2 copies, so the code it
-// instantiates stays minimal.
+// AVX2 + FMA build of the vectorized noise loop (noise_block.h); see simd.h. Only float32 is built
+// here: inline helpers this file shares with the portable build (e.g. c10::Half conversions) could be
+// merged by the linker into their AVX2 copies, so the code it instantiates stays minimal.
 #include "../noise_block.h"
-#include "../randn_isa.h"
+#include "../simd.h"
 
 namespace fastdiff {
 namespace cpu {

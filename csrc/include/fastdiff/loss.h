@@ -23,7 +23,7 @@
 
 namespace fastdiff {
 
-// Elements per partial sum of the loss (a multiple of the CPU noise block, 32, and of the CUDA group, 4).
+// Elements per partial sum of the loss (a multiple of the CPU noise blocks, 64 and 128, and of the CUDA group, 4).
 constexpr int64_t kLossChunk = 4096;
 
 FASTDIFF_HD int64_t loss_chunks(int64_t n) { return (n + kLossChunk - 1) / kLossChunk; }
