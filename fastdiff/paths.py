@@ -47,6 +47,8 @@ __all__ = [
     "CondOT",
     "VP",
     "VPCosine",
+    "VE",
+    "DiscreteVP",
     "UserPath",
     "get_path",
     "PATH_NAMES",
@@ -205,6 +207,99 @@ class VPCosine(GaussianPath):
         return f"VPCosine(s={self.s})"
 
 
+class VE(GaussianPath):
+    """Variance-exploding / EDM path: alpha_t = 1, beta_t = sigma_max (1 - t).
+
+    beta is the noise level sigma of k-diffusion and EDM (x = z + sigma eps). Time runs linearly in
+    sigma, so Euler and Heun steps in t are the same steps in sigma (the chain rule with a constant
+    factor), DPM-Solver++'s lambda = log(alpha / beta) is k-diffusion's -log sigma, and any sigma
+    schedule (e.g. Karras rho = 7, :mod:`fastdiff.schedules`) becomes the time grid
+    t_i = 1 - sigma_i / sigma_max. At t = 0 the state is z + sigma_max eps; the sampler starts from
+    sigma_max eps, as k-diffusion does (z is negligible next to sigma_max). At t = 1, sigma = 0.
+    """
+
+    name = "ve"
+
+    def __init__(self, sigma_max: float = 80.0):
+        if not (isinstance(sigma_max, numbers.Real) and math.isfinite(sigma_max) and sigma_max > 0):
+            raise ValueError(f"VE needs a finite sigma_max > 0, got sigma_max={sigma_max!r}")
+        self.sigma_max = float(sigma_max)
+
+    def _coefficients(self, t):
+        return _const(1.0, t), self.sigma_max * (1.0 - t), _const(0.0, t), _const(-self.sigma_max, t)
+
+    def sigma(self, t: Time) -> Time:
+        """The noise level sigma_t = beta_t."""
+        return self.beta(t)
+
+    def time(self, sigma: Time) -> Time:
+        """The flow time of noise level sigma in [0, sigma_max]: 1 - sigma / sigma_max."""
+        if isinstance(sigma, torch.Tensor):
+            return 1.0 - sigma / self.sigma_max
+        s = float(sigma)
+        if not 0.0 <= s <= self.sigma_max:
+            raise ValueError(f"sigma must lie in [0, sigma_max = {self.sigma_max}], got {sigma!r}")
+        return 1.0 - s / self.sigma_max
+
+    def __repr__(self) -> str:
+        return f"VE(sigma_max={self.sigma_max})"
+
+
+class DiscreteVP(GaussianPath):
+    """The VP path of a discrete training schedule (diffusers' / DDPM's ``alphas_cumprod`` over T steps).
+
+    Flow time t maps to the training timestep tau = T (1 - t) - 1 in [-1, T - 1]: t = 0 is tau = T - 1
+    (the noisiest), t = 1 is tau = -1, where alpha_bar = 1 (diffusers' ``set_alpha_to_one``), so the
+    path ends at the data. Between integers log alpha_bar is linear in tau; alpha = sqrt(alpha_bar),
+    beta = sqrt(1 - alpha_bar), derivatives by the chain rule (one-sided at the integers, where a
+    sampler on the training timesteps evaluates the schedule exactly).
+    """
+
+    name = "discrete-vp"
+
+    def __init__(self, alphas_cumprod):
+        a = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu().reshape(-1)
+        if a.numel() < 2 or not bool(((a > 0) & (a < 1)).all()) or not bool((a[1:] <= a[:-1]).all()):
+            raise ValueError("alphas_cumprod must hold >= 2 values in (0, 1), non-increasing with the timestep")
+        self.num_train_timesteps = a.numel()
+        # knots tau = -1, 0, ..., T - 1 of log alpha_bar
+        self._log_a = torch.cat([torch.zeros(1, dtype=torch.float64), a.log()])
+        self._log_a_list = self._log_a.tolist()
+
+    def tau(self, t: Time) -> Time:
+        """The (fractional) training timestep of flow time t."""
+        return self.num_train_timesteps * (1.0 - t) - 1.0
+
+    def time(self, tau: Time) -> Time:
+        """The flow time of training timestep tau in [-1, T - 1]."""
+        return 1.0 - (tau + 1.0) / self.num_train_timesteps
+
+    def _coefficients(self, t):
+        T = self.num_train_timesteps
+        if isinstance(t, torch.Tensor):
+            log_a = self._log_a.to(device=t.device)
+            pos = (self.tau(t.double()) + 1.0).clamp(0.0, float(T))  # knot coordinate in [0, T]
+            k = pos.floor().clamp(max=T - 1).long()
+            slope = log_a[k + 1] - log_a[k]
+            la = log_a[k] + (pos - k) * slope
+            alpha = (0.5 * la).exp()
+            beta = ((-la.expm1()).clamp(min=0) + 0.0).sqrt()  # + 0.0: -0 at tau = -1 becomes +0
+            d_alpha = alpha * 0.5 * slope * -T
+            return (alpha.to(t.dtype), beta.to(t.dtype), d_alpha.to(t.dtype),
+                    _d_beta_from_alpha(alpha, d_alpha, beta).to(t.dtype))
+        pos = min(max(self.tau(t) + 1.0, 0.0), float(T))
+        k = min(int(math.floor(pos)), T - 1)
+        slope = self._log_a_list[k + 1] - self._log_a_list[k]
+        la = self._log_a_list[k] + (pos - k) * slope
+        alpha = math.exp(0.5 * la)
+        beta = math.sqrt(max(-math.expm1(la), 0.0) + 0.0)
+        d_alpha = alpha * 0.5 * slope * -T
+        return alpha, beta, d_alpha, _d_beta_from_alpha(alpha, d_alpha, beta)
+
+    def __repr__(self) -> str:
+        return f"DiscreteVP(num_train_timesteps={self.num_train_timesteps})"
+
+
 def _fn_name(fn) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
@@ -270,12 +365,13 @@ class UserPath(GaussianPath):
                 f"d_alpha={d(self._d_alpha)}, d_beta={d(self._d_beta)}, name={self.name!r})")
 
 
-_PATHS = {"condot": CondOT, "vp": VP, "vp-cosine": VPCosine}
+_PATHS = {"condot": CondOT, "vp": VP, "vp-cosine": VPCosine, "ve": VE}
 PATH_NAMES = tuple(_PATHS)
 
 
 def get_path(name_or_path: Union[str, GaussianPath]) -> GaussianPath:
-    """A path by name (``"condot"``, ``"vp"``, ``"vp-cosine"``) or a GaussianPath as is."""
+    """A path by name (``"condot"``, ``"vp"``, ``"vp-cosine"``, ``"ve"`` with sigma_max = 80) or a
+    GaussianPath as is."""
     if isinstance(name_or_path, GaussianPath):
         return name_or_path
     if isinstance(name_or_path, str):

@@ -13,6 +13,8 @@ from fastdiff.paths import (
     CondOT,
     GaussianPath,
     UserPath,
+    VE,
+    DiscreteVP,
     VP,
     VPCosine,
     affine_coefficients,
@@ -239,7 +241,7 @@ def test_t_type_errors_and_int_ok():
 # ----------------------------------------------------------------------------- registry
 
 @pytest.mark.parametrize("name,cls", [("condot", CondOT), ("vp", VP), ("vp-cosine", VPCosine),
-                                      ("VP_Cosine", VPCosine), ("CondOT", CondOT)])
+                                      ("VP_Cosine", VPCosine), ("CondOT", CondOT), ("ve", VE)])
 def test_get_path_by_name(name, cls):
     p = get_path(name)
     assert type(p) is cls and p.name in PATH_NAMES and isinstance(p, GaussianPath)
@@ -251,7 +253,7 @@ def test_get_path_instance_and_unknown():
     assert get_path(p) is p
     assert repr(p) == "VP(beta_min=0.2, beta_max=20.0)"
     assert repr(VPCosine()) == "VPCosine(s=0.008)" and repr(CondOT()) == "CondOT()"
-    for bad in ("ve", "", None, 3):
+    for bad in ("edm", "", None, 3):
         with pytest.raises(ValueError, match="name_or_path") as exc:
             get_path(bad)
         for name in PATH_NAMES:
@@ -529,3 +531,25 @@ def test_worked_example_score_magnitude_table(t, score):
 def test_module_exports():
     for name in fp.__all__:
         assert hasattr(fp, name)
+
+
+def test_discrete_vp_knots_interpolation_and_derivatives():
+    betas = torch.linspace(1e-4, 0.02, 100, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)
+    p = DiscreteVP(abar)
+    # knots: tau = T (1 - t) - 1 hits the trained alpha_bar exactly; tau = -1 (t = 1) is alpha_bar = 1
+    for tau in (99, 50, 0):
+        al, be = p.coefficients(p.time(tau))[:2]
+        assert al == pytest.approx(abar[tau].sqrt().item(), rel=1e-12)
+        assert al * al + be * be == pytest.approx(1.0, rel=1e-12)
+    assert p.coefficients(1.0)[:2] == (1.0, 0.0) and p.coefficients(0.0)[0] == pytest.approx(abar[-1].sqrt().item())
+    # float and tensor evaluation agree; derivatives match finite differences inside a segment
+    t = torch.tensor([0.0, 0.123, 0.5, 0.987], dtype=torch.float64)
+    for got, want in zip(p.coefficients(t), zip(*[p.coefficients(float(v)) for v in t])):
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-15)
+    h, t0 = 1e-7, 0.1234
+    for k in (0, 1):
+        fd = (p.coefficients(t0 + h)[k] - p.coefficients(t0 - h)[k]) / (2 * h)
+        assert p.coefficients(t0)[2 + k] == pytest.approx(fd, rel=1e-5)
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        DiscreteVP([0.5, 0.9])

@@ -1,0 +1,183 @@
+"""fastdiff.adapters.diffusers: the fused schedulers in diffusers' pipelines and loops against
+diffusers' own DDIM and Euler schedulers, on a tiny randomly initialised UNet2DModel."""
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, EulerDiscreteScheduler, UNet2DModel  # noqa: E402
+
+import fastdiff  # noqa: E402
+from fastdiff.adapters.diffusers import FastDiffDDIMScheduler, FastDiffEulerScheduler  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    model = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                        norm_num_groups=4)
+    return model.eval()
+
+
+def _images(pipe, **kw):
+    with torch.no_grad():
+        return pipe(output_type="np", **kw).images
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("clip_sample", [False, True])
+def test_ddim_pipeline_same_images(unet, prediction_type, clip_sample):
+    sched = DDIMScheduler(prediction_type=prediction_type, clip_sample=clip_sample)
+    pipe = DDIMPipeline(unet=unet, scheduler=sched).to("cpu")
+    pipe.set_progress_bar_config(disable=True)
+    want = _images(pipe, batch_size=2, num_inference_steps=12, eta=0.0, generator=torch.Generator().manual_seed(0))
+    pipe.scheduler = FastDiffDDIMScheduler.from_config(pipe.scheduler.config)
+    got = _images(pipe, batch_size=2, num_inference_steps=12, eta=0.0, generator=torch.Generator().manual_seed(0))
+    assert isinstance(pipe.scheduler, FastDiffDDIMScheduler)
+    torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), rtol=1e-4, atol=1e-4)
+
+
+def test_ddpm_pipeline_with_euler_same_images(unet):
+    pipe = DDPMPipeline(unet=unet, scheduler=EulerDiscreteScheduler()).to("cpu")
+    pipe.set_progress_bar_config(disable=True)
+    want = _images(pipe, batch_size=2, num_inference_steps=10, generator=torch.Generator().manual_seed(1))
+    pipe.scheduler = FastDiffEulerScheduler.from_config(pipe.scheduler.config)
+    got = _images(pipe, batch_size=2, num_inference_steps=10, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), rtol=1e-4, atol=1e-4)
+
+
+def _euler_loop(unet, sched, x):
+    sched.set_timesteps(15)
+    x = x * sched.init_noise_sigma
+    x0s = []
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = unet(sched.scale_model_input(x, t), t).sample
+            res = sched.step(out, t, x)
+            x = res.prev_sample
+            x0s.append(res.pred_original_sample)
+    return x, x0s
+
+
+@pytest.mark.parametrize("config", [dict(prediction_type="epsilon"), dict(prediction_type="v_prediction"),
+                                    dict(prediction_type="epsilon", use_karras_sigmas=True),
+                                    dict(prediction_type="epsilon", timestep_spacing="trailing")])
+def test_euler_loop_matches_diffusers(unet, config):
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    want, want_x0 = _euler_loop(unet, EulerDiscreteScheduler(**config), x)
+    got, got_x0 = _euler_loop(unet, FastDiffEulerScheduler(**config), x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for a, b in zip(got_x0, want_x0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_ddim_eta_uses_fastdiff_noise_and_per_sample_seeds(unet):
+    """eta = 1: the noise is fastdiff's stream of the per-sample seeds (diffusers' own step fed the
+    same noise agrees), and image b of a batch is image b alone with the same seed."""
+    seeds = [5, 6, 7]
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+
+    def loop(sched, x, seeds, fed_noise=False):
+        sched.set_timesteps(8)
+        with torch.no_grad():
+            for i, t in enumerate(sched.timesteps):
+                out = unet(x, t).sample
+                kw = dict(variance_noise=fastdiff.ops.randn(seeds, 1 + i, x.shape[1:])) if fed_noise else {}
+                x = sched.step(out, t, x, eta=1.0, **kw).prev_sample
+        return x
+
+    ours = FastDiffDDIMScheduler(clip_sample=False)
+    ours.set_seeds(seeds)
+    got = loop(ours, x, seeds)
+    want = loop(DDIMScheduler(clip_sample=False), x, seeds, fed_noise=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    alone = FastDiffDDIMScheduler(clip_sample=False)
+    alone.set_seeds([6])
+    # the UNet's float32 sums depend on the batch size, hence a tolerance rather than bitwise
+    torch.testing.assert_close(loop(alone, x[1:2], [6]), got[1:2], rtol=1e-5, atol=1e-5)
+    # an int seed s gives sample b the seed s + b
+    ints = FastDiffDDIMScheduler(clip_sample=False)
+    ints.set_seeds(5)
+    torch.testing.assert_close(loop(ints, x, 5), got, rtol=0, atol=0)
+
+
+def test_ddim_pipeline_with_per_sample_generators_and_seeds(unet):
+    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(clip_sample=False))
+    # DDIMPipeline's constructor converts any scheduler to DDIMScheduler: swap after construction
+    pipe.scheduler = FastDiffDDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.set_seeds([10, 11])
+    batch = _images(pipe, batch_size=2, num_inference_steps=6, eta=0.5,
+                    generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])
+    pipe.scheduler.set_seeds([11])
+    one = _images(pipe, batch_size=1, num_inference_steps=6, eta=0.5, generator=[torch.Generator().manual_seed(1)])
+    torch.testing.assert_close(torch.from_numpy(one[0]), torch.from_numpy(batch[1]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make,call,exc,match", [
+    (lambda: FastDiffDDIMScheduler(thresholding=True), lambda s, o, t, x: s.step(o, t, x), NotImplementedError,
+     "thresholding"),
+    (lambda: FastDiffDDIMScheduler(prediction_type="flow"), lambda s, o, t, x: s.step(o, t, x), ValueError,
+     "prediction_type='flow'"),
+    (lambda: FastDiffDDIMScheduler(), lambda s, o, t, x: s.step(o, t, x, variance_noise=x), NotImplementedError,
+     "variance_noise"),
+    (lambda: FastDiffDDIMScheduler(), lambda s, o, t, x: s.step(o[:1], t, x), ValueError, "model_output has shape"),
+    (lambda: FastDiffDDIMScheduler(), lambda s, o, t, x: (s.set_seeds([1, 2, 3]), s.step(o, t, x, eta=1.0)),
+     ValueError, "per-sample seeds"),
+    (lambda: FastDiffEulerScheduler(), lambda s, o, t, x: s.step(o, t, x, s_churn=1.0), NotImplementedError,
+     "s_churn"),
+    (lambda: FastDiffEulerScheduler(prediction_type="flow"), lambda s, o, t, x: s.step(o, t, x), ValueError,
+     "prediction_type='flow'"),
+])
+def test_errors_name_the_problem(make, call, exc, match):
+    sched = make()
+    sched.set_timesteps(4)
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(exc, match=match):
+        call(sched, torch.randn(2, 3, 4, 4), sched.timesteps[0], x)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_diffusers_model_in_fastdiff_sample_matches_ddim_pipeline(unet, prediction_type):
+    """DiffusersModel + fastdiff.sample(method="ddim") on the DDIM grid = DDIMPipeline with diffusers'
+    own DDIMScheduler (eta 0, no clipping), same initial noise."""
+    from fastdiff.adapters.diffusers import DiffusersModel
+
+    sched = DDIMScheduler(prediction_type=prediction_type, clip_sample=False)
+    pipe = DDIMPipeline(unet=unet, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        want = pipe(batch_size=2, num_inference_steps=10, eta=0.0, output_type="np",
+                    generator=torch.Generator().manual_seed(4)).images
+    model = DiffusersModel(unet, pipe.scheduler.config)
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        x = fastdiff.sample(model, None, noise=noise, path=model.path, prediction=model.prediction, method="ddim",
+                            timesteps=model.ddim_timesteps(10))
+    got = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), rtol=1e-4, atol=1e-4)
+
+
+def test_diffusers_model_conditioning_and_flow():
+    from fastdiff.adapters.diffusers import DiffusersModel
+
+    seen = {}
+
+    class Transformer(torch.nn.Module):  # the calling convention of SD3-style transformers
+        def forward(self, hidden_states, encoder_hidden_states=None, timestep=None, return_dict=True):
+            seen.update(t=timestep, c=encoder_hidden_states)
+            return (hidden_states * 0.5 + encoder_hidden_states.mean(),)
+
+    model = DiffusersModel(Transformer(), {"_class_name": "FlowMatchEulerDiscreteScheduler",
+                                           "num_train_timesteps": 1000})
+    assert model.prediction == "velocity" and model.path.name == "condot"
+    x = torch.ones(2, 3)
+    cond = torch.full((2, 4, 5), 2.0)
+    u = model(x, torch.tensor([0.25, 0.5]), cond)
+    torch.testing.assert_close(seen["t"], torch.tensor([750.0, 500.0], dtype=torch.float64))
+    torch.testing.assert_close(u, -(x * 0.5 + 2.0))  # u = z - eps = -(eps - z)
+    with pytest.raises(ValueError, match="prediction_type='flowish'"):
+        DiffusersModel(Transformer(), {"prediction_type": "flowish"})
+    with pytest.raises(ValueError, match="cond_arg='labels'"):
+        DiffusersModel(Transformer(), {}, cond_arg="labels")
