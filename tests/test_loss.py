@@ -165,7 +165,7 @@ def test_cpu_residual_path_equals_the_fused_backward(pred_dtype):
     (lambda z, t: ops.diffusion_loss(z, z, t, [1, 2], 0, reduction="max"), ValueError, "reduction"),
     (lambda z, t: ops.diffusion_loss(z.int(), z, t, [1, 2], 0), TypeError, "pred must be"),
     (lambda z, t: ops.diffusion_loss(z, z, t, [1, 2], 0, weight=torch.ones(3)), ValueError, "weight"),
-    (lambda z, t: ops.add_noise(z, t, [1, 2], 0, path="ve"), ValueError, "path"),
+    (lambda z, t: ops.add_noise(z, t, [1, 2], 0, path="edm"), ValueError, "path"),
 ])
 def test_errors_name_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):

@@ -29,16 +29,18 @@ from typing import Optional, Sequence, Union
 import torch
 
 try:
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
     from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
     from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 except ImportError as exc:  # pragma: no cover - exercised only without diffusers
     raise ImportError("fastdiff.adapters.diffusers needs diffusers (pip install diffusers)") from exc
 
+from fastdiff import _checks
 from fastdiff.ops.guided_step import guided_step
 from fastdiff.paths import CondOT, DiscreteVP
 
-__all__ = ["DiffusersModel", "FastDiffDDIMScheduler", "FastDiffEulerScheduler"]
+__all__ = ["DiffusersModel", "FastDiffDDIMScheduler", "FastDiffEulerScheduler", "FastDiffFlowMatchEulerScheduler"]
 
 Seeds = Union[int, Sequence[int], torch.Tensor]
 
@@ -55,10 +57,10 @@ class _FusedStep:
     def _seeds_for(self, batch: int, device) -> torch.Tensor:
         s = self._fd_seed
         if isinstance(s, int) and not isinstance(s, bool):
-            return torch.arange(s, s + batch, dtype=torch.int64, device=device)
-        t = torch.as_tensor(s, dtype=torch.int64, device=device).reshape(-1)
-        if t.numel() != batch:
-            raise ValueError(f"seeds holds {t.numel()} per-sample seeds but the batch has {batch} samples")
+            s = [s + b for b in range(batch)]  # as fastdiff.sample's seed=int
+        t = _checks.seeds_tensor(s, device, name="seeds")
+        if t.shape[0] != batch:
+            raise ValueError(f"seeds holds {t.shape[0]} per-sample seeds but the batch has {batch} samples")
         return t
 
     def _stream(self, timestep) -> int:
@@ -150,10 +152,6 @@ class FastDiffEulerScheduler(_FusedStep, EulerDiscreteScheduler):
     """diffusers' ``EulerDiscreteScheduler`` with a fused ``step`` (s_churn = 0; its sigmas, including
     Karras / exponential / beta schedules, come from diffusers' set_timesteps)."""
 
-    def set_timesteps(self, *args, **kwargs):
-        super().set_timesteps(*args, **kwargs)
-        self._fd_timesteps = None
-
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
              generator: Optional[torch.Generator] = None, return_dict: bool = True):
@@ -188,6 +186,41 @@ class FastDiffEulerScheduler(_FusedStep, EulerDiscreteScheduler):
         return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
 
+class FastDiffFlowMatchEulerScheduler(_FusedStep, FlowMatchEulerDiscreteScheduler):
+    """diffusers' ``FlowMatchEulerDiscreteScheduler`` (SD3 / Flux) with a fused ``step``: the Euler step
+    x' = x + (sigma' - sigma) v, or with ``stochastic_sampling`` x' = (1 - sigma') (x - sigma v) + sigma' xi
+    with xi from fastdiff's per-sample noise (stream 1 + step index). Shifts, dynamic shifting and
+    sigma options are diffusers' own set_timesteps; per-token timesteps are not supported."""
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
+             s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+             generator: Optional[torch.Generator] = None, per_token_timesteps: Optional[torch.Tensor] = None,
+             return_dict: bool = True):
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):  # as diffusers' own check
+            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to step() is "
+                             "not supported; pass one of scheduler.timesteps")
+        if per_token_timesteps is not None:
+            raise NotImplementedError("per_token_timesteps: fastdiff's fused flow-matching step takes one timestep "
+                                      "per step")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma = float(self.sigmas[self.step_index].double())
+        sigma_next = float(self.sigmas[self.step_index + 1].double())
+        x, g = self._inputs(model_output, sample)
+        prev = torch.empty_like(x)
+        if self.config.stochastic_sampling:
+            seeds = self._seeds_for(x.shape[0], x.device)
+            guided_step(x, g, seeds=seeds, stream=1 + self.step_index, c_x=1.0 - sigma_next,
+                        c_pred=-(1.0 - sigma_next) * sigma, c_noise=sigma_next, out=prev)
+        else:
+            guided_step(x, g, c_x=1.0, c_pred=sigma_next - sigma, out=prev)
+        prev = prev.to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return (prev,)
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)
+
+
 class DiffusersModel(torch.nn.Module):
     """``model(x, t, y)`` for :func:`fastdiff.sample` from a diffusers denoiser and its scheduler config.
 
@@ -205,14 +238,20 @@ class DiffusersModel(torch.nn.Module):
     parameter of the denoiser's forward (``sample``, ``hidden_states``) and the timestep as ``timestep``.
     """
 
-    def __init__(self, denoiser, scheduler_config, prediction_type: Optional[str] = None,
+    def __init__(self, denoiser, scheduler_config, prediction_type: Optional[str] = None,  # config or scheduler
                  cond_arg: Optional[str] = None):
         super().__init__()
         if not callable(denoiser):
             raise TypeError(f"denoiser must be a callable diffusers model, got {type(denoiser).__name__}")
+        class_name = ""
+        if hasattr(scheduler_config, "set_timesteps") and hasattr(scheduler_config, "config"):  # a scheduler
+            class_name, scheduler_config = type(scheduler_config).__name__, scheduler_config.config
         config = dict(scheduler_config)
+        class_name = config.get("_class_name", class_name)
         self.denoiser = denoiser
-        flow = config.get("_class_name", "").startswith("FlowMatch") or prediction_type == "flow"
+        # flow-matching configs: by class name, or by their keys (a shift and no DDPM betas)
+        flow = ("FlowMatch" in class_name or prediction_type == "flow"
+                or ("shift" in config and "beta_start" not in config))
         ptype = "flow" if flow else (prediction_type or config.get("prediction_type", "epsilon"))
         self.prediction_type = ptype
         self.num_train_timesteps = int(config.get("num_train_timesteps", 1000))
