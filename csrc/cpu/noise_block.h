@@ -392,5 +392,16 @@ void randn_blocks(const int64_t* seeds,  // [B]
 }
 
 }  // namespace
+
+// randn_<isa> (declared in simd.h) over randn_blocks, instantiated for float32; the portable build
+// adds float16 / bfloat16 (the SIMD builds must not instantiate c10::Half / BFloat16 code).
+#define FASTDIFF_DEFINE_RANDN(isa)                                                                  \
+  template <typename scalar_t>                                                                    \
+  void randn_##isa(const int64_t* seeds, int64_t B, uint32_t stream, int64_t n, int64_t offset,   \
+                   scalar_t* out) {                                                               \
+    randn_blocks(seeds, B, stream, n, offset, out);                                               \
+  }                                                                                               \
+  template void randn_##isa<float>(const int64_t*, int64_t, uint32_t, int64_t, int64_t, float*);
+
 }  // namespace cpu
 }  // namespace fastdiff

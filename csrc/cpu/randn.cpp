@@ -13,12 +13,7 @@
 namespace fastdiff {
 namespace cpu {
 
-template <typename scalar_t>
-void randn_portable(const int64_t* seeds, int64_t B, uint32_t stream, int64_t n, int64_t offset, scalar_t* out) {
-  randn_blocks(seeds, B, stream, n, offset, out);
-}
-
-template void randn_portable<float>(const int64_t*, int64_t, uint32_t, int64_t, int64_t, float*);
+FASTDIFF_DEFINE_RANDN(portable)
 template void randn_portable<c10::Half>(const int64_t*, int64_t, uint32_t, int64_t, int64_t, c10::Half*);
 template void randn_portable<c10::BFloat16>(const int64_t*, int64_t, uint32_t, int64_t, int64_t, c10::BFloat16*);
 

@@ -7,12 +7,7 @@
 namespace fastdiff {
 namespace cpu {
 
-template <typename scalar_t>
-void randn_avx2(const int64_t* seeds, int64_t B, uint32_t stream, int64_t n, int64_t offset, scalar_t* out) {
-  randn_blocks(seeds, B, stream, n, offset, out);
-}
-
-template void randn_avx2<float>(const int64_t*, int64_t, uint32_t, int64_t, int64_t, float*);
+FASTDIFF_DEFINE_RANDN(avx2)
 
 }  // namespace cpu
 }  // namespace fastdiff
