@@ -68,9 +68,7 @@ def _target(pred, z, coef_z, coef_eps, seeds, stream, f):
 def diffusion_loss_reference(pred, z, coef_z, coef_eps, weight, seeds, stream):
     """Per-sample weighted MSE against target = coef_z z + coef_eps ε: [B] (float32, or float64 for
     float64 pred). Differentiable in pred through ordinary autograd."""
-    B, f = pred.shape[0], _compute_dtype(pred, z)
-    diff = pred.to(f) - _target(pred, z, coef_z, coef_eps, seeds, stream, f)
-    return _per_sample(weight, B, "weight", pred.device, f) * diff.square().reshape(B, -1).mean(dim=1)
+    return diffusion_loss_residual_reference(pred, z, coef_z, coef_eps, weight, seeds, stream)[0]
 
 
 def diffusion_loss_residual_reference(pred, z, coef_z, coef_eps, weight, seeds, stream):

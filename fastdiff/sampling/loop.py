@@ -288,6 +288,7 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     def evaluate(k: int, st: Stage):
         """(pred, pred_uncond or None) at the stage's input and time."""
         xin = buffers[st.input]
+        checked = None  # the tensor(s) the finiteness check reads: the 2B output in one pass
         if not (guided and in_interval(st.t)):
             outs = [model(xin, t_tensor(st.t, B), y)]
             _validate_output(outs[0], x_shape, device, st)
@@ -296,12 +297,13 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             _validate_output(both, (2 * B, *shape), device, st)
             both = both.contiguous()
             outs = [both[:B], both[B:]]  # views of one contiguous output: no copy
+            checked = [both]
         else:
             outs = [model(xin, t_tensor(st.t, B), y), model(xin, t_tensor(st.t, B), null)]
             for o in outs:
                 _validate_output(o, x_shape, device, st)
         if check_finite:
-            track_finite(k, *outs)
+            track_finite(k, *(checked or outs))
         outs = [o.contiguous() for o in outs]
         return outs[0], outs[1] if len(outs) == 2 else None
 
