@@ -10,6 +10,7 @@ from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+RECORD = "_C.build.json"  # what _C was built with; fastdiff/_native.py reads it before loading _C
 _spec = importlib.util.spec_from_file_location("fastdiff_build", os.path.join(ROOT, "fastdiff", "_build.py"))
 build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
@@ -40,9 +41,38 @@ class BuildFastdiff(BuildExtension):
             "avx512": bool(simd.get("avx512")),
             "openmp": "-fopenmp" in build.link_flags(),
         }
-        path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_C.build.json")
-        with open(path, "w") as f:
+        with open(self._record_path(ext), "w") as f:
             json.dump(record, f, indent=1)
+
+    def _record_path(self, ext):
+        return os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), RECORD)
+
+    # The record travels with _C everywhere setuptools copies _C: `build_ext --inplace` and editable
+    # installs (`pip install -e .`) build in build/ and copy only the extensions back to the source
+    # tree, which left a _C without its record there, reported as "built without CUDA".
+    def copy_extensions_to_source(self):
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+            record = os.path.join(os.path.dirname(regular_file), RECORD)
+            if os.path.exists(record):
+                self.copy_file(record, os.path.join(os.path.dirname(inplace_file), RECORD), level=self.verbose)
+
+    def get_outputs(self):
+        if self.inplace:  # setuptools lists the build-tree side of get_output_mapping, the record included
+            return super().get_outputs()
+        return super().get_outputs() + [self._record_path(ext) for ext in self.extensions]
+
+    def get_output_mapping(self):
+        mapping = dict(super().get_output_mapping())
+        if self.inplace:
+            build_py = self.get_finalized_command("build_py")
+            for ext in self.extensions:
+                inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+                mapping[os.path.join(os.path.dirname(regular_file), RECORD)] = \
+                    os.path.join(os.path.dirname(inplace_file), RECORD)
+        return mapping
 
 
 def extension():

@@ -12,8 +12,10 @@ import os
 import platform
 import sys
 
-# Architectures built when TORCH_CUDA_ARCH_LIST is unset: A100 (sm_80) and H100/H200 (sm_90).
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# Architectures built when TORCH_CUDA_ARCH_LIST is unset: A100 (sm_80) and H100/H200 (sm_90) as
+# machine code, plus compute_90 PTX, which the driver compiles for any newer GPU (Blackwell …): SASS
+# alone would make `auto` pick CUDA there and fail at the first launch with "no kernel image".
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 CXX_FLAGS = ["-O3", "-fvisibility=hidden"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
@@ -117,11 +119,18 @@ def nvidia_include_dirs() -> list[str]:
     return found
 
 
+def nvcc_path(home: str) -> str:
+    return os.path.join(home, "bin", "nvcc.exe" if sys.platform == "win32" else "nvcc")
+
+
 def _is_toolkit(home: str | None) -> bool:
+    """A CUDA toolkit that can build: the compiler, not just the runtime (runtime-only images have
+    libcudart and the headers but no bin/nvcc)."""
     if not home:
         return False
     has_lib = any(os.path.exists(os.path.join(home, d, "libcudart.so")) for d in ("lib64", "lib"))
-    return has_lib and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+    return (has_lib and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+            and os.path.exists(nvcc_path(home)))
 
 
 def find_cuda_home() -> str | None:
@@ -161,9 +170,41 @@ def want_cuda() -> tuple[bool, str]:
         if forced == "1":
             raise RuntimeError("FASTDIFF_CUDA=1 but no CUDA toolkit (nvcc) was found; set CUDA_HOME")
         return False, "no CUDA toolkit (nvcc) found; set CUDA_HOME"
+    if not os.path.exists(nvcc_path(CUDA_HOME)):
+        why = f"{nvcc_path(CUDA_HOME)} does not exist (a CUDA runtime without the compiler)"
+        if forced == "1":
+            raise RuntimeError(f"FASTDIFF_CUDA=1 but {why}; install the CUDA toolkit or set CUDA_HOME to one")
+        return False, f"{why}; building the CPU kernels only"
     return True, f"torch CUDA {torch.version.cuda}, toolkit at {CUDA_HOME}"
 
 
 def set_default_cuda_archs() -> str:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     return os.environ["TORCH_CUDA_ARCH_LIST"]
+
+
+def _arch(text: str) -> tuple[int, int]:
+    major, _, minor = text.strip().partition(".")
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def arch_runs_on(arch_list: str, capability: tuple[int, int]) -> bool:
+    """Whether a build for TORCH_CUDA_ARCH_LIST ``arch_list`` ("8.0;9.0+PTX", "8.6 9.0a", named
+    entries such as "Hopper" are accepted as unknown) has code for a GPU of ``capability``.
+
+    Machine code for sm_XY runs on sm_XZ with Z >= Y (same major); arch-specific targets (9.0a) run
+    only on their own architecture; PTX for compute_XY is compiled by the driver for any GPU >= XY.
+    """
+    cap = tuple(capability)
+    for entry in arch_list.replace(",", ";").replace(" ", ";").split(";"):
+        entry = entry.strip()
+        if not entry:
+            continue
+        base, ptx = (entry[:-4], True) if entry.upper().endswith("+PTX") else (entry, False)
+        if not base[:1].isdigit():
+            return True  # a named architecture list ("Ampere"): torch expands it; do not second-guess
+        arch = _arch(base.rstrip("af"))
+        specific = base[-1:] in ("a", "f")
+        if arch == cap or (not specific and arch[0] == cap[0] and arch[1] <= cap[1]) or (ptx and arch <= cap):
+            return True
+    return False

@@ -105,8 +105,9 @@ def jit_build(verbose: bool = False) -> None:
         is_python_module=False,
         verbose=verbose,
     )
-    status.build = {"torch": torch.__version__, "cuda": torch.version.cuda if cuda else None, "avx2": False, "avx512": False,
-                    "jit": True}
+    status.build = {"torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
+                    "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST") if cuda else None, "avx2": False,
+                    "avx512": False, "jit": True}
 
 
 def load() -> NativeStatus:

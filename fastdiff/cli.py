@@ -1,10 +1,20 @@
-"""The ``fastdiff`` command line."""
+"""The ``fastdiff`` command line.
+
+Exit status: 0 success; 2 a usage or input error (bad arguments, a missing, corrupt or incompatible
+checkpoint, an unwritable folder, an unavailable backend): ``fastdiff <command>: error: <message>``
+on stderr, as argparse does; 1 a runtime failure (training diverged: a non-finite loss; out of memory;
+another OS error), with the same one-line message. Anything else is a bug and prints its traceback;
+``FASTDIFF_DEBUG=1`` prints the traceback of every error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import platform
 import sys
+import traceback
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -39,6 +49,67 @@ def _info(args: argparse.Namespace) -> int:
     for name, st in fastdiff.backends().items():
         print(f"  {name:10s} {'yes' if st.available else 'no '}  {st.reason}")
     return 0
+
+
+# ---- argument types: each names its option through argparse ("argument --steps: ...") --------------
+
+def _int_at_least(least: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if v < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {v}")
+        return v
+
+    parse.__name__ = "int"  # argparse's "invalid int value" wording for non-numbers
+    return parse
+
+
+def _float_in(low=None, high=None, *, low_open=False, high_open=True):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+        if low is not None and (v <= low if low_open else v < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low:g}, got {v:g}")
+        if high is not None and (v >= high if high_open else v > high):
+            raise argparse.ArgumentTypeError(f"must be {'<' if high_open else '<='} {high:g}, got {v:g}")
+        return v
+
+    parse.__name__ = "float"
+    return parse
+
+
+POSITIVE_INT, NON_NEGATIVE_INT = _int_at_least(1), _int_at_least(0)
+SEED = _int_at_least(0)  # the upper bound (2^23) is the Trainer's, which names seed
+
+
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked (importlib.metadata, else fastdiff.__version__)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"fastdiff {version()}")
+        parser.exit()
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as dist_version
+
+        return dist_version("fastdiff")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        import fastdiff
+
+        return getattr(fastdiff, "__version__", "unknown")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -77,13 +148,20 @@ def _train(args: argparse.Namespace) -> int:
                       lr=args.lr, warmup=args.warmup, lr_schedule=args.lr_schedule, grad_clip=args.grad_clip,
                       ema_decay=args.ema_decay, amp=args.amp, seed=args.seed, out_dir=args.out,
                       checkpoint_every=args.checkpoint_every, keep=args.keep, progress=not args.no_progress,
-                      device=args.device)
+                      device=args.device, on_nonfinite=args.on_nonfinite)
     if trainer.ctx.is_main and trainer.resumed_from is not None:
         print(f"resumed from {trainer.resumed_from} at step {trainer.step}")
-    summary = trainer.fit()
-    if trainer.ctx.is_main:
-        print(f"step {summary['step']}: loss {summary['loss']:.4f}, {summary['steps_per_second'] or 0:.1f} steps/s; "
-              f"checkpoints in {trainer.checkpoint_dir}")
+    if trainer.step >= args.steps:
+        if trainer.ctx.is_main:
+            print(f"nothing to do: the run is at step {trainer.step} and --steps is {args.steps} "
+                  f"(raise --steps to train further); checkpoints in {trainer.checkpoint_dir}")
+    else:
+        summary = trainer.fit()
+        if trainer.ctx.is_main:
+            loss = "n/a" if summary["loss"] is None else f"{summary['loss']:.4f}"
+            skipped = f", {len(trainer.skipped)} steps skipped (non-finite)" if trainer.skipped else ""
+            print(f"step {summary['step']}: loss {loss}, {summary['steps_per_second'] or 0:.1f} steps/s{skipped}; "
+                  f"checkpoints in {trainer.checkpoint_dir}")
     if trainer.ctx.world > 1:
         torch.distributed.destroy_process_group()
     return 0
@@ -96,6 +174,9 @@ def _sample(args: argparse.Namespace) -> int:
     from fastdiff import images
     from fastdiff.training import load_model
 
+    out = args.out
+    if not out.endswith(".safetensors"):
+        images.image_format(out, what="--out")  # before sampling: an unknown suffix fails at once
     model, state = load_model(args.checkpoint, ema=not args.no_ema, device=args.device)
     obj = state.get("objective", {})
     path, prediction = obj.get("path", "condot"), obj.get("prediction", "velocity")
@@ -112,7 +193,6 @@ def _sample(args: argparse.Namespace) -> int:
                             batch_size=None if y is not None else n, seed=args.seed, path=path, prediction=prediction,
                             method=args.method, sigma=args.sigma, progress=not args.no_progress,
                             device=args.device).cpu()
-    out = args.out
     if out.endswith(".safetensors"):
         import safetensors.torch as st
 
@@ -136,7 +216,8 @@ def _scatter(x, y, path: str, title: str) -> None:
     from fastdiff import images
 
     if x.shape[1] != 2:
-        raise SystemExit("sample: --out must end in .safetensors for vectors of more than 2 dimensions")
+        raise ValueError(f"--out must end in .safetensors for vectors of more than 2 dimensions "
+                         f"(these have {x.shape[1]}), got {path}")
     lim = float(x.abs().max()) * 1.05 or 1.0
     groups = [x] if y is None else [x[y.cpu() == c] for c in torch.unique(y.cpu())]
     pics = []
@@ -160,8 +241,53 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_errors() -> tuple:
+    """Exceptions that are the user's input, not a bug: exit 2 with a one-line message."""
+    from fastdiff.dispatch import BackendUnavailable
+    from fastdiff.training.checkpoint import CheckpointError
+
+    return (ValueError, TypeError, CheckpointError, FileNotFoundError, PermissionError, NotADirectoryError,
+            IsADirectoryError, FileExistsError, BackendUnavailable, ImportError)
+
+
+def _runtime_errors() -> tuple:
+    """Failures of a correct invocation (diverged training, no memory, a failing disk): exit 1."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", MemoryError)
+    return (FloatingPointError, MemoryError, oom, OSError)
+
+
+def _fail(command: str, exc: BaseException, status: int) -> int:
+    message = str(exc) or type(exc).__name__
+    print(f"fastdiff {command}: error: {message}", file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastdiff", description=__doc__)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if os.environ.get("FASTDIFF_DEBUG", "") not in ("", "0"):
+        return args.func(args)  # every error with its traceback
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"fastdiff {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - sorted below; bugs keep their traceback
+        if isinstance(exc, _user_errors()):
+            return _fail(args.command, exc, 2)
+        if isinstance(exc, _runtime_errors()):
+            return _fail(args.command, exc, 1)
+        traceback.print_exc()  # a bug: its traceback, and the hint for reports
+        print(f"fastdiff {args.command}: internal error (a bug; please report it with the traceback above)",
+              file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastdiff", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="print versions, devices and available backends")
     p_info.set_defaults(func=_info)
@@ -169,9 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="train a class-conditional model on 8x8 digits (CPU, minutes), "
                                          "write samples.png and metrics.json")
     p_demo.add_argument("--out", default="fastdiff-demo", help="output folder (default: %(default)s)")
-    p_demo.add_argument("--steps", type=int, default=2000, help="training steps (default: %(default)s)")
-    p_demo.add_argument("--batch-size", type=int, default=256)
-    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--steps", type=POSITIVE_INT, default=2000, help="training steps (default: %(default)s)")
+    p_demo.add_argument("--batch-size", type=POSITIVE_INT, default=256)
+    p_demo.add_argument("--seed", type=SEED, default=0)
     p_demo.add_argument("--no-progress", action="store_true")
     p_demo.set_defaults(func=_demo)
 
@@ -179,23 +305,28 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--data", choices=DATASETS, default="digits",
                          help="digits: UNet on 8x8 digits; ring: MLP on a labelled 2-D Gaussian mixture")
     p_train.add_argument("--out", required=True, help="run folder (checkpoints; resumes from it)")
-    p_train.add_argument("--steps", type=int, default=2000)
-    p_train.add_argument("--batch-size", type=int, default=256)
-    p_train.add_argument("--lr", type=float, default=2e-3)
-    p_train.add_argument("--warmup", type=int, default=200)
+    p_train.add_argument("--steps", type=POSITIVE_INT, default=2000,
+                         help="total steps of the run (a resumed run continues to this step)")
+    p_train.add_argument("--batch-size", type=POSITIVE_INT, default=256)
+    p_train.add_argument("--lr", type=_float_in(0.0, low_open=True), default=2e-3)
+    p_train.add_argument("--warmup", type=NON_NEGATIVE_INT, default=200)
     p_train.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine")
-    p_train.add_argument("--grad-clip", type=float, default=1.0)
-    p_train.add_argument("--ema-decay", type=float, default=0.999)
+    p_train.add_argument("--grad-clip", type=_float_in(0.0), default=1.0, help="max gradient norm (0: no clipping)")
+    p_train.add_argument("--ema-decay", type=_float_in(0.0, 1.0), default=0.999)
     p_train.add_argument("--path", default="condot", choices=("condot", "vp", "vp-cosine"))
     p_train.add_argument("--prediction", default="velocity", choices=("velocity", "eps", "score", "x0"))
     p_train.add_argument("--time-sampling", default="uniform", choices=("uniform", "logit_normal"))
     p_train.add_argument("--weighting", default="none", choices=("none", "min_snr"))
-    p_train.add_argument("--snr-gamma", type=float, default=5.0)
-    p_train.add_argument("--label-dropout", type=float, default=0.15)
+    p_train.add_argument("--snr-gamma", type=_float_in(0.0, low_open=True), default=5.0)
+    p_train.add_argument("--label-dropout", type=_float_in(0.0, 1.0), default=0.15)
     p_train.add_argument("--amp", action="store_true", help="bf16 autocast")
-    p_train.add_argument("--checkpoint-every", type=int, default=500)
-    p_train.add_argument("--keep", type=int, default=2)
-    p_train.add_argument("--seed", type=int, default=0)
+    p_train.add_argument("--checkpoint-every", type=NON_NEGATIVE_INT, default=500,
+                         help="steps between checkpoints (0: only at the end)")
+    p_train.add_argument("--keep", type=NON_NEGATIVE_INT, default=2, help="checkpoints kept (0: all)")
+    p_train.add_argument("--seed", type=SEED, default=0)
+    p_train.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
+                         help="a step with a non-finite loss: stop (exit status 1, checkpoints intact) or skip "
+                              "it (default: %(default)s)")
     p_train.add_argument("--device", default=None)
     p_train.add_argument("--no-progress", action="store_true")
     p_train.set_defaults(func=_train)
@@ -203,14 +334,16 @@ def main(argv: list[str] | None = None) -> int:
     p_sample = sub.add_parser("sample", help="sample a trained checkpoint into a PNG grid (or .safetensors)")
     p_sample.add_argument("--checkpoint", required=True, help="a checkpoint .json/.safetensors or a run's "
                                                               "checkpoints folder (newest valid one)")
-    p_sample.add_argument("--out", default="grid.png", help=".png picture or .safetensors tensors")
-    p_sample.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
-    p_sample.add_argument("--per-class", type=int, default=10, help="samples per class (or in all, unconditional)")
-    p_sample.add_argument("--steps", type=int, default=50)
+    p_sample.add_argument("--out", default="grid.png", help="a picture in the format its suffix names (.png, .jpg, "
+                                                            "...) or .safetensors tensors")
+    p_sample.add_argument("--cfg", type=_float_in(), default=1.0, help="classifier-free guidance scale")
+    p_sample.add_argument("--per-class", type=POSITIVE_INT, default=10,
+                          help="samples per class (or in all, unconditional)")
+    p_sample.add_argument("--steps", type=POSITIVE_INT, default=50)
     p_sample.add_argument("--method", default="heun", choices=("euler", "heun", "ddim", "dpmpp_2m"))
-    p_sample.add_argument("--sigma", type=float, default=0.0, help="SDE noise level (euler)")
-    p_sample.add_argument("--size", type=int, default=8, help="image side for UNet checkpoints")
-    p_sample.add_argument("--seed", type=int, default=0)
+    p_sample.add_argument("--sigma", type=_float_in(0.0), default=0.0, help="SDE noise level (euler)")
+    p_sample.add_argument("--size", type=POSITIVE_INT, default=8, help="image side for UNet checkpoints")
+    p_sample.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     p_sample.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p_sample.add_argument("--device", default="cpu")
     p_sample.add_argument("--no-progress", action="store_true")
@@ -221,16 +354,15 @@ def main(argv: list[str] | None = None) -> int:
                          help="loop: 50-step SDE sampling with cfg 4 vs diffusers / torchsde / flow_matching")
     p_bench.add_argument("--sizes", default="20,22", help="log2 of N, comma-separated (default: %(default)s)")
     p_bench.add_argument("--dtypes", default="fp32,bf16", help="prediction dtypes (default: %(default)s)")
-    p_bench.add_argument("--repeat", type=int, default=15, help="interleaved rounds (median)")
+    p_bench.add_argument("--repeat", type=POSITIVE_INT, default=15, help="interleaved rounds (median)")
     p_bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p_bench.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    p_bench.add_argument("--threads", type=NON_NEGATIVE_INT, default=0, help="CPU threads (default: torch's)")
     p_bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p_bench.add_argument("--csv-dir", default="bench/results")
     p_bench.add_argument("--no-csv", action="store_true")
     p_bench.set_defaults(func=_bench)
 
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return parser
 
 
 if __name__ == "__main__":

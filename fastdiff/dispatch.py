@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -50,8 +51,33 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _status(name: str, device_type: str | None = None) -> BackendStatus:
-    """Availability of a backend, for tensors on ``device_type`` (None: on any device of this machine)."""
+def _has_cuda_kernels() -> bool:
+    """Whether _C registered CUDA kernels: the dispatcher's word, which holds for every kind of build
+    (installed, in place, editable, JIT) whatever build record sits next to _C."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("fastdiff::guided_step", "CUDA")
+    except RuntimeError:  # the op is not registered at all
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch_status(index: int) -> BackendStatus:
+    """Whether _C has code for the GPU ``index`` (its build record names the architectures)."""
+    from fastdiff import _build
+
+    archs = _native.status.build.get("cuda_archs")
+    cap = torch.cuda.get_device_capability(index)
+    name = torch.cuda.get_device_name(index)
+    if archs and not _build.arch_runs_on(archs, cap):
+        return BackendStatus(False, f"fastdiff._C was built for TORCH_CUDA_ARCH_LIST={archs}, which has no code for "
+                                    f"cuda:{index} ({name}, sm_{cap[0]}{cap[1]}); rebuild with "
+                                    f"TORCH_CUDA_ARCH_LIST=\"{cap[0]}.{cap[1]}\" (or add +PTX to an older entry)")
+    return BackendStatus(True, f"CUDA kernels, {name}")
+
+
+def _status(name: str, device_type: str | None = None, index: int | None = None) -> BackendStatus:
+    """Availability of a backend, for tensors on ``device_type`` (None: on any device of this machine)
+    and, for CUDA, on GPU ``index`` (None: the current one)."""
     if name == "reference":
         return BackendStatus(True, "pure PyTorch, any device")
     if name == "cpu":
@@ -65,12 +91,12 @@ def _status(name: str, device_type: str | None = None) -> BackendStatus:
             return BackendStatus(False, f"the cuda backend runs on CUDA tensors, not {device_type}")
         if not _native.status.loaded:
             return BackendStatus(False, _native.status.reason)
-        if not _native.status.build.get("cuda"):
+        if not _has_cuda_kernels():
             return BackendStatus(False, f"fastdiff._C was built without CUDA (torch {torch.__version__}, "
                                         "CUDA sources need a CUDA build of torch and nvcc at build time)")
         if not torch.cuda.is_available():
             return BackendStatus(False, "no CUDA device is visible (torch.cuda.is_available() is False)")
-        return BackendStatus(True, f"CUDA kernels, {torch.cuda.get_device_name()}")
+        return _cuda_arch_status(torch.cuda.current_device() if index is None else index)
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
             return BackendStatus(False, "triton is not installed")
@@ -112,13 +138,14 @@ def use_backend(name: str):
 def resolve(device: torch.device, backend: str | None = None) -> str:
     """The concrete backend that runs an op on tensors on ``device``."""
     name = current() if backend is None else check_name(backend)
-    device_type = torch.device(device).type
+    device = torch.device(device)
+    device_type, index = device.type, device.index
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device_type, ("reference",)):
-            if _status(candidate, device_type):
+            if _status(candidate, device_type, index):
                 return candidate
         return "reference"
-    st = _status(name, device_type)
+    st = _status(name, device_type, index)
     if not st:
         raise BackendUnavailable(f"backend {name!r} cannot run on {device_type} tensors: {st.reason}")
     return name

@@ -6,10 +6,11 @@ Needs Pillow (``pip install pillow`` or ``pip install 'fastdiff[demo]'``), impor
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
-__all__ = ["labelled_grid"]
+__all__ = ["image_format", "labelled_grid"]
 
 
 def _pil():
@@ -18,6 +19,22 @@ def _pil():
     except ImportError as exc:
         raise ImportError("image grids need Pillow: pip install pillow (or pip install 'fastdiff[demo]')") from exc
     return Image, ImageDraw, ImageFont
+
+
+def image_format(path, what: str = "path") -> str:
+    """The Pillow format that ``path``'s suffix names ("PNG" for .png, "JPEG" for .jpg/.jpeg, ...); a
+    ValueError naming ``what`` for a suffix Pillow cannot write. No suffix: PNG."""
+    Image = _pil()[0]
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if not suffix:
+        return "PNG"
+    fmt = Image.registered_extensions().get(suffix)
+    if fmt is None or fmt not in Image.SAVE:
+        writable = sorted(e for e, f in Image.registered_extensions().items() if f in Image.SAVE)
+        common = [e for e in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".gif") if e in writable]
+        raise ValueError(f"{what} {os.fspath(path)!r}: cannot write images with the suffix {suffix!r} "
+                         f"(use one of {', '.join(common or writable)})")
+    return fmt
 
 
 def _font(ImageFont, size: int):
@@ -53,12 +70,15 @@ def labelled_grid(panels, row_labels=None, path=None, scale: int = 4, pad: int =
             same rows and H). Values map linearly from ``vmin`` (black) to ``vmax`` (white), clamped;
             ``vmin > vmax`` inverts.
         row_labels: optional list of ``rows`` labels drawn left of the rows (e.g. digit classes).
-        path: where to save a PNG (optional).
+        path: where to save the picture (optional), in the format its suffix names (.png, .jpg, ...;
+            PNG without a suffix); an unknown suffix is a ValueError, raised before drawing. A
+            file object gets PNG.
         scale: nearest-neighbour upscaling of every image (8x8 digits become 32x32 at scale 4).
         pad: pixels between images; panels are ``max(6 * pad, 12)`` apart and the border is
             ``max(2 * pad, 4)`` wide.
     """
     Image, ImageDraw, ImageFont = _pil()
+    fmt = image_format(path) if isinstance(path, (str, os.PathLike)) else "PNG"
     if isinstance(panels, tuple) and len(panels) == 2 and isinstance(panels[0], str):
         panels = [panels]  # one (title, images) pair
     panels = list(panels)
@@ -124,5 +144,10 @@ def labelled_grid(panels, row_labels=None, path=None, scale: int = 4, pad: int =
                 canvas.paste(img, (gx + c * (cell_w + pad), top + r * (cell_h + pad)))
         x0 += sw + gap
     if path is not None:
-        canvas.save(path, format="PNG")
+        try:
+            canvas.save(path, format=fmt)
+        except OSError as e:
+            if "mode" not in str(e):  # "cannot write mode L as ...": a format without grayscale
+                raise
+            canvas.convert("RGB").save(path, format=fmt)
     return canvas

@@ -265,6 +265,13 @@ class DiscreteVP(GaussianPath):
         # knots tau = -1, 0, ..., T - 1 of log alpha_bar
         self._log_a = torch.cat([torch.zeros(1, dtype=torch.float64), a.log()])
         self._log_a_list = self._log_a.tolist()
+        self._log_a_on = {}  # device -> the table there: one host-to-device copy per device, not per call
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        table = self._log_a_on.get(device)
+        if table is None:
+            table = self._log_a_on[device] = self._log_a.to(device)
+        return table
 
     def tau(self, t: Time) -> Time:
         """The (fractional) training timestep of flow time t."""
@@ -277,7 +284,7 @@ class DiscreteVP(GaussianPath):
     def _coefficients(self, t):
         T = self.num_train_timesteps
         if isinstance(t, torch.Tensor):
-            log_a = self._log_a.to(device=t.device)
+            log_a = self._table(t.device)
             pos = (self.tau(t.double()) + 1.0).clamp(0.0, float(T))  # knot coordinate in [0, T]
             k = pos.floor().clamp(max=T - 1).long()
             slope = log_a[k + 1] - log_a[k]

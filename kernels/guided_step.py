@@ -15,10 +15,10 @@ import math
 import os
 import struct
 
-import torch
 import triton
 import triton.language as tl
 
+from . import _launch as _device
 from .philox import normal_tile, sample_tile, seed_key
 
 _MAX_GRID_Y = 65535  # CUDA limit on grid dimension 1; larger batches are launched in chunks
@@ -107,18 +107,19 @@ def guided_step(x, pred, pred_uncond, extra, seeds, stream, out, side, *, cfg, c
     o2 = out.view(B, n)
     s2 = side.view(B, n) if side is not None else None
     sd = seeds if has_noise else None
-    for start in range(0, B, _MAX_GRID_Y):
-        stop = min(B, start + _MAX_GRID_Y)
-        xs = x2[start:stop]
-        grid = (triton.cdiv(n_groups, BLOCK), stop - start)
-        _guided_step_kernel[grid](
-            xs, p2[start:stop],
-            u2[start:stop] if u2 is not None else p2[start:stop],
-            e2[start:stop] if e2 is not None else xs,
-            sd[start:stop] if sd is not None else xs,
-            o2[start:stop],
-            s2[start:stop] if s2 is not None else xs,
-            stream, n, *coeffs,
-            HAS_UNCOND=u2 is not None, HAS_EXTRA=e2 is not None, HAS_SIDE=s2 is not None, HAS_NOISE=has_noise,
-            BLOCK=BLOCK,
-        )
+    with _device.on_device(x.device):  # Triton launches on the current device and stream
+        for start in range(0, B, _MAX_GRID_Y):
+            stop = min(B, start + _MAX_GRID_Y)
+            xs = x2[start:stop]
+            grid = (triton.cdiv(n_groups, BLOCK), stop - start)
+            _guided_step_kernel[grid](
+                xs, p2[start:stop],
+                u2[start:stop] if u2 is not None else p2[start:stop],
+                e2[start:stop] if e2 is not None else xs,
+                sd[start:stop] if sd is not None else xs,
+                o2[start:stop],
+                s2[start:stop] if s2 is not None else xs,
+                stream, n, *coeffs,
+                HAS_UNCOND=u2 is not None, HAS_EXTRA=e2 is not None, HAS_SIDE=s2 is not None, HAS_NOISE=has_noise,
+                BLOCK=BLOCK,
+            )

@@ -10,9 +10,12 @@ per sample b and element i (flattened C order within the sample, n elements per 
 ε the spec-v1 normal of (seeds[b], stream, element i, offset 0) (DESIGN.md §3), regenerated, never
 stored.
 
-The loss is deterministic run to run: each program writes the float32 partial sum of its block of one
-sample into a [B, nblocks] buffer (no atomics; the block size depends only on n and on the backend),
-and torch sums the partials of each sample (``partials.sum(dim=1)``, a fixed order).
+The loss sums as the C++ kernels do (csrc/include/fastdiff/loss.h): each r² = (pred − target)² in
+float32, the 4 squares of a group added in float32, everything beyond in float64. Each program writes
+the float64 sum of its block of one sample into a [B, nblocks] buffer (no atomics; the block size
+depends only on n and on the backend), torch adds the partials of each sample in float64
+(``partials.sum(dim=1)``, a fixed order) and loss[b] = float32(weight[b] · (sum / n)), computed in
+float64 and rounded once. Deterministic run to run.
 
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1.
 """
@@ -23,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch as _device
 from .philox import normal_tile, sample_tile, seed_key, store_cast
 
 _MAX_GRID_Y = 65535  # CUDA limit on grid dimension 1; larger batches are launched in chunks
@@ -40,7 +44,7 @@ def _loss_kernel(
     ce_ptr,  # [B] float32: beta (MODE 0) or coef_eps
     scale_ptr,  # [B] float32: grad_loss * weight * 2 / n (read only in MODE 2)
     seeds_ptr,  # [B] int64
-    out_ptr,  # MODE 0: [B, n] float32; MODE 1: [B, nblocks] float32 partial sums; MODE 2: [B, n] pred's dtype
+    out_ptr,  # MODE 0: [B, n] float32; MODE 1: [B, nblocks] float64 partial sums; MODE 2: [B, n] pred's dtype
     stream,  # uint32 value in [0, 2^32), a Python int (i32 or i64 argument)
     n,  # elements per sample; may be specialized (== 1 -> constexpr, % 16 -> alignment): no .to() on it
     MODE: tl.constexpr,
@@ -62,7 +66,8 @@ def _loss_kernel(
         tl.store(out_ptr + offs, target, mask=mask)
     elif MODE == 1:
         d = tl.where(mask, p - target, 0.0)
-        s = tl.sum(tl.sum(d * d, axis=1), axis=0)
+        # float32 squares, a group's 4 added in float32, the groups in float64 (loss.h's precision)
+        s = tl.sum(tl.sum(d * d, axis=1).to(tl.float64), axis=0)
         tl.store(out_ptr + b * tl.num_programs(0) + tl.program_id(0), s)
     else:
         g = tl.load(scale_ptr + b) * (p - target)
@@ -82,16 +87,17 @@ def _launch(mode, pred2, z2, cz, ce, scale, seeds, out, stream, n, BLOCK):
     """Launches over (blocks, samples) with the sample axis chunked to the grid-y limit."""
     B = z2.shape[0]
     n_blocks = triton.cdiv(triton.cdiv(n, 4), BLOCK)
-    for start in range(0, B, _MAX_GRID_Y):
-        stop = min(B, start + _MAX_GRID_Y)
-        zs = z2[start:stop]
-        _loss_kernel[(n_blocks, stop - start)](
-            pred2[start:stop] if pred2 is not None else zs,
-            zs, cz[start:stop], ce[start:stop],
-            scale[start:stop] if scale is not None else cz[start:stop],
-            seeds[start:stop], out[start:stop],
-            stream, n, MODE=mode, BLOCK=BLOCK,
-        )
+    with _device.on_device(z2.device):  # Triton launches on the current device and stream
+        for start in range(0, B, _MAX_GRID_Y):
+            stop = min(B, start + _MAX_GRID_Y)
+            zs = z2[start:stop]
+            _loss_kernel[(n_blocks, stop - start)](
+                pred2[start:stop] if pred2 is not None else zs,
+                zs, cz[start:stop], ce[start:stop],
+                scale[start:stop] if scale is not None else cz[start:stop],
+                seeds[start:stop], out[start:stop],
+                stream, n, MODE=mode, BLOCK=BLOCK,
+            )
 
 
 def add_noise(z, alpha, beta, seeds, stream) -> torch.Tensor:
@@ -126,10 +132,11 @@ def diffusion_loss(pred, z, coef_z, coef_eps, weight, seeds, stream) -> torch.Te
         return w * torch.full((B,), float("nan"), dtype=torch.float32, device=device)
     BLOCK = _block(triton.cdiv(n, 4))
     n_blocks = triton.cdiv(triton.cdiv(n, 4), BLOCK)
-    partials = torch.empty((B, n_blocks), dtype=torch.float32, device=device)
+    partials = torch.empty((B, n_blocks), dtype=torch.float64, device=device)
     _launch(_MODE_LOSS, pred.reshape(B, n), z.reshape(B, n), _vec(coef_z, device), _vec(coef_eps, device),
             None, seeds.contiguous(), partials, int(stream), n, BLOCK)
-    return w * (partials.sum(dim=1) / n)
+    # loss.h's loss_from_sum: weight * (sum / n) in float64, rounded once
+    return (w.double() * (partials.sum(dim=1) / n)).float()
 
 
 def diffusion_loss_backward(grad_loss, pred, z, coef_z, coef_eps, weight, seeds, stream) -> torch.Tensor:

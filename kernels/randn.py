@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import normal4, philox4x32_10 as _philox4x32_10, seed_key, select_lane, store_cast
+from . import _launch as _device
+from .philox import normal4, seed_key, select_lane, store_cast
+from .philox import philox4x32_10 as _philox4x32_10
 
 _OUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _MAX_GRID_Y = 65535  # CUDA limit on grid dimension 1; larger batches are launched in chunks
@@ -104,10 +106,11 @@ def randn(seeds: torch.Tensor, stream: int, shape: tuple[int, ...], offset: int 
     block_max = 8192 if os.environ.get("TRITON_INTERPRET") == "1" else 256
     BLOCK = min(block_max, max(16, triton.next_power_of_2(n_groups)))
     out2 = out.view(B, n)
-    for start in range(0, B, _MAX_GRID_Y):
-        stop = min(B, start + _MAX_GRID_Y)
-        grid = (triton.cdiv(n_groups, BLOCK), stop - start)
-        _randn_kernel[grid](seeds[start:stop], out2[start:stop], stream, q0, lane0, n, BLOCK=BLOCK)
+    with _device.on_device(seeds.device):
+        for start in range(0, B, _MAX_GRID_Y):
+            stop = min(B, start + _MAX_GRID_Y)
+            grid = (triton.cdiv(n_groups, BLOCK), stop - start)
+            _randn_kernel[grid](seeds[start:stop], out2[start:stop], stream, q0, lane0, n, BLOCK=BLOCK)
     return out
 
 
@@ -126,5 +129,6 @@ def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     if N == 0:
         return out
     BLOCK = 128
-    _philox_kernel[(triton.cdiv(N, BLOCK),)](counter, key, out, N, BLOCK=BLOCK)
+    with _device.on_device(counter.device):
+        _philox_kernel[(triton.cdiv(N, BLOCK),)](counter, key, out, N, BLOCK=BLOCK)
     return out

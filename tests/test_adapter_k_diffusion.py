@@ -1,7 +1,6 @@
 """fastdiff.adapters.k_diffusion against k-diffusion's own samplers, and the VE path / schedules they
 rest on. k-diffusion comes from fastdiff.peers (its samplers without its package import)."""
 
-import math
 
 import pytest
 import torch

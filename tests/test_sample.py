@@ -214,12 +214,56 @@ def _model(x, t, y):
     (dict(backend="gpu"), ValueError, "backend"),
     (dict(eta=2.0, method="ddim"), ValueError, "eta"),
     (dict(sigma=1.0, method="heun"), ValueError, "sigma applies"),
+    # each of these was once accepted silently or reported with Python's internals
+    (dict(eta=float("nan"), method="ddim"), ValueError, "eta"),
+    (dict(batch_size=2.7), TypeError, "batch_size must be an int"),
+    (dict(batch_size=-1), ValueError, "batch_size must be >= 0"),
+    (dict(steps=10**12), ValueError, "steps=1000000000000 is more than"),
+    (dict(steps=None, timesteps=torch.rand(2, 3)), ValueError, "timesteps must be 1-D"),
+    (dict(steps=None, timesteps=[[0.0, 1.0]]), TypeError, r"timesteps\[0\] must be a float"),
+    (dict(guidance_interval=(0.1, 0.5, 0.9), cfg=2.0, y=torch.zeros(2), null_y=0.0), TypeError,
+     "guidance_interval must be a pair"),
+    (dict(y=torch.tensor(3), batch_size=None), ValueError, "y must hold one label per sample"),
+    (dict(cfg=2.0, y=torch.tensor([1, 2]), null_y=9.7), TypeError, "null_y must be a label of y's kind"),
+    (dict(cfg=2.0, y=[1, 2], null_y=[0, 0, 0]), ValueError, "null_y holds 3 labels but the batch has 2"),
+    (dict(sigma=lambda t: -1.0), ValueError, r"sigma\(t\) must be finite and >= 0"),
+    (dict(sigma=lambda t: torch.full((2,), 0.5)), TypeError, r"sigma\(t\) must return one number per time"),
+    (dict(sigma=lambda t: "0.5"), TypeError, r"sigma\(t\) must return a float"),
 ])
 def test_bad_arguments(kwargs, exc, match):
     args = dict(steps=5, shape=(3,), batch_size=2)
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         fastdiff.sample(_model, args.pop("steps"), **args)
+
+
+def test_sigma_errors_are_not_blamed_on_the_grid():
+    for sigma in (lambda t: -1.0, lambda t: torch.full((2,), 0.5)):
+        with pytest.raises((ValueError, TypeError)) as info:
+            fastdiff.sample(_model, 5, shape=(3,), batch_size=2, sigma=sigma)
+        assert "singular" not in str(info.value)
+
+
+def test_empty_batches_and_samples_return_empty_without_calling_the_model():
+    def model(x, t, y):
+        raise AssertionError("the model must not be called for an empty batch")
+
+    assert fastdiff.sample(model, 5, shape=(3,), batch_size=0).shape == (0, 3)
+    assert fastdiff.sample(model, 5, shape=(0, 4), batch_size=2, sigma=1.0).shape == (2, 0, 4)
+    assert fastdiff.sample(model, 5, cfg=3.0, y=torch.zeros(0, dtype=torch.long), null_y=1, shape=(2,)).shape == (0, 2)
+
+
+def test_sampling_keeps_no_autograd_graph():
+    lin = torch.nn.Linear(3, 3)
+    grad_modes = []
+
+    def model(x, t, y):
+        grad_modes.append(torch.is_grad_enabled())
+        return lin(x)
+
+    x = fastdiff.sample(model, 4, shape=(3,), batch_size=2, method="heun")
+    assert grad_modes and not any(grad_modes)
+    assert not x.requires_grad and x.grad_fn is None
 
 
 def test_bad_model_outputs_name_step_and_t():

@@ -23,7 +23,6 @@ from typing import Callable, Optional
 import torch
 
 import fastdiff
-from fastdiff.paths import VE
 from fastdiff.schedules import ve_grid
 
 __all__ = ["DenoiserModel", "sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_euler_ancestral"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from fastdiff import _native
 from fastdiff import dispatch as _dispatch
 
 M32 = 0xFFFFFFFF
@@ -72,3 +73,11 @@ def philox4x32_10(counter: torch.Tensor, key: torch.Tensor, *, backend: str | No
 
         return triton_philox(counter, key)
     return torch.ops.fastdiff.philox4x32_10(counter, key)
+
+
+if _native.status.loaded:
+
+    @torch.library.register_fake("fastdiff::philox4x32_10")
+    def _philox_fake(counter, key):
+        # every backend returns a fresh contiguous [N, 4], whatever the strides of counter
+        return counter.new_empty((counter.shape[0], 4))

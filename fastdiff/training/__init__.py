@@ -22,7 +22,10 @@ def load_model(path, *, ema: bool = True, device=None):
     weights = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     if ema:
         weights.update({k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")})
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # tensors that do not fit the recorded config
+        raise CheckpointError(f"checkpoint {path}: its weights do not fit its model_config: {e}") from None
     return model.to(device or "cpu").eval(), state
 
 

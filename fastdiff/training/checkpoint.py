@@ -3,13 +3,17 @@
 A checkpoint of step k is two files in one folder:
 
     step-0000000k.safetensors   every tensor (model, EMA, optimizer state, RNG state); no pickle
-    step-0000000k.json          step, settings, and the sha256 and size of the .safetensors file
+    step-0000000k.json          step, settings, the sha256 and size of the .safetensors file, and
+                                the sha256 of the JSON's own canonical body ("json_sha256")
 
 Each file is written to a temporary name, flushed to disk and renamed, the tensor file first: the
 JSON appears only once the tensors it vouches for are complete, so a process killed at any moment
 leaves either a whole checkpoint or none. Loading re-hashes the tensor file, so a truncated or
-modified checkpoint is refused with :class:`CheckpointError`; older checkpoints are deleted only
-after a newer one is written and verified.
+modified checkpoint is refused with :class:`CheckpointError`; so is a JSON that was edited (its
+digest, and its step against its file name), or that lacks a required key. Older checkpoints are
+deleted only after a newer one is written and verified.
+
+Version 1 checkpoints (no "json_sha256") still load; their step is checked against the file name.
 """
 
 from __future__ import annotations
@@ -24,8 +28,12 @@ from pathlib import Path
 import torch
 
 FORMAT = "fastdiff-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the JSON carries "json_sha256"; version 1 (without it) is still read
+READABLE_VERSIONS = (1, 2)
+REQUIRED_KEYS = ("format", "version", "step", "tensors", "bytes", "sha256")
 _NAME = re.compile(r"^step-(\d{8,})\.json$")
+# The temporary files of _write_atomic and check_writable: ".<name>.tmp-<pid>".
+_TEMP = re.compile(r"^\..+\.tmp-(\d+)$")
 
 
 class CheckpointError(RuntimeError):
@@ -73,6 +81,62 @@ def _write_atomic(path: Path, write) -> None:
     _fsync_dir(path.parent)
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # ours: possibly being written right now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except (OSError, OverflowError):
+        return False  # not a valid pid on this machine
+    return True
+
+
+def clean_stale_temp_files(folder) -> list[Path]:
+    """Delete the temporary files that processes killed mid-write (SIGKILL, OOM) left in ``folder``;
+    those of live processes are kept. Returns the deleted paths."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = _TEMP.match(p.name)
+        if m and not _pid_alive(int(m.group(1))):
+            try:
+                p.unlink()
+            except FileNotFoundError:  # another process cleaned it first
+                continue
+            removed.append(p)
+    return removed
+
+
+def check_writable(folder, label=None) -> None:
+    """Create ``folder`` and write, flush and remove a probe file in it, so an unwritable run folder is
+    found before any training rather than at the first checkpoint. Raises the OSError subclass of the
+    failure (PermissionError, NotADirectoryError, ...) naming ``label`` (default: the folder)."""
+    folder = Path(folder)
+    probe = folder / f".write-probe.tmp-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"fastdiff")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise type(e)(f"{label or folder} is not writable: {e.strerror or e} ({e.filename or folder})") from None
+
+
+def json_digest(record: dict) -> str:
+    """sha256 of the canonical JSON of ``record`` without its "json_sha256" (what that key holds)."""
+    body = {k: v for k, v in record.items() if k != "json_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def checkpoint_paths(folder, step: int) -> tuple[Path, Path]:
     folder = Path(folder)
     return folder / f"step-{step:08d}.safetensors", folder / f"step-{step:08d}.json"
@@ -86,8 +150,10 @@ def save(folder, step: int, tensors: dict[str, torch.Tensor], state: dict) -> Pa
     st = _safetensors()
     data = st.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
     _write_atomic(tensor_path, lambda f: f.write(data))
-    record = {"format": FORMAT, "version": VERSION, "step": int(step), "tensors": tensor_path.name,
-              "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), **state}
+    record = {**state, "format": FORMAT, "version": VERSION, "step": int(step), "tensors": tensor_path.name,
+              "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    record = json.loads(json.dumps(record))  # the digest is of what a reader will parse (tuples -> lists, ...)
+    record["json_sha256"] = json_digest(record)
     text = json.dumps(record, indent=1, sort_keys=True).encode()
     _write_atomic(json_path, lambda f: f.write(text))
     return json_path
@@ -106,9 +172,10 @@ def read(path) -> tuple[dict[str, torch.Tensor], dict]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{json_path} is not a fastdiff checkpoint (format {state.get('format')!r})"
                               if isinstance(state, dict) else f"{json_path} is not a fastdiff checkpoint")
-    if state.get("version") != VERSION:
+    if state.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{json_path} has checkpoint format version {state.get('version')}; "
-                              f"this fastdiff reads version {VERSION}")
+                              f"this fastdiff reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+    _check_record(json_path, state)
     tensor_path = json_path.with_name(state["tensors"])
     if not tensor_path.exists():
         raise CheckpointError(f"checkpoint {json_path} is incomplete: its tensor file {tensor_path.name} is missing")
@@ -122,6 +189,31 @@ def read(path) -> tuple[dict[str, torch.Tensor], dict]:
                               f"recorded in {json_path.name}")
     tensors = _safetensors().load(data)
     return tensors, state
+
+
+def _check_record(json_path: Path, state: dict) -> None:
+    """Required keys and their types, the JSON's own digest, and its step against its file name, so an
+    edited or incomplete JSON is refused here rather than failing later with a bare KeyError."""
+    for key in REQUIRED_KEYS + (("json_sha256",) if state["version"] >= 2 else ()):
+        if key not in state:
+            raise CheckpointError(f"checkpoint {json_path} is missing the required key {key!r}")
+    if state["version"] >= 2 and state["json_sha256"] != json_digest(state):
+        raise CheckpointError(f"checkpoint {json_path} was modified after it was written: its contents do not "
+                              "match the json_sha256 it records")
+    step, size, tensors = state["step"], state["bytes"], state["tensors"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"checkpoint {json_path} has an invalid step {step!r}")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise CheckpointError(f"checkpoint {json_path} has an invalid bytes {size!r}")
+    if not isinstance(state["sha256"], str):
+        raise CheckpointError(f"checkpoint {json_path} has an invalid sha256 {state['sha256']!r}")
+    # a bare file name next to the JSON: never a path that reads a file elsewhere
+    if not isinstance(tensors, str) or not tensors or Path(tensors).name != tensors or tensors in (".", ".."):
+        raise CheckpointError(f"checkpoint {json_path} has an invalid tensors file name {tensors!r}")
+    m = _NAME.match(json_path.name)
+    if m and int(m.group(1)) != step:  # catches an edited step in version 1 files too
+        raise CheckpointError(f"checkpoint {json_path} records step {step} but its file name says step "
+                              f"{int(m.group(1))}: it was edited or renamed")
 
 
 def _json_path(path) -> Path:

@@ -6,10 +6,18 @@ Exactness: the data of step s, its noise, times and label dropout are pure funct
 everything else that evolves (weights, EMA, AdamW moments and step counts, torch's RNG state). So
 a run resumed from step k performs the same arithmetic as the run that never stopped, and on the CPU
 its weights are bit-identical (tests/test_training.py kills a run with SIGKILL to check).
+
+Non-finite losses: every step writes its (loss, gradient norm) into a small buffer on the device
+(one kernel, no sync); "stop" inspects the buffer where the host already waits (the loss read-back
+every ``log_every`` steps, checkpoints, the end of ``fit``), so it adds no synchronization per step,
+and raises FloatingPointError naming the first bad step before a checkpoint of a later step is
+written. "skip" must decide before the update, so it reads the pair back every step (a device sync
+per step).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -20,11 +28,27 @@ import torch
 from fastdiff.training import checkpoint as ckpt
 from fastdiff.training import distributed
 from fastdiff.training.batches import StepBatches
-from fastdiff.training.objective import DiffusionObjective, training_seeds
+from fastdiff.training.objective import SEED_SHIFT, DiffusionObjective, training_seeds
+
+ON_NONFINITE = ("stop", "skip")
 
 
 def _unwrap(model):
     return getattr(model, "module", model)
+
+
+def _describe(step: int, loss: float, norm: float) -> str:
+    what = "loss" if not math.isfinite(loss) else "gradient norm"
+    return f"non-finite {what} at step {step} (loss {loss}, gradient norm {norm})"
+
+
+def _check_float(name: str, v, *, low: float, high: Optional[float] = None, low_open: bool = False) -> None:
+    """v a finite real number with low <= v (low < v if low_open) and v < high."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (v > low if low_open else v >= low) and (high is None or v < high)
+    if not ok:
+        bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and < {high:g}" if high is not None else "")
+        raise ValueError(f"{name} must be a finite number {bounds}, got {v!r}")
 
 
 class Trainer:
@@ -53,6 +77,13 @@ class Trainer:
         log_every: steps between reading the loss back to the host (it synchronizes a GPU).
         callback: ``callback(trainer)`` after every optimizer step.
         device: where to train (default: the model's device; under torchrun with CUDA, the local GPU).
+        on_nonfinite: what a step with a non-finite loss or gradient norm does. "stop" (default):
+            :meth:`fit` raises FloatingPointError naming the first such step, at the latest
+            ``log_every`` steps later and always before a checkpoint of a later step is written.
+            "skip": that step changes nothing (weights, optimizer, EMA; the step counter advances,
+            so resume stays exact) and is listed in ``skipped``; ``max_consecutive_skips`` skipped
+            steps in a row raise FloatingPointError. Skip reads the check back every step (a device
+            sync per step). Either way a checkpoint with non-finite weights is never written.
     """
 
     def __init__(self, model: torch.nn.Module, data, *, objective: Optional[DiffusionObjective] = None,
@@ -61,23 +92,32 @@ class Trainer:
                  lr_min: float = 0.0, grad_clip: Optional[float] = 1.0, ema_decay: float = 0.999,
                  amp: bool = False, seed: int = 0, out_dir=None, checkpoint_every: int = 0, keep: int = 2,
                  resume=True, progress: bool = True, log_every: int = 10,
-                 callback: Optional[Callable] = None, device=None):
+                 callback: Optional[Callable] = None, device=None, on_nonfinite: str = "stop",
+                 max_consecutive_skips: int = 10):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        for name, v in (("steps", steps), ("warmup", warmup), ("checkpoint_every", checkpoint_every),
-                        ("keep", keep), ("log_every", log_every)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
-        if log_every < 1:
-            raise ValueError("log_every must be >= 1")
-        if not (lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"lr must be a positive float, got {lr}")
+        for name, v, least in (("steps", steps, 1), ("warmup", warmup, 0), ("checkpoint_every", checkpoint_every, 0),
+                               ("keep", keep, 0), ("log_every", log_every, 1),
+                               ("max_consecutive_skips", max_consecutive_skips, 1)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {v!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 1 << (63 - SEED_SHIFT):
+            raise ValueError(f"seed must be an int in [0, 2^{63 - SEED_SHIFT}), got {seed!r}")
+        _check_float("lr", lr, low=0.0, low_open=True)
+        _check_float("lr_min", lr_min, low=0.0)
+        _check_float("weight_decay", weight_decay, low=0.0)
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        if grad_clip is not None and grad_clip < 0:
-            raise ValueError(f"grad_clip must be positive or None, got {grad_clip}")
+        _check_float("ema_decay", ema_decay, low=0.0, high=1.0)
+        if grad_clip is not None:
+            _check_float("grad_clip", grad_clip, low=0.0)  # NaN would pass `< 0` and clip every gradient to NaN
+        betas = tuple(betas)
+        if len(betas) != 2:
+            raise ValueError(f"betas must be two floats, got {betas!r}")
+        for i, b in enumerate(betas):
+            _check_float(f"betas[{i}]", b, low=0.0, high=1.0)
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
         if checkpoint_every and out_dir is None:
             raise ValueError("checkpoint_every needs out_dir")
 
@@ -86,6 +126,11 @@ class Trainer:
             device = p.device if p is not None else None  # train where the model lives
         self.ctx = distributed.setup(device)
         self.device = self.ctx.device
+        if out_dir is not None and self.ctx.is_main:
+            # Before any training: an unwritable folder would otherwise surface at the first checkpoint,
+            # a whole interval of training later. Temp files of writers killed mid-write are removed.
+            ckpt.check_writable(Path(out_dir) / "checkpoints", f"out_dir {out_dir}")
+            ckpt.clean_stale_temp_files(Path(out_dir) / "checkpoints")
         self.model = model.to(self.device)
         self.objective = objective or DiffusionObjective()
         self.steps, self.seed = steps, seed
@@ -96,11 +141,20 @@ class Trainer:
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.checkpoint_every, self.keep = checkpoint_every, keep
         self.progress, self.log_every, self.callback = progress, log_every, callback
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=tuple(betas),
+        self.on_nonfinite, self.max_consecutive_skips = on_nonfinite, max_consecutive_skips
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=betas,
                                            weight_decay=weight_decay)
         self.ema = [p.detach().clone() for p in self.model.parameters()] if ema_decay else None
         self.step = 0
         self.history: list[tuple[int, float]] = []  # (step, mean loss over the last log_every steps)
+        self.skipped: list[int] = []  # steps (1-based, as in checkpoints) skipped for a non-finite loss
+        self.last_step_skipped = False
+        self._consecutive_skips = 0
+        self._last_skip = None  # (step, loss, norm) of the newest skipped step
+        # (loss, grad norm) of the _n_unchecked steps since the last check, oldest first; written on the
+        # device, read where the host waits anyway ("stop": no sync per step)
+        self._unchecked = torch.zeros(log_every, 2, dtype=torch.float32, device=self.device)
+        self._n_unchecked = 0
         self.resumed_from: Optional[Path] = None
         if resume:
             self._resume(resume)
@@ -141,7 +195,21 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        else:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        loss = loss.detach()
+        # Under DDP the norm is of the all-reduced gradients, so a non-finite loss on any rank shows in it.
+        self.last_step_skipped = False
+        if self.on_nonfinite == "skip":
+            if self._skip_this_step(loss, norm):
+                return loss
+        else:
+            if self._n_unchecked == self._unchecked.shape[0]:  # train_step called outside fit: keep it bounded
+                self.check_finite()
+            torch.stack([loss.float(), norm.float().to(loss.device)], out=self._unchecked[self._n_unchecked])
+            self._n_unchecked += 1
         self.optimizer.step()
         if self.ema is not None:
             w = 1.0 - self.ema_decay_at(self.step)
@@ -149,9 +217,69 @@ class Trainer:
                 for e, p in zip(self.ema, self.model.parameters()):
                     e.lerp_(p.detach(), w)
         self.step += 1
-        return loss.detach()
+        return loss
 
     _batch_checked = False
+
+    # ---- non-finite losses -----------------------------------------------------------------------
+
+    def _skip_this_step(self, loss: torch.Tensor, norm: torch.Tensor) -> bool:
+        """on_nonfinite="skip": True (after counting it as done) when this step must change nothing."""
+        pair = torch.stack([loss.float(), norm.float().to(loss.device)])
+        bad = (~torch.isfinite(pair).all()).to(torch.int32)
+        if self.ctx.world > 1:  # every rank must take the same decision
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if not bad.item():  # the per-step sync of "skip"
+            self._consecutive_skips = 0
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1  # the batch of this step is used up: the run stays a function of the step
+        self.skipped.append(self.step)
+        self.last_step_skipped = True
+        self._consecutive_skips += 1
+        self._last_skip = (self.step, *pair.tolist())
+        if self._consecutive_skips >= self.max_consecutive_skips:
+            raise FloatingPointError(
+                f"{self._consecutive_skips} consecutive steps (up to step {self.step}) had a non-finite loss or "
+                f"gradient norm (on_nonfinite='skip', max_consecutive_skips={self.max_consecutive_skips}); the "
+                f"last: {_describe(*self._last_skip)}{self._last_checkpoint_note()}")
+        return True
+
+    def _last_checkpoint_note(self) -> str:
+        if self.checkpoint_dir is None:
+            return ""
+        found = ckpt.list_checkpoints(self.checkpoint_dir)
+        if not found:
+            return "; no checkpoint was written"
+        return f"; the last checkpoint, {found[0][1]}, is intact"
+
+    def check_finite(self, extra: Optional[torch.Tensor] = None):
+        """With on_nonfinite="stop": raise FloatingPointError if a step since the last check had a
+        non-finite loss or gradient norm. One device read, shared with ``extra`` (a 0-dim tensor,
+        returned as a float; None without it)."""
+        n = self._n_unchecked
+        rows = self._unchecked[:n].flatten().double()
+        if extra is not None:
+            rows = torch.cat([rows, extra.detach().to(rows.device, torch.float64).view(1)])
+        values = rows.tolist() if rows.numel() else []
+        first = self.step - n  # row i is step first + i + 1 (1-based, as checkpoints count)
+        self._n_unchecked = 0
+        bad = next((i for i in range(n) if not (math.isfinite(values[2 * i]) and math.isfinite(values[2 * i + 1]))),
+                   None)
+        bad_step = 0 if bad is None else first + bad + 1
+        if self.ctx.world > 1:
+            # the first bad step of any rank, so that all ranks stop together (MIN; none = +inf)
+            t = torch.tensor([bad_step or math.inf], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+            bad_step = 0 if math.isinf(t.item()) else int(t.item())
+        if bad_step:
+            if bad is not None and first + bad + 1 == bad_step:
+                what = _describe(bad_step, values[2 * bad], values[2 * bad + 1])
+            else:
+                what = f"non-finite loss or gradient norm at step {bad_step} (in another process)"
+            raise FloatingPointError(f"training stopped: {what} (detected at step {self.step})"
+                                     f"{self._last_checkpoint_note()}; lower the lr, use grad_clip or check the data")
+        return None if extra is None else values[-1]
 
     def _check_batch(self, x: torch.Tensor) -> None:
         p = next(self.model.parameters(), None)
@@ -165,28 +293,36 @@ class Trainer:
         """Train until step ``steps`` (default: the ``steps`` given at construction); returns a summary."""
         from tqdm.auto import tqdm
 
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         target = self.steps if steps is None else steps
         bar = tqdm(total=target, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (self.progress and self.ctx.is_main))
-        running, count, t0 = None, 0, time.perf_counter()
+        running, count, good, t0 = None, 0, 0, time.perf_counter()
         start = self.step
         self.model.train()
         try:
             while self.step < target:
                 loss = self.train_step()
-                running = loss if running is None else running + loss
+                if not self.last_step_skipped:
+                    running = loss if running is None else running + loss
+                    good += 1
                 count += 1
                 if count == self.log_every or self.step == target:
-                    mean = float(running) / count
-                    self.history.append((self.step, mean))
-                    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{self.lr_at(self.step - 1):.2e}")
-                    running, count = None, 0
+                    # the loss read-back syncs anyway: the non-finite check rides on it
+                    total = self.check_finite(running)
+                    if good:
+                        mean = total / good
+                        self.history.append((self.step, mean))
+                        bar.set_postfix(loss=f"{mean:.4f}", lr=f"{self.lr_at(self.step - 1):.2e}")
+                    running, count, good = None, 0, 0
                 bar.update(1)
                 if self.out_dir is not None and (self.step == target or
                                                  (self.checkpoint_every and self.step % self.checkpoint_every == 0)):
                     self.save()
                 if self.callback is not None:
                     self.callback(self)
+            self.check_finite()
         finally:
             bar.close()
         seconds = time.perf_counter() - t0
@@ -226,7 +362,8 @@ class Trainer:
                 "trainer": {"lr": self.lr, "lr_min": self.lr_min, "warmup": self.warmup,
                             "lr_schedule": self.lr_schedule, "grad_clip": self.grad_clip,
                             "ema_decay": self.ema_decay, "amp": self.amp},
-                "history": self.history}
+                "history": self.history, "skipped": self.skipped,
+                "on_nonfinite": self.on_nonfinite}
 
     @property
     def checkpoint_dir(self) -> Optional[Path]:
@@ -235,14 +372,31 @@ class Trainer:
     def save(self) -> Optional[Path]:
         """Write a checkpoint of the current step (main process), verify it, prune old ones."""
         path = None
+        self.check_finite()  # a step since the last check went bad ("stop"): its weights are not worth keeping
         if self.ctx.is_main:
-            path = ckpt.save(self.checkpoint_dir, self.step, self._tensors(), self._state())
+            tensors = self._tensors()
+            self._check_tensors_finite(tensors)
+            path = ckpt.save(self.checkpoint_dir, self.step, tensors, self._state())
             problem = ckpt.verify(path)
             if problem is not None:
                 raise ckpt.CheckpointError(f"the checkpoint just written does not read back: {problem}")
             ckpt.prune(self.checkpoint_dir, self.keep, path)
         distributed.barrier(self.ctx)
         return path
+
+    def _check_tensors_finite(self, tensors: dict) -> None:
+        """Never write a checkpoint with non-finite weights, EMA or optimizer moments: it would become the
+        "newest valid" checkpoint and pruning would delete the good ones."""
+        floats = [(k, v) for k, v in tensors.items() if v.is_floating_point() and not k.startswith("rng/")]
+        if not floats:
+            return
+        ok = torch.stack([torch.isfinite(v).all().to(self.device) for _, v in floats]).all()
+        if bool(ok):
+            return
+        names = [k for k, v in floats if not bool(torch.isfinite(v).all())]
+        raise FloatingPointError(f"refusing to write the checkpoint of step {self.step}: non-finite values in "
+                                 f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                                 f"{self._last_checkpoint_note()}")
 
     def _resume(self, resume) -> None:
         if resume is True:
@@ -254,16 +408,46 @@ class Trainer:
         else:
             path = Path(resume)
         tensors, state = ckpt.read(path)
-        self.load_state(tensors, state)
+        self.load_state(tensors, state, source=path)
         self.resumed_from = path
 
-    def load_state(self, tensors: dict, state: dict) -> None:
-        """Restore weights, EMA, optimizer, step and RNG from a checkpoint's (tensors, state)."""
-        if state.get("seed") != self.seed or state.get("batch_size") != self.batch_size:
+    def _check_compatible(self, tensors: dict, state: dict, source) -> None:
+        """Refuse a checkpoint that lacks what resuming needs, or whose weights mean something else here."""
+        where = f"checkpoint {source}" if source is not None else "the checkpoint"
+        for key in ("step", "seed", "batch_size", "optimizer", "objective", "model_config"):
+            if key not in state:
+                raise ckpt.CheckpointError(f"{where} is missing the required key {key!r}")
+        if not isinstance(state["optimizer"], dict) or "param_groups" not in state["optimizer"]:
+            raise ckpt.CheckpointError(f"{where} is missing the required key 'optimizer.param_groups'")
+        if "rng/cpu" not in tensors:
+            raise ckpt.CheckpointError(f"{where} is missing the required tensor 'rng/cpu'")
+        if state["seed"] != self.seed or state["batch_size"] != self.batch_size:
             raise ckpt.CheckpointError(
-                f"the checkpoint was made with seed {state.get('seed')} and batch_size {state.get('batch_size')}; "
+                f"{where} was made with seed {state['seed']} and batch_size {state['batch_size']}; "
                 f"this run has seed {self.seed} and batch_size {self.batch_size}: resuming would not continue "
                 "the same run (start a new out_dir, or pass the same seed and batch_size)")
+        # The path and the prediction type define what the network's output means: continuing a velocity
+        # run as eps would train on a different target and label the result eps.
+        saved, mine = state["objective"] or {}, self.objective.config()
+        for key in ("path", "prediction"):
+            if key in saved and saved[key] != mine[key]:
+                raise ckpt.CheckpointError(
+                    f"{where} was trained with {key} {saved[key]!r}; this run has {key} {mine[key]!r}: resuming "
+                    f"would change what the weights mean (use {key} {saved[key]!r}, or start a new out_dir)")
+        saved_cfg = state["model_config"]
+        my_cfg = getattr(_unwrap(self.model), "config", None)
+        if isinstance(saved_cfg, dict) and isinstance(my_cfg, dict):
+            my_cfg = json.loads(json.dumps(my_cfg))  # as stored: tuples become lists
+            diff = [f"{k}={saved_cfg.get(k)!r} in the checkpoint, {my_cfg.get(k)!r} in this run"
+                    for k in sorted(set(saved_cfg) | set(my_cfg)) if saved_cfg.get(k) != my_cfg.get(k)]
+            if diff:
+                raise ckpt.CheckpointError(f"{where} is of a different model: {'; '.join(diff)} (build the same "
+                                           "model, or start a new out_dir)")
+
+    def load_state(self, tensors: dict, state: dict, source=None) -> None:
+        """Restore weights, EMA, optimizer, step and RNG from a checkpoint's (tensors, state); ``source``
+        (its path) names it in errors."""
+        self._check_compatible(tensors, state, source)
         model = _unwrap(self.model)
         prefix = "model/"
         model_state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -291,3 +475,4 @@ class Trainer:
             torch.cuda.set_rng_state(tensors["rng/cuda"], self.device)
         self.step = int(state["step"])
         self.history = [tuple(h) for h in state.get("history", [])]
+        self.skipped = list(state.get("skipped", []))  # absent in older checkpoints

@@ -10,11 +10,18 @@
 //   backward:       grad[b, i] = (grad_loss[b] weight[b] (2 / n)) r[b, i]
 //
 // Every operation in float32, in the reference's order (nvcc and -ffp-contract=fast may fuse a
-// multiply-add; the difference is within an ulp of each term). Only the per-sample sum of r^2 is
-// accumulated in float64, in a fixed order: each sample is cut into chunks of kLossChunk elements,
-// each chunk's partial sum is formed by one thread (CPU) or one block (CUDA) in an order fixed by the
-// element indices, and the chunks are then added in index order. The loss is thus bitwise
-// reproducible on one backend and build, whatever the thread count.
+// multiply-add; the difference is within an ulp of each term), r^2 included. The per-sample sum of
+// r^2 is float32 only over short fixed runs of at most 16 squares, and float64 beyond:
+//   CPU:    a vector lane's squares within one noise block (kBlockElems / Vectorized<float>::size()
+//           = 8 squares) in float32; the lanes and blocks of a chunk in float64 (loss_block.h);
+//   CUDA:   a thread's squares within a chunk (kLossChunk / 4 / kBlock groups = 16 squares) in
+//           float32; the threads (fixed shuffle tree) in float64 (cuda/loss.cu);
+//   Triton: a group's 4 squares in float32; the groups, blocks and partials in float64 (kernels/loss.py).
+// The order is fixed: each sample is cut into chunks of kLossChunk elements (Triton: blocks), each
+// chunk's partial sum is formed by one thread (CPU) or one block (CUDA) in an order fixed by the
+// element indices, and the chunks are then added in index order; loss_from_sum rounds once. The loss
+// is thus bitwise reproducible on one backend and build, whatever the thread count. (The reference,
+// diffusion_loss_reference, takes a float32 mean: the same value up to float32 summation rounding.)
 #pragma once
 
 #include <cstdint>

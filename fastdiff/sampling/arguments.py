@@ -1,0 +1,175 @@
+"""Checks and normalization of ``fastdiff.sample``'s arguments: errors name the argument."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+
+import torch
+
+from fastdiff import _checks
+from fastdiff.paths import affine_coefficients
+from fastdiff.sampling.coefficients import Stage, needed_conversions
+
+# First grid point where a prediction cannot be converted at t = 0 (e.g. eps or score models under
+# CondOT, whose alpha_0 = 0 makes x0 = (x - beta eps) / alpha undefined).
+T_MIN_SINGULAR = 1e-3
+# Longest grid a call takes. The coefficient tables live on the host (about 0.6 kB per stage, so
+# ~120 MB for Heun at this bound), and noise stream ids 1 + step must stay below 2^32; 10^5 steps is
+# 100x DDPM's 1000-step ancestral sampler, the longest in common use.
+MAX_STEPS = 100_000
+_PRED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def time_grid(steps, timesteps, path, prediction, method, stochastic) -> list[float]:
+    if timesteps is not None:
+        if isinstance(timesteps, torch.Tensor):
+            if timesteps.dim() != 1:
+                raise ValueError(f"timesteps must be 1-D (steps + 1 times), got shape {tuple(timesteps.shape)}")
+            timesteps = timesteps.detach().double().cpu().tolist()
+        if not isinstance(timesteps, Sequence) or isinstance(timesteps, (str, bytes)):
+            raise TypeError(f"timesteps must be a 1-D tensor or a sequence of floats, got {type(timesteps).__name__}")
+        for i, v in enumerate(timesteps):
+            if not is_number(v):
+                raise TypeError(f"timesteps[{i}] must be a float (timesteps is a 1-D grid), got {type(v).__name__}")
+        grid = [float(v) for v in timesteps]
+        if len(grid) < 2:
+            raise ValueError(f"timesteps must hold at least 2 times (steps + 1), got {len(grid)}")
+        if len(grid) > MAX_STEPS + 1:
+            raise ValueError(f"timesteps holds {len(grid) - 1} steps; at most {MAX_STEPS} are supported")
+        if steps is not None and len(grid) != steps + 1:
+            raise ValueError(f"timesteps has {len(grid)} times but steps={steps} needs steps + 1 = {steps + 1}; "
+                             "pass steps=None with explicit timesteps")
+        if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in grid):
+            raise ValueError(f"timesteps must lie in [0, 1] (flow time: 0 noise, 1 data), got {grid}")
+        if any(b <= a for a, b in zip(grid, grid[1:])):
+            raise ValueError("timesteps must be strictly increasing (flow time runs from noise at 0 to data at 1)")
+        return grid
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps > MAX_STEPS:
+        raise ValueError(f"steps={steps} is more than the {MAX_STEPS} steps supported")
+    t0 = 0.0
+    for to in needed_conversions(method, stochastic):
+        try:
+            affine_coefficients(path, 0.0, prediction, to)
+        except ValueError:
+            t0 = T_MIN_SINGULAR
+    return [t0 + (1.0 - t0) * i / steps for i in range(steps + 1)]
+
+
+def sigma_function(sigma) -> Callable[[float], float]:
+    if callable(sigma):
+        def fn(t: float) -> float:
+            s = sigma(t)
+            if isinstance(s, torch.Tensor):
+                if s.numel() != 1:
+                    raise TypeError(f"sigma(t) must return one number per time (shared by the batch), got a tensor "
+                                    f"of shape {tuple(s.shape)} for sigma({t})")
+                s = s.item()
+            if not is_number(s):
+                raise TypeError(f"sigma(t) must return a float, got {type(s).__name__} for sigma({t})")
+            s = float(s)
+            if not math.isfinite(s) or s < 0:
+                raise ValueError(f"sigma(t) must be finite and >= 0, got sigma({t}) = {s}")
+            return s
+        return fn
+    if not is_number(sigma):
+        raise TypeError(f"sigma must be a float or a callable t -> sigma_t, got {type(sigma).__name__}")
+    if not math.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
+    return lambda t: float(sigma)
+
+
+def sample_seeds(seed, batch: int, device) -> torch.Tensor:
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        if seed < 0 or seed + batch > 1 << 64:
+            raise ValueError(f"seed must be in [0, 2^64 - batch_size], got {seed}")
+        return _checks.seeds_tensor([seed + b for b in range(batch)], device)
+    seeds = _checks.seeds_tensor(seed, device, name="seed")
+    if seeds.shape[0] != batch:
+        raise ValueError(f"seed holds {seeds.shape[0]} per-sample seeds but the batch has {batch} samples")
+    return seeds
+
+
+def batch_size_of(y, noise, batch_size) -> int:
+    sizes = {}
+    if y is not None:
+        if isinstance(y, torch.Tensor) and y.dim() == 0:
+            raise ValueError("y must hold one label per sample (a batch [B, ...]), got a 0-d tensor; "
+                             "write y.reshape(1) for one sample")
+        if not isinstance(y, torch.Tensor) and (not isinstance(y, Sequence) or isinstance(y, (str, bytes))):
+            raise TypeError(f"y must be a tensor [B, ...] or a sequence of B labels, got {type(y).__name__}")
+        sizes["y"] = len(y)
+    if noise is not None:
+        if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.dim() < 1:
+            raise TypeError("noise must be a floating-point tensor [B, *shape]")
+        sizes["noise"] = noise.shape[0]
+    if batch_size is not None:
+        if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool):
+            raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__} {batch_size!r}")
+        if batch_size < 0:
+            raise ValueError(f"batch_size must be >= 0, got {batch_size}")
+        sizes["batch_size"] = int(batch_size)
+    if not sizes:
+        raise ValueError("the batch size comes from y, noise or batch_size; pass one of them")
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"inconsistent batch sizes: {sizes}")
+    return next(iter(sizes.values()))
+
+
+def null_labels(null_y, y, batch: int):
+    """null_y for every sample: a tensor like y (a scalar label is broadcast), or a list of B labels."""
+    if isinstance(y, torch.Tensor):
+        null = torch.as_tensor(null_y, device=y.device)
+        if null.is_floating_point() and not y.is_floating_point():
+            raise TypeError(f"null_y must be a label of y's kind ({y.dtype}), got a float {null_y!r}")
+        null = null.to(y.dtype)
+        if null.dim() == 0 or null.shape == y.shape[1:]:
+            null = null.expand(y.shape).contiguous()
+        if null.shape != y.shape:
+            raise ValueError(f"null_y must be one label or a batch like y {tuple(y.shape)}, got {tuple(null.shape)}")
+        return null
+    if isinstance(null_y, (list, tuple)):
+        if len(null_y) != batch:
+            raise ValueError(f"null_y holds {len(null_y)} labels but the batch has {batch} samples")
+        return list(null_y)
+    return [null_y] * batch
+
+
+def guidance_interval_pair(guidance_interval):
+    if guidance_interval is None:
+        return None
+    if not isinstance(guidance_interval, Sequence) or len(guidance_interval) != 2 or \
+            not all(is_number(v) for v in guidance_interval):
+        raise TypeError(f"guidance_interval must be a pair (t_lo, t_hi) of floats, got {guidance_interval!r}")
+    lo, hi = (float(v) for v in guidance_interval)
+    if not (0.0 <= lo <= hi <= 1.0):
+        raise ValueError(f"guidance_interval must be (t_lo, t_hi) with 0 <= t_lo <= t_hi <= 1, got {guidance_interval}")
+    return lo, hi
+
+
+def concat_labels(y, null):
+    if isinstance(y, torch.Tensor):
+        return torch.cat([y, null])
+    return list(y) + list(null)
+
+
+def check_model_output(out, shape, device, stage: Stage):
+    """Shape/device/dtype of a model output: metadata only, no synchronization."""
+    where = f"at step {stage.step} (t={stage.t:.6g})"
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"model returned {type(out).__name__} {where}; it must return a tensor")
+    if tuple(out.shape) != shape:
+        raise ValueError(f"model output {where} has shape {tuple(out.shape)}, expected {shape}")
+    if out.device != device:
+        raise ValueError(f"model output {where} is on {out.device}, expected {device}")
+    if out.dtype not in _PRED_DTYPES:
+        raise TypeError(f"model output {where} has dtype {out.dtype}; expected float32, float16 or bfloat16")

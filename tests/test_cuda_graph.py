@@ -1,0 +1,283 @@
+"""fastdiff.sample(cuda_graph=True): captured loops keep alive what they read, the cache key identifies
+what a capture baked in, the cache is bounded, and capture/replay happen on the sampling device.
+
+On the CPU these run against tests/graph_recorder.py, a recording stand-in for capture and replay
+that fails when a replay reads a tensor that has died, or when the capture copies host data or reads a
+device value; with a GPU the same scenarios run on the real driver (marked cuda)."""
+
+import contextlib
+import gc
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import paths
+from fastdiff.sampling import graphs
+from graph_recorder import CaptureViolation, RecordingCapture, ReplayOfFreedMemory, empty_cache
+
+METHODS = [("euler", {"sigma": 0.5}), ("heun", {}), ("dpmpp_2m", {}), ("ddim", {"eta": 0.7})]
+
+
+class TimeModel(torch.nn.Module):
+    """Reads x, t and y (when given), as real models do: each is an address a graph bakes in."""
+
+    def __init__(self, dim=6, classes=3, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.lin = torch.nn.Linear(dim, dim)
+        with torch.no_grad():
+            self.lin.weight.copy_(0.2 * torch.randn(dim, dim, generator=g))
+        self.emb = torch.nn.Embedding(classes + 1, dim)
+
+    def forward(self, x, t, y):
+        out = self.lin(x) * (1.0 + t[:, None])
+        if y is not None:
+            out = out + self.emb(y)
+        return out
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    rec = RecordingCapture()
+    monkeypatch.setattr(graphs, "CAPTURE", rec)
+    monkeypatch.setattr(graphs, "CACHE", graphs.GraphCache())
+    return rec
+
+
+def _kw(method, extra, **more):
+    kw = dict(shape=(6,), batch_size=5, method=method, backend="cpu" if fastdiff.backends()["cpu"] else "reference")
+    kw.update(extra)
+    kw.update(more)
+    return kw
+
+
+@pytest.mark.parametrize("method,extra", METHODS, ids=[m for m, _ in METHODS])
+def test_replays_of_two_alternating_captures_read_only_live_tensors(recorder, method, extra):
+    model = TimeModel()
+    y = torch.tensor([0, 1, 2, 1, 0])
+    configs = [_kw(method, extra, cfg=3.0, y=y, null_y=3), _kw(method, extra, steps=7)]
+    for round_ in range(3):
+        for cfg in configs:
+            seed = 100 * round_ + 7
+            got = fastdiff.sample(model, **{"steps": 9, **cfg}, seed=seed, cuda_graph=True)
+            empty_cache()  # a second capture empties the allocator's cache: freed blocks go back
+            want = fastdiff.sample(model, **{"steps": 9, **cfg}, seed=seed)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert recorder.captures == 2 and recorder.replays == 6
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_capture_makes_no_host_copies_and_no_syncs(recorder, backend):
+    if not fastdiff.backends()[backend]:
+        pytest.skip(fastdiff.backends()[backend].reason)
+    model = TimeModel()
+    for method, extra in METHODS:
+        fastdiff.sample(model, 6, **_kw(method, extra, backend=backend), cuda_graph=True)
+    assert recorder.captures == len(METHODS)
+
+
+def test_discrete_vp_coefficients_copy_the_table_once_per_device():
+    from graph_recorder import HostDataRecorder
+
+    path = paths.DiscreteVP(torch.linspace(0.99, 0.01, 50))
+    t = torch.rand(8, dtype=torch.float64, device="meta")
+    path.coefficients(t)  # the first call on a device copies the table there
+    with HostDataRecorder() as rec:
+        path.coefficients(t)
+        path.coefficients(t)
+    assert rec.seen == []
+
+
+def test_schedules_with_the_same_repr_get_their_own_graphs(recorder):
+    model = TimeModel()
+    a = paths.DiscreteVP(torch.linspace(0.999, 0.01, 100))
+    b = paths.DiscreteVP(torch.linspace(0.999, 0.2, 100) ** 2)
+    assert repr(a) == repr(b)
+    u1 = paths.UserPath(lambda t: t, lambda t: 1 - t, name="mine")
+    u2 = paths.UserPath(lambda t: t, lambda t: (1 - t) * 2, name="mine")
+    assert repr(u1) == repr(u2)
+    for path in (a, b, u1, u2):
+        kw = _kw("ddim", {}, path=path, prediction="eps")
+        got = fastdiff.sample(model, 8, **kw, seed=3, cuda_graph=True)
+        torch.testing.assert_close(got, fastdiff.sample(model, 8, **kw, seed=3), rtol=0, atol=0)
+    assert recorder.captures == 4
+
+
+def test_whether_y_is_given_is_part_of_the_key(recorder):
+    model = TimeModel()
+    kw = _kw("euler", {})
+    plain = fastdiff.sample(model, 5, **kw, cuda_graph=True)
+    y = torch.tensor([2, 2, 1, 0, 1])
+    labelled = fastdiff.sample(model, 5, **kw, y=y, cuda_graph=True)
+    torch.testing.assert_close(labelled, fastdiff.sample(model, 5, **kw, y=y), rtol=0, atol=0)
+    assert not torch.equal(plain, labelled)
+    assert recorder.captures == 2
+
+
+def _model_of_kind(kind):
+    module = TimeModel()
+    if kind == "module":
+        return module
+    if kind == "function":
+        return lambda x, t, y: module(x, t, y)
+    return module.forward
+
+
+@pytest.mark.parametrize("kind", ["module", "function", "bound method"])
+def test_a_dead_models_graphs_are_dropped(recorder, kind):
+    model = _model_of_kind(kind)
+    fastdiff.sample(model, 4, **_kw("heun", {}), cuda_graph=True)
+    assert len(graphs.CACHE) == 1
+    del model
+    gc.collect()
+    # a new model may now get the dead one's id: no entry may be left to be replayed for it
+    assert len(graphs.CACHE) == 0
+
+
+def test_a_new_object_with_a_reused_id_never_replays_another_models_graph(recorder):
+    first, second = TimeModel(seed=1), TimeModel(seed=2)
+    kw = _kw("euler", {})
+    fastdiff.sample(first, 4, **kw, cuda_graph=True)
+    # forge the collision that id reuse after garbage collection produces
+    (key, entry), = graphs.CACHE._entries.items()
+    graphs.CACHE._entries[(id(second),) + key[1:]] = entry
+    got = fastdiff.sample(second, 4, **kw, cuda_graph=True)
+    torch.testing.assert_close(got, fastdiff.sample(second, 4, **kw), rtol=0, atol=0)
+    assert recorder.captures == 2
+
+
+def test_cache_is_bounded_least_recently_used_first(recorder):
+    model = TimeModel()
+    for steps in (3, 4, 5, 6):
+        fastdiff.sample(model, steps, **_kw("euler", {}), cuda_graph=True)
+    fastdiff.sample(model, 3, **_kw("euler", {}), cuda_graph=True)  # touch the oldest
+    fastdiff.sample(model, 7, **_kw("euler", {}), cuda_graph=True)  # evicts steps=4
+    assert len(graphs.CACHE) == graphs.CACHE.capacity == 4
+    assert recorder.captures == 5
+    fastdiff.sample(model, 3, **_kw("euler", {}), cuda_graph=True)
+    assert recorder.captures == 5
+    fastdiff.sample(model, 4, **_kw("euler", {}), cuda_graph=True)
+    assert recorder.captures == 6
+    fastdiff.clear_cuda_graphs()
+    assert len(graphs.CACHE) == 0
+
+
+def test_recorder_catches_a_replay_of_freed_memory(recorder):
+    """The stand-in itself: a graph over a tensor nobody keeps fails on replay."""
+    keep = {"x": torch.zeros(4)}
+    graph = recorder.capture(lambda: keep["x"].add_(1.0), "cpu")
+    recorder.replay(graph, "cpu")
+    assert keep["x"].tolist() == [3.0] * 4  # warm-up, capture, replay
+    del keep["x"]
+    gc.collect()
+    with pytest.raises(ReplayOfFreedMemory):
+        recorder.replay(graph, "cpu")
+    with pytest.raises(CaptureViolation, match="host"):
+        recorder.capture(lambda: torch.zeros(2) + torch.tensor(1.0), "cpu")
+
+
+# ---- device placement, with a fake torch.cuda that has two devices ---------------------------------
+
+class FakeCuda:
+    """Just enough of torch.cuda for CudaCapture, recording which device each action happens on."""
+
+    def __init__(self):
+        self.current = 0
+        self.log = []
+        fake = self
+
+        class Stream:
+            def __init__(self, device=None):
+                self.device = fake._index(device)
+                fake.log.append(("stream", self.device))
+
+            def wait_stream(self, other):
+                pass
+
+        class CUDAGraph:
+            def replay(self):
+                fake.log.append(("replay", fake.current))
+
+        @contextlib.contextmanager
+        def graph(g, stream=None, **kw):
+            s = stream if stream is not None else Stream()  # torch's default stream: made on the current device
+            fake.log.append(("capture stream", s.device))
+            yield
+
+        @contextlib.contextmanager
+        def device(d):
+            old, fake.current = fake.current, fake._index(d)
+            try:
+                yield
+            finally:
+                fake.current = old
+
+        @contextlib.contextmanager
+        def stream(s):
+            yield
+
+        self.Stream, self.CUDAGraph, self.graph, self.device, self.stream = Stream, CUDAGraph, graph, device, stream
+        self.current_stream = lambda device=None: Stream(device)
+
+    def _index(self, d):
+        if d is None:
+            return self.current
+        d = torch.device(d)
+        return self.current if d.index is None else d.index
+
+
+def test_capture_and_replay_happen_on_the_sampling_device(monkeypatch):
+    fake = FakeCuda()
+    for name in ("Stream", "CUDAGraph", "graph", "device", "stream", "current_stream"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    runs = []
+    cap = graphs.CudaCapture()
+    graph = cap.capture(lambda: runs.append(fake.current), torch.device("cuda", 1))
+    cap.replay(graph, torch.device("cuda", 1))
+    assert fake.current == 0  # the caller's current device is restored
+    assert runs == [1, 1]  # warm-up and capture run with cuda:1 current
+    assert {d for _, d in fake.log} == {1}, fake.log
+
+
+# ---- the real driver --------------------------------------------------------------------------------
+
+def _gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method,extra", METHODS, ids=[m for m, _ in METHODS])
+def test_cuda_two_captures_alternating_with_empty_cache(method, extra):
+    _gpu()
+    graphs.clear_cuda_graphs()
+    model = TimeModel().cuda()
+    y = torch.tensor([0, 1, 2, 1, 0], device="cuda")
+    configs = [_kw(method, extra, cfg=3.0, y=y, null_y=3, device="cuda", backend="auto"),
+               _kw(method, extra, steps=7, device="cuda", backend="auto")]
+    for round_ in range(3):
+        for cfg in configs:
+            seed = 100 * round_ + 7
+            got = fastdiff.sample(model, **{"steps": 9, **cfg}, seed=seed, cuda_graph=True)
+            torch.cuda.empty_cache()
+            want = fastdiff.sample(model, **{"steps": 9, **cfg}, seed=seed)
+            torch.testing.assert_close(got, want)
+    graphs.clear_cuda_graphs()
+
+
+@pytest.mark.cuda
+def test_cuda_graph_on_a_non_current_device():
+    _gpu()
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    graphs.clear_cuda_graphs()
+    model = TimeModel().to("cuda:1")
+    kw = _kw("heun", {}, device="cuda:1", backend="auto")
+    with torch.cuda.device(0):
+        got = fastdiff.sample(model, 8, **kw, seed=5, cuda_graph=True)
+        again = fastdiff.sample(model, 8, **kw, seed=6, cuda_graph=True)
+    assert got.device == torch.device("cuda", 1)
+    torch.testing.assert_close(got, fastdiff.sample(model, 8, **kw, seed=5))
+    torch.testing.assert_close(again, fastdiff.sample(model, 8, **kw, seed=6))
+    graphs.clear_cuda_graphs()
