@@ -16,6 +16,8 @@ from fastdiff import models, testing
 from fastdiff.training import CheckpointError, DiffusionObjective, Trainer
 from fastdiff.training import checkpoint as ckpt
 
+from trainer_state import assert_identical, trainer_state
+
 
 def _data(n=256):
     mixture = testing.ring_mixture(4, radius=3.0, std=0.3)
@@ -48,20 +50,6 @@ def _trainer(out=None, cls=Trainer, hidden=32, **kw):
             "log_every": 3, "checkpoint_every": 4 if out else 0, "keep": 2}
     base.update(kw)
     return cls(models.MLP(2, hidden=hidden, depth=2), _data(), **base)
-
-
-def _snapshot(tr):
-    out = {f"model/{k}": v.clone() for k, v in tr.model.state_dict().items()}
-    out.update({f"ema/{k}": v.clone() for k, v in tr.ema_state_dict().items()})
-    for i, st in tr.optimizer.state_dict()["state"].items():
-        out.update({f"optim/{i}/{k}": v.clone() for k, v in st.items()})
-    return out
-
-
-def _assert_identical(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def _steps(folder):
@@ -117,12 +105,12 @@ def test_skip_leaves_the_state_untouched_and_resumes_exactly(tmp_path):
 
     def keep(tr):
         if tr.step in (2, 4):
-            seen[tr.step] = _snapshot(tr)
+            seen[tr.step] = trainer_state(tr)
 
     full = _trainer(tmp_path / "full", cls=_Poisoned, bad={3, 4, 9}, on_nonfinite="skip", callback=keep)
     full.fit()
     assert full.step == 12 and full.skipped == [3, 4, 9]
-    _assert_identical(seen[4], seen[2])  # weights, EMA and AdamW state (its step count too) unchanged
+    assert_identical(seen[4], seen[2])  # weights, EMA and AdamW state (its step count too) unchanged
     assert all(math.isfinite(loss) for _, loss in full.history)  # skipped losses are left out of the means
     _, state = ckpt.read(tmp_path / "full" / "checkpoints")
     assert state["skipped"] == [3, 4, 9]
@@ -132,7 +120,7 @@ def test_skip_leaves_the_state_untouched_and_resumes_exactly(tmp_path):
     resumed = _trainer(tmp_path / "part", cls=_Poisoned, bad={3, 4, 9}, on_nonfinite="skip")
     assert resumed.step == 6 and resumed.skipped == [3, 4]
     resumed.fit()
-    _assert_identical(_snapshot(resumed), _snapshot(full))
+    assert_identical(trainer_state(resumed), trainer_state(full))
     assert resumed.skipped == full.skipped and resumed.history == full.history
 
 
@@ -162,7 +150,7 @@ def test_stop_mode_adds_no_result_change():
     a, b = _trainer(), _trainer(on_nonfinite="skip")
     a.fit()
     b.fit()
-    _assert_identical(_snapshot(a), _snapshot(b))
+    assert_identical(trainer_state(a), trainer_state(b))
     assert a.history == b.history
 
 

@@ -26,6 +26,7 @@ from fastdiff.training.batches import StepBatches
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_script import build_run  # noqa: E402
+from trainer_state import assert_identical, trainer_state
 
 SCRIPT = Path(__file__).with_name("train_script.py")
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
@@ -219,20 +220,6 @@ def _trainer(out=None, steps=12, resume=True, **kw):
     return Trainer(model, _mixture_data(), **base)
 
 
-def _state(trainer):
-    out = {f"model/{k}": v.clone() for k, v in trainer.model.state_dict().items()}
-    out.update({f"ema/{k}": v.clone() for k, v in trainer.ema_state_dict().items()})
-    for i, st in trainer.optimizer.state_dict()["state"].items():
-        out.update({f"optim/{i}/{k}": v.clone() for k, v in st.items()})
-    return out
-
-
-def _assert_identical(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
 def test_lr_schedule():
     tr = _trainer(steps=14, lr=1e-2, warmup=4, lr_schedule="cosine", lr_min=1e-3)
     assert [tr.lr_at(s) for s in range(4)] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2])
@@ -252,7 +239,7 @@ def test_resume_in_process_is_bit_exact(tmp_path, amp):
     resumed = _trainer(tmp_path / "part", amp=amp)
     assert resumed.step == 6 and resumed.resumed_from.name == "step-00000006.json"
     resumed.fit()
-    _assert_identical(_state(resumed), _state(full))
+    assert_identical(trainer_state(resumed), trainer_state(full))
     assert resumed.history == full.history
 
 
@@ -270,7 +257,7 @@ def test_checkpoint_contents_and_pruning(tmp_path):
     for k, v in tr.ema_state_dict().items():
         assert torch.equal(model.state_dict()[k], v)
     raw, _ = load_model(tmp_path / "checkpoints", ema=False)
-    _assert_identical(raw.state_dict(), tr.model.state_dict())
+    assert_identical(raw.state_dict(), tr.model.state_dict())
 
 
 def _corrupt(path: Path, how: str) -> None:
@@ -299,7 +286,7 @@ def test_corrupt_checkpoint_is_detected_and_the_previous_one_used(tmp_path, how)
         resumed = _trainer(tmp_path / "run", steps=18)
     assert resumed.step == 6  # the previous good checkpoint was kept
     resumed.fit()
-    _assert_identical(_state(resumed), _state(full))
+    assert_identical(trainer_state(resumed), trainer_state(full))
 
 
 def test_checkpoint_json_problems(tmp_path):
@@ -366,7 +353,7 @@ def test_sigkill_between_checkpoints_then_resume_is_exact(tmp_path):
     import safetensors.torch as st
 
     a, b = st.load_file(ref / "final.safetensors"), st.load_file(run / "final.safetensors")
-    _assert_identical(a, b)
+    assert_identical(a, b)
 
 
 def test_torchrun_two_processes_match_one(tmp_path):

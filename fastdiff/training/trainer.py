@@ -7,12 +7,7 @@ everything else that evolves (weights, EMA, AdamW moments and step counts, torch
 a run resumed from step k performs the same arithmetic as the run that never stopped, and on the CPU
 its weights are bit-identical (tests/test_training.py kills a run with SIGKILL to check).
 
-Non-finite losses: every step writes its (loss, gradient norm) into a small buffer on the device
-(one kernel, no sync); "stop" inspects the buffer where the host already waits (the loss read-back
-every ``log_every`` steps, checkpoints, the end of ``fit``), so it adds no synchronization per step,
-and raises FloatingPointError naming the first bad step before a checkpoint of a later step is
-written. "skip" must decide before the update, so it reads the pair back every step (a device sync
-per step).
+Non-finite losses ("stop" without a sync per step, or "skip"): see :mod:`fastdiff.training.nonfinite`.
 """
 
 from __future__ import annotations
@@ -28,27 +23,13 @@ import torch
 from fastdiff.training import checkpoint as ckpt
 from fastdiff.training import distributed
 from fastdiff.training.batches import StepBatches
-from fastdiff.training.objective import SEED_SHIFT, DiffusionObjective, training_seeds
-
-ON_NONFINITE = ("stop", "skip")
+from fastdiff.training.nonfinite import ON_NONFINITE, NonFiniteGuard  # noqa: F401 (ON_NONFINITE: re-export)
+from fastdiff.training.objective import DiffusionObjective, training_seeds
+from fastdiff.training.options import check_trainer_args
 
 
 def _unwrap(model):
     return getattr(model, "module", model)
-
-
-def _describe(step: int, loss: float, norm: float) -> str:
-    what = "loss" if not math.isfinite(loss) else "gradient norm"
-    return f"non-finite {what} at step {step} (loss {loss}, gradient norm {norm})"
-
-
-def _check_float(name: str, v, *, low: float, high: Optional[float] = None, low_open: bool = False) -> None:
-    """v a finite real number with low <= v (low < v if low_open) and v < high."""
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    ok = ok and (v > low if low_open else v >= low) and (high is None or v < high)
-    if not ok:
-        bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and < {high:g}" if high is not None else "")
-        raise ValueError(f"{name} must be a finite number {bounds}, got {v!r}")
 
 
 class Trainer:
@@ -94,32 +75,11 @@ class Trainer:
                  resume=True, progress: bool = True, log_every: int = 10,
                  callback: Optional[Callable] = None, device=None, on_nonfinite: str = "stop",
                  max_consecutive_skips: int = 10):
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        for name, v, least in (("steps", steps, 1), ("warmup", warmup, 0), ("checkpoint_every", checkpoint_every, 0),
-                               ("keep", keep, 0), ("log_every", log_every, 1),
-                               ("max_consecutive_skips", max_consecutive_skips, 1)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < least:
-                raise ValueError(f"{name} must be an int >= {least}, got {v!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 1 << (63 - SEED_SHIFT):
-            raise ValueError(f"seed must be an int in [0, 2^{63 - SEED_SHIFT}), got {seed!r}")
-        _check_float("lr", lr, low=0.0, low_open=True)
-        _check_float("lr_min", lr_min, low=0.0)
-        _check_float("weight_decay", weight_decay, low=0.0)
-        if lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
-        _check_float("ema_decay", ema_decay, low=0.0, high=1.0)
-        if grad_clip is not None:
-            _check_float("grad_clip", grad_clip, low=0.0)  # NaN would pass `< 0` and clip every gradient to NaN
-        betas = tuple(betas)
-        if len(betas) != 2:
-            raise ValueError(f"betas must be two floats, got {betas!r}")
-        for i, b in enumerate(betas):
-            _check_float(f"betas[{i}]", b, low=0.0, high=1.0)
-        if on_nonfinite not in ON_NONFINITE:
-            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
-        if checkpoint_every and out_dir is None:
-            raise ValueError("checkpoint_every needs out_dir")
+        betas = check_trainer_args(
+            model, steps=steps, warmup=warmup, checkpoint_every=checkpoint_every, keep=keep, log_every=log_every,
+            max_consecutive_skips=max_consecutive_skips, seed=seed, lr=lr, lr_min=lr_min, weight_decay=weight_decay,
+            lr_schedule=lr_schedule, ema_decay=ema_decay, grad_clip=grad_clip, betas=betas,
+            on_nonfinite=on_nonfinite, out_dir=out_dir)
 
         if device is None and not distributed.launched():
             p = next(model.parameters(), None)
@@ -141,20 +101,14 @@ class Trainer:
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.checkpoint_every, self.keep = checkpoint_every, keep
         self.progress, self.log_every, self.callback = progress, log_every, callback
-        self.on_nonfinite, self.max_consecutive_skips = on_nonfinite, max_consecutive_skips
+        self.on_nonfinite = on_nonfinite
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=betas,
                                            weight_decay=weight_decay)
         self.ema = [p.detach().clone() for p in self.model.parameters()] if ema_decay else None
         self.step = 0
         self.history: list[tuple[int, float]] = []  # (step, mean loss over the last log_every steps)
-        self.skipped: list[int] = []  # steps (1-based, as in checkpoints) skipped for a non-finite loss
-        self.last_step_skipped = False
-        self._consecutive_skips = 0
-        self._last_skip = None  # (step, loss, norm) of the newest skipped step
-        # (loss, grad norm) of the _n_unchecked steps since the last check, oldest first; written on the
-        # device, read where the host waits anyway ("stop": no sync per step)
-        self._unchecked = torch.zeros(log_every, 2, dtype=torch.float32, device=self.device)
-        self._n_unchecked = 0
+        self._nonfinite = NonFiniteGuard(max_consecutive_skips, capacity=log_every,
+                                         device=self.device, world=self.ctx.world, checkpoint_dir=self.checkpoint_dir)
         self.resumed_from: Optional[Path] = None
         if resume:
             self._resume(resume)
@@ -203,13 +157,14 @@ class Trainer:
         # Under DDP the norm is of the all-reduced gradients, so a non-finite loss on any rank shows in it.
         self.last_step_skipped = False
         if self.on_nonfinite == "skip":
-            if self._skip_this_step(loss, norm):
+            bad = self._nonfinite.bad_values(loss, norm)  # a device sync per step
+            if bad is not None:  # this step changes nothing
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1  # the batch of this step is used up: the run stays a function of the step
+                self._nonfinite.skip(self.step, *bad)  # raises after max_consecutive_skips in a row
                 return loss
         else:
-            if self._n_unchecked == self._unchecked.shape[0]:  # train_step called outside fit: keep it bounded
-                self.check_finite()
-            torch.stack([loss.float(), norm.float().to(loss.device)], out=self._unchecked[self._n_unchecked])
-            self._n_unchecked += 1
+            self._nonfinite.record(loss, norm, self.step)  # on the device, checked at the next read-back
         self.optimizer.step()
         if self.ema is not None:
             w = 1.0 - self.ema_decay_at(self.step)
@@ -221,65 +176,39 @@ class Trainer:
 
     _batch_checked = False
 
-    # ---- non-finite losses -----------------------------------------------------------------------
+    # ---- non-finite losses (see fastdiff.training.nonfinite) --------------------------------------
 
-    def _skip_this_step(self, loss: torch.Tensor, norm: torch.Tensor) -> bool:
-        """on_nonfinite="skip": True (after counting it as done) when this step must change nothing."""
-        pair = torch.stack([loss.float(), norm.float().to(loss.device)])
-        bad = (~torch.isfinite(pair).all()).to(torch.int32)
-        if self.ctx.world > 1:  # every rank must take the same decision
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        if not bad.item():  # the per-step sync of "skip"
-            self._consecutive_skips = 0
-            return False
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1  # the batch of this step is used up: the run stays a function of the step
-        self.skipped.append(self.step)
-        self.last_step_skipped = True
-        self._consecutive_skips += 1
-        self._last_skip = (self.step, *pair.tolist())
-        if self._consecutive_skips >= self.max_consecutive_skips:
-            raise FloatingPointError(
-                f"{self._consecutive_skips} consecutive steps (up to step {self.step}) had a non-finite loss or "
-                f"gradient norm (on_nonfinite='skip', max_consecutive_skips={self.max_consecutive_skips}); the "
-                f"last: {_describe(*self._last_skip)}{self._last_checkpoint_note()}")
-        return True
+    @property
+    def skipped(self) -> list[int]:
+        """Steps (1-based, as in checkpoints) skipped for a non-finite loss (on_nonfinite="skip")."""
+        return self._nonfinite.skipped
 
-    def _last_checkpoint_note(self) -> str:
-        if self.checkpoint_dir is None:
-            return ""
-        found = ckpt.list_checkpoints(self.checkpoint_dir)
-        if not found:
-            return "; no checkpoint was written"
-        return f"; the last checkpoint, {found[0][1]}, is intact"
+    @skipped.setter
+    def skipped(self, steps: list[int]) -> None:
+        self._nonfinite.skipped = steps
+
+    @property
+    def max_consecutive_skips(self) -> int:
+        return self._nonfinite.max_consecutive_skips
+
+    @max_consecutive_skips.setter
+    def max_consecutive_skips(self, n: int) -> None:
+        self._nonfinite.max_consecutive_skips = n
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the newest train_step was skipped (on_nonfinite="skip")."""
+        return self._nonfinite.last_step_skipped
+
+    @last_step_skipped.setter
+    def last_step_skipped(self, value: bool) -> None:
+        self._nonfinite.last_step_skipped = value
 
     def check_finite(self, extra: Optional[torch.Tensor] = None):
         """With on_nonfinite="stop": raise FloatingPointError if a step since the last check had a
         non-finite loss or gradient norm. One device read, shared with ``extra`` (a 0-dim tensor,
         returned as a float; None without it)."""
-        n = self._n_unchecked
-        rows = self._unchecked[:n].flatten().double()
-        if extra is not None:
-            rows = torch.cat([rows, extra.detach().to(rows.device, torch.float64).view(1)])
-        values = rows.tolist() if rows.numel() else []
-        first = self.step - n  # row i is step first + i + 1 (1-based, as checkpoints count)
-        self._n_unchecked = 0
-        bad = next((i for i in range(n) if not (math.isfinite(values[2 * i]) and math.isfinite(values[2 * i + 1]))),
-                   None)
-        bad_step = 0 if bad is None else first + bad + 1
-        if self.ctx.world > 1:
-            # the first bad step of any rank, so that all ranks stop together (MIN; none = +inf)
-            t = torch.tensor([bad_step or math.inf], dtype=torch.float64, device=self.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-            bad_step = 0 if math.isinf(t.item()) else int(t.item())
-        if bad_step:
-            if bad is not None and first + bad + 1 == bad_step:
-                what = _describe(bad_step, values[2 * bad], values[2 * bad + 1])
-            else:
-                what = f"non-finite loss or gradient norm at step {bad_step} (in another process)"
-            raise FloatingPointError(f"training stopped: {what} (detected at step {self.step})"
-                                     f"{self._last_checkpoint_note()}; lower the lr, use grad_clip or check the data")
-        return None if extra is None else values[-1]
+        return self._nonfinite.check(self.step, extra)
 
     def _check_batch(self, x: torch.Tensor) -> None:
         p = next(self.model.parameters(), None)
@@ -375,7 +304,7 @@ class Trainer:
         self.check_finite()  # a step since the last check went bad ("stop"): its weights are not worth keeping
         if self.ctx.is_main:
             tensors = self._tensors()
-            self._check_tensors_finite(tensors)
+            self._nonfinite.check_checkpoint(tensors, self.step)
             path = ckpt.save(self.checkpoint_dir, self.step, tensors, self._state())
             problem = ckpt.verify(path)
             if problem is not None:
@@ -383,20 +312,6 @@ class Trainer:
             ckpt.prune(self.checkpoint_dir, self.keep, path)
         distributed.barrier(self.ctx)
         return path
-
-    def _check_tensors_finite(self, tensors: dict) -> None:
-        """Never write a checkpoint with non-finite weights, EMA or optimizer moments: it would become the
-        "newest valid" checkpoint and pruning would delete the good ones."""
-        floats = [(k, v) for k, v in tensors.items() if v.is_floating_point() and not k.startswith("rng/")]
-        if not floats:
-            return
-        ok = torch.stack([torch.isfinite(v).all().to(self.device) for _, v in floats]).all()
-        if bool(ok):
-            return
-        names = [k for k, v in floats if not bool(torch.isfinite(v).all())]
-        raise FloatingPointError(f"refusing to write the checkpoint of step {self.step}: non-finite values in "
-                                 f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
-                                 f"{self._last_checkpoint_note()}")
 
     def _resume(self, resume) -> None:
         if resume is True:
