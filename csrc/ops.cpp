@@ -20,7 +20,7 @@ TORCH_LIBRARY(fastdiff, m) {
   // Returns [B, *shape] of `dtype` on seeds' device; element i of sample b is the stream's element
   // offset + i (flattened C order).
   m.def("randn(Tensor seeds, int stream, int[] shape, int offset, ScalarType dtype) -> Tensor");
-  // The fused sampler step (DESIGN.md §2; spec: guided_step_reference in fastdiff/ops/guided_step.py):
+  // The fused sampler step (docs/design.md §2; spec: guided_step_reference in fastdiff/ops/guided_step.py):
   //   g = pred_uncond is None ? pred : pred_uncond + cfg (pred - pred_uncond)
   //   out = c_x x + c_pred g + c_extra extra + c_noise z,  z = spec-v1 normals of (seeds[b], stream)
   //   side = s_x x + s_pred g + s_extra extra               (when side is given)
@@ -29,7 +29,7 @@ TORCH_LIBRARY(fastdiff, m) {
   m.def("guided_step(Tensor x, Tensor pred, Tensor? pred_uncond, Tensor? extra, Tensor seeds, int stream, "
         "float cfg, float c_x, float c_pred, float c_extra, float c_noise, float s_x, float s_pred, float s_extra, "
         "Tensor(a!) out, Tensor(b!)? side) -> ()");
-  // Noising and the fused training loss (DESIGN.md §4; spec: fastdiff/ops/diffusion_loss.py), with
+  // Noising and the fused training loss (docs/design.md §4; spec: fastdiff/ops/diffusion_loss.py), with
   // eps[b, i] the spec-v1 normal of (seeds[b], stream, element i) and n the elements per sample:
   //   add_noise:               float32 [B, ...]  alpha[b] z[b, i] + beta[b] eps[b, i]
   //   diffusion_loss:          float32 [B]       weight[b] / n sum_i (pred[b, i] - target[b, i])^2,

@@ -1,6 +1,6 @@
 """Small denoisers for the demos and tests: :class:`MLP` (vectors) and :class:`UNet` (small images).
 
-Both are called ``model(x, t, y=None)`` (DESIGN.md §4): ``t`` is a float tensor [B] of flow times in
+Both are called ``model(x, t, y=None)`` (docs/design.md §4): ``t`` is a float tensor [B] of flow times in
 [0, 1] (0 noise, 1 data), ``y`` int64 class labels [B] or None. Label ``num_classes`` is the
 null (unconditional) label, exposed as ``model.null_label``; ``y=None`` means null for every sample,
 so classifier-free guidance uses ``null_y=model.null_label``. Untrained models predict ~0 (zero-init

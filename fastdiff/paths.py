@@ -1,4 +1,4 @@
-"""Gaussian probability paths and prediction conversions (DESIGN.md §1).
+"""Gaussian probability paths and prediction conversions (docs/design.md §1).
 
 Flow time ``t`` runs from 0 (noise) to 1 (data) and a path is
 ``x_t = alpha_t * z + beta_t * eps`` with ``eps ~ N(0, I)``.
@@ -16,7 +16,7 @@ Every path method accepts ``t`` either as
 Model predictions are one of ``"velocity"`` (u), ``"eps"`` (noise), ``"score"``
 (grad log p_t) or ``"x0"`` (clean data). All four are affine in (x, prediction);
 :func:`affine_coefficients` gives ``(a, b)`` with ``to = a * x + b * pred`` and
-:func:`convert` applies it. The stable forms of DESIGN.md §1 are used, with
+:func:`convert` applies it. The stable forms of docs/design.md §1 are used, with
 ``Delta = beta * d_alpha - d_beta * alpha``:
 
 * from velocity: ``x0 = (beta u - d_beta x) / Delta``, ``eps = (d_alpha x - alpha u) / Delta``

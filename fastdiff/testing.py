@@ -1,4 +1,4 @@
-"""Analytic oracle models for tests: Gaussian mixtures under Gaussian paths (DESIGN.md §6).
+"""Analytic oracle models for tests: Gaussian mixtures under Gaussian paths (docs/design.md §6).
 
 The data distribution is a Gaussian mixture ``z ~ sum_k w_k N(mu_k, Sigma_k)``. Under a Gaussian
 path ``x_t = alpha_t z + beta_t eps`` (flow time, t = 0 noise, t = 1 data) the marginal ``p_t`` is

@@ -4,7 +4,7 @@ Importing this package (or its modules) imports ``triton``; callers that must wo
 catch the ``ImportError``. Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests).
 
 Modules:
-    philox  in-kernel Philox4x32-10 and Box-Muller helpers (noise stream spec v1, DESIGN.md §3),
+    philox  in-kernel Philox4x32-10 and Box-Muller helpers (noise stream spec v1, docs/design.md §3),
             a mirror of csrc/include/fastdiff/philox.h, for use inside other @triton.jit kernels.
     randn   host wrappers: ``randn(seeds, stream, shape, offset, dtype)`` and
             ``philox4x32_10(counter, key)`` (known-answer checks).

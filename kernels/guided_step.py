@@ -1,4 +1,4 @@
-"""Triton implementation of the fused sampler step (DESIGN.md §2), ``guided_step_reference`` in
+"""Triton implementation of the fused sampler step (docs/design.md §2), ``guided_step_reference`` in
 fastdiff/ops/guided_step.py being the specification:
 
     g    = pred_uncond + cfg * (pred - pred_uncond)        (g = pred without pred_uncond)
@@ -6,7 +6,7 @@ fastdiff/ops/guided_step.py being the specification:
     side = s_x * x + s_pred * g + s_extra * extra
 
 per sample b and element i (flattened C order within the sample), float32 math, z the spec-v1 normal
-of (seeds[b], stream, element i, offset 0) (DESIGN.md §3), drawn only when c_noise != 0.
+of (seeds[b], stream, element i, offset 0) (docs/design.md §3), drawn only when c_noise != 0.
 
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1.
 """

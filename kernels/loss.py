@@ -1,4 +1,4 @@
-"""Triton implementation of noising and the fused training loss (DESIGN.md §4), the references in
+"""Triton implementation of noising and the fused training loss (docs/design.md §4), the references in
 fastdiff/ops/diffusion_loss.py being the specification:
 
     add_noise:                x_t[b, i]  = alpha[b] z[b, i] + beta[b] ε[b, i]                  float32
@@ -7,7 +7,7 @@ fastdiff/ops/diffusion_loss.py being the specification:
                               target     = coef_z[b] z[b, i] + coef_eps[b] ε[b, i]
 
 per sample b and element i (flattened C order within the sample, n elements per sample), float32 math,
-ε the spec-v1 normal of (seeds[b], stream, element i, offset 0) (DESIGN.md §3), regenerated, never
+ε the spec-v1 normal of (seeds[b], stream, element i, offset 0) (docs/design.md §3), regenerated, never
 stored.
 
 The loss sums as the C++ kernels do (csrc/include/fastdiff/loss.h): each r² = (pred − target)² in

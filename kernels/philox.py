@@ -1,4 +1,4 @@
-"""Noise stream spec v1 (DESIGN.md §3) as @triton.jit helpers, a mirror of
+"""Noise stream spec v1 (docs/design.md §3) as @triton.jit helpers, a mirror of
 csrc/include/fastdiff/philox.h. Only long-standing triton.language features are used (no tl.randn /
 tl.philox, whose streams differ between Triton versions), so Triton 3.x builds and the CPU
 interpreter (TRITON_INTERPRET=1) give the same words; the normals agree within float32 rounding.

@@ -1,4 +1,4 @@
-"""Triton implementation of the spec-v1 noise stream (DESIGN.md §3): per-sample Gaussian noise drawn
+"""Triton implementation of the spec-v1 noise stream (docs/design.md §3): per-sample Gaussian noise drawn
 from seeds held in a device tensor (CUDA-graph safe: nothing is read back to the host), plus a
 Philox4x32-10 known-answer entry point.
 

@@ -1,4 +1,4 @@
-"""Tests of fastdiff.paths: Gaussian paths and prediction conversions (DESIGN.md §1)."""
+"""Tests of fastdiff.paths: Gaussian paths and prediction conversions (docs/design.md §1)."""
 
 import itertools
 import math

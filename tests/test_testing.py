@@ -1,4 +1,4 @@
-"""Tests of the analytic oracle models in fastdiff.testing (DESIGN.md §6)."""
+"""Tests of the analytic oracle models in fastdiff.testing (docs/design.md §6)."""
 
 import itertools
 import math

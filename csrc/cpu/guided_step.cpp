@@ -1,4 +1,4 @@
-// CPU implementation of fastdiff::guided_step (the fused sampler step, DESIGN.md §2). The loop lives
+// CPU implementation of fastdiff::guided_step (the fused sampler step, docs/design.md §2). The loop lives
 // in step_block.h; this file builds its portable copy, picks a SIMD copy (avx2/, avx512/guided_step.cpp)
 // by simd(), and registers the op.
 #include <cstring>

@@ -1,5 +1,5 @@
 // CPU implementation of fastdiff::add_noise, fastdiff::diffusion_loss and
-// fastdiff::diffusion_loss_backward (DESIGN.md §4; spec: fastdiff/ops/diffusion_loss.py). The loops
+// fastdiff::diffusion_loss_backward (docs/design.md §4; spec: fastdiff/ops/diffusion_loss.py). The loops
 // live in loss_block.h; this file builds their portable copies, picks SIMD copies (avx2/, avx512/loss.cpp)
 // by simd(), adds the loss's chunk sums in order and registers the ops.
 #include <cstring>

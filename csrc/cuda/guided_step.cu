@@ -1,4 +1,4 @@
-// CUDA backend of fastdiff::guided_step, the fused sampler step (DESIGN.md §2). The per-element math
+// CUDA backend of fastdiff::guided_step, the fused sampler step (docs/design.md §2). The per-element math
 // is step_element in fastdiff/step.h (shared with the CPU loops) and the noise is normal4 of
 // fastdiff/philox.h (spec v1), so the results match the CPU backend up to libm/libdevice rounding and
 // FMA contraction.

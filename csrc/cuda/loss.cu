@@ -1,5 +1,5 @@
 // CUDA backend of fastdiff::add_noise, fastdiff::diffusion_loss and fastdiff::diffusion_loss_backward
-// (DESIGN.md §4; spec: fastdiff/ops/diffusion_loss.py). The per-element math is fastdiff/loss.h
+// (docs/design.md §4; spec: fastdiff/ops/diffusion_loss.py). The per-element math is fastdiff/loss.h
 // (shared with the CPU loops) and the noise is normal4 of fastdiff/philox.h (spec v1), so the results
 // match the CPU backend up to libm/libdevice rounding, FMA contraction and the order of the float64
 // loss sums.

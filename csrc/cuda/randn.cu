@@ -1,4 +1,4 @@
-// CUDA backend of the noise stream, spec v1 (DESIGN.md §3): fastdiff::randn and
+// CUDA backend of the noise stream, spec v1 (docs/design.md §3): fastdiff::randn and
 // fastdiff::philox4x32_10. The per-element math is the host-device code in fastdiff/philox.h, so
 // these kernels produce the same words as the CPU backend and the same normals up to libm/libdevice
 // rounding (well inside the spec's 1e-5).

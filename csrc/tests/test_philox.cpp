@@ -1,4 +1,4 @@
-// Header-only test of the noise stream, spec v1 (DESIGN.md §3), in csrc/include/fastdiff/philox.h:
+// Header-only test of the noise stream, spec v1 (docs/design.md §3), in csrc/include/fastdiff/philox.h:
 //  - the Philox4x32-10 known answers of tests/noise_vectors.json, word for word;
 //  - the golden normals of the same file through normal4<float> (1e-5) and normal4<double> (1e-12);
 //  - a sweep of ~1.6M elements against a naive double evaluation of the spec's formulas (which checks

@@ -1,4 +1,4 @@
-"""Noising and the fused training loss (DESIGN.md §4). ε is regenerated from the noise stream, never
+"""Noising and the fused training loss (docs/design.md §4). ε is regenerated from the noise stream, never
 stored: element i of sample b is the spec-v1 normal of (seeds[b], stream, i).
 
 Kernel contract, with per-sample float32 coefficient vectors [B] computed from the path at t:

@@ -1,4 +1,4 @@
-"""The fused sampler step (DESIGN.md §2): every first-order step, and the second-order and multistep
+"""The fused sampler step (docs/design.md §2): every first-order step, and the second-order and multistep
 ones with one extra term, is
 
     g    = pred_uncond + cfg * (pred - pred_uncond)        (g = pred without pred_uncond)

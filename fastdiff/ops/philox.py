@@ -1,4 +1,4 @@
-"""Philox4x32-10 (Random123), the counter-based generator of the noise stream (DESIGN.md §3).
+"""Philox4x32-10 (Random123), the counter-based generator of the noise stream (docs/design.md §3).
 
 ``philox4x32_10`` runs on the selected backend; ``philox4x32_10_reference`` is the pure-PyTorch
 specification: exact uint32 arithmetic carried in int64 tensors (any device, no NumPy).

@@ -1,4 +1,4 @@
-"""The noise stream, spec v1 (DESIGN.md §3): standard normals as a pure function of
+"""The noise stream, spec v1 (docs/design.md §3): standard normals as a pure function of
 (seed, stream, element), identical on every backend.
 
 ``randn`` dispatches to the selected backend; ``randn_reference`` is the specification in pure

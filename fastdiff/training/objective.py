@@ -1,6 +1,6 @@
 """The training objective: time sampling, loss weighting and CFG label dropout around the fused loss.
 
-Every random choice of a training step is a pure function of the sample's seed (DESIGN.md §3), so a
+Every random choice of a training step is a pure function of the sample's seed (docs/design.md §3), so a
 step is reproduced from (seed, step) alone — on any backend, any number of processes, after a resume.
 Stream ids of training (documented in docs/training.md):
 

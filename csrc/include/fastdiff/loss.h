@@ -1,5 +1,5 @@
 // The per-element math of fastdiff::add_noise, fastdiff::diffusion_loss and
-// fastdiff::diffusion_loss_backward (DESIGN.md §4), written once and used by the CPU loops (with
+// fastdiff::diffusion_loss_backward (docs/design.md §4), written once and used by the CPU loops (with
 // T = at::vec::Vectorized<float>), the CUDA kernels (T = float) and the C++ tests (T = float). The
 // specification is fastdiff/ops/diffusion_loss.py (add_noise_reference, diffusion_loss_reference,
 // diffusion_loss_backward_reference); eps is the spec-v1 normal of (seeds[b], stream, element i):

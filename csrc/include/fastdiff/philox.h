@@ -1,4 +1,4 @@
-// Noise stream spec v1 (DESIGN.md §3): Philox4x32-10 (Random123) and the Box–Muller transform that
+// Noise stream spec v1 (docs/design.md §3): Philox4x32-10 (Random123) and the Box–Muller transform that
 // turns its words into normals. Host-device; used by the CPU loops, the CUDA kernels and the C++ tests.
 //
 //   element e of sample b, stream k:  key = (s_b mod 2^32, s_b >> 32),

@@ -1,4 +1,4 @@
-// The per-element math of the fused sampler step fastdiff::guided_step (DESIGN.md §2), written once
+// The per-element math of the fused sampler step fastdiff::guided_step (docs/design.md §2), written once
 // and used by the CPU loops (with T = at::vec::Vectorized<float>), the CUDA kernel (T = float) and
 // the C++ tests (T = float). The specification is guided_step_reference in
 // fastdiff/ops/guided_step.py:
