@@ -10,6 +10,8 @@ import torch
 
 _U64 = 1 << 64
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# dtypes a model's prediction may have: the kernels read them and compute in float32
+PRED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _is_int(x) -> bool:

@@ -79,7 +79,7 @@ class _FusedStep:
             raise ValueError(f"model_output has shape {tuple(model_output.shape)} but sample has {tuple(sample.shape)}")
         x = sample.to(torch.float32).contiguous()
         g = model_output.contiguous()
-        if g.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if g.dtype not in _checks.PRED_DTYPES:
             g = g.to(torch.float32)
         return x, g
 

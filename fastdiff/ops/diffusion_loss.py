@@ -37,7 +37,7 @@ from fastdiff.ops.diffusion_loss_reference import (_compute_dtype, _per_sample, 
                                                    diffusion_loss_reference, diffusion_loss_residual_reference,
                                                    grad_from_residual)
 
-PRED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PRED_DTYPES = _checks.PRED_DTYPES
 
 
 # ---- public ops -------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from fastdiff import _checks
 from fastdiff import dispatch as _dispatch
 from fastdiff.ops.randn import randn_reference
 
-PRED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PRED_DTYPES = _checks.PRED_DTYPES
 COEFFICIENTS = ("cfg", "c_x", "c_pred", "c_extra", "c_noise", "s_x", "s_pred", "s_extra")
 
 
