@@ -340,8 +340,13 @@ def _parser() -> argparse.ArgumentParser:
     p_sample.add_argument("--per-class", type=POSITIVE_INT, default=10,
                           help="samples per class (or in all, unconditional)")
     p_sample.add_argument("--steps", type=POSITIVE_INT, default=50)
-    p_sample.add_argument("--method", default="heun", choices=("euler", "heun", "ddim", "dpmpp_2m"))
-    p_sample.add_argument("--sigma", type=_float_in(0.0), default=0.0, help="SDE noise level (euler)")
+    from fastdiff.sampling.methods import methods  # the registry: built-in and registered samplers
+
+    p_sample.add_argument("--method", default="heun", choices=[m.name for m in methods()],
+                          help="sampler (default: %(default)s). " + "; ".join(
+                              f"{m.name}: {m.description}" for m in methods()).replace("%", "%%"))
+    p_sample.add_argument("--sigma", type=_float_in(0.0), default=0.0, help="SDE noise level ("
+                          + ", ".join(m.name for m in methods() if "sigma" in m.options) + ")")
     p_sample.add_argument("--size", type=POSITIVE_INT, default=8, help="image side for UNet checkpoints")
     p_sample.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     p_sample.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")

@@ -1,6 +1,14 @@
 """Samplers: coefficient tables (host, float64) and the sampling loop around the fused step."""
 
-from fastdiff.sampling.coefficients import METHODS
 from fastdiff.sampling.loop import sample
+from fastdiff.sampling.methods import Method, get_method, methods, register_method
 
-__all__ = ["METHODS", "sample"]
+__all__ = ["METHODS", "Method", "get_method", "methods", "register_method", "sample"]
+
+
+def __getattr__(name):
+    if name == "METHODS":  # the registered method names, read on access (methods registered later included)
+        from fastdiff.sampling.methods import method_names
+
+        return method_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

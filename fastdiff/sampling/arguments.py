@@ -10,7 +10,7 @@ import torch
 
 from fastdiff import _checks
 from fastdiff.paths import affine_coefficients
-from fastdiff.sampling.coefficients import Stage, needed_conversions
+from fastdiff.sampling.coefficients import Stage
 
 # First grid point where a prediction cannot be converted at t = 0 (e.g. eps or score models under
 # CondOT, whose alpha_0 = 0 makes x0 = (x - beta eps) / alpha undefined).
@@ -26,7 +26,9 @@ def is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def time_grid(steps, timesteps, path, prediction, method, stochastic) -> list[float]:
+def time_grid(steps, timesteps, path, prediction, conversions) -> list[float]:
+    """The grid: ``timesteps`` checked, or ``steps`` uniform steps to 1 from 0, or from T_MIN_SINGULAR when
+    one of the method's ``conversions`` (fastdiff.sampling.methods) is singular at t = 0."""
     if timesteps is not None:
         if isinstance(timesteps, torch.Tensor):
             if timesteps.dim() != 1:
@@ -57,7 +59,7 @@ def time_grid(steps, timesteps, path, prediction, method, stochastic) -> list[fl
     if steps > MAX_STEPS:
         raise ValueError(f"steps={steps} is more than the {MAX_STEPS} steps supported")
     t0 = 0.0
-    for to in needed_conversions(method, stochastic):
+    for to in conversions:
         try:
             affine_coefficients(path, 0.0, prediction, to)
         except ValueError:

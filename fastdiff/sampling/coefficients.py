@@ -19,6 +19,9 @@ Methods (h = t' - t, all in flow time):
          Euler where u at t' is singular (e.g. VP paths at t' = 1), as k-diffusion does at sigma = 0
 - dpmpp_2m: DPM-Solver++(2M) in lambda = log(alpha / beta) with x0 predictions; first order on the
          first step and on a last step that ends at beta' = 0
+
+Each builder is registered where it is written (@register_method, fastdiff.sampling.methods) with its
+options, evaluations per step, needed conversions and description; a new method is one more of them.
 """
 
 from __future__ import annotations
@@ -27,10 +30,17 @@ import math
 from dataclasses import dataclass, field
 
 from fastdiff.paths import GaussianPath, affine_coefficients
+from fastdiff.sampling.methods import get_method, method_names, methods, register_method
 
-METHODS = ("euler", "heun", "ddim", "dpmpp_2m")
-# cost in model evaluations per step (x2 with batched CFG counts as one evaluation of 2B)
-EVALS_PER_STEP = {"euler": 1, "ddim": 1, "dpmpp_2m": 1, "heun": 2}
+
+def __getattr__(name):
+    # METHODS (registered names, in registration order) and EVALS_PER_STEP are read from the registry
+    # (fastdiff.sampling.methods) on access, so that they list methods registered later too.
+    if name == "METHODS":
+        return method_names()
+    if name == "EVALS_PER_STEP":
+        return {m.name: m.evals_per_step for m in methods()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -71,7 +81,11 @@ def _singular(path: GaussianPath, t: float, prediction: str, to: str) -> bool:
     return not (math.isfinite(a) and math.isfinite(b))
 
 
-def _euler(path, grid, prediction, sigma) -> list[Stage]:
+@register_method("euler", options=("sigma",), evals_per_step=1,
+                 conversions=lambda sigma=None: ("velocity", "score", "x0") if sigma else ("velocity", "x0"),
+                 description="first order: the probability-flow ODE, Euler–Maruyama on the SDE when sigma > 0")
+def _euler(path, grid, prediction, sigma=None) -> list[Stage]:
+    sigma = sigma or (lambda t: 0.0)
     stages = []
     for i in range(len(grid) - 1):
         t, t1 = grid[i], grid[i + 1]
@@ -89,24 +103,8 @@ def _euler(path, grid, prediction, sigma) -> list[Stage]:
     return stages
 
 
-def _ddim(path, grid, prediction, eta) -> list[Stage]:
-    stages = []
-    for i in range(len(grid) - 1):
-        t, t1 = grid[i], grid[i + 1]
-        al, be = path.coefficients(t)[:2]
-        al1, be1 = path.coefficients(t1)[:2]
-        a_z, b_z = _conv(path, t, prediction, "x0")
-        a_e, b_e = _conv(path, t, prediction, "eps")
-        s = 0.0
-        if eta > 0 and be1 > 0:
-            ratio = (al * be1) / (al1 * be)
-            s = eta * be1 * math.sqrt(max(0.0, 1.0 - ratio * ratio))
-        k = math.sqrt(max(0.0, be1 * be1 - s * s))
-        stages.append(Stage(i, t, "x", "x", al1 * a_z + k * a_e, al1 * b_z + k * b_e, c_noise=s, stream=1 + i,
-                            x0=(a_z, b_z), final=True))
-    return stages
-
-
+@register_method("heun", evals_per_step=2, conversions=("velocity", "x0"),
+                 description="second-order ODE predictor-corrector (Euler on a last step to a singular t)")
 def _heun(path, grid, prediction) -> list[Stage]:
     stages = []
     for i in range(len(grid) - 1):
@@ -126,6 +124,26 @@ def _heun(path, grid, prediction) -> list[Stage]:
     return stages
 
 
+@register_method("ddim", options=("eta",), evals_per_step=1, conversions=("x0", "eps"),
+                 description="deterministic at eta = 0, the DDPM posterior (ancestral sampling) at eta = 1")
+def _ddim(path, grid, prediction, eta=0.0) -> list[Stage]:
+    stages = []
+    for i in range(len(grid) - 1):
+        t, t1 = grid[i], grid[i + 1]
+        al, be = path.coefficients(t)[:2]
+        al1, be1 = path.coefficients(t1)[:2]
+        a_z, b_z = _conv(path, t, prediction, "x0")
+        a_e, b_e = _conv(path, t, prediction, "eps")
+        s = 0.0
+        if eta > 0 and be1 > 0:
+            ratio = (al * be1) / (al1 * be)
+            s = eta * be1 * math.sqrt(max(0.0, 1.0 - ratio * ratio))
+        k = math.sqrt(max(0.0, be1 * be1 - s * s))
+        stages.append(Stage(i, t, "x", "x", al1 * a_z + k * a_e, al1 * b_z + k * b_e, c_noise=s, stream=1 + i,
+                            x0=(a_z, b_z), final=True))
+    return stages
+
+
 def _lambda(al: float, be: float) -> float:
     if al == 0.0:
         return -math.inf
@@ -134,6 +152,8 @@ def _lambda(al: float, be: float) -> float:
     return math.log(al / be)
 
 
+@register_method("dpmpp_2m", evals_per_step=1, conversions=("x0",),
+                 description="DPM-Solver++(2M), a second-order multistep ODE solver on x0 predictions")
 def _dpmpp_2m(path, grid, prediction) -> list[Stage]:
     stages = []
     h_prev = None
@@ -159,19 +179,13 @@ def _dpmpp_2m(path, grid, prediction) -> list[Stage]:
 
 def build_stages(method: str, path: GaussianPath, grid: list[float], prediction: str, *, sigma=None,
                  eta: float = 0.0) -> list[Stage]:
-    """The kernel calls of ``method`` over ``grid`` (increasing flow times, len = steps + 1)."""
-    if method == "euler":
-        return _euler(path, grid, prediction, sigma or (lambda t: 0.0))
-    if method == "ddim":
-        return _ddim(path, grid, prediction, eta)
-    if method == "heun":
-        return _heun(path, grid, prediction)
-    if method == "dpmpp_2m":
-        return _dpmpp_2m(path, grid, prediction)
-    raise ValueError(f"method={method!r} is not a sampler; choose one of {', '.join(METHODS)}")
+    """The kernel calls of ``method`` over ``grid`` (increasing flow times, len = steps + 1); the options
+    the method does not take are ignored (see fastdiff.sampling.methods for the registry)."""
+    m = get_method(method)
+    options = {k: v for k, v in (("sigma", sigma), ("eta", eta)) if k in m.options}
+    return m.build(path, grid, prediction, **options)
 
 
 def needed_conversions(method: str, stochastic: bool) -> tuple[str, ...]:
-    """Prediction types a method converts to at the grid's first point."""
-    return {"euler": ("velocity", "score", "x0") if stochastic else ("velocity", "x0"),
-            "ddim": ("x0", "eps"), "heun": ("velocity", "x0"), "dpmpp_2m": ("x0",)}[method]
+    """Prediction types a method converts to at the grid's first point (stochastic: sigma > 0)."""
+    return get_method(method).needed_conversions(sigma=(lambda t: 1.0) if stochastic else None)

@@ -16,7 +16,8 @@ from fastdiff.sampling import graphs
 from fastdiff.sampling.arguments import (MAX_STEPS, T_MIN_SINGULAR, batch_size_of, check_model_output,  # noqa: F401
                                          concat_labels, guidance_interval_pair, is_number, null_labels, sample_seeds,
                                          sigma_function, time_grid)
-from fastdiff.sampling.coefficients import METHODS, Stage, build_stages
+from fastdiff.sampling.coefficients import Stage
+from fastdiff.sampling.methods import check_options, get_method
 
 
 def _refill(entry: graphs.CapturedLoop, **values):
@@ -45,8 +46,10 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         noise: explicit initial state [B, *shape] at the first grid point.
         path: "condot", "vp", "vp-cosine" or a fastdiff.paths.GaussianPath.
         prediction: what the model returns: "velocity", "eps", "score" or "x0".
-        method: "euler" (ODE; Euler–Maruyama when sigma > 0), "heun", "ddim" (with ``eta``), "dpmpp_2m".
-        sigma: diffusion coefficient (float or callable t → sigma_t) of the SDE (euler only).
+        method: "euler" (ODE; Euler–Maruyama when sigma > 0), "heun", "ddim" (with ``eta``), "dpmpp_2m",
+            or any method registered with fastdiff.sampling.register_method (``fastdiff.sampling.METHODS``).
+        sigma: diffusion coefficient (float or callable t → sigma_t) of the SDE (methods that take it: euler).
+        eta: DDIM's noise fraction in [0, 1] (methods that take it: ddim).
         timesteps: explicit increasing grid in [0, 1] (steps + 1 times).
         guidance_interval: (t_lo, t_hi): guidance only for t_lo <= t <= t_hi, one pass elsewhere.
         cfg_batch: run conditional and unconditional inputs as one batch of 2B (default) or two calls.
@@ -68,8 +71,7 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     # ---- arguments ---------------------------------------------------------------------------------
     path = get_path(path)
     prediction = check_prediction(prediction)
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not a sampler; choose one of {', '.join(METHODS)}")
+    method_record = get_method(method)  # ValueError naming the choices
     _dispatch.check_name(backend)
     if not is_number(cfg) or not math.isfinite(cfg):
         raise ValueError(f"cfg must be a finite number, got {cfg!r}")
@@ -77,8 +79,7 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         raise ValueError(f"eta must be in [0, 1], got {eta!r}")
     sigma_fn = sigma_function(sigma)
     stochastic = callable(sigma) or sigma > 0
-    if stochastic and method != "euler":
-        raise ValueError(f"sigma applies to method='euler' (Euler–Maruyama); {method!r} takes eta or is an ODE method")
+    check_options(method_record, sigma=sigma, eta=eta)  # e.g. sigma > 0 for heun, eta > 0 for euler
     guided = cfg != 1.0
     if guided and null_y is None:
         raise ValueError("cfg != 1 needs null_y, the label of the unconditional branch")
@@ -107,12 +108,13 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
 
     if cuda_graph and y is not None and not isinstance(y, torch.Tensor):
         raise TypeError("cuda_graph=True needs y as a tensor (its values are refilled between replays)")
-    grid = time_grid(steps, timesteps, path, prediction, method, stochastic)
-    # sigma is evaluated (and checked) here, so that build_stages' ValueErrors are the conversions' own
+    grid = time_grid(steps, timesteps, path, prediction, method_record.needed_conversions(sigma=sigma, eta=eta))
+    # sigma is evaluated (and checked) here, so that the builder's ValueErrors are the conversions' own
     sigma_at = {t: sigma_fn(t) for t in grid[:-1]} if stochastic else None
     try:
-        stages = build_stages(method, path, grid, prediction, sigma=sigma_at.__getitem__ if stochastic else None,
-                              eta=eta)
+        options = dict(sigma=sigma_at.__getitem__ if stochastic else None, eta=eta)  # the builders' forms
+        stages = method_record.stages(path, grid, prediction,
+                                      **{k: v for k, v in options.items() if k in method_record.options})
     except ValueError as exc:
         raise ValueError(f"{exc} (method={method!r}, prediction={prediction!r}, path={path!r}); "
                          "start the grid after the singular point") from None

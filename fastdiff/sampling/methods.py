@@ -1,0 +1,127 @@
+"""The registry of sampling methods: one record per method, registered where its stage builder is written.
+
+A method is a function ``(path, grid, prediction, **options) -> list[Stage]`` (the fused-kernel calls over
+an increasing grid of flow times, fastdiff.sampling.coefficients) plus what the rest of fastdiff needs to
+know about it: the sample() options it takes, its cost in model evaluations per step, the prediction
+conversions that must be finite at the grid's first point, and a one-line description. Adding a method::
+
+    @register_method("my_method", options=("eta",), evals_per_step=1, conversions=("x0", "eps"),
+                     description="what it does, in one line")
+    def _my_method(path, grid, prediction, eta=0.0) -> list[Stage]:
+        ...
+
+makes it ``fastdiff.sample(method="my_method")``, a ``fastdiff sample --method`` choice and a member of
+``METHODS``. Options are sample()'s per-method keyword arguments (``OPTIONS``); sample() refuses an option
+given a non-default value to a method that does not take it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# sample()'s per-method options and the value that means "not used". A builder receives the options it
+# takes as keywords: sigma as a function t -> sigma_t (or None for 0), eta as a float.
+OPTIONS = {"sigma": 0.0, "eta": 0.0}
+# The prediction types a method converts to at the grid's first point: a tuple, or a function of the
+# options given non-default values (as keywords) that returns one.
+Conversions = tuple | Callable[..., tuple]
+
+
+def is_default(name: str, value) -> bool:
+    """Whether ``value`` of option ``name`` means the option is not used (None, or the default; a callable
+    sigma always counts as given)."""
+    return value is None or (not callable(value) and value == OPTIONS[name])
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered sampling method."""
+
+    name: str
+    build: Callable[..., list]  # (path, grid, prediction, **options) -> list[Stage]
+    options: tuple[str, ...]  # sample() options it takes (keys of OPTIONS)
+    evals_per_step: int  # model evaluations per step (batched CFG's one 2B call counts as one)
+    conversions: Conversions  # prediction types needed finite at the grid start (see needed_conversions)
+    description: str  # one line, for docs and the CLI help
+
+    def needed_conversions(self, **options) -> tuple[str, ...]:
+        """Prediction types this method converts to at the grid's first point, for these option values
+        (options at their default, and options the method does not take, are left out)."""
+        given = {k: v for k, v in options.items() if k in self.options and not is_default(k, v)}
+        return tuple(self.conversions(**given) if callable(self.conversions) else self.conversions)
+
+    def stages(self, path, grid, prediction, **options) -> list:
+        """The stage table over ``grid``; options the method does not take are an error."""
+        extra = sorted(set(options) - set(self.options))
+        if extra:
+            raise TypeError(f"method={self.name!r} takes {_takes(self)}, not {', '.join(extra)}")
+        return self.build(path, grid, prediction, **options)
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def _takes(method: Method) -> str:
+    return ", ".join(method.options) if method.options else "no options"
+
+
+def register_method(name: str, *, options: tuple[str, ...] = (), evals_per_step: int, conversions: Conversions,
+                    description: str):
+    """Decorator: register the stage builder it decorates as method ``name`` (returns the builder)."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"a method name must be an identifier, got {name!r}")
+    options = tuple(options)
+    unknown = [o for o in options if o not in OPTIONS]
+    if unknown:
+        raise ValueError(f"method {name!r}: unknown option(s) {', '.join(unknown)}; sample() passes "
+                         f"{', '.join(OPTIONS)}")
+    if not isinstance(evals_per_step, int) or evals_per_step < 1:
+        raise ValueError(f"method {name!r}: evals_per_step must be an int >= 1, got {evals_per_step!r}")
+    if not callable(conversions):
+        conversions = tuple(conversions)
+    if "\n" in description:
+        raise ValueError(f"method {name!r}: the description must be one line")
+
+    def decorate(build):
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is already registered")
+        _REGISTRY[name] = Method(name, build, options, evals_per_step, conversions, description)
+        return build
+
+    return decorate
+
+
+def unregister_method(name: str) -> Method:
+    """Remove a registered method (for tests and plugins); returns its record."""
+    return _REGISTRY.pop(get_method(name).name)
+
+
+def method_names() -> tuple[str, ...]:
+    """Registered method names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def methods() -> tuple[Method, ...]:
+    """Registered method records, in registration order."""
+    return tuple(_REGISTRY.values())
+
+
+def get_method(name) -> Method:
+    """The record of method ``name``; ValueError naming the choices for an unknown name."""
+    method = _REGISTRY.get(name) if isinstance(name, str) else None
+    if method is None:
+        raise ValueError(f"method={name!r} is not a sampler; choose one of {', '.join(_REGISTRY)}")
+    return method
+
+
+def check_options(method: Method, **values) -> None:
+    """ValueError for an option given a non-default value that ``method`` does not take, naming the
+    option, the method and the methods that take it."""
+    for option, value in values.items():
+        if option in method.options or is_default(option, value):
+            continue
+        takers = [m.name for m in _REGISTRY.values() if option in m.options]
+        where = f"method={' or '.join(map(repr, takers))}" if takers else "no registered method"
+        raise ValueError(f"{option} applies to {where}; method={method.name!r} does not take it "
+                         f"(it takes {_takes(method)})")

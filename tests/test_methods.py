@@ -1,0 +1,200 @@
+"""The method registry (fastdiff.sampling.methods): the built-in methods' records, their stage tables
+unchanged by the registry (hashes recorded from the pre-registry dispatch), a method added by one
+decorated function, and the refusal of options a method does not take."""
+
+import dataclasses
+import hashlib
+import math
+
+import pytest
+import torch
+
+import fastdiff
+import fastdiff.sampling
+from fastdiff import cli
+from fastdiff.paths import get_path
+from fastdiff.sampling import coefficients
+from fastdiff.sampling.coefficients import Stage, build_stages, needed_conversions
+from fastdiff.sampling.methods import Method, get_method, method_names, methods, register_method, unregister_method
+
+
+def test_registry_lists_the_builtin_methods_in_order():
+    assert fastdiff.sampling.METHODS == coefficients.METHODS == method_names() == ("euler", "heun", "ddim", "dpmpp_2m")
+    records = {m.name: m for m in methods()}
+    assert all(isinstance(m, Method) for m in records.values())
+    assert {n: m.evals_per_step for n, m in records.items()} == {"euler": 1, "heun": 2, "ddim": 1, "dpmpp_2m": 1}
+    assert coefficients.EVALS_PER_STEP == {"euler": 1, "heun": 2, "ddim": 1, "dpmpp_2m": 1}
+    assert {n: m.options for n, m in records.items()} == {"euler": ("sigma",), "heun": (), "ddim": ("eta",),
+                                                         "dpmpp_2m": ()}
+    for m in records.values():
+        assert m.description and "\n" not in m.description
+        assert get_method(m.name) is m
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        records["euler"].evals_per_step = 3
+
+
+def test_get_method_names_the_choices():
+    with pytest.raises(ValueError, match=r"method='rk4' is not a sampler; choose one of euler, heun, ddim, dpmpp_2m"):
+        get_method("rk4")
+    with pytest.raises(ValueError, match="not a sampler"):
+        build_stages("rk4", get_path("condot"), [0.0, 1.0], "velocity")
+
+
+def test_needed_conversions_are_the_pre_registry_table():
+    want = {("euler", False): ("velocity", "x0"), ("euler", True): ("velocity", "score", "x0"),
+            ("heun", False): ("velocity", "x0"), ("heun", True): ("velocity", "x0"),
+            ("ddim", False): ("x0", "eps"), ("ddim", True): ("x0", "eps"),
+            ("dpmpp_2m", False): ("x0",), ("dpmpp_2m", True): ("x0",)}
+    assert {k: needed_conversions(*k) for k in want} == want
+    euler = get_method("euler")
+    assert euler.needed_conversions(sigma=0.0) == euler.needed_conversions(sigma=None) == ("velocity", "x0")
+    assert euler.needed_conversions(sigma=0.3) == euler.needed_conversions(sigma=lambda t: 0.0) == \
+        ("velocity", "score", "x0")
+
+
+# ---- stage tables: bit-identical to the pre-registry builders ------------------------------------------
+GRIDS = {"uniform5": [1e-3 + (1 - 1e-3) * i / 5 for i in range(6)], "uneven4": [0.01, 0.2, 0.45, 0.8, 1.0]}
+VARIANTS = {"euler": ("euler", {}), "euler+sigma": ("euler", {"sigma": lambda t: 0.3 + t}), "heun": ("heun", {}),
+            "ddim": ("ddim", {}), "ddim+eta": ("ddim", {"eta": 0.7}), "dpmpp_2m": ("dpmpp_2m", {})}
+# sha256 (first 16 hex digits) of repr([dataclasses.astuple(s) for s in stages]) over path in (condot, vp)
+# x prediction in (velocity, eps) x GRIDS, in that order; the per-table hashes were recorded from the
+# if-chain dispatch before the registry and are unchanged.
+TABLE_HASHES = {
+    "euler": "14dbc3939fbfb8d3",
+    "euler+sigma": "e3006b06945d5cf7",
+    "heun": "b84dfaf9d1431ff3",
+    "ddim": "62795e72840a9133",
+    "ddim+eta": "a4310246600136a1",
+    "dpmpp_2m": "b3c69410cb616a24",
+}
+
+
+def _tables(method, kw):
+    for path in ("condot", "vp"):
+        for prediction in ("velocity", "eps"):
+            for grid in GRIDS.values():
+                yield build_stages(method, get_path(path), grid, prediction, **kw)
+
+
+def _hash(tables):
+    text = repr([[dataclasses.astuple(s) for s in stages] for stages in tables])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_stage_tables_are_unchanged(variant):
+    method, kw = VARIANTS[variant]
+    assert _hash(_tables(method, kw)) == TABLE_HASHES[variant]
+
+
+def test_build_stages_is_the_registered_builder():
+    path, grid = get_path("vp"), GRIDS["uneven4"]
+    assert build_stages("ddim", path, grid, "eps", eta=0.5, sigma=lambda t: 1.0) == \
+        get_method("ddim").stages(path, grid, "eps", eta=0.5)
+    assert build_stages("heun", path, grid, "eps", eta=0.5) == get_method("heun").stages(path, grid, "eps")
+    with pytest.raises(TypeError, match="takes no options, not eta"):
+        get_method("heun").stages(path, grid, "eps", eta=0.5)
+
+
+def test_coefficients_match_closed_forms():
+    grid = GRIDS["uneven4"]
+    # Euler on CondOT with a velocity model: x' = x + h u
+    for st, t, t1 in zip(build_stages("euler", get_path("condot"), grid, "velocity"), grid, grid[1:]):
+        assert (st.c_x, st.c_pred, st.c_noise) == (1.0, pytest.approx(t1 - t, rel=1e-15), 0.0)
+    # deterministic DDIM with an eps model: x' = alpha'/alpha x + (beta' - alpha' beta / alpha) eps
+    vp = get_path("vp")
+    for st, t, t1 in zip(build_stages("ddim", vp, grid, "eps"), grid, grid[1:]):
+        (al, be), (al1, be1) = vp.coefficients(t)[:2], vp.coefficients(t1)[:2]
+        assert st.c_x == pytest.approx(al1 / al, rel=1e-12)
+        assert st.c_pred == pytest.approx(be1 - al1 * be / al, rel=1e-12, abs=1e-15)
+    # evaluations per step: the stage count on a path without a singular end point
+    for m in methods():
+        assert len(build_stages(m.name, get_path("condot"), grid, "velocity")) == m.evals_per_step * (len(grid) - 1)
+
+
+# ---- adding a method is one decorated function -----------------------------------------------------------
+@pytest.fixture
+def toy_method():
+    """A toy method (Euler with an optional eta that scales nothing), unregistered afterwards."""
+
+    @register_method("toy_euler", options=("eta",), evals_per_step=1, conversions=("velocity",),
+                     description="a test method: Euler's ODE step")
+    def _toy(path, grid, prediction, eta=0.0):
+        stages = []
+        for i, (t, t1) in enumerate(zip(grid, grid[1:])):
+            a, b = coefficients.affine_coefficients(path, t, prediction, "velocity")
+            stages.append(Stage(i, t, "x", "x", 1.0 + (t1 - t) * a, (t1 - t) * b, stream=1 + i,
+                                x0=coefficients.affine_coefficients(path, t, prediction, "x0"), final=True))
+        return stages
+
+    try:
+        yield "toy_euler"
+    finally:
+        unregister_method("toy_euler")
+
+
+def _model(x, t, y):
+    return -x + 0.5 * t[:, None]
+
+
+def test_a_registered_method_is_usable_everywhere(toy_method):
+    assert fastdiff.sampling.METHODS == ("euler", "heun", "ddim", "dpmpp_2m", toy_method)
+    assert coefficients.METHODS[-1] == toy_method and coefficients.EVALS_PER_STEP[toy_method] == 1
+    kw = dict(shape=(3,), batch_size=4, seed=7, backend="reference")
+    got = fastdiff.sample(_model, 6, method=toy_method, **kw)
+    torch.testing.assert_close(got, fastdiff.sample(_model, 6, method="euler", **kw), rtol=0, atol=0)
+    assert fastdiff.sample(_model, 6, method=toy_method, eta=0.5, **kw).shape == (4, 3)
+    # the CLI's choices and help come from the registry
+    args = cli._parser().parse_args(["sample", "--checkpoint", "c", "--method", toy_method])
+    assert args.method == toy_method
+    action = next(a for a in cli._parser()._subparsers._group_actions[0].choices["sample"]._actions
+                  if "--method" in a.option_strings)
+    assert toy_method in action.choices and "a test method" in action.help
+    # the options' errors name it among the methods taking eta
+    with pytest.raises(ValueError, match="eta applies to method='ddim' or 'toy_euler'"):
+        fastdiff.sample(_model, 6, method="heun", eta=0.5, **kw)
+
+
+def test_an_unregistered_method_is_gone():
+    builder = register_method("toy_gone", evals_per_step=1, conversions=(), description="gone")(lambda *a: [])
+    assert unregister_method("toy_gone").build is builder
+    assert "toy_gone" not in fastdiff.sampling.METHODS
+    with pytest.raises(ValueError, match="not a sampler"):
+        fastdiff.sample(_model, 2, method="toy_gone", shape=(3,), batch_size=1)
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["sample", "--checkpoint", "c", "--method", "toy_gone"])
+    with pytest.raises(ValueError, match="not a sampler"):
+        unregister_method("toy_gone")
+
+
+def test_register_method_checks_its_record():
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("euler", evals_per_step=1, conversions=(), description="")(lambda *a: [])
+    with pytest.raises(ValueError, match="unknown option"):
+        register_method("toy_order", options=("order",), evals_per_step=1, conversions=(), description="")
+    with pytest.raises(ValueError, match="evals_per_step"):
+        register_method("toy_zero", evals_per_step=0, conversions=(), description="")
+    assert method_names() == ("euler", "heun", "ddim", "dpmpp_2m")
+
+
+# ---- options a method does not take ----------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="heun", sigma=0.5), (r"sigma applies to method='euler'; method='heun' does not take it "
+                                      r"\(it takes no options\)")),
+    (dict(method="dpmpp_2m", sigma=lambda t: 0.0), r"sigma applies to method='euler'; method='dpmpp_2m'"),
+    (dict(method="ddim", sigma=1.0, eta=0.5), (r"sigma applies to method='euler'; method='ddim' does not take "
+                                               r"it \(it takes eta\)")),
+    (dict(method="euler", eta=0.5), (r"eta applies to method='ddim'; method='euler' does not take it "
+                                     r"\(it takes sigma\)")),
+    (dict(method="heun", eta=1.0), r"eta applies to method='ddim'; method='heun'"),
+])
+def test_options_a_method_does_not_take_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastdiff.sample(_model, 2, shape=(3,), batch_size=1, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "ddim", "dpmpp_2m"])
+def test_default_options_are_accepted_by_every_method(method):
+    x = fastdiff.sample(_model, 3, shape=(3,), batch_size=2, method=method, sigma=0.0, eta=0.0, backend="reference")
+    assert x.shape == (2, 3) and bool(torch.isfinite(x).all())
+    assert math.isfinite(float(x.sum()))
