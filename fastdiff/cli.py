@@ -124,13 +124,13 @@ DATASETS = ("digits", "ring")
 
 
 def _dataset_and_model(name: str, seed: int):
-    from fastdiff import data, models, testing
+    from fastdiff import data, mixtures, models
 
     if name == "digits":
         from fastdiff.demo import digits_model
 
         return data.digits(), digits_model(data.DIGITS_NUM_CLASSES)
-    mixture = testing.class_conditional_mixture(num_classes=4, modes_per_class=2, radius=3.0, std=0.3)
+    mixture = mixtures.class_conditional_mixture(num_classes=4, modes_per_class=2, radius=3.0, std=0.3)
     return data.mixture_dataset(mixture, 16384, seed=seed), models.MLP(2, num_classes=4, hidden=128, depth=3)
 
 

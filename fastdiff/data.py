@@ -53,15 +53,15 @@ def to_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 def mixture_dataset(mixture, n: int, seed: int = 0) -> TensorDataset:
-    """``n`` samples of a :class:`~fastdiff.testing.GaussianMixture` as a TensorDataset.
+    """``n`` samples of a :class:`~fastdiff.mixtures.GaussianMixture` as a TensorDataset.
 
     Items are ``(x float32 [D], y int64)`` for a labelled mixture (y is the component's class
     label) and ``(x,)`` otherwise. The same ``seed`` gives the same data.
     """
-    from fastdiff.testing import GaussianMixture
+    from fastdiff.mixtures import GaussianMixture
 
     if not isinstance(mixture, GaussianMixture):
-        raise TypeError(f"mixture must be a fastdiff.testing.GaussianMixture, got {type(mixture).__name__}")
+        raise TypeError(f"mixture must be a fastdiff.mixtures.GaussianMixture, got {type(mixture).__name__}")
     if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     gen = torch.Generator().manual_seed(int(seed))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastdiff.data import DIGITS_NUM_CLASSES, digit_classifier, digits, mixture_dataset, to_pixels
-from fastdiff.testing import class_conditional_mixture, ring_mixture
+from fastdiff.mixtures import class_conditional_mixture, ring_mixture
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 
 import fastdiff
 from fastdiff.sampling.loop import T_MIN_SINGULAR
-from fastdiff.testing import (GaussianMixture, MixtureModel, assign_modes, class_conditional_mixture, mode_zscores,
+from fastdiff.mixtures import (GaussianMixture, MixtureModel, assign_modes, class_conditional_mixture, mode_zscores,
                               ring_mixture)
 
 N = 20_000  # samples per oracle run: per-mode weight/mean/covariance standard errors of 1-4 %

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from fastdiff import models, testing
+from fastdiff import mixtures, models
 from fastdiff.training import CheckpointError, DiffusionObjective, Trainer
 from fastdiff.training import checkpoint as ckpt
 
@@ -20,7 +20,7 @@ from trainer_state import assert_identical, trainer_state
 
 
 def _data(n=256):
-    mixture = testing.ring_mixture(4, radius=3.0, std=0.3)
+    mixture = mixtures.ring_mixture(4, radius=3.0, std=0.3)
     return mixture.sample(n, generator=torch.Generator().manual_seed(0))[0].float()
 
 

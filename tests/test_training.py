@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import models, testing
+from fastdiff import mixtures, models
 from fastdiff.ops import add_noise, diffusion_loss_reference, philox4x32_10_reference, randn_reference
 from fastdiff.ops.diffusion_loss import target_coefficients
 from fastdiff.paths import get_path
@@ -207,7 +207,7 @@ def test_step_batches_errors():
 # ---- the loop ---------------------------------------------------------------------------------------
 
 def _mixture_data(n=512):
-    mixture = testing.ring_mixture(4, radius=3.0, std=0.3)
+    mixture = mixtures.ring_mixture(4, radius=3.0, std=0.3)
     return mixture.sample(n, generator=torch.Generator().manual_seed(0))[0].float()
 
 
@@ -394,7 +394,7 @@ WEIGHT_TOL = 0.04
 @pytest.mark.slow
 @pytest.mark.parametrize("prediction,path,weighting,time_sampling", CASES)
 def test_trained_mlp_reproduces_the_mixture(prediction, path, weighting, time_sampling):
-    mixture = testing.ring_mixture(4, radius=3.0, std=0.3, weights=[0.1, 0.2, 0.3, 0.4])
+    mixture = mixtures.ring_mixture(4, radius=3.0, std=0.3, weights=[0.1, 0.2, 0.3, 0.4])
     data = mixture.sample(8192, generator=torch.Generator().manual_seed(0))[0].float()
     torch.manual_seed(0)
     model = models.MLP(2, hidden=128, depth=2)
@@ -409,7 +409,7 @@ def test_trained_mlp_reproduces_the_mixture(prediction, path, weighting, time_sa
         grid = 1 - (1 - torch.linspace(0, 1, 101, dtype=torch.float64)) ** 2 if path == "vp" else None
         x = fastdiff.sample(model, 100, shape=(2,), batch_size=10_000, prediction=prediction, path=path,
                             timesteps=grid)
-    stats = testing.mode_statistics(x, mixture)
+    stats = mixtures.mode_statistics(x, mixture)
     err = (stats.weights - mixture.weights).abs().max().item()
     assert err < WEIGHT_TOL, (stats.weights, mixture.weights)
     assert (stats.means - mixture.means).norm(dim=1).max().item() < 0.25

@@ -15,13 +15,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the source checkout
 
-from fastdiff import models, testing  # noqa: E402
+from fastdiff import mixtures, models  # noqa: E402
 from fastdiff.training import DiffusionObjective, Trainer  # noqa: E402
 
 
 def build_run(out, steps, checkpoint_every=0, amp=False, callback=None, resume=True, batch_size=64):
     torch.manual_seed(0)
-    mixture = testing.class_conditional_mixture(num_classes=3, modes_per_class=2, radius=3.0, std=0.3)
+    mixture = mixtures.class_conditional_mixture(num_classes=3, modes_per_class=2, radius=3.0, std=0.3)
     x, comp = mixture.sample(1024, generator=torch.Generator().manual_seed(1))
     y = mixture.labels[comp]
     model = models.MLP(2, num_classes=3, hidden=64, depth=2)

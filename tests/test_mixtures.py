@@ -1,4 +1,4 @@
-"""Tests of the analytic oracle models in fastdiff.testing (docs/design.md §6)."""
+"""Tests of the Gaussian-mixture oracles in fastdiff.mixtures (docs/design.md §6)."""
 
 import itertools
 import math
@@ -8,7 +8,7 @@ import torch
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
 
 from fastdiff.paths import PREDICTIONS, UserPath, convert, get_path
-from fastdiff.testing import (
+from fastdiff.mixtures import (
     GaussianMixture,
     MixtureModel,
     assign_modes,

@@ -1,4 +1,5 @@
-"""Analytic oracle models for tests: Gaussian mixtures under Gaussian paths (docs/design.md §6).
+"""Gaussian mixtures with exact fields under Gaussian paths: the oracles of the sampler and training
+tests, and the toy data of `fastdiff train --data ring` and the demo (docs/design.md §6).
 
 The data distribution is a Gaussian mixture ``z ~ sum_k w_k N(mu_k, Sigma_k)``. Under a Gaussian
 path ``x_t = alpha_t z + beta_t eps`` (flow time, t = 0 noise, t = 1 data) the marginal ``p_t`` is
