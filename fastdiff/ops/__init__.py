@@ -1,7 +1,7 @@
 """fastdiff's fused ops. Each op dispatches to the backend in force (see fastdiff.backends) and has a
-pure-PyTorch ``*_reference`` twin with the same signature: the specification and the test oracle."""
+pure-PyTorch ``*_reference`` twin with the same signature: the specification and the test oracle. Each
+op's fake (meta) kernel and autograd registration sit under its Python wrapper."""
 
-from fastdiff.ops import _fake  # noqa: F401  (fake kernels for torch.compile / opcheck)
 from fastdiff.ops.diffusion_loss import (add_noise, add_noise_reference, diffusion_loss,
                                          diffusion_loss_backward_reference, diffusion_loss_reference,
                                          diffusion_loss_residual_reference)

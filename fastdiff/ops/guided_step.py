@@ -26,7 +26,7 @@ import numbers
 
 import torch
 
-from fastdiff import _checks
+from fastdiff import _checks, _native
 from fastdiff import dispatch as _dispatch
 from fastdiff.ops.randn import randn_reference
 
@@ -190,3 +190,11 @@ def guided_step(x, pred, pred_uncond=None, *, cfg=1.0, extra=None, seeds=None, s
         out = torch.empty_like(x)
     _launch(name, x, pred, pred_uncond, extra, seeds, stream, out, side, k)
     return out
+
+
+if _native.status.loaded and hasattr(torch.ops.fastdiff, "guided_step"):
+
+    @torch.library.register_fake("fastdiff::guided_step")
+    def _guided_step_fake(x, pred, pred_uncond, extra, seeds, stream, cfg, c_x, c_pred, c_extra, c_noise, s_x, s_pred,
+                          s_extra, out, side):
+        return None  # writes out (and side) in place

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from fastdiff import _checks
+from fastdiff import _checks, _native
 from fastdiff import dispatch as _dispatch
 from fastdiff.ops.philox import M32, philox_rounds
 
@@ -74,3 +74,10 @@ def randn(seeds, stream, shape, *, device=None, dtype=torch.float32, offset=0, b
 
         return triton_randn(seeds, stream, shape, offset, dtype)
     return torch.ops.fastdiff.randn(seeds, stream, list(shape), offset, dtype)
+
+
+if _native.status.loaded:
+
+    @torch.library.register_fake("fastdiff::randn")
+    def _randn_fake(seeds, stream, shape, offset, dtype):
+        return seeds.new_empty((seeds.shape[0], *shape), dtype=dtype)
