@@ -1,4 +1,4 @@
-"""Per-step coefficient tables of the samplers (DESIGN.md §2), computed on the host in float64.
+"""Per-step coefficient tables of the samplers (docs/design.md §2), computed on the host in float64.
 
 Every method is a sequence of fused-kernel calls (:func:`fastdiff.ops.guided_step`)
 
