@@ -19,7 +19,6 @@ T_MIN_SINGULAR = 1e-3
 # ~120 MB for Heun at this bound), and noise stream ids 1 + step must stay below 2^32; 10^5 steps is
 # 100x DDPM's 1000-step ancestral sampler, the longest in common use.
 MAX_STEPS = 100_000
-_PRED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def is_number(v) -> bool:
@@ -173,5 +172,5 @@ def check_model_output(out, shape, device, stage: Stage):
         raise ValueError(f"model output {where} has shape {tuple(out.shape)}, expected {shape}")
     if out.device != device:
         raise ValueError(f"model output {where} is on {out.device}, expected {device}")
-    if out.dtype not in _PRED_DTYPES:
+    if out.dtype not in _checks.PRED_DTYPES:
         raise TypeError(f"model output {where} has dtype {out.dtype}; expected float32, float16 or bfloat16")

@@ -106,6 +106,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
                       stacklevel=3)
         cuda_graph = False
 
+    if cuda_graph and callback is not None:
+        raise ValueError("cuda_graph=True cannot call a Python callback inside the captured loop; pass callback=None")
     if cuda_graph and y is not None and not isinstance(y, torch.Tensor):
         raise TypeError("cuda_graph=True needs y as a tensor (its values are refilled between replays)")
     grid = time_grid(steps, timesteps, path, prediction, method_record.needed_conversions(sigma=sigma, eta=eta))
@@ -214,8 +216,6 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         key = graphs.key(model, stages=stages, beta0=beta0, batch=B, shape=shape, device=device, cfg=cfg,
                          cfg_batch=cfg_batch, guidance_interval=guidance_interval, backend=step_backend,
                          noise_given=noise is not None, check_finite=check_finite, labels=labels)
-        if callback is not None:
-            raise ValueError("cuda_graph=True cannot call a Python callback inside the captured loop; pass callback=None")
         entry = graphs.CACHE.get(key, model)
         if entry is None:
             graph = graphs.CAPTURE.capture(run_loop, device)

@@ -155,7 +155,7 @@ class Trainer:
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         loss = loss.detach()
         # Under DDP the norm is of the all-reduced gradients, so a non-finite loss on any rank shows in it.
-        self.last_step_skipped = False
+        self._nonfinite.last_step_skipped = False
         if self.on_nonfinite == "skip":
             bad = self._nonfinite.bad_values(loss, norm)  # a device sync per step
             if bad is not None:  # this step changes nothing
@@ -183,26 +183,10 @@ class Trainer:
         """Steps (1-based, as in checkpoints) skipped for a non-finite loss (on_nonfinite="skip")."""
         return self._nonfinite.skipped
 
-    @skipped.setter
-    def skipped(self, steps: list[int]) -> None:
-        self._nonfinite.skipped = steps
-
-    @property
-    def max_consecutive_skips(self) -> int:
-        return self._nonfinite.max_consecutive_skips
-
-    @max_consecutive_skips.setter
-    def max_consecutive_skips(self, n: int) -> None:
-        self._nonfinite.max_consecutive_skips = n
-
     @property
     def last_step_skipped(self) -> bool:
         """Whether the newest train_step was skipped (on_nonfinite="skip")."""
         return self._nonfinite.last_step_skipped
-
-    @last_step_skipped.setter
-    def last_step_skipped(self, value: bool) -> None:
-        self._nonfinite.last_step_skipped = value
 
     def check_finite(self, extra: Optional[torch.Tensor] = None):
         """With on_nonfinite="stop": raise FloatingPointError if a step since the last check had a
@@ -390,4 +374,4 @@ class Trainer:
             torch.cuda.set_rng_state(tensors["rng/cuda"], self.device)
         self.step = int(state["step"])
         self.history = [tuple(h) for h in state.get("history", [])]
-        self.skipped = list(state.get("skipped", []))  # absent in older checkpoints
+        self._nonfinite.skipped = list(state.get("skipped", []))  # absent in older checkpoints
