@@ -16,7 +16,7 @@ DEVICE = os.environ.get("FASTDIFF_BENCH_DEVICE", "cuda" if torch.cuda.is_availab
 @pytest.fixture
 def run_case(benchmark):
     """benchmark(case.fn) with the case's size and bandwidth in the report's extra_info."""
-    from fastdiff.benchmarks import _sync
+    from fastdiff.bench.harness import _sync
 
     def run(case):
         case.fn()  # warm up (and compile)

@@ -5,7 +5,7 @@ skipped (pip install ".[bench]")."""
 import pytest
 
 from conftest import DEVICE, SIZES
-from fastdiff.benchmarks import PEERS, loop_cases
+from fastdiff.bench.harness import PEERS, loop_cases
 
 
 @pytest.mark.parametrize("impl", ["fastdiff", "fastdiff_ode", *PEERS])

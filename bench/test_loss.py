@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import DEVICE, SIZES
-from fastdiff.benchmarks import loss_cases
+from fastdiff.bench.harness import loss_cases
 
 
 @pytest.mark.parametrize("impl", ["fastdiff", "eager", "compile", "reference"])

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import DEVICE, SIZES
-from fastdiff.benchmarks import copy_case, randn_cases
+from fastdiff.bench.harness import copy_case, randn_cases
 
 
 @pytest.mark.parametrize("impl", ["fastdiff", "torch", "reference"])

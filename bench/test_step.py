@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import DEVICE, SIZES
-from fastdiff.benchmarks import step_cases
+from fastdiff.bench.harness import step_cases
 
 IMPLS = ["fastdiff", "eager", "compile", "reference"]
 

@@ -6,6 +6,12 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "fastdiff/sampler_step.h"
+
 namespace fastdiff {
 
 inline void check_randn_args(const at::Tensor& seeds, int64_t stream, at::IntArrayRef shape,
@@ -31,61 +37,90 @@ inline void check_philox_args(const at::Tensor& counter, const at::Tensor& key) 
   TORCH_CHECK(counter.device() == key.device(), "fastdiff::philox4x32_10: counter and key on different devices");
 }
 
-// fastdiff::guided_step. x, extra, out, side: float32 [B, ...]; pred, pred_uncond: the same shape,
-// float32 / float16 / bfloat16 (one dtype); seeds: int64 [B]; everything on x's device and
-// contiguous. An output may be exactly an input (out = x, side = extra: each element is read before
-// it is written) but may not overlap one partially, and out and side may not overlap at all.
-inline void check_guided_step_args(const at::Tensor& x, const at::Tensor& pred,
-                                   const std::optional<at::Tensor>& pred_uncond,
-                                   const std::optional<at::Tensor>& extra, const at::Tensor& seeds,
-                                   int64_t stream, const at::Tensor& out, const std::optional<at::Tensor>& side) {
-  constexpr const char* op = "fastdiff::guided_step: ";
+// fastdiff::sampler_step. x, history, outs, side: float32 [B, ...]; preds: the same shape, float32 /
+// float16 / bfloat16 (one dtype); seeds: int64 [B]; finite: int32 [B]; weights / coeffs: K1 / 2M host
+// numbers, or sample_weights [B, K1] / sample_coeffs [B, 2M] float32 rows; everything on x's device
+// and contiguous. An output may be exactly an input (outs[0] = x, side = history[j]: each element is
+// read before it is written) but may not overlap one partially, and outputs may not overlap each other.
+inline void check_sampler_step_args(const at::Tensor& x, at::TensorList preds, at::TensorList history,
+                                    const at::Tensor& seeds, at::IntArrayRef streams, at::ArrayRef<double> weights,
+                                    at::ArrayRef<double> coeffs, const std::optional<at::Tensor>& sample_weights,
+                                    const std::optional<at::Tensor>& sample_coeffs, at::TensorList outs,
+                                    const std::optional<at::Tensor>& side, const std::optional<at::Tensor>& finite) {
+  constexpr const char* op = "fastdiff::sampler_step: ";
   TORCH_CHECK(x.dim() >= 1, op, "x must have a batch dimension [B, ...], got a 0-d tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat, op, "x must be float32, got ", x.scalar_type());
   TORCH_CHECK(x.is_contiguous(), op, "x must be contiguous");
-  auto check_like_x = [&](const at::Tensor& t, const char* name, bool pred_dtype) {
+  const int64_t B = x.size(0);
+  TORCH_CHECK(!preds.empty() && preds.size() <= kMaxBranches, op, "preds must hold 1 to ", kMaxBranches,
+              " tensors, got ", preds.size());
+  TORCH_CHECK(history.size() <= kMaxHistory, op, "history holds at most ", kMaxHistory, " tensors, got ",
+              history.size());
+  TORCH_CHECK(streams.size() <= kMaxDraws, op, "streams holds at most ", kMaxDraws, " draws, got ", streams.size());
+  TORCH_CHECK(!outs.empty() && outs.size() <= kMaxOuts, op, "outs must hold 1 to ", kMaxOuts, " tensors, got ",
+              outs.size());
+  auto check_like_x = [&](const at::Tensor& t, const std::string& name, bool pred_dtype) {
     TORCH_CHECK(t.sizes() == x.sizes(), op, name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
     TORCH_CHECK(t.device() == x.device(), op, name, " is on ", t.device(), " but x is on ", x.device());
     if (pred_dtype) {
       TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
                   op, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+      TORCH_CHECK(t.scalar_type() == preds[0].scalar_type(), op, name, " must have preds[0]'s dtype ",
+                  preds[0].scalar_type(), ", got ", t.scalar_type());
     } else {
       TORCH_CHECK(t.scalar_type() == at::kFloat, op, name, " must be float32, got ", t.scalar_type());
     }
     TORCH_CHECK(t.is_contiguous(), op, name, " must be contiguous");
   };
-  check_like_x(pred, "pred", true);
-  if (pred_uncond.has_value()) {
-    check_like_x(*pred_uncond, "pred_uncond", true);
-    TORCH_CHECK(pred_uncond->scalar_type() == pred.scalar_type(), op, "pred_uncond must have pred's dtype ",
-                pred.scalar_type(), ", got ", pred_uncond->scalar_type());
-  }
-  if (extra.has_value()) check_like_x(*extra, "extra", false);
-  check_like_x(out, "out", false);
+  for (size_t i = 0; i < preds.size(); ++i) check_like_x(preds[i], "preds[" + std::to_string(i) + "]", true);
+  for (size_t i = 0; i < history.size(); ++i) check_like_x(history[i], "history[" + std::to_string(i) + "]", false);
+  for (size_t i = 0; i < outs.size(); ++i) check_like_x(outs[i], "outs[" + std::to_string(i) + "]", false);
   if (side.has_value()) check_like_x(*side, "side", false);
-  TORCH_CHECK(seeds.dim() == 1 && seeds.size(0) == x.size(0), op, "seeds must be [B] = [", x.size(0),
-              "] (one seed per sample), got ", seeds.sizes());
+  const int64_t K1 = static_cast<int64_t>(preds.size());
+  const int64_t M = 2 + static_cast<int64_t>(history.size() + streams.size());
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == K1, op, "weights must hold ", K1, " numbers, got ",
+              weights.size());
+  TORCH_CHECK(static_cast<int64_t>(coeffs.size()) == 2 * M, op, "coeffs must hold 2 (2 + H + D) = ", 2 * M,
+              " numbers, got ", coeffs.size());
+  auto check_rows = [&](const std::optional<at::Tensor>& t, const char* name, int64_t count) {
+    if (!t.has_value()) return;
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == count, op, name, " must be [B, ", count, "] = [",
+                B, ", ", count, "], got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == at::kFloat, op, name, " must be float32, got ", t->scalar_type());
+    TORCH_CHECK(t->device() == x.device(), op, name, " is on ", t->device(), " but x is on ", x.device());
+    TORCH_CHECK(t->is_contiguous(), op, name, " must be contiguous");
+  };
+  check_rows(sample_weights, "sample_weights", K1);
+  check_rows(sample_coeffs, "sample_coeffs", 2 * M);
+  TORCH_CHECK(seeds.dim() == 1 && seeds.size(0) == B, op, "seeds must be [B] = [", B, "] (one seed per sample), got ",
+              seeds.sizes());
   TORCH_CHECK(seeds.scalar_type() == at::kLong, op, "seeds must be int64, got ", seeds.scalar_type());
   TORCH_CHECK(seeds.device() == x.device(), op, "seeds is on ", seeds.device(), " but x is on ", x.device());
-  TORCH_CHECK(stream >= 0 && stream <= 0xFFFFFFFFLL, op, "stream must be in [0, 2^32), got ", stream);
+  for (auto s : streams) TORCH_CHECK(s >= 0 && s <= 0xFFFFFFFFLL, op, "streams must be in [0, 2^32), got ", s);
+  if (finite.has_value()) {
+    TORCH_CHECK(finite->dim() == 1 && finite->size(0) == B && finite->scalar_type() == at::kInt, op,
+                "finite must be int32 [B] = [", B, "], got ", finite->scalar_type(), " ", finite->sizes());
+    TORCH_CHECK(finite->device() == x.device(), op, "finite is on ", finite->device(), " but x is on ", x.device());
+    TORCH_CHECK(finite->is_contiguous(), op, "finite must be contiguous");
+  }
 
   // Aliasing: full overlap of an output with an input is fine (elementwise, read before write).
-  auto no_partial = [&](const at::Tensor& written, const char* wname, const at::Tensor& read, const char* rname) {
-    TORCH_CHECK(at::get_overlap_status(written, read) != at::MemOverlapStatus::Partial, op, wname,
-                " partially overlaps ", rname, " (an output may be exactly an input, e.g. out=x, but not a "
-                "shifted view of one)");
-  };
-  const std::pair<const at::Tensor*, const char*> inputs[] = {
-      {&x, "x"}, {&pred, "pred"}, {pred_uncond ? &*pred_uncond : nullptr, "pred_uncond"},
-      {extra ? &*extra : nullptr, "extra"}};
-  for (const auto& in : inputs) {
-    if (in.first == nullptr) continue;
-    no_partial(out, "out", *in.first, in.second);
-    if (side.has_value()) no_partial(*side, "side", *in.first, in.second);
-  }
-  if (side.has_value()) {
-    const auto s = at::get_overlap_status(out, *side);
-    TORCH_CHECK(s == at::MemOverlapStatus::No || out.numel() == 0, op, "out and side must not overlap");
+  std::vector<std::pair<const at::Tensor*, std::string>> written, read{{&x, "x"}};
+  for (size_t i = 0; i < preds.size(); ++i) read.emplace_back(&preds[i], "preds[" + std::to_string(i) + "]");
+  for (size_t i = 0; i < history.size(); ++i) read.emplace_back(&history[i], "history[" + std::to_string(i) + "]");
+  for (size_t i = 0; i < outs.size(); ++i) written.emplace_back(&outs[i], "outs[" + std::to_string(i) + "]");
+  if (side.has_value()) written.emplace_back(&*side, "side");
+  if (x.numel() == 0) return;
+  for (size_t i = 0; i < written.size(); ++i) {
+    for (const auto& in : read) {
+      TORCH_CHECK(at::get_overlap_status(*written[i].first, *in.first) != at::MemOverlapStatus::Partial, op,
+                  written[i].second, " partially overlaps ", in.second, " (an output may be exactly an input, e.g. "
+                  "outs[0] = x, but not a shifted view of one)");
+    }
+    for (size_t j = 0; j < i; ++j) {
+      TORCH_CHECK(at::get_overlap_status(*written[i].first, *written[j].first) == at::MemOverlapStatus::No, op,
+                  written[i].second, " and ", written[j].second, " must not overlap");
+    }
   }
 }
 

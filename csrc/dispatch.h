@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "fastdiff/sampler_step.h"
+
 namespace fastdiff {
 
 // f(std::true_type{}) or f(std::false_type{}).
@@ -34,6 +36,21 @@ void with_data_type(at::ScalarType t, F&& f) {
     default:
       TORCH_CHECK(false, "unreachable");
   }
+}
+
+// f(FixedStepShape<K1, H, D>{}) for the common sampler-step shapes (K1 <= 2, H <= 1, D <= 1: their loops
+// unroll), else f(s) with the runtime counts.
+template <typename F>
+void with_step_shape(const StepShape& s, F&& f) {
+  if (s.branches > 2 || s.history > 1 || s.draws > 1) return f(s);
+  with_bool(s.branches == 2, [&](auto two) {
+    with_bool(s.history == 1, [&](auto one_history) {
+      with_bool(s.draws == 1, [&](auto one_draw) {
+        f(FixedStepShape<decltype(two)::value ? 2 : 1, decltype(one_history)::value ? 1 : 0,
+                         decltype(one_draw)::value ? 1 : 0>{});
+      });
+    });
+  });
 }
 
 inline bool aligned(const void* ptr, std::size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }

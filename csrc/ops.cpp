@@ -20,15 +20,18 @@ TORCH_LIBRARY(fastdiff, m) {
   // Returns [B, *shape] of `dtype` on seeds' device; element i of sample b is the stream's element
   // offset + i (flattened C order).
   m.def("randn(Tensor seeds, int stream, int[] shape, int offset, ScalarType dtype) -> Tensor");
-  // The fused sampler step (docs/design.md §2; spec: guided_step_reference in fastdiff/ops/guided_step.py):
-  //   g = pred_uncond is None ? pred : pred_uncond + cfg (pred - pred_uncond)
-  //   out = c_x x + c_pred g + c_extra extra + c_noise z,  z = spec-v1 normals of (seeds[b], stream)
-  //   side = s_x x + s_pred g + s_extra extra               (when side is given)
-  // x, extra, out, side float32 [B, ...]; pred, pred_uncond float32/float16/bfloat16; seeds int64 [B];
-  // all contiguous on one device. out may be x and side may be extra. c_noise == 0 draws no noise.
-  m.def("guided_step(Tensor x, Tensor pred, Tensor? pred_uncond, Tensor? extra, Tensor seeds, int stream, "
-        "float cfg, float c_x, float c_pred, float c_extra, float c_noise, float s_x, float s_pred, float s_extra, "
-        "Tensor(a!) out, Tensor(b!)? side) -> ()");
+  // The general fused sampler step (docs/design.md §2; spec: sampler_step_reference in
+  // fastdiff/ops/sampler_step.py). K1 = len(preds) <= 8, H = len(history) <= 4, D = len(streams) <= 4,
+  // M = 2 + H + D, per sample b (weights / coeffs, or row b of sample_weights [B, K1] / sample_coeffs [B, 2M]):
+  //   g    = w0 p0 + sum_k>=1 wk (pk - p0)
+  //   out  = c_x x + c_g g + sum_j c_h[j] h_j + sum_d c_z[d] z_d    (a noise term only where its coefficient != 0)
+  //   side = same with the second row of coefficients                (when side is given)
+  // every outs[i] (<= 8) = out; finite[b] = 0 where any pk of sample b has inf/NaN (int32 [B]).
+  // x, history, outs, side float32 [B, ...]; preds float32/float16/bfloat16 (one dtype); seeds int64 [B];
+  // all contiguous on one device. An output may be exactly an input (outs[0] = x, side = history[j]).
+  m.def("sampler_step(Tensor x, Tensor[] preds, Tensor[] history, Tensor seeds, int[] streams, float[] weights, "
+        "float[] coeffs, Tensor? sample_weights, Tensor? sample_coeffs, Tensor(a!)[] outs, Tensor(b!)? side, "
+        "Tensor(c!)? finite) -> ()");
   // Noising and the fused training loss (docs/design.md §4; spec: fastdiff/ops/diffusion_loss.py), with
   // eps[b, i] the spec-v1 normal of (seeds[b], stream, element i) and n the elements per sample:
   //   add_noise:               float32 [B, ...]  alpha[b] z[b, i] + beta[b] eps[b, i]

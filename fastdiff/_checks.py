@@ -93,3 +93,14 @@ def offset_value(offset, name: str = "offset") -> int:
 
 def numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
+
+
+def finite_real(name, c) -> float:
+    """A finite real number as a float (coefficients of the fused step)."""
+    # float() would also take '1', True or a 1-element tensor (a host sync): only real numbers pass
+    if isinstance(c, bool) or not isinstance(c, numbers.Real):
+        raise TypeError(f"{name} must be a real number (int or float), got {type(c).__name__} {c!r}")
+    c = float(c)
+    if not math.isfinite(c):
+        raise ValueError(f"{name} must be finite, got {c}")
+    return c

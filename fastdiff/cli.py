@@ -113,10 +113,10 @@ def version() -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fastdiff import demo
+    from fastdiff.demo.run import run
 
-    metrics = demo.run(args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                       progress=not args.no_progress)
+    metrics = run(args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                  progress=not args.no_progress)
     return 0 if metrics["generated_accuracy"] else 1
 
 
@@ -124,10 +124,11 @@ DATASETS = ("digits", "ring")
 
 
 def _dataset_and_model(name: str, seed: int):
-    from fastdiff import data, mixtures, models
+    from fastdiff import mixtures
+    from fastdiff.demo import data, models
 
     if name == "digits":
-        from fastdiff.demo import digits_model
+        from fastdiff.demo.run import digits_model
 
         return data.digits(), digits_model(data.DIGITS_NUM_CLASSES)
     mixture = mixtures.class_conditional_mixture(num_classes=4, modes_per_class=2, radius=3.0, std=0.3)
@@ -171,8 +172,8 @@ def _sample(args: argparse.Namespace) -> int:
     import torch
 
     import fastdiff
-    from fastdiff import images
-    from fastdiff.training import load_model
+    from fastdiff.demo import images
+    from fastdiff.demo.models import load_model
 
     out = args.out
     if not out.endswith(".safetensors"):
@@ -213,7 +214,7 @@ def _scatter(x, y, path: str, title: str) -> None:
     """2-D samples as a density picture (one panel per class), via the grid writer."""
     import torch
 
-    from fastdiff import images
+    from fastdiff.demo import images
 
     if x.shape[1] != 2:
         raise ValueError(f"--out must end in .safetensors for vectors of more than 2 dimensions "
@@ -230,14 +231,14 @@ def _scatter(x, y, path: str, title: str) -> None:
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    from fastdiff import benchmarks
+    from fastdiff.bench import harness
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    benchmarks.report(ops=args.ops.split(","), log2_sizes=[int(k) for k in args.sizes.split(",")],
-                      dtypes=args.dtypes.split(","), device=device, repeat=args.repeat,
-                      compile=not args.no_compile, csv_dir=None if args.no_csv else args.csv_dir)
+    harness.report(ops=args.ops.split(","), log2_sizes=[int(k) for k in args.sizes.split(",")],
+                   dtypes=args.dtypes.split(","), device=device, repeat=args.repeat,
+                   compile=not args.no_compile, csv_dir=None if args.no_csv else args.csv_dir)
     return 0
 
 

@@ -1,5 +1,5 @@
 """fastdiff.adapters.k_diffusion against k-diffusion's own samplers, and the VE path / schedules they
-rest on. k-diffusion comes from fastdiff.peers (its samplers without its package import)."""
+rest on. k-diffusion comes from fastdiff.bench.peers (its samplers without its package import)."""
 
 
 import pytest
@@ -12,7 +12,7 @@ from fastdiff.paths import VE, affine_coefficients
 
 
 def _kd():
-    from fastdiff.peers import k_diffusion_sampling
+    from fastdiff.bench.peers import k_diffusion_sampling
 
     try:
         return k_diffusion_sampling()

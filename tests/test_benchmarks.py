@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import benchmarks as bm
+from fastdiff.bench import harness as bm
 
 
 def _spec_noise(seeds, stream):
@@ -122,7 +122,7 @@ def test_loop_ode_matches_flow_matching():
 def test_k_diffusion_loop_is_ddim_in_sigma_space():
     """The k-diffusion row runs the same model through condot_denoiser: with eta = 0 (sample_euler) on
     the σ-grid of the flow-time grid it is DDIM, so it equals fastdiff's DDIM from the same state."""
-    from fastdiff.peers import k_diffusion_sampling
+    from fastdiff.bench.peers import k_diffusion_sampling
 
     try:
         kd = k_diffusion_sampling()

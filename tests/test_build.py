@@ -8,6 +8,7 @@ import torch
 
 import fastdiff
 from fastdiff import _build, _native, dispatch
+from fastdiff._backends import cuda as cuda_backend
 
 
 @pytest.mark.parametrize("archs,cap,runs", [
@@ -84,15 +85,15 @@ def test_a_full_toolkit_builds_cuda(tmp_path, monkeypatch, cuda_torch):
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """A visible GPU of a chosen capability and a _C that registered CUDA kernels."""
-    dispatch._cuda_arch_status.cache_clear()
+    cuda_backend.arch_status.cache_clear()
     monkeypatch.setattr(_native.status, "loaded", True)
     monkeypatch.setattr(_native.status, "build", dict(_native.status.build, cuda="13.0", cuda_archs="8.0;9.0"))
-    monkeypatch.setattr(dispatch, "_has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(cuda_backend, "has_cuda_kernels", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "Fake GPU")
     yield lambda cap: monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: cap)
-    dispatch._cuda_arch_status.cache_clear()
+    cuda_backend.arch_status.cache_clear()
 
 
 def test_cuda_backend_refuses_a_gpu_the_build_has_no_code_for(fake_gpu):
@@ -113,8 +114,8 @@ def test_cuda_backend_takes_a_gpu_the_build_covers(fake_gpu):
 def test_cuda_status_asks_the_dispatcher_not_the_record(monkeypatch):
     """An in-place or editable build may lack the record; what counts is whether _C registered CUDA kernels."""
     monkeypatch.setattr(_native.status, "build", {})
-    registered = torch._C._dispatch_has_kernel_for_dispatch_key("fastdiff::guided_step", "CUDA") \
+    registered = torch._C._dispatch_has_kernel_for_dispatch_key("fastdiff::sampler_step", "CUDA") \
         if _native.status.loaded else False
-    assert dispatch._has_cuda_kernels() is registered
+    assert cuda_backend.has_cuda_kernels() is registered
     reason = dispatch._status("cuda", "cuda").reason
     assert ("built without CUDA" in reason) is (not registered)

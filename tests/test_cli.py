@@ -61,7 +61,7 @@ def test_demo_pieces_run_quickly(tmp_path):
 
     pytest.importorskip("sklearn")
     pytest.importorskip("PIL")
-    from fastdiff import demo
+    from fastdiff.demo import run as demo
 
     metrics = demo.run(tmp_path, steps=6, batch_size=32, sample_steps=2, judged_per_class=3, progress=False,
                        log=lambda *a: None)

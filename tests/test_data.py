@@ -1,9 +1,9 @@
-"""Tests of fastdiff.data (digits, mixture samples, digit classifier) and fastdiff.images."""
+"""Tests of fastdiff.demo.data (digits, mixture samples, digit classifier) and fastdiff.demo.images."""
 
 import pytest
 import torch
 
-from fastdiff.data import DIGITS_NUM_CLASSES, digit_classifier, digits, mixture_dataset, to_pixels
+from fastdiff.demo.data import DIGITS_NUM_CLASSES, digit_classifier, digits, mixture_dataset, to_pixels
 from fastdiff.mixtures import class_conditional_mixture, ring_mixture
 
 
@@ -60,7 +60,7 @@ def test_digit_classifier(digit_data):
 
 def test_labelled_grid(tmp_path):
     PIL = pytest.importorskip("PIL.Image")
-    from fastdiff.images import labelled_grid
+    from fastdiff.demo.images import labelled_grid
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(3, 4, 8, 8, generator=g) * 2 - 1, torch.rand(3, 2, 1, 8, 8, generator=g) * 2 - 1

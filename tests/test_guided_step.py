@@ -108,14 +108,15 @@ def test_errors_name_the_argument():
 
 
 def test_opcheck_cpu():
+    # guided_step runs the sampler_step op (fastdiff.ops.sampler_step): opcheck it in guided_step's two forms
     if not fastdiff.backends()["cpu"]:
         pytest.skip("cpu backend unavailable")
     x, pred2, extra = _inputs(2, 13, torch.float32, "cpu", seed=3)
     seeds = torch.tensor([1, 2], dtype=torch.int64)
     out, side = torch.empty_like(x), torch.empty_like(x)
-    args = (x, pred2[:2].contiguous(), pred2[2:].contiguous(), extra, seeds, 4, 2.0, 0.9, 0.1, 0.2, 0.3, 1.0, 0.5,
-            0.25, out, side)
-    torch.library.opcheck(torch.ops.fastdiff.guided_step.default, args)
-    args = (x, pred2[:2].contiguous().half(), None, None, seeds, 4, 1.0, 0.9, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0,
-            out, None)
-    torch.library.opcheck(torch.ops.fastdiff.guided_step.default, args)
+    args = (x, [pred2[2:].contiguous(), pred2[:2].contiguous()], [extra], seeds, [4], [1.0, 2.0],
+            [0.9, 0.1, 0.2, 0.3, 1.0, 0.5, 0.25, 0.0], None, None, [out], side, None)
+    torch.library.opcheck(torch.ops.fastdiff.sampler_step.default, args)
+    args = (x, [pred2[:2].contiguous().half()], [], seeds, [], [1.0], [0.9, 0.1, 0.0, 0.0], None, None, [out], None,
+            None)
+    torch.library.opcheck(torch.ops.fastdiff.sampler_step.default, args)

@@ -198,3 +198,13 @@ def test_default_options_are_accepted_by_every_method(method):
     x = fastdiff.sample(_model, 3, shape=(3,), batch_size=2, method=method, sigma=0.0, eta=0.0, backend="reference")
     assert x.shape == (2, 3) and bool(torch.isfinite(x).all())
     assert math.isfinite(float(x.sum()))
+
+
+def test_docs_method_table_is_the_registry():
+    """docs/sampling.md carries methods_table(): a method added to the registry must be added to the docs."""
+    from pathlib import Path
+
+    from fastdiff.sampling.methods import methods_table
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "sampling.md").read_text()
+    assert methods_table() in docs, "regenerate the table in docs/sampling.md from methods_table()"

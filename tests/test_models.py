@@ -1,4 +1,4 @@
-"""Tests of the small denoisers in fastdiff.models (MLP, UNet, build)."""
+"""Tests of the small denoisers in fastdiff.demo.models (MLP, UNet, build)."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.models import MLP, UNet, build
+from fastdiff.demo.models import MLP, UNet, build
 
 
 def small_unet(**kw):

@@ -28,7 +28,7 @@ class _Spy:
     whether it was launched inside an on_device block, and under which device)."""
 
     def __init__(self, monkeypatch):
-        from fastdiff.kernels import _launch, guided_step, loss, randn
+        from fastdiff.kernels import _launch, loss, randn, sampler_step
 
         self.entered, self.launches, self.active = [], [], []
         real = _launch.on_device
@@ -44,7 +44,7 @@ class _Spy:
                 self.active.pop()
 
         monkeypatch.setattr(_launch, "on_device", on_device)
-        for module, name in ((guided_step, "_guided_step_kernel"), (loss, "_loss_kernel"), (randn, "_randn_kernel"),
+        for module, name in ((sampler_step, "_sampler_step_kernel"), (loss, "_loss_kernel"), (randn, "_randn_kernel"),
                              (randn, "_philox_kernel")):
             monkeypatch.setattr(module, name, self._wrap(name, getattr(module, name)))
 
@@ -78,7 +78,7 @@ def test_every_triton_launcher_enters_its_tensors_device(backend, monkeypatch):
     device = x.device  # "cuda" is entered as cuda:<current>: compare with the tensors' own device
     seeds = torch.tensor([1, 2], device=device)
     ops.guided_step(x, x, seeds=seeds, stream=1, c_noise=0.5, backend="triton")
-    spy.check(device, "_guided_step_kernel")
+    spy.check(device, "_sampler_step_kernel")
     ops.randn(seeds, 3, (n,), backend="triton")
     spy.check(device, "_randn_kernel")
     counter = torch.zeros(4, 4, dtype=torch.int64, device=device)

@@ -41,12 +41,12 @@ def _data(B=3, shape=(2, 5), seed=1):
         _strided(torch.rand(B, generator=g) + 0.5), _strided(torch.tensor([4, 5, 6]))
 
 
-def test_guided_step_strided_seeds():
+def test_sampler_step_strided_seeds():
     pred, z, *_, seeds = _data()
     x, extra = z.clone(), torch.randn_like(z)
-    args = (x, pred, torch.randn_like(pred), extra, seeds, 4, 2.0, 0.9, 0.1, 0.2, 0.3, 1.0, 0.5, 0.25,
-            torch.empty_like(x), torch.empty_like(x))
-    torch.library.opcheck(torch.ops.fastdiff.guided_step.default, args)
+    args = (x, [torch.randn_like(pred), pred], [extra], seeds, [4], [1.0, 2.0], [0.9, 0.1, 0.2, 0.3, 1.0, 0.5, 0.25, 0.0],
+            None, None, [torch.empty_like(x)], torch.empty_like(x), None)
+    torch.library.opcheck(torch.ops.fastdiff.sampler_step.default, args)
 
 
 def test_add_noise_strided_coefficients_and_seeds():

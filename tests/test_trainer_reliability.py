@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from fastdiff import mixtures, models
+from fastdiff import mixtures
+from fastdiff.demo import models
 from fastdiff.training import CheckpointError, DiffusionObjective, Trainer
 from fastdiff.training import checkpoint as ckpt
 

@@ -15,12 +15,14 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import mixtures, models
+from fastdiff import mixtures
+from fastdiff.demo import models
+from fastdiff.demo.models import load_model
 from fastdiff.ops import add_noise, diffusion_loss_reference, philox4x32_10_reference, randn_reference
 from fastdiff.ops.diffusion_loss import target_coefficients
 from fastdiff.paths import get_path
 from fastdiff.training import (STREAM_EPS, STREAM_LABEL_DROPOUT, STREAM_TIME, CheckpointError, DiffusionObjective,
-                               Trainer, load_model, training_seeds, uniforms)
+                               Trainer, training_seeds, uniforms)
 from fastdiff.training import checkpoint as ckpt
 from fastdiff.training.batches import StepBatches
 

@@ -15,7 +15,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the source checkout
 
-from fastdiff import mixtures, models  # noqa: E402
+from fastdiff import mixtures  # noqa: E402
+from fastdiff.demo import models  # noqa: E402
 from fastdiff.training import DiffusionObjective, Trainer  # noqa: E402
 
 

@@ -1,5 +1,5 @@
 // The CPU loops of fastdiff::add_noise, fastdiff::diffusion_loss and fastdiff::diffusion_loss_backward,
-// built once per instruction set like step_block.h (simd.h): by loss.cpp (portable), avx2/loss.cpp and
+// built once per instruction set like sampler_step_block.h (simd.h): by loss.cpp (portable), avx2/loss.cpp and
 // avx512/loss.cpp.
 //
 // Work is cut into blocks of kBlockElems (64; 128 under AVX-512) elements of one sample (one normal_block of noise); the math of a
@@ -12,10 +12,10 @@
 // order; each block's squares summed in float per vector lane, then each lane added in float64), and
 // loss.cpp adds the chunks' partial sums in index order. No sum depends on the thread count.
 //
-// float16 / bfloat16 inputs are widened by to_float_block (step_block.h: AVX2 intrinsics on the raw
+// float16 / bfloat16 inputs are widened by to_float_block (widen_block.h: AVX2 intrinsics on the raw
 // words in the SIMD builds). The backward's float16 / bfloat16 output is narrowed by narrow_block,
 // defined in the portable loss.cpp: the SIMD builds call it and instantiate no c10::Half /
-// c10::BFloat16 function itself (see step_block.h for why).
+// c10::BFloat16 function itself (see widen_block.h for why).
 #pragma once
 
 #include <algorithm>
@@ -30,7 +30,7 @@
 
 #include "fastdiff/loss.h"
 #include "noise_block.h"
-#include "step_block.h"
+#include "widen_block.h"
 
 namespace fastdiff {
 namespace cpu {

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "../dispatch.h"
 #include "fastdiff/philox.h"
 #include "noise_block.h"
 #include "simd.h"
@@ -79,12 +80,10 @@ at::Tensor randn_cpu(const at::Tensor& seeds_in, int64_t stream, at::IntArrayRef
   const int64_t n = B == 0 ? 0 : out.numel() / B;
   const int64_t* s = seeds.data_ptr<int64_t>();
   const auto k = static_cast<uint32_t>(stream);
-  switch (dtype) {
-    case at::kFloat: randn_dispatch(s, B, k, n, offset, out.data_ptr<float>()); break;
-    case at::kHalf: randn_dispatch(s, B, k, n, offset, out.data_ptr<c10::Half>()); break;
-    case at::kBFloat16: randn_dispatch(s, B, k, n, offset, out.data_ptr<c10::BFloat16>()); break;
-    case at::kDouble: randn_double(s, B, k, n, offset, out.data_ptr<double>()); break;
-    default: TORCH_CHECK(false, "unreachable");
+  if (dtype == at::kDouble) {  // float64 normals by float64 Box-Muller (the SIMD blocks are float32)
+    randn_double(s, B, k, n, offset, out.data_ptr<double>());
+  } else {
+    with_data_type(dtype, [&](auto tag) { randn_dispatch(s, B, k, n, offset, out.data_ptr<decltype(tag)>()); });
   }
   return out;
 }

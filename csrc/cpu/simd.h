@@ -1,8 +1,9 @@
-// The CPU instruction-set levels. Each loop header (noise_block.h, step_block.h, loss_block.h) is
+// The CPU instruction-set levels. Each loop header (noise_block.h, sampler_step_block.h, loss_block.h) is
 // compiled once per level: by the portable files in csrc/cpu/, by csrc/cpu/avx2/ (-mavx2 -mfma
 // -DCPU_CAPABILITY=AVX2) and by csrc/cpu/avx512/ (-mavx512f/dq/bw/vl -DCPU_CAPABILITY=AVX512); every
-// op picks one at run time with FASTDIFF_SIMD_CALL. All levels give the same numbers: the noise and
-// the step/loss math are the same float32 operations in the same order (tests compare them).
+// op picks one at run time with FASTDIFF_SIMD_CALL. The levels compute the same float32 operations in
+// the same order; the portable level on x86-64 has no FMA, so where a loop fuses a multiply-add (the
+// sampler step) it rounds twice there (tests compare the levels).
 #pragma once
 
 #include <cstdint>

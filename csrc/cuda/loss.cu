@@ -5,7 +5,7 @@
 // loss sums.
 //
 // add_noise and the backward: one thread per group of 4 consecutive elements of one sample (one
-// Philox call gives exactly that group's 4 normals), as guided_step.cu. When n % 4 == 0 and every
+// Philox call gives exactly that group's 4 normals), as sampler_step.cu. When n % 4 == 0 and every
 // pointer is aligned, the group is loaded and stored with one 16-byte access per float32 tensor (8
 // bytes per float16/bfloat16 tensor); otherwise a scalar path handles any n. A sample whose noise
 // coefficient (beta, coef_eps) is 0 draws no noise (eps = 0 gives the same numbers).

@@ -123,13 +123,14 @@ def _kernel_args(pred, z, t, seeds, stream, path, prediction, weight):
     return cz, ce, w, seeds, stream  # cz, ce float64: float32 for the kernels, the compute dtype for the reference
 
 
+def _native_backend(t: torch.Tensor) -> str:
+    """The backend whose torch.ops.fastdiff kernel ran on ``t`` (the dispatcher chose it by device)."""
+    return "cuda" if t.device.type == "cuda" else "cpu"
+
+
 def _noise_of(backend, seeds, stream, shape):
     """ε [B, *shape] float32 of the noise stream on ``backend``'s randn (constant: no autograd)."""
-    if backend == "triton":
-        from fastdiff.kernels.randn import randn as triton_randn
-
-        return triton_randn(seeds, stream, tuple(shape), 0, torch.float32)
-    return torch.ops.fastdiff.randn(seeds, stream, list(shape), 0, torch.float32)
+    return _dispatch.kernel(backend, "randn")(seeds, stream, tuple(shape), 0, torch.float32)
 
 
 def _add_noise_grads(needs, grad, z, alpha, beta, seeds, stream, backend):
@@ -146,19 +147,20 @@ def _add_noise_grads(needs, grad, z, alpha, beta, seeds, stream, backend):
     return grad_z, grad_alpha, grad_beta
 
 
-class _TritonAddNoise(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, alpha, beta, seeds, stream):
-        from fastdiff.kernels.loss import add_noise as triton_add_noise
+class _KernelAddNoise(torch.autograd.Function):
+    """add_noise on a backend whose kernels carry no autograd of their own (Triton)."""
 
+    @staticmethod
+    def forward(ctx, z, alpha, beta, seeds, stream, backend):
         ctx.save_for_backward(z, alpha, beta, seeds)
-        ctx.stream = stream
-        return triton_add_noise(z, alpha, beta, seeds, stream)
+        ctx.stream, ctx.backend = stream, backend
+        return _dispatch.kernel(backend, "add_noise")(z, alpha, beta, seeds, stream)
 
     @staticmethod
     def backward(ctx, grad):
         z, alpha, beta, seeds = ctx.saved_tensors
-        return (*_add_noise_grads(ctx.needs_input_grad, grad, z, alpha, beta, seeds, ctx.stream, "triton"), None, None)
+        return (*_add_noise_grads(ctx.needs_input_grad, grad, z, alpha, beta, seeds, ctx.stream, ctx.backend),
+                None, None, None)
 
 
 def add_noise(z, t, seeds, stream, path="condot", *, backend=None) -> torch.Tensor:
@@ -175,9 +177,9 @@ def add_noise(z, t, seeds, stream, path="condot", *, backend=None) -> torch.Tens
     if name == "reference" or z.dtype == torch.float64:
         return add_noise_reference(z, al, be, seeds, stream)
     z, alpha, beta = z.contiguous(), al.to(torch.float32), be.to(torch.float32)
-    if name == "triton":
-        return _TritonAddNoise.apply(z, alpha, beta, seeds, stream)
-    return torch.ops.fastdiff.add_noise(z, alpha, beta, seeds, stream)
+    if not _dispatch.native_autograd(name):
+        return _KernelAddNoise.apply(z, alpha, beta, seeds, stream, name)
+    return _dispatch.kernel(name, "add_noise")(z, alpha, beta, seeds, stream)
 
 
 if _native.status.loaded and hasattr(torch.ops.fastdiff, "add_noise"):
@@ -193,7 +195,7 @@ if _native.status.loaded and hasattr(torch.ops.fastdiff, "add_noise"):
 
     def _add_noise_backward(ctx, grad):
         z, alpha, beta, seeds = ctx.saved_tensors
-        return (*_add_noise_grads(ctx.needs_input_grad, grad, z, alpha, beta, seeds, ctx.stream, "native"),
+        return (*_add_noise_grads(ctx.needs_input_grad, grad, z, alpha, beta, seeds, ctx.stream, _native_backend(z)),
                 None, None)
 
     # an encoder upstream of z, or a learned t, gets its gradient (grad_z = alpha grad, as the reference)
@@ -217,12 +219,9 @@ def _loss_grads(needs, grad, pred, z, cz, ce, w, seeds, stream, backend, residua
     if not torch.is_grad_enabled() and not any(needs[1:4]):
         if residual is not None:
             grad_pred = grad_from_residual(grad, residual, w, pred.dtype)
-        elif backend == "triton":
-            from fastdiff.kernels.loss import diffusion_loss_backward as triton_backward
-
-            grad_pred = triton_backward(grad.contiguous(), pred, z, cz, ce, w, seeds, stream)
         else:
-            grad_pred = torch.ops.fastdiff.diffusion_loss_backward(grad.contiguous(), pred, z, cz, ce, w, seeds, stream)
+            grad_pred = _dispatch.kernel(backend, "diffusion_loss_backward")(grad.contiguous(), pred, z, cz, ce, w,
+                                                                              seeds, stream)
         return grad_pred, None, None, None
     shape = (B, *([1] * (pred.dim() - 1)))
     eps = _noise_of(backend, seeds, stream, pred.shape[1:]).to(f)
@@ -233,10 +232,6 @@ def _loss_grads(needs, grad, pred, z, cz, ce, w, seeds, stream, backend, residua
             (-(czv * g)).to(z.dtype) if needs[1] else None,
             -(g * z.to(f)).reshape(B, n).sum(dim=1) if needs[2] else None,
             -(g * eps).reshape(B, n).sum(dim=1) if needs[3] else None)
-
-
-def _has_residual_op():
-    return hasattr(torch.ops.fastdiff, "diffusion_loss_residual")
 
 
 class _KernelLoss(torch.autograd.Function):
@@ -250,12 +245,10 @@ class _KernelLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, z, cz, ce, w, seeds, stream, backend):
         residual = None
-        if backend == "triton":
-            from fastdiff.kernels.loss import diffusion_loss as triton_loss
-
-            loss = triton_loss(pred, z, cz, ce, w, seeds, stream)
+        if _dispatch.has_kernel(backend, "diffusion_loss_residual"):
+            loss, residual = _dispatch.kernel(backend, "diffusion_loss_residual")(pred, z, cz, ce, w, seeds, stream)
         else:
-            loss, residual = torch.ops.fastdiff.diffusion_loss_residual(pred, z, cz, ce, w, seeds, stream)
+            loss = _dispatch.kernel(backend, "diffusion_loss")(pred, z, cz, ce, w, seeds, stream)
         ctx.save_for_backward(pred, z, cz, ce, w, seeds, residual)
         ctx.stream, ctx.backend = stream, backend
         return loss
@@ -284,12 +277,12 @@ def diffusion_loss(pred, z, t, seeds, stream, path="condot", prediction="velocit
         per_sample = diffusion_loss_reference(pred, z, cz, ce, w, seeds, stream)
     else:
         pred, z, cz, ce = pred.contiguous(), z.contiguous(), cz.to(torch.float32), ce.to(torch.float32)
-        if name == "triton":
-            per_sample = _KernelLoss.apply(pred, z, cz, ce, w, seeds, stream, "triton")
-        elif name == "cpu" and pred.requires_grad and torch.is_grad_enabled() and _has_residual_op():
-            per_sample = _KernelLoss.apply(pred, z, cz, ce, w, seeds, stream, "cpu")
+        keeps_residual = (_dispatch.has_kernel(name, "diffusion_loss_residual") and pred.requires_grad
+                          and torch.is_grad_enabled())
+        if keeps_residual or not _dispatch.native_autograd(name):
+            per_sample = _KernelLoss.apply(pred, z, cz, ce, w, seeds, stream, name)
         else:
-            per_sample = torch.ops.fastdiff.diffusion_loss(pred, z, cz, ce, w, seeds, stream)
+            per_sample = _dispatch.kernel(name, "diffusion_loss")(pred, z, cz, ce, w, seeds, stream)
     if reduction == "mean":
         return per_sample.mean()
     if reduction == "sum":
@@ -315,9 +308,9 @@ if _native.status.loaded and hasattr(torch.ops.fastdiff, "diffusion_loss"):
     def _loss_backward(ctx, grad):
         pred, z, coef_z, coef_eps, weight, seeds = ctx.saved_tensors
         return (*_loss_grads(ctx.needs_input_grad, grad, pred, z, coef_z, coef_eps, weight, seeds, ctx.stream,
-                             "native"), None, None, None)
+                             _native_backend(pred)), None, None, None)
 
-    if _has_residual_op():
+    if hasattr(torch.ops.fastdiff, "diffusion_loss_residual"):
 
         @torch.library.register_fake("fastdiff::diffusion_loss_residual")
         def _loss_residual_fake(pred, z, coef_z, coef_eps, weight, seeds, stream):

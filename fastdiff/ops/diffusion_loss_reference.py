@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from fastdiff._backends import register_kernel
 from fastdiff.ops.randn import randn_reference
 
 
@@ -42,6 +43,7 @@ def _sample_numel(t):
     return math.prod(t.shape[1:])
 
 
+@register_kernel("reference", "add_noise")
 def add_noise_reference(z, alpha, beta, seeds, stream):
     """x_t = alpha z + beta ε (per-sample alpha, beta [B]); float32 (float64 for float64 z)."""
     B, f = z.shape[0], _compute_dtype(z)
@@ -59,6 +61,7 @@ def _target(pred, z, coef_z, coef_eps, seeds, stream, f):
     return cz * z.to(f) + ce * _noise(seeds, stream, z, f)
 
 
+@register_kernel("reference", "diffusion_loss")
 def diffusion_loss_reference(pred, z, coef_z, coef_eps, weight, seeds, stream):
     """Per-sample weighted MSE against target = coef_z z + coef_eps ε: [B] (float32, or float64 for
     float64 pred). Differentiable in pred through ordinary autograd."""
@@ -84,6 +87,7 @@ def grad_from_residual(grad_loss, residual, weight, dtype):
     return (scale.view(B, *([1] * (residual.dim() - 1))) * residual).to(dtype)
 
 
+@register_kernel("reference", "diffusion_loss_backward")
 def diffusion_loss_backward_reference(grad_loss, pred, z, coef_z, coef_eps, weight, seeds, stream):
     """∂(Σ_b grad_loss[b] loss[b]) / ∂pred, in pred's dtype."""
     B, f = pred.shape[0], _compute_dtype(pred, z)

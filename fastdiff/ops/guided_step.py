@@ -1,5 +1,5 @@
-"""The fused sampler step (docs/design.md §2): every first-order step, and the second-order and multistep
-ones with one extra term, is
+"""The two-branch fused step (docs/design.md §2), differentiable: fastdiff.ops.sampler_step with branches
+(pred_uncond, pred) and weights (1, cfg), one history buffer ``extra`` and one noise draw,
 
     g    = pred_uncond + cfg * (pred - pred_uncond)        (g = pred without pred_uncond)
     out  = c_x * x + c_pred * g + c_extra * extra + c_noise * noise(seeds, stream)
@@ -21,27 +21,18 @@ refuses inputs that require grad (the reference differentiates it through ``copy
 
 from __future__ import annotations
 
-import math
-import numbers
 
 import torch
 
-from fastdiff import _checks, _native
+from fastdiff import _checks
 from fastdiff import dispatch as _dispatch
-from fastdiff.ops.randn import randn_reference
+from fastdiff.ops.sampler_step import run_kernel, run_reference
 
 PRED_DTYPES = _checks.PRED_DTYPES
 COEFFICIENTS = ("cfg", "c_x", "c_pred", "c_extra", "c_noise", "s_x", "s_pred", "s_extra")
 
 
-def _coefficient(name, c) -> float:
-    # float() would also take '1', True or a 1-element tensor (a host sync): only real numbers pass
-    if isinstance(c, bool) or not isinstance(c, numbers.Real):
-        raise TypeError(f"{name} must be a real number (int or float), got {type(c).__name__} {c!r}")
-    c = float(c)
-    if not math.isfinite(c):
-        raise ValueError(f"{name} must be finite, got {c}")
-    return c
+_coefficient = _checks.finite_real
 
 
 def _check(x, pred, pred_uncond, extra, seeds, out, side, c_noise):
@@ -84,54 +75,42 @@ def _prepare(x, pred, pred_uncond, extra, seeds, stream, out, side, coeffs):
     return seeds, stream, coeffs
 
 
+def stage_coefficients(k, has_extra: bool) -> list[float]:
+    """sampler_step's coefficient rows of a two-branch step: (c_x, c_pred[, c_extra][, c_noise]) then
+    (s_x, s_pred[, s_extra][, 0]); ``k`` maps the names of COEFFICIENTS to numbers (a dict, or an object
+    with those attributes such as a sampler Stage)."""
+    get = k.__getitem__ if isinstance(k, dict) else lambda name: getattr(k, name)
+    noise = get("c_noise") != 0
+    row = [get("c_x"), get("c_pred"), *([get("c_extra")] if has_extra else []), *([get("c_noise")] if noise else [])]
+    side = [get("s_x"), get("s_pred"), *([get("s_extra")] if has_extra else []), *([0.0] if noise else [])]
+    return row + side
+
+
+def _sampler_call(x, pred, pred_uncond, extra, seeds, stream, out, side, k) -> dict:
+    """The sampler_step call this two-branch step is (fastdiff.ops.sampler_step): branches
+    (p∅, p) with weights (1, cfg), extra as the one history buffer, one draw when c_noise != 0."""
+    return dict(x=x, preds=[pred] if pred_uncond is None else [pred_uncond, pred],
+                history=[] if extra is None else [extra], seeds=seeds, streams=[stream] if k["c_noise"] != 0 else [],
+                weights=[1.0] if pred_uncond is None else [1.0, k["cfg"]],
+                coeffs=stage_coefficients(k, extra is not None), sample_weights=None, sample_coeffs=None,
+                outs=[out if out is not None else torch.empty_like(x)], side=side, finite=None)
+
+
 def guided_step_reference(x, pred, pred_uncond=None, *, cfg=1.0, extra=None, seeds=None, stream=0,
                           c_x=1.0, c_pred=0.0, c_extra=0.0, c_noise=0.0, s_x=0.0, s_pred=0.0, s_extra=0.0,
                           out=None, side=None):
-    """Pure-PyTorch specification of :func:`guided_step`; returns ``out`` (and writes ``side``)."""
+    """Pure-PyTorch specification of :func:`guided_step` (sampler_step's, for two branches); returns ``out``
+    (and writes ``side``)."""
     seeds, stream, k = _prepare(x, pred, pred_uncond, extra, seeds, stream, out, side, {
         "cfg": cfg, "c_x": c_x, "c_pred": c_pred, "c_extra": c_extra, "c_noise": c_noise, "s_x": s_x, "s_pred": s_pred,
         "s_extra": s_extra})
-    # The coefficients stay Python floats: a float times a float32 tensor is computed with the float
-    # rounded to float32 (CPU and CUDA), exactly as the kernels, and creates no device tensor from host
-    # data (torch.tensor(c, device=...) would be a host-to-device copy per coefficient per call, a sync
-    # in eager mode and a capture error in a CUDA graph).
-    f32 = torch.float32
-    g = pred.to(f32)
-    if pred_uncond is not None:
-        u = pred_uncond.to(f32)
-        g = u + k["cfg"] * (g - u)
-    result = k["c_x"] * x + k["c_pred"] * g
-    side_value = None
-    if side is not None:
-        side_value = k["s_x"] * x + k["s_pred"] * g
-    if extra is not None:
-        result = result + k["c_extra"] * extra
-        if side_value is not None:
-            side_value = side_value + k["s_extra"] * extra
-    if k["c_noise"] != 0:
-        noise = randn_reference(seeds, stream, tuple(x.shape[1:]), device=x.device, dtype=f32)
-        result = result + k["c_noise"] * noise
-    if side is not None:
-        side.copy_(side_value)
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
+    # differentiable: autograd records copy_ into the output like any op
+    return run_reference(**_sampler_call(x, pred, pred_uncond, extra, seeds, stream, out, side, k))
 
 
 def _launch(name, x, pred, pred_uncond, extra, seeds, stream, out, side, k):
-    """Runs the step kernel of backend ``name`` (writes out and side)."""
-    tensors = [x, pred, pred_uncond, extra, out, side]
-    if not all(t is None or t.is_contiguous() for t in tensors):
-        raise ValueError("guided_step kernels need contiguous x, pred, pred_uncond, extra, out and side "
-                         "(the sampler passes contiguous buffers; call .contiguous() on custom inputs)")
-    if name == "triton":
-        from fastdiff.kernels.guided_step import guided_step as triton_step
-
-        triton_step(x, pred, pred_uncond, extra, seeds, stream, out, side, **k)
-    else:
-        torch.ops.fastdiff.guided_step(x, pred, pred_uncond, extra, seeds, stream, *(k[c] for c in COEFFICIENTS),
-                                       out, side)
+    """Runs the sampler_step kernel of backend ``name`` (writes out and side); returns out."""
+    return run_kernel(name, **_sampler_call(x, pred, pred_uncond, extra, seeds, stream, out, side, k))
 
 
 class _GuidedStep(torch.autograd.Function):
@@ -174,9 +153,8 @@ def guided_step(x, pred, pred_uncond=None, *, cfg=1.0, extra=None, seeds=None, s
         "cfg": cfg, "c_x": c_x, "c_pred": c_pred, "c_extra": c_extra, "c_noise": c_noise, "s_x": s_x, "s_pred": s_pred,
         "s_extra": s_extra})
     name = _dispatch.resolve(x.device, backend)
-    if name == "reference":
-        return guided_step_reference(x, pred, pred_uncond, extra=extra, seeds=seeds, stream=stream, out=out,
-                                     side=side, **k)
+    if name == "reference":  # differentiable as it is (autograd records the copy into out)
+        return run_reference(**_sampler_call(x, pred, pred_uncond, extra, seeds, stream, out, side, k))
     inputs = {"x": x, "pred": pred, "pred_uncond": pred_uncond, "extra": extra}
     grad_inputs = [n for n, t in inputs.items() if t is not None and t.requires_grad]
     if torch.is_grad_enabled() and grad_inputs:
@@ -186,15 +164,4 @@ def guided_step(x, pred, pred_uncond=None, *, cfg=1.0, extra=None, seeds=None, s
                 "place, which autograd cannot differentiate; call it without out= and side= (it returns a new, "
                 "differentiable out), or under torch.no_grad()")
         return _GuidedStep.apply(x, pred, pred_uncond, extra, seeds, stream, name, k)
-    if out is None:
-        out = torch.empty_like(x)
-    _launch(name, x, pred, pred_uncond, extra, seeds, stream, out, side, k)
-    return out
-
-
-if _native.status.loaded and hasattr(torch.ops.fastdiff, "guided_step"):
-
-    @torch.library.register_fake("fastdiff::guided_step")
-    def _guided_step_fake(x, pred, pred_uncond, extra, seeds, stream, cfg, c_x, c_pred, c_extra, c_noise, s_x, s_pred,
-                          s_extra, out, side):
-        return None  # writes out (and side) in place
+    return _launch(name, x, pred, pred_uncond, extra, seeds, stream, out, side, k)

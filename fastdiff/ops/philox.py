@@ -10,6 +10,7 @@ import torch
 
 from fastdiff import _native
 from fastdiff import dispatch as _dispatch
+from fastdiff._backends import register_kernel
 
 M32 = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
@@ -57,6 +58,11 @@ def _check(counter: torch.Tensor, key: torch.Tensor) -> None:
 def philox4x32_10_reference(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """Words of Philox4x32-10. counter: int64 [N, 4], key: int64 [N, 2] (uint32 values) → int64 [N, 4]."""
     _check(counter, key)
+    return _philox_words(counter, key)
+
+
+@register_kernel("reference", "philox4x32_10")
+def _philox_words(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     c = counter & M32
     k = key & M32
     return torch.stack(philox_rounds(c[:, 0], c[:, 1], c[:, 2], c[:, 3], k[:, 0], k[:, 1]), dim=1)
@@ -65,14 +71,7 @@ def philox4x32_10_reference(counter: torch.Tensor, key: torch.Tensor) -> torch.T
 def philox4x32_10(counter: torch.Tensor, key: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Philox4x32-10 words on the selected backend (see :func:`philox4x32_10_reference`)."""
     _check(counter, key)
-    name = _dispatch.resolve(counter.device, backend)
-    if name == "reference":
-        return philox4x32_10_reference(counter, key)
-    if name == "triton":
-        from fastdiff.kernels.randn import philox4x32_10 as triton_philox
-
-        return triton_philox(counter, key)
-    return torch.ops.fastdiff.philox4x32_10(counter, key)
+    return _dispatch.kernel(_dispatch.resolve(counter.device, backend), "philox4x32_10")(counter, key)
 
 
 if _native.status.loaded:

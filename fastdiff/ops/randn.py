@@ -13,6 +13,7 @@ import torch
 
 from fastdiff import _checks, _native
 from fastdiff import dispatch as _dispatch
+from fastdiff._backends import register_kernel
 from fastdiff.ops.philox import M32, philox_rounds
 
 
@@ -66,14 +67,12 @@ def randn(seeds, stream, shape, *, device=None, dtype=torch.float32, offset=0, b
         backend: overrides :func:`fastdiff.use_backend` / ``FASTDIFF_BACKEND`` for this call.
     """
     seeds, stream, shape, device, dtype, offset = _normalize(seeds, stream, shape, device, dtype, offset)
-    name = _dispatch.resolve(device, backend)
-    if name == "reference":
-        return randn_reference(seeds, stream, shape, device=device, dtype=dtype, offset=offset)
-    if name == "triton":
-        from fastdiff.kernels.randn import randn as triton_randn
+    return _dispatch.kernel(_dispatch.resolve(device, backend), "randn")(seeds, stream, shape, offset, dtype)
 
-        return triton_randn(seeds, stream, shape, offset, dtype)
-    return torch.ops.fastdiff.randn(seeds, stream, list(shape), offset, dtype)
+
+@register_kernel("reference", "randn")
+def _randn_reference_kernel(seeds, stream, shape, offset, dtype):
+    return randn_reference(seeds, stream, shape, device=seeds.device, dtype=dtype, offset=offset)
 
 
 if _native.status.loaded:

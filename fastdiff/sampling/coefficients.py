@@ -1,6 +1,7 @@
 """Per-step coefficient tables of the samplers (docs/design.md §2), computed on the host in float64.
 
-Every method is a sequence of fused-kernel calls (:func:`fastdiff.ops.guided_step`)
+Every method is a sequence of fused-kernel calls (:func:`fastdiff.ops.sampler_step`; a Stage is its
+one-history, one-draw form)
 
     out  = c_x x + c_pred g + c_extra extra + c_noise noise(seeds, stream)
     side = s_x x + s_pred g + s_extra extra
@@ -43,6 +44,17 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+DRAW_STRIDE = 1 << 24  # stream ids of draw d of step i: 1 + i + d * 2^24 (steps < 2^24, draws < 4)
+
+
+def draw_stream(step: int, draw: int = 0) -> int:
+    """The noise stream id of draw ``draw`` of sampler step ``step`` (docs/design.md §3): a pure function
+    of (step, draw); stream 0 is the initial noise."""
+    if not 0 <= step < DRAW_STRIDE - 1 or not 0 <= draw < 4:
+        raise ValueError(f"draw_stream: step must be in [0, 2^24 - 1) and draw in [0, 4), got step={step}, draw={draw}")
+    return 1 + step + draw * DRAW_STRIDE
+
+
 @dataclass
 class Stage:
     """One model evaluation and one fused-kernel call."""
@@ -60,7 +72,7 @@ class Stage:
     s_x: float = 0.0
     s_pred: float = 0.0
     s_extra: float = 0.0
-    stream: int = 0  # noise stream id (1 + step)
+    stream: int = 0  # noise stream id: draw_stream(step)
     x0: tuple[float, float] = field(default=(0.0, 0.0))  # x0 = a x + b g of a step's first stage (callbacks)
     final: bool = False  # last stage of its step: the state buffer "x" holds x_{i+1}
 
@@ -98,7 +110,7 @@ def _euler(path, grid, prediction, sigma=None) -> list[Stage]:
             c_x += h * 0.5 * s * s * a_s
             c_p += h * 0.5 * s * s * b_s
             c_n = s * math.sqrt(h)
-        stages.append(Stage(i, t, "x", "x", c_x, c_p, c_noise=c_n, stream=1 + i,
+        stages.append(Stage(i, t, "x", "x", c_x, c_p, c_noise=c_n, stream=draw_stream(i),
                             x0=_conv(path, t, prediction, "x0"), final=True))
     return stages
 
@@ -139,7 +151,7 @@ def _ddim(path, grid, prediction, eta=0.0) -> list[Stage]:
             ratio = (al * be1) / (al1 * be)
             s = eta * be1 * math.sqrt(max(0.0, 1.0 - ratio * ratio))
         k = math.sqrt(max(0.0, be1 * be1 - s * s))
-        stages.append(Stage(i, t, "x", "x", al1 * a_z + k * a_e, al1 * b_z + k * b_e, c_noise=s, stream=1 + i,
+        stages.append(Stage(i, t, "x", "x", al1 * a_z + k * a_e, al1 * b_z + k * b_e, c_noise=s, stream=draw_stream(i),
                             x0=(a_z, b_z), final=True))
     return stages
 

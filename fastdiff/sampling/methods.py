@@ -11,8 +11,10 @@ conversions that must be finite at the grid's first point, and a one-line descri
         ...
 
 makes it ``fastdiff.sample(method="my_method")``, a ``fastdiff sample --method`` choice and a member of
-``METHODS``. Options are sample()'s per-method keyword arguments (``OPTIONS``); sample() refuses an option
-given a non-default value to a method that does not take it.
+``METHODS``. Options are sample()'s per-method keyword arguments: ``sigma`` and ``eta`` are named in its
+signature, any other is passed through ``sample(**options)``. ``options`` is a tuple of names or a dict
+{name: this method's default}; a name new to ``OPTIONS`` is added with that default as its neutral
+value. sample() refuses an option given a non-neutral value to a method that does not take it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Method:
     name: str
     build: Callable[..., list]  # (path, grid, prediction, **options) -> list[Stage]
     options: tuple[str, ...]  # sample() options it takes (keys of OPTIONS)
+    defaults: dict  # this method's value of an option the caller does not give (else OPTIONS' neutral one)
     evals_per_step: int  # model evaluations per step (batched CFG's one 2B call counts as one)
     conversions: Conversions  # prediction types needed finite at the grid start (see needed_conversions)
     description: str  # one line, for docs and the CLI help
@@ -50,6 +53,11 @@ class Method:
         (options at their default, and options the method does not take, are left out)."""
         given = {k: v for k, v in options.items() if k in self.options and not is_default(k, v)}
         return tuple(self.conversions(**given) if callable(self.conversions) else self.conversions)
+
+    def option_values(self, **given) -> dict:
+        """The value of each option this method takes: the caller's (None: not given), else the method's
+        default, else the neutral value of OPTIONS."""
+        return {o: given[o] if given.get(o) is not None else self.defaults.get(o, OPTIONS[o]) for o in self.options}
 
     def stages(self, path, grid, prediction, **options) -> list:
         """The stage table over ``grid``; options the method does not take are an error."""
@@ -66,16 +74,20 @@ def _takes(method: Method) -> str:
     return ", ".join(method.options) if method.options else "no options"
 
 
-def register_method(name: str, *, options: tuple[str, ...] = (), evals_per_step: int, conversions: Conversions,
-                    description: str):
+def register_method(name: str, *, options: tuple[str, ...] | dict = (), evals_per_step: int,
+                    conversions: Conversions, description: str):
     """Decorator: register the stage builder it decorates as method ``name`` (returns the builder)."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"a method name must be an identifier, got {name!r}")
+    defaults = dict(options) if isinstance(options, dict) else {}
     options = tuple(options)
-    unknown = [o for o in options if o not in OPTIONS]
-    if unknown:
-        raise ValueError(f"method {name!r}: unknown option(s) {', '.join(unknown)}; sample() passes "
-                         f"{', '.join(OPTIONS)}")
+    for o in options:
+        if not isinstance(o, str) or not o.isidentifier():
+            raise ValueError(f"method {name!r}: an option name must be an identifier, got {o!r}")
+        if o not in OPTIONS and o not in defaults:
+            raise ValueError(f"method {name!r}: unknown option {o!r} (sample() knows {', '.join(OPTIONS)}); a new "
+                             f"option needs its default, options={{{o!r}: value}}, also its neutral value for the "
+                             "other methods")
     if not isinstance(evals_per_step, int) or evals_per_step < 1:
         raise ValueError(f"method {name!r}: evals_per_step must be an int >= 1, got {evals_per_step!r}")
     if not callable(conversions):
@@ -86,7 +98,10 @@ def register_method(name: str, *, options: tuple[str, ...] = (), evals_per_step:
     def decorate(build):
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered")
-        _REGISTRY[name] = Method(name, build, options, evals_per_step, conversions, description)
+        for o in options:
+            if o not in OPTIONS:
+                OPTIONS[o] = defaults[o]
+        _REGISTRY[name] = Method(name, build, options, defaults, evals_per_step, conversions, description)
         return build
 
     return decorate
@@ -116,12 +131,25 @@ def get_method(name) -> Method:
 
 
 def check_options(method: Method, **values) -> None:
-    """ValueError for an option given a non-default value that ``method`` does not take, naming the
-    option, the method and the methods that take it."""
+    """ValueError for an option given a non-neutral value that ``method`` does not take, naming the
+    option, the method and the methods that take it; TypeError for a name no method takes."""
     for option, value in values.items():
+        if option not in OPTIONS:
+            raise TypeError(f"sample() got an unexpected keyword argument {option!r} (method options: "
+                            f"{', '.join(OPTIONS)})")
         if option in method.options or is_default(option, value):
             continue
         takers = [m.name for m in _REGISTRY.values() if option in m.options]
         where = f"method={' or '.join(map(repr, takers))}" if takers else "no registered method"
         raise ValueError(f"{option} applies to {where}; method={method.name!r} does not take it "
                          f"(it takes {_takes(method)})")
+
+
+def methods_table() -> str:
+    """The markdown table of the registered methods that docs/sampling.md carries (a test keeps the two
+    equal; regenerate with ``python -c "from fastdiff.sampling.methods import methods_table as t; print(t())"``)."""
+    rows = ["| method | options | model evaluations per step | what |", "|---|---|---|---|"]
+    for m in _REGISTRY.values():
+        options = ", ".join(f"`{o}`" + (f" = {m.defaults[o]}" if o in m.defaults else "") for o in m.options) or "–"
+        rows.append(f"| `{m.name}` | {options} | {m.evals_per_step} | {m.description} |")
+    return "\n".join(rows)

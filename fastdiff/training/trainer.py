@@ -37,7 +37,7 @@ class Trainer:
 
     Args:
         model: any ``nn.Module`` called as ``model(x_t, t, y)``; models with a ``config`` dict (those
-            of :mod:`fastdiff.models`) can be rebuilt from a checkpoint alone.
+            of :mod:`fastdiff.demo.models`) can be rebuilt from a checkpoint alone.
         data: a map-style Dataset of ``x`` or ``(x, y)`` items, a tensor or tuple of tensors, or a
             DataLoader (its dataset, collate_fn and batch size are used).
         objective: a :class:`DiffusionObjective` (default: velocity prediction on CondOT).

@@ -269,7 +269,7 @@ def loop_cases(n: int, device="cpu", impls=None, steps: int = LOOP_STEPS, cfg: f
                                "sdeint(method='euler')")
     if want("k_diffusion"):
         try:
-            from fastdiff.peers import k_diffusion_sampling
+            from fastdiff.bench.peers import k_diffusion_sampling
 
             kd = k_diffusion_sampling()
         except ImportError:
@@ -299,8 +299,59 @@ def loop_cases(n: int, device="cpu", impls=None, steps: int = LOOP_STEPS, cfg: f
             grid = torch.tensor([0.0, 1.0], device=device)
             out["flow_matching"] = (lambda: solver.sample(x0, step_size=1.0 / steps, method="euler", time_grid=grid),
                                     "ODESolver(method='euler'), ODE")
+    if want("fastdiff"):
+        out.update(_loop_parts(model, B, y, y2, steps, sigma, cfg, device))
     nbytes = steps * B * per * 4 * 3  # read x, write x, one noise draw per step (the loops' own floor)
-    return [Case("loop", k, B * per, "fp32", fn, nbytes, note) for k, (fn, note) in out.items() if want(k)]
+    return [Case("loop", k, B * per, "fp32", fn, nbytes, note) for k, (fn, note) in out.items()
+            if want(k) or (k in LOOP_PARTS and want("fastdiff"))]
+
+
+# fastdiff's loop taken apart: the loop with a free model (one that returns a kept prediction: what is
+# left is the loop's own work), the model alone and the fused step alone (same calls, same buffers)
+LOOP_PARTS = ("free_model", "model_only", "step_only")
+
+
+def _loop_parts(model, B, y, y2, steps, sigma, cfg, device) -> dict:
+    """``steps`` calls of the model on the loop's kept 2B input; ``steps`` fused steps exactly as the SDE
+    loop makes them (two branches, one draw, the state and its guidance twin written, the finiteness
+    flag); and the whole loop with a model that returns a kept prediction. The loop's own time per step
+    is free_model / steps, to set next to step_only / steps. (fastdiff − model_only is larger: a model
+    runs slower inside a loop than alone, whose inputs and allocations stay warm.)"""
+    import fastdiff
+
+    from fastdiff import dispatch
+    from fastdiff.ops.sampler_step import prepare, run_kernel
+
+    pair = torch.randn((2, B, *LOOP_SHAPE), device=device)
+    t2 = torch.full((2 * B,), 0.5, device=device)
+    seeds = torch.arange(B, device=device)
+    finite = torch.ones((1, B), dtype=torch.int32, device=device)
+    pred = model(pair.view(2 * B, *LOOP_SHAPE), t2, y2).contiguous()
+    c_x, c_p, c_n = _sde_coefficients(dt=1.0 / steps, sigma=sigma)
+    call = prepare(pair[0], [pred[B:], pred[:B]], [1.0, cfg], [], [c_x, c_p, c_n, 0.0, 0.0, 0.0], seeds, [1],
+                      list(pair), None, finite[0])
+    backend = dispatch.resolve(torch.device(device))
+
+    def model_only():
+        for _ in range(steps):
+            out = model(pair.view(2 * B, *LOOP_SHAPE), t2, y2).contiguous()
+        return out[:B]  # the conditional half: one prediction per sample, as the other cases
+
+    def step_only():
+        for _ in range(steps):
+            run_kernel(backend, **call)
+        return pair[0]
+
+    def free(x, t, labels):
+        return pred
+
+    def free_model():
+        return fastdiff.sample(free, steps, cfg, shape=LOOP_SHAPE, y=y, null_y=model.null_label, seed=0, sigma=sigma,
+                               device=device)
+
+    return {"free_model": (free_model, "fastdiff's loop with a model that returns a kept prediction"),
+            "model_only": (model_only, f"{steps} model calls on the kept 2B input"),
+            "step_only": (step_only, f"{steps} fused steps as the loop makes them")}
 
 
 def cases(op: str, n: int, dtype: str = "fp32", device="cpu", impls=None) -> list[Case]:
@@ -439,6 +490,19 @@ def report(ops=OPS, log2_sizes=(22,), dtypes=("fp32",), device="cpu", repeat=15,
                     if c.note:
                         line += f"  {c.note}"
                     log(line)
+                if op == "loop" and all(k in med for k in ("fastdiff", *LOOP_PARTS)):
+                    own = med["free_model"] / LOOP_STEPS
+                    step = med["step_only"] / LOOP_STEPS
+                    minus = (med["fastdiff"] - med["model_only"]) / LOOP_STEPS
+                    log(f"{'':9s} per step: the loop's own time (loop with a free model) {own * 1e3:.4g} ms, the fused "
+                        f"step alone {step * 1e3:.4g} ms: ratio {own / step:.2f}; loop minus the model timed alone "
+                        f"{minus * 1e3:.4g} ms")
+                    for impl, v, note in (("own_per_step", own, "the loop with a free model, per step"),
+                                          ("step_per_step", step, "the fused step as the loop calls it"),
+                                          ("minus_model_per_step", minus, "loop minus the model timed alone, per step")):
+                        rows.append({**rows[-1], "backend": impl, "median_ms": _sig(v * 1e3), "GB/s": None,
+                                     "pct_copy": None, "x_vs_baseline": None, "x_vs_compile": None,
+                                     "fastdiff_speedup": round(v / step, 3), "peak_mib": None, "note": note})
     if csv_dir is not None and rows:
         from pathlib import Path
 

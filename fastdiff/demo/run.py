@@ -20,7 +20,7 @@ DEMO_CFGS = (1.0, 4.0)
 
 
 def digits_model(num_classes: int = 10):
-    from fastdiff import models
+    from fastdiff.demo import models
 
     # base 16: 104 k parameters, ~50 ms per training step at batch 256 on 2 cores (base 32: ~150 ms)
     return models.UNet(1, num_classes=num_classes, base=16, mults=(1, 2))
@@ -47,7 +47,7 @@ def run(out="fastdiff-demo", *, steps: int = 2000, batch_size: int = 256, lr: fl
     ``judged_per_class`` digits of each class are generated per guidance scale and classified (the
     picture shows the first 10): with 10 per class an accuracy of 0.99 and 1.0 could not be told apart.
     """
-    from fastdiff import data, images
+    from fastdiff.demo import data, images
     from fastdiff.training import DiffusionObjective, Trainer
 
     out = Path(out)

@@ -30,7 +30,7 @@ def k_diffusion_sampling():
         del sys.modules[name]  # the half-imported package
     package = types.ModuleType("k_diffusion")
     package.__path__ = list(spec.submodule_search_locations)
-    package.__doc__ = "k-diffusion's samplers only (loaded by fastdiff.peers without the package __init__)"
+    package.__doc__ = "k-diffusion's samplers only (loaded by fastdiff.bench.peers without the package __init__)"
     stand_ins = {}
     if importlib.util.find_spec("torchvision") is None:
         functional = types.ModuleType("torchvision.transforms.functional")

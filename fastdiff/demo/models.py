@@ -5,7 +5,8 @@ Both are called ``model(x, t, y=None)`` (docs/design.md §4): ``t`` is a float t
 null (unconditional) label, exposed as ``model.null_label``; ``y=None`` means null for every sample,
 so classifier-free guidance uses ``null_y=model.null_label``. Untrained models predict ~0 (zero-init
 output layer). ``model.config`` is a JSON-serializable dict and :func:`build` rebuilds the model
-from it (checkpoints store the config next to the state dict).
+from it (checkpoints store the config next to the state dict); :func:`load_model` rebuilds one from
+a :class:`fastdiff.training.Trainer` checkpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["MLP", "UNet", "FourierTime", "build"]
+__all__ = ["MLP", "UNet", "FourierTime", "build", "load_model"]
 
 
 # ---------------------------------------------------------------------- argument checks
@@ -349,3 +350,25 @@ def build(config: dict) -> nn.Module:
         if "unexpected keyword" in str(exc):
             raise TypeError(f"bad config for {kind}: {exc}") from exc
         raise
+
+
+def load_model(path, *, ema: bool = True, device=None):
+    """Rebuild a model of this module from a checkpoint (its .json, .safetensors or folder);
+    returns ``(model, state)`` with the EMA weights by default, in eval mode."""
+    from fastdiff.training import checkpoint as ckpt
+    from fastdiff.training.checkpoint import CheckpointError
+
+    tensors, state = ckpt.read(path)
+    config = state.get("model_config")
+    if not config:
+        raise CheckpointError(f"checkpoint {path} has no model_config (the model was not a fastdiff.demo.models "
+                              "model): build the model yourself and load the 'model/' or 'ema/' tensors")
+    model = build(config)
+    weights = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    if ema:
+        weights.update({k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")})
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # tensors that do not fit the recorded config
+        raise CheckpointError(f"checkpoint {path}: its weights do not fit its model_config: {e}") from None
+    return model.to(device or "cpu").eval(), state

@@ -1,0 +1,44 @@
+// CPU implementation of fastdiff::sampler_step (the general fused sampler step, docs/design.md §2). The
+// loop lives in sampler_step_block.h; this file builds its portable copy, picks a SIMD copy
+// (avx2/, avx512/sampler_step.cpp) by simd(), and registers the op.
+#include <optional>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "../dispatch.h"
+#include "../sampler_step_args.h"
+#include "fastdiff/sampler_step.h"
+#include "sampler_step_block.h"
+#include "simd.h"
+
+namespace fastdiff {
+namespace cpu {
+
+FASTDIFF_DEFINE_SAMPLER_STEP_LOOPS(portable)
+
+namespace {
+
+void sampler_step_cpu(const at::Tensor& x, at::TensorList preds, at::TensorList history, const at::Tensor& seeds_in,
+                      at::IntArrayRef streams, at::ArrayRef<double> weights, at::ArrayRef<double> coeffs,
+                      const std::optional<at::Tensor>& sample_weights, const std::optional<at::Tensor>& sample_coeffs,
+                      at::TensorList outs, const std::optional<at::Tensor>& side,
+                      const std::optional<at::Tensor>& finite) {
+  check_sampler_step_args(x, preds, history, seeds_in, streams, weights, coeffs, sample_weights, sample_coeffs, outs,
+                          side, finite);
+  if (x.numel() == 0) return;
+  const at::Tensor seeds = seeds_in.contiguous();
+  const StepBuffers a = step_buffers(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs,
+                                     outs, side, finite);
+  with_data_type(preds[0].scalar_type(), [&](auto tag) { FASTDIFF_SIMD_CALL(sampler_step, a, tag); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
+  m.impl("sampler_step", &sampler_step_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fastdiff

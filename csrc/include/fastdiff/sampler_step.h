@@ -1,0 +1,138 @@
+// The per-element math of the general fused sampler step fastdiff::sampler_step (docs/design.md §2),
+// written once for the CPU loops (T = at::vec::Vectorized<float>), the CUDA kernel (T = float) and the
+// C++ tests. The specification is sampler_step_reference in fastdiff/ops/sampler_step.py:
+//
+//   g    = w0 p0 + sum_{k>=1} wk (pk - p0)
+//   out  = c_x x + c_g g + sum_j c_h[j] h_j + sum_d c_z[d] z_d     (noise terms only where c_z[d] != 0)
+//   side = the same with the side row
+//
+// in float32, in the order written, each term after the first added with one fused multiply-add
+// (acc = fma(c, v, acc)): explicit, so no compiler's contraction choices enter and the AVX2 and AVX-512
+// levels and CUDA give the same bits; it is the arithmetic the kernels had before this op, so K1 = 2
+// with w = (1, cfg) is the former CFG step bit for bit (1 * p_uncond is exact). The reference rounds
+// the product and the sum separately (within an ulp of each term), and so does the portable CPU level
+// where its instruction set has no FMA (the x86-64 baseline), as it did before.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "fastdiff/macros.h"
+
+namespace fastdiff {
+
+// a * b + c with one rounding. Vector types use their own fmadd, found by argument-dependent lookup
+// (at::vec::fmadd for at::vec::Vectorized<float>).
+FASTDIFF_HD float fmadd(float a, float b, float c) { return fmaf(a, b, c); }
+
+// Limits of one call (the op checks them): branches K1, history buffers H, noise draws D, outputs.
+constexpr int kMaxBranches = 8;
+constexpr int kMaxHistory = 4;
+constexpr int kMaxDraws = 4;
+constexpr int kMaxOuts = 8;
+constexpr int kMaxTerms = 2 + kMaxHistory + kMaxDraws;  // columns of a coefficient row: x, g, h..., z...
+
+// The counts of one call, fixed for all samples.
+struct StepShape {
+  int branches;  // K1 >= 1
+  int history;   // H
+  int draws;     // D
+  FASTDIFF_HD int terms() const { return 2 + history + draws; }  // M, the length of a coefficient row
+};
+
+// The same counts as compile-time constants, for the common shapes (K1 <= 2, H <= 1, D <= 1: every
+// method and guidance rule of today), so the loops below unroll; blend and combine take either.
+template <int K1, int H, int D>
+struct FixedStepShape {
+  static constexpr int branches = K1;
+  static constexpr int history = H;
+  static constexpr int draws = D;
+  FASTDIFF_HD static constexpr int terms() { return 2 + H + D; }
+};
+
+// Array capacities and loop bounds of a shape: the counts themselves for FixedStepShape (arrays in
+// registers; a zero count keeps one unused slot), the limits for the runtime StepShape.
+template <typename Shape>
+struct ShapeCaps {
+  static constexpr bool kFixed = false;
+  static constexpr int kBranches = kMaxBranches, kHistory = kMaxHistory, kDraws = kMaxDraws, kTerms = kMaxTerms;
+};
+template <int K1, int H, int D>
+struct ShapeCaps<FixedStepShape<K1, H, D>> {
+  static constexpr bool kFixed = true;
+  static constexpr int kBranches = K1, kHistory = H > 0 ? H : 1, kDraws = D > 0 ? D : 1, kTerms = 2 + H + D;
+};
+
+// The coefficients of one sample: guidance weights and the out / side rows, float32.
+struct SampleCoeffs {
+  float w[kMaxBranches];
+  float c[2][kMaxTerms];  // [row][column]: row 0 out, row 1 side; column 0 x, 1 g, 2 + j h_j, 2 + H + d z_d
+};
+
+// The buffers and numbers of one call: filled on the host from the op's arguments (step_buffers in
+// csrc/sampler_step_args.h), read by the CPU loops and passed by value to the CUDA kernel.
+struct StepBuffers {
+  StepShape shape;
+  const float* x;                     // [B, n]; may be outs[0]
+  const void* preds[kMaxBranches];    // K1 of [B, n]: float, c10::Half or c10::BFloat16 (one type)
+  const float* history[kMaxHistory];  // H of [B, n]
+  uint32_t streams[kMaxDraws];        // D stream ids
+  const int64_t* seeds;               // [B] (two's complement for seeds >= 2^63)
+  SampleCoeffs host;                  // every sample's coefficients, unless per-sample rows are given
+  bool draws_used[kMaxDraws];         // host coefficients: draw d has a non-zero coefficient
+  const float* sample_weights;        // [B, K1] or nullptr
+  const float* sample_coeffs;         // [B, 2M] or nullptr
+  float* outs[kMaxOuts];              // n_outs of [B, n]
+  int n_outs;
+  float* side;                        // [B, n] or nullptr; may be a history buffer
+  int32_t* finite;                    // [B] or nullptr
+  int64_t B, n;                       // samples, elements per sample
+
+  // Whether any draw may be generated (per-sample rows decide per sample and draw).
+  FASTDIFF_HD bool any_draw() const {
+    bool any = sample_coeffs != nullptr && shape.draws > 0;
+    for (int d = 0; d < shape.draws; ++d) any = any || draws_used[d];
+    return any;
+  }
+};
+
+// SampleCoeffs from a row of K1 weights and a row of 2M coefficients (host arrays or device rows).
+FASTDIFF_HD void load_sample_coeffs(const StepShape& s, const float* weights, const float* coeffs,
+                                           SampleCoeffs& k) {
+  for (int i = 0; i < s.branches; ++i) k.w[i] = weights[i];
+  const int m = s.terms();
+  for (int r = 0; r < 2; ++r)
+    for (int j = 0; j < m; ++j) k.c[r][j] = coeffs[r * m + j];
+}
+
+// g of one element (or vector): p[0 .. K1) are the branch predictions as float.
+template <typename T, typename Shape>
+FASTDIFF_HD T blend(const Shape& s, const SampleCoeffs& k, const T* p) {
+  T g = k.w[0] == 1.0f ? p[0] : T(k.w[0]) * p[0];  // 1 * p is p: no multiply on the common path
+  for (int i = 1; i < s.branches; ++i) g = fmadd(T(k.w[i]), p[i] - p[0], g);
+  return g;
+}
+
+// One output row (0 out, 1 side) of one element: h[0 .. H) history values, z[0 .. D) normals (read only
+// where the coefficient is non-zero).
+template <typename T, typename Shape>
+FASTDIFF_HD T combine(const Shape& s, const SampleCoeffs& k, int row, const T& x, const T& g, const T* h,
+                      const T* z) {
+  const float* c = k.c[row];
+  T v = fmadd(T(c[1]), g, T(c[0]) * x);
+  for (int j = 0; j < s.history; ++j) v = fmadd(T(c[2 + j]), h[j], v);
+  for (int d = 0; d < s.draws; ++d) {
+    const float cz = c[2 + s.history + d];
+    if (cz != 0.0f) v = fmadd(T(cz), z[d], v);
+  }
+  return v;
+}
+
+// Whether draw d is needed by a sample: a non-zero coefficient in either row.
+template <typename Shape>
+FASTDIFF_HD bool draw_used(const Shape& s, const SampleCoeffs& k, int d, bool side) {
+  const int j = 2 + s.history + d;
+  return k.c[0][j] != 0.0f || (side && k.c[1][j] != 0.0f);
+}
+
+}  // namespace fastdiff

@@ -1,0 +1,44 @@
+// The host side of fastdiff::sampler_step shared by the CPU and CUDA implementations: the op's
+// arguments (checked by check_sampler_step_args) as one StepBuffers (fastdiff/sampler_step.h).
+#pragma once
+
+#include <optional>
+
+#include <ATen/ATen.h>
+
+#include "fastdiff/sampler_step.h"
+
+namespace fastdiff {
+
+// `seeds` must be contiguous and outlive the call.
+inline StepBuffers step_buffers(const at::Tensor& x, at::TensorList preds, at::TensorList history,
+                                const at::Tensor& seeds, at::IntArrayRef streams, at::ArrayRef<double> weights,
+                                at::ArrayRef<double> coeffs, const std::optional<at::Tensor>& sample_weights,
+                                const std::optional<at::Tensor>& sample_coeffs, at::TensorList outs,
+                                const std::optional<at::Tensor>& side, const std::optional<at::Tensor>& finite) {
+  StepBuffers a{};
+  a.shape = StepShape{static_cast<int>(preds.size()), static_cast<int>(history.size()),
+                      static_cast<int>(streams.size())};
+  a.x = x.const_data_ptr<float>();
+  for (int i = 0; i < a.shape.branches; ++i) a.preds[i] = preds[i].const_data_ptr();
+  for (int i = 0; i < a.shape.history; ++i) a.history[i] = history[i].const_data_ptr<float>();
+  for (int d = 0; d < a.shape.draws; ++d) a.streams[d] = static_cast<uint32_t>(streams[d]);
+  a.seeds = seeds.const_data_ptr<int64_t>();
+  // Host numbers rounded once to float32, as a Python float against a float32 tensor in the reference.
+  float w[kMaxBranches] = {}, c[2 * kMaxTerms] = {};
+  for (int i = 0; i < a.shape.branches; ++i) w[i] = static_cast<float>(weights[i]);
+  for (int j = 0; j < 2 * a.shape.terms(); ++j) c[j] = static_cast<float>(coeffs[j]);
+  load_sample_coeffs(a.shape, w, c, a.host);
+  for (int d = 0; d < a.shape.draws; ++d) a.draws_used[d] = draw_used(a.shape, a.host, d, side.has_value());
+  a.sample_weights = sample_weights ? sample_weights->const_data_ptr<float>() : nullptr;
+  a.sample_coeffs = sample_coeffs ? sample_coeffs->const_data_ptr<float>() : nullptr;
+  a.n_outs = static_cast<int>(outs.size());
+  for (int i = 0; i < a.n_outs; ++i) a.outs[i] = outs[i].mutable_data_ptr<float>();
+  a.side = side ? side->mutable_data_ptr<float>() : nullptr;
+  a.finite = finite ? finite->mutable_data_ptr<int32_t>() : nullptr;
+  a.B = x.size(0);
+  a.n = a.B == 0 ? 0 : x.numel() / a.B;
+  return a;
+}
+
+}  // namespace fastdiff

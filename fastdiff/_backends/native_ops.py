@@ -1,0 +1,27 @@
+"""The kernels of fastdiff._C (torch.ops.fastdiff), shared by the cpu and cuda backends: the op's
+device picks the CPU or CUDA implementation through PyTorch's dispatcher."""
+
+from __future__ import annotations
+
+import torch
+
+from fastdiff._backends import register_kernel
+
+OPS = ("philox4x32_10", "sampler_step", "add_noise", "diffusion_loss", "diffusion_loss_backward")
+
+
+def _call(name: str):
+    def call(*args):
+        return getattr(torch.ops.fastdiff, name)(*args)
+
+    call.__name__ = name
+    return call
+
+
+def register(backend: str, *, residual: bool = False) -> None:
+    """Registers the _C kernels for ``backend``; ``residual``: also the loss forward that keeps pred − target
+    for a backward without a second pass over the noise (worth it where the normals are costly: CPU)."""
+    for name in OPS + (("diffusion_loss_residual",) if residual else ()):
+        register_kernel(backend, name)(_call(name))
+    register_kernel(backend, "randn")(
+        lambda seeds, stream, shape, offset, dtype: torch.ops.fastdiff.randn(seeds, stream, list(shape), offset, dtype))
