@@ -28,7 +28,7 @@ options, evaluations per step, needed conversions and description; a new method 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastdiff.paths import GaussianPath, affine_coefficients
 from fastdiff.sampling.methods import get_method, method_names, methods, register_method
@@ -201,3 +201,14 @@ def build_stages(method: str, path: GaussianPath, grid: list[float], prediction:
 def needed_conversions(method: str, stochastic: bool) -> tuple[str, ...]:
     """Prediction types a method converts to at the grid's first point (stochastic: sigma > 0)."""
     return get_method(method).needed_conversions(sigma=(lambda t: 1.0) if stochastic else None)
+
+
+@register_method("euler_ancestral", options={"eta": 1.0, "s_noise": 1.0}, evals_per_step=1, conversions=("x0", "eps"),
+                 description="k-diffusion's Euler ancestral: a step to sigma_down plus s_noise x sigma_up fresh noise")
+def _euler_ancestral(path, grid, prediction, eta=1.0, s_noise=1.0) -> list[Stage]:
+    # In k-diffusion's sigma = beta / alpha, the step to sigma_down = sqrt(sigma'^2 - sigma_up^2) is DDIM's
+    # deterministic part and sigma_up = eta sigma' sqrt(1 - sigma'^2 / sigma^2) its noise scale: DDIM(eta)
+    # with the noise scaled by s_noise.
+    if not isinstance(s_noise, (int, float)) or isinstance(s_noise, bool) or not 0.0 <= s_noise < math.inf:
+        raise ValueError(f"s_noise must be a finite number >= 0, got {s_noise!r}")
+    return [replace(st, c_noise=st.c_noise * s_noise) for st in _ddim(path, grid, prediction, eta)]
