@@ -26,7 +26,7 @@ import torch
 
 from fastdiff import _checks
 from fastdiff import dispatch as _dispatch
-from fastdiff.ops.sampler_step import run_kernel, run_reference
+from fastdiff.ops.sampler_step import check_like_x, run_kernel, run_reference
 
 PRED_DTYPES = _checks.PRED_DTYPES
 COEFFICIENTS = ("cfg", "c_x", "c_pred", "c_extra", "c_noise", "s_x", "s_pred", "s_extra")
@@ -48,12 +48,7 @@ def _check(x, pred, pred_uncond, extra, seeds, out, side, c_noise):
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.shape != x.shape:
-            raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-        if t.dtype not in dtypes:
-            raise TypeError(f"{name} must be {' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
+        check_like_x(name, t, x, dtypes)
     if pred_uncond is not None and pred_uncond.dtype != pred.dtype:
         raise TypeError(f"pred_uncond must have pred's dtype {pred.dtype}, got {pred_uncond.dtype}")
     if c_noise != 0:

@@ -78,7 +78,8 @@ def _tensor_list(name, values, limit):
     return values
 
 
-def _check_like_x(name, t, x, dtypes):
+def check_like_x(name, t, x, dtypes):
+    """``t`` has x's shape and device and one of ``dtypes`` (errors name the argument)."""
     if t.shape != x.shape:
         raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
     if t.device != x.device:
@@ -113,12 +114,12 @@ def prepare(x, preds, weights, history, coeffs, seeds, streams, outs, side, fini
     if not preds:
         raise ValueError("preds must hold at least one prediction")
     for i, p in enumerate(preds):
-        _check_like_x(f"preds[{i}]", p, x, PRED_DTYPES)
+        check_like_x(f"preds[{i}]", p, x, PRED_DTYPES)
         if p.dtype != preds[0].dtype:
             raise TypeError(f"preds[{i}] must have preds[0]'s dtype {preds[0].dtype}, got {p.dtype}")
     history = _tensor_list("history", history, MAX_HISTORY)
     for i, h in enumerate(history):
-        _check_like_x(f"history[{i}]", h, x, (torch.float32,))
+        check_like_x(f"history[{i}]", h, x, (torch.float32,))
     if isinstance(streams, numbers.Integral) or not hasattr(streams, "__len__"):
         raise TypeError(f"streams must be a sequence of stream ids, got {type(streams).__name__}")
     streams = [_checks.stream_id(s, f"streams[{i}]") for i, s in enumerate(streams)]
@@ -138,11 +139,11 @@ def prepare(x, preds, weights, history, coeffs, seeds, streams, outs, side, fini
     if not outs:
         raise ValueError("outs must hold at least one output tensor")
     for i, o in enumerate(outs):
-        _check_like_x(f"outs[{i}]", o, x, (torch.float32,))
+        check_like_x(f"outs[{i}]", o, x, (torch.float32,))
     if side is not None:
         if not isinstance(side, torch.Tensor):
             raise TypeError(f"side must be a tensor, got {type(side).__name__}")
-        _check_like_x("side", side, x, (torch.float32,))
+        check_like_x("side", side, x, (torch.float32,))
     _check_outputs_apart([*((f"outs[{i}]", o) for i, o in enumerate(outs)), ("side", side)])
     if finite is not None:
         if not isinstance(finite, torch.Tensor) or finite.dtype != torch.int32 or finite.shape != (B,):
