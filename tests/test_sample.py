@@ -1,12 +1,14 @@
 """fastdiff.sample against analytic oracles (Gaussian mixtures with exact fields), against diffusers'
 scheduler loops, and its argument errors. The step backend is the fastest available ("auto")."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 import fastdiff
+from fastdiff.ops.randn import randn
 from fastdiff.sampling.loop import T_MIN_SINGULAR
 from fastdiff.mixtures import (GaussianMixture, MixtureModel, assign_modes, class_conditional_mixture, mode_zscores,
                               ring_mixture)
@@ -88,6 +90,49 @@ def test_cfg_batched_equals_two_passes_and_uses_one_2b_forward():
     # guidance sharpens towards the class: every sample lands on its class
     labels = mixture.labels[assign_modes(a.double(), mixture)]
     assert bool((labels == y).all())
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "dpmpp_2m"])
+def test_guided_result_owns_its_memory_and_is_the_callbacks_last_state(method):
+    # the guided state is half of a [2, B, ...] pair; the returned samples must not keep it alive
+    mixture = class_conditional_mixture(num_classes=2, modes_per_class=2)
+    model = MixtureModel(mixture, "condot", "velocity", null_label=-1)
+    y = torch.tensor([0, 1, 1])
+    seen = []
+    x = fastdiff.sample(model, 6, cfg=2.0, shape=(2,), y=y, null_y=-1, seed=2, method=method,
+                        callback=lambda i, t, x, x0: seen.append(x.clone()))
+    assert x.untyped_storage().nbytes() == x.numel() * x.element_size()
+    assert torch.equal(seen[-1], x)
+    noise = randn(torch.arange(2, 5), 0, (2,))  # the initial noise of seeds 2, 3, 4
+    torch.testing.assert_close(fastdiff.sample(model, 6, cfg=2.0, y=y, null_y=-1, seed=2, method=method, noise=noise),
+                               x, atol=0, rtol=0)
+
+
+def test_stage_tables_are_reused_only_for_the_same_method_and_settings():
+    import sys
+
+    from fastdiff.sampling import loop
+    methods = sys.modules["fastdiff.sampling.methods"]  # the module (fastdiff.sampling.methods is a function)
+
+    model = MixtureModel(ring_mixture(), "condot", "velocity")
+    kw = dict(shape=(2,), batch_size=3, seed=1)
+    first = fastdiff.sample(model, 8, sigma=0.5, **kw)
+    hits = len(loop._STAGE_CACHE.tables)
+    assert torch.equal(fastdiff.sample(model, 8, sigma=0.5, **kw), first)
+    assert len(loop._STAGE_CACHE.tables) == hits  # reused
+    assert not torch.equal(fastdiff.sample(model, 8, sigma=lambda t: 0.5 * (1 - t), **kw), first)
+    # a method registered again under the same name builds its own table
+    record, saved = methods.get_method("euler"), dict(methods._REGISTRY)
+    try:
+        methods.unregister_method("euler")
+        methods.register_method("euler", options=record.options, evals_per_step=1, conversions=record.conversions,
+                                description=record.description)(lambda *a, **k: [
+                                    dataclasses.replace(st, c_noise=0.0) for st in record.build(*a, **k)])
+        assert not torch.equal(fastdiff.sample(model, 8, sigma=0.5, **kw), first)
+    finally:  # the registry as it was, in its order
+        methods._REGISTRY.clear()
+        methods._REGISTRY.update(saved)
+    assert torch.equal(fastdiff.sample(model, 8, sigma=0.5, **kw), first)
 
 
 def test_guidance_interval_runs_one_pass_outside():

@@ -104,6 +104,12 @@ def _check_outputs_apart(named) -> None:
 
 def prepare(x, preds, weights, history, coeffs, seeds, streams, outs, side, finite):
     """Checks every argument once; returns the normalized call (a dict of the kernel's arguments)."""
+    return with_rows(prepare_tensors(x, preds, history, seeds, outs, side, finite), weights, coeffs, streams)
+
+
+def prepare_tensors(x, preds, history, seeds, outs, side, finite) -> dict:
+    """The tensor half of :func:`prepare`, checked; :func:`with_rows` completes it. A loop whose stages
+    share their buffers checks them once and pays only the rows' checks per stage."""
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
         raise TypeError(f"x must be a float32 tensor (the sampler state), got "
                         f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -120,19 +126,6 @@ def prepare(x, preds, weights, history, coeffs, seeds, streams, outs, side, fini
     history = _tensor_list("history", history, MAX_HISTORY)
     for i, h in enumerate(history):
         check_like_x(f"history[{i}]", h, x, (torch.float32,))
-    if isinstance(streams, numbers.Integral) or not hasattr(streams, "__len__"):
-        raise TypeError(f"streams must be a sequence of stream ids, got {type(streams).__name__}")
-    streams = [_checks.stream_id(s, f"streams[{i}]") for i, s in enumerate(streams)]
-    if len(streams) > MAX_DRAWS:
-        raise ValueError(f"streams holds {len(streams)} draws; at most {MAX_DRAWS} are supported")
-    K1, H, D = len(preds), len(history), len(streams)
-    M = 2 + H + D
-    if weights is None:
-        if K1 != 1:
-            raise ValueError(f"weights are required with {K1} predictions (w_0, w_1, ...)")
-        weights = (1.0,)
-    host_weights, sample_weights = _row_values("weights", weights, K1, B, device)
-    host_coeffs, sample_coeffs = _row_values("coeffs", coeffs, 2 * M, B, device)
     if outs is None:
         outs = [torch.empty_like(x)]
     outs = _tensor_list("outs", outs, MAX_OUTS)
@@ -154,19 +147,39 @@ def prepare(x, preds, weights, history, coeffs, seeds, streams, outs, side, fini
             raise ValueError(f"finite is on {finite.device} but x is on {device}")
         if not finite.is_contiguous():
             raise ValueError("finite must be contiguous")
-    needs_noise = D > 0 and (sample_coeffs is not None or any(
-        host_coeffs[2 + H + d] != 0 or (side is not None and host_coeffs[M + 2 + H + d] != 0) for d in range(D)))
-    if seeds is None:
-        if needs_noise:
-            raise ValueError("seeds are required when a noise coefficient is non-zero")
-        seeds = torch.zeros(B, dtype=torch.int64, device=device)
-    else:
+    if seeds is not None:  # None stays None until with_rows knows whether a draw needs them
         seeds = _checks.seeds_tensor(seeds, device)
         if seeds.shape != (B,):
             raise ValueError(f"seeds must hold one seed per sample ({B}), got shape {tuple(seeds.shape)}")
-    return dict(x=x, preds=preds, history=history, seeds=seeds, streams=streams,
-                weights=host_weights or [0.0] * K1, coeffs=host_coeffs or [0.0] * (2 * M),
-                sample_weights=sample_weights, sample_coeffs=sample_coeffs, outs=outs, side=side, finite=finite)
+    return dict(x=x, preds=preds, history=history, seeds=seeds, outs=outs, side=side, finite=finite)
+
+
+def with_rows(tensors: dict, weights, coeffs, streams) -> dict:
+    """The call of :func:`prepare`: ``tensors`` (from :func:`prepare_tensors`, not modified) with the
+    branch weights, the coefficient rows and the noise streams, checked."""
+    x, side, seeds = tensors["x"], tensors["side"], tensors["seeds"]
+    B, device = x.shape[0], x.device
+    if isinstance(streams, numbers.Integral) or not hasattr(streams, "__len__"):
+        raise TypeError(f"streams must be a sequence of stream ids, got {type(streams).__name__}")
+    streams = [_checks.stream_id(s, f"streams[{i}]") for i, s in enumerate(streams)]
+    if len(streams) > MAX_DRAWS:
+        raise ValueError(f"streams holds {len(streams)} draws; at most {MAX_DRAWS} are supported")
+    K1, H, D = len(tensors["preds"]), len(tensors["history"]), len(streams)
+    M = 2 + H + D
+    if weights is None:
+        if K1 != 1:
+            raise ValueError(f"weights are required with {K1} predictions (w_0, w_1, ...)")
+        weights = (1.0,)
+    host_weights, sample_weights = _row_values("weights", weights, K1, B, device)
+    host_coeffs, sample_coeffs = _row_values("coeffs", coeffs, 2 * M, B, device)
+    if seeds is None:
+        needs_noise = D > 0 and (sample_coeffs is not None or any(
+            host_coeffs[2 + H + d] != 0 or (side is not None and host_coeffs[M + 2 + H + d] != 0) for d in range(D)))
+        if needs_noise:
+            raise ValueError("seeds are required when a noise coefficient is non-zero")
+        seeds = torch.zeros(B, dtype=torch.int64, device=device)
+    return dict(tensors, seeds=seeds, streams=streams, weights=host_weights or [0.0] * K1,
+                coeffs=host_coeffs or [0.0] * (2 * M), sample_weights=sample_weights, sample_coeffs=sample_coeffs)
 
 
 def _column(host, sample, j, B, nd):

@@ -165,12 +165,14 @@ def concat_labels(y, null):
 
 def check_model_output(out, shape, device, stage: Stage):
     """Shape/device/dtype of a model output: metadata only, no synchronization."""
-    where = f"at step {stage.step} (t={stage.t:.6g})"
+    def where():
+        return f"at step {stage.step} (t={stage.t:.6g})"
+
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"model returned {type(out).__name__} {where}; it must return a tensor")
-    if tuple(out.shape) != shape:
-        raise ValueError(f"model output {where} has shape {tuple(out.shape)}, expected {shape}")
+        raise TypeError(f"model returned {type(out).__name__} {where()}; it must return a tensor")
+    if out.shape != shape:
+        raise ValueError(f"model output {where()} has shape {tuple(out.shape)}, expected {tuple(shape)}")
     if out.device != device:
-        raise ValueError(f"model output {where} is on {out.device}, expected {device}")
+        raise ValueError(f"model output {where()} is on {out.device}, expected {device}")
     if out.dtype not in _checks.PRED_DTYPES:
-        raise TypeError(f"model output {where} has dtype {out.dtype}; expected float32, float16 or bfloat16")
+        raise TypeError(f"model output {where()} has dtype {out.dtype}; expected float32, float16 or bfloat16")

@@ -9,7 +9,7 @@ import torch
 
 from fastdiff import _checks
 from fastdiff import dispatch as _dispatch
-from fastdiff.ops.sampler_step import KERNEL_ARGS, prepare as prepare_step
+from fastdiff.ops.sampler_step import KERNEL_ARGS, prepare_tensors, with_rows
 from fastdiff.ops.guided_step import guided_step, stage_coefficients
 from fastdiff.ops.randn import randn
 from fastdiff.paths import check_prediction, get_path
@@ -19,6 +19,34 @@ from fastdiff.sampling.arguments import (MAX_STEPS, T_MIN_SINGULAR, batch_size_o
                                          sigma_function, time_grid)
 from fastdiff.sampling.coefficients import Stage
 from fastdiff.sampling.methods import check_options, get_method
+
+
+class _StageCache:
+    """The stage tables of the last few (method, path, prediction, grid, options): building one costs
+    ~1 ms on the host (150 path conversions for 50 steps), a repeated sample() call reuses it."""
+
+    def __init__(self, size: int = 16):
+        self.size, self.tables = size, {}
+
+    def get(self, key):
+        try:
+            table = self.tables.pop(key, None)
+        except TypeError:  # an unhashable option value: no caching
+            return None
+        if table is not None:
+            self.tables[key] = table  # most recent last
+        return table
+
+    def put(self, key, stages):
+        try:
+            self.tables[key] = tuple(stages)
+        except TypeError:
+            return
+        while len(self.tables) > self.size:
+            del self.tables[next(iter(self.tables))]
+
+
+_STAGE_CACHE = _StageCache()
 
 
 def _refill(entry: graphs.CapturedLoop, **values):
@@ -71,7 +99,7 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     Runs under torch.no_grad().
     """
     # ---- arguments ---------------------------------------------------------------------------------
-    path = get_path(path)
+    path_arg, path = path, get_path(path)
     prediction = check_prediction(prediction)
     method_record = get_method(method)  # ValueError naming the choices
     _dispatch.check_name(backend)
@@ -116,13 +144,20 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     grid = time_grid(steps, timesteps, path, prediction, method_record.needed_conversions(**values))
     # sigma is evaluated (and checked) here, so that the builder's ValueErrors are the conversions' own
     sigma_at = {t: sigma_fn(t) for t in grid[:-1]} if stochastic else None
-    try:
-        values["sigma"] = sigma_at.__getitem__ if stochastic else None  # the builders' form of sigma
-        stages = method_record.stages(path, grid, prediction,
-                                      **{k: v for k, v in values.items() if k in method_record.options})
-    except ValueError as exc:
-        raise ValueError(f"{exc} (method={method!r}, prediction={prediction!r}, path={path!r}); "
-                         "start the grid after the singular point") from None
+    values["sigma"] = tuple(sigma_at.values()) if stochastic else None  # hashable; the builders get a function
+    stage_key = (method_record.name, method_record.build, path_arg if isinstance(path_arg, str) else path,
+                 prediction, tuple(grid), tuple(values.items()))
+    stages = _STAGE_CACHE.get(stage_key)
+    if stages is None:
+        try:
+            if stochastic:
+                values["sigma"] = sigma_at.__getitem__  # the builders' form of sigma
+            stages = method_record.stages(path, grid, prediction,
+                                          **{k: v for k, v in values.items() if k in method_record.options})
+        except ValueError as exc:
+            raise ValueError(f"{exc} (method={method!r}, prediction={prediction!r}, path={path!r}); "
+                             "start the grid after the singular point") from None
+        _STAGE_CACHE.put(stage_key, stages)
     seeds = sample_seeds(seed, B, device)
     with _dispatch.use_backend(backend):
         step_backend = _dispatch.resolve(device)
@@ -182,34 +217,61 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     # each step only adds the model's predictions and calls the backend's kernel.
     step_kernel = _dispatch.kernel(step_backend, "sampler_step")
 
+    # The last stage writes the returned samples alone: a guided loop's state is half of a pair, and
+    # returning that view would keep the 2B buffer alive with the caller. Outside a CUDA graph the
+    # initial noise is drawn here and its buffer, read once at the start, receives them (a fresh
+    # buffer instead made glibc return and refault 16 MB per call at 2^20 elements: +8 % loop time).
+    last = len(stages) - 1
+    z = randn(seeds, 0, shape, device=device, backend=step_backend) if noise is None and not cuda_graph else None
+    if stages[last].out == "x" and "x" in pairs:
+        result = z if z is not None else torch.empty_like(x)
+    else:
+        result = x
+    checked = {}  # the tensor half of a call, checked once per distinct set of buffers
+
     def stage_call(k: int, st: Stage, two_branch: bool) -> tuple:
         extra = buffers[st.extra] if st.extra else None
-        outs = list(pairs[st.out]) if st.out in pairs else [buffers[st.out]]
-        call = prepare_step(
-            buffers[st.input], [buffers[st.input]] * (2 if two_branch else 1), [1.0, cfg] if two_branch else None,
-            [] if extra is None else [extra], stage_coefficients(st, extra is not None), seeds,
-            [st.stream] if st.c_noise != 0 else [], outs, buffers[st.side] if st.side else None,
-            finite[k % rows] if check_finite else None)
+        outs = ("result",) if k == last and result is not x else (st.out,)
+        key = (st.input, two_branch, st.extra, outs, st.side)
+        if key not in checked:
+            out_tensors = [result] if outs == ("result",) else list(pairs[st.out]) if st.out in pairs else \
+                [buffers[st.out]]
+            checked[key] = prepare_tensors(
+                buffers[st.input], [buffers[st.input]] * (2 if two_branch else 1), [] if extra is None else [extra],
+                seeds, out_tensors, buffers[st.side] if st.side else None, finite[0] if check_finite else None)
+        call = with_rows(checked[key], [1.0, cfg] if two_branch else None, stage_coefficients(st, extra is not None),
+                         [st.stream] if st.c_noise != 0 else [])
+        if check_finite:  # the stage's own row of the table (rows are alike: checked with row 0)
+            call["finite"] = finite[k % rows]
         return tuple(call[name] for name in KERNEL_ARGS)  # the kernel's positional arguments
 
     calls = [stage_call(k, st, guided and in_interval(st.t)) for k, st in enumerate(stages)]
 
-    def evaluate(k: int, st: Stage) -> list:
-        """The stage's predictions: [p] or [p_null, p_y]."""
+    def model_calls(st: Stage) -> tuple:
+        """How the stage calls the model: ("one" | "batched" | "two", ((input, t, labels), ...))."""
         xin = buffers[st.input]
         if not (guided and in_interval(st.t)):
-            out = model(xin, t_tensor(st.t, B), y)
-            check_model_output(out, x_shape, device, st)
-            return [out.contiguous()]
+            return "one", ((xin, t_tensor(st.t, B), y),)
         if cfg_batch:
-            both = model(pairs[st.input].view(2 * B, *shape), t_tensor(st.t, 2 * B), y2)
-            check_model_output(both, (2 * B, *shape), device, st)
-            both = both.contiguous()
+            return "batched", ((pairs[st.input].view(2 * B, *shape), t_tensor(st.t, 2 * B), y2),)
+        return "two", ((xin, t_tensor(st.t, B), y), (xin, t_tensor(st.t, B), null))
+
+    # Made once: in the loop, every Python operation after a memory-bound step runs on cold caches
+    # (~20 us each at 2^20 elements on the CPU), so a step does as few as it can.
+    plans = [model_calls(st) for st in stages]
+
+    def evaluate(k: int, st: Stage) -> list:
+        """The stage's predictions: [p] or [p_null, p_y]."""
+        kind, inputs = plans[k]
+        outs = [model(*args) for args in inputs]
+        for out, args in zip(outs, inputs):
+            check_model_output(out, args[0].shape, device, st)
+        if kind == "batched":
+            both = outs[0].contiguous()
             return [both[B:], both[:B]]  # views of one contiguous output (y first, then null): no copy
-        outs = [model(xin, t_tensor(st.t, B), y), model(xin, t_tensor(st.t, B), null)]
-        for o in outs:
-            check_model_output(o, x_shape, device, st)
-        return [outs[1].contiguous(), outs[0].contiguous()]
+        if kind == "two":
+            return [outs[1].contiguous(), outs[0].contiguous()]
+        return [outs[0].contiguous()]
 
     noise_buf = noise.to(device=device, dtype=torch.float32).clone() if (noise is not None and cuda_graph) else noise
 
@@ -220,8 +282,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             for o in x_outs:
                 o.copy_(noise_buf)
         else:  # beta0 z into the state and its twin in one pass: out = beta0 z + 0 g
-            z = randn(seeds, 0, shape, device=device, backend=step_backend)
-            step_kernel(z, [z], [], seeds, [], [1.0], [beta0, 0.0, 0.0, 0.0], None, None, x_outs, None, None)
+            z0 = z if z is not None else randn(seeds, 0, shape, device=device, backend=step_backend)
+            step_kernel(z0, [z0], [], seeds, [], [1.0], [beta0, 0.0, 0.0, 0.0], None, None, x_outs, None, None)
         if check_finite:
             finite.fill_(1)
         for k, st in enumerate(stages):
@@ -236,7 +298,7 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
                 reduce_finite(k - k % rows)
             if st.final:
                 if callback is not None:
-                    callback(st.step, grid[st.step + 1], x, buffers["x0"])
+                    callback(st.step, grid[st.step + 1], result if k == last else x, buffers["x0"])
                 if bar is not None:
                     bar.update(1)
 
@@ -250,14 +312,15 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             graph = graphs.CAPTURE.capture(run_loop, device)
             # The entry owns every tensor made outside the capture that the graph reads or writes.
             entry = graphs.CACHE.put(key, model, graphs.CapturedLoop(
-                graph=graph, statics=dict(seeds=seeds, noise=noise_buf, y=y, null=null, y2=y2), x=x,
-                first_bad=first_bad, stages=stages, keepalive=(buffers, pairs, x_outs, calls, t_values, seeds,
-                                                               noise_buf, y, null, y2, finite, row_ids, first_bad)))
+                graph=graph, statics=dict(seeds=seeds, noise=noise_buf, y=y, null=null, y2=y2), x=result,
+                first_bad=first_bad, stages=stages,
+                keepalive=(buffers, pairs, result, x_outs, calls, plans, t_values, seeds, noise_buf, y, null, y2, finite,
+                           row_ids, first_bad)))
         else:
             _refill(entry, seeds=seeds, noise=noise, y=y, null=null, y2=y2)
         entry.first_bad.fill_(-1)
         graphs.CAPTURE.replay(entry.graph, device)
-        x, first_bad, stages = entry.x.clone(), entry.first_bad, entry.stages
+        result, first_bad, stages = entry.x.clone(), entry.first_bad, entry.stages
     elif progress:
         from tqdm.auto import tqdm
 
@@ -271,4 +334,4 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             st = stages[k]
             raise FloatingPointError(f"model output is not finite at step {st.step} (t={st.t:.6g}); check the "
                                      "model, the path/prediction pair and the time grid")
-    return x
+    return result
