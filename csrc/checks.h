@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "fastdiff/sample_gram.h"
 #include "fastdiff/sampler_step.h"
 
 namespace fastdiff {
@@ -126,6 +127,38 @@ inline void check_sampler_step_args(const at::Tensor& x, at::TensorList preds, a
 
 // fastdiff::add_noise, fastdiff::diffusion_loss and fastdiff::diffusion_loss_backward. `op` is the
 // message prefix ("fastdiff::<op>: ").
+
+// fastdiff::sample_gram (fastdiff/ops/sample_gram.py): terms [B, ...] of one dtype (float32/float16/bfloat16),
+// contiguous, same shape and device; seeds int64 [B]; T = len(terms) + len(streams) <= kMaxGramTerms.
+inline void check_sample_gram_args(at::TensorList terms, const at::Tensor& seeds, at::IntArrayRef streams) {
+  constexpr const char* op = "fastdiff::sample_gram: ";
+  TORCH_CHECK(!terms.empty(), op, "terms must hold at least one tensor");
+  TORCH_CHECK(streams.size() <= kMaxGramDraws, op, "streams holds at most ", kMaxGramDraws, " draws, got ",
+              streams.size());
+  TORCH_CHECK(terms.size() + streams.size() <= kMaxGramTerms, op, "terms and streams hold at most ", kMaxGramTerms,
+              " vectors, got ", terms.size() + streams.size());
+  const at::Tensor& first = terms[0];
+  TORCH_CHECK(first.dim() >= 1, op, "terms[0] must have a batch dimension [B, ...], got a 0-d tensor");
+  for (size_t i = 0; i < terms.size(); ++i) {
+    const at::Tensor& t = terms[i];
+    const std::string name = "terms[" + std::to_string(i) + "]";
+    TORCH_CHECK(t.sizes() == first.sizes(), op, name, " must have terms[0]'s shape ", first.sizes(), ", got ",
+                t.sizes());
+    TORCH_CHECK(t.device() == first.device(), op, name, " is on ", t.device(), " but terms[0] is on ", first.device());
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, op,
+                name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+    TORCH_CHECK(t.scalar_type() == first.scalar_type(), op, name, " must have terms[0]'s dtype ", first.scalar_type(),
+                ", got ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), op, name, " must be contiguous");
+  }
+  const int64_t B = first.size(0);
+  TORCH_CHECK(seeds.dim() == 1 && seeds.size(0) == B, op, "seeds must be [B] = [", B, "] (one seed per sample), got ",
+              seeds.sizes());
+  TORCH_CHECK(seeds.scalar_type() == at::kLong, op, "seeds must be int64, got ", seeds.scalar_type());
+  TORCH_CHECK(seeds.device() == first.device(), op, "seeds is on ", seeds.device(), " but terms[0] is on ",
+              first.device());
+  for (auto s : streams) TORCH_CHECK(s >= 0 && s <= 0xFFFFFFFFLL, op, "streams must be in [0, 2^32), got ", s);
+}
 
 // A [B, ...] data tensor: float32 / float16 / bfloat16, contiguous, at least 1-D.
 inline void check_loss_data(const char* op, const at::Tensor& t, const char* name) {

@@ -32,6 +32,13 @@ TORCH_LIBRARY(fastdiff, m) {
   m.def("sampler_step(Tensor x, Tensor[] preds, Tensor[] history, Tensor seeds, int[] streams, float[] weights, "
         "float[] coeffs, Tensor? sample_weights, Tensor? sample_coeffs, Tensor(a!)[] outs, Tensor(b!)? side, "
         "Tensor(c!)? finite) -> ()");
+  // The per-sample reduction pass (docs/design.md §2; spec: fastdiff/ops/sample_gram.py). With u = (terms[0..K),
+  // z_0..z_D) (z_d the spec-v1 normal of (seeds[b], streams[d], element e)), T = K + D <= 8, D <= 4, returns
+  // float64 [B, T + T (T + 1) / 2]: row b holds sum_e u_i (i < T), then sum_e u_i u_j (i <= j, row-major). Each
+  // sample is cut into chunks of kGramChunk (4096) elements; a chunk's sums accumulate in float64 and the chunks
+  // are added in index order (no atomics: the bits do not depend on the batch size or the thread count).
+  // terms float32/float16/bfloat16 (one dtype), contiguous [B, ...]; seeds int64 [B]; one device.
+  m.def("sample_gram(Tensor[] terms, Tensor seeds, int[] streams) -> Tensor");
   // Noising and the fused training loss (docs/design.md §4; spec: fastdiff/ops/diffusion_loss.py), with
   // eps[b, i] the spec-v1 normal of (seeds[b], stream, element i) and n the elements per sample:
   //   add_noise:               float32 [B, ...]  alpha[b] z[b, i] + beta[b] eps[b, i]

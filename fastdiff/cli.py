@@ -356,7 +356,7 @@ def _parser() -> argparse.ArgumentParser:
     p_sample.set_defaults(func=_sample)
     p_bench = sub.add_parser("bench", help="time the fused ops against eager PyTorch and torch.compile; "
                                            "print ratios and write CSV rows")
-    p_bench.add_argument("--ops", default="step_sde,step_ode,loss,randn,loop",
+    p_bench.add_argument("--ops", default="step_sde,step_ode,gram,loss,randn,loop",
                          help="loop: 50-step SDE sampling with cfg 4 vs diffusers / torchsde / flow_matching")
     p_bench.add_argument("--sizes", default="20,22", help="log2 of N, comma-separated (default: %(default)s)")
     p_bench.add_argument("--dtypes", default="fp32,bf16", help="prediction dtypes (default: %(default)s)")

@@ -48,6 +48,17 @@ def test_sde_coefficients_are_the_condot_sde_step():
     assert c_n == pytest.approx(0.7 * math.sqrt(0.1))
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_gram_cases_agree(dtype):
+    n = 16 * 29
+    cases = {c.impl: c for c in bm.gram_cases(n, dtype, impls=["fastdiff", "eager", "reference"])}
+    G = cases["fastdiff"].fn()
+    sums, products = cases["eager"].fn()
+    torch.testing.assert_close(G[:, 0, 1:], sums, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(G[:, 1:, 1:], products, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(cases["reference"].fn(), G, rtol=1e-12, atol=1e-9)
+
+
 def test_loss_cases_agree():
     n = 16 * 41
     cases = {c.impl: c for c in bm.loss_cases(n, impls=["fastdiff", "eager", "reference"])}

@@ -10,6 +10,7 @@ the signatures below, and do no checking of their own:
     philox4x32_10(counter, key)                                      -> int64 [N, 4]
     sampler_step(x, preds, history, seeds, streams, weights, coeffs,
                  sample_weights, sample_coeffs, outs, side, finite)  -> None (writes outs, side, finite)
+    sample_gram(terms, seeds, streams)                               -> float64 [B, T + T (T + 1) / 2]
     add_noise(z, alpha, beta, seeds, stream)                         -> float32 like z
     diffusion_loss(pred, z, coef_z, coef_eps, weight, seeds, stream) -> float32 [B]
     diffusion_loss_residual(...)  (optional)                         -> (loss [B], float32 pred - target)

@@ -7,7 +7,7 @@ import torch
 
 from fastdiff._backends import register_kernel
 
-OPS = ("philox4x32_10", "sampler_step", "add_noise", "diffusion_loss", "diffusion_loss_backward")
+OPS = ("philox4x32_10", "sampler_step", "sample_gram", "add_noise", "diffusion_loss", "diffusion_loss_backward")
 
 
 def _call(name: str):

@@ -36,7 +36,8 @@ register_backend(Backend("triton", status, auto={"cuda": 1}))
 # Each op's kernel in fastdiff.kernels (module, function), imported on first use so that importing
 # fastdiff does not need Triton.
 KERNELS = {"randn": ("randn", "randn"), "philox4x32_10": ("randn", "philox4x32_10"),
-           "sampler_step": ("sampler_step", "sampler_step"), "add_noise": ("loss", "add_noise"),
+           "sampler_step": ("sampler_step", "sampler_step"), "sample_gram": ("sample_gram", "sample_gram"),
+           "add_noise": ("loss", "add_noise"),
            "diffusion_loss": ("loss", "diffusion_loss"), "diffusion_loss_backward": ("loss", "diffusion_loss_backward")}
 
 

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-OPS = ("step_sde", "step_ode", "loss", "randn", "loop")
+OPS = ("step_sde", "step_ode", "gram", "loss", "randn", "loop")
 CFG, T, DT, SIGMA, BATCH = 4.0, 0.4, 0.02, 1.0, 16
 
 
@@ -147,6 +147,29 @@ def loss_cases(n: int, dtype: str = "fp32", device="cpu", impls=None) -> list[Ca
         compiled = _compiled(eager_loss)
         cases["compile"] = lambda: eager(compiled)
     return [Case("loss", k, n, dtype, f, nbytes) for k, f in cases.items() if impls is None or k in impls]
+
+
+def eager_gram(p_null, p_y):
+    """The CFG-rescale reduction in eager PyTorch: (1, p_null, p_y)'s per-sample sums and products in float64."""
+    u = torch.stack([p_null.double(), p_y.double()], 1)  # [B, 2, n]
+    sums = u.sum(-1)
+    return sums, u @ u.transpose(1, 2)
+
+
+def gram_cases(n: int, dtype: str = "fp32", device="cpu", impls=None) -> list[Case]:
+    """The per-sample reduction pass over two branches (CFG rescale, APG, CFG-Zero*): one read of both."""
+    import fastdiff
+
+    dt_ = _dtype(dtype)
+    g = torch.Generator(device="cpu").manual_seed(2)
+    p_null, p_y = (torch.randn((BATCH, n // BATCH), generator=g).to(device=device, dtype=dt_) for _ in range(2))
+    cases = {"fastdiff": lambda: fastdiff.ops.sample_gram([p_null, p_y]),
+             "eager": lambda: eager_gram(p_null, p_y),
+             "reference": lambda: fastdiff.ops.sample_gram([p_null, p_y], backend="reference")}
+    if impls is None or "compile" in impls:
+        compiled = _compiled(eager_gram)
+        cases["compile"] = lambda: compiled(p_null, p_y)
+    return [Case("gram", k, n, dtype, f, 2 * n * dt_.itemsize) for k, f in cases.items() if impls is None or k in impls]
 
 
 def randn_cases(n: int, dtype: str = "fp32", device="cpu", impls=None) -> list[Case]:
@@ -363,6 +386,8 @@ def cases(op: str, n: int, dtype: str = "fp32", device="cpu", impls=None) -> lis
         return loss_cases(n, dtype, device, impls)
     if op == "randn":
         return randn_cases(n, dtype, device, impls)
+    if op == "gram":
+        return gram_cases(n, dtype, device, impls)
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
 
 
@@ -413,7 +438,7 @@ def peak_memory(fn: Callable, device) -> Optional[int]:
 
 # ---- the report: interleaved medians, ratios, CSV rows ------------------------------------------------
 
-BASELINES = {"step_sde": "eager", "step_ode": "eager", "loss": "eager", "randn": "torch", "loop": "diffusers"}
+BASELINES = {"step_sde": "eager", "step_ode": "eager", "gram": "eager", "loss": "eager", "randn": "torch", "loop": "diffusers"}
 
 
 def device_name(device) -> str:

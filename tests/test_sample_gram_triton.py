@@ -1,0 +1,195 @@
+"""The Triton per-sample Gram sums (fastdiff/kernels/sample_gram.py) against the specification,
+fastdiff.ops.sample_gram.run_reference (through sample_gram(..., backend="triton") and
+sample_gram_reference): odd sizes, one sample and several, K = 1..3 terms, D = 0..2 draws, T = 8, every
+dtype, non-contiguous terms, the chunk loop, batch chunking, batch independence, and an sm_90 compile.
+
+Tolerance: 1e-12 of the sums of |products| (the reference on absolute values): the kernel and the
+reference form each chunk's sums in float64 in different orders, and add the chunks in the same order.
+The draws are the Triton normals (philox.normal4, the code of fastdiff.kernels.randn), which agree with
+randn_reference only within float32 rounding; so with draws the kernel is compared at 1e-12 with the
+reference run on those normals passed as terms, and with the reference's own draws at 1e-5.
+"""
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.ops.sample_gram import run_reference, sample_gram, sample_gram_reference, unpack
+
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(not fastdiff.backends()["triton"].available,
+                       reason=f"triton: {fastdiff.backends()['triton'].reason}"),
+]
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+STREAMS = [7, 2**32 - 1, 2**31]  # ids >= 2^31 pass as int32 bit patterns
+
+
+def _kernel():
+    from fastdiff.kernels import sample_gram as module
+
+    return module
+
+
+def _terms(B, n, K, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # mixed scales and signs, exactly representable in dtype
+    return [(torch.randn(B, n, generator=g) * 3.0 ** k + k).to(dtype).to(DEVICE) for k in range(K)]
+
+
+def _seeds(B):
+    return torch.tensor([12345, -1, 2**40 + 3][:B] + list(range(B - 3)), dtype=torch.int64, device=DEVICE)
+
+
+def _check(terms, seeds, streams):
+    """sample_gram on the triton backend against the reference; returns the triton result."""
+    got = sample_gram(terms, seeds=seeds, streams=streams, backend="triton")
+    B = terms[0].shape[0]
+    n, T = terms[0].numel() // B, len(terms) + len(streams)
+    flat = [t.contiguous().reshape(B, n) for t in terms]
+    draws = [_kernel_normals(seeds, s, n) for s in streams]
+    want = unpack(run_reference(flat + draws, seeds, []), T, n)  # the reference's sums of the kernel's u
+    scale = unpack(run_reference([u.abs() for u in flat + draws], seeds, []), T, n)
+    assert got.dtype == torch.float64 and got.shape == (B, T + 1, T + 1)
+    assert ((got - want).abs() <= 1e-12 * scale).all(), ((got - want).abs() / scale).max()
+    spec = sample_gram_reference(terms, seeds=seeds, streams=streams)  # with randn_reference's normals
+    assert ((got - spec).abs() <= (1e-12 if not streams else 1e-5) * scale).all(), ((got - spec).abs() / scale).max()
+    return got
+
+
+def _kernel_normals(seeds, stream, n):
+    from fastdiff.kernels.randn import randn
+
+    return randn(seeds, stream, (n,))
+
+
+# (n, B, K, D, dtype)
+CASES = [
+    (1, 1, 1, 0, torch.float32),
+    (1, 3, 2, 2, torch.bfloat16),
+    (3, 3, 1, 1, torch.float16),
+    (3, 1, 3, 2, torch.float32),
+    (37, 3, 2, 1, torch.bfloat16),
+    (4095, 1, 2, 0, torch.float16),
+    (4095, 3, 1, 2, torch.float32),
+    (4097, 3, 3, 1, torch.float32),
+    (4097, 1, 1, 2, torch.bfloat16),
+    (9000, 3, 2, 2, torch.float16),
+]
+
+
+@pytest.mark.parametrize("n,B,K,D,dtype", CASES,
+                         ids=[f"n{c[0]}-B{c[1]}-K{c[2]}-D{c[3]}-{str(c[4])[6:]}" for c in CASES])
+def test_matches_reference(n, B, K, D, dtype):
+    _check(_terms(B, n, K, dtype, seed=n + K), _seeds(B), STREAMS[:D])
+
+
+@pytest.mark.parametrize("K,D", [(8, 0), (4, 4), (6, 2)])
+def test_eight_vectors(K, D):
+    B, n = 3, 37
+    _check(_terms(B, n, K, torch.float32, seed=K), _seeds(B), [3, 2**32 - 1, 0, 11][:D])
+
+
+def test_non_contiguous_and_shapes():
+    """A [B, 5, 7] view transposed (made contiguous by the op), terms of several dims."""
+    x = _terms(3, 35, 2, torch.float16, seed=1)
+    terms = [t.reshape(3, 5, 7).transpose(1, 2) for t in x]
+    assert not terms[0].is_contiguous()
+    got = _check(terms, _seeds(3), STREAMS[:1])
+    assert torch.equal(got, sample_gram([t.contiguous() for t in terms], seeds=_seeds(3), streams=STREAMS[:1],
+                                        backend="triton"))
+
+
+def test_sample_does_not_depend_on_batch():
+    """Row b of a batch is bit for bit the result of sample b alone."""
+    B, n = 3, 4097
+    terms, seeds = _terms(B, n, 2, torch.float32, seed=5), _seeds(B)
+    batch = sample_gram(terms, seeds=seeds, streams=STREAMS[:2], backend="triton")
+    for b in range(B):
+        alone = sample_gram([t[b:b + 1] for t in terms], seeds=seeds[b:b + 1], streams=STREAMS[:2], backend="triton")
+        assert torch.equal(batch[b], alone[0]), b
+
+
+def test_blocked_chunks_and_grid_chunks(monkeypatch):
+    """Several blocks per chunk (the GPU's walk, 256 groups a block here), and a batch launched in
+    pieces of 2 samples (the grid-y limit): the same sums."""
+    module = _kernel()
+    B, n = 5, 5000
+    terms, seeds = _terms(B, n, 2, torch.float32, seed=9), torch.arange(B, dtype=torch.int64, device=DEVICE)
+    whole = _check(terms, seeds, STREAMS[:1])
+    monkeypatch.setattr(module, "_block_max", lambda: 256)
+    monkeypatch.setattr(module, "_MAX_GRID_Y", 2)
+    pieces = _check(terms, seeds, STREAMS[:1])
+    assert torch.equal(pieces[:2], sample_gram([t[:2] for t in terms], seeds=seeds[:2], streams=STREAMS[:1],
+                                               backend="triton"))
+    if DEVICE == "cpu":  # one block per chunk vs four: only the summation order inside a chunk differs
+        scale = unpack(run_reference([t.abs() for t in terms] + [_kernel_normals(seeds, STREAMS[0], n).abs()],
+                                     seeds, []), 3, n)
+        assert ((whole - pieces).abs() <= 1e-12 * scale).all()
+
+
+_SM90_SCRIPT = r'''
+import sys
+import torch
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile, make_backend
+    from triton.runtime.jit import create_function_from_signature
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+except Exception as e:  # no NVIDIA backend in this Triton build, or its internals moved
+    print(f"skip: {type(e).__name__}: {e}")
+    sys.exit(77)
+from fastdiff.kernels import sample_gram as module
+
+kernels = {"chunk": module._chunk_kernel, "total": module._total_kernel}
+if not all(hasattr(k, "_pack_args") for k in kernels.values()):
+    print("skip: JITFunction._pack_args is gone")
+    sys.exit(77)
+calls = []
+
+class Record:  # stands in for a kernel: records the wrapper's launch arguments
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: calls.append((self.name, args, kwargs))
+
+module._chunk_kernel, module._total_kernel = Record("chunk"), Record("total")
+binders = {name: create_function_from_signature(k.signature, k.params, backend) for name, k in kernels.items()}
+for B, n, dtype, K, D in [(2, 4096, torch.float16, 2, 1), (3, 9000, torch.float32, 4, 4),
+                          (3, 67, torch.bfloat16, 8, 0)]:
+    calls.clear()
+    module.sample_gram([torch.randn(B, n).to(dtype) for _ in range(K)], torch.arange(B), [3, 2**32 - 1, 5, 6][:D])
+    assert [c[0] for c in calls] == ["chunk", "total"], calls
+    for name, args, kwargs in calls:
+        kernel = kernels[name]
+        bound, specialization, options = binders[name](*args, **kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+        compiled = compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+        assert compiled.asm["cubin"], (name, K, D)
+        print("compiled", name, (K, D, str(dtype)), len(compiled.asm["cubin"]))
+'''
+
+
+def test_compiles_for_sm90(tmp_path):
+    """Both kernels of the launches the wrapper makes (a common case, T = 8 with 4 draws, 8 terms) compile
+    to sm_90 cubins through Triton's own argument binder, without a GPU (a subprocess without
+    TRITON_INTERPRET)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
+    proc = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    if proc.returncode == 77:
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("compiled") == 6, proc.stdout
