@@ -1,6 +1,6 @@
 """Shared by the sampler_step tests (tests/test_sampler_step.py: the CPU kernel; test_sampler_step_triton.py:
-the Triton kernel): the inputs of one call, a run on fresh copies of the mutable inputs, and the exact
-float32 fused multiply-add of the kernels' arithmetic."""
+the Triton kernel): the inputs of one call, a run on fresh copies of the mutable inputs, the exact
+float32 fused multiply-add and the model of the kernels' arithmetic built on it."""
 
 import math
 
@@ -87,3 +87,63 @@ def fma32(a, b, c):
     toward = torch.where(err > 0, math.inf, -math.inf).to(torch.float64)
     s = torch.where(torch.isfinite(s) & (err != 0) & even, torch.nextafter(s, toward), s)
     return s.float()
+
+
+# a * b + c with a * b = 2^-24 (1 + 2^-36): the exact sum 1 + 2^-24 + 2^-60 is just above the float32 tie
+# 1 + 2^-24; rounded once it is 1 + 2^-23 (FUSED), while a rounded product (the reference) or a float64
+# sum rounds to the tie and then to 1.0.
+FMA_A, FMA_B, FUSED = 1.0 + 2.0**-12, (2.0**24 - 4095) * 2.0**-48, 1.0 + 2.0**-23
+
+
+def run_model(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs, outs, side, finite,
+              *, normals, fma=fma32):
+    """The kernels' arithmetic (blend / combine of csrc/include/fastdiff/sampler_step.h, which the Triton
+    kernel mirrors) on prepared arguments: float32, each accumulation one exactly rounded ``fma``.
+    ``normals(seeds, stream, shape)`` gives the kernel's own noise (its backend's randn)."""
+    B, nd, f32 = x.shape[0], x.dim(), torch.float32
+    H, D = len(history), len(streams)
+    M = 2 + H + D
+
+    def column(host, sample, j):
+        if sample is None:
+            return torch.tensor(host[j], dtype=f32, device=x.device)  # rounded once to float32, as the kernels
+        return sample[:, j].reshape((B,) + (1,) * (nd - 1))
+
+    def w(k):
+        return column(weights, sample_weights, k)
+
+    def c(row, j):
+        return column(coeffs, sample_coeffs, row * M + j)
+
+    p = [q.to(f32) for q in preds]
+    g = w(0) * p[0]
+    for k in range(1, len(p)):
+        g = fma(w(k), p[k] - p[0], g)
+    z = {}
+
+    def noise(d):
+        if d not in z:
+            z[d] = normals(seeds, streams[d], tuple(x.shape[1:]))
+        return z[d]
+
+    def row_value(row):
+        v = fma(c(row, 1), g, c(row, 0) * x)
+        for j, h in enumerate(history):
+            v = fma(c(row, 2 + j), h, v)
+        for d in range(D):
+            cz = c(row, 2 + H + d)
+            if sample_coeffs is None:
+                if cz != 0:
+                    v = fma(cz, noise(d), v)
+            else:  # omitted per sample where the coefficient is zero
+                v = torch.where(cz != 0, fma(cz, noise(d), v), v)
+        return v
+
+    result, side_value = row_value(0), row_value(1) if side is not None else None
+    if finite is not None:
+        for q in p:
+            finite.masked_fill_(~torch.isfinite(q).reshape(B, -1).all(1), 0)
+    if side is not None:
+        side.copy_(side_value)
+    for o in outs:
+        o.copy_(result)

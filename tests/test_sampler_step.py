@@ -31,7 +31,7 @@ from fastdiff import ops
 from fastdiff.ops.guided_step import stage_coefficients
 from fastdiff.ops.sampler_step import (MAX_BRANCHES, MAX_DRAWS, MAX_HISTORY, MAX_OUTS, run_kernel,
                                        run_reference, sampler_step, sampler_step_reference)
-from sampler_step_cases import SEEDS, STREAMS, fma32
+from sampler_step_cases import FMA_A, FMA_B, FUSED, SEEDS, STREAMS, fma32, run_model as _run_model
 from sampler_step_cases import is_noisy as _noisy, run_step as _run, step_inputs as _inputs
 
 HAVE_CPU = fastdiff.backends()["cpu"].available
@@ -64,53 +64,11 @@ def fma32_naive(a, b, c):
     return (a.double() * b.double() + c.double()).float()
 
 
-def _column(host, sample, j, B, nd):
-    if sample is None:
-        return torch.tensor(host[j], dtype=torch.float32)  # rounded once to float32, as the kernels do
-    return sample[:, j].reshape((B,) + (1,) * (nd - 1))
-
-
-def run_model(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs, outs, side, finite,
-              fma=fma32):
-    """The kernel's arithmetic (blend / combine of fastdiff/sampler_step.h) on prepared arguments, in
-    float32 with exact fmas; the normals are the fastdiff::randn op's (the kernel's own noise)."""
-    B, nd = x.shape[0], x.dim()
-    H, D = len(history), len(streams)
-    M = 2 + H + D
-
-    def w(k):
-        return _column(weights, sample_weights, k, B, nd)
-
-    def c(row, j):
-        return _column(coeffs, sample_coeffs, row * M + j, B, nd)
-
-    p = [q.float() for q in preds]
-    g = w(0) * p[0]
-    for k in range(1, len(p)):
-        g = fma(w(k), p[k] - p[0], g)
-    z = [torch.ops.fastdiff.randn(seeds, s, list(x.shape[1:]), 0, torch.float32) for s in streams]
-
-    def row_value(row):
-        v = fma(c(row, 1), g, c(row, 0) * x)
-        for j, h in enumerate(history):
-            v = fma(c(row, 2 + j), h, v)
-        for d in range(D):
-            cz = c(row, 2 + H + d)
-            if sample_coeffs is None:
-                if cz != 0:
-                    v = fma(cz, z[d], v)
-            else:
-                v = torch.where(cz != 0, fma(cz, z[d], v), v)
-        return v
-
-    result, side_value = row_value(0), row_value(1) if side is not None else None
-    if finite is not None:
-        for q in p:
-            finite.masked_fill_(~torch.isfinite(q).reshape(B, -1).all(1), 0)
-    if side is not None:
-        side.copy_(side_value)
-    for o in outs:
-        o.copy_(result)
+def run_model(fma=fma32, **call):
+    """The kernel's arithmetic on prepared arguments (sampler_step_cases.run_model); the normals are the
+    fastdiff::randn op's (the kernel's own noise)."""
+    return _run_model(**call, fma=fma, normals=lambda seeds, s, shape: torch.ops.fastdiff.randn(
+        seeds, s, list(shape), 0, torch.float32))
 
 
 def _bound(kw, row):
@@ -388,13 +346,13 @@ def test_output_may_be_a_float32_prediction(n):
 
 # a * b + c with a * b = 2^-24 (1 + 2^-36): the exact sum 1 + 2^-24 + 2^-60 is just above the float32
 # tie 1 + 2^-24; fused it rounds up to 1 + 2^-23, a float64 sum rounds to the tie and then to 1.0.
-FMA_A, FMA_B, FMA_C = 1.0 + 2.0**-12, (2.0**24 - 4095) * 2.0**-48, 1.0
 
 
 def test_fma_model_is_exact():
-    a, b, c = (torch.tensor([v], dtype=torch.float32) for v in (FMA_A, FMA_B, FMA_C))
+    a, b, c = (torch.tensor([v], dtype=torch.float32) for v in (FMA_A, FMA_B, 1.0))
     assert a.item() == FMA_A and b.item() == FMA_B  # float32 numbers
-    assert fma32(a, b, c).item() == 1.0 + 2.0**-23
+    assert fma32(a, b, c).item() == FUSED
+    assert (a * b + c).item() == 1.0  # a rounded product, as the reference
     assert fma32_naive(a, b, c).item() == 1.0
     # on random inputs the two agree almost always (double rounding needs a float64 sum on a float32 tie)
     g = torch.Generator().manual_seed(0)

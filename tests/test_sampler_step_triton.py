@@ -20,7 +20,9 @@ import torch
 
 import fastdiff
 from fastdiff.ops.sampler_step import prepare, sampler_step_reference
-from sampler_step_cases import STREAMS, fma32, is_noisy as _noisy, run_step as _run, step_inputs
+from sampler_step_cases import (FMA_A, FMA_B, FUSED, STREAMS, is_noisy as _noisy, run_model,
+                                run_step as _run, step_inputs)
+from triton_sm90 import run_script
 
 pytestmark = [
     pytest.mark.triton,
@@ -50,59 +52,13 @@ def _reference(**call):
 
 
 
-def _model(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs, outs, side, finite):
-    """The kernel's arithmetic on prepared arguments (run_reference with blend / combine's fmas): float32,
-    each accumulation one exactly rounded fma32. The normals are the Triton randn kernel's (the same
-    normal4 code as this kernel's; test_noise_is_the_stream ties them to the reference's)."""
+def _model(**call):
+    """The kernel's arithmetic on prepared arguments (sampler_step_cases.run_model). The normals are the
+    Triton randn kernel's (the same normal4 code as this kernel's; test_noise_is_the_stream ties them to
+    the reference's)."""
     from fastdiff.kernels.randn import randn
 
-    B, nd, f32 = x.shape[0], x.dim(), torch.float32
-    H, D = len(history), len(streams)
-    M = 2 + H + D
-
-    def column(host, sample, j):
-        if sample is None:
-            return torch.tensor(host[j], dtype=f32, device=x.device)  # rounded once to float32, as the kernel
-        return sample[:, j].reshape((B,) + (1,) * (nd - 1))
-
-    def w(k):
-        return column(weights, sample_weights, k)
-
-    def c(row, j):
-        return column(coeffs, sample_coeffs, row * M + j)
-
-    p = [q.to(f32) for q in preds]
-    g = w(0) * p[0]
-    for k in range(1, len(p)):
-        g = fma32(w(k), p[k] - p[0], g)
-    z = {}
-
-    def noise(d):
-        if d not in z:
-            z[d] = randn(seeds, streams[d], tuple(x.shape[1:]))
-        return z[d]
-
-    def row_value(row):
-        v = fma32(c(row, 1), g, c(row, 0) * x)
-        for j, h in enumerate(history):
-            v = fma32(c(row, 2 + j), h, v)
-        for d in range(D):
-            cz = c(row, 2 + H + d)
-            if sample_coeffs is None:
-                if cz != 0:
-                    v = fma32(cz, noise(d), v)
-            else:
-                v = torch.where(cz != 0, fma32(cz, noise(d), v), v)
-        return v
-
-    result, side_value = row_value(0), row_value(1) if side is not None else None
-    if finite is not None:
-        for q in p:
-            finite.masked_fill_(~torch.isfinite(q).reshape(B, -1).all(1), 0)
-    if side is not None:
-        side.copy_(side_value)
-    for o in outs:
-        o.copy_(result)
+    return run_model(**call, normals=randn)
 
 
 def _triton(**call):
@@ -130,20 +86,6 @@ def _check(kw, **opts):
     _compare(kw, got, _run(_model, kw, **opts), exact=DEVICE == "cpu" or not _noisy(kw))
     _compare(kw, got, want, exact=False)
     return got, want
-
-
-# a * b + c with a * b = 2^-24 (1 + 2^-36): the exact sum 1 + 2^-24 + 2^-60 is just above the float32 tie
-# 1 + 2^-24; rounded once it is 1 + 2^-23, while a rounded product (the reference) or a float64 sum
-# rounds to the tie and then to 1.0.
-FMA_A, FMA_B, FUSED = 1.0 + 2.0**-12, (2.0**24 - 4095) * 2.0**-48, 1.0 + 2.0**-23
-
-
-def test_fma_model_is_exact():
-    a, b, c = (torch.tensor([v], dtype=torch.float32) for v in (FMA_A, FMA_B, 1.0))
-    assert a.item() == FMA_A and b.item() == FMA_B  # float32 numbers
-    assert fma32(a, b, c).item() == FUSED
-    assert (a.double() * b.double() + c.double()).float().item() == 1.0  # two roundings
-    assert (a * b + c).item() == 1.0
 
 
 # (preds, weights, history, coefficient row): one fma site each, where one rounding gives FUSED and the
@@ -350,32 +292,11 @@ def test_empty():
 
 
 _SM90_SCRIPT = r'''
-import sys
-import torch
-try:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile, make_backend
-    from triton.runtime.jit import create_function_from_signature
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-except Exception as e:  # no NVIDIA backend in this Triton build, or its internals moved
-    print(f"skip: {type(e).__name__}: {e}")
-    sys.exit(77)
 from fastdiff.kernels import sampler_step as module
 from fastdiff.ops.sampler_step import prepare
 
 kernel = module._sampler_step_kernel
-if not hasattr(kernel, "_pack_args"):
-    print("skip: JITFunction._pack_args is gone")
-    sys.exit(77)
-calls = []
-
-class Record:  # stands in for the kernel: records the wrapper's launch arguments
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: calls.append((args, kwargs))
-
 module._sampler_step_kernel = Record()
-binder = create_function_from_signature(kernel.signature, kernel.params, backend)
 for B, n, dtype, K1, H, D, nout, side, per in [(2, 4096, torch.float16, 2, 1, 1, 2, True, False),
                                                (3, 1000, torch.float32, 8, 4, 4, 8, True, False),
                                                (3, 67, torch.bfloat16, 3, 2, 2, 2, True, True)]:
@@ -387,30 +308,12 @@ for B, n, dtype, K1, H, D, nout, side, per in [(2, 4096, torch.float16, 2, 1, 1,
         [torch.randn(B, n) for _ in range(H)], torch.randn(B, 2 * M) if per else [0.5] * (2 * M), list(range(B)),
         [3, 2**32 - 1, 5, 6][:D], [torch.empty_like(x) for _ in range(nout)], torch.empty_like(x) if side else None,
         torch.ones(B, dtype=torch.int32)))
-    args, kwargs = calls[0]
-    bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-    compiled = compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
-    assert compiled.asm["cubin"], (K1, H, D)
-    print("compiled", (K1, H, D, nout, side, per), len(compiled.asm["cubin"]))
+    _, args, kwargs = calls[0]
+    print("compiled", (K1, H, D, nout, side, per), len(compile_sm90(kernel, args, kwargs)))
 '''
 
 
 def test_compiles_for_sm90(tmp_path):
     """The launches the wrapper makes (common step, the largest counts, per-sample rows) compile to sm_90
-    cubins through Triton's own argument binder, without a GPU (a subprocess without TRITON_INTERPRET)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
-    proc = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
-    if proc.returncode == 77:
-        pytest.skip(proc.stdout.strip())
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("compiled") == 3, proc.stdout
+    cubins through Triton's own argument binder, without a GPU (tests/triton_sm90.py)."""
+    assert run_script(_SM90_SCRIPT, tmp_path).count("compiled") == 3
