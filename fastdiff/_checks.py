@@ -97,6 +97,8 @@ def numel(shape: tuple[int, ...]) -> int:
 
 def finite_real(name, c) -> float:
     """A finite real number as a float (coefficients of the fused step)."""
+    if type(c) is float and math.isfinite(c):  # the common case, first: this runs for every coefficient
+        return c
     # float() would also take '1', True or a 1-element tensor (a host sync): only real numbers pass
     if isinstance(c, bool) or not isinstance(c, numbers.Real):
         raise TypeError(f"{name} must be a real number (int or float), got {type(c).__name__} {c!r}")

@@ -135,6 +135,39 @@ def test_stage_tables_are_reused_only_for_the_same_method_and_settings():
     assert torch.equal(fastdiff.sample(model, 8, sigma=0.5, **kw), first)
 
 
+def test_cpu_scratch_buffers_are_reused_but_never_the_returned_samples():
+    from fastdiff.sampling.scratch import POOL
+
+    mixture = class_conditional_mixture(num_classes=2, modes_per_class=2)
+    model = MixtureModel(mixture, "condot", "velocity", null_label=-1)
+    y = torch.tensor([0, 1, 1, 0])
+    kw = dict(shape=(2,), y=y, null_y=-1, seed=5, method="heun")
+    fastdiff.clear_scratch()
+    first = fastdiff.sample(model, 4, cfg=3.0, **kw)
+    kept = POOL.nbytes()
+    assert kept > 0  # the pair and Heun's stage / side buffers
+    second = fastdiff.sample(model, 4, cfg=3.0, **kw)
+    assert torch.equal(first, second) and POOL.nbytes() == kept  # taken and given back, not grown
+    pooled = {t.untyped_storage().data_ptr() for t in POOL._free}
+    assert not pooled & {first.untyped_storage().data_ptr(), second.untyped_storage().data_ptr()}
+    unguided = fastdiff.sample(model, 4, **kw)  # the state is the result here: not pooled
+    assert unguided.untyped_storage().data_ptr() not in {t.untyped_storage().data_ptr() for t in POOL._free}
+    fastdiff.clear_scratch()
+    assert POOL.nbytes() == 0
+
+
+def test_scratch_pool_lends_a_buffer_to_one_call_at_a_time_and_keeps_at_most_its_limit():
+    from fastdiff.sampling.scratch import ScratchPool
+
+    pool = ScratchPool(max_bytes=3 * 4 * 10)
+    a = pool.take((2, 5), torch.device("cpu"))
+    pool.give([a])
+    b, c = pool.take((2, 5), torch.device("cpu")), pool.take((2, 5), torch.device("cpu"))
+    assert b is a and c is not a  # a lent buffer is out of the pool
+    pool.give([b, c, torch.empty(10), torch.empty(10)])
+    assert pool.nbytes() <= 3 * 4 * 10 and all(t is not b for t in pool._free)  # the least recently given left
+
+
 def test_guidance_interval_runs_one_pass_outside():
     mixture = class_conditional_mixture(num_classes=2, modes_per_class=2)
     model = MixtureModel(mixture, "condot", "velocity", null_label=-1)

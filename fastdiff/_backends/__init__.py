@@ -22,13 +22,19 @@ The reference backend's kernels are the ops' pure-PyTorch references, registered
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 
 @dataclass(frozen=True)
 class BackendStatus:
     available: bool
-    reason: str  # why not, or what it runs on
+    # why not, or what it runs on; a callable is called when .reason is read (ops resolve their backend on
+    # every call and only need .available: the description can cost more than the check)
+    detail: Union[str, Callable[[], str]]
+
+    @property
+    def reason(self) -> str:
+        return self.detail() if callable(self.detail) else self.detail
 
     def __bool__(self) -> bool:
         return self.available
@@ -88,8 +94,14 @@ def has_kernel(backend: str, op: str) -> bool:
 
 def auto_order(device_type: str) -> tuple[str, ...]:
     """The backends "auto" tries for tensors on ``device_type``, best first, ending with the reference."""
-    ranked = sorted((b.auto[device_type], b.name) for b in _BACKENDS.values() if device_type in b.auto)
-    return tuple(name for _, name in ranked) + ("reference",)
+    key = (device_type, len(_BACKENDS))  # every op call asks; backends are only ever added
+    if key not in _AUTO_ORDER:
+        ranked = sorted((b.auto[device_type], b.name) for b in _BACKENDS.values() if device_type in b.auto)
+        _AUTO_ORDER[key] = tuple(name for _, name in ranked) + ("reference",)
+    return _AUTO_ORDER[key]
+
+
+_AUTO_ORDER: dict[tuple, tuple[str, ...]] = {}
 
 
 # the built-in backends, in the order fastdiff.backends() lists them

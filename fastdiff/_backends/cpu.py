@@ -13,7 +13,8 @@ def status(device_type=None, index=None) -> BackendStatus:
         return BackendStatus(False, f"the cpu backend runs on CPU tensors, not {device_type}")
     if not _native.status.loaded:
         return BackendStatus(False, _native.status.reason)
-    return BackendStatus(True, f"C++ kernels ({torch.ops.fastdiff.cpu_simd()}), {torch.get_num_threads()} threads")
+    return BackendStatus(True, lambda: f"C++ kernels ({torch.ops.fastdiff.cpu_simd()}), "
+                                       f"{torch.get_num_threads()} threads")
 
 
 register_backend(Backend("cpu", status, auto={"cpu": 0}, native_autograd=True))

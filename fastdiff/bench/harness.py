@@ -331,7 +331,7 @@ def loop_cases(n: int, device="cpu", impls=None, steps: int = LOOP_STEPS, cfg: f
 
 # fastdiff's loop taken apart: the loop with a free model (one that returns a kept prediction: what is
 # left is the loop's own work), the model alone and the fused step alone (same calls, same buffers)
-LOOP_PARTS = ("free_model", "model_only", "step_only")
+LOOP_PARTS = ("free_model", "step_only", "model_only")  # the first two back to back: their ratio is paired
 
 
 def _loop_parts(model, B, y, y2, steps, sigma, cfg, device) -> dict:
@@ -373,8 +373,8 @@ def _loop_parts(model, B, y, y2, steps, sigma, cfg, device) -> dict:
                                device=device)
 
     return {"free_model": (free_model, "fastdiff's loop with a model that returns a kept prediction"),
-            "model_only": (model_only, f"{steps} model calls on the kept 2B input"),
-            "step_only": (step_only, f"{steps} fused steps as the loop makes them")}
+            "step_only": (step_only, f"{steps} fused steps as the loop makes them"),
+            "model_only": (model_only, f"{steps} model calls on the kept 2B input")}
 
 
 def cases(op: str, n: int, dtype: str = "fp32", device="cpu", impls=None) -> list[Case]:
@@ -397,10 +397,10 @@ def _sync(device):
 
 
 def time_interleaved(group: list[Case], repeat: int = 15, warmup: int = 2, device="cpu",
-                     min_time: float = 0.02) -> dict[str, float]:
+                     min_time: float = 0.02, rounds: Optional[dict] = None) -> dict[str, float]:
     """Median seconds per call of each case, measured round-robin (one timing of each case per
     round), so that drifting machine load affects all sides alike. Each timing averages enough calls
-    to last ``min_time``."""
+    to last ``min_time``. ``rounds``: filled with each case's per-round timings."""
     loops = {}
     for c in group:
         for _ in range(warmup):
@@ -421,6 +421,8 @@ def time_interleaved(group: list[Case], repeat: int = 15, warmup: int = 2, devic
                 c.fn()
             _sync(device)
             samples[c.impl].append((time.perf_counter() - t0) / k)
+    if rounds is not None:
+        rounds.update(samples)
     return {impl: statistics.median(v) for impl, v in samples.items()}
 
 
@@ -438,7 +440,8 @@ def peak_memory(fn: Callable, device) -> Optional[int]:
 
 # ---- the report: interleaved medians, ratios, CSV rows ------------------------------------------------
 
-BASELINES = {"step_sde": "eager", "step_ode": "eager", "gram": "eager", "loss": "eager", "randn": "torch", "loop": "diffusers"}
+BASELINES = {"step_sde": "eager", "step_ode": "eager", "gram": "eager", "loss": "eager",
+             "randn": "torch", "loop": "diffusers"}
 
 
 def device_name(device) -> str:
@@ -489,7 +492,8 @@ def report(ops=OPS, log2_sizes=(22,), dtypes=("fp32",), device="cpu", repeat=15,
             for dtype in (dtypes if op not in ("randn", "loop") else ("fp32",)):
                 impls = None if compile or op == "loop" else ["fastdiff", "eager", "reference", "torch"]
                 group = cases(op, n, dtype, device, impls)
-                med = time_interleaved(group, repeat, device=device)
+                per_round: dict = {}
+                med = time_interleaved(group, repeat, device=device, rounds=per_round)
                 base, comp, ours = med.get(BASELINES[op]), med.get("compile"), med.get("fastdiff")
                 for c in group:
                     s = med[c.impl]
@@ -519,15 +523,20 @@ def report(ops=OPS, log2_sizes=(22,), dtypes=("fp32",), device="cpu", repeat=15,
                     own = med["free_model"] / LOOP_STEPS
                     step = med["step_only"] / LOOP_STEPS
                     minus = (med["fastdiff"] - med["model_only"]) / LOOP_STEPS
+                    # the two run back to back in each round: the median of the rounds' ratios cancels the
+                    # machine's drift, which moves whole rounds by 10-40 % on a shared CPU
+                    ratio = statistics.median(a / b for a, b in zip(per_round["free_model"], per_round["step_only"]))
                     log(f"{'':9s} per step: the loop's own time (loop with a free model) {own * 1e3:.4g} ms, the fused "
-                        f"step alone {step * 1e3:.4g} ms: ratio {own / step:.2f}; loop minus the model timed alone "
-                        f"{minus * 1e3:.4g} ms")
-                    for impl, v, note in (("own_per_step", own, "the loop with a free model, per step"),
-                                          ("step_per_step", step, "the fused step as the loop calls it"),
-                                          ("minus_model_per_step", minus, "loop minus the model timed alone, per step")):
+                        f"step alone {step * 1e3:.4g} ms: ratio {ratio:.2f} (median of the rounds' ratios; "
+                        f"{own / step:.2f} of the medians); loop minus the model timed alone {minus * 1e3:.4g} ms")
+                    for impl, v, vs_step, note in (
+                            ("own_per_step", own, ratio, "the loop with a free model, per step (x: paired ratio)"),
+                            ("step_per_step", step, 1.0, "the fused step as the loop calls it"),
+                            ("minus_model_per_step", minus, minus / step,
+                             "loop minus the model timed alone, per step")):
                         rows.append({**rows[-1], "backend": impl, "median_ms": _sig(v * 1e3), "GB/s": None,
                                      "pct_copy": None, "x_vs_baseline": None, "x_vs_compile": None,
-                                     "fastdiff_speedup": round(v / step, 3), "peak_mib": None, "note": note})
+                                     "fastdiff_speedup": round(vs_step, 3), "peak_mib": None, "note": note})
     if csv_dir is not None and rows:
         from pathlib import Path
 

@@ -18,6 +18,7 @@ from fastdiff.sampling.arguments import (MAX_STEPS, T_MIN_SINGULAR, batch_size_o
                                          concat_labels, guidance_interval_pair, is_number, null_labels, sample_seeds,
                                          sigma_function, time_grid)
 from fastdiff.sampling.coefficients import Stage
+from fastdiff.sampling.scratch import POOL
 from fastdiff.sampling.methods import check_options, get_method
 
 
@@ -96,7 +97,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             model's parameters must stay where they are (in-place updates are seen; ``.to()`` or
             reassigned parameters need clear_cuda_graphs()).
 
-    Runs under torch.no_grad().
+    On the CPU the loop's scratch buffers (not the returned samples) are kept for the next call, up to
+    256 MiB (fastdiff.clear_scratch() frees them). Runs under torch.no_grad().
     """
     # ---- arguments ---------------------------------------------------------------------------------
     path_arg, path = path, get_path(path)
@@ -172,17 +174,26 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     # [2, B, ...] pair, and every step that writes it writes both halves: the model input needs no
     # torch.cat (a fresh 2B tensor per step: 65 % of the loop's own time, measured on the CPU).
     x_shape = (B, *shape)
+    scratch = []  # this call's buffers; on the CPU they come from and go back to scratch.POOL
+
+    def new_buffer(buffer_shape: tuple) -> torch.Tensor:
+        if device.type != "cpu" or cuda_graph:
+            return torch.empty(buffer_shape, dtype=torch.float32, device=device)
+        scratch.append(POOL.take(buffer_shape, device))
+        return scratch[-1]
+
     paired = {st.input for st in stages if cfg_batch and guided and in_interval(st.t)}
-    pairs = {name: torch.empty((2, *x_shape), dtype=torch.float32, device=device) for name in sorted(paired)}
+    pairs = {name: new_buffer((2, *x_shape)) for name in sorted(paired)}
     buffers = {name: pair[0] for name, pair in pairs.items()}
-    buffers.setdefault("x", torch.empty(x_shape, dtype=torch.float32, device=device))
+    if "x" not in buffers:
+        buffers["x"] = new_buffer(x_shape)
     x = buffers["x"]
     for st in stages:
         for name in (st.out, st.side, st.extra, st.input):
             if name is not None and name not in buffers:
-                buffers[name] = torch.empty_like(x)
+                buffers[name] = new_buffer(x_shape)
     if callback is not None and "x0" not in buffers:
-        buffers["x0"] = torch.empty_like(x)
+        buffers["x0"] = new_buffer(x_shape)
     if isinstance(y, torch.Tensor) and y.device != device:
         y = y.to(device)
     null = null_labels(null_y, y, B) if guided else None
@@ -314,8 +325,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             entry = graphs.CACHE.put(key, model, graphs.CapturedLoop(
                 graph=graph, statics=dict(seeds=seeds, noise=noise_buf, y=y, null=null, y2=y2), x=result,
                 first_bad=first_bad, stages=stages,
-                keepalive=(buffers, pairs, result, x_outs, calls, plans, t_values, seeds, noise_buf, y, null, y2, finite,
-                           row_ids, first_bad)))
+                keepalive=(buffers, pairs, result, x_outs, calls, plans, t_values, seeds, noise_buf, y, null, y2,
+                           finite, row_ids, first_bad)))
         else:
             _refill(entry, seeds=seeds, noise=noise, y=y, null=null, y2=y2)
         entry.first_bad.fill_(-1)
@@ -328,6 +339,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             run_loop(bar)
     else:
         run_loop()
+    returned = result.untyped_storage().data_ptr()
+    POOL.give(t for t in scratch if t.untyped_storage().data_ptr() != returned)
     if check_finite:
         k = int(first_bad.item())  # the one synchronization, after the loop
         if k >= 0:
