@@ -150,3 +150,12 @@ def test_compiles_for_sm90(tmp_path):
     """Both kernels of the launches the wrapper makes (a common case, T = 8 with 4 draws, 8 terms) compile
     to sm_90 cubins through Triton's own argument binder, without a GPU (tests/triton_sm90.py)."""
     assert run_script(_SM90_SCRIPT, tmp_path).count("compiled") == 6
+
+
+def test_chunk_and_limits_are_the_specifications():
+    """The kernel module keeps its own copies (fastdiff.kernels imports nothing from fastdiff.ops)."""
+    import importlib
+
+    module = importlib.import_module("fastdiff.kernels.sample_gram")
+    spec = importlib.import_module("fastdiff.ops.sample_gram")  # fastdiff.ops.sample_gram is also the function
+    assert (module.CHUNK, module.MAX_TERMS, module.MAX_DRAWS) == (spec.CHUNK, spec.MAX_TERMS, spec.MAX_DRAWS)
