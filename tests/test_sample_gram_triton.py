@@ -13,17 +13,10 @@ reference run on those normals passed as terms, and with the reference's own dra
 import pytest
 import torch
 
-import fastdiff
 from fastdiff.ops.sample_gram import run_reference, sample_gram, sample_gram_reference, unpack
-from triton_sm90 import run_script
+from triton_testing import DEVICE, TRITON_MARKS, run_script
 
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(not fastdiff.backends()["triton"].available,
-                       reason=f"triton: {fastdiff.backends()['triton'].reason}"),
-]
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = TRITON_MARKS
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 STREAMS = [7, 2**32 - 1, 2**31]  # ids >= 2^31 pass as int32 bit patterns
 
@@ -148,7 +141,7 @@ for B, n, dtype, K, D in [(2, 4096, torch.float16, 2, 1), (3, 9000, torch.float3
 
 def test_compiles_for_sm90(tmp_path):
     """Both kernels of the launches the wrapper makes (a common case, T = 8 with 4 draws, 8 terms) compile
-    to sm_90 cubins through Triton's own argument binder, without a GPU (tests/triton_sm90.py)."""
+    to sm_90 cubins through Triton's own argument binder, without a GPU (tests/triton_testing.py)."""
     assert run_script(_SM90_SCRIPT, tmp_path).count("compiled") == 6
 
 

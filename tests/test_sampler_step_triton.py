@@ -18,19 +18,12 @@ in the last bits.
 import pytest
 import torch
 
-import fastdiff
 from fastdiff.ops.sampler_step import prepare, sampler_step_reference
 from sampler_step_cases import (FMA_A, FMA_B, FUSED, STREAMS, is_noisy as _noisy, run_model,
                                 run_step as _run, step_inputs)
-from triton_sm90 import run_script
+from triton_testing import DEVICE, TRITON_MARKS, run_script
 
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(not fastdiff.backends()["triton"].available,
-                       reason=f"triton: {fastdiff.backends()['triton'].reason}"),
-]
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = TRITON_MARKS
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -315,5 +308,5 @@ for B, n, dtype, K1, H, D, nout, side, per in [(2, 4096, torch.float16, 2, 1, 1,
 
 def test_compiles_for_sm90(tmp_path):
     """The launches the wrapper makes (common step, the largest counts, per-sample rows) compile to sm_90
-    cubins through Triton's own argument binder, without a GPU (tests/triton_sm90.py)."""
+    cubins through Triton's own argument binder, without a GPU (tests/triton_testing.py)."""
     assert run_script(_SM90_SCRIPT, tmp_path).count("compiled") == 3

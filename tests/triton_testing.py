@@ -1,4 +1,7 @@
-"""Compile-only checks of Triton kernels for sm_90 without a GPU: a script runs a kernel's wrapper with
+"""Shared by the Triton kernel tests: their marks and device, and compile-only checks for sm_90.
+
+The marks: the tests need triton (a GPU, or TRITON_INTERPRET=1, which tests/conftest.py sets without one).
+Compile-only checks of Triton kernels for sm_90 without a GPU: a script runs a kernel's wrapper with
 the kernel replaced by a recorder, then compiles each recorded launch to a cubin through Triton's own
 argument binder, in a subprocess without TRITON_INTERPRET (the interpreter forgives what the compiler
 does not). Exit code 77: this Triton build has no NVIDIA backend (or its internals moved): skip."""
@@ -9,6 +12,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import fastdiff
+
+TRITON_MARKS = [
+    pytest.mark.triton,
+    pytest.mark.skipif(not fastdiff.backends()["triton"].available,
+                       reason=f"triton: {fastdiff.backends()['triton'].reason}"),
+]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 PROLOGUE = r'''
 import sys
