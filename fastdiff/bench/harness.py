@@ -14,6 +14,7 @@ Cases (N elements of fp32 state; the guided cases take one [2B] prediction, cfg 
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
@@ -325,20 +326,23 @@ def loop_cases(n: int, device="cpu", impls=None, steps: int = LOOP_STEPS, cfg: f
     if want("fastdiff"):
         out.update(_loop_parts(model, B, y, y2, steps, sigma, cfg, device))
     nbytes = steps * B * per * 4 * 3  # read x, write x, one noise draw per step (the loops' own floor)
-    return [Case("loop", k, B * per, "fp32", fn, nbytes, note) for k, (fn, note) in out.items()
+    return [Case("loop", k, B * per, "fp32", fn, nbytes // (steps if k == "free_model_1" else 1), note)
+            for k, (fn, note) in out.items()
             if want(k) or (k in LOOP_PARTS and want("fastdiff"))]
 
 
 # fastdiff's loop taken apart: the loop with a free model (one that returns a kept prediction: what is
 # left is the loop's own work), the model alone and the fused step alone (same calls, same buffers)
-LOOP_PARTS = ("free_model", "step_only", "model_only")  # the first two back to back: their ratio is paired
+LOOP_PARTS = ("free_model", "step_only", "model_only", "free_model_1")  # the first two back to back, in turns first
 
 
 def _loop_parts(model, B, y, y2, steps, sigma, cfg, device) -> dict:
     """``steps`` calls of the model on the loop's kept 2B input; ``steps`` fused steps exactly as the SDE
     loop makes them (two branches, one draw, the state and its guidance twin written, the finiteness
-    flag); and the whole loop with a model that returns a kept prediction. The loop's own time per step
-    is free_model / steps, to set next to step_only / steps. (fastdiff − model_only is larger: a model
+    flag); and the whole loop with a model that returns a kept prediction, for ``steps`` steps and for
+    one. The loop's own time per step is free_model / steps, to set next to step_only / steps; it is a
+    per-call setup (arguments, buffers, the initial noise: about free_model_1 less one step) plus the
+    per-step work, (free_model − free_model_1) / (steps − 1). (fastdiff − model_only is larger: a model
     runs slower inside a loop than alone, whose inputs and allocations stay warm.)"""
     import fastdiff
 
@@ -368,13 +372,14 @@ def _loop_parts(model, B, y, y2, steps, sigma, cfg, device) -> dict:
     def free(x, t, labels):
         return pred
 
-    def free_model():
-        return fastdiff.sample(free, steps, cfg, shape=LOOP_SHAPE, y=y, null_y=model.null_label, seed=0, sigma=sigma,
-                               device=device)
+    def free_model(n_steps: int = steps):
+        return fastdiff.sample(free, n_steps, cfg, shape=LOOP_SHAPE, y=y, null_y=model.null_label, seed=0,
+                               sigma=sigma, device=device)
 
     return {"free_model": (free_model, "fastdiff's loop with a model that returns a kept prediction"),
             "step_only": (step_only, f"{steps} fused steps as the loop makes them"),
-            "model_only": (model_only, f"{steps} model calls on the kept 2B input")}
+            "model_only": (model_only, f"{steps} model calls on the kept 2B input"),
+            "free_model_1": (lambda: free_model(1), "the free-model loop for one step: the per-call setup + 1 step")}
 
 
 def cases(op: str, n: int, dtype: str = "fp32", device="cpu", impls=None) -> list[Case]:
@@ -397,10 +402,15 @@ def _sync(device):
 
 
 def time_interleaved(group: list[Case], repeat: int = 15, warmup: int = 2, device="cpu",
-                     min_time: float = 0.02, rounds: Optional[dict] = None) -> dict[str, float]:
+                     min_time: float = 0.02, rounds: Optional[dict] = None,
+                     swap: tuple[str, str] = ()) -> dict[str, float]:
     """Median seconds per call of each case, measured round-robin (one timing of each case per
     round), so that drifting machine load affects all sides alike. Each timing averages enough calls
-    to last ``min_time``. ``rounds``: filled with each case's per-round timings."""
+    to last ``min_time``. ``rounds``: filled with each case's per-round timings. ``swap``: two cases
+    (adjacent in ``group``) that trade places every other round, so that neither always runs right
+    after the cases before them (a peer's loop leaves the caches and the allocator cold: the next
+    case paid up to 1.5x its time on the 2-core benchmark machine). Python's garbage collector is
+    off while timing, as in timeit, and collects before the rounds."""
     loops = {}
     for c in group:
         for _ in range(warmup):
@@ -412,15 +422,24 @@ def time_interleaved(group: list[Case], repeat: int = 15, warmup: int = 2, devic
         once = max(time.perf_counter() - t0, 1e-7)
         loops[c.impl] = max(1, int(min_time / once))
     samples: dict[str, list[float]] = {c.impl: [] for c in group}
-    for _ in range(repeat):
-        for c in group:
-            k = loops[c.impl]
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(k):
-                c.fn()
-            _sync(device)
-            samples[c.impl].append((time.perf_counter() - t0) / k)
+    swapped = list(group)
+    if swap:
+        i, j = (next(n for n, c in enumerate(group) if c.impl == name) for name in swap)
+        swapped[i], swapped[j] = swapped[j], swapped[i]
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(repeat):
+            for c in (swapped if r % 2 else group):
+                k = loops[c.impl]
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(k):
+                    c.fn()
+                _sync(device)
+                samples[c.impl].append((time.perf_counter() - t0) / k)
+    finally:
+        gc.enable()
     if rounds is not None:
         rounds.update(samples)
     return {impl: statistics.median(v) for impl, v in samples.items()}
@@ -493,7 +512,8 @@ def report(ops=OPS, log2_sizes=(22,), dtypes=("fp32",), device="cpu", repeat=15,
                 impls = None if compile or op == "loop" else ["fastdiff", "eager", "reference", "torch"]
                 group = cases(op, n, dtype, device, impls)
                 per_round: dict = {}
-                med = time_interleaved(group, repeat, device=device, rounds=per_round)
+                med = time_interleaved(group, repeat, device=device, rounds=per_round,
+                                       swap=LOOP_PARTS[:2] if {c.impl for c in group} >= set(LOOP_PARTS) else ())
                 base, comp, ours = med.get(BASELINES[op]), med.get("compile"), med.get("fastdiff")
                 for c in group:
                     s = med[c.impl]
@@ -526,12 +546,21 @@ def report(ops=OPS, log2_sizes=(22,), dtypes=("fp32",), device="cpu", repeat=15,
                     # the two run back to back in each round: the median of the rounds' ratios cancels the
                     # machine's drift, which moves whole rounds by 10-40 % on a shared CPU
                     ratio = statistics.median(a / b for a, b in zip(per_round["free_model"], per_round["step_only"]))
+                    # the per-step work: what a step adds to a call, over the rounds (setup cancels)
+                    work = statistics.median((a - b) / (LOOP_STEPS - 1)
+                                             for a, b in zip(per_round["free_model"], per_round["free_model_1"]))
+                    setup = med["free_model"] - LOOP_STEPS * work
                     log(f"{'':9s} per step: the loop's own time (loop with a free model) {own * 1e3:.4g} ms, the fused "
                         f"step alone {step * 1e3:.4g} ms: ratio {ratio:.2f} (median of the rounds' ratios; "
-                        f"{own / step:.2f} of the medians); loop minus the model timed alone {minus * 1e3:.4g} ms")
+                        f"{own / step:.2f} of the medians) = per-call setup {setup * 1e3:.3g} ms / {LOOP_STEPS} steps "
+                        f"+ per-step work {work * 1e3:.4g} ms ({work / step:.2f}x the step); loop minus the model "
+                        f"timed alone {minus * 1e3:.4g} ms")
                     for impl, v, vs_step, note in (
                             ("own_per_step", own, ratio, "the loop with a free model, per step (x: paired ratio)"),
                             ("step_per_step", step, 1.0, "the fused step as the loop calls it"),
+                            ("work_per_step", work, work / step,
+                             "the loop's per-step work: (free_model - free_model_1) / (steps - 1)"),
+                            ("setup_per_call", setup, setup / step, "the loop's per-call setup: free_model - steps x work"),
                             ("minus_model_per_step", minus, minus / step,
                              "loop minus the model timed alone, per step")):
                         rows.append({**rows[-1], "backend": impl, "median_ms": _sig(v * 1e3), "GB/s": None,

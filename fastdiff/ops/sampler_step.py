@@ -46,6 +46,7 @@ MAX_BRANCHES, MAX_HISTORY, MAX_DRAWS, MAX_OUTS = 8, 4, 4, 8
 # the kernels' positional arguments (fastdiff/_backends), the keys of prepare()'s result
 KERNEL_ARGS = ("x", "preds", "history", "seeds", "streams", "weights", "coeffs", "sample_weights", "sample_coeffs",
                "outs", "side", "finite")
+ROW_ARGS = ("streams", "weights", "coeffs", "sample_weights", "sample_coeffs")  # what with_rows adds (with seeds)
 
 
 def _row_values(name, values, count, B, device):
