@@ -108,14 +108,15 @@ FASTDIFF_HD void load_sample_coeffs(const StepShape& s, const float* weights, co
 // g of one element (or vector): p[0 .. K1) are the branch predictions as float.
 template <typename T, typename Shape>
 FASTDIFF_HD T blend(const Shape& s, const SampleCoeffs& k, const T* p) {
-  T g = k.w[0] == 1.0f ? p[0] : T(k.w[0]) * p[0];  // 1 * p is p: no multiply on the common path
+  T g = T(k.w[0]) * p[0];  // exact for w0 = 1 (1 * p is p): a multiply is cheaper than a test in the vector loop
   for (int i = 1; i < s.branches; ++i) g = fmadd(T(k.w[i]), p[i] - p[0], g);
   return g;
 }
 
 // One output row (0 out, 1 side) of one element: h[0 .. H) history values, z[0 .. D) normals (read only
-// where the coefficient is non-zero).
-template <typename T, typename Shape>
+// where the coefficient is non-zero). kDrawsNonZero: the caller has checked that every draw's coefficient
+// in this row is non-zero (the CPU loops do per block), so the vector loop tests nothing.
+template <typename T, bool kDrawsNonZero = false, typename Shape>
 FASTDIFF_HD T combine(const Shape& s, const SampleCoeffs& k, int row, const T& x, const T& g, const T* h,
                       const T* z) {
   const float* c = k.c[row];
@@ -123,7 +124,7 @@ FASTDIFF_HD T combine(const Shape& s, const SampleCoeffs& k, int row, const T& x
   for (int j = 0; j < s.history; ++j) v = fmadd(T(c[2 + j]), h[j], v);
   for (int d = 0; d < s.draws; ++d) {
     const float cz = c[2 + s.history + d];
-    if (cz != 0.0f) v = fmadd(T(cz), z[d], v);
+    if (kDrawsNonZero || cz != 0.0f) v = fmadd(T(cz), z[d], v);
   }
   return v;
 }
