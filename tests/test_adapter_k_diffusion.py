@@ -144,7 +144,29 @@ def test_euler_ancestral_is_k_diffusion_step_with_fastdiff_noise():
     torch.testing.assert_close(alone, ours[1:2], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name,kw", [("sample_euler_ancestral", dict(eta=0.8, s_noise=1.1)),
+                                     ("sample_dpmpp_2m_sde", dict(eta=1.0, s_noise=0.9, solver_type="heun")),
+                                     ("sample_dpmpp_2m_sde", {})])
+def test_stochastic_samplers_take_k_diffusion_keywords(name, kw):
+    """The adapter's stochastic samplers take k-diffusion's keywords (eta, s_noise, solver_type) and match
+    k-diffusion fed fastdiff's noise (one draw of step i's stream per step with sigma' > 0)."""
+    kd = _kd()
+    den = Denoiser()
+    sigmas = kd.get_sigmas_karras(8, 0.01, 20.0)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * sigmas[0]
+    seeds = [21, 22]
+    ours = getattr(fk, name)(den, x, sigmas, disable=True, seed=seeds, **kw)
+    step = iter(range(len(sigmas)))
+    noise = lambda s, s_next: fastdiff.ops.randn(seeds, 1 + next(step), x.shape[1:])  # noqa: E731
+    theirs = getattr(kd, name)(den, x, sigmas, disable=True, noise_sampler=noise, **kw)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5 * theirs.abs().max().item())
+
+
 @pytest.mark.parametrize("call,exc,match", [
+    (lambda d, x: fk.sample_dpmpp_2m_sde(d, x, torch.tensor([5.0, 0.0]), noise_sampler=lambda a, b: a),
+     NotImplementedError, "noise_sampler"),
+    (lambda d, x: fk.sample_dpmpp_2m_sde(d, x, torch.tensor([5.0, 0.0]), solver_type="x"), ValueError, "solver_type"),
+    (lambda d, x: fk.sample_euler_ancestral(d, x, torch.tensor([5.0, 0.0]), s_noise=-1.0), ValueError, "s_noise"),
     (lambda d, x: fk.sample_euler(d, x, torch.tensor([5.0, 6.0, 0.0])), ValueError, "sigmas: .*decreasing"),
     (lambda d, x: fk.sample_euler(d, x, torch.tensor([5.0, 1.0])), ValueError, "end at 0"),
     (lambda d, x: fk.sample_euler(d, x, torch.zeros(2, 2)), ValueError, "1-D"),

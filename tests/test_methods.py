@@ -18,17 +18,26 @@ from fastdiff.sampling.coefficients import Stage, build_stages, needed_conversio
 from fastdiff.sampling.methods import Method, get_method, method_names, methods, register_method, unregister_method
 
 
+BUILTIN = ("euler", "heun", "ddim", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde")  # registration order
+
+
+def _takers(option: str) -> str:
+    """How the option errors name the methods taking ``option``: method='a' or 'b' ..."""
+    return "method=" + " or ".join(repr(m.name) for m in methods() if option in m.options)
+
+
 def test_registry_lists_the_builtin_methods_in_order():
-    assert fastdiff.sampling.METHODS == coefficients.METHODS == method_names() == ("euler", "heun", "ddim", "dpmpp_2m",
-                                                                                     "euler_ancestral")
+    assert fastdiff.sampling.METHODS == coefficients.METHODS == method_names() == BUILTIN
     records = {m.name: m for m in methods()}
     assert all(isinstance(m, Method) for m in records.values())
-    evals = {"euler": 1, "heun": 2, "ddim": 1, "dpmpp_2m": 1, "euler_ancestral": 1}
+    evals = {"euler": 1, "heun": 2, "ddim": 1, "dpmpp_2m": 1, "euler_ancestral": 1, "dpmpp_2m_sde": 1}
     assert {n: m.evals_per_step for n, m in records.items()} == evals
     assert coefficients.EVALS_PER_STEP == evals
     assert {n: m.options for n, m in records.items()} == {"euler": ("sigma",), "heun": (), "ddim": ("eta",),
-                                                         "dpmpp_2m": (), "euler_ancestral": ("eta", "s_noise")}
+                                                         "dpmpp_2m": (), "euler_ancestral": ("eta", "s_noise"),
+                                                         "dpmpp_2m_sde": ("eta", "s_noise", "solver_type")}
     assert records["euler_ancestral"].defaults == {"eta": 1.0, "s_noise": 1.0}
+    assert records["dpmpp_2m_sde"].defaults == {"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint"}
     for m in records.values():
         assert m.description and "\n" not in m.description
         assert get_method(m.name) is m
@@ -141,7 +150,7 @@ def _model(x, t, y):
 
 
 def test_a_registered_method_is_usable_everywhere(toy_method):
-    assert fastdiff.sampling.METHODS == ("euler", "heun", "ddim", "dpmpp_2m", "euler_ancestral", toy_method)
+    assert fastdiff.sampling.METHODS == (*BUILTIN, toy_method)
     assert coefficients.METHODS[-1] == toy_method and coefficients.EVALS_PER_STEP[toy_method] == 1
     kw = dict(shape=(3,), batch_size=4, seed=7, backend="reference")
     got = fastdiff.sample(_model, 6, method=toy_method, **kw)
@@ -154,8 +163,9 @@ def test_a_registered_method_is_usable_everywhere(toy_method):
                   if "--method" in a.option_strings)
     assert toy_method in action.choices and "a test method" in action.help
     # the options' errors name it among the methods taking eta
-    with pytest.raises(ValueError, match="eta applies to method='ddim' or 'euler_ancestral' or 'toy_euler'"):
+    with pytest.raises(ValueError, match=f"eta applies to {_takers('eta')}") as err:
         fastdiff.sample(_model, 6, method="heun", eta=0.5, **kw)
+    assert str(err.value).startswith("eta applies to method='ddim'") and "or 'toy_euler';" in str(err.value)
 
 
 def test_an_unregistered_method_is_gone():
@@ -177,7 +187,7 @@ def test_register_method_checks_its_record():
         register_method("toy_order", options=("order",), evals_per_step=1, conversions=(), description="")
     with pytest.raises(ValueError, match="evals_per_step"):
         register_method("toy_zero", evals_per_step=0, conversions=(), description="")
-    assert method_names() == ("euler", "heun", "ddim", "dpmpp_2m", "euler_ancestral")
+    assert method_names() == BUILTIN
 
 
 # ---- options a method does not take ----------------------------------------------------------------------
@@ -187,9 +197,9 @@ def test_register_method_checks_its_record():
     (dict(method="dpmpp_2m", sigma=lambda t: 0.0), r"sigma applies to method='euler'; method='dpmpp_2m'"),
     (dict(method="ddim", sigma=1.0, eta=0.5), (r"sigma applies to method='euler'; method='ddim' does not take "
                                                r"it \(it takes eta\)")),
-    (dict(method="euler", eta=0.5), (r"eta applies to method='ddim' or 'euler_ancestral'; method='euler' does not take it "
+    (dict(method="euler", eta=0.5), (rf"eta applies to {_takers('eta')}; method='euler' does not take it "
                                      r"\(it takes sigma\)")),
-    (dict(method="heun", eta=1.0), r"eta applies to method='ddim' or 'euler_ancestral'; method='heun'"),
+    (dict(method="heun", eta=1.0), rf"eta applies to {_takers('eta')}; method='heun'"),
 ])
 def test_options_a_method_does_not_take_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

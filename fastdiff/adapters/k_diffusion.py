@@ -10,8 +10,9 @@ Heun and DPM-Solver++(2M) steps on that grid are k-diffusion's ``sample_euler``,
     from fastdiff.adapters import k_diffusion as fk
     x = fk.sample_dpmpp_2m(denoiser, torch.randn(8, 4, 32, 32) * sigmas[0], sigmas)
 
-``sample_euler_ancestral`` is DDIM with eta on the same path (k-diffusion's sigma_up / sigma_down
-step) with fastdiff's reproducible per-sample noise instead of ``torch.randn_like``: pass ``seed``.
+``sample_euler_ancestral`` (DDIM with eta on the same path: k-diffusion's sigma_up / sigma_down step,
+s_noise) and ``sample_dpmpp_2m_sde`` (midpoint or heun) draw fastdiff's reproducible per-sample noise
+instead of ``torch.randn_like`` or a Brownian tree: pass ``seed``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch
 import fastdiff
 from fastdiff.schedules import ve_grid
 
-__all__ = ["DenoiserModel", "sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_euler_ancestral"]
+__all__ = ["DenoiserModel", "sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_euler_ancestral",
+           "sample_dpmpp_2m_sde"]
 
 
 class DenoiserModel(torch.nn.Module):
@@ -62,7 +64,7 @@ class DenoiserModel(torch.nn.Module):
         return self.denoiser(x, self.sigma(t).to(x.dtype), **self.extra_args)
 
 
-def _run(method: str, model, x, sigmas, extra_args, callback, disable, *, eta: float = 0.0, seed=0):
+def _run(method: str, model, x, sigmas, extra_args, callback, disable, *, eta=None, seed=0, **options):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise TypeError("x must be a floating-point tensor [B, ...] (the initial state, noise times sigmas[0])")
     if isinstance(sigmas, torch.Tensor) and sigmas.dim() != 1:
@@ -82,7 +84,7 @@ def _run(method: str, model, x, sigmas, extra_args, callback, disable, *, eta: f
     progress = (not disable) if disable is not None else sys.stderr.isatty()
     return fastdiff.sample(wrapped, None, noise=x, path=wrapped.path, prediction="x0", method=method,
                            timesteps=wrapped.timesteps, eta=eta, seed=seed, progress=progress,
-                           callback=fd_callback, device=x.device).to(x.dtype)
+                           callback=fd_callback, device=x.device, **options).to(x.dtype)
 
 
 def _no_churn(s_churn, s_noise):
@@ -121,9 +123,28 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     """k-diffusion's ``sample_euler_ancestral``: step to sigma_down, add sigma_up noise (DDIM with eta on
     the VE path). The noise is fastdiff's stream of ``seed`` (int: sample b uses seed + b, or
     per-sample seeds), so image b is reproduced alone; a ``noise_sampler`` is not supported."""
+    _no_noise_sampler(noise_sampler)
+    return _run("euler_ancestral", model, x, sigmas, extra_args, callback, disable, eta=_eta(eta), seed=seed,
+                s_noise=s_noise)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                        noise_sampler=None, solver_type="midpoint", seed=0):
+    """k-diffusion's ``sample_dpmpp_2m_sde`` (DPM-Solver++(2M) SDE, midpoint or heun correction): fastdiff's
+    method ``dpmpp_2m_sde`` on the same path. The noise is fastdiff's per-sample stream of ``seed``, one
+    draw per step (k-diffusion's default is a Brownian tree over sigma)."""
+    _no_noise_sampler(noise_sampler)
+    return _run("dpmpp_2m_sde", model, x, sigmas, extra_args, callback, disable, eta=_eta(eta), seed=seed,
+                s_noise=s_noise, solver_type=solver_type)
+
+
+def _no_noise_sampler(noise_sampler):
     if noise_sampler is not None:
         raise NotImplementedError("noise_sampler: fastdiff draws its own reproducible noise; pass seed instead")
-    _no_churn(0.0, s_noise)
+
+
+def _eta(eta) -> float:
     if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0 and math.isfinite(eta)):
         raise ValueError(f"eta must be in [0, 1], got {eta!r}")
-    return _run("ddim", model, x, sigmas, extra_args, callback, disable, eta=float(eta), seed=seed)
+    return float(eta)

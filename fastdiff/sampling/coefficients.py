@@ -209,6 +209,12 @@ def _euler_ancestral(path, grid, prediction, eta=1.0, s_noise=1.0) -> list[Stage
     # In k-diffusion's sigma = beta / alpha, the step to sigma_down = sqrt(sigma'^2 - sigma_up^2) is DDIM's
     # deterministic part and sigma_up = eta sigma' sqrt(1 - sigma'^2 / sigma^2) its noise scale: DDIM(eta)
     # with the noise scaled by s_noise.
+    s_noise = check_s_noise(s_noise)
+    return [replace(st, c_noise=st.c_noise * s_noise) for st in _ddim(path, grid, prediction, eta)]
+
+
+def check_s_noise(s_noise) -> float:
+    """The noise scale of the methods that take s_noise (k-diffusion's name): a finite number >= 0."""
     if not isinstance(s_noise, (int, float)) or isinstance(s_noise, bool) or not 0.0 <= s_noise < math.inf:
         raise ValueError(f"s_noise must be a finite number >= 0, got {s_noise!r}")
-    return [replace(st, c_noise=st.c_noise * s_noise) for st in _ddim(path, grid, prediction, eta)]
+    return float(s_noise)
