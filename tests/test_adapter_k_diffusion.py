@@ -146,7 +146,7 @@ def test_euler_ancestral_is_k_diffusion_step_with_fastdiff_noise():
 
 @pytest.mark.parametrize("name,kw", [("sample_euler_ancestral", dict(eta=0.8, s_noise=1.1)),
                                      ("sample_dpmpp_2m_sde", dict(eta=1.0, s_noise=0.9, solver_type="heun")),
-                                     ("sample_dpmpp_2m_sde", {})])
+                                     ("sample_dpmpp_2m_sde", {}), ("sample_dpmpp_3m_sde", dict(eta=0.8))])
 def test_stochastic_samplers_take_k_diffusion_keywords(name, kw):
     """The adapter's stochastic samplers take k-diffusion's keywords (eta, s_noise, solver_type) and match
     k-diffusion fed fastdiff's noise (one draw of step i's stream per step with sigma' > 0)."""

@@ -11,7 +11,7 @@ Heun and DPM-Solver++(2M) steps on that grid are k-diffusion's ``sample_euler``,
     x = fk.sample_dpmpp_2m(denoiser, torch.randn(8, 4, 32, 32) * sigmas[0], sigmas)
 
 ``sample_euler_ancestral`` (DDIM with eta on the same path: k-diffusion's sigma_up / sigma_down step,
-s_noise) and ``sample_dpmpp_2m_sde`` (midpoint or heun) draw fastdiff's reproducible per-sample noise
+s_noise), ``sample_dpmpp_2m_sde`` (midpoint or heun) and ``sample_dpmpp_3m_sde`` draw fastdiff's reproducible per-sample noise
 instead of ``torch.randn_like`` or a Brownian tree: pass ``seed``.
 """
 
@@ -27,7 +27,7 @@ import fastdiff
 from fastdiff.schedules import ve_grid
 
 __all__ = ["DenoiserModel", "sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_euler_ancestral",
-           "sample_dpmpp_2m_sde"]
+           "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"]
 
 
 class DenoiserModel(torch.nn.Module):
@@ -137,6 +137,16 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     _no_noise_sampler(noise_sampler)
     return _run("dpmpp_2m_sde", model, x, sigmas, extra_args, callback, disable, eta=_eta(eta), seed=seed,
                 s_noise=s_noise, solver_type=solver_type)
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                        noise_sampler=None, seed=0):
+    """k-diffusion's ``sample_dpmpp_3m_sde`` (DPM-Solver++(3M) SDE): fastdiff's method ``dpmpp_3m_sde``, the
+    noise fastdiff's per-sample stream of ``seed`` as in :func:`sample_dpmpp_2m_sde`."""
+    _no_noise_sampler(noise_sampler)
+    return _run("dpmpp_3m_sde", model, x, sigmas, extra_args, callback, disable, eta=_eta(eta), seed=seed,
+                s_noise=s_noise)
 
 
 def _no_noise_sampler(noise_sampler):

@@ -1,7 +1,7 @@
 """Per-step coefficient tables of the samplers (docs/design.md §2), computed on the host in float64.
 
 Every method is a sequence of fused-kernel calls (:func:`fastdiff.ops.sampler_step`; a Stage is its
-one-history, one-draw form)
+form with one draw and history buffers: ``extra`` and any further ones in ``history``)
 
     out  = c_x x + c_pred g + c_extra extra + c_noise noise(seeds, stream)
     side = s_x x + s_pred g + s_extra extra
@@ -75,6 +75,22 @@ class Stage:
     stream: int = 0  # noise stream id: draw_stream(step)
     x0: tuple[float, float] = field(default=(0.0, 0.0))  # x0 = a x + b g of a step's first stage (callbacks)
     final: bool = False  # last stage of its step: the state buffer "x" holds x_{i+1}
+    # further history terms after extra (multistep methods): (buffer, out coefficient, side coefficient)
+    history: tuple[tuple[str, float, float], ...] = ()
+
+    def history_buffers(self) -> tuple[str, ...]:
+        """The buffers the kernel reads as history, in order: extra, then ``history``."""
+        return ((self.extra,) if self.extra else ()) + tuple(h[0] for h in self.history)
+
+    def kernel_rows(self) -> list[float]:
+        """sampler_step's coefficient rows (fastdiff.ops.sampler_step): (c_x, c_pred, history..., [c_noise])
+        then the side row (s_x, s_pred, history..., [0])."""
+        extra = [(self.c_extra, self.s_extra)] if self.extra else []
+        terms = extra + [(c, s) for _, c, s in self.history]
+        noise = self.c_noise != 0
+        row = [self.c_x, self.c_pred, *(c for c, _ in terms), *([self.c_noise] if noise else [])]
+        side = [self.s_x, self.s_pred, *(s for _, s in terms), *([0.0] if noise else [])]
+        return row + side
 
 
 def _conv(path: GaussianPath, t: float, prediction: str, to: str) -> tuple[float, float]:

@@ -11,7 +11,7 @@ import torch
 from fastdiff import _checks
 from fastdiff import dispatch as _dispatch
 from fastdiff.ops.sampler_step import KERNEL_ARGS, ROW_ARGS, prepare_tensors, with_rows
-from fastdiff.ops.guided_step import guided_step, stage_coefficients
+from fastdiff.ops.guided_step import guided_step
 from fastdiff.ops.randn import randn
 from fastdiff.paths import check_prediction, get_path
 from fastdiff.sampling import graphs
@@ -194,7 +194,7 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         buffers["x"] = new_buffer(x_shape)
     x = buffers["x"]
     for st in stages:
-        for name in (st.out, st.side, st.extra, st.input):
+        for name in (st.out, st.side, st.input, *st.history_buffers()):
             if name is not None and name not in buffers:
                 buffers[name] = new_buffer(x_shape)
     if callback is not None and "x0" not in buffers:
@@ -254,20 +254,20 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     new_rows = [] if stage_rows is None else None
 
     def stage_call(k: int, st: Stage, two_branch: bool) -> tuple:
-        extra = buffers[st.extra] if st.extra else None
+        history = st.history_buffers()
         outs = ("result",) if k == last and result is not x else (st.out,)
-        key = (st.input, two_branch, st.extra, outs, st.side)
+        key = (st.input, two_branch, history, outs, st.side)
         if key not in checked:
             out_tensors = [result] if outs == ("result",) else list(pairs[st.out]) if st.out in pairs else \
                 [buffers[st.out]]
             checked[key] = prepare_tensors(
-                buffers[st.input], [buffers[st.input]] * (2 if two_branch else 1), [] if extra is None else [extra],
+                buffers[st.input], [buffers[st.input]] * (2 if two_branch else 1), [buffers[h] for h in history],
                 seeds, out_tensors, buffers[st.side] if st.side else None, finite[0] if check_finite else None)
         if stage_rows is not None:
             call = dict(checked[key], **stage_rows[k])
         else:
-            call = with_rows(checked[key], [1.0, cfg] if two_branch else None,
-                             stage_coefficients(st, extra is not None), [st.stream] if st.c_noise != 0 else [])
+            call = with_rows(checked[key], [1.0, cfg] if two_branch else None, st.kernel_rows(),
+                             [st.stream] if st.c_noise != 0 else [])
             new_rows.append({name: call[name] for name in ROW_ARGS})
         if check_finite:  # the stage's own row of the table (rows are alike: checked with row 0)
             call["finite"] = finite[k % rows]

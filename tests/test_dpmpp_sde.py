@@ -1,6 +1,7 @@
-"""method="dpmpp_2m_sde": k-diffusion's sample_dpmpp_2m_sde (eta, s_noise, solver_type) on the same
-denoiser, sigma grid (Karras and VP), initial state and noise (fastdiff's stream fed through
-k-diffusion's noise_sampler); eta = 0 is DPM-Solver++(2M); the samples of an analytic mixture."""
+"""methods "dpmpp_2m_sde" and "dpmpp_3m_sde": k-diffusion's sample_dpmpp_2m_sde (eta, s_noise, solver_type)
+and sample_dpmpp_3m_sde on the same denoiser, sigma grid (Karras and VP), initial state and noise
+(fastdiff's stream fed through k-diffusion's noise_sampler); eta = 0 of the 2M SDE is DPM-Solver++(2M);
+the samples of an analytic mixture."""
 
 import math
 
@@ -14,9 +15,9 @@ from fastdiff.sampling.methods import get_method
 from test_adapter_k_diffusion import Denoiser, _kd
 
 
-def _fastdiff(den, x, sigmas, seeds, **options):
+def _fastdiff(den, x, sigmas, seeds, method="dpmpp_2m_sde", **options):
     model = DenoiserModel(den, sigmas)
-    return fastdiff.sample(model, None, noise=x, path=model.path, prediction="x0", method="dpmpp_2m_sde",
+    return fastdiff.sample(model, None, noise=x, path=model.path, prediction="x0", method=method,
                            timesteps=model.timesteps, seed=seeds, **options)
 
 
@@ -27,17 +28,18 @@ def _sigmas(kd, grid):
 
 
 @pytest.mark.parametrize("grid", ["karras", "vp"])
-@pytest.mark.parametrize("eta,s_noise,solver_type", [(1.0, 1.0, "midpoint"), (1.0, 1.0, "heun"),
-                                                      (0.5, 0.8, "midpoint"), (0.7, 1.2, "heun"),
-                                                      (0.0, 1.0, "midpoint")])
-def test_matches_k_diffusion_on_the_same_noise(grid, eta, s_noise, solver_type):
+@pytest.mark.parametrize("method,eta,s_noise,solver_type", [
+    ("dpmpp_2m_sde", 1.0, 1.0, "midpoint"), ("dpmpp_2m_sde", 1.0, 1.0, "heun"), ("dpmpp_2m_sde", 0.5, 0.8, "midpoint"),
+    ("dpmpp_2m_sde", 0.7, 1.2, "heun"), ("dpmpp_2m_sde", 0.0, 1.0, "midpoint"),
+    ("dpmpp_3m_sde", 1.0, 1.0, None), ("dpmpp_3m_sde", 0.6, 1.1, None), ("dpmpp_3m_sde", 0.0, 1.0, None)])
+def test_matches_k_diffusion_on_the_same_noise(grid, method, eta, s_noise, solver_type):
     kd = _kd()
     den = Denoiser()
     sigmas = _sigmas(kd, grid)
     x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(4)) * sigmas[0]
     seeds = [5, 6, 7]
-    kw = dict(eta=eta, s_noise=s_noise, solver_type=solver_type)
-    ours = _fastdiff(den, x, sigmas, seeds, **kw)
+    kw = dict(eta=eta, s_noise=s_noise, **({"solver_type": solver_type} if solver_type else {}))
+    ours = _fastdiff(den, x, sigmas, seeds, method, **kw)
     calls = []
 
     def noise(s, s_next):  # k-diffusion asks for one draw per step with sigma' > 0: step i's stream
@@ -45,7 +47,7 @@ def test_matches_k_diffusion_on_the_same_noise(grid, eta, s_noise, solver_type):
         calls.append(i)
         return fastdiff.ops.randn(seeds, draw_stream(i), x.shape[1:])
 
-    theirs = kd.sample_dpmpp_2m_sde(den, x, sigmas, disable=True, noise_sampler=noise, **kw)
+    theirs = getattr(kd, f"sample_{method}")(den, x, sigmas, disable=True, noise_sampler=noise, **kw)
     assert calls == (list(range(len(sigmas) - 2)) if eta else [])
     scale = theirs.abs().max().item()
     torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5 * scale)  # fp32: 2e-5 of max |x|
@@ -69,9 +71,11 @@ def test_eta_zero_is_dpmpp_2m():
                                fastdiff.sample(model, None, method="dpmpp_2m", **kw), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("solver_type,path,prediction", [("midpoint", "vp", "x0"), ("heun", "vp", "x0"),
-                                                         ("midpoint", "condot", "velocity")])
-def test_samples_the_mixture(solver_type, path, prediction):
+@pytest.mark.parametrize("method,solver_type,path,prediction", [
+    ("dpmpp_2m_sde", "midpoint", "vp", "x0"), ("dpmpp_2m_sde", "heun", "vp", "x0"),
+    ("dpmpp_2m_sde", "midpoint", "condot", "velocity"), ("dpmpp_3m_sde", None, "vp", "x0"),
+    ("dpmpp_3m_sde", None, "condot", "velocity")])
+def test_samples_the_mixture(method, solver_type, path, prediction):
     """On an analytic mixture (exact predictions): the samples have the mixture's mode weights, means and
     covariances (z-scores within statistical error)."""
     from fastdiff.mixtures import MixtureModel, mode_zscores, ring_mixture
@@ -79,18 +83,20 @@ def test_samples_the_mixture(solver_type, path, prediction):
 
     mixture = ring_mixture(heterogeneous=True)
     model = MixtureModel(mixture, path, prediction)
-    x = fastdiff.sample(model, None, method="dpmpp_2m_sde", solver_type=solver_type, shape=(2,), seed=3, path=path,
-                        prediction=prediction, batch_size=N, timesteps=_quadratic_grid(60))
+    x = fastdiff.sample(model, None, method=method, shape=(2,), seed=3, path=path, prediction=prediction,
+                        batch_size=N, timesteps=_quadratic_grid(60),
+                        **({"solver_type": solver_type} if solver_type else {}))
     assert _zmax(mode_zscores(x.double(), mixture)) < 6.0
 
 
-def test_condot_from_pure_noise():
+@pytest.mark.parametrize("method", ["dpmpp_2m_sde", "dpmpp_3m_sde"])
+def test_condot_from_pure_noise(method):
     """From t = 0 on the CondOT path (alpha = 0: lambda = -inf) the first step is a full re-noising of the
     x0 prediction (alpha' D + beta' xi); the sampler is finite and seeded per sample."""
     from fastdiff.mixtures import MixtureModel, ring_mixture
 
     model = MixtureModel(ring_mixture(), "condot", "velocity")
-    kw = dict(shape=(2,), path="condot", prediction="velocity", method="dpmpp_2m_sde")
+    kw = dict(shape=(2,), path="condot", prediction="velocity", method=method)
     a = fastdiff.sample(model, 30, seed=[11, 12, 13], batch_size=3, **kw)
     b = fastdiff.sample(model, 30, seed=[12], batch_size=1, **kw)
     assert torch.isfinite(a).all() and torch.equal(a[1:2], b)
