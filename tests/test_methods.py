@@ -18,7 +18,7 @@ from fastdiff.sampling.coefficients import Stage, build_stages, needed_conversio
 from fastdiff.sampling.methods import Method, get_method, method_names, methods, register_method, unregister_method
 
 
-BUILTIN = ("euler", "heun", "ddim", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde")  # registration order
+BUILTIN = ("euler", "heun", "ddim", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "lms")  # registration order
 
 
 def _takers(option: str) -> str:
@@ -31,13 +31,13 @@ def test_registry_lists_the_builtin_methods_in_order():
     records = {m.name: m for m in methods()}
     assert all(isinstance(m, Method) for m in records.values())
     evals = {"euler": 1, "heun": 2, "ddim": 1, "dpmpp_2m": 1, "euler_ancestral": 1, "dpmpp_2m_sde": 1,
-             "dpmpp_3m_sde": 1}
+             "dpmpp_3m_sde": 1, "lms": 1}
     assert {n: m.evals_per_step for n, m in records.items()} == evals
     assert coefficients.EVALS_PER_STEP == evals
     assert {n: m.options for n, m in records.items()} == {"euler": ("sigma",), "heun": (), "ddim": ("eta",),
                                                          "dpmpp_2m": (), "euler_ancestral": ("eta", "s_noise"),
                                                          "dpmpp_2m_sde": ("eta", "s_noise", "solver_type"),
-                                                         "dpmpp_3m_sde": ("eta", "s_noise")}
+                                                         "dpmpp_3m_sde": ("eta", "s_noise"), "lms": ("order",)}
     assert records["euler_ancestral"].defaults == {"eta": 1.0, "s_noise": 1.0}
     assert records["dpmpp_2m_sde"].defaults == {"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint"}
     for m in records.values():
@@ -191,7 +191,7 @@ def test_register_method_checks_its_record():
     with pytest.raises(ValueError, match="already registered"):
         register_method("euler", evals_per_step=1, conversions=(), description="")(lambda *a: [])
     with pytest.raises(ValueError, match="unknown option"):
-        register_method("toy_order", options=("order",), evals_per_step=1, conversions=(), description="")
+        register_method("toy_unknown", options=("no_such_option",), evals_per_step=1, conversions=(), description="")
     with pytest.raises(ValueError, match="evals_per_step"):
         register_method("toy_zero", evals_per_step=0, conversions=(), description="")
     assert method_names() == BUILTIN

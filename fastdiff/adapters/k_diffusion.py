@@ -27,7 +27,7 @@ import fastdiff
 from fastdiff.schedules import ve_grid
 
 __all__ = ["DenoiserModel", "sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_euler_ancestral",
-           "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"]
+           "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_lms"]
 
 
 class DenoiserModel(torch.nn.Module):
@@ -115,6 +115,12 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
     """k-diffusion's ``sample_dpmpp_2m`` (DPM-Solver++(2M), first order on the first and last steps)."""
     return _run("dpmpp_2m", model, x, sigmas, extra_args, callback, disable)
+
+
+@torch.no_grad()
+def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
+    """k-diffusion's ``sample_lms`` (linear multistep of ``order`` in sigma): fastdiff's method ``lms``."""
+    return _run("lms", model, x, sigmas, extra_args, callback, disable, order=order)
 
 
 @torch.no_grad()
