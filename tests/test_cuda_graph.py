@@ -16,7 +16,8 @@ from fastdiff import paths
 from fastdiff.sampling import graphs
 from graph_recorder import CaptureViolation, RecordingCapture, ReplayOfFreedMemory, empty_cache
 
-METHODS = [("euler", {"sigma": 0.5}), ("heun", {}), ("dpmpp_2m", {}), ("ddim", {"eta": 0.7})]
+METHODS = [("euler", {"sigma": 0.5}), ("heun", {}), ("dpmpp_2m", {}), ("ddim", {"eta": 0.7}),
+           ("dpmpp_3m_sde", {"eta": 0.8})]  # the last: two history buffers and a draw per step
 
 
 class TimeModel(torch.nn.Module):
