@@ -410,7 +410,9 @@ def time_interleaved(group: list[Case], repeat: int = 15, warmup: int = 2, devic
     (adjacent in ``group``) that trade places every other round, so that neither always runs right
     after the cases before them (a peer's loop leaves the caches and the allocator cold: the next
     case paid up to 1.5x its time on the 2-core benchmark machine). Python's garbage collector is
-    off while timing, as in timeit, and collects before the rounds."""
+    off while timing, as in timeit; the young objects are collected after each timing, outside it
+    (torchsde's loop leaves ~200 MB of tensors in reference cycles per call at 2^20, which a collection
+    would otherwise free inside whichever case runs next)."""
     loops = {}
     for c in group:
         for _ in range(warmup):
@@ -438,6 +440,7 @@ def time_interleaved(group: list[Case], repeat: int = 15, warmup: int = 2, devic
                     c.fn()
                 _sync(device)
                 samples[c.impl].append((time.perf_counter() - t0) / k)
+                gc.collect(0)  # what this case left in cycles (all young: no collection ran during it)
     finally:
         gc.enable()
     if rounds is not None:
