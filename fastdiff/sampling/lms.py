@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from fastdiff.sampling.coefficients import Stage, _conv
 from fastdiff.sampling.methods import register_method
 
@@ -25,12 +23,17 @@ def lms_coefficients(sigmas: list[float], i: int, order: int) -> list[float]:
     nodes = [sigmas[i - k] for k in range(order)]
     out = []
     for j in range(order):
-        poly = np.polynomial.Polynomial([1.0])
+        poly = [1.0]  # coefficients, constant term first
         for k in range(order):
-            if k != j:
-                poly = poly * np.polynomial.Polynomial([-nodes[k], 1.0]) / (nodes[j] - nodes[k])
-        antiderivative = poly.integ()
-        out.append(float(antiderivative(sigmas[i + 1]) - antiderivative(sigmas[i])))
+            if k != j:  # poly *= (s - node_k) / (node_j - node_k)
+                scale = 1.0 / (nodes[j] - nodes[k])
+                poly = [scale * (lo - nodes[k] * hi) for lo, hi in zip([0.0] + poly, poly + [0.0])]
+        integral = [0.0] + [c / (n + 1) for n, c in enumerate(poly)]  # antiderivative, 0 at s = 0
+
+        def at(s, coeffs=integral):
+            return sum(c * s**n for n, c in enumerate(coeffs))
+
+        out.append(at(sigmas[i + 1]) - at(sigmas[i]))
     return out
 
 
