@@ -260,3 +260,52 @@ def test_conditional_unet_with_guidance_matches_a_diffusers_loop():
         ours = fastdiff.sample(model, None, 5.0, y=cond, null_y=null, noise=x, path=model.path,
                                prediction=model.prediction, method="ddim", timesteps=model.ddim_timesteps(8))
     torch.testing.assert_close(ours, y, rtol=1e-4, atol=1e-4)
+
+
+def _ancestral_loop(unet, sched, x, steps=12):
+    sched.set_timesteps(steps)
+    x = x * sched.init_noise_sigma
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("config", [dict(prediction_type="epsilon"), dict(prediction_type="v_prediction"),
+                                    dict(prediction_type="epsilon", timestep_spacing="trailing"),
+                                    dict(prediction_type="v_prediction", beta_schedule="scaled_linear")])
+def test_euler_ancestral_matches_diffusers_on_the_same_noise(unet, monkeypatch, config):
+    """FastDiffEulerAncestralScheduler, loaded with from_config of diffusers' scheduler, gives diffusers'
+    samples when diffusers' noise is fastdiff's (its randn_tensor answered with step i's stream 1 + i)."""
+    from diffusers import EulerAncestralDiscreteScheduler
+    from diffusers.schedulers import scheduling_euler_ancestral_discrete as module
+    from fastdiff.adapters.diffusers import FastDiffEulerAncestralScheduler
+
+    seeds = [3, 4]
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    theirs_sched = EulerAncestralDiscreteScheduler(**config)
+    step = iter(range(100))
+    monkeypatch.setattr(module, "randn_tensor",
+                        lambda shape, **kw: fastdiff.ops.randn(seeds, 1 + next(step), shape[1:]).to(kw.get("dtype")))
+    theirs = _ancestral_loop(unet, theirs_sched, x)
+    ours_sched = FastDiffEulerAncestralScheduler.from_config(theirs_sched.config)
+    ours_sched.set_seeds(seeds)
+    ours = _ancestral_loop(unet, ours_sched, x)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5 * theirs.abs().max().item())
+
+
+def test_euler_ancestral_sample_b_alone_is_sample_b_in_the_batch(unet):
+    from fastdiff.adapters.diffusers import FastDiffEulerAncestralScheduler
+
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    sched = FastDiffEulerAncestralScheduler()
+    sched.set_seeds([7, 8, 9])
+    batch = _ancestral_loop(unet, sched, x, steps=6)
+    sched = FastDiffEulerAncestralScheduler()
+    sched.set_seeds([8])
+    alone = _ancestral_loop(unet, sched, x[1:2], steps=6)
+    torch.testing.assert_close(alone, batch[1:2], rtol=1e-4, atol=1e-4)  # the UNet's batch-size rounding
+    with pytest.raises(ValueError, match="prediction_type='sample' is not supported"):
+        bad = FastDiffEulerAncestralScheduler(prediction_type="sample")
+        bad.set_timesteps(2)
+        bad.step(x, bad.timesteps[0], x)
