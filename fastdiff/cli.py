@@ -168,6 +168,28 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_option(text: str) -> tuple:
+    """--option NAME=VALUE: a method option, its value an int, a float or else a string."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier() or not value:
+        raise argparse.ArgumentTypeError(f"must be NAME=VALUE (e.g. eta=0.5), got {text!r}")
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
+
+
+def _options(pairs) -> dict:
+    options = {}
+    for name, value in pairs:
+        if name in options or name == "sigma":
+            raise ValueError(f"--option {name} is given twice" if name in options else "give sigma as --sigma")
+        options[name] = value
+    return options
+
+
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
@@ -193,7 +215,7 @@ def _sample(args: argparse.Namespace) -> int:
         x = fastdiff.sample(model, args.steps, args.cfg, shape=shape, y=y, null_y=model.null_label,
                             batch_size=None if y is not None else n, seed=args.seed, path=path, prediction=prediction,
                             method=args.method, sigma=args.sigma, progress=not args.no_progress,
-                            device=args.device).cpu()
+                            device=args.device, **_options(args.option)).cpu()
     if out.endswith(".safetensors"):
         import safetensors.torch as st
 
@@ -348,6 +370,9 @@ def _parser() -> argparse.ArgumentParser:
                               f"{m.name}: {m.description}" for m in methods()).replace("%", "%%"))
     p_sample.add_argument("--sigma", type=_float_in(0.0), default=0.0, help="SDE noise level ("
                           + ", ".join(m.name for m in methods() if "sigma" in m.options) + ")")
+    p_sample.add_argument("--option", action="append", type=_method_option, default=[], metavar="NAME=VALUE",
+                          help="a further option of the method, repeatable (e.g. eta=0.5, s_noise=1.003, s_churn=10, "
+                               "order=3, solver_type=heun, r=0.4; which method takes which: docs/sampling.md)")
     p_sample.add_argument("--size", type=POSITIVE_INT, default=8, help="image side for UNet checkpoints")
     p_sample.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     p_sample.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")

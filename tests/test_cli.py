@@ -1,6 +1,8 @@
-import pytest
 import subprocess
 import sys
+
+import pytest
+import torch
 
 from fastdiff import cli
 
@@ -51,6 +53,20 @@ def test_train_then_sample_ring(tmp_path, capsys):
 
     saved = safetensors.torch.load_file(st)
     assert saved["x"].shape == (20, 2) and saved["y"].tolist() == [c for c in range(4) for _ in range(5)]
+    # a method's further options: --option NAME=VALUE, checked by sample()
+    base = ["sample", "--checkpoint", str(out / "checkpoints"), "--out", str(st), "--steps", "4", "--per-class", "5",
+            "--no-progress"]
+    assert cli.main(base + ["--method", "dpmpp_2m_sde", "--option", "eta=0.5", "--option", "solver_type=heun"]) == 0
+    other = safetensors.torch.load_file(st)["x"]
+    assert cli.main(base + ["--method", "heun", "--option", "s_churn=2"]) == 0
+    assert not torch.equal(other, safetensors.torch.load_file(st)["x"])
+    capsys.readouterr()
+    assert cli.main(base + ["--method", "heun", "--option", "r=0.4"]) == 2
+    assert "r applies to method='dpmpp_sde'" in capsys.readouterr().err
+    assert cli.main(base + ["--option", "eta=0.1", "--option", "eta=0.2"]) == 2
+    assert "--option eta is given twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--option", "eta"])
 
 
 def test_demo_pieces_run_quickly(tmp_path):
