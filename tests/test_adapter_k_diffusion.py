@@ -163,19 +163,38 @@ def test_stochastic_samplers_take_k_diffusion_keywords(name, kw):
 
 
 @pytest.mark.parametrize("call,exc,match", [
-    (lambda d, x: fk.sample_dpmpp_2m_sde(d, x, torch.tensor([5.0, 0.0]), noise_sampler=lambda a, b: a),
-     NotImplementedError, "noise_sampler"),
+    (lambda d, x: fk.sample_dpmpp_2m_sde(d, x, torch.tensor([5.0, 1.0, 0.0]), noise_sampler=lambda a, b: a),
+     ValueError, r"noise_sampler returned \(\) at step 0; it must return noise of x's shape"),
     (lambda d, x: fk.sample_dpmpp_2m_sde(d, x, torch.tensor([5.0, 0.0]), solver_type="x"), ValueError, "solver_type"),
     (lambda d, x: fk.sample_euler_ancestral(d, x, torch.tensor([5.0, 0.0]), s_noise=-1.0), ValueError, "s_noise"),
     (lambda d, x: fk.sample_euler(d, x, torch.tensor([5.0, 6.0, 0.0])), ValueError, "sigmas: .*decreasing"),
     (lambda d, x: fk.sample_euler(d, x, torch.tensor([5.0, 1.0])), ValueError, "end at 0"),
     (lambda d, x: fk.sample_euler(d, x, torch.zeros(2, 2)), ValueError, "1-D"),
-    (lambda d, x: fk.sample_heun(d, x, torch.tensor([5.0, 0.0]), s_churn=1.0), NotImplementedError, "s_churn"),
-    (lambda d, x: fk.sample_euler_ancestral(d, x, torch.tensor([5.0, 0.0]), noise_sampler=lambda a, b: a),
-     NotImplementedError, "noise_sampler"),
+    (lambda d, x: fk.sample_heun(d, x, torch.tensor([5.0, 0.0]), s_churn=-1.0), ValueError, "s_churn must be a finite"),
+    (lambda d, x: fk.sample_dpmpp_sde(d, x, torch.tensor([5.0, 1.0, 0.0]), noise_sampler=lambda a, b: None),
+     ValueError, "noise_sampler returned NoneType at step 0"),
+    (lambda d, x: fk.sample_euler_ancestral(d, x, torch.tensor([5.0, 1.0, 0.0]), noise_sampler=3),
+     TypeError, "noise_sampler must be callable"),
     (lambda d, x: fk.sample_euler(d, x.long(), torch.tensor([5.0, 0.0])), TypeError, "floating-point"),
     (lambda d, x: fk.sample_euler(d, x, torch.tensor([5.0, 0.0]), extra_args=[1]), TypeError, "extra_args"),
 ])
 def test_errors_name_the_problem(call, exc, match):
     with pytest.raises(exc, match=match):
         call(Denoiser(), torch.randn(1, 3, 4, 4))
+
+
+def test_every_fixed_grid_sampler_of_k_diffusion_has_a_counterpart_with_its_keywords():
+    """Each k_diffusion.sampling.sample_* that takes a sigma grid has a function of the same name here that
+    takes all of its parameters, with the same defaults (fastdiff adds ``seed``)."""
+    import inspect
+
+    kd = _kd()
+    theirs = {n: f for n, f in vars(kd).items() if n.startswith("sample_") and callable(f)
+              and "sigmas" in inspect.signature(f).parameters}
+    assert {"sample_euler", "sample_dpmpp_sde", "sample_dpm_2_ancestral"} <= set(theirs)
+    for name, f in theirs.items():
+        assert hasattr(fk, name) and name in fk.__all__, name
+        ours = inspect.signature(getattr(fk, name)).parameters
+        for p in inspect.signature(f).parameters.values():
+            assert p.name in ours, f"{name}: {p.name}"
+            assert ours[p.name].default == p.default, f"{name}: {p.name} = {ours[p.name].default} vs {p.default}"

@@ -17,7 +17,9 @@ from fastdiff.sampling import graphs
 from graph_recorder import CaptureViolation, RecordingCapture, ReplayOfFreedMemory, empty_cache
 
 METHODS = [("euler", {"sigma": 0.5}), ("heun", {}), ("dpmpp_2m", {}), ("ddim", {"eta": 0.7}),
-           ("dpmpp_3m_sde", {"eta": 0.8})]  # the last: two history buffers and a draw per step
+           ("dpmpp_3m_sde", {"eta": 0.8}),  # two history buffers and a draw per step
+           ("dpmpp_sde", {"path": "ve", "prediction": "x0"}),  # a midpoint evaluation, two draws in one stage
+           ("heun", {"s_churn": 2.0, "s_tmax": 50.0, "path": "ve", "prediction": "x0"})]  # churn in the last stage
 
 
 class TimeModel(torch.nn.Module):
@@ -53,7 +55,7 @@ def _kw(method, extra, **more):
     return kw
 
 
-@pytest.mark.parametrize("method,extra", METHODS, ids=[m for m, _ in METHODS])
+@pytest.mark.parametrize("method,extra", METHODS, ids=[f"{m}-{i}" for i, (m, _) in enumerate(METHODS)])
 def test_replays_of_two_alternating_captures_read_only_live_tensors(recorder, method, extra):
     model = TimeModel()
     y = torch.tensor([0, 1, 2, 1, 0])
@@ -249,7 +251,7 @@ def _gpu():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("method,extra", METHODS, ids=[m for m, _ in METHODS])
+@pytest.mark.parametrize("method,extra", METHODS, ids=[f"{m}-{i}" for i, (m, _) in enumerate(METHODS)])
 def test_cuda_two_captures_alternating_with_empty_cache(method, extra):
     _gpu()
     graphs.clear_cuda_graphs()
@@ -282,3 +284,17 @@ def test_cuda_graph_on_a_non_current_device():
     torch.testing.assert_close(got, fastdiff.sample(model, 8, **kw, seed=5))
     torch.testing.assert_close(again, fastdiff.sample(model, 8, **kw, seed=6))
     graphs.clear_cuda_graphs()
+
+
+def test_churn_at_the_first_step_in_a_graph(recorder):
+    """The first step's churn rides in the initial state's write (Stage.start_churn): refilled noise and
+    seeds give the uncaptured loop's samples."""
+    model = TimeModel()
+    kw = _kw("heun", {"s_churn": 3.0, "path": "vp", "timesteps": [0.2, 0.5, 0.8, 1.0]})
+    for seed in (1, 2):
+        noise = torch.randn(5, 6, generator=torch.Generator().manual_seed(seed))
+        got = fastdiff.sample(model, None, **kw, seed=seed, noise=noise, cuda_graph=True)
+        torch.testing.assert_close(got, fastdiff.sample(model, None, **kw, seed=seed, noise=noise), rtol=0, atol=0)
+        got = fastdiff.sample(model, None, **kw, seed=seed, cuda_graph=True)
+        torch.testing.assert_close(got, fastdiff.sample(model, None, **kw, seed=seed), rtol=0, atol=0)
+    assert recorder.captures == 2 and recorder.replays == 4

@@ -18,7 +18,10 @@ from fastdiff.sampling.coefficients import Stage, build_stages, needed_conversio
 from fastdiff.sampling.methods import Method, get_method, method_names, methods, register_method, unregister_method
 
 
-BUILTIN = ("euler", "heun", "ddim", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "lms")  # registration order
+BUILTIN = ("euler", "heun", "ddim", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "lms", "dpm_2",
+           "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde")  # registration order
+CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+LAST_STEP_EULER = ("dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde")  # one evaluation to sigma = 0
 
 
 def _takers(option: str) -> str:
@@ -31,13 +34,16 @@ def test_registry_lists_the_builtin_methods_in_order():
     records = {m.name: m for m in methods()}
     assert all(isinstance(m, Method) for m in records.values())
     evals = {"euler": 1, "heun": 2, "ddim": 1, "dpmpp_2m": 1, "euler_ancestral": 1, "dpmpp_2m_sde": 1,
-             "dpmpp_3m_sde": 1, "lms": 1}
+             "dpmpp_3m_sde": 1, "lms": 1, "dpm_2": 2, "dpm_2_ancestral": 2, "dpmpp_2s_ancestral": 2, "dpmpp_sde": 2}
     assert {n: m.evals_per_step for n, m in records.items()} == evals
     assert coefficients.EVALS_PER_STEP == evals
-    assert {n: m.options for n, m in records.items()} == {"euler": ("sigma",), "heun": (), "ddim": ("eta",),
+    assert {n: m.options for n, m in records.items()} == {"euler": ("sigma", *CHURN), "heun": CHURN, "ddim": ("eta",),
                                                          "dpmpp_2m": (), "euler_ancestral": ("eta", "s_noise"),
                                                          "dpmpp_2m_sde": ("eta", "s_noise", "solver_type"),
-                                                         "dpmpp_3m_sde": ("eta", "s_noise"), "lms": ("order",)}
+                                                         "dpmpp_3m_sde": ("eta", "s_noise"), "lms": ("order",),
+                                                         "dpm_2": CHURN, "dpm_2_ancestral": ("eta", "s_noise"),
+                                                         "dpmpp_2s_ancestral": ("eta", "s_noise"),
+                                                         "dpmpp_sde": ("eta", "s_noise", "r")}
     assert records["euler_ancestral"].defaults == {"eta": 1.0, "s_noise": 1.0}
     assert records["dpmpp_2m_sde"].defaults == {"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint"}
     for m in records.values():
@@ -91,10 +97,13 @@ def _tables(method, kw):
 
 
 def _hash(tables):
-    # the fields of the original Stage; a later field (history) enters only where a stage uses it
+    # the fields of the original Stage; a later field (history, more_draws, start_churn) enters only where a
+    # stage uses it
+    later = {"history": (), "more_draws": (), "start_churn": None}
+
     def fields(s):
-        t = dataclasses.astuple(s)
-        return t[:-1] if s.history == () else t
+        return tuple(dataclasses.astuple(s)[i] for i, f in enumerate(dataclasses.fields(s))
+                     if f.name not in later or getattr(s, f.name) != later[f.name])
 
     text = repr([[fields(s) for s in stages] for stages in tables])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -112,6 +121,8 @@ def test_build_stages_is_the_registered_builder():
         get_method("ddim").stages(path, grid, "eps", eta=0.5)
     assert build_stages("heun", path, grid, "eps", eta=0.5) == get_method("heun").stages(path, grid, "eps")
     with pytest.raises(TypeError, match="takes no options, not eta"):
+        get_method("dpmpp_2m").stages(path, grid, "eps", eta=0.5)
+    with pytest.raises(TypeError, match="takes s_churn, s_tmin, s_tmax, s_noise, not eta"):
         get_method("heun").stages(path, grid, "eps", eta=0.5)
 
 
@@ -126,9 +137,11 @@ def test_coefficients_match_closed_forms():
         (al, be), (al1, be1) = vp.coefficients(t)[:2], vp.coefficients(t1)[:2]
         assert st.c_x == pytest.approx(al1 / al, rel=1e-12)
         assert st.c_pred == pytest.approx(be1 - al1 * be / al, rel=1e-12, abs=1e-15)
-    # evaluations per step: the stage count on a path without a singular end point
+    # evaluations per step: the stage count on a path without a singular end point (k-diffusion's
+    # two-stage methods take one Euler evaluation on the step to sigma = 0)
     for m in methods():
-        assert len(build_stages(m.name, get_path("condot"), grid, "velocity")) == m.evals_per_step * (len(grid) - 1)
+        last = 1 if m.name in LAST_STEP_EULER else 0
+        assert len(build_stages(m.name, get_path("condot"), grid, "velocity")) == m.evals_per_step * (len(grid) - 1) - last
 
 
 # ---- adding a method is one decorated function -----------------------------------------------------------
@@ -199,13 +212,15 @@ def test_register_method_checks_its_record():
 
 # ---- options a method does not take ----------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,match", [
+    (dict(method="dpmpp_2m", sigma=0.5), (r"sigma applies to method='euler'; method='dpmpp_2m' does not take it "
+                                          r"\(it takes no options\)")),
     (dict(method="heun", sigma=0.5), (r"sigma applies to method='euler'; method='heun' does not take it "
-                                      r"\(it takes no options\)")),
+                                      r"\(it takes s_churn, s_tmin, s_tmax, s_noise\)")),
     (dict(method="dpmpp_2m", sigma=lambda t: 0.0), r"sigma applies to method='euler'; method='dpmpp_2m'"),
     (dict(method="ddim", sigma=1.0, eta=0.5), (r"sigma applies to method='euler'; method='ddim' does not take "
                                                r"it \(it takes eta\)")),
     (dict(method="euler", eta=0.5), (rf"eta applies to {_takers('eta')}; method='euler' does not take it "
-                                     r"\(it takes sigma\)")),
+                                     r"\(it takes sigma, s_churn, s_tmin, s_tmax, s_noise\)")),
     (dict(method="heun", eta=1.0), rf"eta applies to {_takers('eta')}; method='heun'"),
 ])
 def test_options_a_method_does_not_take_are_refused(kwargs, match):

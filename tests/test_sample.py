@@ -126,7 +126,7 @@ def test_stage_tables_are_reused_only_for_the_same_method_and_settings():
     try:
         methods.unregister_method("euler")
         methods.register_method("euler", options=record.options, evals_per_step=1, conversions=record.conversions,
-                                description=record.description)(lambda *a, **k: [
+                                description=record.description, churn_options=record.churn_options)(lambda *a, **k: [
                                     dataclasses.replace(st, c_noise=0.0) for st in record.build(*a, **k)])
         assert not torch.equal(fastdiff.sample(model, 8, sigma=0.5, **kw), first)
     finally:  # the registry as it was, in its order

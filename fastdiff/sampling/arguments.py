@@ -10,7 +10,7 @@ import torch
 
 from fastdiff import _checks
 from fastdiff.paths import affine_coefficients
-from fastdiff.sampling.coefficients import Stage
+from fastdiff.sampling.stage import Stage
 
 # First grid point where a prediction cannot be converted at t = 0 (e.g. eps or score models under
 # CondOT, whose alpha_0 = 0 makes x0 = (x - beta eps) / alpha undefined).
@@ -176,3 +176,14 @@ def check_model_output(out, shape, device, stage: Stage):
         raise ValueError(f"model output {where()} is on {out.device}, expected {device}")
     if out.dtype not in _checks.PRED_DTYPES:
         raise TypeError(f"model output {where()} has dtype {out.dtype}; expected float32, float16 or bfloat16")
+
+
+def check_step_noise(noise, x: torch.Tensor, stage: Stage) -> torch.Tensor:
+    """The caller's noise for a stage (sample(step_noise=...)): a floating tensor of the state's shape
+    (copied into the kept buffer, so any device and floating dtype will do)."""
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+        raise TypeError(f"step_noise returned {type(noise).__name__ if not isinstance(noise, torch.Tensor) else noise.dtype}"
+                        f" at step {stage.step}; it must return a floating-point tensor")
+    if noise.shape != x.shape:
+        raise ValueError(f"step_noise returned shape {tuple(noise.shape)} at step {stage.step}, expected {tuple(x.shape)}")
+    return noise

@@ -28,10 +28,11 @@ options, evaluations per step, needed conversions and description; a new method 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from fastdiff.paths import GaussianPath, affine_coefficients
 from fastdiff.sampling.methods import get_method, method_names, methods, register_method
+from fastdiff.sampling.stage import Stage, draw_stream
 
 
 def __getattr__(name):
@@ -42,55 +43,6 @@ def __getattr__(name):
     if name == "EVALS_PER_STEP":
         return {m.name: m.evals_per_step for m in methods()}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-DRAW_STRIDE = 1 << 24  # stream ids of draw d of step i: 1 + i + d * 2^24 (steps < 2^24, draws < 4)
-
-
-def draw_stream(step: int, draw: int = 0) -> int:
-    """The noise stream id of draw ``draw`` of sampler step ``step`` (docs/design.md §3): a pure function
-    of (step, draw); stream 0 is the initial noise."""
-    if not 0 <= step < DRAW_STRIDE - 1 or not 0 <= draw < 4:
-        raise ValueError(f"draw_stream: step must be in [0, 2^24 - 1) and draw in [0, 4), got step={step}, draw={draw}")
-    return 1 + step + draw * DRAW_STRIDE
-
-
-@dataclass
-class Stage:
-    """One model evaluation and one fused-kernel call."""
-
-    step: int  # sampler step index i (t_i -> t_{i+1})
-    t: float  # time at which the model is evaluated
-    input: str  # buffer fed to the model and used as `x` in the kernel
-    out: str  # buffer written with `out`
-    c_x: float
-    c_pred: float
-    c_extra: float = 0.0
-    c_noise: float = 0.0
-    extra: str | None = None  # buffer read as `extra`
-    side: str | None = None  # buffer written with `side`
-    s_x: float = 0.0
-    s_pred: float = 0.0
-    s_extra: float = 0.0
-    stream: int = 0  # noise stream id: draw_stream(step)
-    x0: tuple[float, float] = field(default=(0.0, 0.0))  # x0 = a x + b g of a step's first stage (callbacks)
-    final: bool = False  # last stage of its step: the state buffer "x" holds x_{i+1}
-    # further history terms after extra (multistep methods): (buffer, out coefficient, side coefficient)
-    history: tuple[tuple[str, float, float], ...] = ()
-
-    def history_buffers(self) -> tuple[str, ...]:
-        """The buffers the kernel reads as history, in order: extra, then ``history``."""
-        return ((self.extra,) if self.extra else ()) + tuple(h[0] for h in self.history)
-
-    def kernel_rows(self) -> list[float]:
-        """sampler_step's coefficient rows (fastdiff.ops.sampler_step): (c_x, c_pred, history..., [c_noise])
-        then the side row (s_x, s_pred, history..., [0])."""
-        extra = [(self.c_extra, self.s_extra)] if self.extra else []
-        terms = extra + [(c, s) for _, c, s in self.history]
-        noise = self.c_noise != 0
-        row = [self.c_x, self.c_pred, *(c for c, _ in terms), *([self.c_noise] if noise else [])]
-        side = [self.s_x, self.s_pred, *(s for _, s in terms), *([0.0] if noise else [])]
-        return row + side
 
 
 def _conv(path: GaussianPath, t: float, prediction: str, to: str) -> tuple[float, float]:
@@ -109,8 +61,8 @@ def _singular(path: GaussianPath, t: float, prediction: str, to: str) -> bool:
     return not (math.isfinite(a) and math.isfinite(b))
 
 
-@register_method("euler", options=("sigma",), evals_per_step=1,
-                 conversions=lambda sigma=None: ("velocity", "score", "x0") if sigma else ("velocity", "x0"),
+@register_method("euler", options=("sigma",), evals_per_step=1, churn_options=True,
+                 conversions=lambda sigma=None, **_: ("velocity", "score", "x0") if sigma else ("velocity", "x0"),
                  description="first order: the probability-flow ODE, Euler–Maruyama on the SDE when sigma > 0")
 def _euler(path, grid, prediction, sigma=None) -> list[Stage]:
     sigma = sigma or (lambda t: 0.0)
@@ -131,7 +83,7 @@ def _euler(path, grid, prediction, sigma=None) -> list[Stage]:
     return stages
 
 
-@register_method("heun", evals_per_step=2, conversions=("velocity", "x0"),
+@register_method("heun", evals_per_step=2, conversions=("velocity", "x0"), churn_options=True,
                  description="second-order ODE predictor-corrector (Euler on a last step to a singular t)")
 def _heun(path, grid, prediction) -> list[Stage]:
     stages = []

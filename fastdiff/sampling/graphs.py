@@ -152,3 +152,10 @@ def clear_cuda_graphs() -> None:
     CACHE.clear()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
+
+def refill(entry: CapturedLoop, **values):
+    """Copy this call's inputs into the tensors a captured loop reads."""
+    for name, value in values.items():
+        if isinstance(value, torch.Tensor):
+            entry.statics[name].copy_(value)

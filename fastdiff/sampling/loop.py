@@ -16,50 +16,19 @@ from fastdiff.ops.randn import randn
 from fastdiff.paths import check_prediction, get_path
 from fastdiff.sampling import graphs
 from fastdiff.sampling.arguments import (MAX_STEPS, T_MIN_SINGULAR, batch_size_of, check_model_output,  # noqa: F401
+                                         check_step_noise,
                                          concat_labels, guidance_interval_pair, is_number, null_labels, sample_seeds,
                                          sigma_function, time_grid)
-from fastdiff.sampling.coefficients import Stage
-from fastdiff.sampling.scratch import POOL
+from fastdiff.sampling.stage import Stage, draw_stream
+from fastdiff.sampling.scratch import POOL, StageCache
 from fastdiff.sampling.methods import check_options, get_method
 
 
-class _StageCache:
-    """The stage tables of the last few (method, path, prediction, grid, options): building one costs
-    ~1 ms on the host (150 path conversions for 50 steps), a repeated sample() call reuses it."""
-
-    def __init__(self, size: int = 16):
-        self.size, self.tables = size, {}
-
-    def get(self, key):
-        try:
-            table = self.tables.pop(key, None)
-        except TypeError:  # an unhashable option value: no caching
-            return None
-        if table is not None:
-            self.tables[key] = table  # most recent last
-        return table
-
-    def put(self, key, stages):
-        try:
-            self.tables[key] = tuple(stages)
-        except TypeError:
-            return
-        while len(self.tables) > self.size:
-            del self.tables[next(iter(self.tables))]
-
-
-_STAGE_CACHE = _StageCache()
+_STAGE_CACHE = StageCache()  # stage tables: ~1 ms to build for 50 steps (150 path conversions)
 _kernel_args = operator.itemgetter(*KERNEL_ARGS)  # a prepared call's dict → the kernel's positional arguments
 # Per stage, the checked coefficient rows of its sampler_step call (with_rows' host half: weights,
 # coefficients, streams), keyed by the stage table and the guidance: ~30 us of checks per stage.
-_ROW_CACHE = _StageCache()
-
-
-def _refill(entry: graphs.CapturedLoop, **values):
-    """Copy this call's inputs into the tensors a captured loop reads."""
-    for name, value in values.items():
-        if isinstance(value, torch.Tensor):
-            entry.statics[name].copy_(value)
+_ROW_CACHE = StageCache()
 
 
 @torch.no_grad()  # a sampler never backpropagates: model calls keep no activations for backward
@@ -67,7 +36,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
            noise: torch.Tensor | None = None, path="condot", prediction: str = "velocity", method: str = "euler",
            sigma=0.0, eta: float | None = None, timesteps=None, guidance_interval=None, cfg_batch: bool = True,
            batch_size: int | None = None, backend: str = "auto", progress: bool = False, callback=None,
-           device=None, check_finite: bool = True, cuda_graph: bool = False, **options) -> torch.Tensor:
+           device=None, check_finite: bool = True, cuda_graph: bool = False, step_noise=None,
+           **options) -> torch.Tensor:
     """Sample ``[B, *shape]`` from ``model(x, t, y)`` by integrating from t = 0 (noise) to t = 1 (data).
 
     Args:
@@ -101,6 +71,10 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             frees them, and a model's loops are dropped when the model is garbage-collected. The
             model's parameters must stay where they are (in-place updates are seen; ``.to()`` or
             reassigned parameters need clear_cuda_graphs()).
+        step_noise: the caller's noise instead of the in-kernel draws: ``step_noise(step, j)`` → a standard
+            normal [B, *shape] for the j-th noisy stage of step ``step`` (one call per stage that adds noise;
+            k-diffusion's ``noise_sampler`` through fastdiff.adapters.k_diffusion). The stage's whole
+            noise term (its draws, e.g. dpmpp_sde's Brownian combination) becomes its scale times that tensor.
 
     On the CPU the loop's scratch buffers (not the returned samples) are kept for the next call, up to
     256 MiB (fastdiff.clear_scratch() frees them). Runs under torch.no_grad().
@@ -146,6 +120,10 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
 
     if cuda_graph and callback is not None:
         raise ValueError("cuda_graph=True cannot call a Python callback inside the captured loop; pass callback=None")
+    if step_noise is not None and not callable(step_noise):
+        raise TypeError(f"step_noise must be callable as step_noise(step, j), got {type(step_noise).__name__}")
+    if cuda_graph and step_noise is not None:
+        raise ValueError("cuda_graph=True cannot call step_noise inside the captured loop; pass step_noise=None")
     if cuda_graph and y is not None and not isinstance(y, torch.Tensor):
         raise TypeError("cuda_graph=True needs y as a tensor (its values are refilled between replays)")
     grid = time_grid(steps, timesteps, path, prediction, method_record.needed_conversions(**values))
@@ -197,6 +175,16 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         for name in (st.out, st.side, st.input, *st.history_buffers()):
             if name is not None and name not in buffers:
                 buffers[name] = new_buffer(x_shape)
+    # The caller's noise (step_noise): stage k reads it from one kept buffer as a last history term;
+    # host_noise[k] = j, the stage's index among the noisy stages of its step (None: no noise)
+    host_noise = [None] * len(stages)
+    if step_noise is not None:
+        noisy_in_step = {}
+        for k, st in enumerate(stages):
+            if st.streams():
+                host_noise[k] = noisy_in_step[st.step] = noisy_in_step.get(st.step, -1) + 1
+        if any(j is not None for j in host_noise):
+            buffers["noise"] = new_buffer(x_shape)
     if callback is not None and "x0" not in buffers:
         buffers["x0"] = new_buffer(x_shape)
     if isinstance(y, torch.Tensor) and y.device != device:
@@ -249,12 +237,12 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     else:
         result = x
     checked = {}  # the tensor half of a call, checked once per distinct set of buffers
-    row_key = (stage_key, cfg, guidance_interval)
+    row_key = (stage_key, cfg, guidance_interval, step_noise is not None)
     stage_rows = _ROW_CACHE.get(row_key)
     new_rows = [] if stage_rows is None else None
 
     def stage_call(k: int, st: Stage, two_branch: bool) -> tuple:
-        history = st.history_buffers()
+        history = st.history_buffers() + (("noise",) if host_noise[k] is not None else ())
         outs = ("result",) if k == last and result is not x else (st.out,)
         key = (st.input, two_branch, history, outs, st.side)
         if key not in checked:
@@ -266,8 +254,10 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         if stage_rows is not None:
             call = dict(checked[key], **stage_rows[k])
         else:
-            call = with_rows(checked[key], [1.0, cfg] if two_branch else None, st.kernel_rows(),
-                             [st.stream] if st.c_noise != 0 else [])
+            if host_noise[k] is not None:
+                call = with_rows(checked[key], [1.0, cfg] if two_branch else None, st.host_noise_rows(), [])
+            else:
+                call = with_rows(checked[key], [1.0, cfg] if two_branch else None, st.kernel_rows(), st.streams())
             new_rows.append({name: call[name] for name in ROW_ARGS})
         if check_finite:  # the stage's own row of the table (rows are alike: checked with row 0)
             call["finite"] = finite[k % rows]
@@ -307,8 +297,19 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
 
     x_outs = list(pairs["x"]) if "x" in pairs else [x]  # the state and its guidance twin
 
+    # EDM churn at the first step (Stage.start_churn): the initial state is scaled and noised in its write
+    start = stages[0].start_churn
+    start_noise = noise_buf.to(device=device, dtype=torch.float32).contiguous() if start and noise_buf is not None \
+        else noise_buf
+
     def run_loop(bar=None):
-        if noise_buf is not None:
+        if start is not None:  # x = scale x_0 + c xi_0: the initial state (given or beta0 z) and the draw in one pass
+            x_0 = start_noise if start_noise is not None else \
+                z if z is not None else randn(seeds, 0, shape, device=device, backend=step_backend)
+            c_0 = start[0] * (1.0 if start_noise is not None else beta0)
+            step_kernel(x_0, [x_0], [], seeds, [draw_stream(0)], [1.0], [c_0, 0.0, start[1], 0.0, 0.0, 0.0],
+                        None, None, x_outs, None, None)
+        elif noise_buf is not None:
             for o in x_outs:
                 o.copy_(noise_buf)
         else:  # beta0 z into the state and its twin in one pass: out = beta0 z + 0 g
@@ -322,6 +323,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
                 # x0 of the step's first evaluation, before the state buffer is overwritten
                 guided_step(buffers["x"], preds[-1], preds[0] if len(preds) == 2 else None, cfg=cfg, c_x=st.x0[0],
                             c_pred=st.x0[1], out=buffers["x0"], backend=step_backend)
+            if host_noise[k] is not None:
+                buffers["noise"].copy_(check_step_noise(step_noise(st.step, host_noise[k]), x, st))
             args = calls[k]
             step_kernel(args[0], preds, *args[2:])
             if check_finite and (k % rows == rows - 1 or k == len(stages) - 1):
@@ -347,7 +350,7 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
                 keepalive=(buffers, pairs, result, x_outs, calls, plans, t_values, seeds, noise_buf, y, null, y2,
                            finite, row_ids, first_bad)))
         else:
-            _refill(entry, seeds=seeds, noise=noise, y=y, null=null, y2=y2)
+            graphs.refill(entry, seeds=seeds, noise=noise, y=y, null=null, y2=y2)
         entry.first_bad.fill_(-1)
         graphs.CAPTURE.replay(entry.graph, device)
         result, first_bad, stages = entry.x.clone(), entry.first_bad, entry.stages

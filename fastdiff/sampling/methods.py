@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fastdiff.sampling import churn
+
 # sample()'s per-method options and the value that means "not used". A builder receives the options it
 # takes as keywords: sigma as a function t -> sigma_t (or None for 0), eta as a float.
 OPTIONS = {"sigma": 0.0, "eta": 0.0}
@@ -47,6 +49,7 @@ class Method:
     evals_per_step: int  # model evaluations per step (batched CFG's one 2B call counts as one)
     conversions: Conversions  # prediction types needed finite at the grid start (see needed_conversions)
     description: str  # one line, for docs and the CLI help
+    churn_options: bool = False  # takes EDM's churn options (fastdiff.sampling.churn), applied around its builder
 
     def needed_conversions(self, **options) -> tuple[str, ...]:
         """Prediction types this method converts to at the grid's first point, for these option values
@@ -64,7 +67,10 @@ class Method:
         extra = sorted(set(options) - set(self.options))
         if extra:
             raise TypeError(f"method={self.name!r} takes {_takes(self)}, not {', '.join(extra)}")
-        return self.build(path, grid, prediction, **options)
+        if not self.churn_options:
+            return self.build(path, grid, prediction, **options)
+        given = {k: options.pop(k) for k in churn.OPTIONS if k in options}
+        return churn.churned(self.build, path, grid, prediction, given, **options)
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -75,12 +81,17 @@ def _takes(method: Method) -> str:
 
 
 def register_method(name: str, *, options: tuple[str, ...] | dict = (), evals_per_step: int,
-                    conversions: Conversions, description: str):
-    """Decorator: register the stage builder it decorates as method ``name`` (returns the builder)."""
+                    conversions: Conversions, description: str, churn_options: bool = False):
+    """Decorator: register the stage builder it decorates as method ``name`` (returns the builder).
+    ``churn_options=True``: the method also takes EDM's s_churn, s_tmin, s_tmax and s_noise, applied around the
+    builder (fastdiff.sampling.churn: each step built from the raised noise level's time)."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"a method name must be an identifier, got {name!r}")
     defaults = dict(options) if isinstance(options, dict) else {}
     options = tuple(options)
+    if churn_options:
+        options += tuple(o for o in churn.OPTIONS if o not in options)
+        defaults = {**churn.OPTIONS, **defaults}
     for o in options:
         if not isinstance(o, str) or not o.isidentifier():
             raise ValueError(f"method {name!r}: an option name must be an identifier, got {o!r}")
@@ -101,7 +112,7 @@ def register_method(name: str, *, options: tuple[str, ...] | dict = (), evals_pe
         for o in options:
             if o not in OPTIONS:
                 OPTIONS[o] = defaults[o]
-        _REGISTRY[name] = Method(name, build, options, defaults, evals_per_step, conversions, description)
+        _REGISTRY[name] = Method(name, build, options, defaults, evals_per_step, conversions, description, churn_options)
         return build
 
     return decorate

@@ -5,6 +5,9 @@ page by page (2048 faults for a 2^20-element guidance pair, a few ms per call on
 a GPU's caching allocator already reuses its blocks, so the pool is CPU-only. A buffer is taken out of
 the pool for the length of a call (concurrent calls never share one) and given back after it; the
 pool keeps at most MAX_BYTES, least recently given first out. The returned samples are never pooled.
+
+StageCache keeps the host-side work between calls the same way: the last few stage tables and their
+checked kernel rows.
 """
 
 from __future__ import annotations
@@ -55,3 +58,28 @@ POOL = ScratchPool()
 def clear_scratch() -> None:
     """Free the CPU scratch buffers fastdiff.sample keeps between calls."""
     POOL.clear()
+
+
+class StageCache:
+    """The stage tables of the last few (method, path, prediction, grid, options): building one costs
+    ~1 ms on the host (150 path conversions for 50 steps), a repeated sample() call reuses it."""
+
+    def __init__(self, size: int = 16):
+        self.size, self.tables = size, {}
+
+    def get(self, key):
+        try:
+            table = self.tables.pop(key, None)
+        except TypeError:  # an unhashable option value: no caching
+            return None
+        if table is not None:
+            self.tables[key] = table  # most recent last
+        return table
+
+    def put(self, key, stages):
+        try:
+            self.tables[key] = tuple(stages)
+        except TypeError:
+            return
+        while len(self.tables) > self.size:
+            del self.tables[next(iter(self.tables))]
