@@ -309,3 +309,75 @@ def test_euler_ancestral_sample_b_alone_is_sample_b_in_the_batch(unet):
         bad = FastDiffEulerAncestralScheduler(prediction_type="sample")
         bad.set_timesteps(2)
         bad.step(x, bad.timesteps[0], x)
+
+
+def _dpm_loop(unet, sched, x, steps, noises=None):
+    sched.set_timesteps(steps)
+    x = x * sched.init_noise_sigma
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            kw = {"variance_noise": noises[i]} if noises is not None else {}
+            x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x, **kw).prev_sample
+    return x
+
+
+DPM_CONFIGS = [
+    dict(algorithm_type="dpmsolver++", solver_order=2),
+    dict(algorithm_type="dpmsolver++", solver_order=3, steps=20),
+    dict(algorithm_type="dpmsolver++", solver_order=2, solver_type="heun", prediction_type="v_prediction"),
+    dict(algorithm_type="dpmsolver++", solver_order=3, use_karras_sigmas=True, final_sigmas_type="sigma_min"),
+    dict(algorithm_type="dpmsolver++", solver_order=1, prediction_type="sample"),
+    dict(algorithm_type="dpmsolver++", solver_order=2, use_exponential_sigmas=True, lower_order_final=False),
+    dict(algorithm_type="sde-dpmsolver++", solver_order=2),
+    dict(algorithm_type="sde-dpmsolver++", solver_order=3, steps=20),
+    dict(algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="heun", use_karras_sigmas=True),
+    dict(algorithm_type="dpmsolver", solver_order=2, final_sigmas_type="sigma_min"),
+    dict(algorithm_type="dpmsolver", solver_order=3, prediction_type="v_prediction", final_sigmas_type="sigma_min",
+         steps=20),
+    dict(algorithm_type="sde-dpmsolver", solver_order=2, solver_type="heun", final_sigmas_type="sigma_min"),
+]
+
+
+@pytest.mark.parametrize("config", DPM_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_dpm_solver_multistep_matches_diffusers(unet, config):
+    """FastDiffDPMSolverMultistepScheduler.from_config(diffusers' config) in a pipeline loop gives
+    diffusers' samples: every algorithm type, orders 1-3, solver types, sigma options, final steps; the
+    SDE variants on the same noise (variance_noise, which both take)."""
+    from diffusers import DPMSolverMultistepScheduler
+    from fastdiff.adapters.diffusers import FastDiffDPMSolverMultistepScheduler
+
+    config = dict(config)
+    steps = config.pop("steps", 12)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    noises = None
+    if config["algorithm_type"].startswith("sde"):
+        noises = torch.randn(steps, *x.shape, generator=torch.Generator().manual_seed(4))
+    theirs_sched = DPMSolverMultistepScheduler(**config)
+    theirs = _dpm_loop(unet, theirs_sched, x, steps, noises)
+    ours_sched = FastDiffDPMSolverMultistepScheduler.from_config(theirs_sched.config)
+    ours = _dpm_loop(unet, ours_sched, x, steps, noises)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
+
+
+def test_dpm_solver_multistep_in_kernel_noise_is_diffusers_on_that_noise(unet, monkeypatch):
+    """Without variance_noise the SDE step draws fastdiff's per-sample stream 1 + step index: diffusers fed
+    that noise through its randn_tensor gives the same samples, and sample b alone is sample b."""
+    from diffusers import DPMSolverMultistepScheduler
+    from diffusers.schedulers import scheduling_dpmsolver_multistep as module
+    from fastdiff.adapters.diffusers import FastDiffDPMSolverMultistepScheduler
+
+    seeds = [5, 6]
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    config = dict(algorithm_type="sde-dpmsolver++", solver_order=2)
+    ours_sched = FastDiffDPMSolverMultistepScheduler(**config)
+    ours_sched.set_seeds(seeds)
+    ours = _dpm_loop(unet, ours_sched, x, 10)
+    step = iter(range(100))
+    monkeypatch.setattr(module, "randn_tensor",
+                        lambda shape, **kw: fastdiff.ops.randn(seeds, 1 + next(step), shape[1:]).to(kw.get("dtype")))
+    theirs = _dpm_loop(unet, DPMSolverMultistepScheduler(**config), x, 10)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
+    with pytest.raises(NotImplementedError, match="thresholding"):
+        bad = FastDiffDPMSolverMultistepScheduler(thresholding=True)
+        bad.set_timesteps(3)
+        bad.step(x, bad.timesteps[0], x)

@@ -28,10 +28,11 @@ if importlib.util.find_spec("diffusers") is None:  # pragma: no cover - exercise
     raise ImportError("fastdiff.adapters.diffusers needs diffusers (pip install diffusers)")
 
 from fastdiff.adapters.diffusers.ddim import FastDiffDDIMScheduler
+from fastdiff.adapters.diffusers.dpm_solver_multistep import FastDiffDPMSolverMultistepScheduler
 from fastdiff.adapters.diffusers.euler import FastDiffEulerScheduler
 from fastdiff.adapters.diffusers.euler_ancestral import FastDiffEulerAncestralScheduler
 from fastdiff.adapters.diffusers.flow_match_euler import FastDiffFlowMatchEulerScheduler
 from fastdiff.adapters.diffusers.model import DiffusersModel
 
-__all__ = ["DiffusersModel", "FastDiffDDIMScheduler", "FastDiffEulerAncestralScheduler", "FastDiffEulerScheduler",
-           "FastDiffFlowMatchEulerScheduler"]
+__all__ = ["DiffusersModel", "FastDiffDDIMScheduler", "FastDiffDPMSolverMultistepScheduler",
+           "FastDiffEulerAncestralScheduler", "FastDiffEulerScheduler", "FastDiffFlowMatchEulerScheduler"]

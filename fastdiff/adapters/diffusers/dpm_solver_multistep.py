@@ -1,0 +1,163 @@
+"""``FastDiffDPMSolverMultistepScheduler``: diffusers' DPMSolverMultistepScheduler with a fused step.
+
+A DPM-Solver step of order k is affine in the sample x, the model output g and the k - 1 previous
+converted outputs m_1, m_2 (x0 for the "++" algorithms, eps for the others), plus a noise term for the
+SDE variants:
+
+    x' = c_s x + c_0 m_0 + c_1 m_1 + c_2 m_2 + c_n xi,    m_0 = a x + b g
+
+so the whole update, the conversion m_0 (a side output, kept for the next steps as diffusers keeps
+``model_outputs``) and the noise run in one ``fastdiff.ops.sampler_step`` pass with m_1, m_2 as history
+buffers. The coefficients come from diffusers' formulas (its orders, lower-order warm-up and final
+steps, solver types), computed on the host in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from diffusers import DPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+from fastdiff.adapters.diffusers._fused import _FusedStep
+from fastdiff.ops.sampler_step import sampler_step
+
+ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
+
+
+def _first_order(algo: str, al: float, sg: float, al0: float, sg0: float):
+    """(c_s, [k_0], c_n) of the first-order update from (al0, sg0) to (al, sg); exact where sg = 0
+    (h = inf) through e^h = al sg0 / (sg al0)."""
+    if algo == "dpmsolver++":
+        return sg / sg0, [al - sg * al0 / sg0], 0.0  # -alpha_t (e^-h - 1)
+    if algo == "sde-dpmsolver++":
+        e = sg * al0 / (al * sg0)  # e^-h
+        return sg / sg0 * e, [al * (1.0 - e * e)], sg * math.sqrt(max(0.0, 1.0 - e * e))
+    grow = al * sg0 / al0 - sg  # sigma_t (e^h - 1)
+    if algo == "dpmsolver":
+        return al / al0, [-grow], 0.0
+    return al / al0, [-2.0 * grow], math.sqrt(max(0.0, (al * sg0 / al0) ** 2 - sg * sg))  # sde-dpmsolver
+
+
+def _weights(algo: str, solver_type: str, order: int, h: float, al: float, sg: float):
+    """The coefficients (k_0, k_1[, k_2]) of D0, D1[, D2] in diffusers' second / third-order updates."""
+    em = math.exp(-h)
+    if algo == "dpmsolver++":
+        k0 = -al * (em - 1.0)
+        if order == 3:
+            return [k0, al * ((em - 1.0) / h + 1.0), -al * ((em - 1.0 + h) / h ** 2 - 0.5)]
+        return [k0, -0.5 * al * (em - 1.0) if solver_type == "midpoint" else al * ((em - 1.0) / h + 1.0)]
+    if algo == "sde-dpmsolver++":
+        k0 = al * (1.0 - em * em)
+        heun = al * ((1.0 - em * em) / (-2.0 * h) + 1.0)
+        if order == 3:
+            return [k0, heun, al * ((1.0 - em * em - 2.0 * h) / (2.0 * h) ** 2 - 0.5)]
+        return [k0, 0.5 * al * (1.0 - em * em) if solver_type == "midpoint" else heun]
+    ep = math.exp(h)
+    if algo == "dpmsolver":
+        k0 = -sg * (ep - 1.0)
+        if order == 3:
+            return [k0, -sg * ((ep - 1.0) / h - 1.0), -sg * ((ep - 1.0 - h) / h ** 2 - 0.5)]
+        return [k0, -0.5 * sg * (ep - 1.0) if solver_type == "midpoint" else -sg * ((ep - 1.0) / h - 1.0)]
+    k0 = -2.0 * sg * (ep - 1.0)  # sde-dpmsolver (orders 1-2)
+    return [k0, -sg * (ep - 1.0) if solver_type == "midpoint" else -2.0 * sg * ((ep - 1.0) / h - 1.0)]
+
+
+class FastDiffDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepScheduler):
+    """diffusers' ``DPMSolverMultistepScheduler`` with a fused ``step``: every algorithm type (dpmsolver++,
+    sde-dpmsolver++, dpmsolver, sde-dpmsolver), solver order 1-3, midpoint and heun solver types, its
+    sigma options (Karras, exponential, beta, Lu lambdas, flow sigmas), ``final_sigmas_type``,
+    ``lower_order_final`` and ``euler_at_final`` are diffusers' own. The SDE variants' noise is fastdiff's
+    per-sample stream (``set_seeds``; stream 1 + step index) unless ``variance_noise`` is given.
+    ``thresholding`` (not affine in the model output) is refused."""
+
+    def _alpha_sigma(self, index: int) -> tuple[float, float]:
+        a, s = self._sigma_to_alpha_sigma_t(self.sigmas[index].double())
+        return float(a), float(s)
+
+    def _conversion(self, al: float, sg: float) -> tuple[float, float]:
+        """(a, b): the converted output m = a x + b g diffusers keeps (x0 for ++, else eps)."""
+        ptype, plus = self.config.prediction_type, self.config.algorithm_type.endswith("++")
+        if plus:
+            table = {"epsilon": (1.0 / al, -sg / al), "sample": (0.0, 1.0), "v_prediction": (al, -sg),
+                     "flow_prediction": (1.0, -float(self.sigmas[self.step_index].double()))}
+        else:
+            table = {"epsilon": (0.0, 1.0), "sample": (1.0 / sg, -al / sg), "v_prediction": (sg, al)}
+        if ptype not in table:
+            raise ValueError(f"prediction_type={ptype!r} is not supported with algorithm_type="
+                             f"{self.config.algorithm_type!r}; take one of {', '.join(table)}")
+        return table[ptype]
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
+             generator: Optional[torch.Generator] = None, variance_noise: Optional[torch.Tensor] = None,
+             return_dict: bool = True):
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating the "
+                             "scheduler")
+        algo = self.config.algorithm_type
+        if algo not in ALGORITHMS:
+            raise ValueError(f"algorithm_type={algo!r} is not supported by the fused step; take one of "
+                             f"{', '.join(ALGORITHMS)}")
+        if self.config.thresholding:
+            raise NotImplementedError("thresholding=True (dynamic thresholding) is not supported by fastdiff's fused "
+                                      "DPM-Solver step; use diffusers' scheduler or thresholding=False")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i, n = self.step_index, len(self.timesteps)
+        lower_order_final = i == n - 1 and (self.config.euler_at_final or (self.config.lower_order_final and n < 15)
+                                            or self.config.final_sigmas_type == "zero")
+        lower_order_second = i == n - 2 and self.config.lower_order_final and n < 15
+        if self.config.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
+            order = 1
+        elif self.config.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
+            order = 2
+        else:
+            order = 3
+        if order == 3 and algo == "sde-dpmsolver":
+            raise ValueError("solver_order=3 is not defined for algorithm_type='sde-dpmsolver' (as in diffusers)")
+        if self.config.variance_type in ("learned", "learned_range") and self.config.prediction_type == "epsilon":
+            model_output = model_output[:, :3]  # the mean part, as diffusers
+        al, sg = self._alpha_sigma(i + 1)
+        al0, sg0 = self._alpha_sigma(i)
+        a, b = self._conversion(al0, sg0)
+        c_s, k, c_n = _first_order(algo, al, sg, al0, sg0)
+        c = k  # weights of m_0, m_1, m_2
+        if order > 1:
+            lam = [math.log(u) - math.log(v) for u, v in (self._alpha_sigma(j) for j in range(i - order + 1, i + 1))]
+            h = (math.log(al) - math.log(sg)) - lam[-1]
+            ks = _weights(algo, self.config.solver_type, order, h, al, sg)
+            r0 = (lam[-1] - lam[-2]) / h
+            if order == 2:  # D1 = (m0 - m1) / r0
+                c = [ks[0] + ks[1] / r0, -ks[1] / r0]
+            else:  # D1 = (1 + q) D1_0 - q D1_1, D2 = (D1_0 - D1_1) / (r0 + r1), D1_j divided differences
+                r1 = (lam[-2] - lam[-3]) / h
+                q = r0 / (r0 + r1)
+                u = ks[1] * (1.0 + q) + ks[2] / (r0 + r1)  # on D1_0 = (m0 - m1) / r0
+                v = -ks[1] * q - ks[2] / (r0 + r1)  # on D1_1 = (m1 - m2) / r1
+                c = [ks[0] + u / r0, -u / r0 + v / r1, -v / r1]
+        x, g = self._inputs(model_output, sample)
+        history = [self.model_outputs[-1 - j].to(torch.float32).contiguous() for j in range(order - 1)]
+        rows = [c_s + c[0] * a, c[0] * b, *c[1:]]
+        streams, seeds = [], None
+        if c_n != 0.0 and variance_noise is not None:
+            history.append(variance_noise.to(device=x.device, dtype=torch.float32).contiguous())
+            rows.append(c_n)
+        elif c_n != 0.0:
+            seeds, streams = self._seeds_for(x.shape[0], x.device), [1 + i]
+            rows.append(c_n)
+        side_row = [a, b] + [0.0] * (len(rows) - 2)
+        prev, m0 = torch.empty_like(x), torch.empty_like(x)
+        sampler_step(x, [g], history=history, coeffs=rows + side_row, seeds=seeds, streams=streams, outs=[prev],
+                     side=m0)
+        for j in range(self.config.solver_order - 1):
+            self.model_outputs[j] = self.model_outputs[j + 1]
+        self.model_outputs[-1] = m0
+        if self.lower_order_nums < self.config.solver_order:
+            self.lower_order_nums += 1
+        prev = prev.to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
