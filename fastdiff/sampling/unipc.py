@@ -48,6 +48,8 @@ def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
 
 def _rhos(rks: list[float], hh: float, order: int, b_h: float, corrector: bool) -> list[float]:
     """UniPC's rho coefficients: R rho = b with R[i] = rks^i, b[i] = i! phi_{i+1}(hh) / B(h)."""
+    if order == 1 and not corrector:
+        return []
     h_phi_k, factorial = math.expm1(hh) / hh - 1.0, 1
     rows, b = [], []
     for i in range(1, order + 1):
@@ -57,8 +59,6 @@ def _rhos(rks: list[float], hh: float, order: int, b_h: float, corrector: bool) 
         h_phi_k = h_phi_k / hh - 1.0 / factorial
     if corrector:
         return [0.5] if order == 1 else _solve(rows, b)
-    if order == 1:
-        return []
     return [0.5] if order == 2 else _solve([r[:-1] for r in rows[:-1]], b[:-1])
 
 
@@ -74,14 +74,24 @@ def _combine(*terms) -> dict:
                  conversions=("x0",),
                  description="UniPC (bh1 / bh2, order <= 3): multistep predictor with a free corrector, on x0")
 def _unipc(path, grid, prediction, order=2, solver_type="bh2", lower_order_final=True) -> list[Stage]:
+    coefficients = [path.coefficients(t)[:2] for t in grid]
+    conv = [_conv(path, t, prediction, "x0") for t in grid[:-1]]
+    plan = unipc_plan([_lambda(a, b) for a, b in coefficients], [a for a, _ in coefficients],
+                      [b for _, b in coefficients], conv, order, solver_type, lower_order_final)
+    return [_stage(i, grid[i], out, conv[i]) for i, out in enumerate(plan)]
+
+
+def unipc_plan(lam, alpha, beta, conv, order=2, solver_type="bh2", lower_order_final=True,
+               no_corrector=frozenset()) -> list[dict]:
+    """Per step i, X_{i+1} as {"X": c, "g": c, ("m", j): c} over the step's input X_i, its model output g
+    and the stored x0 predictions m_j (j < i), given lambda, alpha, beta at the grid's times and the
+    x0 conversion (a_i, b_i) of each step; no_corrector: steps i whose state is not corrected after them
+    (diffusers' disable_corrector)."""
     if not isinstance(order, int) or isinstance(order, bool) or not 1 <= order <= 3:
         raise ValueError(f"order must be 1, 2 or 3 for method='unipc', got {order!r}")
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"solver_type must be 'bh1' or 'bh2' for method='unipc', got {solver_type!r}")
-    n = len(grid) - 1
-    lam = [_lambda(*path.coefficients(t)[:2]) for t in grid]
-    alpha = [path.coefficients(t)[0] for t in grid]
-    beta = [path.coefficients(t)[1] for t in grid]
+    n = len(lam) - 1
 
     def phis(i: int):  # hh = -h of step i -> i + 1, and B(h)
         hh = -(lam[i + 1] - lam[i])
@@ -90,10 +100,10 @@ def _unipc(path, grid, prediction, order=2, solver_type="bh2", lower_order_final
     def finite(i: int) -> bool:
         return math.isfinite(lam[i + 1] - lam[i])
 
-    stages, warm, prev_order = [], 0, 0
+    plan, warm, prev_order = [], 0, 0
     recover = None  # the previous predictor: (P, {("m", j): coefficient}) with X_i = P L + m terms
     for i in range(n):
-        a, b = _conv(path, grid[i], prediction, "x0")
+        a, b = conv[i]
         m_i = {"X": a, "g": b}
 
         def m(j):  # the x0 prediction of step j as an expression of this step's inputs
@@ -101,7 +111,7 @@ def _unipc(path, grid, prediction, order=2, solver_type="bh2", lower_order_final
 
         # the corrector: x^c_i from L = x^c_{i-1} (recovered from X_i) with the previous step's order
         state = {"X": 1.0}
-        if recover is not None and finite(i - 1):
+        if recover is not None and finite(i - 1) and i - 1 not in no_corrector:
             p_scale, p_terms = recover
             last = _combine((1.0 / p_scale, {"X": 1.0}), (-1.0 / p_scale, p_terms))
             hh, b_h = phis(i - 1)
@@ -119,30 +129,26 @@ def _unipc(path, grid, prediction, order=2, solver_type="bh2", lower_order_final
         # the predictor from x^c_i
         this = min(order, n - i) if lower_order_final else order
         back = next((k for k in range(i + 1) if not math.isfinite(lam[i - k])), i + 1)  # finite lambdas back from i
-        this = min(this, warm + 1, back) if finite(i) else 1
+        this = min(this, warm + 1, back) if finite(i) and lam[i + 1] != lam[i] else 1  # a zero step: identity
         terms = [(beta[i + 1] / beta[i], state)]
         p_terms = []
         if finite(i):
             hh, b_h = phis(i)
             h = -hh
             k0 = -alpha[i + 1] * math.expm1(hh)
-            terms.append((k0, m(i)))
             p_terms.append((k0, m(i)))
             rks = [(lam[i - k] - lam[i]) / h for k in range(1, this)] + [1.0]
             rho = _rhos(rks, hh, this, b_h, corrector=False)
             for k, r in enumerate(rks[:-1]):  # D1_k = (m_{i-k-1} - m_i) / r_k
                 w = -alpha[i + 1] * b_h * rho[k] / r
-                terms += [(w, m(i - 1 - k)), (-w, m(i))]
                 p_terms += [(w, m(i - 1 - k)), (-w, m(i))]
         else:  # from alpha = 0 (lambda = -inf) or to beta' = 0 (lambda' = inf): x' = beta'/beta x + alpha' m0
-            terms.append((alpha[i + 1], m(i)))
-        out = _combine(*terms)
-        stages.append(_stage(i, grid[i], out, (a, b)))
+            p_terms.append((alpha[i + 1], m(i)))
+        plan.append(_combine(*terms, *p_terms))
         # X_{i+1} = P x^c_i + (predictor's m terms), the m_i part kept as m_i (a stored buffer next step)
-        m_part = _m_terms(p_terms, i)
-        recover = (beta[i + 1] / beta[i], m_part) if beta[i] > 0 and beta[i + 1] > 0 else None
+        recover = (beta[i + 1] / beta[i], _m_terms(p_terms, i)) if beta[i] > 0 and beta[i + 1] > 0 else None
         warm, prev_order = warm + 1, this
-    return stages
+    return plan
 
 
 def _m_terms(p_terms, i) -> dict:

@@ -33,6 +33,8 @@ from fastdiff.adapters.diffusers.euler import FastDiffEulerScheduler
 from fastdiff.adapters.diffusers.euler_ancestral import FastDiffEulerAncestralScheduler
 from fastdiff.adapters.diffusers.flow_match_euler import FastDiffFlowMatchEulerScheduler
 from fastdiff.adapters.diffusers.model import DiffusersModel
+from fastdiff.adapters.diffusers.unipc_multistep import FastDiffUniPCMultistepScheduler
 
 __all__ = ["DiffusersModel", "FastDiffDDIMScheduler", "FastDiffDPMSolverMultistepScheduler",
-           "FastDiffEulerAncestralScheduler", "FastDiffEulerScheduler", "FastDiffFlowMatchEulerScheduler"]
+           "FastDiffEulerAncestralScheduler", "FastDiffEulerScheduler", "FastDiffFlowMatchEulerScheduler",
+           "FastDiffUniPCMultistepScheduler"]

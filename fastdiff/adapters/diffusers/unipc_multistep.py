@@ -1,0 +1,86 @@
+"""``FastDiffUniPCMultistepScheduler``: diffusers' UniPCMultistepScheduler with a fused step.
+
+diffusers' UniPC step runs the corrector on the previous state (kept as ``last_sample``), then the
+predictor from the corrected state. Both are linear in the step's sample, its model output and the
+previous x0 predictions, and the corrected state can be recovered from the predicted one
+(fastdiff.sampling.unipc.unipc_plan), so a step here is one ``sampler_step`` pass: the next sample out,
+this step's x0 prediction as the side output (kept for the next three steps), the earlier ones as
+history. The coefficient plan is made once per ``set_timesteps`` from the scheduler's own sigmas.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import UniPCMultistepScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+from fastdiff.adapters.diffusers._fused import _FusedStep
+from fastdiff.ops.sampler_step import sampler_step
+from fastdiff.sampling.unipc import unipc_plan
+
+
+class FastDiffUniPCMultistepScheduler(_FusedStep, UniPCMultistepScheduler):
+    """diffusers' ``UniPCMultistepScheduler`` with a fused ``step`` (predict_x0, bh1 / bh2, solver_order
+    1-3, lower_order_final, disable_corrector, its sigma options and final_sigmas_type). Not supported
+    (clear errors): ``predict_x0=False``, ``solver_p``, ``thresholding``."""
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._fd_plan, self._fd_m = None, {}
+
+    def _plan(self) -> list[dict]:
+        if getattr(self, "_fd_plan", None) is None:
+            sigmas = self.sigmas.double()
+            alpha, beta = (v.tolist() for v in self._sigma_to_alpha_sigma_t(sigmas))
+            lam = [math.log(a) - math.log(b) if b > 0 else math.inf for a, b in zip(alpha, beta)]
+            conv = [self._x0_conversion(a, b, float(s)) for a, b, s in zip(alpha, beta, sigmas.tolist())][:-1]
+            self._fd_plan = unipc_plan(lam, alpha, beta, conv, self.config.solver_order, self.config.solver_type,
+                                       self.config.lower_order_final, frozenset(self.config.disable_corrector))
+            self._fd_m = {}
+        return self._fd_plan
+
+    def _x0_conversion(self, al: float, sg: float, sigma: float) -> tuple[float, float]:
+        table = {"epsilon": (1.0 / al, -sg / al), "sample": (0.0, 1.0), "v_prediction": (al, -sg),
+                 "flow_prediction": (1.0, -sigma)}
+        ptype = self.config.prediction_type
+        if ptype not in table:
+            raise ValueError(f"prediction_type={ptype!r} is not supported; take one of {', '.join(table)}")
+        return table[ptype]
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating the "
+                             "scheduler")
+        if not self.predict_x0 or self.solver_p is not None or self.config.thresholding:
+            raise NotImplementedError("fastdiff's fused UniPC step takes predict_x0=True without solver_p or "
+                                      "thresholding; use diffusers' UniPCMultistepScheduler for those")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i = self.step_index
+        out = self._plan()[i]
+        x, g = self._inputs(model_output, sample)
+        previous = sorted((key[1] for key in out if isinstance(key, tuple)), reverse=True)
+        missing = [j for j in previous if j not in self._fd_m]
+        if missing:
+            raise ValueError(f"step {i} needs the x0 predictions of steps {missing}: run the steps in order from the "
+                             "first (set_timesteps starts a new run)")
+        history = [self._fd_m[j] for j in previous]
+        coeffs = [out.get("X", 0.0), out.get("g", 0.0), *(out[("m", j)] for j in previous)]
+        a, b = self._plan_conversion(i)
+        m_i = torch.empty_like(x)
+        prev = torch.empty_like(x)
+        sampler_step(x, [g], history=history, coeffs=coeffs + [a, b] + [0.0] * len(previous), outs=[prev], side=m_i)
+        self._fd_m = {j: t for j, t in self._fd_m.items() if j > i - 3}
+        self._fd_m[i] = m_i
+        prev = prev.to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
+
+    def _plan_conversion(self, i: int) -> tuple[float, float]:
+        sigma = self.sigmas[i].double()
+        al, sg = (float(v) for v in self._sigma_to_alpha_sigma_t(sigma))
+        return self._x0_conversion(al, sg, float(sigma))
