@@ -20,6 +20,15 @@ def _kd():
         pytest.skip(f"k-diffusion not installed: {exc}")
 
 
+def _kd_case(grid: str, steps: int = 10):
+    """(k-diffusion's sampling module, a Denoiser, a Karras or VP sigma grid of ``steps`` steps ending at 0,
+    a batch of 3 initial states at sigmas[0]): the setting of the parity tests."""
+    kd = _kd()
+    sigmas = kd.get_sigmas_karras(steps, 0.02, 30.0) if grid == "karras" else kd.get_sigmas_vp(steps)
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(4)) * sigmas[0]
+    return kd, Denoiser(), sigmas, x
+
+
 class Denoiser(torch.nn.Module):
     """A small random conv denoiser D(x, sigma, cond=...) in EDM's preconditioned form."""
 

@@ -15,7 +15,7 @@ from fastdiff.sampling import churn
 from fastdiff.sampling.coefficients import draw_stream
 from fastdiff.sampling.methods import get_method
 from fastdiff.sampling.sigma_space import noise_level
-from test_adapter_k_diffusion import Denoiser, _kd
+from test_adapter_k_diffusion import _kd_case
 
 
 @contextlib.contextmanager
@@ -41,10 +41,7 @@ def _randn_like_from_streams(seeds, shape):
     dict(s_churn=1.0, s_tmax=5.0, s_noise=0.9)])
 @pytest.mark.parametrize("grid", ["karras", "vp"])
 def test_matches_k_diffusion_on_the_same_noise(method, churn_kw, grid):
-    kd = _kd()
-    den = Denoiser()
-    sigmas = kd.get_sigmas_karras(10, 0.02, 30.0) if grid == "karras" else kd.get_sigmas_vp(10)
-    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(4)) * sigmas[0]
+    kd, den, sigmas, x = _kd_case(grid, 10)
     seeds = [5, 6, 7]
     ours = getattr(fk, f"sample_{method}")(den, x, sigmas, disable=True, seed=seeds, **churn_kw)
     ours_sigmas = [c.clone() for c in den.calls]
