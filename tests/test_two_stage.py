@@ -87,8 +87,7 @@ def test_samples_the_mixture(method, path, prediction):
 
     mixture = ring_mixture(heterogeneous=True)
     model = MixtureModel(mixture, path, prediction)
-    grid = _quadratic_grid(30)
-    grid[0] = 1e-3  # these methods step in sigma = beta / alpha: finite from t > 0 on condot
+    grid = _quadratic_grid(30)  # on condot from t = 0: the first step from sigma = inf is DDIM's limit
     x = fastdiff.sample(model, None, method=method, shape=(2,), seed=3, path=path, prediction=prediction,
                         batch_size=N, timesteps=grid)
     assert _zmax(mode_zscores(x.double(), mixture)) < 6.0
@@ -133,8 +132,6 @@ def test_options_are_checked():
         fastdiff.sample(model, None, method="dpmpp_sde", r=0.0, **kw)
     with pytest.raises(ValueError, match="s_noise must be a finite number"):
         fastdiff.sample(model, None, method="dpmpp_2s_ancestral", s_noise=-1.0, **kw)
-    with pytest.raises(ValueError, match="noise level sigma = beta / alpha, which is inf at t=0"):
-        fastdiff.sample(model, 5, method="dpm_2", shape=(2,), batch_size=2, path="condot", prediction="velocity")
     with pytest.raises(ValueError, match="r applies to method='dpmpp_sde'"):
         fastdiff.sample(model, None, method="dpm_2", r=0.3, **kw)
 
@@ -182,3 +179,20 @@ def test_step_noise_is_checked():
     x = fastdiff.sample(model, None, step_noise=lambda i, j: calls.append((i, j)) or torch.zeros(3, 2), **kw)
     assert calls == [(0, 0), (1, 0)]
     assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("method,eta", [("dpm_2", None), ("dpm_2_ancestral", 1.0), ("dpm_2_ancestral", 0.5),
+                                        ("dpmpp_2s_ancestral", 0.0), ("dpmpp_sde", 1.0)])
+def test_a_step_from_pure_noise_is_ddims_limit(method, eta):
+    """From sigma = inf (CondOT's t = 0) a step in sigma has one limit: DDIM's x' = alpha' D + beta' sqrt(1 -
+    eta^2) x / beta + beta' eta xi — one evaluation, the draw of step 0."""
+    path, grid = fastdiff.paths.get_path("condot"), [0.0, 0.3, 1.0]
+    kw = {} if eta is None else dict(eta=eta, s_noise=1.0)
+    first = get_method(method).stages(path, grid, "velocity", **kw)[0]
+    al1, be1 = path.coefficients(0.3)[:2]
+    a, b = fastdiff.paths.affine_coefficients(path, 0.0, "velocity", "x0")
+    e = eta or 0.0
+    assert first.final and first.step == 0 and first.input == "x"
+    assert first.c_x == pytest.approx(al1 * a + be1 * math.sqrt(1 - e * e), rel=1e-12)
+    assert first.c_pred == pytest.approx(al1 * b, rel=1e-12)
+    assert first.c_noise == pytest.approx(be1 * e, rel=1e-12) and (first.stream == draw_stream(0) or not e)

@@ -5,11 +5,14 @@ In k-diffusion's coordinates (fastdiff.sampling.sigma_space: scaled state x / al
 a step is x' / alpha' = x / alpha + (sigma' - sigma) Σ_k w_k d_{i-k}: ``ipndm`` with the fixed
 Adams-Bashforth weights of a uniform step (1; 3/2, -1/2; 23/12, -16/12, 5/12; 55/24, -59/24, 37/24, -9/24),
 ``ipndm_v`` with the weights of the actual, variable steps in sigma. The order warms up from 1; the step
-to sigma' = 0 returns alpha' D. d_i = (x / alpha - D) / sigma is this stage's side output, kept in a ring
+to sigma' = 0 returns alpha' D; a step from sigma = inf (alpha = 0) is DDIM's, and the history restarts
+after it. d_i = (x / alpha - D) / sigma is this stage's side output, kept in a ring
 of four buffers; the previous ones are history.
 """
 
 from __future__ import annotations
+
+import math
 
 from fastdiff.sampling.coefficients import Stage, _conv
 from fastdiff.sampling.methods import register_method
@@ -44,16 +47,21 @@ def _ipndm(method, path, grid, prediction, order, variable) -> list[Stage]:
     if not isinstance(order, int) or isinstance(order, bool) or not 1 <= order <= 4:
         raise ValueError(f"order must be 1, 2, 3 or 4 for method={method!r}, got {order!r}")
     sigmas = [noise_level(path, t) for t in grid]
-    stages = []
+    stages, start = [], 0  # start: the first step of the history (after a step from sigma = inf)
     for i in range(len(grid) - 1):
         t = grid[i]
-        sigma = require_finite(method, sigmas[i], t)
         al, al1 = path.coefficients(t)[0], path.coefficients(grid[i + 1])[0]
         a, b = _conv(path, t, prediction, "x0")
         if sigmas[i + 1] == 0.0:  # the denoising step
             stages.append(Stage(i, t, "x", "x", al1 * a, al1 * b, x0=(a, b), final=True))
             continue
-        k = min(order, i + 1)
+        if math.isinf(sigmas[i]):  # from alpha = 0: the first-order limit, DDIM's x' = alpha' D + beta'/beta x
+            be, be1 = path.coefficients(t)[1], path.coefficients(grid[i + 1])[1]
+            stages.append(Stage(i, t, "x", "x", al1 * a + be1 / be, al1 * b, x0=(a, b), final=True))
+            start = i + 1
+            continue
+        sigma = require_finite(method, sigmas[i], t)
+        k = min(order, i + 1 - start)
         steps = [sigmas[i + 1 - j] - sigmas[i - j] for j in range(k)]  # this step and the k - 1 before it
         w = _variable(k, steps) if variable else FIXED[k]
         dx, dg = (1.0 / al - a) / sigma, -b / sigma  # d_i = dx x + dg g

@@ -17,7 +17,9 @@ from sigma to sigma' (h = log(sigma / sigma'), alpha' = alpha(t')):
   Brownian increments over [sigma_s, sigma] and [sigma', sigma] are (k-diffusion draws both from one
   Brownian tree in sigma): streams draw_stream(i, 0) and draw_stream(i, 1), the second stage reading both.
 
-A step that ends at sigma' = 0 is Euler's: x' = alpha' D (one evaluation), as in k-diffusion.
+A step that ends at sigma' = 0 is Euler's: x' = alpha' D (one evaluation), as in k-diffusion. A step
+from sigma = inf (alpha = 0, e.g. t = 0 on CondOT, where k-diffusion's grids never start) takes the
+steps' common first-order limit, DDIM's (with the method's eta split into kept and fresh noise).
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ def _denoise(i, p: _Point, end_alpha: float) -> Stage:
     return Stage(i, p.t, "x", "x", end_alpha * p.a, end_alpha * p.b, x0=(p.a, p.b), final=True)
 
 
+def _from_noise(i, path, t1, p: _Point, eta: float = 0.0, noise_scale: float = 0.0) -> Stage:
+    """A step from sigma = inf (alpha = 0: the state is beta eps, pure noise), where the steps in sigma have
+    one limit, DDIM's: x' = alpha' D + beta' sqrt(1 - eta^2) x / beta + beta' eta noise_scale xi."""
+    al1, be1 = path.coefficients(t1)[:2]
+    be = path.coefficients(p.t)[1]
+    keep = be1 * math.sqrt(max(0.0, 1.0 - eta * eta)) / be
+    return Stage(i, p.t, "x", "x", al1 * p.a + keep, al1 * p.b, c_noise=be1 * eta * noise_scale,
+                 stream=draw_stream(i), x0=(p.a, p.b), final=True)
+
+
 def _midpoint(path, p: _Point, sigma_m: float, prediction) -> _Point:
     return _Point(path, time_at(path, sigma_m, p.t, 1.0), prediction)
 
@@ -66,9 +78,10 @@ def _dpm_2(path, grid, prediction) -> list[Stage]:
     stages = []
     for i in range(len(grid) - 1):
         p = _Point(path, grid[i], prediction)
-        require_finite("dpm_2", p.sigma, p.t)
         al1, be1 = path.coefficients(grid[i + 1])[:2]
-        if be1 == 0.0:
+        if math.isinf(p.sigma):
+            stages.append(_from_noise(i, path, grid[i + 1], p))
+        elif be1 == 0.0:
             stages.append(_denoise(i, p, al1))
         else:
             stages += _dpm_2_step(i, path, prediction, p, be1 / al1, al1, 0.0)
@@ -82,6 +95,9 @@ def _ancestral(method, path, grid, prediction, eta, s_noise, two_stages) -> list
     stages = []
     for i in range(len(grid) - 1):
         p = _Point(path, grid[i], prediction)
+        if math.isinf(p.sigma):
+            stages.append(_from_noise(i, path, grid[i + 1], p, eta, s_noise))
+            continue
         require_finite(method, p.sigma, p.t)
         al1, be1 = path.coefficients(grid[i + 1])[:2]
         down, up = ancestral_step(p.sigma, be1 / al1 if be1 else 0.0, eta)
@@ -122,6 +138,9 @@ def _dpmpp_sde(path, grid, prediction, eta=1.0, s_noise=1.0, r=0.5) -> list[Stag
     stages = []
     for i in range(len(grid) - 1):
         p = _Point(path, grid[i], prediction)
+        if math.isinf(p.sigma):
+            stages.append(_from_noise(i, path, grid[i + 1], p, eta, s_noise))
+            continue
         require_finite("dpmpp_sde", p.sigma, p.t)
         al1, be1 = path.coefficients(grid[i + 1])[:2]
         if be1 == 0.0:
