@@ -5,7 +5,8 @@ predictions over [sigma_i, sigma_{i+1}] (exactly: the interpolant is a polynomia
     x' = (alpha' / alpha) x + alpha' sum_j c_j eps_{i-j}
 
 with eps_i = a x + b g from this step's prediction and eps_{i-1}, ... read as history buffers (a ring of
-``order`` side buffers). The grid must start where alpha > 0 (sigma finite).
+``order`` side buffers). A step from sigma = inf (alpha = 0, e.g. t = 0 on CondOT) is DDIM's, the
+first-order limit, and the history starts after it.
 """
 
 from __future__ import annotations
@@ -37,20 +38,24 @@ def lms_coefficients(sigmas: list[float], i: int, order: int) -> list[float]:
     return out
 
 
-@register_method("lms", options={"order": 4}, evals_per_step=1, conversions=("eps",),
+@register_method("lms", options={"order": 4}, evals_per_step=1, conversions=("eps", "x0"),
                  description="linear multistep (Adams-Bashforth in sigma) of order <= 4 on eps predictions")
 def _lms(path, grid, prediction, order=4) -> list[Stage]:
     if not isinstance(order, int) or isinstance(order, bool) or not 1 <= order <= 4:
         raise ValueError(f"order must be an int in [1, 4] (the kernel reads up to 3 previous predictions), got {order!r}")
     alphas = [path.coefficients(t)[0] for t in grid]
-    if alphas[0] <= 0:
-        raise ValueError(f"method 'lms' integrates in sigma = beta / alpha, which is infinite at t = {grid[0]:g} "
-                         "(alpha = 0); give timesteps that start after it")
     sigmas = [path.coefficients(t)[1] / a if a > 0 else math.inf for t, a in zip(grid, alphas)]
-    stages = []
+    stages, start = [], 0  # start: the first step of the history (after a step from sigma = inf)
     for i in range(len(grid) - 1):
+        if math.isinf(sigmas[i]):  # from alpha = 0: the first-order limit, DDIM's x' = alpha' x0 + beta'/beta x
+            a0, b0 = _conv(path, grid[i], prediction, "x0")
+            keep = path.coefficients(grid[i + 1])[1] / path.coefficients(grid[i])[1]
+            stages.append(Stage(i, grid[i], "x", "x", alphas[i + 1] * a0 + keep, alphas[i + 1] * b0, x0=(a0, b0),
+                                final=True))
+            start = i + 1
+            continue
         a_e, b_e = _conv(path, grid[i], prediction, "eps")
-        cur = min(i + 1, order)
+        cur = min(i + 1 - start, order)
         c = lms_coefficients(sigmas, i, cur)
         scale = alphas[i + 1]
         history = [(f"side{(i - j) % order}", scale * c[j], 0.0) for j in range(1, cur)]
