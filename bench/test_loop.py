@@ -5,10 +5,10 @@ skipped (pip install ".[bench]")."""
 import pytest
 
 from conftest import DEVICE, SIZES
-from fastdiff.bench.harness import PEERS, loop_cases
+from fastdiff.bench.loops import METHOD_ROWS, PEERS, loop_cases
 
 
-@pytest.mark.parametrize("impl", ["fastdiff", "fastdiff_ode", *PEERS])
+@pytest.mark.parametrize("impl", ["fastdiff", "fastdiff_ode", *PEERS, *METHOD_ROWS])
 @pytest.mark.parametrize("log2n", [k for k in SIZES if k >= 12])
 def test_loop(run_case, log2n, impl):
     found = loop_cases(1 << log2n, DEVICE, impls=[impl])

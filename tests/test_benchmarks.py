@@ -158,3 +158,24 @@ def test_k_diffusion_loop_is_ddim_in_sigma_space():
     # and the benchmark's row (ancestral, eta 1) runs and stays finite
     (case,) = bm.loop_cases(3 * 4096, impls=("k_diffusion",))
     assert torch.isfinite(case.fn()).all()
+
+
+def test_method_cases_run_every_registered_method():
+    """One case per registered method: 50 evaluations' fused steps; Euler moves 12 bytes per element and
+    evaluation (x and the prediction read, x written), a method with history buffers more."""
+    from fastdiff.bench.methods import method_cases
+
+    n = 16 * 64
+    cases = {c.impl: c for c in method_cases(n)}
+    assert list(cases) == list(fastdiff.sampling.METHODS)
+    assert cases["euler"].bytes == 50 * 12 * n
+    assert cases["dpmpp_3m_sde"].bytes > cases["dpmpp_2m"].bytes > cases["euler"].bytes
+    for case in cases.values():
+        case.fn()
+
+
+def test_loop_cases_include_the_method_rows():
+    from fastdiff.bench.loops import loop_cases
+
+    impls = {c.impl for c in loop_cases(1 << 12, impls=["fastdiff_ea", "fastdiff_2m_sde"])}
+    assert impls == {"fastdiff_ea", "fastdiff_2m_sde"}

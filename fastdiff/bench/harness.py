@@ -9,7 +9,10 @@ Cases (N elements of fp32 state; the guided cases take one [2B] prediction, cfg 
 - ``step_ode``: the Euler ODE step with guidance;
 - ``loss``: noising + loss forward + backward (eager stores ε from ``torch.randn_like`` and the target);
 - ``randn``: ``fastdiff.ops.randn`` vs ``torch.randn``;
-- ``copy``: a device-to-device copy of N fp32 elements, the bandwidth yardstick.
+- ``copy``: a device-to-device copy of N fp32 elements, the bandwidth yardstick;
+- ``loop``: whole sampling loops against the peers' (fastdiff.bench.loops);
+- ``methods``: each registered method's fused step per model evaluation against Euler's
+  (fastdiff.bench.methods).
 """
 
 from __future__ import annotations
@@ -18,35 +21,20 @@ import gc
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-OPS = ("step_sde", "step_ode", "gram", "loss", "randn", "loop")
-CFG, T, DT, SIGMA, BATCH = 4.0, 0.4, 0.02, 1.0, 16
+from fastdiff.bench.case import BATCH, CFG, DT, SIGMA, T, Case, _dtype, _sde_coefficients  # noqa: F401 (tests)
+from fastdiff.bench.loops import (LOOP_PARTS, LOOP_SHAPE, LOOP_STEPS, PEERS, CheapModel,  # noqa: F401
+                                  condot_denoiser, loop_cases)
+from fastdiff.bench.methods import method_cases
 
+__all__ = ["OPS", "BASELINES", "Case", "CheapModel", "LOOP_SHAPE", "LOOP_STEPS", "PEERS", "cases", "condot_denoiser",
+           "copy_case", "device_name", "eager_loss", "eager_ode_step", "eager_sde_step", "gram_cases", "loop_cases",
+           "loss_cases", "method_cases", "randn_cases", "report", "step_cases", "time_interleaved"]
 
-@dataclass
-class Case:
-    op: str
-    impl: str                 # fastdiff | eager | compile | reference | torch
-    n: int
-    dtype: str                # prediction dtype (state is fp32)
-    fn: Callable[[], object]
-    bytes: int                # bytes the op must move at minimum (for GB/s)
-    note: str = ""
-    extra: dict = field(default_factory=dict)
-
-
-def _dtype(name: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def _sde_coefficients(t=T, dt=DT, sigma=SIGMA):
-    """x' = x + dt (u + σ²/2 s) + σ √dt ξ with the CondOT score s = (t u − x)/(1 − t), as c_x x + c_p u + c_n ξ."""
-    k = 0.5 * sigma * sigma / (1.0 - t)
-    return 1.0 - dt * k, dt * (1.0 + k * t), sigma * math.sqrt(dt)
+OPS = ("step_sde", "step_ode", "gram", "loss", "randn", "loop", "methods")
 
 
 def eager_sde_step(x, out2b, *, cfg=CFG, t=T, dt=DT, sigma=SIGMA, noise_like=torch.randn_like):
@@ -192,199 +180,11 @@ def copy_case(n: int, device="cpu") -> Case:
     return Case("copy", "torch", n, "fp32", lambda: dst.copy_(src), 8 * n)
 
 
-# ---- whole sampling loops: fastdiff vs the peers, same cheap model, batch and step count -------------
-
-LOOP_STEPS, LOOP_SHAPE = 50, (4, 32, 32)  # per-sample latent shape; N = batch x 4096
-PEERS = ("diffusers", "k_diffusion", "torchsde", "flow_matching")  # fastdiff_ode is the like-for-like row for flow_matching
-
-
-class CheapModel(torch.nn.Module):
-    """u(x, t, y) = -(1 + t) x / 2 + bias[y]: one fused-able elementwise op, so the loops' own work
-    (guidance, update, noise, bookkeeping) is what gets measured."""
-
-    def __init__(self, classes: int = 10, shape=LOOP_SHAPE):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.bias = torch.nn.Parameter(torch.randn(classes + 1, *shape, generator=g) * 0.1, requires_grad=False)
-        self.null_label = classes
-
-    def forward(self, x, t, y):
-        scale = (-(1.0 + t.float()) / 2).view(-1, *([1] * (x.dim() - 1)))
-        return x * scale + self.bias[y]
-
-
-def condot_denoiser(velocity: Callable) -> Callable:
-    """k-diffusion's denoiser D(x, σ) (σ-space: x = z + σ ε) for a CondOT velocity field
-    ``velocity(x_t, t)`` (t [B] in flow time): the flow state is x_t = t x with t = 1 / (1 + σ), and
-    D = ẑ = x_t + (1 − t) u. k-diffusion's Euler step in σ-space is then DDIM on the CondOT path."""
-
-    def denoiser(x, sigma):
-        t = 1.0 / (1.0 + sigma)
-        shape = (-1, *([1] * (x.dim() - 1)))
-        xt = x * t.view(shape)
-        return xt + (1.0 - t).view(shape) * velocity(xt, t)
-
-    return denoiser
-
-
-def loop_cases(n: int, device="cpu", impls=None, steps: int = LOOP_STEPS, cfg: float = CFG,
-               sigma: float = SIGMA) -> list[Case]:
-    """A 50-step SDE sampling loop with cfg = 4 (one batched 2B model call per step) through
-    fastdiff and each installed peer (skipped when not installed). flow_matching has no SDE solver:
-    its loop is the ODE (σ = 0), noted in the case."""
-    import fastdiff
-
-    per = math.prod(LOOP_SHAPE)
-    B = max(1, n // per)
-    model = CheapModel().to(device)
-    y = torch.arange(B, device=device) % 10
-    null = torch.full_like(y, model.null_label)
-    y2 = torch.cat([y, null])
-    x0 = torch.randn((B, *LOOP_SHAPE), generator=torch.Generator().manual_seed(2)).to(device)
-
-    def guided(x, t):  # the CFG'd velocity from one batch of 2B, as users write it
-        tt = torch.as_tensor(t, dtype=torch.float32, device=device).expand(2 * B)
-        cond, uncond = model(torch.cat([x, x]), tt, y2).chunk(2)
-        return uncond + cfg * (cond - uncond)
-
-    out: dict[str, tuple[Callable, str]] = {}
-    out["fastdiff"] = (lambda: fastdiff.sample(model, steps, cfg, shape=LOOP_SHAPE, y=y, null_y=model.null_label,
-                                               seed=0, sigma=sigma, device=device), "Euler–Maruyama")
-    out["fastdiff_ode"] = (lambda: fastdiff.sample(model, steps, cfg, shape=LOOP_SHAPE, y=y, null_y=model.null_label,
-                                                   seed=0, sigma=0.0, device=device), "Euler, ODE (vs flow_matching)")
-    want = lambda k: impls is None or k in impls  # noqa: E731
-    if want("diffusers"):
-        try:
-            from diffusers import FlowMatchEulerDiscreteScheduler
-        except ImportError:
-            pass
-        else:
-            sched = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
-
-            def diffusers_loop():
-                sched.set_timesteps(steps, device=device)
-                x = x0.clone()
-                for t in sched.timesteps:
-                    sig = float(t) / sched.config.num_train_timesteps  # noise level; flow time 1 - sig
-                    x = sched.step(-guided(x, 1.0 - sig), t, x).prev_sample  # diffusers' flow = ε − z
-                return x
-
-            out["diffusers"] = (diffusers_loop, "FlowMatchEulerDiscreteScheduler(stochastic_sampling)")
-    if want("torchsde"):
-        try:
-            import torchsde
-        except ImportError:
-            pass
-        else:
-            class SDE(torch.nn.Module):
-                noise_type, sde_type = "diagonal", "ito"
-
-                def f(self, t, z):  # drift u + σ²/2 s, CondOT score from velocity
-                    x = z.view(B, *LOOP_SHAPE)
-                    u = guided(x, t)
-                    tf = float(t)
-                    return (u + 0.5 * sigma**2 * (tf * u - x) / (1.0 - tf)).view(B, -1)
-
-                def g(self, t, z):
-                    return torch.full_like(z, sigma)
-
-            sde, ts = SDE(), torch.tensor([0.0, 1.0 - 1.0 / steps], device=device)
-            out["torchsde"] = (lambda: torchsde.sdeint(sde, x0.view(B, -1), ts, method="euler", dt=1.0 / steps)[-1],
-                               "sdeint(method='euler')")
-    if want("k_diffusion"):
-        try:
-            from fastdiff.bench.peers import k_diffusion_sampling
-
-            kd = k_diffusion_sampling()
-        except ImportError:
-            pass
-        else:
-            def velocity(xt, t):  # guided velocity at per-sample flow times t [B]
-                cond, uncond = model(torch.cat([xt, xt]), torch.cat([t, t]).float(), y2).chunk(2)
-                return uncond + cfg * (cond - uncond)
-
-            denoiser = condot_denoiser(velocity)
-            t_grid = torch.linspace(1.0 / steps, 1.0, steps + 1, dtype=torch.float64)
-            sigmas = ((1.0 - t_grid) / t_grid).float().to(device)
-            out["k_diffusion"] = (lambda: kd.sample_euler_ancestral(denoiser, x0 * sigmas[0], sigmas, disable=True),
-                                  "sample_euler_ancestral (eta 1)")
-    if want("flow_matching"):
-        try:
-            from flow_matching.solver import ODESolver
-            from flow_matching.utils import ModelWrapper
-        except ImportError:
-            pass
-        else:
-            class Velocity(ModelWrapper):
-                def forward(self, x, t, **extras):
-                    return guided(x, t)
-
-            solver = ODESolver(velocity_model=Velocity(model))
-            grid = torch.tensor([0.0, 1.0], device=device)
-            out["flow_matching"] = (lambda: solver.sample(x0, step_size=1.0 / steps, method="euler", time_grid=grid),
-                                    "ODESolver(method='euler'), ODE")
-    if want("fastdiff"):
-        out.update(_loop_parts(model, B, y, y2, steps, sigma, cfg, device))
-    nbytes = steps * B * per * 4 * 3  # read x, write x, one noise draw per step (the loops' own floor)
-    return [Case("loop", k, B * per, "fp32", fn, nbytes // (steps if k == "free_model_1" else 1), note)
-            for k, (fn, note) in out.items()
-            if want(k) or (k in LOOP_PARTS and want("fastdiff"))]
-
-
-# fastdiff's loop taken apart: the loop with a free model (one that returns a kept prediction: what is
-# left is the loop's own work), the model alone and the fused step alone (same calls, same buffers)
-LOOP_PARTS = ("free_model", "step_only", "model_only", "free_model_1")  # the first two back to back, in turns first
-
-
-def _loop_parts(model, B, y, y2, steps, sigma, cfg, device) -> dict:
-    """``steps`` calls of the model on the loop's kept 2B input; ``steps`` fused steps exactly as the SDE
-    loop makes them (two branches, one draw, the state and its guidance twin written, the finiteness
-    flag); and the whole loop with a model that returns a kept prediction, for ``steps`` steps and for
-    one. The loop's own time per step is free_model / steps, to set next to step_only / steps; it is a
-    per-call setup (arguments, buffers, the initial noise: about free_model_1 less one step) plus the
-    per-step work, (free_model − free_model_1) / (steps − 1). (fastdiff − model_only is larger: a model
-    runs slower inside a loop than alone, whose inputs and allocations stay warm.)"""
-    import fastdiff
-
-    from fastdiff import dispatch
-    from fastdiff.ops.sampler_step import prepare, run_kernel
-
-    pair = torch.randn((2, B, *LOOP_SHAPE), device=device)
-    t2 = torch.full((2 * B,), 0.5, device=device)
-    seeds = torch.arange(B, device=device)
-    finite = torch.ones((1, B), dtype=torch.int32, device=device)
-    pred = model(pair.view(2 * B, *LOOP_SHAPE), t2, y2).contiguous()
-    c_x, c_p, c_n = _sde_coefficients(dt=1.0 / steps, sigma=sigma)
-    call = prepare(pair[0], [pred[B:], pred[:B]], [1.0, cfg], [], [c_x, c_p, c_n, 0.0, 0.0, 0.0], seeds, [1],
-                      list(pair), None, finite[0])
-    backend = dispatch.resolve(torch.device(device))
-
-    def model_only():
-        for _ in range(steps):
-            out = model(pair.view(2 * B, *LOOP_SHAPE), t2, y2).contiguous()
-        return out[:B]  # the conditional half: one prediction per sample, as the other cases
-
-    def step_only():
-        for _ in range(steps):
-            run_kernel(backend, **call)
-        return pair[0]
-
-    def free(x, t, labels):
-        return pred
-
-    def free_model(n_steps: int = steps):
-        return fastdiff.sample(free, n_steps, cfg, shape=LOOP_SHAPE, y=y, null_y=model.null_label, seed=0,
-                               sigma=sigma, device=device)
-
-    return {"free_model": (free_model, "fastdiff's loop with a model that returns a kept prediction"),
-            "step_only": (step_only, f"{steps} fused steps as the loop makes them"),
-            "model_only": (model_only, f"{steps} model calls on the kept 2B input"),
-            "free_model_1": (lambda: free_model(1), "the free-model loop for one step: the per-call setup + 1 step")}
-
-
 def cases(op: str, n: int, dtype: str = "fp32", device="cpu", impls=None) -> list[Case]:
     if op == "loop":
         return loop_cases(n, device, impls)
+    if op == "methods":
+        return method_cases(n, device, impls)
     if op in ("step_sde", "step_ode"):
         return step_cases(op, n, dtype, device, impls)
     if op == "loss":
@@ -463,7 +263,7 @@ def peak_memory(fn: Callable, device) -> Optional[int]:
 # ---- the report: interleaved medians, ratios, CSV rows ------------------------------------------------
 
 BASELINES = {"step_sde": "eager", "step_ode": "eager", "gram": "eager", "loss": "eager",
-             "randn": "torch", "loop": "diffusers"}
+             "randn": "torch", "loop": "diffusers", "methods": "euler"}
 
 
 def device_name(device) -> str:
@@ -503,7 +303,8 @@ def report(ops=OPS, log2_sizes=(22,), dtypes=("fp32",), device="cpu", repeat=15,
     header += f" {'peak MiB':>8s}" if device.type == "cuda" else ""
     header += f" {'x base':>7s} {'x compile':>9s} {'fastdiff x':>10s}"
     log(header)
-    log("(x base: speed relative to eager PyTorch; for randn to torch.randn, for loop to diffusers. "
+    log("(x base: speed relative to eager PyTorch; for randn to torch.randn, for loop to diffusers, for methods to "
+        "euler's step. "
         "fastdiff x: how many times faster fastdiff is than this row)")
     for k in log2_sizes:
         n = 1 << k
@@ -511,8 +312,8 @@ def report(ops=OPS, log2_sizes=(22,), dtypes=("fp32",), device="cpu", repeat=15,
         if device.type == "cuda":
             copy_s = time_interleaved([copy_case(n, device)], repeat, device=device)["torch"]
         for op in ops:
-            for dtype in (dtypes if op not in ("randn", "loop") else ("fp32",)):
-                impls = None if compile or op == "loop" else ["fastdiff", "eager", "reference", "torch"]
+            for dtype in (dtypes if op not in ("randn", "loop", "methods") else ("fp32",)):
+                impls = None if compile or op in ("loop", "methods") else ["fastdiff", "eager", "reference", "torch"]
                 group = cases(op, n, dtype, device, impls)
                 per_round: dict = {}
                 med = time_interleaved(group, repeat, device=device, rounds=per_round,

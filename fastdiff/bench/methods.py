@@ -1,0 +1,70 @@
+"""Each registered method's fused step per model evaluation, next to Euler's: the kernel calls of its stage
+table (50 steps on CondOT, one branch, a kept prediction, no model) exactly as the loop makes them. More
+history buffers, side outputs and draws cost bandwidth; a case's bytes are what its calls must move
+(reads of x, the prediction and the history, writes of the outputs, 4 bytes an element each), so the
+report's GB/s and its ratio to Euler's time say what each extra buffer costs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdiff.bench.case import Case
+
+STEPS, BATCH = 50, 16
+
+
+def _calls(method, n: int, device) -> tuple[list, int]:
+    """The first 50 prepared sampler_step calls of ``method``'s 50-step table and the bytes they move."""
+    from fastdiff.ops.sampler_step import prepare
+    from fastdiff.paths import get_path
+    from fastdiff.sampling.loop import _kernel_args
+
+    path = get_path("condot")
+    grid = [i / STEPS for i in range(STEPS + 1)]
+    options = {k: v for k, v in method.option_values().items() if k in method.options}
+    if "sigma" in options:
+        options["sigma"] = None  # the ODE form: Euler's row is the baseline
+    stages = method.stages(path, grid, "velocity", **options)
+    g = torch.Generator().manual_seed(0)
+    per = n // BATCH
+    buffers: dict[str, torch.Tensor] = {}
+
+    def buffer(name):
+        if name not in buffers:
+            buffers[name] = torch.randn(BATCH, per, generator=g).to(device)
+        return buffers[name]
+
+    pred = torch.randn(BATCH, per, generator=g).to(device)
+    seeds = torch.arange(BATCH, device=device)
+    calls, elements = [], 0
+    for st in (stages * 2)[:STEPS]:  # 50 evaluations: the first 50 of the table (two-evaluation methods: 25 steps)
+        history = [buffer(h) for h in st.history_buffers()]
+        side = buffer(st.side) if st.side else None
+        call = prepare(buffer(st.input), [pred], None, history, st.kernel_rows(), seeds, st.streams(),
+                       [buffer(st.out)], side, None)
+        calls.append(_kernel_args(call))
+        elements += per * BATCH * (2 + len(history) + 1 + (side is not None))
+    return calls, 4 * elements
+
+
+def method_cases(n: int, device="cpu", impls=None) -> list[Case]:
+    """One case per registered method: the first 50 kernel calls of its 50-step table, i.e. 50 model
+    evaluations' fused steps (median / 50 = the time per evaluation), the baseline being Euler's."""
+    from fastdiff import dispatch
+    from fastdiff.sampling.methods import methods
+
+    kernel = dispatch.kernel(dispatch.resolve(torch.device(device)), "sampler_step")
+    out = []
+    for method in methods():
+        if impls is not None and method.name not in impls:
+            continue
+        calls, nbytes = _calls(method, n, device)
+
+        def run(calls=calls):
+            for args in calls:
+                kernel(*args)
+
+        out.append(Case("methods", method.name, n, "fp32", run, nbytes,
+                        f"{STEPS} evaluations' steps, {nbytes / STEPS / n:.1f} bytes per element and evaluation"))
+    return out
