@@ -18,8 +18,8 @@ from fastdiff.sampling.coefficients import Stage, build_stages, needed_conversio
 from fastdiff.sampling.methods import Method, get_method, method_names, methods, register_method, unregister_method
 
 
-BUILTIN = ("euler", "heun", "ddim", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "ipndm", "ipndm_v",
-           "lms", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "unipc")  # registration order
+BUILTIN = ("euler", "heun", "ddim", "dpmpp_2m", "euler_ancestral", "deis", "dpmpp_2m_sde", "dpmpp_3m_sde", "ipndm",
+           "ipndm_v", "lms", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "unipc")  # registration order
 CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 LAST_STEP_EULER = ("dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde")  # one evaluation to sigma = 0
 
@@ -35,7 +35,7 @@ def test_registry_lists_the_builtin_methods_in_order():
     assert all(isinstance(m, Method) for m in records.values())
     evals = {"euler": 1, "heun": 2, "ddim": 1, "dpmpp_2m": 1, "euler_ancestral": 1, "dpmpp_2m_sde": 1,
              "dpmpp_3m_sde": 1, "lms": 1, "dpm_2": 2, "dpm_2_ancestral": 2, "dpmpp_2s_ancestral": 2, "dpmpp_sde": 2,
-             "ipndm": 1, "ipndm_v": 1, "unipc": 1}
+             "ipndm": 1, "ipndm_v": 1, "unipc": 1, "deis": 1}
     assert {n: m.evals_per_step for n, m in records.items()} == evals
     assert coefficients.EVALS_PER_STEP == evals
     assert {n: m.options for n, m in records.items()} == {"euler": ("sigma", *CHURN), "heun": CHURN, "ddim": ("eta",),
@@ -46,6 +46,7 @@ def test_registry_lists_the_builtin_methods_in_order():
                                                          "dpmpp_2s_ancestral": ("eta", "s_noise"),
                                                          "dpmpp_sde": ("eta", "s_noise", "r"),
                                                          "ipndm": ("order",), "ipndm_v": ("order",),
+                                                         "deis": ("order", "mode"),
                                                          "unipc": ("order", "solver_type", "lower_order_final")}
     assert records["euler_ancestral"].defaults == {"eta": 1.0, "s_noise": 1.0}
     assert records["dpmpp_2m_sde"].defaults == {"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint"}

@@ -19,7 +19,7 @@ import fastdiff
 from fastdiff.mixtures import GaussianMixture, MixtureModel
 
 ODE = [("euler", {}), ("heun", {}), ("ddim", {}), ("dpmpp_2m", {}), ("dpm_2", {}), ("lms", {}),
-       ("ipndm", {"order": 3}), ("ipndm_v", {"order": 3}), ("unipc", {"order": 2}),
+       ("ipndm", {"order": 3}), ("ipndm_v", {"order": 3}), ("deis", {}), ("unipc", {"order": 2}),
        ("unipc", {"order": 3, "lower_order_final": False}), ("dpmpp_3m_sde", {"eta": 0.0})]
 SDE = [("euler", {"sigma": 1.0}), ("ddim", {"eta": 1.0}), ("euler_ancestral", {}), ("dpm_2_ancestral", {}),
        ("dpmpp_2s_ancestral", {}), ("dpmpp_sde", {}), ("dpmpp_2m_sde", {}), ("dpmpp_3m_sde", {}),

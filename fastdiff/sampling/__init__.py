@@ -1,6 +1,6 @@
 """Samplers: coefficient tables (host, float64) and the sampling loop around the fused step."""
 
-from fastdiff.sampling import dpmpp_sde, ipndm, lms, two_stage, unipc  # noqa: F401  (register their methods)
+from fastdiff.sampling import deis, dpmpp_sde, ipndm, lms, two_stage, unipc  # noqa: F401  (register their methods)
 from fastdiff.sampling.loop import sample
 from fastdiff.sampling.methods import Method, get_method, methods, register_method
 
