@@ -125,8 +125,8 @@ def test_ddim_pipeline_with_per_sample_generators_and_seeds(unet):
     (lambda: FastDiffDDIMScheduler(), lambda s, o, t, x: s.step(o[:1], t, x), ValueError, "model_output has shape"),
     (lambda: FastDiffDDIMScheduler(), lambda s, o, t, x: (s.set_seeds([1, 2, 3]), s.step(o, t, x, eta=1.0)),
      ValueError, "per-sample seeds"),
-    (lambda: FastDiffEulerScheduler(), lambda s, o, t, x: s.step(o, t, x, s_churn=1.0), NotImplementedError,
-     "s_churn"),
+    (lambda: FastDiffEulerScheduler(), lambda s, o, t, x: (s.set_seeds([1, 2, 3]), s.step(o, t, x, s_churn=1.0)),
+     ValueError, "per-sample seeds"),
     (lambda: FastDiffEulerScheduler(prediction_type="flow"), lambda s, o, t, x: s.step(o, t, x), ValueError,
      "prediction_type='flow'"),
 ])
@@ -440,3 +440,37 @@ def test_stochastic_schedulers_sample_the_mixture(name, config):
         scaled = sched.scale_model_input(x, t)  # the sigma-scaled schedulers feed x / sqrt(sigma^2 + 1)
         x = sched.step(model(scaled, tt, None), t, x, **kw).prev_sample
     assert _zmax(mode_zscores(x.double(), mixture)) < 6.0
+
+
+@pytest.mark.parametrize("config,churn", [
+    (dict(prediction_type="epsilon"), dict(s_churn=2.0)),
+    (dict(prediction_type="v_prediction", use_karras_sigmas=True), dict(s_churn=3.0, s_tmin=0.1, s_tmax=8.0, s_noise=1.003)),
+    (dict(prediction_type="epsilon"), dict(s_churn=40.0, s_tmax=2.0))])
+def test_euler_churn_matches_diffusers_on_the_same_noise(unet, monkeypatch, config, churn):
+    """FastDiffEulerScheduler.step with diffusers' churn arguments: the raise to sigma_hat (s_noise x
+    fresh noise) and the Euler step in one pass; diffusers' randn_tensor answered with step i's stream."""
+    from diffusers.schedulers import scheduling_euler_discrete as module
+
+    seeds = [3, 4]
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+
+    def loop(sched):
+        sched.set_timesteps(10)
+        y = x * sched.init_noise_sigma
+        with torch.no_grad():
+            for t in sched.timesteps:
+                y = sched.step(unet(sched.scale_model_input(y, t), t).sample, t, y, **churn).prev_sample
+        return y
+
+    ours_sched = FastDiffEulerScheduler(**config)
+    ours_sched.set_seeds(seeds)
+    ours = loop(ours_sched)
+    index = {}
+
+    def randn_tensor(shape, **kw):  # the step index of the scheduler being stepped
+        return fastdiff.ops.randn(seeds, 1 + index["sched"].step_index, shape[1:]).to(kw.get("dtype"))
+
+    monkeypatch.setattr(module, "randn_tensor", randn_tensor)
+    index["sched"] = EulerDiscreteScheduler(**config)
+    theirs = loop(index["sched"])
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
