@@ -9,16 +9,16 @@ corresponds to (beta chosen so that sigma(1e-3) = 0.002 and sigma(1) = 80, as Co
 integral is taken by 64-point Gauss-Legendre (ComfyUI sums 10 000 points, within ~1e-4 of it).
 ``mode="rhoab"``: tau = sigma itself, Adams-Bashforth in sigma (the integrals in closed form). The first
 step is Euler's; the step to sigma' = 0 returns D; a step from sigma = inf is DDIM's and the history starts
-after it, as in fastdiff.sampling.ipndm (whose stage layout this shares).
+after it (fastdiff.sampling.sigma_space.sigma_multistep, the stage table both build on).
 """
 
 from __future__ import annotations
 
 import math
 
-from fastdiff.sampling.coefficients import Stage, _conv
+from fastdiff.sampling.coefficients import Stage
 from fastdiff.sampling.methods import register_method
-from fastdiff.sampling.sigma_space import noise_level, require_finite
+from fastdiff.sampling.sigma_space import sigma_multistep
 
 MODES = ("tab", "rhoab")
 EPS_S, SIGMA_MIN, SIGMA_MAX = 1e-3, 0.002, 80.0  # ComfyUI's fixed VP-SDE fit of EDM's sigma range
@@ -88,28 +88,7 @@ def deis_weights(sigmas: list[float], i: int, order: int, mode: str) -> list[flo
 @register_method("deis", options={"order": 3, "mode": "tab"}, evals_per_step=1, conversions=("x0",),
                  description="DEIS: multistep with exactly integrated Lagrange weights (tab: in VP time; rhoab: in sigma)")
 def _deis(path, grid, prediction, order=3, mode="tab") -> list[Stage]:
-    if not isinstance(order, int) or isinstance(order, bool) or not 1 <= order <= 4:
-        raise ValueError(f"order must be 1, 2, 3 or 4 for method='deis', got {order!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be 'tab' or 'rhoab' for method='deis', got {mode!r}")
-    sigmas = [noise_level(path, t) for t in grid]
-    stages, start = [], 0
-    for i in range(len(grid) - 1):
-        t = grid[i]
-        al, al1 = path.coefficients(t)[0], path.coefficients(grid[i + 1])[0]
-        a, b = _conv(path, t, prediction, "x0")
-        if math.isinf(sigmas[i]):  # from alpha = 0: DDIM's x' = alpha' D + beta'/beta x, the history after it
-            be, be1 = path.coefficients(t)[1], path.coefficients(grid[i + 1])[1]
-            stages.append(Stage(i, t, "x", "x", al1 * a + be1 / be, al1 * b, x0=(a, b), final=True))
-            start = i + 1
-            continue
-        sigma = require_finite("deis", sigmas[i], t)
-        k = 1 if sigmas[i + 1] <= 0.0 else min(order, i + 1 - start)
-        w = [sigmas[i + 1] - sigma] if k == 1 else deis_weights(sigmas, i, k, mode)
-        dx, dg = (1.0 / al - a) / sigma, -b / sigma  # d_i = dx x + dg g
-        previous = [(f"side{(i - j) % 4}", al1 * w[j], 0.0) for j in range(1, k)]
-        extra, *more = previous or [(None, 0.0, 0.0)]
-        stages.append(Stage(i, t, "x", "x", al1 / al + al1 * w[0] * dx, al1 * w[0] * dg, c_extra=extra[1],
-                            extra=extra[0], history=tuple(more), side=f"side{i % 4}", s_x=dx, s_pred=dg, x0=(a, b),
-                            final=True))
-    return stages
+    return sigma_multistep("deis", path, grid, prediction, order,
+                           lambda sigmas, i, k: [sigmas[i + 1] - sigmas[i]] if k == 1 else deis_weights(sigmas, i, k, mode))

@@ -12,11 +12,9 @@ of four buffers; the previous ones are history.
 
 from __future__ import annotations
 
-import math
-
-from fastdiff.sampling.coefficients import Stage, _conv
 from fastdiff.sampling.methods import register_method
-from fastdiff.sampling.sigma_space import noise_level, require_finite
+from fastdiff.sampling.sigma_space import sigma_multistep
+from fastdiff.sampling.stage import Stage
 
 FIXED = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
 
@@ -44,33 +42,12 @@ def _variable(order: int, h: list[float]) -> list[float]:
 
 
 def _ipndm(method, path, grid, prediction, order, variable) -> list[Stage]:
-    if not isinstance(order, int) or isinstance(order, bool) or not 1 <= order <= 4:
-        raise ValueError(f"order must be 1, 2, 3 or 4 for method={method!r}, got {order!r}")
-    sigmas = [noise_level(path, t) for t in grid]
-    stages, start = [], 0  # start: the first step of the history (after a step from sigma = inf)
-    for i in range(len(grid) - 1):
-        t = grid[i]
-        al, al1 = path.coefficients(t)[0], path.coefficients(grid[i + 1])[0]
-        a, b = _conv(path, t, prediction, "x0")
-        if sigmas[i + 1] == 0.0:  # the denoising step
-            stages.append(Stage(i, t, "x", "x", al1 * a, al1 * b, x0=(a, b), final=True))
-            continue
-        if math.isinf(sigmas[i]):  # from alpha = 0: the first-order limit, DDIM's x' = alpha' D + beta'/beta x
-            be, be1 = path.coefficients(t)[1], path.coefficients(grid[i + 1])[1]
-            stages.append(Stage(i, t, "x", "x", al1 * a + be1 / be, al1 * b, x0=(a, b), final=True))
-            start = i + 1
-            continue
-        sigma = require_finite(method, sigmas[i], t)
-        k = min(order, i + 1 - start)
+    def weights(sigmas, i, k):
+        h = sigmas[i + 1] - sigmas[i]
         steps = [sigmas[i + 1 - j] - sigmas[i - j] for j in range(k)]  # this step and the k - 1 before it
-        w = _variable(k, steps) if variable else FIXED[k]
-        dx, dg = (1.0 / al - a) / sigma, -b / sigma  # d_i = dx x + dg g
-        c = al1 * (sigmas[i + 1] - sigma)  # x' = alpha' x / alpha + c Σ w_j d_{i-j}
-        previous = [(f"side{(i - j) % 4}", c * w[j], 0.0) for j in range(1, k)]
-        extra, *more = previous or [(None, 0.0, 0.0)]
-        stages.append(Stage(i, t, "x", "x", al1 / al + c * w[0] * dx, c * w[0] * dg, c_extra=extra[1], extra=extra[0],
-                            history=tuple(more), side=f"side{i % 4}", s_x=dx, s_pred=dg, x0=(a, b), final=True))
-    return stages
+        return [h * w for w in (_variable(k, steps) if variable else FIXED[k])]
+
+    return sigma_multistep(method, path, grid, prediction, order, weights)
 
 
 @register_method("ipndm", options={"order": 4}, evals_per_step=1, conversions=("x0",),

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 
-from fastdiff.paths import VE, GaussianPath
+from fastdiff.paths import VE, GaussianPath, affine_coefficients
+from fastdiff.sampling.stage import Stage
 
 
 def noise_level(path: GaussianPath, t: float) -> float:
@@ -55,3 +56,35 @@ def require_finite(method: str, sigma: float, t: float) -> float:
         raise ValueError(f"method={method!r} steps in the noise level sigma = beta / alpha, which is {sigma} at "
                          f"t={t:g}")
     return sigma
+
+
+def sigma_multistep(method, path, grid, prediction, order, weights) -> list[Stage]:
+    """The stage table of a multistep method on d = (x / alpha - D) / sigma: x' / alpha' = x / alpha +
+    Σ_j C_j d_{i-j} with C = weights(sigmas, i, k) in sigma units (k = the order reached at step i), d_i a side
+    output in a ring of four buffers; alpha' D on the step to sigma' = 0; DDIM's step from sigma = inf, the
+    history starting after it (iPNDM, DEIS)."""
+    if not isinstance(order, int) or isinstance(order, bool) or not 1 <= order <= 4:
+        raise ValueError(f"order must be 1, 2, 3 or 4 for method={method!r}, got {order!r}")
+    sigmas = [noise_level(path, t) for t in grid]
+    stages, start = [], 0  # start: the first step of the history (after a step from sigma = inf)
+    for i in range(len(grid) - 1):
+        t = grid[i]
+        al, al1 = path.coefficients(t)[0], path.coefficients(grid[i + 1])[0]
+        a, b = affine_coefficients(path, t, prediction, "x0")
+        if sigmas[i + 1] == 0.0:  # the denoising step
+            stages.append(Stage(i, t, "x", "x", al1 * a, al1 * b, x0=(a, b), final=True))
+            continue
+        if math.isinf(sigmas[i]):  # from alpha = 0: the first-order limit, DDIM's x' = alpha' D + beta'/beta x
+            be, be1 = path.coefficients(t)[1], path.coefficients(grid[i + 1])[1]
+            stages.append(Stage(i, t, "x", "x", al1 * a + be1 / be, al1 * b, x0=(a, b), final=True))
+            start = i + 1
+            continue
+        sigma = require_finite(method, sigmas[i], t)
+        k = min(order, i + 1 - start)
+        c = [al1 * w for w in weights(sigmas, i, k)]  # x' = alpha' x / alpha + Σ c_j d_{i-j}
+        dx, dg = (1.0 / al - a) / sigma, -b / sigma  # d_i = dx x + dg g
+        previous = [(f"side{(i - j) % 4}", c[j], 0.0) for j in range(1, k)]
+        extra, *more = previous or [(None, 0.0, 0.0)]
+        stages.append(Stage(i, t, "x", "x", al1 / al + c[0] * dx, c[0] * dg, c_extra=extra[1], extra=extra[0],
+                            history=tuple(more), side=f"side{i % 4}", s_x=dx, s_pred=dg, x0=(a, b), final=True))
+    return stages

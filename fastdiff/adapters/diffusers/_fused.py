@@ -62,3 +62,19 @@ class _FusedStep:
             return 1.0 / (sigma * sigma + 1.0), -sigma / math.sqrt(sigma * sigma + 1.0)
         takes = "epsilon, v_prediction or sample" if sample_ok else "epsilon or v_prediction"
         raise ValueError(f"prediction_type={ptype!r} is not supported; {step} takes {takes}")
+
+    def _step_sigmas(self, timestep) -> tuple[float, float]:
+        """(sigma, sigma_next) of this step of a sigma-indexed diffusers scheduler (Euler-type): diffusers'
+        refusal of integer indices as timesteps, its step index, the two sigmas in float64."""
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):  # as diffusers' own check
+            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to step() is "
+                             "not supported; pass one of scheduler.timesteps")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        return float(self.sigmas[self.step_index].double()), float(self.sigmas[self.step_index + 1].double())
+
+    def _data_conversion(self, al: float, sg: float, sigma: float) -> tuple[float, float] | None:
+        """(a, b) with x0 = a x + b model_output on a VP-scaled sample (alpha, sigma_t = al, sg; sigma: the raw
+        sigma, for flow predictions), for the scheduler's prediction_type; None for an unknown one."""
+        return {"epsilon": (1.0 / al, -sg / al), "sample": (0.0, 1.0), "v_prediction": (al, -sg),
+                "flow_prediction": (1.0, -sigma)}.get(self.config.prediction_type)

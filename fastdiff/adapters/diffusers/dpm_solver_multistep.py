@@ -81,14 +81,15 @@ class FastDiffDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepSchedule
         """(a, b): the converted output m = a x + b g diffusers keeps (x0 for ++, else eps)."""
         ptype, plus = self.config.prediction_type, self.config.algorithm_type.endswith("++")
         if plus:
-            table = {"epsilon": (1.0 / al, -sg / al), "sample": (0.0, 1.0), "v_prediction": (al, -sg),
-                     "flow_prediction": (1.0, -float(self.sigmas[self.step_index].double()))}
+            ab = self._data_conversion(al, sg, float(self.sigmas[self.step_index].double()))
+            takes = "epsilon, sample, v_prediction, flow_prediction"
         else:
-            table = {"epsilon": (0.0, 1.0), "sample": (1.0 / sg, -al / sg), "v_prediction": (sg, al)}
-        if ptype not in table:
+            ab = {"epsilon": (0.0, 1.0), "sample": (1.0 / sg, -al / sg), "v_prediction": (sg, al)}.get(ptype)
+            takes = "epsilon, sample, v_prediction"
+        if ab is None:
             raise ValueError(f"prediction_type={ptype!r} is not supported with algorithm_type="
-                             f"{self.config.algorithm_type!r}; take one of {', '.join(table)}")
-        return table[ptype]
+                             f"{self.config.algorithm_type!r}; take one of {takes}")
+        return ab
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
              generator: Optional[torch.Generator] = None, variance_noise: Optional[torch.Tensor] = None,

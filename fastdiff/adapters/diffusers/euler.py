@@ -23,13 +23,7 @@ class FastDiffEulerScheduler(_FusedStep, EulerDiscreteScheduler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
              generator: Optional[torch.Generator] = None, return_dict: bool = True):
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):  # as diffusers' own check
-            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to step() is "
-                             "not supported; pass one of scheduler.timesteps")
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        sigma = float(self.sigmas[self.step_index].double())
-        sigma_next = float(self.sigmas[self.step_index + 1].double())
+        sigma, sigma_next = self._step_sigmas(timestep)
         gamma = min(s_churn / (len(self.sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (gamma + 1.0)
         c = s_noise * math.sqrt(sigma_hat ** 2 - sigma ** 2) if gamma > 0 else 0.0  # x_hat = x + c xi

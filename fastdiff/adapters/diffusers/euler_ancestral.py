@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -11,6 +10,7 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncest
 
 from fastdiff.adapters.diffusers._fused import _FusedStep
 from fastdiff.ops.guided_step import guided_step
+from fastdiff.sampling.sigma_space import ancestral_step
 
 
 class FastDiffEulerAncestralScheduler(_FusedStep, EulerAncestralDiscreteScheduler):
@@ -20,17 +20,10 @@ class FastDiffEulerAncestralScheduler(_FusedStep, EulerAncestralDiscreteSchedule
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
              generator: Optional[torch.Generator] = None, return_dict: bool = True):
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):  # as diffusers' own check
-            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to step() is "
-                             "not supported; pass one of scheduler.timesteps")
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        sigma = float(self.sigmas[self.step_index].double())
-        sigma_next = float(self.sigmas[self.step_index + 1].double())
+        sigma, sigma_next = self._step_sigmas(timestep)
         # x0 = ax x + ag g; diffusers' Euler ancestral step has no "sample" prediction either
         ax, ag = self._x0_coefficients(sigma, "diffusers' Euler ancestral step", sample_ok=False)
-        up = math.sqrt(max(0.0, sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2))
-        down = math.sqrt(max(0.0, sigma_next ** 2 - up ** 2))
+        down, up = ancestral_step(sigma, sigma_next, 1.0)
         r = (down - sigma) / sigma  # x' = x + (x - x0) (sigma_down - sigma) / sigma + sigma_up xi
         x, g = self._inputs(model_output, sample)
         seeds = self._seeds_for(x.shape[0], x.device) if up > 0 else None

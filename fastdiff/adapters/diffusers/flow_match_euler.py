@@ -23,16 +23,10 @@ class FastDiffFlowMatchEulerScheduler(_FusedStep, FlowMatchEulerDiscreteSchedule
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
              generator: Optional[torch.Generator] = None, per_token_timesteps: Optional[torch.Tensor] = None,
              return_dict: bool = True):
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):  # as diffusers' own check
-            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to step() is "
-                             "not supported; pass one of scheduler.timesteps")
         if per_token_timesteps is not None:
             raise NotImplementedError("per_token_timesteps: fastdiff's fused flow-matching step takes one timestep "
                                       "per step")
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        sigma = float(self.sigmas[self.step_index].double())
-        sigma_next = float(self.sigmas[self.step_index + 1].double())
+        sigma, sigma_next = self._step_sigmas(timestep)
         x, g = self._inputs(model_output, sample)
         prev = torch.empty_like(x)
         if self.config.stochastic_sampling:

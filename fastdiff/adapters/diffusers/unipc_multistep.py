@@ -42,12 +42,11 @@ class FastDiffUniPCMultistepScheduler(_FusedStep, UniPCMultistepScheduler):
         return self._fd_plan
 
     def _x0_conversion(self, al: float, sg: float, sigma: float) -> tuple[float, float]:
-        table = {"epsilon": (1.0 / al, -sg / al), "sample": (0.0, 1.0), "v_prediction": (al, -sg),
-                 "flow_prediction": (1.0, -sigma)}
-        ptype = self.config.prediction_type
-        if ptype not in table:
-            raise ValueError(f"prediction_type={ptype!r} is not supported; take one of {', '.join(table)}")
-        return table[ptype]
+        ab = self._data_conversion(al, sg, sigma)
+        if ab is None:
+            raise ValueError(f"prediction_type={self.config.prediction_type!r} is not supported; take one of "
+                             "epsilon, sample, v_prediction, flow_prediction")
+        return ab
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         if self.num_inference_steps is None:
