@@ -215,6 +215,7 @@ def _sample(args: argparse.Namespace) -> int:
         x = fastdiff.sample(model, args.steps, args.cfg, shape=shape, y=y, null_y=model.null_label,
                             batch_size=None if y is not None else n, seed=args.seed, path=path, prediction=prediction,
                             method=args.method, sigma=args.sigma, progress=not args.no_progress,
+                            step_noise="brownian" if args.step_noise == "brownian" else None,
                             device=args.device, **_options(args.option)).cpu()
     if out.endswith(".safetensors"):
         import safetensors.torch as st
@@ -373,6 +374,9 @@ def _parser() -> argparse.ArgumentParser:
     p_sample.add_argument("--option", action="append", type=_method_option, default=[], metavar="NAME=VALUE",
                           help="a further option of the method, repeatable (e.g. eta=0.5, s_noise=1.003, s_churn=10, "
                                "order=3, solver_type=heun, r=0.4; which method takes which: docs/sampling.md)")
+    p_sample.add_argument("--step-noise", choices=["independent", "brownian"], default="independent",
+                          help="the steps' noise: independent draws (default) or one Brownian path per sample, "
+                               "step-count stable like k-diffusion's Brownian tree (~25 normals per element and step instead of 1)")
     p_sample.add_argument("--size", type=POSITIVE_INT, default=8, help="image side for UNet checkpoints")
     p_sample.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     p_sample.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")

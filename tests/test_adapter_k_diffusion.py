@@ -183,7 +183,7 @@ def test_stochastic_samplers_take_k_diffusion_keywords(name, kw):
     (lambda d, x: fk.sample_dpmpp_sde(d, x, torch.tensor([5.0, 1.0, 0.0]), noise_sampler=lambda a, b: None),
      ValueError, "noise_sampler returned NoneType at step 0"),
     (lambda d, x: fk.sample_euler_ancestral(d, x, torch.tensor([5.0, 1.0, 0.0]), noise_sampler=3),
-     TypeError, "noise_sampler must be callable"),
+     TypeError, "noise_sampler must be .brownian. or callable"),
     (lambda d, x: fk.sample_euler(d, x.long(), torch.tensor([5.0, 0.0])), TypeError, "floating-point"),
     (lambda d, x: fk.sample_euler(d, x, torch.tensor([5.0, 0.0]), extra_args=[1]), TypeError, "extra_args"),
 ])

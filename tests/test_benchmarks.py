@@ -167,8 +167,10 @@ def test_method_cases_run_every_registered_method():
 
     n = 16 * 64
     cases = {c.impl: c for c in method_cases(n)}
-    assert list(cases) == list(fastdiff.sampling.METHODS)
+    assert list(cases) == [*fastdiff.sampling.METHODS, "brownian_noise"]
     assert cases["euler"].bytes == 50 * 12 * n
+    # step_noise="brownian": ~7 calls of 4 draws per step, each 12 bytes per element
+    assert 50 * 5 * 12 * n < cases["brownian_noise"].bytes < 50 * 10 * 12 * n
     assert cases["dpmpp_3m_sde"].bytes > cases["dpmpp_2m"].bytes > cases["euler"].bytes
     for case in cases.values():
         case.fn()
@@ -177,5 +179,5 @@ def test_method_cases_run_every_registered_method():
 def test_loop_cases_include_the_method_rows():
     from fastdiff.bench.loops import loop_cases
 
-    impls = {c.impl for c in loop_cases(1 << 12, impls=["fastdiff_ea", "fastdiff_2m_sde"])}
-    assert impls == {"fastdiff_ea", "fastdiff_2m_sde"}
+    impls = {c.impl for c in loop_cases(1 << 12, impls=["fastdiff_ea", "fastdiff_2m_sde", "fastdiff_2m_sde_bt"])}
+    assert impls == {"fastdiff_ea", "fastdiff_2m_sde", "fastdiff_2m_sde_bt"}

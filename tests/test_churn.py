@@ -15,6 +15,7 @@ from fastdiff.sampling import churn
 from fastdiff.sampling.coefficients import draw_stream
 from fastdiff.sampling.methods import get_method
 from fastdiff.sampling.sigma_space import noise_level
+from conftest import BACKENDS
 from test_adapter_k_diffusion import _kd_case
 
 
@@ -134,3 +135,62 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="above the path's at t = 0"):
         fastdiff.sample(fastdiff.mixtures.MixtureModel(ring_mixture(), ve, "x0"), 5, shape=(2,), batch_size=2,
                         path=ve, prediction="x0", method="heun", s_churn=1.0)
+
+
+def _churn_case():
+    from fastdiff.mixtures import MixtureModel, ring_mixture
+
+    class Labelled(MixtureModel):  # a conditional model: the label shifts the x0 prediction
+        def __call__(self, x, t, y=None):
+            out = super().__call__(x, t, None)
+            return out if y is None else out + 0.1 * y.view(-1, 1).float()
+
+    return Labelled(ring_mixture(), "vp", "x0")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["euler", "heun", "dpm_2"])
+def test_per_sample_churn_is_each_sample_alone(backend, method):
+    """s_churn, s_tmin, s_tmax and s_noise as one value per sample (a list or a tensor): per-sample model times
+    and coefficient rows in one batch; each sample equals its run alone with its own values, bit for bit on
+    the backend, with guidance, a callback's x0 and Brownian noise too."""
+    name, device = backend
+    if name == "triton" and method != "heun":
+        pytest.skip("the Triton interpreter runs one method (the per-sample rows are the same calls)")
+    model = _churn_case()
+    values = dict(s_churn=[0.0, 30.0, 3.0, 30.0, 8.0], s_tmin=[0.0, 0.0, 0.0, 0.5, 0.0],
+                  s_tmax=[math.inf, math.inf, 5.0, math.inf, math.inf], s_noise=torch.tensor([1.0, 1.0, 1.2, 0.9, 1.0]))
+    seeds = [4, 5, 6, 7, 8]
+    y = torch.tensor([0, 1, 2, 1, 0])
+    kw = dict(shape=(2,), path="vp", prediction="x0", method=method, timesteps=[0.05, 0.3, 0.6, 0.8, 0.9],
+              backend=name, device=device, cfg=2.0, null_y=3)
+    for step_noise in (None, "brownian"):
+        seen = []
+        batch = fastdiff.sample(model, None, seed=seeds, y=y, step_noise=step_noise,
+                                callback=lambda i, t, x, x0: seen.append(x0.clone()), **values, **kw)
+        for b in range(len(seeds)):
+            own = {k: float(v[b]) for k, v in values.items()}
+            alone_x0 = []
+            alone = fastdiff.sample(model, None, seed=[seeds[b]], y=y[b:b + 1], step_noise=step_noise,
+                                    callback=lambda i, t, x, x0: alone_x0.append(x0.clone()), **own, **kw)
+            assert torch.equal(alone[0], batch[b]), (step_noise, b)
+            for mine, theirs in zip(alone_x0, seen):
+                torch.testing.assert_close(mine[0], theirs[b], rtol=1e-6, atol=1e-6)
+
+
+def test_per_sample_options_are_checked():
+    model = _churn_case()
+    kw = dict(shape=(2,), batch_size=3, path="vp", prediction="x0", timesteps=[0.05, 0.5, 0.9])
+    with pytest.raises(ValueError, match=r"s_churn holds 2 values; per-sample options need one per sample \(B = 3\)"):
+        fastdiff.sample(model, None, method="heun", s_churn=[1.0, 2.0], **kw)
+    with pytest.raises(ValueError, match="s_churn as a tensor must be 1-D"):
+        fastdiff.sample(model, None, method="heun", s_churn=torch.ones(3, 1), **kw)
+    with pytest.raises(TypeError, match=r"s_noise\[1\] must be a number"):
+        fastdiff.sample(model, None, method="heun", s_churn=5.0, s_noise=[1.0, "a", 1.0], **kw)
+    with pytest.raises(ValueError, match=r"s_noise must be a finite number >= 0"):
+        fastdiff.sample(model, None, method="heun", s_churn=5.0, s_noise=[1.0, -1.0, 1.0], **kw)
+    with pytest.raises(ValueError, match="s_churn"):  # a method without churn refuses it, per sample too
+        fastdiff.sample(model, None, method="ddim", s_churn=[0.0, 1.0, 0.0], **kw)
+    # all samples alike: the plain table (no per-sample rows)
+    torch.testing.assert_close(fastdiff.sample(model, None, method="heun", s_churn=[4.0] * 3, **kw),
+                               fastdiff.sample(model, None, method="heun", s_churn=4.0, **kw), rtol=0, atol=0)

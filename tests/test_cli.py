@@ -60,6 +60,11 @@ def test_train_then_sample_ring(tmp_path, capsys):
     other = safetensors.torch.load_file(st)["x"]
     assert cli.main(base + ["--method", "heun", "--option", "s_churn=2"]) == 0
     assert not torch.equal(other, safetensors.torch.load_file(st)["x"])
+    # --step-noise brownian: the steps' noise from the Brownian path (other samples, same settings)
+    assert cli.main(base + ["--method", "dpmpp_2m_sde", "--option", "eta=0.5", "--option", "solver_type=heun",
+                            "--step-noise", "brownian"]) == 0
+    brownian = safetensors.torch.load_file(st)["x"]
+    assert brownian.isfinite().all() and not torch.equal(other, brownian)
     capsys.readouterr()
     assert cli.main(base + ["--method", "heun", "--option", "r=0.4"]) == 2
     assert "r applies to method='dpmpp_sde'" in capsys.readouterr().err

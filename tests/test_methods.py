@@ -101,9 +101,9 @@ def _tables(method, kw):
 
 
 def _hash(tables):
-    # the fields of the original Stage; a later field (history, more_draws, start_churn) enters only where a
+    # the fields of the original Stage; a later field (history, more_draws, start_churn, brownian_terms) enters only where a
     # stage uses it
-    later = {"history": (), "more_draws": (), "start_churn": None}
+    later = {"history": (), "more_draws": (), "start_churn": None, "brownian_terms": ()}
 
     def fields(s):
         return tuple(dataclasses.astuple(s)[i] for i, f in enumerate(dataclasses.fields(s))

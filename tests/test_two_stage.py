@@ -172,7 +172,7 @@ def test_step_noise_is_checked():
     kw = dict(shape=(2,), batch_size=3, path="vp", prediction="eps", timesteps=[0.1, 0.5, 0.9], method="ddim", eta=1.0)
     with pytest.raises(ValueError, match=r"step_noise returned shape \(2, 2\) at step 0, expected \(3, 2\)"):
         fastdiff.sample(model, None, step_noise=lambda i, j: torch.zeros(2, 2), **kw)
-    with pytest.raises(TypeError, match="step_noise must be callable"):
+    with pytest.raises(TypeError, match="step_noise must be None, 'brownian' or a callable"):
         fastdiff.sample(model, None, step_noise=3, **kw)
     # zero noise from the caller is the deterministic step's result (eta's noise term times 0)
     calls = []

@@ -15,7 +15,8 @@ from fastdiff.bench.case import CFG, SIGMA, Case, _sde_coefficients
 LOOP_STEPS, LOOP_SHAPE = 50, (4, 32, 32)  # per-sample latent shape; N = batch x 4096
 PEERS = ("diffusers", "k_diffusion", "torchsde", "flow_matching")  # fastdiff_ode is the like-for-like row for flow_matching
 # fastdiff's euler_ancestral and dpmpp_2m_sde next to k-diffusion's (and diffusers' DPM-Solver++ SDE) on its grid
-METHOD_ROWS = ("fastdiff_ea", "fastdiff_2m_sde", "k_diffusion_2m_sde", "diffusers_2m_sde")
+# (fastdiff_2m_sde_bt: step-count-stable Brownian noise, like for like with k-diffusion's default tree)
+METHOD_ROWS = ("fastdiff_ea", "fastdiff_2m_sde", "fastdiff_2m_sde_bt", "k_diffusion_2m_sde", "diffusers_2m_sde")
 
 
 class CheapModel(torch.nn.Module):
@@ -79,6 +80,10 @@ def loop_cases(n: int, device="cpu", impls=None, steps: int = LOOP_STEPS, cfg: f
         out[name] = ((lambda method=method: fastdiff.sample(model, None, cfg, shape=LOOP_SHAPE, y=y, null_y=model.null_label,
                                                            seed=0, method=method, timesteps=t_list, device=device)),
                      f"method={method!r} (vs k-diffusion's and diffusers' {method})")
+    out["fastdiff_2m_sde_bt"] = (lambda: fastdiff.sample(model, None, cfg, shape=LOOP_SHAPE, y=y, null_y=model.null_label,
+                                                         seed=0, method="dpmpp_2m_sde", timesteps=t_list, device=device,
+                                                         step_noise="brownian"),
+                                 "method='dpmpp_2m_sde', step_noise='brownian' (vs k-diffusion's Brownian tree)")
     want = lambda k: impls is None or k in impls  # noqa: E731
     if want("diffusers"):
         try:

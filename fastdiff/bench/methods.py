@@ -67,4 +67,31 @@ def method_cases(n: int, device="cpu", impls=None) -> list[Case]:
 
         out.append(Case("methods", method.name, n, "fp32", run, nbytes,
                         f"{STEPS} evaluations' steps, {nbytes / STEPS / n:.1f} bytes per element and evaluation"))
+    if impls is None or "brownian_noise" in impls:
+        calls, nbytes = _brownian_calls(n, device)
+
+        def run_noise(calls=calls):
+            for args in calls:
+                kernel(*args)
+
+        out.append(Case("methods", "brownian_noise", n, "fp32", run_noise, nbytes,
+                        f"step_noise='brownian': the noise sums of {STEPS} Euler–Maruyama steps alone "
+                        f"({len(calls)} calls of <= 4 draws)"))
     return out
+
+
+def _brownian_calls(n: int, device) -> tuple[list, int]:
+    """The kernel calls that sum the Brownian draws of a 50-step Euler–Maruyama table (step_noise="brownian",
+    fastdiff.sampling.brownian) and the bytes they move (each reads its buffer twice and writes it)."""
+    from fastdiff.paths import get_path
+    from fastdiff.sampling.brownian import kernel_calls
+    from fastdiff.sampling.methods import get_method
+    from fastdiff.sampling.scratch import StageCache
+
+    grid = [i / STEPS for i in range(STEPS + 1)]
+    stages = get_method("euler").stages(get_path("condot"), grid, "velocity", sigma=lambda t: 1.0)
+    buffer = torch.zeros(BATCH, n // BATCH, device=device)
+    seeds = torch.arange(BATCH, device=device)
+    per_stage = kernel_calls(stages, [0] * len(stages), grid, buffer, seeds, StageCache(), "bench")
+    calls = [args for stage_calls in per_stage for args in stage_calls]
+    return calls, 12 * buffer.numel() * len(calls)

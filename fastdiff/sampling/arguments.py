@@ -187,3 +187,15 @@ def check_step_noise(noise, x: torch.Tensor, stage: Stage) -> torch.Tensor:
     if noise.shape != x.shape:
         raise ValueError(f"step_noise returned shape {tuple(noise.shape)} at step {stage.step}, expected {tuple(x.shape)}")
     return noise
+
+
+def check_step_noise_kind(step_noise) -> bool:
+    """Validates sample(step_noise=...): None, "brownian" or a callable; returns whether it is "brownian"."""
+    if isinstance(step_noise, str):
+        if step_noise != "brownian":
+            raise ValueError(f"step_noise must be None, 'brownian' or a callable step_noise(step, j), got {step_noise!r}")
+        return True
+    if step_noise is not None and not callable(step_noise):
+        raise TypeError(f"step_noise must be None, 'brownian' or a callable step_noise(step, j), got "
+                        f"{type(step_noise).__name__}")
+    return False

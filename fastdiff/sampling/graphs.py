@@ -81,12 +81,12 @@ class CapturedLoop:
 
 
 def key(model, *, stages, beta0, batch, shape, device, cfg, cfg_batch, guidance_interval, backend, noise_given,
-        check_finite, labels) -> tuple:
+        check_finite, labels, brownian=False, per_sample=None) -> tuple:
     """Everything a captured loop baked in. ``labels``: a description of each label tensor the loop
     reads (None, or (shape, dtype)) — values are refilled, shapes and dtypes are baked."""
     return (id(model), tuple(dataclasses.astuple(st) for st in stages), float(beta0), int(batch), tuple(shape),
             str(device), float(cfg), bool(cfg_batch), None if guidance_interval is None else tuple(guidance_interval),
-            backend, bool(noise_given), bool(check_finite), labels)
+            backend, bool(noise_given), bool(check_finite), labels, bool(brownian), per_sample)
 
 
 def label_signature(t) -> tuple | None:

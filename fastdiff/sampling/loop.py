@@ -10,21 +10,23 @@ import torch
 
 from fastdiff import _checks
 from fastdiff import dispatch as _dispatch
-from fastdiff.ops.sampler_step import KERNEL_ARGS, ROW_ARGS, prepare_tensors, with_rows
+from fastdiff.ops.sampler_step import KERNEL_ARGS, ROW_ARGS, prepare, prepare_tensors, with_rows
 from fastdiff.ops.guided_step import guided_step
 from fastdiff.ops.randn import randn
 from fastdiff.paths import check_prediction, get_path
-from fastdiff.sampling import graphs
+from fastdiff.sampling import graphs, per_sample
+from fastdiff.sampling.brownian import kernel_calls as brownian_kernel_calls
 from fastdiff.sampling.arguments import (MAX_STEPS, T_MIN_SINGULAR, batch_size_of, check_model_output,  # noqa: F401
-                                         check_step_noise,
+                                         check_step_noise, check_step_noise_kind,
                                          concat_labels, guidance_interval_pair, is_number, null_labels, sample_seeds,
                                          sigma_function, time_grid)
 from fastdiff.sampling.stage import Stage, draw_stream
+from fastdiff.sampling.tables import STAGE_CACHE, stage_tables
 from fastdiff.sampling.scratch import POOL, StageCache
 from fastdiff.sampling.methods import check_options, get_method
 
 
-_STAGE_CACHE = StageCache()  # stage tables: ~1 ms to build for 50 steps (150 path conversions)
+_STAGE_CACHE = STAGE_CACHE  # stage tables (fastdiff.sampling.tables)
 _kernel_args = operator.itemgetter(*KERNEL_ARGS)  # a prepared call's dict → the kernel's positional arguments
 # Per stage, the checked coefficient rows of its sampler_step call (with_rows' host half: weights,
 # coefficients, streams), keyed by the stage table and the guidance: ~30 us of checks per stage.
@@ -55,7 +57,9 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             or any method registered with fastdiff.sampling.register_method (``fastdiff.sampling.METHODS``).
         sigma: diffusion coefficient (float or callable t → sigma_t) of the SDE (methods that take it: euler).
         eta: the noise fraction in [0, 1] of the methods that take it (ddim: default 0, deterministic).
-        **options: further options of the chosen method (fastdiff.sampling.methods(); docs/sampling.md).
+        **options: further options of the chosen method (fastdiff.sampling.methods(); docs/sampling.md);
+            EDM's churn options (s_churn, s_tmin, s_tmax, s_noise of euler, heun, dpm_2) also per sample, as
+            a list or 1-D tensor of B values (per-sample model times and coefficient rows).
         timesteps: explicit increasing grid in [0, 1] (steps + 1 times).
         guidance_interval: (t_lo, t_hi): guidance only for t_lo <= t <= t_hi, one pass elsewhere.
         cfg_batch: run conditional and unconditional inputs as one batch of 2B (default) or two calls.
@@ -71,10 +75,14 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             frees them, and a model's loops are dropped when the model is garbage-collected. The
             model's parameters must stay where they are (in-place updates are seen; ``.to()`` or
             reassigned parameters need clear_cuda_graphs()).
-        step_noise: the caller's noise instead of the in-kernel draws: ``step_noise(step, j)`` → a standard
-            normal [B, *shape] for the j-th noisy stage of step ``step`` (one call per stage that adds noise;
-            k-diffusion's ``noise_sampler`` through fastdiff.adapters.k_diffusion). The stage's whole
-            noise term (its draws, e.g. dpmpp_sde's Brownian combination) becomes its scale times that tensor.
+        step_noise: the noise of the steps. None: independent in-kernel draws (docs/design.md §3).
+            "brownian": increments of one Brownian path per sample over flow time, a pure function of
+            (seed, element), so that a seed's samples converge as steps grow (k-diffusion's
+            BrownianTreeNoiseSampler; fastdiff.sampling.brownian, in the kernels). A callable: the caller's
+            noise, ``step_noise(step, j)`` → a standard normal [B, *shape] for the j-th noisy stage of step
+            ``step`` (one call per stage that adds noise; k-diffusion's ``noise_sampler`` through
+            fastdiff.adapters.k_diffusion). The stage's whole noise term (its draws, e.g. dpmpp_sde's
+            Brownian combination) becomes its scale times that tensor.
 
     On the CPU the loop's scratch buffers (not the returned samples) are kept for the next call, up to
     256 MiB (fastdiff.clear_scratch() frees them). Runs under torch.no_grad().
@@ -90,6 +98,7 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         raise ValueError(f"eta must be in [0, 1], got {eta!r}")
     sigma_fn = sigma_function(sigma)
     stochastic = callable(sigma) or sigma > 0
+    options, per_sample_values = per_sample.split(method_record, options)  # e.g. s_churn per sample
     check_options(method_record, sigma=sigma, eta=eta, **options)  # e.g. sigma > 0 for heun, eta > 0 for euler
     values = method_record.option_values(sigma=sigma, eta=eta, **options)  # the method's defaults where not given
     guided = cfg != 1.0
@@ -120,9 +129,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
 
     if cuda_graph and callback is not None:
         raise ValueError("cuda_graph=True cannot call a Python callback inside the captured loop; pass callback=None")
-    if step_noise is not None and not callable(step_noise):
-        raise TypeError(f"step_noise must be callable as step_noise(step, j), got {type(step_noise).__name__}")
-    if cuda_graph and step_noise is not None:
+    brownian = check_step_noise_kind(step_noise)
+    if cuda_graph and step_noise is not None and not brownian:
         raise ValueError("cuda_graph=True cannot call step_noise inside the captured loop; pass step_noise=None")
     if cuda_graph and y is not None and not isinstance(y, torch.Tensor):
         raise TypeError("cuda_graph=True needs y as a tensor (its values are refilled between replays)")
@@ -130,19 +138,9 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     # sigma is evaluated (and checked) here, so that the builder's ValueErrors are the conversions' own
     sigma_at = {t: sigma_fn(t) for t in grid[:-1]} if stochastic else None
     values["sigma"] = tuple(sigma_at.values()) if stochastic else None  # hashable; the builders get a function
-    stage_key = (method_record.name, method_record.build, path_arg if isinstance(path_arg, str) else path,
-                 prediction, tuple(grid), tuple(values.items()))
-    stages = _STAGE_CACHE.get(stage_key)
-    if stages is None:
-        try:
-            if stochastic:
-                values["sigma"] = sigma_at.__getitem__  # the builders' form of sigma
-            stages = method_record.stages(path, grid, prediction,
-                                          **{k: v for k, v in values.items() if k in method_record.options})
-        except ValueError as exc:
-            raise ValueError(f"{exc} (method={method!r}, prediction={prediction!r}, path={path!r}); "
-                             "start the grid after the singular point") from None
-        _STAGE_CACHE.put(stage_key, stages)
+    # per-sample options (churn): one table per distinct setting, merged into per-sample rows and times
+    stages, merged, stage_key = stage_tables(method_record, path, path_arg, prediction, grid, values,
+                                             per_sample_values, B, sigma_at)
     seeds = sample_seeds(seed, B, device)
     with _dispatch.use_backend(backend):
         step_backend = _dispatch.resolve(device)
@@ -178,13 +176,16 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     # The caller's noise (step_noise): stage k reads it from one kept buffer as a last history term;
     # host_noise[k] = j, the stage's index among the noisy stages of its step (None: no noise)
     host_noise = [None] * len(stages)
+    start = stages[0].start_churn
     if step_noise is not None:
         noisy_in_step = {}
         for k, st in enumerate(stages):
             if st.streams():
                 host_noise[k] = noisy_in_step[st.step] = noisy_in_step.get(st.step, -1) + 1
-        if any(j is not None for j in host_noise):
+        if any(j is not None for j in host_noise) or (brownian and start is not None):
             buffers["noise"] = new_buffer(x_shape)
+            if brownian:  # the sums' first kernel call reads it with coefficient 0: it must be finite
+                buffers["noise"].zero_()
     if callback is not None and "x0" not in buffers:
         buffers["x0"] = new_buffer(x_shape)
     if isinstance(y, torch.Tensor) and y.device != device:
@@ -198,15 +199,19 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
 
     # The model's time inputs: one [times, 2B] table made in one go (rows are contiguous; the first B
     # entries of a row serve the one-pass stages), not a torch.full per stage and batch.
-    times = sorted({st.t for st in stages})
-    t_row = {t: i for i, t in enumerate(times)}
-    t_table = torch.tensor(times, dtype=torch.float32).view(-1, 1).expand(-1, 2 * B).contiguous().to(device)
+    if merged is None:
+        times = sorted({st.t for st in stages})
+        t_row = [times.index(st.t) for st in stages]
+        t_table = torch.tensor(times, dtype=torch.float32).view(-1, 1).expand(-1, 2 * B).contiguous().to(device)
+    else:  # each sample's own time (churn per sample): one row per stage
+        t_row = list(range(len(stages)))
+        t_table = torch.tensor([merged.times(k) * 2 for k in t_row], dtype=torch.float32).to(device)
     t_values = {}
 
-    def t_tensor(t: float, n: int) -> torch.Tensor:
-        if (t, n) not in t_values:
-            t_values[(t, n)] = t_table[t_row[t], :n]
-        return t_values[(t, n)]
+    def t_tensor(k: int, n: int) -> torch.Tensor:
+        if (t_row[k], n) not in t_values:
+            t_values[(t_row[k], n)] = t_table[t_row[k], :n]
+        return t_values[(t_row[k], n)]
 
     # The finiteness check rides in the step, which reads every prediction anyway: stage k clears
     # finite[k % rows, b] when a prediction of sample b is inf/NaN. A table of at most 2^20 flags,
@@ -237,9 +242,9 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     else:
         result = x
     checked = {}  # the tensor half of a call, checked once per distinct set of buffers
-    row_key = (stage_key, cfg, guidance_interval, step_noise is not None)
-    stage_rows = _ROW_CACHE.get(row_key)
-    new_rows = [] if stage_rows is None else None
+    row_key = (stage_key, cfg, guidance_interval, step_noise is not None, brownian)
+    stage_rows = _ROW_CACHE.get(row_key) if merged is None else None
+    new_rows = [] if stage_rows is None and merged is None else None
 
     def stage_call(k: int, st: Stage, two_branch: bool) -> tuple:
         history = st.history_buffers() + (("noise",) if host_noise[k] is not None else ())
@@ -253,6 +258,10 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
                 seeds, out_tensors, buffers[st.side] if st.side else None, finite[0] if check_finite else None)
         if stage_rows is not None:
             call = dict(checked[key], **stage_rows[k])
+        elif merged is not None:  # per-sample rows (churn per sample)
+            call = with_rows(checked[key], [1.0, cfg] if two_branch else None,
+                             merged.rows(k, host_noise[k] is not None, device),
+                             [] if host_noise[k] is not None else st.streams())
         else:
             if host_noise[k] is not None:
                 call = with_rows(checked[key], [1.0, cfg] if two_branch else None, st.host_noise_rows(), [])
@@ -264,21 +273,24 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         return _kernel_args(call)  # the kernel's positional arguments
 
     calls = [stage_call(k, st, guided and in_interval(st.t)) for k, st in enumerate(stages)]
-    if new_rows is not None:
+    if new_rows is not None and merged is None:
         _ROW_CACHE.put(row_key, new_rows)
+    # step_noise="brownian": per noisy stage, the kernel calls that sum its Brownian draws into "noise"
+    noise_calls = brownian_kernel_calls(stages, host_noise, grid, buffers.get("noise"), seeds, _ROW_CACHE,
+                                        (row_key, "brownian")) if brownian else None
 
-    def model_calls(st: Stage) -> tuple:
+    def model_calls(k: int, st: Stage) -> tuple:
         """How the stage calls the model: ("one" | "batched" | "two", ((input, t, labels), ...))."""
         xin = buffers[st.input]
         if not (guided and in_interval(st.t)):
-            return "one", ((xin, t_tensor(st.t, B), y),)
+            return "one", ((xin, t_tensor(k, B), y),)
         if cfg_batch:
-            return "batched", ((pairs[st.input].view(2 * B, *shape), t_tensor(st.t, 2 * B), y2),)
-        return "two", ((xin, t_tensor(st.t, B), y), (xin, t_tensor(st.t, B), null))
+            return "batched", ((pairs[st.input].view(2 * B, *shape), t_tensor(k, 2 * B), y2),)
+        return "two", ((xin, t_tensor(k, B), y), (xin, t_tensor(k, B), null))
 
     # Made once: in the loop, every Python operation after a memory-bound step runs on cold caches
     # (~20 us each at 2^20 elements on the CPU), so a step does as few as it can.
-    plans = [model_calls(st) for st in stages]
+    plans = [model_calls(k, st) for k, st in enumerate(stages)]
 
     def evaluate(k: int, st: Stage) -> list:
         """The stage's predictions: [p] or [p_null, p_y]."""
@@ -298,17 +310,25 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     x_outs = list(pairs["x"]) if "x" in pairs else [x]  # the state and its guidance twin
 
     # EDM churn at the first step (Stage.start_churn): the initial state is scaled and noised in its write
-    start = stages[0].start_churn
     start_noise = noise_buf.to(device=device, dtype=torch.float32).contiguous() if start and noise_buf is not None \
         else noise_buf
+
+    # per-sample churn at the first step: a [B, 6] tensor of rows, made before any capture
+    start_rows = merged.start_rows(beta0, start_noise is not None, device) if merged and start else None
 
     def run_loop(bar=None):
         if start is not None:  # x = scale x_0 + c xi_0: the initial state (given or beta0 z) and the draw in one pass
             x_0 = start_noise if start_noise is not None else \
                 z if z is not None else randn(seeds, 0, shape, device=device, backend=step_backend)
             c_0 = start[0] * (1.0 if start_noise is not None else beta0)
-            step_kernel(x_0, [x_0], [], seeds, [draw_stream(0)], [1.0], [c_0, 0.0, start[1], 0.0, 0.0, 0.0],
-                        None, None, x_outs, None, None)
+            start_row = [c_0, 0.0, start[1], 0.0, 0.0, 0.0] if start_rows is None else start_rows
+            if brownian:  # the churn draw of step 0 from the path: the sum in "noise", read as a history term
+                for args in noise_calls[-1]:
+                    step_kernel(*args)
+                history, streams = [buffers["noise"]], []
+            else:
+                history, streams = [], [draw_stream(0)]
+            step_kernel(*_kernel_args(prepare(x_0, [x_0], [1.0], history, start_row, seeds, streams, x_outs, None, None)))
         elif noise_buf is not None:
             for o in x_outs:
                 o.copy_(noise_buf)
@@ -321,9 +341,17 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             preds = evaluate(k, st)
             if callback is not None and st.input == "x":
                 # x0 of the step's first evaluation, before the state buffer is overwritten
-                guided_step(buffers["x"], preds[-1], preds[0] if len(preds) == 2 else None, cfg=cfg, c_x=st.x0[0],
-                            c_pred=st.x0[1], out=buffers["x0"], backend=step_backend)
-            if host_noise[k] is not None:
+                if merged is None:
+                    guided_step(buffers["x"], preds[-1], preds[0] if len(preds) == 2 else None, cfg=cfg,
+                                c_x=st.x0[0], c_pred=st.x0[1], out=buffers["x0"], backend=step_backend)
+                else:  # per-sample coefficients (churn per sample): not on the hot path, torch ops
+                    a, b = merged.x0_rows(k, device)[:, :2].view(B, 2, *([1] * len(shape))).unbind(1)
+                    g = preds[0] + cfg * (preds[1] - preds[0]) if len(preds) == 2 else preds[0]
+                    torch.add(a * buffers["x"], b * g.float(), out=buffers["x0"])
+            if noise_calls is not None:
+                for args in noise_calls[k]:
+                    step_kernel(*args)
+            elif host_noise[k] is not None:
                 buffers["noise"].copy_(check_step_noise(step_noise(st.step, host_noise[k]), x, st))
             args = calls[k]
             step_kernel(args[0], preds, *args[2:])
@@ -339,7 +367,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         labels = tuple(graphs.label_signature(v) for v in (y, null, y2))
         key = graphs.key(model, stages=stages, beta0=beta0, batch=B, shape=shape, device=device, cfg=cfg,
                          cfg_batch=cfg_batch, guidance_interval=guidance_interval, backend=step_backend,
-                         noise_given=noise is not None, check_finite=check_finite, labels=labels)
+                         noise_given=noise is not None, check_finite=check_finite, labels=labels, brownian=brownian,
+                         per_sample=merged.key if merged else None)
         entry = graphs.CACHE.get(key, model)
         if entry is None:
             graph = graphs.CAPTURE.capture(run_loop, device)

@@ -52,6 +52,9 @@ class Stage:
     # first stage only: the initial state becomes scale x + coefficient noise(seeds, draw_stream(0)) before
     # the model sees it (EDM churn at the first step; later steps' churn rides in the previous final stage)
     start_churn: tuple[float, float] | None = None
+    # step_noise="brownian" (fastdiff.sampling.brownian): the noise term as ((c, a, b), ...), c times the
+    # path's normalized increment over flow times [a, b]; empty: each draw is the increment over its step
+    brownian_terms: tuple[tuple[float, float, float], ...] = ()
 
     def history_buffers(self) -> tuple[str, ...]:
         """The buffers the kernel reads as history, in order: extra, then ``history``."""
@@ -60,6 +63,10 @@ class Stage:
     def streams(self) -> list[int]:
         """The noise streams the kernel draws, in order: ``stream`` where c_noise != 0, then ``more_draws``."""
         return ([self.stream] if self.c_noise != 0 else []) + [d[0] for d in self.more_draws]
+
+    def draws(self) -> list[tuple[int, float]]:
+        """The noise draws as (stream, out coefficient), in the order of streams()."""
+        return ([(self.stream, self.c_noise)] if self.c_noise != 0 else []) + list(self.more_draws)
 
     def noise_scale(self) -> float:
         """The scale of the stage's whole noise term: its draws together are one standard normal times this

@@ -153,6 +153,7 @@ def _dpmpp_sde(path, grid, prediction, eta=1.0, s_noise=1.0, r=0.5) -> list[Stag
         keep_d = fac != 1.0  # D enters the second stage (side buffer) unless r = 1/2
         stages.append(Stage(i, p.t, "x", "stage", s.alpha * (q / p.alpha + (1 - q) * p.a), s.alpha * (1 - q) * p.b,
                             c_noise=s.alpha * up * s_noise, stream=draw_stream(i, 0), x0=(p.a, p.b),
+                            brownian_terms=((s.alpha * up * s_noise, p.t, s.t),),
                             side="side0" if keep_d else None, s_x=p.a if keep_d else 0.0,
                             s_pred=p.b if keep_d else 0.0))
         down, up = ancestral_step(p.sigma, sigma1, eta)
@@ -167,5 +168,6 @@ def _dpmpp_sde(path, grid, prediction, eta=1.0, s_noise=1.0, r=0.5) -> list[Stag
                             history=(("side0", w * (1 - fac), 0.0),) if keep_d else (),
                             c_noise=c * rho, stream=draw_stream(i, 0),
                             more_draws=((draw_stream(i, 1), c * math.sqrt(1.0 - rho * rho)),) if c else (),
-                            final=True))
+                            # step_noise="brownian": the path's increment over [t, t'] (k-diffusion's second draw)
+                            brownian_terms=((c, p.t, grid[i + 1]),) if c else (), final=True))
     return stages

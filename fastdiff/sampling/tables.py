@@ -1,0 +1,42 @@
+"""The stage tables of a sample() call: built on the host once per (method, path, prediction, grid, options)
+and cached; with per-sample options (churn per sample) one per distinct setting, merged into per-sample rows
+and times (fastdiff.sampling.per_sample)."""
+
+from __future__ import annotations
+
+from fastdiff.sampling import per_sample
+from fastdiff.sampling.scratch import StageCache
+from fastdiff.sampling.stage import Stage
+
+STAGE_CACHE = StageCache()  # stage tables: ~1 ms to build for 50 steps (150 path conversions)
+
+
+def stage_tables(record, path, path_arg, prediction: str, grid: list[float], values: dict, per_sample_values: dict,
+                 B: int, sigma_at: dict | None) -> tuple[list[Stage], per_sample.Merged | None, tuple]:
+    """(the stages the loop runs, the per-sample merge or None, a hashable key of both). ``values``: the
+    method's options (sigma as the tuple of its values on the grid, or None); ``sigma_at``: {t: sigma_t}."""
+    path_key = path_arg if isinstance(path_arg, str) else path
+
+    def build(settings: dict) -> list[Stage]:
+        key = (record.name, record.build, path_key, prediction, tuple(grid), tuple(settings.items()))
+        table = STAGE_CACHE.get(key)
+        if table is None:
+            try:
+                taken = {k: v for k, v in settings.items() if k in record.options}
+                if sigma_at is not None:
+                    taken["sigma"] = sigma_at.__getitem__  # the builders' form of sigma
+                table = record.stages(path, grid, prediction, **taken)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (method={record.name!r}, prediction={prediction!r}, path={path!r}); "
+                                 "start the grid after the singular point") from None
+            STAGE_CACHE.put(key, table)
+        return table
+
+    settings, index = per_sample.groups(values, per_sample_values, B) if per_sample_values else ([values], [])
+    tables = [build(v) for v in settings]
+    merged = None
+    if len(tables) > 1:
+        merged = per_sample.Merged(tables, index, key=(tuple(tuple(v.items()) for v in settings), tuple(index)))
+    key = (record.name, record.build, path_key, prediction, tuple(grid), tuple(values.items()),
+           merged.key if merged else None)
+    return (merged.stages if merged else tables[0]), merged, key
