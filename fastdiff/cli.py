@@ -216,6 +216,7 @@ def _sample(args: argparse.Namespace) -> int:
                             batch_size=None if y is not None else n, seed=args.seed, path=path, prediction=prediction,
                             method=args.method, sigma=args.sigma, progress=not args.no_progress,
                             step_noise="brownian" if args.step_noise == "brownian" else None,
+                            guidance=args.guidance, guidance_rescale=args.guidance_rescale,
                             device=args.device, **_options(args.option)).cpu()
     if out.endswith(".safetensors"):
         import safetensors.torch as st
@@ -361,6 +362,12 @@ def _parser() -> argparse.ArgumentParser:
     p_sample.add_argument("--out", default="grid.png", help="a picture in the format its suffix names (.png, .jpg, "
                                                             "...) or .safetensors tensors")
     p_sample.add_argument("--cfg", type=_float_in(), default=1.0, help="classifier-free guidance scale")
+    from fastdiff.sampling.guidance import RULES
+
+    p_sample.add_argument("--guidance", choices=list(RULES), default="cfg",
+                          help="guidance rule (default: %(default)s; cfg_zero_star: CFG-Zero*, docs/guidance.md)")
+    p_sample.add_argument("--guidance-rescale", type=_float_in(0.0, 1.0, high_open=False), default=0.0, metavar="PHI",
+                          help="CFG rescale phi in [0, 1] (diffusers' guidance_rescale; with --cfg != 1)")
     p_sample.add_argument("--per-class", type=POSITIVE_INT, default=10,
                           help="samples per class (or in all, unconditional)")
     p_sample.add_argument("--steps", type=POSITIVE_INT, default=50)
@@ -385,8 +392,8 @@ def _parser() -> argparse.ArgumentParser:
     p_sample.set_defaults(func=_sample)
     p_bench = sub.add_parser("bench", help="time the fused ops against eager PyTorch and torch.compile; "
                                            "print ratios and write CSV rows")
-    p_bench.add_argument("--ops", default="step_sde,step_ode,gram,loss,randn,loop,methods",
-                         help="loop: 50-step SDE sampling with cfg 4 vs diffusers / torchsde / flow_matching / "
+    p_bench.add_argument("--ops", default="step_sde,step_ode,gram,rescale,loss,randn,loop,methods",
+                         help="rescale: a CFG-rescale step, fused vs diffusers' formula; loop: 50-step SDE sampling with cfg 4 vs diffusers / torchsde / flow_matching / "
                               "k-diffusion; methods: each sampling method's fused step per model evaluation vs "
                               "euler's (default: %(default)s)")
     p_bench.add_argument("--sizes", default="20,22", help="log2 of N, comma-separated (default: %(default)s)")

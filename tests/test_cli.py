@@ -65,6 +65,18 @@ def test_train_then_sample_ring(tmp_path, capsys):
                             "--step-noise", "brownian"]) == 0
     brownian = safetensors.torch.load_file(st)["x"]
     assert brownian.isfinite().all() and not torch.equal(other, brownian)
+    # --guidance-rescale: CFG rescale of the guided blend
+    assert cli.main(base + ["--cfg", "3"]) == 0
+    guided = safetensors.torch.load_file(st)["x"]
+    assert cli.main(base + ["--cfg", "3", "--guidance-rescale", "0.7"]) == 0
+    assert not torch.equal(guided, safetensors.torch.load_file(st)["x"])
+    assert cli.main(base + ["--cfg", "3", "--guidance", "cfg_zero_star"]) == 0
+    assert not torch.equal(guided, safetensors.torch.load_file(st)["x"])
+    assert cli.main(base + ["--guidance-rescale", "0.7"]) == 2
+    assert "guidance_rescale applies to guided sampling" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--cfg", "3", "--guidance-rescale", "1.5"])
+    assert "argument --guidance-rescale: must be <= 1" in capsys.readouterr().err
     capsys.readouterr()
     assert cli.main(base + ["--method", "heun", "--option", "r=0.4"]) == 2
     assert "r applies to method='dpmpp_sde'" in capsys.readouterr().err

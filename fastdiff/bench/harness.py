@@ -8,6 +8,8 @@ Cases (N elements of fp32 state; the guided cases take one [2B] prediction, cfg 
   the kernel vs ``torch.randn_like`` in eager;
 - ``step_ode``: the Euler ODE step with guidance;
 - ``loss``: noising + loss forward + backward (eager stores ε from ``torch.randn_like`` and the target);
+- ``rescale``: one Euler step with CFG rescale, fused (reduction pass + per-sample weights + step) vs
+  diffusers' formula in eager (fastdiff.bench.guidance);
 - ``randn``: ``fastdiff.ops.randn`` vs ``torch.randn``;
 - ``copy``: a device-to-device copy of N fp32 elements, the bandwidth yardstick;
 - ``loop``: whole sampling loops against the peers' (fastdiff.bench.loops);
@@ -28,13 +30,14 @@ import torch
 from fastdiff.bench.case import BATCH, CFG, DT, SIGMA, T, Case, _dtype, _sde_coefficients  # noqa: F401 (tests)
 from fastdiff.bench.loops import (LOOP_PARTS, LOOP_SHAPE, LOOP_STEPS, PEERS, CheapModel,  # noqa: F401
                                   condot_denoiser, loop_cases)
+from fastdiff.bench.guidance import rescale_cases
 from fastdiff.bench.methods import method_cases
 
 __all__ = ["OPS", "BASELINES", "Case", "CheapModel", "LOOP_SHAPE", "LOOP_STEPS", "PEERS", "cases", "condot_denoiser",
            "copy_case", "device_name", "eager_loss", "eager_ode_step", "eager_sde_step", "gram_cases", "loop_cases",
-           "loss_cases", "method_cases", "randn_cases", "report", "step_cases", "time_interleaved"]
+           "loss_cases", "method_cases", "randn_cases", "report", "rescale_cases", "step_cases", "time_interleaved"]
 
-OPS = ("step_sde", "step_ode", "gram", "loss", "randn", "loop", "methods")
+OPS = ("step_sde", "step_ode", "gram", "rescale", "loss", "randn", "loop", "methods")
 
 
 def eager_sde_step(x, out2b, *, cfg=CFG, t=T, dt=DT, sigma=SIGMA, noise_like=torch.randn_like):
@@ -193,6 +196,8 @@ def cases(op: str, n: int, dtype: str = "fp32", device="cpu", impls=None) -> lis
         return randn_cases(n, dtype, device, impls)
     if op == "gram":
         return gram_cases(n, dtype, device, impls)
+    if op == "rescale":
+        return rescale_cases(n, dtype, device, impls)
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
 
 
@@ -262,7 +267,7 @@ def peak_memory(fn: Callable, device) -> Optional[int]:
 
 # ---- the report: interleaved medians, ratios, CSV rows ------------------------------------------------
 
-BASELINES = {"step_sde": "eager", "step_ode": "eager", "gram": "eager", "loss": "eager",
+BASELINES = {"step_sde": "eager", "step_ode": "eager", "gram": "eager", "rescale": "eager", "loss": "eager",
              "randn": "torch", "loop": "diffusers", "methods": "euler"}
 
 

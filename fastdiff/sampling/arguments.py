@@ -163,6 +163,18 @@ def concat_labels(y, null):
     return list(y) + list(null)
 
 
+def batched_labels(conds: list, null, device, batched: bool):
+    """(the condition batches on ``device``, the labels of one batched guided call: the conditions in order,
+    then the null labels — None when not ``batched``)."""
+    conds = [c.to(device) if isinstance(c, torch.Tensor) else c for c in conds]
+    if not batched:
+        return conds, None
+    labels = conds[0]
+    for c in conds[1:] + [null]:
+        labels = concat_labels(labels, c)
+    return conds, labels
+
+
 def check_model_output(out, shape, device, stage: Stage):
     """Shape/device/dtype of a model output: metadata only, no synchronization."""
     def where():
@@ -199,3 +211,34 @@ def check_step_noise_kind(step_noise) -> bool:
         raise TypeError(f"step_noise must be None, 'brownian' or a callable step_noise(step, j), got "
                         f"{type(step_noise).__name__}")
     return False
+
+
+class FiniteFlags:
+    """The finiteness check of the predictions, on the device. It rides in the step, which reads every
+    prediction anyway: stage k clears flag [k % rows, b] when a prediction of sample b is inf/NaN. The table
+    holds at most 2^20 flags and is reduced into ``first_bad`` (the first stage with a non-finite output, -1
+    for none) whenever it is full and after the loop; nothing is read back until the caller reads first_bad."""
+
+    def __init__(self, n_stages: int, B: int, device, enabled: bool):
+        self.enabled = enabled
+        self.rows = max(1, min(n_stages, (1 << 20) // max(B, 1))) if enabled else 0
+        self.table = torch.ones((self.rows, B), dtype=torch.int32, device=device) if enabled else None
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self._row_ids = torch.arange(self.rows, device=device)
+
+    def row(self, k: int):
+        """Stage k's flags [B] (None when the check is off)."""
+        return self.table[k % self.rows] if self.enabled else None
+
+    def reset(self) -> None:
+        if self.enabled:
+            self.table.fill_(1)
+
+    def after(self, k: int, last: int) -> None:
+        """After stage k: reduce the table into first_bad when it is full or the loop ends."""
+        if self.enabled and (k % self.rows == self.rows - 1 or k == last):
+            first = k - k % self.rows
+            bad = (self.table == 0).any(1)
+            at = torch.where(bad, self._row_ids + first, torch.iinfo(torch.int64).max).min()
+            self.first_bad.copy_(torch.where((self.first_bad < 0) & bad.any(), at, self.first_bad))
+            self.table.fill_(1)

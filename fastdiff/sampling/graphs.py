@@ -28,6 +28,7 @@ CUDA driver (tests/graph_recorder.py) and check on the CPU that a replay touches
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -80,12 +81,28 @@ class CapturedLoop:
         return self.model_ref() if callable(self.model_ref) else None
 
 
+def check_arguments(cuda_graph: bool, device, callback, step_noise, brownian: bool, y) -> bool:
+    """Whether sample() captures its loop: cuda_graph=True on a device that supports it (a warning and no graph
+    elsewhere), refusing what a captured loop cannot do."""
+    if cuda_graph and not CAPTURE.supports(device):
+        warnings.warn("cuda_graph=True needs CUDA tensors; running the loop without a graph", RuntimeWarning,
+                      stacklevel=4)
+        return False
+    if cuda_graph and callback is not None:
+        raise ValueError("cuda_graph=True cannot call a Python callback inside the captured loop; pass callback=None")
+    if cuda_graph and step_noise is not None and not brownian:
+        raise ValueError("cuda_graph=True cannot call step_noise inside the captured loop; pass step_noise=None")
+    if cuda_graph and y is not None and not isinstance(y, torch.Tensor):
+        raise TypeError("cuda_graph=True needs y as a tensor (its values are refilled between replays)")
+    return bool(cuda_graph)
+
+
 def key(model, *, stages, beta0, batch, shape, device, cfg, cfg_batch, guidance_interval, backend, noise_given,
         check_finite, labels, brownian=False, per_sample=None) -> tuple:
     """Everything a captured loop baked in. ``labels``: a description of each label tensor the loop
     reads (None, or (shape, dtype)) — values are refilled, shapes and dtypes are baked."""
     return (id(model), tuple(dataclasses.astuple(st) for st in stages), float(beta0), int(batch), tuple(shape),
-            str(device), float(cfg), bool(cfg_batch), None if guidance_interval is None else tuple(guidance_interval),
+            str(device), cfg, bool(cfg_batch), None if guidance_interval is None else tuple(guidance_interval),
             backend, bool(noise_given), bool(check_finite), labels, bool(brownian), per_sample)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import operator
-import warnings
 
 import torch
 
@@ -15,13 +14,14 @@ from fastdiff.ops.guided_step import guided_step
 from fastdiff.ops.randn import randn
 from fastdiff.paths import check_prediction, get_path
 from fastdiff.sampling import graphs, per_sample
+from fastdiff.sampling.guidance import StageWeights, check_rescale, condition_branches, get_rule, scale_schedule
 from fastdiff.sampling.brownian import kernel_calls as brownian_kernel_calls
 from fastdiff.sampling.arguments import (MAX_STEPS, T_MIN_SINGULAR, batch_size_of, check_model_output,  # noqa: F401
-                                         check_step_noise, check_step_noise_kind,
-                                         concat_labels, guidance_interval_pair, is_number, null_labels, sample_seeds,
+                                         FiniteFlags, check_step_noise, check_step_noise_kind,
+                                         batched_labels, guidance_interval_pair, is_number, null_labels, sample_seeds,
                                          sigma_function, time_grid)
 from fastdiff.sampling.stage import Stage, draw_stream
-from fastdiff.sampling.tables import STAGE_CACHE, stage_tables
+from fastdiff.sampling.tables import STAGE_CACHE, ModelTimes, stage_tables
 from fastdiff.sampling.scratch import POOL, StageCache
 from fastdiff.sampling.methods import check_options, get_method
 
@@ -39,16 +39,20 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
            sigma=0.0, eta: float | None = None, timesteps=None, guidance_interval=None, cfg_batch: bool = True,
            batch_size: int | None = None, backend: str = "auto", progress: bool = False, callback=None,
            device=None, check_finite: bool = True, cuda_graph: bool = False, step_noise=None,
-           **options) -> torch.Tensor:
+           guidance=None, guidance_rescale: float = 0.0, conditions=None, **options) -> torch.Tensor:
     """Sample ``[B, *shape]`` from ``model(x, t, y)`` by integrating from t = 0 (noise) to t = 1 (data).
 
     Args:
         model: callable ``model(x, t, y)`` → prediction of type ``prediction`` (same shape as x); t is
             a float32 tensor [B] in flow time.
         steps: number of steps (grid of steps + 1 times, uniform in t unless ``timesteps`` is given).
-        cfg: classifier-free guidance scale w: p = p_null + w (p_y - p_null); 1 means one pass.
+        cfg: classifier-free guidance scale w: p = p_null + w (p_y - p_null); 1 means one pass. A callable
+            t -> w is a schedule, evaluated at each model evaluation's time (two branches throughout).
         shape: per-sample shape (taken from ``noise`` when given).
         y, null_y: conditioning batch and the unconditional label (required when cfg != 1).
+        conditions: instead of y, K condition batches [y_1, ..., y_K] (K <= 7) blended as
+            g = p_null + Σ_k w_k (p_k - p_null) in one model call of (K+1) B; cfg is one weight for all
+            or one per condition (negative: away from it). K = 1 is y's path, bit for bit.
         seed: int (sample b uses seed + b) or per-sample seeds (sequence or int64 tensor).
         noise: explicit initial state [B, *shape] at the first grid point.
         path: "condot", "vp", "vp-cosine" or a fastdiff.paths.GaussianPath.
@@ -62,6 +66,12 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             a list or 1-D tensor of B values (per-sample model times and coefficient rows).
         timesteps: explicit increasing grid in [0, 1] (steps + 1 times).
         guidance_interval: (t_lo, t_hi): guidance only for t_lo <= t <= t_hi, one pass elsewhere.
+        guidance: the guidance rule: None or "cfg" (g = p_null + w (p_y - p_null)), "cfg_zero_star" (CFG-Zero*:
+            the unconditional branch scaled by its per-sample optimal factor, zero prediction at the first
+            step), or a rule object of fastdiff.sampling.guidance (e.g. CFGZeroStar(zero_init_steps=2)).
+        guidance_rescale: CFG rescale phi in [0, 1] (diffusers' guidance_rescale; Lin et al. 2024): the blend
+            is scaled toward the conditional prediction's standard deviation per sample, fused (one
+            per-sample reduction pass per guided evaluation, no host sync; fastdiff.sampling.guidance).
         cfg_batch: run conditional and unconditional inputs as one batch of 2B (default) or two calls.
         backend: "auto", "cuda", "triton", "cpu" or "reference" for the fused step.
         progress: show a tqdm progress bar.
@@ -92,8 +102,16 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     prediction = check_prediction(prediction)
     method_record = get_method(method)  # ValueError naming the choices
     _dispatch.check_name(backend)
-    if not is_number(cfg) or not math.isfinite(cfg):
-        raise ValueError(f"cfg must be a finite number, got {cfg!r}")
+    y, cfg, multi = condition_branches(y, conditions, cfg)  # multi: several conditions' (labels, weights)
+    cfg_at, guided = scale_schedule(cfg)  # t -> w (a number, or a schedule), and whether guidance applies
+    rescale = check_rescale(guidance_rescale)
+    rule = get_rule(guidance)
+    if rescale and not guided:
+        raise ValueError("guidance_rescale applies to guided sampling: give cfg != 1 (or a schedule)")
+    if multi and (rescale or rule.needs_gram or guidance_interval is not None or cuda_graph):
+        raise ValueError("several conditions take plain CFG weights for now: not with guidance_rescale, a per-sample "
+                         "guidance rule, guidance_interval or cuda_graph")
+    branches = 1 + (len(multi[0]) if multi else 1)  # model branches of a guided evaluation (null first)
     if eta is not None and (not is_number(eta) or not 0 <= eta <= 1):  # NaN fails the comparison
         raise ValueError(f"eta must be in [0, 1], got {eta!r}")
     sigma_fn = sigma_function(sigma)
@@ -101,7 +119,6 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     options, per_sample_values = per_sample.split(method_record, options)  # e.g. s_churn per sample
     check_options(method_record, sigma=sigma, eta=eta, **options)  # e.g. sigma > 0 for heun, eta > 0 for euler
     values = method_record.option_values(sigma=sigma, eta=eta, **options)  # the method's defaults where not given
-    guided = cfg != 1.0
     if guided and null_y is None:
         raise ValueError("cfg != 1 needs null_y, the label of the unconditional branch")
     if guided and y is None:
@@ -122,18 +139,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if cuda_graph and not graphs.CAPTURE.supports(device):
-        warnings.warn("cuda_graph=True needs CUDA tensors; running the loop without a graph", RuntimeWarning,
-                      stacklevel=3)
-        cuda_graph = False
-
-    if cuda_graph and callback is not None:
-        raise ValueError("cuda_graph=True cannot call a Python callback inside the captured loop; pass callback=None")
     brownian = check_step_noise_kind(step_noise)
-    if cuda_graph and step_noise is not None and not brownian:
-        raise ValueError("cuda_graph=True cannot call step_noise inside the captured loop; pass step_noise=None")
-    if cuda_graph and y is not None and not isinstance(y, torch.Tensor):
-        raise TypeError("cuda_graph=True needs y as a tensor (its values are refilled between replays)")
+    cuda_graph = graphs.check_arguments(cuda_graph, device, callback, step_noise, brownian, y)
     grid = time_grid(steps, timesteps, path, prediction, method_record.needed_conversions(**values))
     # sigma is evaluated (and checked) here, so that the builder's ValueErrors are the conversions' own
     sigma_at = {t: sigma_fn(t) for t in grid[:-1]} if stochastic else None
@@ -141,6 +148,9 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     # per-sample options (churn): one table per distinct setting, merged into per-sample rows and times
     stages, merged, stage_key = stage_tables(method_record, path, path_arg, prediction, grid, values,
                                              per_sample_values, B, sigma_at)
+    # each stage's branch weights: its guidance scale, the rule's zero steps, per-sample weights (rescale, rules)
+    weights = StageWeights(rule, rescale, [multi[1] if multi else cfg_at(st.t) for st in stages],
+                           [st.step < rule.zero_init_steps for st in stages], guided, B, device)
     seeds = sample_seeds(seed, B, device)
     with _dispatch.use_backend(backend):
         step_backend = _dispatch.resolve(device)
@@ -164,7 +174,7 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         return scratch[-1]
 
     paired = {st.input for st in stages if cfg_batch and guided and in_interval(st.t)}
-    pairs = {name: new_buffer((2, *x_shape)) for name in sorted(paired)}
+    pairs = {name: new_buffer((branches, *x_shape)) for name in sorted(paired)}
     buffers = {name: pair[0] for name, pair in pairs.items()}
     if "x" not in buffers:
         buffers["x"] = new_buffer(x_shape)
@@ -194,38 +204,14 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     if cuda_graph:  # the capture reads these tensors; later calls refill private copies, never the caller's
         y = y.clone() if isinstance(y, torch.Tensor) else y
         null = null.clone() if isinstance(null, torch.Tensor) else null
-    y2 = concat_labels(y, null) if guided and cfg_batch else None
+    # the conditions (y, or several) and, for one batched call, all of them then the null labels
+    conds, y2 = batched_labels(multi[0] if multi else [y], null, device, guided and cfg_batch)
     beta0 = path.coefficients(grid[0])[1]  # scale of the initial noise
 
-    # The model's time inputs: one [times, 2B] table made in one go (rows are contiguous; the first B
-    # entries of a row serve the one-pass stages), not a torch.full per stage and batch.
-    if merged is None:
-        times = sorted({st.t for st in stages})
-        t_row = [times.index(st.t) for st in stages]
-        t_table = torch.tensor(times, dtype=torch.float32).view(-1, 1).expand(-1, 2 * B).contiguous().to(device)
-    else:  # each sample's own time (churn per sample): one row per stage
-        t_row = list(range(len(stages)))
-        t_table = torch.tensor([merged.times(k) * 2 for k in t_row], dtype=torch.float32).to(device)
-    t_values = {}
+    t_tensor = ModelTimes(stages, merged, B, device, branches)  # t_tensor(k, n): stage k's model times for n samples
 
-    def t_tensor(k: int, n: int) -> torch.Tensor:
-        if (t_row[k], n) not in t_values:
-            t_values[(t_row[k], n)] = t_table[t_row[k], :n]
-        return t_values[(t_row[k], n)]
-
-    # The finiteness check rides in the step, which reads every prediction anyway: stage k clears
-    # finite[k % rows, b] when a prediction of sample b is inf/NaN. A table of at most 2^20 flags,
-    # reduced into first_bad (on the device) whenever it is full and after the loop.
-    rows = max(1, min(len(stages), (1 << 20) // max(B, 1))) if check_finite else 0
-    finite = torch.ones((rows, B), dtype=torch.int32, device=device) if check_finite else None
-    first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first stage with inf/NaN output
-    row_ids = torch.arange(rows, device=device)
-
-    def reduce_finite(first_stage: int):
-        bad = (finite == 0).any(1)
-        at = torch.where(bad, row_ids + first_stage, torch.iinfo(torch.int64).max).min()
-        first_bad.copy_(torch.where((first_bad < 0) & bad.any(), at, first_bad))
-        finite.fill_(1)
+    # inf/NaN predictions are flagged by the step itself, reduced on the device, read once after the loop
+    finite = FiniteFlags(len(stages), B, device, check_finite)
 
     # One sampler_step call per stage, its arguments checked once here (fastdiff.ops.sampler_step);
     # each step only adds the model's predictions and calls the backend's kernel.
@@ -242,11 +228,13 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     else:
         result = x
     checked = {}  # the tensor half of a call, checked once per distinct set of buffers
-    row_key = (stage_key, cfg, guidance_interval, step_noise is not None, brownian)
-    stage_rows = _ROW_CACHE.get(row_key) if merged is None else None
-    new_rows = [] if stage_rows is None and merged is None else None
+    row_key = (stage_key, weights.key, guidance_interval, step_noise is not None, brownian)
+    cache_rows = merged is None and not weights.per_sample  # per-sample rows and weights are this call's tensors
+    stage_rows = _ROW_CACHE.get(row_key) if cache_rows else None
+    new_rows = [] if stage_rows is None and cache_rows else None
 
     def stage_call(k: int, st: Stage, two_branch: bool) -> tuple:
+        stage_weights = weights.row(k, two_branch)
         history = st.history_buffers() + (("noise",) if host_noise[k] is not None else ())
         outs = ("result",) if k == last and result is not x else (st.out,)
         key = (st.input, two_branch, history, outs, st.side)
@@ -254,26 +242,26 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             out_tensors = [result] if outs == ("result",) else list(pairs[st.out]) if st.out in pairs else \
                 [buffers[st.out]]
             checked[key] = prepare_tensors(
-                buffers[st.input], [buffers[st.input]] * (2 if two_branch else 1), [buffers[h] for h in history],
-                seeds, out_tensors, buffers[st.side] if st.side else None, finite[0] if check_finite else None)
+                buffers[st.input], [buffers[st.input]] * (branches if two_branch else 1), [buffers[h] for h in history],
+                seeds, out_tensors, buffers[st.side] if st.side else None, finite.row(0))
         if stage_rows is not None:
             call = dict(checked[key], **stage_rows[k])
         elif merged is not None:  # per-sample rows (churn per sample)
-            call = with_rows(checked[key], [1.0, cfg] if two_branch else None,
-                             merged.rows(k, host_noise[k] is not None, device),
+            call = with_rows(checked[key], stage_weights, merged.rows(k, host_noise[k] is not None, device),
                              [] if host_noise[k] is not None else st.streams())
         else:
             if host_noise[k] is not None:
-                call = with_rows(checked[key], [1.0, cfg] if two_branch else None, st.host_noise_rows(), [])
+                call = with_rows(checked[key], stage_weights, st.host_noise_rows(), [])
             else:
-                call = with_rows(checked[key], [1.0, cfg] if two_branch else None, st.kernel_rows(), st.streams())
-            new_rows.append({name: call[name] for name in ROW_ARGS})
+                call = with_rows(checked[key], stage_weights, st.kernel_rows(), st.streams())
+            if new_rows is not None:
+                new_rows.append({name: call[name] for name in ROW_ARGS})
         if check_finite:  # the stage's own row of the table (rows are alike: checked with row 0)
-            call["finite"] = finite[k % rows]
+            call["finite"] = finite.row(k)
         return _kernel_args(call)  # the kernel's positional arguments
 
     calls = [stage_call(k, st, guided and in_interval(st.t)) for k, st in enumerate(stages)]
-    if new_rows is not None and merged is None:
+    if new_rows is not None:
         _ROW_CACHE.put(row_key, new_rows)
     # step_noise="brownian": per noisy stage, the kernel calls that sum its Brownian draws into "noise"
     noise_calls = brownian_kernel_calls(stages, host_noise, grid, buffers.get("noise"), seeds, _ROW_CACHE,
@@ -285,24 +273,24 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         if not (guided and in_interval(st.t)):
             return "one", ((xin, t_tensor(k, B), y),)
         if cfg_batch:
-            return "batched", ((pairs[st.input].view(2 * B, *shape), t_tensor(k, 2 * B), y2),)
-        return "two", ((xin, t_tensor(k, B), y), (xin, t_tensor(k, B), null))
+            return "batched", ((pairs[st.input].view(branches * B, *shape), t_tensor(k, branches * B), y2),)
+        return "two", tuple((xin, t_tensor(k, B), c) for c in conds) + ((xin, t_tensor(k, B), null),)
 
     # Made once: in the loop, every Python operation after a memory-bound step runs on cold caches
     # (~20 us each at 2^20 elements on the CPU), so a step does as few as it can.
     plans = [model_calls(k, st) for k, st in enumerate(stages)]
 
     def evaluate(k: int, st: Stage) -> list:
-        """The stage's predictions: [p] or [p_null, p_y]."""
+        """The stage's predictions: [p] or [p_null, p_y] ([p_null, p_1, ..., p_K] with several conditions)."""
         kind, inputs = plans[k]
         outs = [model(*args) for args in inputs]
         for out, args in zip(outs, inputs):
             check_model_output(out, args[0].shape, device, st)
         if kind == "batched":
-            cond, uncond = outs[0].contiguous().chunk(2)  # views of one output (y first, then null): no copy
-            return [uncond, cond]
+            *cond, uncond = outs[0].contiguous().chunk(branches)  # views of one output (y first, null last): no copy
+            return [uncond, *cond]
         if kind == "two":
-            return [outs[1].contiguous(), outs[0].contiguous()]
+            return [outs[-1].contiguous(), *(o.contiguous() for o in outs[:-1])]
         return [outs[0].contiguous()]
 
     noise_buf = noise.to(device=device, dtype=torch.float32).clone() if (noise is not None and cuda_graph) else noise
@@ -315,6 +303,12 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
 
     # per-sample churn at the first step: a [B, 6] tensor of rows, made before any capture
     start_rows = merged.start_rows(beta0, start_noise is not None, device) if merged and start else None
+
+    def x0_into(out, x_k, preds, k, st):
+        """out = a x + b g with per-sample (a, b) (churn per sample) and / or branch weights (rescale, rules)."""
+        per = (B, *([1] * len(shape)))
+        a, b = merged.x0_rows(k, device)[:, :2].view(B, 2, *per[1:]).unbind(1) if merged else st.x0
+        torch.add(a * x_k, b * weights.blend(k, preds, per), out=out)
 
     def run_loop(bar=None):
         if start is not None:  # x = scale x_0 + c xi_0: the initial state (given or beta0 z) and the draw in one pass
@@ -335,19 +329,17 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         else:  # beta0 z into the state and its twin in one pass: out = beta0 z + 0 g
             z0 = z if z is not None else randn(seeds, 0, shape, device=device, backend=step_backend)
             step_kernel(z0, [z0], [], seeds, [], [1.0], [beta0, 0.0, 0.0, 0.0], None, None, x_outs, None, None)
-        if check_finite:
-            finite.fill_(1)
+        finite.reset()
         for k, st in enumerate(stages):
             preds = evaluate(k, st)
+            weights.update(k, preds, step_backend)  # rescale, rules: one reduction pass, the weights on the device
             if callback is not None and st.input == "x":
                 # x0 of the step's first evaluation, before the state buffer is overwritten
-                if merged is None:
-                    guided_step(buffers["x"], preds[-1], preds[0] if len(preds) == 2 else None, cfg=cfg,
+                if merged is None and weights.host_blend(k, preds):
+                    guided_step(buffers["x"], preds[-1], preds[0] if len(preds) == 2 else None, cfg=weights.scales[k],
                                 c_x=st.x0[0], c_pred=st.x0[1], out=buffers["x0"], backend=step_backend)
-                else:  # per-sample coefficients (churn per sample): not on the hot path, torch ops
-                    a, b = merged.x0_rows(k, device)[:, :2].view(B, 2, *([1] * len(shape))).unbind(1)
-                    g = preds[0] + cfg * (preds[1] - preds[0]) if len(preds) == 2 else preds[0]
-                    torch.add(a * buffers["x"], b * g.float(), out=buffers["x0"])
+                else:  # per-sample coefficients or weights: not on the hot path, torch ops
+                    x0_into(buffers["x0"], buffers["x"], preds, k, st)
             if noise_calls is not None:
                 for args in noise_calls[k]:
                     step_kernel(*args)
@@ -355,17 +347,17 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
                 buffers["noise"].copy_(check_step_noise(step_noise(st.step, host_noise[k]), x, st))
             args = calls[k]
             step_kernel(args[0], preds, *args[2:])
-            if check_finite and (k % rows == rows - 1 or k == len(stages) - 1):
-                reduce_finite(k - k % rows)
+            finite.after(k, last)
             if st.final:
                 if callback is not None:
                     callback(st.step, grid[st.step + 1], result if k == last else x, buffers["x0"])
                 if bar is not None:
                     bar.update(1)
 
+    first_bad = finite.first_bad
     if cuda_graph:
         labels = tuple(graphs.label_signature(v) for v in (y, null, y2))
-        key = graphs.key(model, stages=stages, beta0=beta0, batch=B, shape=shape, device=device, cfg=cfg,
+        key = graphs.key(model, stages=stages, beta0=beta0, batch=B, shape=shape, device=device, cfg=weights.key,
                          cfg_batch=cfg_batch, guidance_interval=guidance_interval, backend=step_backend,
                          noise_given=noise is not None, check_finite=check_finite, labels=labels, brownian=brownian,
                          per_sample=merged.key if merged else None)
@@ -375,9 +367,9 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             # The entry owns every tensor made outside the capture that the graph reads or writes.
             entry = graphs.CACHE.put(key, model, graphs.CapturedLoop(
                 graph=graph, statics=dict(seeds=seeds, noise=noise_buf, y=y, null=null, y2=y2), x=result,
-                first_bad=first_bad, stages=stages,
-                keepalive=(buffers, pairs, result, x_outs, calls, plans, t_values, seeds, noise_buf, y, null, y2,
-                           finite, row_ids, first_bad)))
+                first_bad=finite.first_bad, stages=stages,
+                keepalive=(buffers, pairs, result, x_outs, calls, plans, t_tensor, seeds, noise_buf, y, null, y2,
+                           finite, weights, start_rows, noise_calls)))
         else:
             graphs.refill(entry, seeds=seeds, noise=noise, y=y, null=null, y2=y2)
         entry.first_bad.fill_(-1)

@@ -40,3 +40,29 @@ def stage_tables(record, path, path_arg, prediction: str, grid: list[float], val
     key = (record.name, record.build, path_key, prediction, tuple(grid), tuple(values.items()),
            merged.key if merged else None)
     return (merged.stages if merged else tables[0]), merged, key
+
+
+class ModelTimes:
+    """The model's time inputs: one [rows, branches B] float32 table made in one go on the device (the first B
+    entries of a row serve the one-pass stages, all of it the batched guided ones), not a torch.full per stage. Rows are
+    the stages' distinct times, or one per stage with per-sample times (churn per sample)."""
+
+    def __init__(self, stages: list[Stage], merged, B: int, device, branches: int = 2):
+        import torch
+
+        if merged is None:
+            times = sorted({st.t for st in stages})
+            self.row = [times.index(st.t) for st in stages]
+            self.table = torch.tensor(times, dtype=torch.float32).view(-1, 1).expand(-1, branches * B).contiguous() \
+                .to(device)
+        else:
+            self.row = list(range(len(stages)))
+            self.table = torch.tensor([merged.times(k) * branches for k in self.row], dtype=torch.float32).to(device)
+        self.views = {}  # (row, n) -> the view handed to the model (kept: a CUDA graph reads them)
+
+    def __call__(self, k: int, n: int):
+        """Stage k's times for a model call of n samples (n = B or branches B)."""
+        key = (self.row[k], n)
+        if key not in self.views:
+            self.views[key] = self.table[self.row[k], :n]
+        return self.views[key]

@@ -1,0 +1,236 @@
+"""Guidance in the fused loop beyond one fixed CFG scale (docs/guidance.md).
+
+- A schedule: ``cfg`` may be a callable t -> w, evaluated at each stage's time on the host (its rows are
+  host numbers like the fixed scale's).
+- Rules (``guidance=``): ``"cfg"`` (the default) and ``"cfg_zero_star"`` (CFG-Zero*: the unconditional
+  branch scaled by a per-sample optimal factor, zero-init steps), each a record here; a rule with
+  per-sample weights reads the same reduction pass.
+- CFG rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed";
+  diffusers' ``guidance_rescale``): the blend g = p_null + w (p_y - p_null) is pulled toward the standard
+  deviation of the conditional prediction, per sample b (over its elements):
+
+      g' = phi (std(p_y) / std(g)) g + (1 - phi) g
+
+  Fused: one sample_gram pass over (p_null, p_y) gives both deviations as quadratic forms of the
+  per-sample Gram matrix, a few [B] ops on the device make the per-sample branch weights (c, c w),
+  c = phi std(p_y)/std(g) + 1 - phi, and the step blends with them: no host synchronization.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from fastdiff.sampling.arguments import is_number
+
+
+def scale_schedule(cfg):
+    """(t -> w, whether any guidance applies) for sample()'s ``cfg``: a finite number, or a callable
+    returning one at each stage's time."""
+    if callable(cfg):
+        def at(t: float) -> float:
+            w = cfg(t)
+            if not is_number(w) or not math.isfinite(w):
+                raise ValueError(f"cfg(t) must return a finite number, got {w!r} at t={t:.6g}")
+            return float(w)
+
+        return at, True
+    if not is_number(cfg) or not math.isfinite(cfg):
+        raise ValueError(f"cfg must be a finite number or a callable t -> scale, got {cfg!r}")
+    return (lambda t: float(cfg)), cfg != 1.0
+
+
+MAX_CONDITIONS = 7  # K + 1 branches <= 8 (the step's limit)
+
+
+def condition_branches(y, conditions, cfg):
+    """(y, cfg, multi) of sample(y=..., conditions=..., cfg=...): without conditions, or with one, y and cfg
+    as given (one condition is y's path); with K > 1, multi = (the K condition batches, each one's weight)
+    and cfg a stand-in. Several conditions blend as g = p_null + Σ_k w_k (p_k - p_null) (compositional
+    conditions; a negative weight pushes away from its condition); ``cfg`` is one number for all or one
+    per condition."""
+    if conditions is None:
+        return y, cfg, None
+    if y is not None:
+        raise ValueError("give the conditioning either as y (one condition) or as conditions=[y_1, ..., y_K], not both")
+    if isinstance(conditions, (str, bytes, torch.Tensor)) or not hasattr(conditions, "__len__") or not conditions:
+        raise TypeError("conditions must be a non-empty sequence of label batches [y_1, ..., y_K]")
+    conditions = list(conditions)
+    if len(conditions) > MAX_CONDITIONS:
+        raise ValueError(f"conditions holds {len(conditions)} batches; at most {MAX_CONDITIONS} are supported")
+    sizes = {len(c) for c in conditions}
+    if len(sizes) != 1:
+        raise ValueError(f"every condition must hold one label per sample; got batches of sizes {sorted(sizes)}")
+    if is_number(cfg):
+        weights = [float(cfg)] * len(conditions)
+    elif callable(cfg) or not hasattr(cfg, "__len__") or len(cfg) != len(conditions):
+        raise ValueError(f"with conditions, cfg must be one number or {len(conditions)} (one per condition), got {cfg!r}")
+    else:
+        weights = list(cfg)
+    for i, w in enumerate(weights):
+        if not is_number(w) or not math.isfinite(w):
+            raise ValueError(f"cfg[{i}] must be a finite number, got {w!r}")
+    if len(conditions) == 1:
+        return conditions[0], weights[0], None
+    return conditions[0], 2.0, (conditions, tuple(float(w) for w in weights))
+
+
+def check_rescale(phi) -> float:
+    if not is_number(phi) or not 0.0 <= phi <= 1.0:
+        raise ValueError(f"guidance_rescale must be in [0, 1], got {phi!r}")
+    return float(phi)
+
+
+@dataclass(frozen=True)
+class CFG:
+    """Classifier-free guidance: g = p_null + w (p_y - p_null)."""
+
+    name: ClassVar[str] = "cfg"
+    needs_gram: ClassVar[bool] = False  # the blend's weights are host numbers
+    zero_init_steps: ClassVar[int] = 0
+
+    def blend(self, gram: torch.Tensor, w: float):
+        """(a, b) of g = a p_null + b p_y, numbers or per-sample [B] float64 tensors."""
+        return 1.0 - w, w
+
+
+@dataclass(frozen=True)
+class CFGZeroStar:
+    """CFG-Zero* (Fan et al. 2025; diffusers' ClassifierFreeZeroStarGuidance): the unconditional prediction
+    scaled by the per-sample optimal alpha = <p_y, p_null> / (|p_null|^2 + eps) before the blend,
+    g = alpha p_null + w (p_y - alpha p_null), and a zero prediction at the first ``zero_init_steps`` steps."""
+
+    zero_init_steps: int = 1
+    eps: float = 1e-8
+
+    name: ClassVar[str] = "cfg_zero_star"
+    needs_gram: ClassVar[bool] = True
+
+    def __post_init__(self):
+        if not isinstance(self.zero_init_steps, int) or isinstance(self.zero_init_steps, bool) or self.zero_init_steps < 0:
+            raise ValueError(f"zero_init_steps must be an int >= 0, got {self.zero_init_steps!r}")
+        if not is_number(self.eps) or not self.eps >= 0:
+            raise ValueError(f"eps must be a number >= 0, got {self.eps!r}")
+
+    def blend(self, gram: torch.Tensor, w: float):
+        alpha = gram[:, 1, 2] / (gram[:, 1, 1] + self.eps)
+        return (1.0 - w) * alpha, w
+
+
+RULES = {rule.name: rule for rule in (CFG, CFGZeroStar)}
+
+
+def get_rule(guidance):
+    """sample()'s ``guidance``: None (plain CFG), a rule's name (its defaults) or a rule object."""
+    if guidance is None:
+        return CFG()
+    if isinstance(guidance, str):
+        if guidance not in RULES:
+            raise ValueError(f"guidance must be one of {', '.join(map(repr, RULES))} or a rule object, got {guidance!r}")
+        return RULES[guidance]()
+    if not isinstance(guidance, tuple(RULES.values())):
+        raise TypeError(f"guidance must be a rule name or object (fastdiff.sampling.guidance.RULES), got "
+                        f"{type(guidance).__name__}")
+    return guidance
+
+
+def branch_weights(gram: torch.Tensor, rule, w: float, phi: float, out: torch.Tensor) -> torch.Tensor:
+    """Writes the per-sample branch weights (w_0, w_1) of the step's blend w_0 p_null + w_1 (p_y - p_null) into
+    ``out`` [B, 2] float32, from the Gram matrices [B, 3, 3] of (1, p_null, p_y) (fastdiff.ops.sample_gram):
+    the rule's blend g = a p_null + b p_y, then CFG rescale by phi (0: none). A sample whose blend has zero
+    variance keeps its scale."""
+    a, b = rule.blend(gram, w)
+    if phi:
+        n, s0, s1 = gram[:, 0, 0], gram[:, 0, 1], gram[:, 0, 2]
+        q00, q01, q11 = gram[:, 1, 1], gram[:, 1, 2], gram[:, 2, 2]
+        var_y = q11 - s1 * s1 / n
+        sum_g = a * s0 + b * s1
+        var_g = a * a * q00 + 2.0 * a * b * q01 + b * b * q11 - sum_g * sum_g / n
+        ok = var_g > 0
+        ratio = torch.where(ok, (var_y.clamp_min(0.0) / torch.where(ok, var_g, 1.0)).sqrt(), 1.0)
+        c = phi * ratio + (1.0 - phi)
+        a, b = c * a, c * b
+    # numbers become [B] tensors by fills (capture-safe under a CUDA graph, unlike a host-made tensor)
+    a, b = (v if isinstance(v, torch.Tensor) else torch.full_like(gram[:, 0, 0], v) for v in (a, b))
+    out[:, 0].copy_(a + b)
+    out[:, 1].copy_(b)
+    return out
+
+
+def rescale_weights(gram: torch.Tensor, w: float, phi: float, out: torch.Tensor) -> torch.Tensor:
+    """CFG rescale's per-sample branch weights (branch_weights of plain CFG)."""
+    return branch_weights(gram, CFG(), w, phi, out)
+
+
+def rescale_reference(p_null: torch.Tensor, p_y: torch.Tensor, w: float, phi: float, g=None) -> torch.Tensor:
+    """The specification (diffusers' rescale_noise_cfg of the blend ``g``, by default the CFG blend), float64."""
+    p_null, p_y = p_null.double(), p_y.double()
+    g = p_null + w * (p_y - p_null) if g is None else g.double()
+    dims = list(range(1, g.dim()))
+    rescaled = g * (p_y.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1.0 - phi) * g
+
+
+def zero_star_reference(p_null: torch.Tensor, p_y: torch.Tensor, w: float, eps: float = 1e-8) -> torch.Tensor:
+    """The specification of CFG-Zero*'s blend (diffusers' cfg_zero_star_scale and forward), float64."""
+    p_null, p_y = p_null.double(), p_y.double()
+    flat_null, flat_y = p_null.flatten(1), p_y.flatten(1)
+    alpha = (flat_y * flat_null).sum(1) / ((flat_null * flat_null).sum(1) + eps)
+    scaled = p_null * alpha.view(-1, *([1] * (p_null.dim() - 1)))
+    return scaled + w * (p_y - scaled)
+
+
+class StageWeights:
+    """The branch weights of each stage of one sample() call: host numbers [1, w] (or [0, 0] at a rule's zero
+    steps), or one [B, 2] device buffer rewritten before each guided step from a reduction pass (rescale,
+    CFG-Zero*). ``scales``: each stage's guidance scale; ``zero``: whether each stage predicts zero."""
+
+    def __init__(self, rule, phi: float, scales: list[float], zero: list[bool], guided: bool, B: int, device):
+        from fastdiff.ops.sample_gram import sample_gram
+
+        self.rule, self.phi, self.scales, self.zero = rule, phi, scales, zero
+        self.per_sample = guided and (bool(phi) or rule.needs_gram)
+        self.buffer = torch.ones((B, 2), dtype=torch.float32, device=device) if self.per_sample else None
+        self.key = (tuple(scales), phi, rule)  # what the rows and a captured loop depend on
+        self._gram = sample_gram
+
+    def row(self, k: int, two_branch: bool):
+        """sampler_step's ``weights`` for stage k (None: the one-branch default). A stage's scale is a number,
+        or a tuple of one weight per condition (several conditions)."""
+        w = self.scales[k]
+        if self.zero[k]:
+            return [0.0] * ((1 + len(w) if isinstance(w, tuple) else 2) if two_branch else 1)
+        if not two_branch:
+            return None
+        if isinstance(w, tuple):
+            return [1.0, *w]
+        return self.buffer if self.per_sample else [1.0, w]
+
+    def update(self, k: int, preds: list, backend: str) -> None:
+        """Before stage k's step: its per-sample weights from one reduction pass over [p_null, p_y]."""
+        if self.per_sample and len(preds) == 2 and not self.zero[k]:
+            branch_weights(self._gram(preds, backend=backend), self.rule, self.scales[k], self.phi, self.buffer)
+
+    def host_blend(self, k: int, preds: list) -> bool:
+        """Whether stage k's blend is p_null + scales[k] (p_y - p_null) (or the one prediction)."""
+        return not self.zero[k] and not (self.per_sample and len(preds) == 2) and len(preds) <= 2
+
+    def blend(self, k: int, preds: list, per: tuple) -> torch.Tensor:
+        """Stage k's blend g as a float32 tensor, by torch ops (callbacks; not the hot path)."""
+        if self.zero[k]:
+            return torch.zeros(preds[0].shape, dtype=torch.float32, device=preds[0].device)
+        if len(preds) == 1:
+            return preds[0].float()
+        if len(preds) > 2:  # several conditions: p_null + Σ w_k (p_k - p_null)
+            g = preds[0].float()
+            for w, p in zip(self.scales[k], preds[1:]):
+                g = g + w * (p.float() - preds[0].float())
+            return g
+        if self.per_sample:
+            w0, w1 = self.buffer[:, 0].view(per), self.buffer[:, 1].view(per)
+        else:
+            w0, w1 = 1.0, self.scales[k]
+        return w0 * preds[0].float() + w1 * (preds[1].float() - preds[0].float())

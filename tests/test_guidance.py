@@ -1,0 +1,263 @@
+"""Guidance beyond one fixed CFG scale (fastdiff.sampling.guidance): CFG rescale (diffusers' guidance_rescale)
+and CFG-Zero* (diffusers' ClassifierFreeZeroStarGuidance) fused through the per-sample reduction pass, against
+diffusers' formulas and a hand-written loop on every backend; scale schedules (cfg as a callable of t)."""
+
+import math
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.ops.sample_gram import sample_gram_reference
+from fastdiff.sampling.guidance import (CFGZeroStar, branch_weights, rescale_reference, rescale_weights,
+                                       zero_star_reference)
+from conftest import BACKENDS
+
+SHAPE = (3, 5, 7)  # odd: partial vector blocks in every kernel
+
+
+def _preds(dtype=torch.float32, B=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p_null = torch.randn(B, *SHAPE, generator=g) * 0.8 + 0.1
+    p_y = p_null + torch.randn(B, *SHAPE, generator=g) * torch.linspace(0.2, 1.5, B).view(-1, 1, 1, 1)
+    return p_null.to(dtype), p_y.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w,phi", [(4.0, 0.7), (7.5, 1.0), (2.0, 0.0), (-1.0, 0.5)])
+def test_rescale_weights_are_diffusers_rescale(dtype, w, phi):
+    """The per-sample weights from the Gram matrix blend to diffusers' rescale_noise_cfg of the CFG blend."""
+    p_null, p_y = _preds(dtype)
+    out = rescale_weights(sample_gram_reference([p_null, p_y]), w, phi, torch.empty(len(p_y), 2))
+    per = (-1, 1, 1, 1)
+    ours = out[:, 0].double().view(per) * p_null.double() + out[:, 1].double().view(per) * (p_y.double() - p_null.double())
+    spec = rescale_reference(p_null, p_y, w, phi)
+    torch.testing.assert_close(ours, spec, rtol=0, atol=1e-6 * spec.abs().max().item())
+    try:
+        from diffusers.guiders.guider_utils import rescale_noise_cfg
+    except ImportError:
+        return
+    cfg = p_null.double() + w * (p_y.double() - p_null.double())
+    torch.testing.assert_close(spec, rescale_noise_cfg(cfg, p_y.double(), guidance_rescale=phi), rtol=1e-12, atol=1e-12)
+
+
+def _model(x, t, y):
+    """A label-conditioned velocity field, smooth in x (y = 3 is the null label)."""
+    label = y.view(-1, *([1] * (x.dim() - 1))).float()
+    return torch.tanh(x * (1.0 + label) * 0.5 + 0.3 * label) - t.view(-1, *([1] * (x.dim() - 1))) * x
+
+
+def _hand_euler(grid, seeds, y, null, w_at, phi, zero_star=None):
+    """Euler on the CondOT velocity with the rescaled blend (CFG-Zero*'s with ``zero_star`` = its zero-init
+    steps), in float64 (the model in float32)."""
+    x = fastdiff.ops.randn(torch.tensor(seeds), 0, SHAPE).double()
+    for i, (t, t1) in enumerate(zip(grid, grid[1:])):
+        tt = torch.full((len(seeds),), t)
+        p_y = _model(x.float(), tt, y).double()
+        p_null = _model(x.float(), tt, torch.full_like(y, null)).double()
+        w = w_at(t)
+        g = p_null + w * (p_y - p_null) if zero_star is None else zero_star_reference(p_null, p_y, w)
+        if phi:
+            g = rescale_reference(p_null, p_y, w, phi, g)
+        if zero_star is not None and i < zero_star:
+            g = torch.zeros_like(g)
+        x = x + (t1 - t) * g
+    return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rescaled_loop_is_the_hand_loop(backend):
+    name, device = backend
+    seeds, y, grid = [1, 2, 3, 4], torch.tensor([0, 1, 2, 1]), [i / 6 for i in range(7)]
+    ours = fastdiff.sample(_model, 6, 4.0, shape=SHAPE, y=y.to(device), null_y=3, seed=seeds, method="euler",
+                           guidance_rescale=0.7, backend=name, device=device)
+    spec = _hand_euler(grid, seeds, y, 3, lambda t: 4.0, 0.7)
+    torch.testing.assert_close(ours.cpu().double(), spec, rtol=0, atol=2e-5 * spec.abs().max().item())
+    plain = fastdiff.sample(_model, 6, 4.0, shape=SHAPE, y=y.to(device), null_y=3, seed=seeds, method="euler",
+                            backend=name, device=device)
+    assert (plain.cpu() - ours.cpu()).abs().max() > 1e-2  # the rescale does something here
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id != "triton"])
+@pytest.mark.parametrize("method", ["heun", "dpmpp_2m_sde", "dpmpp_sde"])
+def test_rescale_in_every_stage_kind_matches_the_reference_backend(backend, method):
+    """Two-evaluation and stochastic methods with rescale, the blend's twin buffers, cfg_batch either way, a
+    guidance interval and a callback: the kernels against the reference backend."""
+    name, device = backend
+    seeds, y = [5, 6, 7], torch.tensor([2, 0, 1])
+    kw = dict(shape=SHAPE, null_y=3, seed=seeds, method=method, guidance_rescale=0.5, path="vp", prediction="velocity",
+              timesteps=[0.05, 0.3, 0.5, 0.7, 0.9], guidance_interval=(0.1, 0.8))
+    seen = {}
+
+    def run(backend_name, dev, cfg_batch):
+        x0s = []
+        out = fastdiff.sample(_model, None, 3.0, y=y.to(dev), backend=backend_name, device=dev, cfg_batch=cfg_batch,
+                              callback=lambda i, t, x, x0: x0s.append(x0.cpu().clone()), **kw)
+        seen[(backend_name, cfg_batch)] = x0s
+        return out.cpu()
+
+    ref = run("reference", "cpu", True)
+    for cfg_batch in (True, False):
+        ours = run(name, device, cfg_batch)
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+        for a, b in zip(seen[(name, cfg_batch)], seen[("reference", True)]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
+
+
+def test_phi_zero_and_a_constant_schedule_are_plain_cfg():
+    y = torch.tensor([0, 1, 2])
+    kw = dict(shape=SHAPE, y=y, null_y=3, seed=2, method="dpmpp_2m")
+    plain = fastdiff.sample(_model, 5, 4.0, **kw)
+    assert torch.equal(plain, fastdiff.sample(_model, 5, 4.0, guidance_rescale=0.0, **kw))
+    assert torch.equal(plain, fastdiff.sample(_model, 5, lambda t: 4.0, **kw))
+
+
+def test_schedule_is_the_hand_loop():
+    """cfg as a callable of t: each evaluation's scale is the schedule's at its time (1 = no guidance there,
+    still two branches)."""
+    seeds, y, grid = [1, 2, 3], torch.tensor([0, 2, 1]), [i / 8 for i in range(9)]
+
+    def schedule(t):
+        return 5.0 if t < 0.5 else 1.0 + t
+
+    ours = fastdiff.sample(_model, 8, schedule, shape=SHAPE, y=y, null_y=3, seed=seeds, method="euler")
+    spec = _hand_euler(grid, seeds, y, 3, schedule, 0.0)
+    torch.testing.assert_close(ours.double(), spec, rtol=0, atol=2e-5 * spec.abs().max().item())
+    with_rescale = fastdiff.sample(_model, 8, schedule, shape=SHAPE, y=y, null_y=3, seed=seeds, method="euler",
+                                   guidance_rescale=0.6)
+    spec = _hand_euler(grid, seeds, y, 3, schedule, 0.6)
+    torch.testing.assert_close(with_rescale.double(), spec, rtol=0, atol=2e-5 * spec.abs().max().item())
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(cfg=4.0, guidance_rescale=1.5), ValueError, r"guidance_rescale must be in \[0, 1\]"),
+    (dict(cfg=4.0, guidance_rescale=math.nan), ValueError, r"guidance_rescale must be in \[0, 1\]"),
+    (dict(cfg=1.0, guidance_rescale=0.5), ValueError, "guidance_rescale applies to guided sampling"),
+    (dict(cfg=lambda t: math.inf), ValueError, r"cfg\(t\) must return a finite number, got inf at t=0"),
+    (dict(cfg="4"), ValueError, "cfg must be a finite number or a callable"),
+])
+def test_errors_name_the_argument(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        fastdiff.sample(_model, 3, shape=SHAPE, y=torch.tensor([0, 1]), null_y=3, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w,phi", [(4.0, 0.0), (6.0, 0.7), (0.5, 0.3)])
+def test_zero_star_weights_are_diffusers_guider(dtype, w, phi):
+    """CFG-Zero*'s per-sample weights blend to diffusers' ClassifierFreeZeroStarGuidance output (after its
+    zero-init steps), rescale included."""
+    p_null, p_y = _preds(dtype, seed=3)
+    out = branch_weights(sample_gram_reference([p_null, p_y]), CFGZeroStar(), w, phi, torch.empty(len(p_y), 2))
+    per = (-1, 1, 1, 1)
+    ours = out[:, 0].double().view(per) * p_null.double() + out[:, 1].double().view(per) * (p_y.double() - p_null.double())
+    spec = zero_star_reference(p_null, p_y, w)
+    if phi:
+        spec = rescale_reference(p_null, p_y, w, phi, spec)
+    torch.testing.assert_close(ours, spec, rtol=0, atol=1e-6 * spec.abs().max().item())
+    try:
+        from diffusers.guiders import ClassifierFreeZeroStarGuidance
+    except ImportError:
+        return
+    guider = ClassifierFreeZeroStarGuidance(guidance_scale=w, zero_init_steps=1, guidance_rescale=phi)
+    guider.set_state(step=3, num_inference_steps=10, timestep=torch.tensor(500))
+    theirs = guider.forward(p_y.double(), p_null.double()).pred  # its scale is computed in float32
+    torch.testing.assert_close(spec, theirs, rtol=0, atol=1e-6 * spec.abs().max().item())
+    guider.set_state(step=0, num_inference_steps=10, timestep=torch.tensor(999))
+    zero_init = guider.forward(p_y.double(), p_null.double()).pred
+    if phi:  # diffusers rescales its zero prediction: 0 * std(p_y) / std(0) is NaN (fastdiff keeps the zero)
+        assert zero_init.isnan().all()
+    else:
+        assert not zero_init.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("zero_init,phi", [(1, 0.0), (2, 0.6), (0, 0.0)])
+def test_zero_star_loop_is_the_hand_loop(backend, zero_init, phi):
+    name, device = backend
+    seeds, y, grid = [1, 2, 3, 4], torch.tensor([0, 1, 2, 1]), [i / 6 for i in range(7)]
+    rule = "cfg_zero_star" if zero_init == 1 else CFGZeroStar(zero_init_steps=zero_init)
+    ours = fastdiff.sample(_model, 6, 4.0, shape=SHAPE, y=y.to(device), null_y=3, seed=seeds, method="euler",
+                           guidance=rule, guidance_rescale=phi, backend=name, device=device)
+    spec = _hand_euler(grid, seeds, y, 3, lambda t: 4.0, phi, zero_star=zero_init)
+    torch.testing.assert_close(ours.cpu().double(), spec, rtol=0, atol=2e-5 * spec.abs().max().item())
+
+
+def test_guidance_rules_are_checked():
+    kw = dict(shape=SHAPE, y=torch.tensor([0, 1]), null_y=3)
+    with pytest.raises(ValueError, match="guidance must be one of 'cfg', 'cfg_zero_star'"):
+        fastdiff.sample(_model, 3, 4.0, guidance="apg-ish", **kw)
+    with pytest.raises(TypeError, match="guidance must be a rule name or object"):
+        fastdiff.sample(_model, 3, 4.0, guidance=3, **kw)
+    with pytest.raises(ValueError, match="zero_init_steps must be an int >= 0"):
+        CFGZeroStar(zero_init_steps=-1)
+    # "cfg" is the default rule, bit for bit
+    assert torch.equal(fastdiff.sample(_model, 3, 4.0, guidance="cfg", **kw), fastdiff.sample(_model, 3, 4.0, **kw))
+
+
+def _hand_euler_conditions(grid, seeds, conds, null, ws):
+    x = fastdiff.ops.randn(torch.tensor(seeds), 0, SHAPE).double()
+    for t, t1 in zip(grid, grid[1:]):
+        tt = torch.full((len(seeds),), t)
+        p_null = _model(x.float(), tt, torch.full_like(conds[0], null)).double()
+        g = p_null.clone()
+        for c, w in zip(conds, ws):
+            g += w * (_model(x.float(), tt, c).double() - p_null)
+        x = x + (t1 - t) * g
+    return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cfg_batch", [True, False])
+def test_several_conditions_are_one_batched_call(backend, cfg_batch):
+    """K conditions blend as p_null + Σ w_k (p_k - p_null): one model call of (K+1) B per evaluation (or K+1
+    calls of B), equal to the hand loop; one condition is y's path bit for bit."""
+    name, device = backend
+    seeds, grid = [1, 2, 3], [i / 5 for i in range(6)]
+    conds = [torch.tensor([0, 1, 2]), torch.tensor([2, 2, 0]), torch.tensor([1, 0, 1])]
+    ws = [3.0, -1.5, 0.5]
+    sizes = []
+
+    def model(x, t, y):
+        sizes.append(x.shape[0])
+        return _model(x, t, y)
+
+    ours = fastdiff.sample(model, 5, ws, conditions=[c.to(device) for c in conds], shape=SHAPE, null_y=3, seed=seeds,
+                           method="euler", backend=name, device=device, cfg_batch=cfg_batch)
+    assert sizes == ([4 * 3] * 5 if cfg_batch else [3] * 20)
+    spec = _hand_euler_conditions(grid, seeds, conds, 3, ws)
+    torch.testing.assert_close(ours.cpu().double(), spec, rtol=0, atol=2e-5 * spec.abs().max().item())
+    one = fastdiff.sample(_model, 5, 2.5, conditions=[conds[0].to(device)], shape=SHAPE, null_y=3, seed=seeds,
+                          method="heun", backend=name, device=device, cfg_batch=cfg_batch)
+    assert torch.equal(one, fastdiff.sample(_model, 5, 2.5, y=conds[0].to(device), shape=SHAPE, null_y=3, seed=seeds,
+                                            method="heun", backend=name, device=device, cfg_batch=cfg_batch))
+
+
+def test_several_conditions_in_two_stage_methods_and_callbacks():
+    """A two-evaluation method keeps K + 1 copies of its stage buffer; the callback's x0 uses the K-way blend."""
+    conds = [torch.tensor([0, 1]), torch.tensor([2, 0])]
+    kw = dict(conditions=conds, shape=SHAPE, null_y=3, seed=[7, 8], method="dpm_2", path="vp", prediction="velocity",
+              timesteps=[0.05, 0.4, 0.7, 0.9])
+    seen = {}
+    for backend in ("reference", "cpu"):
+        x0s = []
+        out = fastdiff.sample(_model, None, [2.0, 1.0], backend=backend,
+                              callback=lambda i, t, x, x0: x0s.append(x0.clone()), **kw)
+        seen[backend] = (out, x0s)
+    torch.testing.assert_close(seen["cpu"][0], seen["reference"][0], rtol=0, atol=1e-5)
+    for a, b in zip(seen["cpu"][1], seen["reference"][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(y=torch.tensor([0, 1]), conditions=[torch.tensor([0, 1])]), ValueError, "either as y .* or as conditions"),
+    (dict(conditions=torch.tensor([0, 1])), TypeError, "conditions must be a non-empty sequence"),
+    (dict(conditions=[torch.tensor([0, 1]), torch.tensor([1])]), ValueError, "one label per sample"),
+    (dict(conditions=[torch.tensor([0, 1])] * 2, cfg=[1.0, 2.0, 3.0]), ValueError, "cfg must be one number or 2"),
+    (dict(conditions=[torch.tensor([0, 1])] * 2, cfg=[1.0, math.nan]), ValueError, r"cfg\[1\] must be a finite number"),
+    (dict(conditions=[torch.tensor([0, 1])] * 8), ValueError, "at most 7"),
+    (dict(conditions=[torch.tensor([0, 1])] * 2, guidance_rescale=0.5), ValueError, "several conditions take plain CFG"),
+])
+def test_conditions_are_checked(kw, exc, match):
+    kw = {"cfg": 3.0, **kw}
+    with pytest.raises(exc, match=match):
+        fastdiff.sample(_model, 3, shape=SHAPE, null_y=3, **kw)
