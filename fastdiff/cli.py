@@ -217,6 +217,7 @@ def _sample(args: argparse.Namespace) -> int:
                             method=args.method, sigma=args.sigma, progress=not args.no_progress,
                             step_noise="brownian" if args.step_noise == "brownian" else None,
                             guidance=args.guidance, guidance_rescale=args.guidance_rescale,
+                            dynamic_thresholding=args.dynamic_thresholding,
                             device=args.device, **_options(args.option)).cpu()
     if out.endswith(".safetensors"):
         import safetensors.torch as st
@@ -366,6 +367,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p_sample.add_argument("--guidance", choices=list(RULES), default="cfg",
                           help="guidance rule (default: %(default)s; cfg_zero_star: CFG-Zero*, docs/guidance.md)")
+    p_sample.add_argument("--dynamic-thresholding", type=_float_in(0.0, 1.0, low_open=True, high_open=False),
+                          default=None, metavar="RATIO", help="Imagen's dynamic thresholding of the x0 estimates at "
+                          "this quantile (e.g. 0.995; diffusers' thresholding=True)")
     p_sample.add_argument("--guidance-rescale", type=_float_in(0.0, 1.0, high_open=False), default=0.0, metavar="PHI",
                           help="CFG rescale phi in [0, 1] (diffusers' guidance_rescale; with --cfg != 1)")
     p_sample.add_argument("--per-class", type=POSITIVE_INT, default=10,

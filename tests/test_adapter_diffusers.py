@@ -26,9 +26,13 @@ def _images(pipe, **kw):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-@pytest.mark.parametrize("clip_sample", [False, True])
+@pytest.mark.parametrize("clip_sample", [False, True, "thresholding"])
 def test_ddim_pipeline_same_images(unet, prediction_type, clip_sample):
-    sched = DDIMScheduler(prediction_type=prediction_type, clip_sample=clip_sample)
+    if clip_sample == "thresholding":  # dynamic thresholding (diffusers' _threshold_sample) of the x0 estimate
+        sched = DDIMScheduler(prediction_type=prediction_type, thresholding=True, dynamic_thresholding_ratio=0.9,
+                              sample_max_value=1.2)
+    else:
+        sched = DDIMScheduler(prediction_type=prediction_type, clip_sample=clip_sample)
     pipe = DDIMPipeline(unet=unet, scheduler=sched).to("cpu")
     pipe.set_progress_bar_config(disable=True)
     want = _images(pipe, batch_size=2, num_inference_steps=12, eta=0.0, generator=torch.Generator().manual_seed(0))
@@ -116,8 +120,6 @@ def test_ddim_pipeline_with_per_sample_generators_and_seeds(unet):
 
 
 @pytest.mark.parametrize("make,call,exc,match", [
-    (lambda: FastDiffDDIMScheduler(thresholding=True), lambda s, o, t, x: s.step(o, t, x), NotImplementedError,
-     "thresholding"),
     (lambda: FastDiffDDIMScheduler(prediction_type="flow"), lambda s, o, t, x: s.step(o, t, x), ValueError,
      "prediction_type='flow'"),
     (lambda: FastDiffDDIMScheduler(), lambda s, o, t, x: s.step(o, t, x, variance_noise=x), NotImplementedError,

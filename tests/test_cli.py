@@ -72,6 +72,9 @@ def test_train_then_sample_ring(tmp_path, capsys):
     assert not torch.equal(guided, safetensors.torch.load_file(st)["x"])
     assert cli.main(base + ["--cfg", "3", "--guidance", "cfg_zero_star"]) == 0
     assert not torch.equal(guided, safetensors.torch.load_file(st)["x"])
+    assert cli.main(base + ["--cfg", "3", "--method", "ddim", "--guidance", "cfg_pp"]) == 0
+    assert cli.main(base + ["--cfg", "3", "--dynamic-thresholding", "0.9"]) == 0
+    assert safetensors.torch.load_file(st)["x"].isfinite().all()
     assert cli.main(base + ["--guidance-rescale", "0.7"]) == 2
     assert "guidance_rescale applies to guided sampling" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -261,3 +261,166 @@ def test_conditions_are_checked(kw, exc, match):
     kw = {"cfg": 3.0, **kw}
     with pytest.raises(exc, match=match):
         fastdiff.sample(_model, 3, shape=SHAPE, null_y=3, **kw)
+
+
+def _hand_ddim_cfg_pp(path_name, grid, seeds, y, null, w, eta, s_noise=1.0):
+    """CFG++'s DDIM step in float64: x' = alpha' x0(g_w) + k eps(p_null) + s xi (the model in float32)."""
+    from fastdiff.paths import affine_coefficients, get_path
+    from fastdiff.sampling.stage import draw_stream
+
+    path = get_path(path_name)
+    x = fastdiff.ops.randn(torch.tensor(seeds), 0, SHAPE).double() * path.coefficients(grid[0])[1]
+    for i, (t, t1) in enumerate(zip(grid, grid[1:])):
+        tt = torch.full((len(seeds),), t)
+        p_y = _model(x.float(), tt, y).double()
+        p_null = _model(x.float(), tt, torch.full_like(y, null)).double()
+        g = p_null + w * (p_y - p_null)
+        (al, be), (al1, be1) = path.coefficients(t)[:2], path.coefficients(t1)[:2]
+        a_z, b_z = affine_coefficients(path, t, "velocity", "x0")
+        a_e, b_e = affine_coefficients(path, t, "velocity", "eps")
+        s = 0.0
+        if eta > 0 and be1 > 0:
+            s = eta * be1 * math.sqrt(max(0.0, 1 - ((al * be1) / (al1 * be)) ** 2))
+        k = math.sqrt(max(0.0, be1 * be1 - s * s))
+        x = al1 * (a_z * x + b_z * g) + k * (a_e * x + b_e * p_null)
+        if s:
+            x = x + s * s_noise * fastdiff.ops.randn(torch.tensor(seeds), draw_stream(i), SHAPE).double()
+    return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method,eta", [("ddim", 0.0), ("ddim", 0.6), ("euler_ancestral", 1.0)])
+def test_cfg_pp_is_the_hand_loop(backend, method, eta):
+    """CFG++: the guided prediction in the clean estimate, the unconditional one in the re-noising (ComfyUI's
+    euler_cfg_pp / euler_ancestral_cfg_pp in sigma space are these steps on the VE path)."""
+    name, device = backend
+    seeds, y = [1, 2, 3], torch.tensor([0, 2, 1])
+    grid = [0.05 + 0.9 * i / 6 for i in range(7)]
+    ours = fastdiff.sample(_model, None, 1.8, timesteps=grid, shape=SHAPE, y=y.to(device), null_y=3, seed=seeds,
+                           method=method, eta=eta, path="vp", guidance="cfg_pp", backend=name, device=device)
+    spec = _hand_ddim_cfg_pp("vp", grid, seeds, y, 3, 1.8, eta)
+    torch.testing.assert_close(ours.cpu().double(), spec, rtol=0, atol=2e-5 * spec.abs().max().item())
+    plain = fastdiff.sample(_model, None, 1.8, timesteps=grid, shape=SHAPE, y=y.to(device), null_y=3, seed=seeds,
+                            method=method, eta=eta, path="vp", backend=name, device=device)
+    assert (plain.cpu() - ours.cpu()).abs().max() > 1e-3
+
+
+def test_cfg_pp_on_ve_is_comfyui_euler_cfg_pp():
+    """On the VE path (k-diffusion's sigma space) CFG++ DDIM is ComfyUI's sample_euler_cfg_pp as published:
+    x' = D_g + sigma' (x - D_null) / sigma, D the denoiser's x0 predictions."""
+    from fastdiff.adapters.k_diffusion import DenoiserModel
+    from test_adapter_k_diffusion import Denoiser
+
+    den = Denoiser()
+    sigmas = torch.tensor([14.0, 6.0, 2.5, 1.0, 0.4, 0.1, 0.0])
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * sigmas[0]
+    w = 1.5
+    model = DenoiserModel(den, sigmas)
+
+    def guided(x, t, y):  # the conditional branch adds the label (the Denoiser's cond)
+        return model.denoiser(x, model.sigma(t).to(x.dtype), cond=y.float())
+
+    ours = fastdiff.sample(guided, None, w, noise=x, path=model.path, prediction="x0", method="ddim",
+                           timesteps=model.timesteps, y=torch.tensor([0.5, -0.3]), null_y=torch.tensor(0.0),
+                           guidance="cfg_pp")
+    xs = x.double()
+    for s, s1 in zip(sigmas[:-1].double(), sigmas[1:].double()):
+        d_y = den(xs.float(), s.float().expand(2), cond=torch.tensor([0.5, -0.3])).double()
+        d_null = den(xs.float(), s.float().expand(2), cond=torch.tensor([0.0, 0.0])).double()
+        d_g = d_null + w * (d_y - d_null)
+        xs = d_g + s1 * (xs - d_null) / s
+    torch.testing.assert_close(ours.double(), xs, rtol=0, atol=2e-5 * xs.abs().max().item())
+
+
+def test_cfg_pp_is_checked():
+    kw = dict(shape=SHAPE, y=torch.tensor([0, 1]), null_y=3)
+    with pytest.raises(ValueError, match="guidance='cfg_pp' needs a method whose step is a clean estimate"):
+        fastdiff.sample(_model, 3, 2.0, method="heun", guidance="cfg_pp", **kw)
+    with pytest.raises(ValueError, match="guidance_rescale does not apply to guidance='cfg_pp'"):
+        fastdiff.sample(_model, 3, 2.0, method="ddim", guidance="cfg_pp", guidance_rescale=0.5, **kw)
+    # without guidance it is the method's own step (cfg = 1: one branch)
+    assert torch.equal(fastdiff.sample(_model, 3, 1.0, method="heun", guidance="cfg_pp", **kw),
+                       fastdiff.sample(_model, 3, 1.0, method="heun", **kw))
+
+
+def _big_model(x, t, y):
+    """An eps-like prediction whose x0 estimates leave [-1, 1] (so that thresholding bites)."""
+    label = 0.0 if y is None else y.view(-1, *([1] * (x.dim() - 1))).float()
+    return 0.6 * x - 0.8 * torch.tanh(2.0 * x + label)
+
+
+def _diffusers_threshold(ratio, max_value):
+    try:
+        from diffusers import DDIMScheduler
+    except ImportError:
+        from fastdiff.sampling.guidance import DynamicThresholding
+
+        return DynamicThresholding(ratio, max_value).apply
+    sched = DDIMScheduler(thresholding=True, dynamic_thresholding_ratio=ratio, sample_max_value=max_value)
+    return sched._threshold_sample
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method,cfg", [("ddim", 1.0), ("ddim", 3.0), ("dpmpp_2m", 3.0)])
+def test_dynamic_thresholding_is_diffusers_on_every_stage(backend, method, cfg):
+    """Each evaluation's x0 estimate is thresholded by diffusers' own _threshold_sample (ratio 0.9,
+    max_value 1.5) and the step runs on the prediction that gives it: the hand loop, in float64."""
+    from fastdiff.paths import affine_coefficients, get_path
+
+    name, device = backend
+    seeds, y = [1, 2, 3], torch.tensor([0, 2, 1])
+    grid = [0.05 + 0.9 * i / 5 for i in range(6)]
+    kw = dict(timesteps=grid, shape=SHAPE, seed=seeds, method=method, path="vp", prediction="eps",
+              dynamic_thresholding=fastdiff.sampling.guidance.DynamicThresholding(0.9, 1.5))
+    if cfg != 1.0:
+        kw.update(y=y.to(device), null_y=3)
+    else:
+        kw.update(batch_size=3)
+    ours = fastdiff.sample(_big_model, None, cfg, backend=name, device=device, **kw)
+    threshold = _diffusers_threshold(0.9, 1.5)
+    path = get_path("vp")
+    x = fastdiff.ops.randn(torch.tensor(seeds), 0, SHAPE).double() * path.coefficients(grid[0])[1]
+    d_prev, h_prev = None, None
+    for i, (t, t1) in enumerate(zip(grid, grid[1:])):
+        tt = torch.full((3,), t)
+        if cfg != 1.0:
+            p_y, p_null = (_big_model(x.float(), tt, lab).double() for lab in (y, torch.full_like(y, 3)))
+            g = p_null + cfg * (p_y - p_null)
+        else:
+            g = _big_model(x.float(), tt, torch.zeros(3, dtype=torch.long)).double()
+        a, b = affine_coefficients(path, t, "eps", "x0")
+        d = threshold(a * x + b * g)  # the thresholded x0
+        (al, be), (al1, be1) = path.coefficients(t)[:2], path.coefficients(t1)[:2]
+        if method == "ddim":
+            x = al1 * d + be1 * (x - al * d) / be
+        else:  # DPM-Solver++(2M)
+            lam = lambda al_, be_: math.log(al_ / be_)  # noqa: E731
+            h = lam(al1, be1) - lam(al, be)
+            dd = d if d_prev is None else d + 0.5 * h / h_prev * (d - d_prev)
+            x = (be1 / be) * x + al1 * -math.expm1(-h) * dd
+            d_prev, h_prev = d, h
+    torch.testing.assert_close(ours.cpu().double(), x, rtol=0, atol=3e-5 * x.abs().max().item())
+    plain = fastdiff.sample(_big_model, None, cfg, backend=name, device=device,
+                            **{k: v for k, v in kw.items() if k != "dynamic_thresholding"})
+    assert (plain.cpu() - ours.cpu()).abs().max() > 1e-3
+
+
+def test_quantile_rows_is_torch_quantile():
+    from fastdiff.sampling.guidance import quantile_rows
+
+    rows = torch.randn(4, 1001, generator=torch.Generator().manual_seed(0))
+    for q in (0.5, 0.9, 0.995, 1.0, 0.0):
+        torch.testing.assert_close(quantile_rows(rows, q), torch.quantile(rows, q, dim=1), rtol=0, atol=1e-6)
+
+
+def test_dynamic_thresholding_is_checked():
+    kw = dict(shape=SHAPE, batch_size=2, method="ddim")
+    with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]"):
+        fastdiff.sample(_model, 3, dynamic_thresholding=1.5, **kw)
+    with pytest.raises(ValueError, match="max_value must be a finite number >= 1"):
+        fastdiff.sampling.guidance.DynamicThresholding(0.9, 0.5)
+    with pytest.raises(TypeError, match="dynamic_thresholding must be True, a ratio"):
+        fastdiff.sample(_model, 3, dynamic_thresholding="yes", **kw)
+    with pytest.raises(ValueError, match="dynamic_thresholding does not combine with guidance='cfg_pp'"):
+        fastdiff.sample(_model, 3, 2.0, y=torch.tensor([0, 1]), null_y=3, dynamic_thresholding=True,
+                        guidance="cfg_pp", shape=SHAPE, method="ddim")

@@ -119,8 +119,12 @@ def _ddim(path, grid, prediction, eta=0.0) -> list[Stage]:
             ratio = (al * be1) / (al1 * be)
             s = eta * be1 * math.sqrt(max(0.0, 1.0 - ratio * ratio))
         k = math.sqrt(max(0.0, be1 * be1 - s * s))
-        stages.append(Stage(i, t, "x", "x", al1 * a_z + k * a_e, al1 * b_z + k * b_e, c_noise=s, stream=draw_stream(i),
-                            x0=(a_z, b_z), final=True))
+        c_pred = al1 * b_z + k * b_e
+        # CFG++ (guidance="cfg_pp"): the share of c_pred that goes through the clean estimate alpha' x0; the
+        # re-noising k eps takes the unconditional prediction alone
+        clean = al1 * b_z / c_pred if c_pred != 0.0 else 1.0
+        stages.append(Stage(i, t, "x", "x", al1 * a_z + k * a_e, c_pred, c_noise=s, stream=draw_stream(i),
+                            x0=(a_z, b_z), final=True, cfg_pp=clean))
     return stages
 
 

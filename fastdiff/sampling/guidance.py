@@ -2,9 +2,10 @@
 
 - A schedule: ``cfg`` may be a callable t -> w, evaluated at each stage's time on the host (its rows are
   host numbers like the fixed scale's).
-- Rules (``guidance=``): ``"cfg"`` (the default) and ``"cfg_zero_star"`` (CFG-Zero*: the unconditional
-  branch scaled by a per-sample optimal factor, zero-init steps), each a record here; a rule with
-  per-sample weights reads the same reduction pass.
+- Rules (``guidance=``): ``"cfg"`` (the default), ``"cfg_zero_star"`` (CFG-Zero*: the unconditional
+  branch scaled by a per-sample optimal factor, zero-init steps) and ``"cfg_pp"`` (CFG++: the guided
+  prediction in the clean estimate only), each a record here; a rule with per-sample weights reads the
+  same reduction pass.
 - CFG rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed";
   diffusers' ``guidance_rescale``): the blend g = p_null + w (p_y - p_null) is pulled toward the standard
   deviation of the conditional prediction, per sample b (over its elements):
@@ -120,7 +121,83 @@ class CFGZeroStar:
         return (1.0 - w) * alpha, w
 
 
-RULES = {rule.name: rule for rule in (CFG, CFGZeroStar)}
+@dataclass(frozen=True)
+class CFGPP:
+    """CFG++ (Chung et al. 2024; ComfyUI's euler_cfg_pp / euler_ancestral_cfg_pp): the guided prediction enters
+    the step's clean estimate only, and the re-noising uses the unconditional one,
+    x' = alpha' x0(g) + k eps(p_null) [+ s xi]. For a step whose prediction coefficient c_pred has the share
+    rho through x0 (Stage.cfg_pp), that is c_pred (p_null + rho w (p_y - p_null)): the blend's weight scaled
+    by rho, host numbers per stage. Methods that split their step so: ddim, euler_ancestral."""
+
+    name: ClassVar[str] = "cfg_pp"
+    needs_gram: ClassVar[bool] = False
+    zero_init_steps: ClassVar[int] = 0
+
+    def blend(self, gram: torch.Tensor, w: float):
+        return 1.0 - w, w
+
+    def stage_scale(self, w: float, stage) -> float:
+        if stage.cfg_pp is None:
+            raise ValueError("guidance='cfg_pp' needs a method whose step is a clean estimate plus its re-noising "
+                             "(ddim, euler_ancestral)")
+        return w * stage.cfg_pp
+
+
+RULES = {rule.name: rule for rule in (CFG, CFGZeroStar, CFGPP)}
+
+
+@dataclass(frozen=True)
+class DynamicThresholding:
+    """Imagen's dynamic thresholding (Saharia et al. 2022; diffusers' ``thresholding=True`` with
+    ``dynamic_thresholding_ratio`` and ``sample_max_value``): per sample, s = the ``ratio`` quantile of |x0|,
+    clamped to [1, max_value], and x0 <- clamp(x0, -s, s) / s; the step then runs on the prediction that
+    gives that x0. Not affine (a quantile and a clamp): a few extra passes and a selection per evaluation."""
+
+    ratio: float = 0.995
+    max_value: float = 1.0
+
+    def __post_init__(self):
+        if not is_number(self.ratio) or not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"dynamic_thresholding ratio must be in (0, 1], got {self.ratio!r}")
+        if not is_number(self.max_value) or not 1.0 <= self.max_value < math.inf:
+            raise ValueError(f"dynamic_thresholding max_value must be a finite number >= 1, got {self.max_value!r}")
+
+    def prediction(self, conversion: tuple, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The prediction whose x0 estimate is the thresholded one: x0 = a x + b g (conversion = (a, b), b != 0)."""
+        a, b = conversion
+        return (self.apply(a * x + b * g) - a * x) / b
+
+    def apply(self, x0: torch.Tensor) -> torch.Tensor:
+        """x0 [B, ...] thresholded per sample (float32)."""
+        flat = x0.reshape(x0.shape[0], -1).abs()
+        s = quantile_rows(flat, self.ratio).clamp(1.0, self.max_value).view(-1, *([1] * (x0.dim() - 1)))
+        return torch.minimum(torch.maximum(x0, -s), s) / s
+
+
+def get_thresholding(value):
+    """sample()'s ``dynamic_thresholding``: None / False (off), True (the defaults), a ratio, or the record."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return DynamicThresholding()
+    if isinstance(value, DynamicThresholding):
+        return value
+    if is_number(value):
+        return DynamicThresholding(ratio=float(value))
+    raise TypeError(f"dynamic_thresholding must be True, a ratio or a DynamicThresholding, got {type(value).__name__}")
+
+
+def quantile_rows(rows: torch.Tensor, q: float) -> torch.Tensor:
+    """torch.quantile(rows, q, dim=1) (linear interpolation between order statistics) by two selections, which
+    have no size limit (torch.quantile refuses inputs over 2^24 elements)."""
+    n = rows.shape[1]
+    pos = q * (n - 1)
+    lo, frac = int(math.floor(pos)), pos - math.floor(pos)
+    low = rows.kthvalue(lo + 1, dim=1).values
+    if frac == 0.0 or lo + 1 >= n:
+        return low
+    high = rows.kthvalue(lo + 2, dim=1).values
+    return low + frac * (high - low)
 
 
 def get_rule(guidance):
@@ -188,10 +265,12 @@ class StageWeights:
     steps), or one [B, 2] device buffer rewritten before each guided step from a reduction pass (rescale,
     CFG-Zero*). ``scales``: each stage's guidance scale; ``zero``: whether each stage predicts zero."""
 
-    def __init__(self, rule, phi: float, scales: list[float], zero: list[bool], guided: bool, B: int, device):
+    def __init__(self, rule, phi: float, scales: list, zero: list[bool], guided: bool, B: int, device,
+                 x0_scales: list | None = None):
         from fastdiff.ops.sample_gram import sample_gram
 
         self.rule, self.phi, self.scales, self.zero = rule, phi, scales, zero
+        self.x0_scales = scales if x0_scales is None else x0_scales  # the blend of the x0 estimate (CFG++: w)
         self.per_sample = guided and (bool(phi) or rule.needs_gram)
         self.buffer = torch.ones((B, 2), dtype=torch.float32, device=device) if self.per_sample else None
         self.key = (tuple(scales), phi, rule)  # what the rows and a captured loop depend on
@@ -218,19 +297,52 @@ class StageWeights:
         """Whether stage k's blend is p_null + scales[k] (p_y - p_null) (or the one prediction)."""
         return not self.zero[k] and not (self.per_sample and len(preds) == 2) and len(preds) <= 2
 
-    def blend(self, k: int, preds: list, per: tuple) -> torch.Tensor:
-        """Stage k's blend g as a float32 tensor, by torch ops (callbacks; not the hot path)."""
+    def blend(self, k: int, preds: list) -> torch.Tensor:
+        """Stage k's blend g of its x0 estimate as a float32 tensor, by torch ops (callbacks, thresholding)."""
+        per = (preds[0].shape[0], *([1] * (preds[0].dim() - 1)))
         if self.zero[k]:
             return torch.zeros(preds[0].shape, dtype=torch.float32, device=preds[0].device)
         if len(preds) == 1:
             return preds[0].float()
         if len(preds) > 2:  # several conditions: p_null + Σ w_k (p_k - p_null)
             g = preds[0].float()
-            for w, p in zip(self.scales[k], preds[1:]):
+            for w, p in zip(self.x0_scales[k], preds[1:]):
                 g = g + w * (p.float() - preds[0].float())
             return g
         if self.per_sample:
             w0, w1 = self.buffer[:, 0].view(per), self.buffer[:, 1].view(per)
         else:
-            w0, w1 = 1.0, self.scales[k]
+            w0, w1 = 1.0, self.x0_scales[k]
         return w0 * preds[0].float() + w1 * (preds[1].float() - preds[0].float())
+
+    def x0_into(self, out, x, preds, k: int, stage, merged, backend: str) -> None:
+        """out = the x0 estimate a x + b g of stage k (a step's first stage: Stage.x0, or per sample with churn
+        per sample): the fused two-branch op for a host blend, else torch ops (callbacks: not the hot path)."""
+        if merged is None and self.host_blend(k, preds):
+            from fastdiff.ops.guided_step import guided_step
+
+            guided_step(x, preds[-1], preds[0] if len(preds) == 2 else None, cfg=self.x0_scales[k],
+                        c_x=stage.x0[0], c_pred=stage.x0[1], out=out, backend=backend)
+            return
+        B = x.shape[0]
+        a, b = merged.x0_rows(k, x.device)[:, :2].view(B, 2, *([1] * (x.dim() - 1))).unbind(1) if merged else stage.x0
+        torch.add(a * x, b * self.blend(k, preds), out=out)
+
+
+def threshold_conversions(stages, path, prediction: str, thresholding, merged) -> list:
+    """Per stage, the x0 conversion (a, b) of its evaluation (x0 = a input + b g) where dynamic thresholding
+    applies, else None (off, or b = 0 / not finite there)."""
+    if thresholding is None:
+        return [None] * len(stages)
+    if merged is not None:
+        raise ValueError("dynamic_thresholding does not combine with per-sample churn options (yet)")
+    from fastdiff.paths import affine_coefficients
+
+    out = []
+    for st in stages:
+        try:
+            a, b = affine_coefficients(path, st.t, prediction, "x0")
+        except ValueError:
+            a, b = math.nan, math.nan
+        out.append((a, b) if math.isfinite(a) and math.isfinite(b) and b != 0.0 else None)
+    return out

@@ -10,11 +10,11 @@ import torch
 from fastdiff import _checks
 from fastdiff import dispatch as _dispatch
 from fastdiff.ops.sampler_step import KERNEL_ARGS, ROW_ARGS, prepare, prepare_tensors, with_rows
-from fastdiff.ops.guided_step import guided_step
 from fastdiff.ops.randn import randn
 from fastdiff.paths import check_prediction, get_path
 from fastdiff.sampling import graphs, per_sample
-from fastdiff.sampling.guidance import StageWeights, check_rescale, condition_branches, get_rule, scale_schedule
+from fastdiff.sampling.guidance import (StageWeights, check_rescale, condition_branches, get_rule, get_thresholding,
+                                       scale_schedule, threshold_conversions)
 from fastdiff.sampling.brownian import kernel_calls as brownian_kernel_calls
 from fastdiff.sampling.arguments import (MAX_STEPS, T_MIN_SINGULAR, batch_size_of, check_model_output,  # noqa: F401
                                          FiniteFlags, check_step_noise, check_step_noise_kind,
@@ -39,7 +39,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
            sigma=0.0, eta: float | None = None, timesteps=None, guidance_interval=None, cfg_batch: bool = True,
            batch_size: int | None = None, backend: str = "auto", progress: bool = False, callback=None,
            device=None, check_finite: bool = True, cuda_graph: bool = False, step_noise=None,
-           guidance=None, guidance_rescale: float = 0.0, conditions=None, **options) -> torch.Tensor:
+           guidance=None, guidance_rescale: float = 0.0, conditions=None, dynamic_thresholding=None,
+           **options) -> torch.Tensor:
     """Sample ``[B, *shape]`` from ``model(x, t, y)`` by integrating from t = 0 (noise) to t = 1 (data).
 
     Args:
@@ -72,6 +73,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         guidance_rescale: CFG rescale phi in [0, 1] (diffusers' guidance_rescale; Lin et al. 2024): the blend
             is scaled toward the conditional prediction's standard deviation per sample, fused (one
             per-sample reduction pass per guided evaluation, no host sync; fastdiff.sampling.guidance).
+        dynamic_thresholding: Imagen's dynamic thresholding of each evaluation's x0 estimate (diffusers'
+            thresholding=True): True (ratio 0.995, max_value 1), a ratio, or a DynamicThresholding.
         cfg_batch: run conditional and unconditional inputs as one batch of 2B (default) or two calls.
         backend: "auto", "cuda", "triton", "cpu" or "reference" for the fused step.
         progress: show a tqdm progress bar.
@@ -108,9 +111,14 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     rule = get_rule(guidance)
     if rescale and not guided:
         raise ValueError("guidance_rescale applies to guided sampling: give cfg != 1 (or a schedule)")
-    if multi and (rescale or rule.needs_gram or guidance_interval is not None or cuda_graph):
-        raise ValueError("several conditions take plain CFG weights for now: not with guidance_rescale, a per-sample "
+    if multi and (rescale or rule.name != "cfg" or guidance_interval is not None or cuda_graph):
+        raise ValueError("several conditions take plain CFG weights for now: not with guidance_rescale, another "
                          "guidance rule, guidance_interval or cuda_graph")
+    thresholding = get_thresholding(dynamic_thresholding)
+    if thresholding and (rule.name == "cfg_pp" or cuda_graph):
+        raise ValueError("dynamic_thresholding does not combine with guidance='cfg_pp' or cuda_graph (yet)")
+    if rescale and rule.name == "cfg_pp":
+        raise ValueError("guidance_rescale does not apply to guidance='cfg_pp' (its blend feeds the clean estimate only)")
     branches = 1 + (len(multi[0]) if multi else 1)  # model branches of a guided evaluation (null first)
     if eta is not None and (not is_number(eta) or not 0 <= eta <= 1):  # NaN fails the comparison
         raise ValueError(f"eta must be in [0, 1], got {eta!r}")
@@ -149,8 +157,11 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     stages, merged, stage_key = stage_tables(method_record, path, path_arg, prediction, grid, values,
                                              per_sample_values, B, sigma_at)
     # each stage's branch weights: its guidance scale, the rule's zero steps, per-sample weights (rescale, rules)
-    weights = StageWeights(rule, rescale, [multi[1] if multi else cfg_at(st.t) for st in stages],
-                           [st.step < rule.zero_init_steps for st in stages], guided, B, device)
+    scales = [multi[1] if multi else cfg_at(st.t) for st in stages]
+    step_scales = [rule.stage_scale(w, st) for w, st in zip(scales, stages)] if guided and rule.name == "cfg_pp" \
+        else scales  # CFG++: the blend's weight times the share through the clean estimate
+    weights = StageWeights(rule, rescale, step_scales,
+                           [st.step < rule.zero_init_steps for st in stages], guided, B, device, x0_scales=scales)
     seeds = sample_seeds(seed, B, device)
     with _dispatch.use_backend(backend):
         step_backend = _dispatch.resolve(device)
@@ -228,13 +239,15 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     else:
         result = x
     checked = {}  # the tensor half of a call, checked once per distinct set of buffers
-    row_key = (stage_key, weights.key, guidance_interval, step_noise is not None, brownian)
+    row_key = (stage_key, weights.key, guidance_interval, step_noise is not None, brownian, thresholding)
     cache_rows = merged is None and not weights.per_sample  # per-sample rows and weights are this call's tensors
     stage_rows = _ROW_CACHE.get(row_key) if cache_rows else None
     new_rows = [] if stage_rows is None and cache_rows else None
 
     def stage_call(k: int, st: Stage, two_branch: bool) -> tuple:
-        stage_weights = weights.row(k, two_branch)
+        # a thresholded stage's kernel gets one prediction: the blend whose x0 is the thresholded one
+        two_branch = two_branch and thresholds[k] is None
+        stage_weights = weights.row(k, two_branch) if thresholds[k] is None else None
         history = st.history_buffers() + (("noise",) if host_noise[k] is not None else ())
         outs = ("result",) if k == last and result is not x else (st.out,)
         key = (st.input, two_branch, history, outs, st.side)
@@ -260,6 +273,7 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             call["finite"] = finite.row(k)
         return _kernel_args(call)  # the kernel's positional arguments
 
+    thresholds = threshold_conversions(stages, path, prediction, thresholding, merged)
     calls = [stage_call(k, st, guided and in_interval(st.t)) for k, st in enumerate(stages)]
     if new_rows is not None:
         _ROW_CACHE.put(row_key, new_rows)
@@ -304,12 +318,6 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     # per-sample churn at the first step: a [B, 6] tensor of rows, made before any capture
     start_rows = merged.start_rows(beta0, start_noise is not None, device) if merged and start else None
 
-    def x0_into(out, x_k, preds, k, st):
-        """out = a x + b g with per-sample (a, b) (churn per sample) and / or branch weights (rescale, rules)."""
-        per = (B, *([1] * len(shape)))
-        a, b = merged.x0_rows(k, device)[:, :2].view(B, 2, *per[1:]).unbind(1) if merged else st.x0
-        torch.add(a * x_k, b * weights.blend(k, preds, per), out=out)
-
     def run_loop(bar=None):
         if start is not None:  # x = scale x_0 + c xi_0: the initial state (given or beta0 z) and the draw in one pass
             x_0 = start_noise if start_noise is not None else \
@@ -333,13 +341,10 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         for k, st in enumerate(stages):
             preds = evaluate(k, st)
             weights.update(k, preds, step_backend)  # rescale, rules: one reduction pass, the weights on the device
-            if callback is not None and st.input == "x":
-                # x0 of the step's first evaluation, before the state buffer is overwritten
-                if merged is None and weights.host_blend(k, preds):
-                    guided_step(buffers["x"], preds[-1], preds[0] if len(preds) == 2 else None, cfg=weights.scales[k],
-                                c_x=st.x0[0], c_pred=st.x0[1], out=buffers["x0"], backend=step_backend)
-                else:  # per-sample coefficients or weights: not on the hot path, torch ops
-                    x0_into(buffers["x0"], buffers["x"], preds, k, st)
+            if thresholds[k] is not None:  # dynamic thresholding: the prediction whose x0 is thresholded
+                preds = [thresholding.prediction(thresholds[k], buffers[st.input], weights.blend(k, preds))]
+            if callback is not None and st.input == "x":  # the step's x0, before the state is overwritten
+                weights.x0_into(buffers["x0"], buffers["x"], preds, k, st, merged, step_backend)
             if noise_calls is not None:
                 for args in noise_calls[k]:
                     step_kernel(*args)

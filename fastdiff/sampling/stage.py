@@ -55,6 +55,10 @@ class Stage:
     # step_noise="brownian" (fastdiff.sampling.brownian): the noise term as ((c, a, b), ...), c times the
     # path's normalized increment over flow times [a, b]; empty: each draw is the increment over its step
     brownian_terms: tuple[tuple[float, float, float], ...] = ()
+    # guidance="cfg_pp" (fastdiff.sampling.guidance.CFGPP): the share of c_pred that reaches the output through
+    # the clean estimate (x0); the rest re-noises and takes the unconditional prediction. None: the method
+    # does not split its step that way
+    cfg_pp: float | None = None
 
     def history_buffers(self) -> tuple[str, ...]:
         """The buffers the kernel reads as history, in order: extra, then ``history``."""

@@ -11,11 +11,12 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
 from fastdiff.adapters.diffusers._fused import _FusedStep
 from fastdiff.ops.guided_step import guided_step
+from fastdiff.sampling.guidance import DynamicThresholding
 
 
 class FastDiffDDIMScheduler(_FusedStep, DDIMScheduler):
-    """diffusers' ``DDIMScheduler`` with a fused ``step`` (DDIM, eta in [0, 1], clip_sample supported;
-    dynamic thresholding is not: it is not affine in the model output)."""
+    """diffusers' ``DDIMScheduler`` with a fused ``step`` (DDIM, eta in [0, 1]; clip_sample and dynamic
+    thresholding clamp the x0 estimate between the two fused passes)."""
 
     def set_timesteps(self, num_inference_steps: int, device=None):
         super().set_timesteps(num_inference_steps, device)
@@ -27,9 +28,6 @@ class FastDiffDDIMScheduler(_FusedStep, DDIMScheduler):
         if self.num_inference_steps is None:
             raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating the "
                              "scheduler")
-        if self.config.thresholding:
-            raise NotImplementedError("thresholding=True (dynamic thresholding) is not supported by fastdiff's fused "
-                                      "DDIM step; use diffusers' DDIMScheduler or thresholding=False")
         if variance_noise is not None:
             raise NotImplementedError("variance_noise: fastdiff draws the noise from per-sample seeds "
                                       "(scheduler.set_seeds); pass no variance_noise")
@@ -58,10 +56,14 @@ class FastDiffDDIMScheduler(_FusedStep, DDIMScheduler):
         stream = self._stream(timestep) if std > 0 else 0
         prev = torch.empty_like(x)
         x0 = torch.empty_like(x)
-        if self.config.clip_sample:
-            # x0 first, clamped, then the update with the clamped x0 as the extra input
+        if self.config.thresholding or self.config.clip_sample:
+            # x0 first, thresholded or clamped (diffusers' order), then the update with it as the extra input
             guided_step(x, g, c_x=ax, c_pred=ag, out=x0)
-            x0.clamp_(-self.config.clip_sample_range, self.config.clip_sample_range)
+            if self.config.thresholding:
+                x0.copy_(DynamicThresholding(self.config.dynamic_thresholding_ratio,
+                                             self.config.sample_max_value).apply(x0))
+            else:
+                x0.clamp_(-self.config.clip_sample_range, self.config.clip_sample_range)
             if use_clipped_model_output:  # eps recomputed from the clamped x0
                 c_x, c_p, c_e = k / be, 0.0, al1 - k * al / be
             else:
