@@ -184,7 +184,7 @@ def test_zero_star_loop_is_the_hand_loop(backend, zero_init, phi):
 
 def test_guidance_rules_are_checked():
     kw = dict(shape=SHAPE, y=torch.tensor([0, 1]), null_y=3)
-    with pytest.raises(ValueError, match="guidance must be one of 'cfg', 'cfg_zero_star'"):
+    with pytest.raises(ValueError, match="guidance must be one of 'cfg', 'cfg_zero_star', 'cfg_pp', 'apg'"):
         fastdiff.sample(_model, 3, 4.0, guidance="apg-ish", **kw)
     with pytest.raises(TypeError, match="guidance must be a rule name or object"):
         fastdiff.sample(_model, 3, 4.0, guidance=3, **kw)
@@ -424,3 +424,52 @@ def test_dynamic_thresholding_is_checked():
     with pytest.raises(ValueError, match="dynamic_thresholding does not combine with guidance='cfg_pp'"):
         fastdiff.sample(_model, 3, 2.0, y=torch.tensor([0, 1]), null_y=3, dynamic_thresholding=True,
                         guidance="cfg_pp", shape=SHAPE, method="ddim")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w,eta,threshold,original,phi", [(7.5, 1.0, 15.0, False, 0.0), (5.0, 0.0, 2.0, False, 0.0),
+                                                         (4.0, 0.3, 0.0, True, 0.0), (6.0, 0.5, 3.0, False, 0.7)])
+def test_apg_weights_are_diffusers_guider(dtype, w, eta, threshold, original, phi):
+    """APG's per-sample weights from the Gram matrix blend to diffusers' AdaptiveProjectedGuidance output on the
+    same predictions (no momentum), rescale included."""
+    from fastdiff.sampling.guidance import APG, apg_reference
+
+    p_null, p_y = _preds(dtype, seed=5)
+    p_y = p_y * 3.0  # updates with norms on both sides of the thresholds
+    rule = APG(eta=eta, norm_threshold=threshold, original=original)
+    out = branch_weights(sample_gram_reference([p_null, p_y]), rule, w, phi, torch.empty(len(p_y), 2))
+    per = (-1, 1, 1, 1)
+    ours = out[:, 0].double().view(per) * p_null.double() + out[:, 1].double().view(per) * (p_y.double() - p_null.double())
+    spec = apg_reference(p_null, p_y, w, rule)
+    if phi:
+        spec = rescale_reference(p_null, p_y, w, phi, spec)
+    torch.testing.assert_close(ours, spec, rtol=0, atol=1e-6 * spec.abs().max().item())
+    try:
+        from diffusers.guiders import AdaptiveProjectedGuidance
+    except ImportError:
+        return
+    guider = AdaptiveProjectedGuidance(guidance_scale=w, adaptive_projected_guidance_rescale=threshold, eta=eta,
+                                       guidance_rescale=phi, use_original_formulation=original)
+    guider.set_state(step=2, num_inference_steps=10, timestep=torch.tensor(500))
+    theirs = guider.forward(p_y.double(), p_null.double()).pred
+    torch.testing.assert_close(spec, theirs, rtol=0, atol=1e-6 * spec.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_apg_loop_is_the_hand_loop(backend):
+    from fastdiff.sampling.guidance import APG, apg_reference
+
+    name, device = backend
+    seeds, y, grid = [1, 2, 3, 4], torch.tensor([0, 1, 2, 1]), [i / 6 for i in range(7)]
+    rule = APG(eta=0.2, norm_threshold=4.0)
+    ours = fastdiff.sample(_model, 6, 5.0, shape=SHAPE, y=y.to(device), null_y=3, seed=seeds, method="euler",
+                           guidance=rule, backend=name, device=device)
+    x = fastdiff.ops.randn(torch.tensor(seeds), 0, SHAPE).double()
+    for t, t1 in zip(grid, grid[1:]):
+        tt = torch.full((len(seeds),), t)
+        p_y = _model(x.float(), tt, y).double()
+        p_null = _model(x.float(), tt, torch.full_like(y, 3)).double()
+        x = x + (t1 - t) * apg_reference(p_null, p_y, 5.0, rule)
+    torch.testing.assert_close(ours.cpu().double(), x, rtol=0, atol=2e-5 * x.abs().max().item())
+    with pytest.raises(ValueError, match="APG momentum"):
+        APG(momentum=0.5)

@@ -4,8 +4,8 @@
   host numbers like the fixed scale's).
 - Rules (``guidance=``): ``"cfg"`` (the default), ``"cfg_zero_star"`` (CFG-Zero*: the unconditional
   branch scaled by a per-sample optimal factor, zero-init steps) and ``"cfg_pp"`` (CFG++: the guided
-  prediction in the clean estimate only), each a record here; a rule with per-sample weights reads the
-  same reduction pass.
+  prediction in the clean estimate only) and ``"apg"`` (adaptive projected guidance), each a record
+  here; a rule with per-sample weights reads the same reduction pass.
 - CFG rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed";
   diffusers' ``guidance_rescale``): the blend g = p_null + w (p_y - p_null) is pulled toward the standard
   deviation of the conditional prediction, per sample b (over its elements):
@@ -143,7 +143,46 @@ class CFGPP:
         return w * stage.cfg_pp
 
 
-RULES = {rule.name: rule for rule in (CFG, CFGZeroStar, CFGPP)}
+@dataclass(frozen=True)
+class APG:
+    """Adaptive projected guidance (Sadat et al. 2024, "Eliminating Oversaturation and Artifacts of High
+    Guidance Scales in Diffusion Models"; diffusers' AdaptiveProjectedGuidance): the update p_y - p_null,
+    scaled down per sample to norm at most ``norm_threshold`` (diffusers' adaptive_projected_guidance_rescale;
+    0: no limit), loses the part parallel to p_y but a fraction ``eta``:
+    g = p_null + w (u - (1 - eta) proj_{p_y} u), u the scaled update (``original``: p_y + w (...)). Every
+    norm and projection is a quadratic form of the Gram matrix: per-sample weights, no extra pass. Momentum
+    (a running average of the update across steps) is not supported yet."""
+
+    eta: float = 1.0
+    norm_threshold: float = 15.0
+    momentum: float | None = None
+    original: bool = False
+
+    name: ClassVar[str] = "apg"
+    needs_gram: ClassVar[bool] = True
+    zero_init_steps: ClassVar[int] = 0
+
+    def __post_init__(self):
+        if not is_number(self.eta) or not math.isfinite(self.eta):
+            raise ValueError(f"eta must be a finite number, got {self.eta!r}")
+        if not is_number(self.norm_threshold) or not 0.0 <= self.norm_threshold < math.inf:
+            raise ValueError(f"norm_threshold must be a finite number >= 0, got {self.norm_threshold!r}")
+        if self.momentum not in (None, 0, 0.0):
+            raise ValueError("APG momentum (a running average of the update across steps) is not supported yet: "
+                             "momentum=None")
+
+    def blend(self, gram: torch.Tensor, w: float):
+        q00, q01, q11 = gram[:, 1, 1], gram[:, 1, 2], gram[:, 2, 2]
+        if self.norm_threshold > 0:  # min(1, threshold / |u|); |u| = 0 gives inf, so 1
+            s = torch.clamp(self.norm_threshold / (q00 - 2.0 * q01 + q11).clamp_min(0.0).sqrt(), max=1.0)
+        else:
+            s = torch.ones_like(q11)
+        c = s * (q11 - q01) / q11.clamp_min(1e-24)  # the scaled update's component along p_y / |p_y|^2
+        a0, b0 = (0.0, 1.0) if self.original else (1.0, 0.0)
+        return a0 - w * s, b0 + w * s - w * (1.0 - self.eta) * c
+
+
+RULES = {rule.name: rule for rule in (CFG, CFGZeroStar, CFGPP, APG)}
 
 
 @dataclass(frozen=True)
@@ -249,6 +288,19 @@ def rescale_reference(p_null: torch.Tensor, p_y: torch.Tensor, w: float, phi: fl
     dims = list(range(1, g.dim()))
     rescaled = g * (p_y.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True))
     return phi * rescaled + (1.0 - phi) * g
+
+
+def apg_reference(p_null: torch.Tensor, p_y: torch.Tensor, w: float, rule: "APG") -> torch.Tensor:
+    """The specification of APG's blend without momentum (diffusers' normalized_guidance), float64."""
+    p_null, p_y = p_null.double(), p_y.double()
+    dims = list(range(1, p_y.dim()))
+    u = p_y - p_null
+    if rule.norm_threshold > 0:
+        u = u * torch.clamp(rule.norm_threshold / u.norm(p=2, dim=dims, keepdim=True), max=1.0)
+    unit = p_y / p_y.norm(p=2, dim=dims, keepdim=True).clamp_min(1e-12)
+    parallel = (u * unit).sum(dim=dims, keepdim=True) * unit
+    update = (u - parallel) + rule.eta * parallel
+    return (p_y if rule.original else p_null) + w * update
 
 
 def zero_star_reference(p_null: torch.Tensor, p_y: torch.Tensor, w: float, eps: float = 1e-8) -> torch.Tensor:
