@@ -31,7 +31,7 @@ echo "pytest exit $?" | tee -a "$OUT/summary.txt"
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -15 | tee -a "$OUT/summary.txt"
 
 say "benchmarks"
-(cd /tmp && timeout "${BENCH_S:-150}" $PY -m fastdiff.cli bench --device cuda --ops step_sde,step_ode,rescale,loss,randn,methods \
+(cd /tmp && timeout "${BENCH_S:-150}" $PY -m fastdiff.cli bench --device cuda --ops step_sde,step_ode,rescale,apg,loss,randn,methods \
   --sizes 20,24 --repeat 7 --csv-dir "$OUT") > "$OUT/bench.log" 2>&1
 echo "bench exit $?" | tee -a "$OUT/summary.txt"
 tail -45 "$OUT/bench.log"

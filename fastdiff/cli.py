@@ -396,8 +396,8 @@ def _parser() -> argparse.ArgumentParser:
     p_sample.set_defaults(func=_sample)
     p_bench = sub.add_parser("bench", help="time the fused ops against eager PyTorch and torch.compile; "
                                            "print ratios and write CSV rows")
-    p_bench.add_argument("--ops", default="step_sde,step_ode,gram,rescale,loss,randn,loop,methods",
-                         help="rescale: a CFG-rescale step, fused vs diffusers' formula; loop: 50-step SDE sampling with cfg 4 vs diffusers / torchsde / flow_matching / "
+    p_bench.add_argument("--ops", default="step_sde,step_ode,gram,rescale,apg,loss,randn,loop,methods",
+                         help="rescale / apg: a CFG-rescale / APG step, fused vs diffusers' formula; loop: 50-step SDE sampling with cfg 4 vs diffusers / torchsde / flow_matching / "
                               "k-diffusion; methods: each sampling method's fused step per model evaluation vs "
                               "euler's (default: %(default)s)")
     p_bench.add_argument("--sizes", default="20,22", help="log2 of N, comma-separated (default: %(default)s)")

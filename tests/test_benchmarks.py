@@ -59,11 +59,13 @@ def test_gram_cases_agree(dtype):
     torch.testing.assert_close(cases["reference"].fn(), G, rtol=1e-12, atol=1e-9)
 
 
+@pytest.mark.parametrize("rule", ["rescale", "apg"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_rescale_cases_agree(dtype):
-    """The fused CFG-rescale step computes the eager formula (diffusers' rescale_noise_cfg, then Euler)."""
+def test_rescale_cases_agree(dtype, rule):
+    """The fused CFG-rescale / APG step computes the eager formula (diffusers' rescale_noise_cfg or
+    normalized_guidance, then Euler)."""
     n = 16 * 29
-    cases = {c.impl: c for c in bm.rescale_cases(n, dtype, impls=["fastdiff", "eager", "reference"])}
+    cases = {c.impl: c for c in bm.rescale_cases(n, dtype, impls=["fastdiff", "eager", "reference"], rule=rule)}
     eager = cases["eager"].fn()
     torch.testing.assert_close(cases["fastdiff"].fn().clone(), eager, rtol=0, atol=1e-5 * eager.abs().max().item())
     torch.testing.assert_close(cases["reference"].fn().clone(), eager, rtol=0, atol=1e-5 * eager.abs().max().item())

@@ -8,8 +8,8 @@ Cases (N elements of fp32 state; the guided cases take one [2B] prediction, cfg 
   the kernel vs ``torch.randn_like`` in eager;
 - ``step_ode``: the Euler ODE step with guidance;
 - ``loss``: noising + loss forward + backward (eager stores ε from ``torch.randn_like`` and the target);
-- ``rescale``: one Euler step with CFG rescale, fused (reduction pass + per-sample weights + step) vs
-  diffusers' formula in eager (fastdiff.bench.guidance);
+- ``rescale``, ``apg``: one Euler step with CFG rescale / adaptive projected guidance, fused (reduction
+  pass + per-sample weights + step) vs diffusers' formula in eager (fastdiff.bench.guidance);
 - ``randn``: ``fastdiff.ops.randn`` vs ``torch.randn``;
 - ``copy``: a device-to-device copy of N fp32 elements, the bandwidth yardstick;
 - ``loop``: whole sampling loops against the peers' (fastdiff.bench.loops);
@@ -37,7 +37,7 @@ __all__ = ["OPS", "BASELINES", "Case", "CheapModel", "LOOP_SHAPE", "LOOP_STEPS",
            "copy_case", "device_name", "eager_loss", "eager_ode_step", "eager_sde_step", "gram_cases", "loop_cases",
            "loss_cases", "method_cases", "randn_cases", "report", "rescale_cases", "step_cases", "time_interleaved"]
 
-OPS = ("step_sde", "step_ode", "gram", "rescale", "loss", "randn", "loop", "methods")
+OPS = ("step_sde", "step_ode", "gram", "rescale", "apg", "loss", "randn", "loop", "methods")
 
 
 def eager_sde_step(x, out2b, *, cfg=CFG, t=T, dt=DT, sigma=SIGMA, noise_like=torch.randn_like):
@@ -196,8 +196,8 @@ def cases(op: str, n: int, dtype: str = "fp32", device="cpu", impls=None) -> lis
         return randn_cases(n, dtype, device, impls)
     if op == "gram":
         return gram_cases(n, dtype, device, impls)
-    if op == "rescale":
-        return rescale_cases(n, dtype, device, impls)
+    if op in ("rescale", "apg"):
+        return rescale_cases(n, dtype, device, impls, rule=op)
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
 
 
@@ -267,7 +267,8 @@ def peak_memory(fn: Callable, device) -> Optional[int]:
 
 # ---- the report: interleaved medians, ratios, CSV rows ------------------------------------------------
 
-BASELINES = {"step_sde": "eager", "step_ode": "eager", "gram": "eager", "rescale": "eager", "loss": "eager",
+BASELINES = {"step_sde": "eager", "step_ode": "eager", "gram": "eager", "rescale": "eager", "apg": "eager",
+             "loss": "eager",
              "randn": "torch", "loop": "diffusers", "methods": "euler"}
 
 

@@ -1,0 +1,17 @@
+"""One Euler step with adaptive projected guidance (diffusers' AdaptiveProjectedGuidance, no momentum): fastdiff's
+fused reduction pass + per-sample weights + step vs diffusers' formula in eager PyTorch and torch.compile of it."""
+
+import pytest
+
+from conftest import DEVICE, SIZES
+from fastdiff.bench.harness import rescale_cases
+
+
+@pytest.mark.parametrize("impl", ["fastdiff", "eager", "compile", "reference"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("log2n", SIZES)
+def test_apg(run_case, log2n, dtype, impl):
+    if impl == "reference" and log2n > 22:
+        pytest.skip("the reference op is an oracle, not a contender, at this size")
+    (case,) = rescale_cases(1 << log2n, dtype, DEVICE, impls=[impl], rule="apg")
+    run_case(case)
