@@ -9,11 +9,18 @@ import torch
 
 import fastdiff
 from fastdiff.ops.sample_gram import sample_gram_reference
-from fastdiff.sampling.guidance import (CFGZeroStar, branch_weights, rescale_reference, rescale_weights,
-                                       zero_star_reference)
+from fastdiff.sampling.guidance import CFG, CFGZeroStar, branch_weights, rescale_reference, zero_star_reference
 from conftest import BACKENDS
 
 SHAPE = (3, 5, 7)  # odd: partial vector blocks in every kernel
+
+
+def _weights_blend(rule, p_null, p_y, w, phi):
+    """The blend w_0 p_null + w_1 (p_y - p_null) of the per-sample weights branch_weights computes from the
+    Gram matrix, in float64."""
+    out = branch_weights(sample_gram_reference([p_null, p_y]), rule, w, phi, torch.empty(len(p_y), 2)).double()
+    per = (-1, *([1] * (p_y.dim() - 1)))
+    return out[:, 0].view(per) * p_null.double() + out[:, 1].view(per) * (p_y.double() - p_null.double())
 
 
 def _preds(dtype=torch.float32, B=4, seed=0):
@@ -28,9 +35,7 @@ def _preds(dtype=torch.float32, B=4, seed=0):
 def test_rescale_weights_are_diffusers_rescale(dtype, w, phi):
     """The per-sample weights from the Gram matrix blend to diffusers' rescale_noise_cfg of the CFG blend."""
     p_null, p_y = _preds(dtype)
-    out = rescale_weights(sample_gram_reference([p_null, p_y]), w, phi, torch.empty(len(p_y), 2))
-    per = (-1, 1, 1, 1)
-    ours = out[:, 0].double().view(per) * p_null.double() + out[:, 1].double().view(per) * (p_y.double() - p_null.double())
+    ours = _weights_blend(CFG(), p_null, p_y, w, phi)
     spec = rescale_reference(p_null, p_y, w, phi)
     torch.testing.assert_close(ours, spec, rtol=0, atol=1e-6 * spec.abs().max().item())
     try:
@@ -147,9 +152,7 @@ def test_zero_star_weights_are_diffusers_guider(dtype, w, phi):
     """CFG-Zero*'s per-sample weights blend to diffusers' ClassifierFreeZeroStarGuidance output (after its
     zero-init steps), rescale included."""
     p_null, p_y = _preds(dtype, seed=3)
-    out = branch_weights(sample_gram_reference([p_null, p_y]), CFGZeroStar(), w, phi, torch.empty(len(p_y), 2))
-    per = (-1, 1, 1, 1)
-    ours = out[:, 0].double().view(per) * p_null.double() + out[:, 1].double().view(per) * (p_y.double() - p_null.double())
+    ours = _weights_blend(CFGZeroStar(), p_null, p_y, w, phi)
     spec = zero_star_reference(p_null, p_y, w)
     if phi:
         spec = rescale_reference(p_null, p_y, w, phi, spec)
@@ -437,9 +440,7 @@ def test_apg_weights_are_diffusers_guider(dtype, w, eta, threshold, original, ph
     p_null, p_y = _preds(dtype, seed=5)
     p_y = p_y * 3.0  # updates with norms on both sides of the thresholds
     rule = APG(eta=eta, norm_threshold=threshold, original=original)
-    out = branch_weights(sample_gram_reference([p_null, p_y]), rule, w, phi, torch.empty(len(p_y), 2))
-    per = (-1, 1, 1, 1)
-    ours = out[:, 0].double().view(per) * p_null.double() + out[:, 1].double().view(per) * (p_y.double() - p_null.double())
+    ours = _weights_blend(rule, p_null, p_y, w, phi)
     spec = apg_reference(p_null, p_y, w, rule)
     if phi:
         spec = rescale_reference(p_null, p_y, w, phi, spec)

@@ -11,6 +11,7 @@ from fastdiff.ops.randn import randn, randn_reference
 from fastdiff.ops.sample_gram import (CHUNK, MAX_TERMS, packed_size, run_reference, sample_gram,
                                       sample_gram_reference, unpack)
 from fastdiff.ops.sampler_step import sampler_step, sampler_step_reference
+from fastdiff.sampling.guidance import CFG, branch_weights
 
 HAVE_CPU = fastdiff.backends()["cpu"].available
 needs_cpu = pytest.mark.skipif(not HAVE_CPU, reason=f"cpu: {fastdiff.backends()['cpu'].reason}")
@@ -142,24 +143,8 @@ def test_bad_arguments_name_the_argument(kwargs, exc, match):
         sample_gram_reference(**kwargs)
 
 
-# ---- a rule on the pass: CFG rescale ("Common Diffusion Noise Schedules and Sample Steps are Flawed") ----
-
-def cfg_rescale_weights(G: torch.Tensor, cfg: float, phi: float) -> torch.Tensor:
-    """Per-sample sampler_step weights [B, 2] for branches (p_null, p_y): g = s (p_null + cfg (p_y - p_null))
-    with s = phi std(p_y) / std(g_cfg) + 1 - phi (unbiased standard deviations over each sample, as
-    diffusers), from the Gram matrix of (1, p_null, p_y): a few [B]-sized ops, no host sync."""
-    n = G[:, 0, 0]
-    a = G.new_tensor([0.0, 1.0 - cfg, cfg])  # g_cfg = a . (1, p_null, p_y)
-    e = G.new_tensor([0.0, 0.0, 1.0])  # p_y
-
-    def var(c):
-        total = G[:, 0] @ c
-        squares = torch.einsum("i,bij,j->b", c, G, c)
-        return (squares - total * total / n) / (n - 1)
-
-    s = phi * (var(e) / var(a)).sqrt() + 1.0 - phi
-    return torch.stack([s, s * cfg], 1).float()
-
+# ---- a rule on the pass: CFG rescale ("Common Diffusion Noise Schedules and Sample Steps are Flawed"), whose
+# per-sample weights fastdiff.sampling.guidance.branch_weights makes from the Gram matrix ----
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu_op)])
 def test_cfg_rescale_from_one_gram_pass_matches_diffusers(backend):
@@ -170,7 +155,7 @@ def test_cfg_rescale_from_one_gram_pass_matches_diffusers(backend):
     p_null = torch.randn(B, *S, generator=g)
     p_y = 0.6 * p_null + 0.8 * torch.randn(B, *S, generator=g) + 0.3
     G = sample_gram([p_null, p_y], backend=backend)
-    weights = cfg_rescale_weights(G, cfg, phi)
+    weights = branch_weights(G, CFG(), cfg, phi, torch.empty(B, 2))
     h = 0.05  # an Euler step x + h g
     out = sampler_step(x, [p_null, p_y], weights=weights, coeffs=[1.0, h, 0.0, 0.0], backend=backend)
     g_cfg = p_null.double() + cfg * (p_y.double() - p_null.double())

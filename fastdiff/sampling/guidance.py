@@ -122,19 +122,14 @@ class CFGZeroStar:
 
 
 @dataclass(frozen=True)
-class CFGPP:
+class CFGPP(CFG):
     """CFG++ (Chung et al. 2024; ComfyUI's euler_cfg_pp / euler_ancestral_cfg_pp): the guided prediction enters
     the step's clean estimate only, and the re-noising uses the unconditional one,
     x' = alpha' x0(g) + k eps(p_null) [+ s xi]. For a step whose prediction coefficient c_pred has the share
     rho through x0 (Stage.cfg_pp), that is c_pred (p_null + rho w (p_y - p_null)): the blend's weight scaled
     by rho, host numbers per stage. Methods that split their step so: ddim, euler_ancestral."""
 
-    name: ClassVar[str] = "cfg_pp"
-    needs_gram: ClassVar[bool] = False
-    zero_init_steps: ClassVar[int] = 0
-
-    def blend(self, gram: torch.Tensor, w: float):
-        return 1.0 - w, w
+    name: ClassVar[str] = "cfg_pp"  # CFG's blend, per-stage weights (stage_scale)
 
     def stage_scale(self, w: float, stage) -> float:
         if stage.cfg_pp is None:
@@ -274,11 +269,6 @@ def branch_weights(gram: torch.Tensor, rule, w: float, phi: float, out: torch.Te
     out[:, 0].copy_(a + b)
     out[:, 1].copy_(b)
     return out
-
-
-def rescale_weights(gram: torch.Tensor, w: float, phi: float, out: torch.Tensor) -> torch.Tensor:
-    """CFG rescale's per-sample branch weights (branch_weights of plain CFG)."""
-    return branch_weights(gram, CFG(), w, phi, out)
 
 
 def rescale_reference(p_null: torch.Tensor, p_y: torch.Tensor, w: float, phi: float, g=None) -> torch.Tensor:
