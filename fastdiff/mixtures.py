@@ -299,7 +299,7 @@ class GaussianMixture:
         resp = resp / total
         logp = (top + torch.log(total)).squeeze(-1)
         return dict(path=path, t=tt, alpha=alpha, beta=beta, d_alpha=d_alpha, d_beta=d_beta, x=xf,
-                    mu=mu, lam=lam, q=q, y=y, c=c, yc=yc, logp=logp, resp=resp)
+                    mu=mu, lam=lam, q=q, y=y, c=c, yc=yc, logp=logp, resp=resp, logits=logits)
 
     @staticmethod
     def _rotate(q, v, resp):

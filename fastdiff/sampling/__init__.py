@@ -2,9 +2,10 @@
 
 from fastdiff.sampling import deis, dpmpp_sde, ipndm, lms, two_stage, unipc  # noqa: F401  (register their methods)
 from fastdiff.sampling.loop import sample
+from fastdiff.sampling.editing import invert
 from fastdiff.sampling.methods import Method, get_method, methods, register_method
 
-__all__ = ["METHODS", "Method", "get_method", "methods", "register_method", "sample"]
+__all__ = ["METHODS", "Method", "get_method", "invert", "methods", "register_method", "sample"]
 
 
 def __getattr__(name):

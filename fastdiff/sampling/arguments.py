@@ -25,9 +25,9 @@ def is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def time_grid(steps, timesteps, path, prediction, conversions) -> list[float]:
+def time_grid(steps, timesteps, path, prediction, conversions, start_late: bool = False) -> list[float]:
     """The grid: ``timesteps`` checked, or ``steps`` uniform steps to 1 from 0, or from T_MIN_SINGULAR when
-    one of the method's ``conversions`` (fastdiff.sampling.methods) is singular at t = 0."""
+    one of the method's ``conversions`` (fastdiff.sampling.methods) is singular at t = 0 or ``start_late``."""
     if timesteps is not None:
         if isinstance(timesteps, torch.Tensor):
             if timesteps.dim() != 1:
@@ -48,8 +48,9 @@ def time_grid(steps, timesteps, path, prediction, conversions) -> list[float]:
                              "pass steps=None with explicit timesteps")
         if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in grid):
             raise ValueError(f"timesteps must lie in [0, 1] (flow time: 0 noise, 1 data), got {grid}")
-        if any(b <= a for a, b in zip(grid, grid[1:])):
-            raise ValueError("timesteps must be strictly increasing (flow time runs from noise at 0 to data at 1)")
+        if any(b <= a for a, b in zip(grid, grid[1:])) and any(b >= a for a, b in zip(grid, grid[1:])):
+            raise ValueError("timesteps must be strictly increasing (flow time runs from noise at 0 to data at 1), "
+                             "or strictly decreasing (inversion, data to noise)")
         return grid
     if not isinstance(steps, numbers.Integral) or isinstance(steps, bool):
         raise TypeError(f"steps must be an int, got {type(steps).__name__}")
@@ -57,7 +58,7 @@ def time_grid(steps, timesteps, path, prediction, conversions) -> list[float]:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if steps > MAX_STEPS:
         raise ValueError(f"steps={steps} is more than the {MAX_STEPS} steps supported")
-    t0 = 0.0
+    t0 = T_MIN_SINGULAR if start_late else 0.0
     for to in conversions:
         try:
             affine_coefficients(path, 0.0, prediction, to)
@@ -124,6 +125,35 @@ def batch_size_of(y, noise, batch_size) -> int:
     if len(set(sizes.values())) > 1:
         raise ValueError(f"inconsistent batch sizes: {sizes}")
     return next(iter(sizes.values()))
+
+
+def batch_shape_device(y, noise, init, batch_size, shape, device) -> tuple:
+    """(B, per-sample shape, device) of a sample() call: from the initial state ``noise`` or the data ``init``
+    where given (shape and device too), else from y / batch_size, shape and device."""
+    start = noise if noise is not None else init
+    B = batch_size_of(y, start, batch_size)
+    if start is not None:
+        if shape is not None and tuple(start.shape[1:]) != tuple(_checks.shape_tuple(shape)):
+            raise ValueError(f"{'noise' if noise is not None else 'init'} has per-sample shape "
+                             f"{tuple(start.shape[1:])} but shape={tuple(shape)}")
+        shape = tuple(start.shape[1:])
+        device = start.device if device is None else torch.device(device)
+    if shape is None:
+        raise ValueError("shape (the per-sample shape) is required unless noise or init is given")
+    shape = _checks.shape_tuple(shape)
+    if device is None:
+        device = y.device if isinstance(y, torch.Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return B, shape, device
+
+
+def check_guided_labels(guided: bool, y, null_y) -> None:
+    if guided and null_y is None:
+        raise ValueError("cfg != 1 needs null_y, the label of the unconditional branch")
+    if guided and y is None:
+        raise ValueError("cfg != 1 needs y, the conditioning of the conditional branch")
 
 
 def null_labels(null_y, y, batch: int):

@@ -63,6 +63,7 @@ def _singular(path: GaussianPath, t: float, prediction: str, to: str) -> bool:
 
 @register_method("euler", options=("sigma",), evals_per_step=1, churn_options=True,
                  conversions=lambda sigma=None, **_: ("velocity", "score", "x0") if sigma else ("velocity", "x0"),
+                 inverts=True,
                  description="first order: the probability-flow ODE, Euler–Maruyama on the SDE when sigma > 0")
 def _euler(path, grid, prediction, sigma=None) -> list[Stage]:
     sigma = sigma or (lambda t: 0.0)
@@ -84,6 +85,7 @@ def _euler(path, grid, prediction, sigma=None) -> list[Stage]:
 
 
 @register_method("heun", evals_per_step=2, conversions=("velocity", "x0"), churn_options=True,
+                 inverts=True,
                  description="second-order ODE predictor-corrector (Euler on a last step to a singular t)")
 def _heun(path, grid, prediction) -> list[Stage]:
     stages = []
@@ -105,6 +107,7 @@ def _heun(path, grid, prediction) -> list[Stage]:
 
 
 @register_method("ddim", options=("eta",), evals_per_step=1, conversions=("x0", "eps"),
+                 inverts=True,
                  description="deterministic at eta = 0, the DDPM posterior (ancestral sampling) at eta = 1")
 def _ddim(path, grid, prediction, eta=0.0) -> list[Stage]:
     stages = []
@@ -137,6 +140,7 @@ def _lambda(al: float, be: float) -> float:
 
 
 @register_method("dpmpp_2m", evals_per_step=1, conversions=("x0",),
+                 inverts=True,
                  description="DPM-Solver++(2M), a second-order multistep ODE solver on x0 predictions")
 def _dpmpp_2m(path, grid, prediction) -> list[Stage]:
     stages = []

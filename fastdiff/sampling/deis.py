@@ -86,6 +86,7 @@ def deis_weights(sigmas: list[float], i: int, order: int, mode: str) -> list[flo
 
 
 @register_method("deis", options={"order": 3, "mode": "tab"}, evals_per_step=1, conversions=("x0",),
+                 inverts=True,
                  description="DEIS: multistep with exactly integrated Lagrange weights (tab: in VP time; rhoab: in sigma)")
 def _deis(path, grid, prediction, order=3, mode="tab") -> list[Stage]:
     if mode not in MODES:

@@ -79,6 +79,28 @@ def condition_branches(y, conditions, cfg):
     return conditions[0], 2.0, (conditions, tuple(float(w) for w in weights))
 
 
+def guidance_settings(guidance, guidance_rescale, dynamic_thresholding, guided: bool, multi, guidance_interval,
+                      cuda_graph: bool, classifier) -> tuple:
+    """(rescale phi, rule, thresholding) of sample()'s guidance arguments, refusing the combinations not
+    supported."""
+    rescale = check_rescale(guidance_rescale)
+    rule = get_rule(guidance)
+    if rescale and not guided:
+        raise ValueError("guidance_rescale applies to guided sampling: give cfg != 1 (or a schedule)")
+    if multi and (rescale or rule.name != "cfg" or guidance_interval is not None or cuda_graph):
+        raise ValueError("several conditions take plain CFG weights for now: not with guidance_rescale, another "
+                         "guidance rule, guidance_interval or cuda_graph")
+    thresholding = get_thresholding(dynamic_thresholding)
+    if thresholding and (rule.name == "cfg_pp" or cuda_graph):
+        raise ValueError("dynamic_thresholding does not combine with guidance='cfg_pp' or cuda_graph (yet)")
+    if rescale and rule.name == "cfg_pp":
+        raise ValueError("guidance_rescale does not apply to guidance='cfg_pp' (its blend feeds the clean estimate only)")
+    if classifier is not None and (multi or thresholding or cuda_graph):
+        raise ValueError("classifier guidance does not combine with conditions=, dynamic_thresholding or "
+                         "cuda_graph (yet)")
+    return rescale, rule, thresholding
+
+
 def check_rescale(phi) -> float:
     if not is_number(phi) or not 0.0 <= phi <= 1.0:
         raise ValueError(f"guidance_rescale must be in [0, 1], got {phi!r}")

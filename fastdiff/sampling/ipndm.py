@@ -51,6 +51,7 @@ def _ipndm(method, path, grid, prediction, order, variable) -> list[Stage]:
 
 
 @register_method("ipndm", options={"order": 4}, evals_per_step=1, conversions=("x0",),
+                 inverts=True,
                  description="iPNDM: Adams-Bashforth of order <= 4 in sigma with fixed weights (ComfyUI's ipndm)")
 def _ipndm_fixed(path, grid, prediction, order=4) -> list[Stage]:
     return _ipndm("ipndm", path, grid, prediction, order, variable=False)

@@ -7,21 +7,23 @@ import operator
 
 import torch
 
-from fastdiff import _checks
 from fastdiff import dispatch as _dispatch
 from fastdiff.ops.sampler_step import KERNEL_ARGS, ROW_ARGS, prepare, prepare_tensors, with_rows
 from fastdiff.ops.randn import randn
 from fastdiff.paths import check_prediction, get_path
 from fastdiff.sampling import graphs, per_sample
-from fastdiff.sampling.guidance import (StageWeights, check_rescale, condition_branches, get_rule, get_thresholding,
-                                       scale_schedule, threshold_conversions)
+from fastdiff.sampling.guidance import (StageWeights, condition_branches, guidance_settings, scale_schedule,
+                                       threshold_conversions)
+from fastdiff.sampling.classifier import BUFFER as CLASSIFIER_BUFFER, ClassifierGuidance, singular_at_zero
+from fastdiff.sampling.editing import check_direction, editing, strength_grid
 from fastdiff.sampling.brownian import kernel_calls as brownian_kernel_calls
-from fastdiff.sampling.arguments import (MAX_STEPS, T_MIN_SINGULAR, batch_size_of, check_model_output,  # noqa: F401
-                                         FiniteFlags, check_step_noise, check_step_noise_kind,
+from fastdiff.sampling.arguments import (MAX_STEPS, T_MIN_SINGULAR, batch_shape_device,  # noqa: F401
+                                         FiniteFlags, check_guided_labels, check_step_noise, check_step_noise_kind,
                                          batched_labels, guidance_interval_pair, is_number, null_labels, sample_seeds,
                                          sigma_function, time_grid)
 from fastdiff.sampling.stage import Stage, draw_stream
 from fastdiff.sampling.tables import STAGE_CACHE, ModelTimes, stage_tables
+from fastdiff.sampling.model_calls import ModelCalls
 from fastdiff.sampling.scratch import POOL, StageCache
 from fastdiff.sampling.methods import check_options, get_method
 
@@ -40,6 +42,7 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
            batch_size: int | None = None, backend: str = "auto", progress: bool = False, callback=None,
            device=None, check_finite: bool = True, cuda_graph: bool = False, step_noise=None,
            guidance=None, guidance_rescale: float = 0.0, conditions=None, dynamic_thresholding=None,
+           classifier=None, classifier_scale=1.0, init=None, strength=None, known_mask=None, resample: int = 1,
            **options) -> torch.Tensor:
     """Sample ``[B, *shape]`` from ``model(x, t, y)`` by integrating from t = 0 (noise) to t = 1 (data).
 
@@ -65,7 +68,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         **options: further options of the chosen method (fastdiff.sampling.methods(); docs/sampling.md);
             EDM's churn options (s_churn, s_tmin, s_tmax, s_noise of euler, heun, dpm_2) also per sample, as
             a list or 1-D tensor of B values (per-sample model times and coefficient rows).
-        timesteps: explicit increasing grid in [0, 1] (steps + 1 times).
+        timesteps: explicit increasing grid in [0, 1] (steps + 1 times); a decreasing one integrates from data
+            to noise (inversion: fastdiff.invert) with a deterministic method registered with inverts=True.
         guidance_interval: (t_lo, t_hi): guidance only for t_lo <= t <= t_hi, one pass elsewhere.
         guidance: the guidance rule: None or "cfg" (g = p_null + w (p_y - p_null)), "cfg_zero_star" (CFG-Zero*:
             the unconditional branch scaled by its per-sample optimal factor, zero prediction at the first
@@ -73,6 +77,15 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         guidance_rescale: CFG rescale phi in [0, 1] (diffusers' guidance_rescale; Lin et al. 2024): the blend
             is scaled toward the conditional prediction's standard deviation per sample, fused (one
             per-sample reduction pass per guided evaluation, no host sync; fastdiff.sampling.guidance).
+        classifier, classifier_scale: classifier guidance: ``classifier(x, t)`` → logits [B, classes] of a
+            noise-aware classifier; the score gets classifier_scale · ∇_x log softmax(logits)[y] (autograd, one
+            forward and backward per evaluation), fused into the step (fastdiff.sampling.classifier). y holds
+            the target classes (an unconditional model ignores it); the scale may be a callable of t.
+        init, strength, known_mask, resample: editing (fastdiff.sampling.editing; docs/guidance.md). ``init``
+            [B, *shape]: the data to start from. ``strength`` in (0, 1] (img2img / SDEdit): run the grid's last
+            int(steps * strength) steps from init noised to their start. ``known_mask`` (bool, broadcast to the
+            samples; true = known): inpainting, the known region re-imposed from init at each step's end time;
+            ``resample`` = r > 1 repeats each step r times (RePaint) so the rest agrees with it.
         dynamic_thresholding: Imagen's dynamic thresholding of each evaluation's x0 estimate (diffusers'
             thresholding=True): True (ratio 0.995, max_value 1), a ratio, or a DynamicThresholding.
         cfg_batch: run conditional and unconditional inputs as one batch of 2B (default) or two calls.
@@ -107,18 +120,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     _dispatch.check_name(backend)
     y, cfg, multi = condition_branches(y, conditions, cfg)  # multi: several conditions' (labels, weights)
     cfg_at, guided = scale_schedule(cfg)  # t -> w (a number, or a schedule), and whether guidance applies
-    rescale = check_rescale(guidance_rescale)
-    rule = get_rule(guidance)
-    if rescale and not guided:
-        raise ValueError("guidance_rescale applies to guided sampling: give cfg != 1 (or a schedule)")
-    if multi and (rescale or rule.name != "cfg" or guidance_interval is not None or cuda_graph):
-        raise ValueError("several conditions take plain CFG weights for now: not with guidance_rescale, another "
-                         "guidance rule, guidance_interval or cuda_graph")
-    thresholding = get_thresholding(dynamic_thresholding)
-    if thresholding and (rule.name == "cfg_pp" or cuda_graph):
-        raise ValueError("dynamic_thresholding does not combine with guidance='cfg_pp' or cuda_graph (yet)")
-    if rescale and rule.name == "cfg_pp":
-        raise ValueError("guidance_rescale does not apply to guidance='cfg_pp' (its blend feeds the clean estimate only)")
+    rescale, rule, thresholding = guidance_settings(guidance, guidance_rescale, dynamic_thresholding, guided, multi,
+                                                    guidance_interval, cuda_graph, classifier)
     branches = 1 + (len(multi[0]) if multi else 1)  # model branches of a guided evaluation (null first)
     if eta is not None and (not is_number(eta) or not 0 <= eta <= 1):  # NaN fails the comparison
         raise ValueError(f"eta must be in [0, 1], got {eta!r}")
@@ -127,35 +130,29 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     options, per_sample_values = per_sample.split(method_record, options)  # e.g. s_churn per sample
     check_options(method_record, sigma=sigma, eta=eta, **options)  # e.g. sigma > 0 for heun, eta > 0 for euler
     values = method_record.option_values(sigma=sigma, eta=eta, **options)  # the method's defaults where not given
-    if guided and null_y is None:
-        raise ValueError("cfg != 1 needs null_y, the label of the unconditional branch")
-    if guided and y is None:
-        raise ValueError("cfg != 1 needs y, the conditioning of the conditional branch")
+    check_guided_labels(guided, y, null_y)
     guidance_interval = guidance_interval_pair(guidance_interval)
 
-    B = batch_size_of(y, noise, batch_size)
-    if noise is not None:
-        if shape is not None and tuple(noise.shape[1:]) != tuple(_checks.shape_tuple(shape)):
-            raise ValueError(f"noise has per-sample shape {tuple(noise.shape[1:])} but shape={tuple(shape)}")
-        shape = tuple(noise.shape[1:])
-        device = noise.device if device is None else torch.device(device)
-    if shape is None:
-        raise ValueError("shape (the per-sample shape) is required unless noise is given")
-    shape = _checks.shape_tuple(shape)
-    if device is None:
-        device = y.device if isinstance(y, torch.Tensor) else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    B, shape, device = batch_shape_device(y, noise, init, batch_size, shape, device)
     brownian = check_step_noise_kind(step_noise)
+    edit = editing(init, strength, known_mask, resample, noise, (B, *shape), device)
     cuda_graph = graphs.check_arguments(cuda_graph, device, callback, step_noise, brownian, y)
-    grid = time_grid(steps, timesteps, path, prediction, method_record.needed_conversions(**values))
+    if classifier is not None:
+        classifier = ClassifierGuidance(classifier, classifier_scale, y, path, prediction, per_sample_values, device)
+    grid = strength_grid(time_grid(steps, timesteps, path, prediction, method_record.needed_conversions(**values),
+                                   start_late=classifier is not None and singular_at_zero(path, prediction)),
+                         strength)
     # sigma is evaluated (and checked) here, so that the builder's ValueErrors are the conversions' own
     sigma_at = {t: sigma_fn(t) for t in grid[:-1]} if stochastic else None
     values["sigma"] = tuple(sigma_at.values()) if stochastic else None  # hashable; the builders get a function
     # per-sample options (churn): one table per distinct setting, merged into per-sample rows and times
     stages, merged, stage_key = stage_tables(method_record, path, path_arg, prediction, grid, values,
                                              per_sample_values, B, sigma_at)
+    if classifier is not None:  # its gradient as one more history term of every stage
+        stages, stage_key = classifier.transform(stages), (stage_key, classifier.key)
+    check_direction(grid, stages, method_record, step_noise)  # a decreasing grid: inversion, deterministic
+    if edit is not None:
+        edit.check(grid, stages, step_noise, merged, cuda_graph)
     # each stage's branch weights: its guidance scale, the rule's zero steps, per-sample weights (rescale, rules)
     scales = [multi[1] if multi else cfg_at(st.t) for st in stages]
     step_scales = [rule.stage_scale(w, st) for w, st in zip(scales, stages)] if guided and rule.name == "cfg_pp" \
@@ -165,6 +162,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     seeds = sample_seeds(seed, B, device)
     with _dispatch.use_backend(backend):
         step_backend = _dispatch.resolve(device)
+    if edit is not None and B and math.prod(shape):  # the initial state: init noised through the path
+        noise = edit.start(path, grid[0], seeds, step_backend)
     if B == 0 or math.prod(shape) == 0:  # nothing to sample: no model call, no kernel
         return torch.empty((B, *shape), dtype=torch.float32, device=device)
 
@@ -207,6 +206,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             buffers["noise"] = new_buffer(x_shape)
             if brownian:  # the sums' first kernel call reads it with coefficient 0: it must be finite
                 buffers["noise"].zero_()
+    if classifier is not None:
+        classifier.buffer = buffers[CLASSIFIER_BUFFER].zero_()
     if callback is not None and "x0" not in buffers:
         buffers["x0"] = new_buffer(x_shape)
     if isinstance(y, torch.Tensor) and y.device != device:
@@ -281,31 +282,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     noise_calls = brownian_kernel_calls(stages, host_noise, grid, buffers.get("noise"), seeds, _ROW_CACHE,
                                         (row_key, "brownian")) if brownian else None
 
-    def model_calls(k: int, st: Stage) -> tuple:
-        """How the stage calls the model: ("one" | "batched" | "two", ((input, t, labels), ...))."""
-        xin = buffers[st.input]
-        if not (guided and in_interval(st.t)):
-            return "one", ((xin, t_tensor(k, B), y),)
-        if cfg_batch:
-            return "batched", ((pairs[st.input].view(branches * B, *shape), t_tensor(k, branches * B), y2),)
-        return "two", tuple((xin, t_tensor(k, B), c) for c in conds) + ((xin, t_tensor(k, B), null),)
-
-    # Made once: in the loop, every Python operation after a memory-bound step runs on cold caches
-    # (~20 us each at 2^20 elements on the CPU), so a step does as few as it can.
-    plans = [model_calls(k, st) for k, st in enumerate(stages)]
-
-    def evaluate(k: int, st: Stage) -> list:
-        """The stage's predictions: [p] or [p_null, p_y] ([p_null, p_1, ..., p_K] with several conditions)."""
-        kind, inputs = plans[k]
-        outs = [model(*args) for args in inputs]
-        for out, args in zip(outs, inputs):
-            check_model_output(out, args[0].shape, device, st)
-        if kind == "batched":
-            *cond, uncond = outs[0].contiguous().chunk(branches)  # views of one output (y first, null last): no copy
-            return [uncond, *cond]
-        if kind == "two":
-            return [outs[-1].contiguous(), *(o.contiguous() for o in outs[:-1])]
-        return [outs[0].contiguous()]
+    plans = ModelCalls(stages, lambda t: guided and in_interval(t), cfg_batch, buffers, pairs, t_tensor, B, shape,
+                       branches, (y, y2, conds, null), device)
 
     noise_buf = noise.to(device=device, dtype=torch.float32).clone() if (noise is not None and cuda_graph) else noise
 
@@ -338,26 +316,42 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             z0 = z if z is not None else randn(seeds, 0, shape, device=device, backend=step_backend)
             step_kernel(z0, [z0], [], seeds, [], [1.0], [beta0, 0.0, 0.0, 0.0], None, None, x_outs, None, None)
         finite.reset()
-        for k, st in enumerate(stages):
-            preds = evaluate(k, st)
-            weights.update(k, preds, step_backend)  # rescale, rules: one reduction pass, the weights on the device
-            if thresholds[k] is not None:  # dynamic thresholding: the prediction whose x0 is thresholded
-                preds = [thresholding.prediction(thresholds[k], buffers[st.input], weights.blend(k, preds))]
-            if callback is not None and st.input == "x":  # the step's x0, before the state is overwritten
-                weights.x0_into(buffers["x0"], buffers["x"], preds, k, st, merged, step_backend)
-            if noise_calls is not None:
-                for args in noise_calls[k]:
-                    step_kernel(*args)
-            elif host_noise[k] is not None:
-                buffers["noise"].copy_(check_step_noise(step_noise(st.step, host_noise[k]), x, st))
-            args = calls[k]
-            step_kernel(args[0], preds, *args[2:])
-            finite.after(k, last)
-            if st.final:
-                if callback is not None:
-                    callback(st.step, grid[st.step + 1], result if k == last else x, buffers["x0"])
-                if bar is not None:
-                    bar.update(1)
+        for first, end in spans:  # the stages of each step (RePaint: repeated, the editing after each)
+            for repeat, step_calls in enumerate(repeat_calls):
+                for k in range(first, end):
+                    run_stage(k, stages[k], step_calls[k])
+                if edit is not None:
+                    i = stages[end - 1].step
+                    edit.after_step(i, repeat, grid[i], grid[i + 1], path, seeds, result if end - 1 == last else x,
+                                    x_outs, step_backend)
+            if callback is not None:
+                callback(stages[end - 1].step, grid[stages[end - 1].step + 1], result if end - 1 == last else x,
+                         buffers["x0"])
+            if bar is not None:
+                bar.update(1)
+
+    def run_stage(k: int, st: Stage, args: tuple) -> None:
+        preds = plans.evaluate(model, k, st)
+        if classifier is not None:  # ∇ log p(y | x) of the stage's input, read by the step as history
+            classifier.fill(k, buffers[st.input], t_tensor(k, B))
+        weights.update(k, preds, step_backend)  # rescale, rules: one reduction pass, the weights on the device
+        if thresholds[k] is not None:  # dynamic thresholding: the prediction whose x0 is thresholded
+            preds = [thresholding.prediction(thresholds[k], buffers[st.input], weights.blend(k, preds))]
+        if callback is not None and st.input == "x":  # the step's x0, before the state is overwritten
+            weights.x0_into(buffers["x0"], buffers["x"], preds, k, st, merged, step_backend)
+            if classifier is not None:
+                classifier.x0_add(buffers["x0"], k, st)
+        if noise_calls is not None:
+            for noise_args in noise_calls[k]:
+                step_kernel(*noise_args)
+        elif host_noise[k] is not None:
+            buffers["noise"].copy_(check_step_noise(step_noise(st.step, host_noise[k]), x, st))
+        step_kernel(args[0], preds, *args[2:])
+        finite.after(k, last)
+
+    finals = [k for k, st in enumerate(stages) if st.final]
+    spans = list(zip([0] + [k + 1 for k in finals[:-1]], [k + 1 for k in finals]))
+    repeat_calls = edit.repeat_calls(calls, stages, edit.resample) if edit is not None else [calls]
 
     first_bad = finite.first_bad
     if cuda_graph:

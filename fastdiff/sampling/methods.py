@@ -50,6 +50,7 @@ class Method:
     conversions: Conversions  # prediction types needed finite at the grid start (see needed_conversions)
     description: str  # one line, for docs and the CLI help
     churn_options: bool = False  # takes EDM's churn options (fastdiff.sampling.churn), applied around its builder
+    inverts: bool = False  # runs on decreasing grids (inversion, fastdiff.invert), checked by a round trip test
 
     def needed_conversions(self, **options) -> tuple[str, ...]:
         """Prediction types this method converts to at the grid's first point, for these option values
@@ -81,10 +82,11 @@ def _takes(method: Method) -> str:
 
 
 def register_method(name: str, *, options: tuple[str, ...] | dict = (), evals_per_step: int,
-                    conversions: Conversions, description: str, churn_options: bool = False):
+                    conversions: Conversions, description: str, churn_options: bool = False, inverts: bool = False):
     """Decorator: register the stage builder it decorates as method ``name`` (returns the builder).
     ``churn_options=True``: the method also takes EDM's s_churn, s_tmin, s_tmax and s_noise, applied around the
-    builder (fastdiff.sampling.churn: each step built from the raised noise level's time)."""
+    builder (fastdiff.sampling.churn: each step built from the raised noise level's time). ``inverts=True``: its
+    builder is also right on decreasing grids (data to noise: fastdiff.invert), as a round trip test checks."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"a method name must be an identifier, got {name!r}")
     defaults = dict(options) if isinstance(options, dict) else {}
@@ -112,7 +114,8 @@ def register_method(name: str, *, options: tuple[str, ...] | dict = (), evals_pe
         for o in options:
             if o not in OPTIONS:
                 OPTIONS[o] = defaults[o]
-        _REGISTRY[name] = Method(name, build, options, defaults, evals_per_step, conversions, description, churn_options)
+        _REGISTRY[name] = Method(name, build, options, defaults, evals_per_step, conversions, description, churn_options,
+                                 inverts)
         return build
 
     return decorate

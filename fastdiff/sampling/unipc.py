@@ -72,6 +72,7 @@ def _combine(*terms) -> dict:
 
 @register_method("unipc", options={"order": 2, "solver_type": "bh2", "lower_order_final": True}, evals_per_step=1,
                  conversions=("x0",),
+                 inverts=True,
                  description="UniPC (bh1 / bh2, order <= 3): multistep predictor with a free corrector, on x0")
 def _unipc(path, grid, prediction, order=2, solver_type="bh2", lower_order_final=True) -> list[Stage]:
     coefficients = [path.coefficients(t)[:2] for t in grid]
