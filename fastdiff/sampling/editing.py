@@ -54,8 +54,9 @@ def strength_grid(grid: list[float], strength) -> list[float]:
     return grid[steps - run:]
 
 
-def check_direction(grid: list[float], stages, record, step_noise) -> None:
-    """A decreasing grid (inversion) needs a method registered with inverts=True and a deterministic table."""
+def check_direction(grid: list[float], record, values: dict, step_noise, stages=None) -> None:
+    """A decreasing grid (inversion) needs a method registered with inverts=True and no noise: checked on the
+    options before the stage table is built (``stages`` None), and on the table after."""
     if grid[0] < grid[-1]:
         return
     if not record.inverts:
@@ -64,7 +65,11 @@ def check_direction(grid: list[float], stages, record, step_noise) -> None:
         takers = ", ".join(m.name for m in methods() if m.inverts)
         raise ValueError(f"a decreasing grid (inversion) needs a method that inverts ({takers}); got "
                          f"method={record.name!r}")
-    if step_noise is not None or any(st.streams() or st.start_churn for st in stages):
+    if stages is None:
+        noisy = any(values.get("sigma") or ()) or bool(values.get("eta")) or bool(values.get("s_churn"))
+    else:
+        noisy = any(st.streams() or st.start_churn for st in stages)
+    if noisy or step_noise is not None:
         raise ValueError("a decreasing grid (inversion) integrates the probability-flow ODE: the method must be "
                          "deterministic (no sigma, eta, churn or step_noise)")
 

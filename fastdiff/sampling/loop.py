@@ -145,12 +145,13 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     # sigma is evaluated (and checked) here, so that the builder's ValueErrors are the conversions' own
     sigma_at = {t: sigma_fn(t) for t in grid[:-1]} if stochastic else None
     values["sigma"] = tuple(sigma_at.values()) if stochastic else None  # hashable; the builders get a function
+    check_direction(grid, method_record, values, step_noise)
     # per-sample options (churn): one table per distinct setting, merged into per-sample rows and times
     stages, merged, stage_key = stage_tables(method_record, path, path_arg, prediction, grid, values,
                                              per_sample_values, B, sigma_at)
     if classifier is not None:  # its gradient as one more history term of every stage
         stages, stage_key = classifier.transform(stages), (stage_key, classifier.key)
-    check_direction(grid, stages, method_record, step_noise)  # a decreasing grid: inversion, deterministic
+    check_direction(grid, method_record, values, step_noise, stages)  # a decreasing grid: inversion, deterministic
     if edit is not None:
         edit.check(grid, stages, step_noise, merged, cuda_graph)
     # each stage's branch weights: its guidance scale, the rule's zero steps, per-sample weights (rescale, rules)
