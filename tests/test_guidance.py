@@ -457,20 +457,61 @@ def test_apg_weights_are_diffusers_guider(dtype, w, eta, threshold, original, ph
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_apg_loop_is_the_hand_loop(backend):
+@pytest.mark.parametrize("momentum,method", [(None, "euler"), (-0.5, "euler"), (0.6, "heun")])
+def test_apg_loop_is_the_hand_loop(backend, momentum, method):
+    """APG in the loop = a hand loop of diffusers' formula; with momentum the running average r = d + m r is
+    updated at every guided evaluation (Heun: two per step), as diffusers' MomentumBuffer per guider call."""
     from fastdiff.sampling.guidance import APG, apg_reference
 
     name, device = backend
+    if name == "triton" and device == "cpu" and momentum is None:
+        pytest.skip("the Triton interpreter runs the momentum cases (the same kernels)")
     seeds, y, grid = [1, 2, 3, 4], torch.tensor([0, 1, 2, 1]), [i / 6 for i in range(7)]
-    rule = APG(eta=0.2, norm_threshold=4.0)
-    ours = fastdiff.sample(_model, 6, 5.0, shape=SHAPE, y=y.to(device), null_y=3, seed=seeds, method="euler",
+    rule = APG(eta=0.2, norm_threshold=4.0, momentum=momentum)
+    ours = fastdiff.sample(_model, 6, 5.0, shape=SHAPE, y=y.to(device), null_y=3, seed=seeds, method=method,
                            guidance=rule, backend=name, device=device)
     x = fastdiff.ops.randn(torch.tensor(seeds), 0, SHAPE).double()
-    for t, t1 in zip(grid, grid[1:]):
+    running = torch.zeros_like(x)
+
+    def guided(x, t):
+        nonlocal running
         tt = torch.full((len(seeds),), t)
         p_y = _model(x.float(), tt, y).double()
         p_null = _model(x.float(), tt, torch.full_like(y, 3)).double()
-        x = x + (t1 - t) * apg_reference(p_null, p_y, 5.0, rule)
+        if momentum is None:
+            return apg_reference(p_null, p_y, 5.0, rule)
+        running = p_y - p_null + momentum * running
+        return apg_reference(p_null, p_y, 5.0, rule, update=running)
+    for t, t1 in zip(grid, grid[1:]):
+        d = guided(x, t)
+        if method == "heun":
+            d = 0.5 * (d + guided(x + (t1 - t) * d, t1))
+        x = x + (t1 - t) * d
     torch.testing.assert_close(ours.cpu().double(), x, rtol=0, atol=2e-5 * x.abs().max().item())
-    with pytest.raises(ValueError, match="APG momentum"):
-        APG(momentum=0.5)
+    with pytest.raises(ValueError, match="momentum must be None or a finite number"):
+        APG(momentum=math.inf)
+
+
+@pytest.mark.parametrize("phi", [0.0, 0.7])
+def test_apg_momentum_is_diffusers_guider_over_steps(phi):
+    """Three guided evaluations in a row: the running average's weights blend to diffusers' guider output with
+    its MomentumBuffer, rescale included."""
+    from diffusers.guiders import AdaptiveProjectedGuidance
+    from fastdiff.ops.sample_gram import sample_gram_reference
+    from fastdiff.sampling.guidance import APG
+
+    rule = APG(eta=0.3, norm_threshold=6.0, momentum=-0.5)
+    guider = AdaptiveProjectedGuidance(guidance_scale=5.0, adaptive_projected_guidance_rescale=6.0, eta=0.3,
+                                       adaptive_projected_guidance_momentum=-0.5, guidance_rescale=phi)
+    running = torch.zeros(4, *SHAPE)
+    for step in range(3):
+        p_null, p_y = _preds(seed=10 + step)
+        running = p_y - p_null + (-0.5) * running
+        weights = branch_weights(sample_gram_reference([p_null, p_y, running]), rule, 5.0, phi, torch.empty(4, 3))
+        per = (-1, *([1] * len(SHAPE)))
+        ours = (weights[:, 0].view(per) * p_null + weights[:, 1].view(per) * (p_y - p_null)
+                + weights[:, 2].view(per) * (running - p_null)).double()
+        guider.set_state(step=step, num_inference_steps=10, timestep=torch.tensor(500))
+        guider.prepare_inputs({"x": (torch.zeros(1), torch.zeros(1))})
+        theirs = guider.forward(p_y.double(), p_null.double()).pred
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5 * theirs.abs().max().item())

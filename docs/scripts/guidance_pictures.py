@@ -11,7 +11,7 @@ The model is trained once by ``fastdiff.demo.run.run`` into ``--work`` (default 
 and its checkpoint reused on later runs.
 
 Run: pip install scikit-learn pillow && python docs/scripts/guidance_pictures.py
-     (~5 minutes on 2 CPU cores the first time, mostly training; ~10 seconds with the cached model)
+     (~6 minutes on 2 CPU cores the first time, mostly training; ~15 seconds with the cached model)
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import fastdiff
 from fastdiff.demo import data, images
 from fastdiff.demo.models import load_model
 from fastdiff.demo.run import run
+from fastdiff.sampling.guidance import APG
 from fastdiff.training import checkpoint
 
 TRAIN_STEPS = 2000
@@ -51,7 +52,10 @@ def guidance_rows(model) -> list[tuple[str, torch.Tensor]]:
         ("cfg 4", 4.0, {}),
         ("cfg 4 + rescale 0.7", 4.0, {"guidance_rescale": 0.7}),
         ("cfg-zero* 4", 4.0, {"guidance": "cfg_zero_star"}),
-        ("apg 4", 4.0, {"guidance": "apg"}),
+        # guidance="apg" has diffusers' defaults (eta 1, norm threshold 15): on 8x8 digits |p_y - p_null| is
+        # ~1-3, so the threshold never binds and the result is plain cfg; the paper's eta 0 and a threshold
+        # that binds early (|update| ~2.5-2.9 for t < 0.3) show what APG does
+        ("apg 4 (eta 0, threshold 2)", 4.0, {"guidance": APG(eta=0.0, norm_threshold=2.0)}),
         ("cfg++ 0.8 (ddim)", 0.8, {"guidance": "cfg_pp", "method": "ddim"}),
         ("cfg 4 + dynamic thresholding", 4.0, {"dynamic_thresholding": True}),
         ("cfg schedule 1 + 12 t(1 - t)", lambda t: 1.0 + 12.0 * t * (1.0 - t), {}),
@@ -84,7 +88,7 @@ def editing_rows(model):
     known = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
     known[..., :4, :] = True  # the top half is known
     common = {"null_y": model.null_label, "seed": 0, "init": real}
-    inpaint = [("real digit", real), ("known: top half", real.masked_fill(~known, 0.0))]
+    inpaint = [("real digit", real), ("input (grey: unknown)", real.masked_fill(~known, 0.0))]
     for resample in (1, 10):
         x = fastdiff.sample(model, SAMPLE_STEPS, 2.0, y=labels, method="euler", known_mask=known,
                             resample=resample, **common)

@@ -10,29 +10,14 @@ Its cost is the classifier's forward and backward per model evaluation (autograd
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch
 
 from fastdiff.paths import affine_coefficients
-from fastdiff.sampling.arguments import is_number
+from fastdiff.sampling.guidance import scale_schedule
 
 BUFFER = "classifier_grad"  # the loop buffer holding ∇ log p(y | x) of the current evaluation
-
-
-def check_scale(scale):
-    """classifier_scale: a finite number, or a callable t -> number evaluated at each model time."""
-    if callable(scale):
-        def at(t: float) -> float:
-            s = scale(t)
-            if not is_number(s) or not math.isfinite(s):
-                raise ValueError(f"classifier_scale(t) must return a finite number, got {s!r} at t={t:.6g}")
-            return float(s)
-        return at
-    if not is_number(scale) or not math.isfinite(scale):
-        raise ValueError(f"classifier_scale must be a finite number or a callable t -> scale, got {scale!r}")
-    return lambda t: float(scale)
 
 
 def singular_at_zero(path, prediction: str) -> bool:
@@ -57,7 +42,8 @@ class ClassifierGuidance:
                             f"{type(classifier).__name__}")
         if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
             raise ValueError("classifier guidance needs y: the target class of each sample, an integer tensor [B]")
-        self.classifier, self.scale_at, self.y = classifier, check_scale(scale), y.to(device=device, dtype=torch.long)
+        self.y = y.to(device=device, dtype=torch.long)
+        self.classifier, self.scale_at = classifier, scale_schedule(scale, "classifier_scale")[0]
         self.path, self.prediction = path, prediction
         self.buffer = None  # set by the loop
         self.labels_checked = False

@@ -2,6 +2,7 @@
 
 - A schedule: ``cfg`` may be a callable t -> w, evaluated at each stage's time on the host (its rows are
   host numbers like the fixed scale's).
+- Dynamic thresholding: fastdiff.sampling.thresholding.
 - Rules (``guidance=``): ``"cfg"`` (the default), ``"cfg_zero_star"`` (CFG-Zero*: the unconditional
   branch scaled by a per-sample optimal factor, zero-init steps) and ``"cfg_pp"`` (CFG++: the guided
   prediction in the clean estimate only) and ``"apg"`` (adaptive projected guidance), each a record
@@ -26,21 +27,22 @@ from typing import ClassVar
 import torch
 
 from fastdiff.sampling.arguments import is_number
+from fastdiff.sampling.thresholding import DynamicThresholding, get_thresholding, quantile_rows  # noqa: F401
 
 
-def scale_schedule(cfg):
-    """(t -> w, whether any guidance applies) for sample()'s ``cfg``: a finite number, or a callable
-    returning one at each stage's time."""
+def scale_schedule(cfg, name: str = "cfg"):
+    """(t -> w, whether any guidance applies) for sample()'s ``cfg`` (or another scale, ``name``): a finite
+    number, or a callable returning one at each stage's time."""
     if callable(cfg):
         def at(t: float) -> float:
             w = cfg(t)
             if not is_number(w) or not math.isfinite(w):
-                raise ValueError(f"cfg(t) must return a finite number, got {w!r} at t={t:.6g}")
+                raise ValueError(f"{name}(t) must return a finite number, got {w!r} at t={t:.6g}")
             return float(w)
 
         return at, True
     if not is_number(cfg) or not math.isfinite(cfg):
-        raise ValueError(f"cfg must be a finite number or a callable t -> scale, got {cfg!r}")
+        raise ValueError(f"{name} must be a finite number or a callable t -> scale, got {cfg!r}")
     return (lambda t: float(cfg)), cfg != 1.0
 
 
@@ -163,12 +165,13 @@ class CFGPP(CFG):
 @dataclass(frozen=True)
 class APG:
     """Adaptive projected guidance (Sadat et al. 2024, "Eliminating Oversaturation and Artifacts of High
-    Guidance Scales in Diffusion Models"; diffusers' AdaptiveProjectedGuidance): the update p_y - p_null,
-    scaled down per sample to norm at most ``norm_threshold`` (diffusers' adaptive_projected_guidance_rescale;
-    0: no limit), loses the part parallel to p_y but a fraction ``eta``:
-    g = p_null + w (u - (1 - eta) proj_{p_y} u), u the scaled update (``original``: p_y + w (...)). Every
-    norm and projection is a quadratic form of the Gram matrix: per-sample weights, no extra pass. Momentum
-    (a running average of the update across steps) is not supported yet."""
+    Guidance Scales in Diffusion Models"; diffusers' AdaptiveProjectedGuidance): the update d = p_y - p_null,
+    with ``momentum`` m its running average r = d + m r over the guided evaluations (diffusers'
+    MomentumBuffer; None: r = d), scaled down per sample to norm at most ``norm_threshold`` (diffusers'
+    adaptive_projected_guidance_rescale; 0: no limit), loses the part parallel to p_y but a fraction ``eta``:
+    g = p_null + w (u - (1 - eta) proj_{p_y} u), u the scaled r (``original``: p_y + w (...)). Every norm and
+    projection is a quadratic form of the Gram matrix of (p_null, p_y[, r]): per-sample weights; the running
+    average is one more branch of the step, updated in place per guided evaluation."""
 
     eta: float = 1.0
     norm_threshold: float = 15.0
@@ -184,76 +187,33 @@ class APG:
             raise ValueError(f"eta must be a finite number, got {self.eta!r}")
         if not is_number(self.norm_threshold) or not 0.0 <= self.norm_threshold < math.inf:
             raise ValueError(f"norm_threshold must be a finite number >= 0, got {self.norm_threshold!r}")
-        if self.momentum not in (None, 0, 0.0):
-            raise ValueError("APG momentum (a running average of the update across steps) is not supported yet: "
-                             "momentum=None")
+        if self.momentum is not None and (not is_number(self.momentum) or not math.isfinite(self.momentum)):
+            raise ValueError(f"momentum must be None or a finite number, got {self.momentum!r}")
+
+    @property
+    def running(self) -> bool:
+        """Whether the update is a running average (one more branch: r)."""
+        return self.momentum is not None
 
     def blend(self, gram: torch.Tensor, w: float):
-        q00, q01, q11 = gram[:, 1, 1], gram[:, 1, 2], gram[:, 2, 2]
+        i = 3 if self.running else 2  # the update's index in the Gram matrix: r, or p_y - p_null
+        q11 = gram[:, 2, 2]
+        if self.running:
+            norm2, along = gram[:, 3, 3], gram[:, 2, 3]
+        else:
+            norm2, along = gram[:, 1, 1] - 2.0 * gram[:, 1, 2] + q11, q11 - gram[:, 1, 2]
         if self.norm_threshold > 0:  # min(1, threshold / |u|); |u| = 0 gives inf, so 1
-            s = torch.clamp(self.norm_threshold / (q00 - 2.0 * q01 + q11).clamp_min(0.0).sqrt(), max=1.0)
+            s = torch.clamp(self.norm_threshold / norm2.clamp_min(0.0).sqrt(), max=1.0)
         else:
             s = torch.ones_like(q11)
-        c = s * (q11 - q01) / q11.clamp_min(1e-24)  # the scaled update's component along p_y / |p_y|^2
+        c = s * along / q11.clamp_min(1e-24)  # the scaled update's component along p_y / |p_y|^2
         a0, b0 = (0.0, 1.0) if self.original else (1.0, 0.0)
+        if i == 3:  # g = a0 p_null + b0 p_y + w (s r - (1 - eta) c p_y)
+            return a0, b0 - w * (1.0 - self.eta) * c, w * s
         return a0 - w * s, b0 + w * s - w * (1.0 - self.eta) * c
 
 
 RULES = {rule.name: rule for rule in (CFG, CFGZeroStar, CFGPP, APG)}
-
-
-@dataclass(frozen=True)
-class DynamicThresholding:
-    """Imagen's dynamic thresholding (Saharia et al. 2022; diffusers' ``thresholding=True`` with
-    ``dynamic_thresholding_ratio`` and ``sample_max_value``): per sample, s = the ``ratio`` quantile of |x0|,
-    clamped to [1, max_value], and x0 <- clamp(x0, -s, s) / s; the step then runs on the prediction that
-    gives that x0. Not affine (a quantile and a clamp): a few extra passes and a selection per evaluation."""
-
-    ratio: float = 0.995
-    max_value: float = 1.0
-
-    def __post_init__(self):
-        if not is_number(self.ratio) or not 0.0 < self.ratio <= 1.0:
-            raise ValueError(f"dynamic_thresholding ratio must be in (0, 1], got {self.ratio!r}")
-        if not is_number(self.max_value) or not 1.0 <= self.max_value < math.inf:
-            raise ValueError(f"dynamic_thresholding max_value must be a finite number >= 1, got {self.max_value!r}")
-
-    def prediction(self, conversion: tuple, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """The prediction whose x0 estimate is the thresholded one: x0 = a x + b g (conversion = (a, b), b != 0)."""
-        a, b = conversion
-        return (self.apply(a * x + b * g) - a * x) / b
-
-    def apply(self, x0: torch.Tensor) -> torch.Tensor:
-        """x0 [B, ...] thresholded per sample (float32)."""
-        flat = x0.reshape(x0.shape[0], -1).abs()
-        s = quantile_rows(flat, self.ratio).clamp(1.0, self.max_value).view(-1, *([1] * (x0.dim() - 1)))
-        return torch.minimum(torch.maximum(x0, -s), s) / s
-
-
-def get_thresholding(value):
-    """sample()'s ``dynamic_thresholding``: None / False (off), True (the defaults), a ratio, or the record."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return DynamicThresholding()
-    if isinstance(value, DynamicThresholding):
-        return value
-    if is_number(value):
-        return DynamicThresholding(ratio=float(value))
-    raise TypeError(f"dynamic_thresholding must be True, a ratio or a DynamicThresholding, got {type(value).__name__}")
-
-
-def quantile_rows(rows: torch.Tensor, q: float) -> torch.Tensor:
-    """torch.quantile(rows, q, dim=1) (linear interpolation between order statistics) by two selections, which
-    have no size limit (torch.quantile refuses inputs over 2^24 elements)."""
-    n = rows.shape[1]
-    pos = q * (n - 1)
-    lo, frac = int(math.floor(pos)), pos - math.floor(pos)
-    low = rows.kthvalue(lo + 1, dim=1).values
-    if frac == 0.0 or lo + 1 >= n:
-        return low
-    high = rows.kthvalue(lo + 2, dim=1).values
-    return low + frac * (high - low)
 
 
 def get_rule(guidance):
@@ -271,25 +231,23 @@ def get_rule(guidance):
 
 
 def branch_weights(gram: torch.Tensor, rule, w: float, phi: float, out: torch.Tensor) -> torch.Tensor:
-    """Writes the per-sample branch weights (w_0, w_1) of the step's blend w_0 p_null + w_1 (p_y - p_null) into
-    ``out`` [B, 2] float32, from the Gram matrices [B, 3, 3] of (1, p_null, p_y) (fastdiff.ops.sample_gram):
-    the rule's blend g = a p_null + b p_y, then CFG rescale by phi (0: none). A sample whose blend has zero
-    variance keeps its scale."""
-    a, b = rule.blend(gram, w)
+    """Writes the per-sample branch weights (w_0, w_1[, w_2]) of the step's blend w_0 p_null + Σ_j w_j (p_j - p_null)
+    into ``out`` [B, n] float32, from the Gram matrices [B, n+1, n+1] of (1, p_null, p_y[, r]) (fastdiff.ops.sample_gram):
+    the rule's blend g = Σ_i v_i p_i, then CFG rescale by phi (0: none). A sample whose blend has zero variance
+    keeps its scale."""
+    # numbers become [B] tensors by fills (capture-safe under a CUDA graph, unlike a host-made tensor)
+    v = torch.stack([c if isinstance(c, torch.Tensor) else torch.full_like(gram[:, 0, 0], c)
+                     for c in rule.blend(gram, w)], dim=1)  # [B, n]
     if phi:
-        n, s0, s1 = gram[:, 0, 0], gram[:, 0, 1], gram[:, 0, 2]
-        q00, q01, q11 = gram[:, 1, 1], gram[:, 1, 2], gram[:, 2, 2]
-        var_y = q11 - s1 * s1 / n
-        sum_g = a * s0 + b * s1
-        var_g = a * a * q00 + 2.0 * a * b * q01 + b * b * q11 - sum_g * sum_g / n
+        n, sums, quad = gram[:, 0, 0], gram[:, 0, 1:], gram[:, 1:, 1:]
+        var_y = gram[:, 2, 2] - gram[:, 0, 2] * gram[:, 0, 2] / n
+        sum_g = (v * sums).sum(1)
+        var_g = torch.einsum("bi,bij,bj->b", v, quad, v) - sum_g * sum_g / n
         ok = var_g > 0
         ratio = torch.where(ok, (var_y.clamp_min(0.0) / torch.where(ok, var_g, 1.0)).sqrt(), 1.0)
-        c = phi * ratio + (1.0 - phi)
-        a, b = c * a, c * b
-    # numbers become [B] tensors by fills (capture-safe under a CUDA graph, unlike a host-made tensor)
-    a, b = (v if isinstance(v, torch.Tensor) else torch.full_like(gram[:, 0, 0], v) for v in (a, b))
-    out[:, 0].copy_(a + b)
-    out[:, 1].copy_(b)
+        v = v * (phi * ratio + (1.0 - phi))[:, None]
+    out[:, 0].copy_(v.sum(1))
+    out[:, 1:].copy_(v[:, 1:])
     return out
 
 
@@ -302,11 +260,12 @@ def rescale_reference(p_null: torch.Tensor, p_y: torch.Tensor, w: float, phi: fl
     return phi * rescaled + (1.0 - phi) * g
 
 
-def apg_reference(p_null: torch.Tensor, p_y: torch.Tensor, w: float, rule: "APG") -> torch.Tensor:
-    """The specification of APG's blend without momentum (diffusers' normalized_guidance), float64."""
+def apg_reference(p_null: torch.Tensor, p_y: torch.Tensor, w: float, rule: "APG", update=None) -> torch.Tensor:
+    """The specification of APG's blend (diffusers' normalized_guidance), float64; ``update``: the running
+    average r (momentum), else p_y - p_null."""
     p_null, p_y = p_null.double(), p_y.double()
     dims = list(range(1, p_y.dim()))
-    u = p_y - p_null
+    u = p_y - p_null if update is None else update.double()
     if rule.norm_threshold > 0:
         u = u * torch.clamp(rule.norm_threshold / u.norm(p=2, dim=dims, keepdim=True), max=1.0)
     unit = p_y / p_y.norm(p=2, dim=dims, keepdim=True).clamp_min(1e-12)
@@ -326,8 +285,9 @@ def zero_star_reference(p_null: torch.Tensor, p_y: torch.Tensor, w: float, eps: 
 
 class StageWeights:
     """The branch weights of each stage of one sample() call: host numbers [1, w] (or [0, 0] at a rule's zero
-    steps), or one [B, 2] device buffer rewritten before each guided step from a reduction pass (rescale,
-    CFG-Zero*). ``scales``: each stage's guidance scale; ``zero``: whether each stage predicts zero."""
+    steps), or one [B, n] device buffer rewritten before each guided step from a reduction pass (rescale,
+    CFG-Zero*, APG; APG with momentum adds its running average as a third branch). ``scales``: each stage's
+    guidance scale; ``zero``: whether each stage predicts zero."""
 
     def __init__(self, rule, phi: float, scales: list, zero: list[bool], guided: bool, B: int, device,
                  x0_scales: list | None = None):
@@ -336,30 +296,46 @@ class StageWeights:
         self.rule, self.phi, self.scales, self.zero = rule, phi, scales, zero
         self.x0_scales = scales if x0_scales is None else x0_scales  # the blend of the x0 estimate (CFG++: w)
         self.per_sample = guided and (bool(phi) or rule.needs_gram)
-        self.buffer = torch.ones((B, 2), dtype=torch.float32, device=device) if self.per_sample else None
+        self.extra = int(self.per_sample and getattr(rule, "running", False))  # branches beyond the model's
+        self.buffer = torch.ones((B, 2 + self.extra), dtype=torch.float32, device=device) if self.per_sample else None
+        self.running = None  # APG's running average (momentum), in the predictions' dtype, made at the first update
         self.key = (tuple(scales), phi, rule)  # what the rows and a captured loop depend on
         self._gram = sample_gram
+
+    def reset(self) -> None:
+        """At a loop's start: the running average starts at 0."""
+        if self.running is not None:
+            self.running.zero_()
 
     def row(self, k: int, two_branch: bool):
         """sampler_step's ``weights`` for stage k (None: the one-branch default). A stage's scale is a number,
         or a tuple of one weight per condition (several conditions)."""
         w = self.scales[k]
         if self.zero[k]:
-            return [0.0] * ((1 + len(w) if isinstance(w, tuple) else 2) if two_branch else 1)
+            return [0.0] * ((1 + len(w) if isinstance(w, tuple) else 2 + self.extra) if two_branch else 1)
         if not two_branch:
             return None
         if isinstance(w, tuple):
             return [1.0, *w]
         return self.buffer if self.per_sample else [1.0, w]
 
-    def update(self, k: int, preds: list, backend: str) -> None:
-        """Before stage k's step: its per-sample weights from one reduction pass over [p_null, p_y]."""
-        if self.per_sample and len(preds) == 2 and not self.zero[k]:
+    def update(self, k: int, preds: list, backend: str) -> list:
+        """Before stage k's step: its per-sample weights from one reduction pass over [p_null, p_y] (and the
+        running average, updated first: r = p_y - p_null + m r). Returns the step's predictions."""
+        if not (self.per_sample and len(preds) == 2):
+            return preds
+        if self.extra:
+            if self.running is None:
+                self.running = torch.zeros_like(preds[1])
+            torch.add(preds[1], self.running, alpha=self.rule.momentum, out=self.running).sub_(preds[0])
+            preds = [*preds, self.running]
+        if not self.zero[k]:
             branch_weights(self._gram(preds, backend=backend), self.rule, self.scales[k], self.phi, self.buffer)
+        return preds
 
     def host_blend(self, k: int, preds: list) -> bool:
         """Whether stage k's blend is p_null + scales[k] (p_y - p_null) (or the one prediction)."""
-        return not self.zero[k] and not (self.per_sample and len(preds) == 2) and len(preds) <= 2
+        return not self.zero[k] and not (self.per_sample and len(preds) >= 2) and len(preds) <= 2
 
     def blend(self, k: int, preds: list) -> torch.Tensor:
         """Stage k's blend g of its x0 estimate as a float32 tensor, by torch ops (callbacks, thresholding)."""
@@ -368,16 +344,16 @@ class StageWeights:
             return torch.zeros(preds[0].shape, dtype=torch.float32, device=preds[0].device)
         if len(preds) == 1:
             return preds[0].float()
-        if len(preds) > 2:  # several conditions: p_null + Σ w_k (p_k - p_null)
-            g = preds[0].float()
-            for w, p in zip(self.x0_scales[k], preds[1:]):
-                g = g + w * (p.float() - preds[0].float())
-            return g
-        if self.per_sample:
-            w0, w1 = self.buffer[:, 0].view(per), self.buffer[:, 1].view(per)
+        if self.per_sample:  # w_0 p_0 + Σ w_j (p_j - p_0), the weights per sample
+            weights = [self.buffer[:, j].view(per) for j in range(len(preds))]
+        elif len(preds) > 2:  # several conditions: p_null + Σ w_k (p_k - p_null)
+            weights = [1.0, *self.x0_scales[k]]
         else:
-            w0, w1 = 1.0, self.x0_scales[k]
-        return w0 * preds[0].float() + w1 * (preds[1].float() - preds[0].float())
+            weights = [1.0, self.x0_scales[k]]
+        g = weights[0] * preds[0].float()
+        for wj, p in zip(weights[1:], preds[1:]):
+            g = g + wj * (p.float() - preds[0].float())
+        return g
 
     def x0_into(self, out, x, preds, k: int, stage, merged, backend: str) -> None:
         """out = the x0 estimate a x + b g of stage k (a step's first stage: Stage.x0, or per sample with churn
@@ -391,22 +367,3 @@ class StageWeights:
         B = x.shape[0]
         a, b = merged.x0_rows(k, x.device)[:, :2].view(B, 2, *([1] * (x.dim() - 1))).unbind(1) if merged else stage.x0
         torch.add(a * x, b * self.blend(k, preds), out=out)
-
-
-def threshold_conversions(stages, path, prediction: str, thresholding, merged) -> list:
-    """Per stage, the x0 conversion (a, b) of its evaluation (x0 = a input + b g) where dynamic thresholding
-    applies, else None (off, or b = 0 / not finite there)."""
-    if thresholding is None:
-        return [None] * len(stages)
-    if merged is not None:
-        raise ValueError("dynamic_thresholding does not combine with per-sample churn options (yet)")
-    from fastdiff.paths import affine_coefficients
-
-    out = []
-    for st in stages:
-        try:
-            a, b = affine_coefficients(path, st.t, prediction, "x0")
-        except ValueError:
-            a, b = math.nan, math.nan
-        out.append((a, b) if math.isfinite(a) and math.isfinite(b) and b != 0.0 else None)
-    return out

@@ -12,8 +12,8 @@ from fastdiff.ops.sampler_step import KERNEL_ARGS, ROW_ARGS, prepare, prepare_te
 from fastdiff.ops.randn import randn
 from fastdiff.paths import check_prediction, get_path
 from fastdiff.sampling import graphs, per_sample
-from fastdiff.sampling.guidance import (StageWeights, condition_branches, guidance_settings, scale_schedule,
-                                       threshold_conversions)
+from fastdiff.sampling.guidance import StageWeights, condition_branches, guidance_settings, scale_schedule
+from fastdiff.sampling.thresholding import threshold_conversions
 from fastdiff.sampling.classifier import BUFFER as CLASSIFIER_BUFFER, ClassifierGuidance, singular_at_zero
 from fastdiff.sampling.editing import check_direction, editing, strength_grid
 from fastdiff.sampling.brownian import kernel_calls as brownian_kernel_calls
@@ -257,7 +257,7 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             out_tensors = [result] if outs == ("result",) else list(pairs[st.out]) if st.out in pairs else \
                 [buffers[st.out]]
             checked[key] = prepare_tensors(
-                buffers[st.input], [buffers[st.input]] * (branches if two_branch else 1), [buffers[h] for h in history],
+                buffers[st.input], [buffers[st.input]] * (branches + weights.extra if two_branch else 1), [buffers[h] for h in history],
                 seeds, out_tensors, buffers[st.side] if st.side else None, finite.row(0))
         if stage_rows is not None:
             call = dict(checked[key], **stage_rows[k])
@@ -317,6 +317,7 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             z0 = z if z is not None else randn(seeds, 0, shape, device=device, backend=step_backend)
             step_kernel(z0, [z0], [], seeds, [], [1.0], [beta0, 0.0, 0.0, 0.0], None, None, x_outs, None, None)
         finite.reset()
+        weights.reset()
         for first, end in spans:  # the stages of each step (RePaint: repeated, the editing after each)
             for repeat, step_calls in enumerate(repeat_calls):
                 for k in range(first, end):
@@ -335,7 +336,7 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         preds = plans.evaluate(model, k, st)
         if classifier is not None:  # ∇ log p(y | x) of the stage's input, read by the step as history
             classifier.fill(k, buffers[st.input], t_tensor(k, B))
-        weights.update(k, preds, step_backend)  # rescale, rules: one reduction pass, the weights on the device
+        preds = weights.update(k, preds, step_backend)  # rescale, rules: a reduction pass, the weights on the device
         if thresholds[k] is not None:  # dynamic thresholding: the prediction whose x0 is thresholded
             preds = [thresholding.prediction(thresholds[k], buffers[st.input], weights.blend(k, preds))]
         if callback is not None and st.input == "x":  # the step's x0, before the state is overwritten
