@@ -59,8 +59,8 @@ def test_inverted_data_is_standard_normal():
     """The probability-flow map sends the data distribution to the noise: latents of data samples have mean 0 and
     covariance I (within sampling error)."""
     model = MixtureModel(RING)
-    latent = fastdiff.invert(model, _data(20_000, seed=2), 50, method="heun", backend="cpu").double()
-    se = 1 / math.sqrt(20_000)
+    latent = fastdiff.invert(model, _data(8000, seed=2), 25, method="heun", backend="cpu").double()
+    se = 1 / math.sqrt(8000)
     assert latent.mean(0).abs().max() < 4 * se
     assert (torch.cov(latent.T) - torch.eye(2)).abs().max() < 6 * se
 
@@ -70,7 +70,7 @@ def test_inversion_on_every_backend(backend):
     """The decreasing grid runs the same kernels: each backend's latent equals the reference's."""
     name, device = backend
     model = MixtureModel(RING)
-    x = _data(64, seed=3)
+    x = _data(8, seed=3)
     ours = fastdiff.invert(model, x.to(device), 8, method="ddim", backend=name)
     ref = fastdiff.invert(model, x, 8, method="ddim", backend="reference")
     torch.testing.assert_close(ours.cpu(), ref, rtol=0, atol=2e-5 * ref.abs().max().item())
@@ -98,9 +98,9 @@ def test_strength_one_is_plain_sampling(backend):
     alpha_0 = 0 (CondOT) plain sampling, bit for bit."""
     name, device = backend
     model = MixtureModel(RING)
-    x = _data(32).to(device)
+    x = _data(8).to(device)
     edited = fastdiff.sample(model, 6, init=x, strength=1.0, seed=7, backend=name)
-    plain = fastdiff.sample(model, 6, batch_size=32, shape=(2,), seed=7, backend=name, device=device)
+    plain = fastdiff.sample(model, 6, batch_size=8, shape=(2,), seed=7, backend=name, device=device)
     assert torch.equal(edited, plain)
 
 
@@ -188,7 +188,7 @@ def test_repaint_samples_the_conditional_of_the_unknown_coordinates():
     """Known x_0 = 0.5: the unknown x_1 follows the exact conditional mixture (mean 1.98, variance 1.27, 88 % in
     the right component) with RePaint's repeats; plain replacement lands near 0.4 (measured), far off."""
     model = MixtureModel(CORRELATED)
-    n = 4000
+    n = 2000
     init = torch.tensor([[0.5, 0.0]]).expand(n, 2).contiguous()
     mask = torch.tensor([True, False])
     exact = known_conditional(CORRELATED, mask, torch.tensor([0.5]))
