@@ -86,6 +86,8 @@ def test_inversion_refuses_what_does_not_invert():
             fastdiff.invert(model, x, 10, **kw)
     with pytest.raises(ValueError, match="strictly increasing .* or strictly decreasing"):
         fastdiff.sample(model, None, noise=x, timesteps=[1.0, 0.5, 0.7])
+    with pytest.raises(ValueError, match="give the sampling grid"):
+        fastdiff.invert(model, x, None, timesteps=[1.0, 0.5, 0.0])
     with pytest.raises(TypeError, match="x must be a floating-point tensor"):
         fastdiff.invert(model, [1.0, 2.0], 10)
 

@@ -192,6 +192,8 @@ def invert(model, x: torch.Tensor, steps: int | None = 50, cfg: float = 1.0, *, 
         raise TypeError("x must be a floating-point tensor [B, *shape] (the data to invert)")
     record = get_method(method)
     grid = time_grid(steps, timesteps, get_path(path), check_prediction(prediction), record.needed_conversions())
+    if grid[0] > grid[-1]:
+        raise ValueError("timesteps: give the sampling grid (increasing, noise to data); invert runs it backwards")
     return sample(model, None, cfg, noise=x, timesteps=grid[::-1], path=path, prediction=prediction, method=method,
                   **kwargs)
 
