@@ -20,6 +20,15 @@ class BuildFastdiff(BuildExtension):
     """BuildExtension plus per-file flags (csrc/cpu/avx2 and csrc/cpu/avx512 get their instruction
     sets) and a build record next to _C."""
 
+    def finalize_options(self):
+        super().finalize_options()
+        # FASTDIFF_BUILD_TEMP keeps the objects in one folder: `pip install -e .` builds in a fresh temporary
+        # folder each time, so without it every editable reinstall recompiles everything (~6 min with CUDA on
+        # 2 cores); ninja then rebuilds only what changed.
+        kept = os.environ.get("FASTDIFF_BUILD_TEMP")
+        if kept:
+            self.build_temp = os.path.abspath(kept)
+
     def build_extension(self, ext):
         simd = getattr(ext, "simd_sources", {})
         cxx = list(ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict)

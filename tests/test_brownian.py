@@ -94,8 +94,9 @@ def test_kernel_sums_match_the_reference(backend, method, options):
     def model(x, t, y):  # an x0 prediction, smooth in x
         return 0.8 * torch.tanh(x + t.view(-1, 1, 1))
 
-    grid = [0.05 + 0.9 * (i / 7) ** 1.5 for i in range(8)]
-    seeds, shape = [3, 11, 12], (5, 3)
+    n = 5 if name == "triton" else 8  # the interpreter's time grows with steps x samples (89 s for dpmpp_sde at 8 x 3)
+    grid = [0.05 + 0.9 * (i / (n - 1)) ** 1.5 for i in range(n)]
+    seeds, shape = ([3, 11] if name == "triton" else [3, 11, 12]), (5, 3)
     record = fastdiff.sampling.get_method(method)
     values = record.option_values(**options)
     if "sigma" in options:

@@ -42,16 +42,21 @@ def test_philox_matches_reference_on_random_inputs(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_golden_normals(backend, dtype, spec):
     name, device = backend
+    if name == "triton" and dtype == torch.float64:  # 26 s in the interpreter, for a cast that test_matches_reference checks
+        pytest.skip("the Triton kernel computes float64 output in float32, as for float32")
+    by_place = {}  # (stream, element) -> {seed: normal}: one launch per place covers every seed
     for case in spec["normals"]:
+        by_place.setdefault((case["stream"], case["element"]), {})[case["seed"]] = case["normal"]
+    for (stream, e), normals in by_place.items():
         # Each golden element alone (offset = element) and inside a short run around it.
-        e = case["element"]
-        alone = ops.randn([case["seed"]], case["stream"], (1,), offset=e, device=device, dtype=dtype, backend=name)
+        seeds, want = list(normals), torch.tensor(list(normals.values()), dtype=torch.float64)
+        alone = ops.randn(seeds, stream, (1,), offset=e, device=device, dtype=dtype, backend=name)[:, 0].cpu().double()
         start = max(0, e - 3)
-        run = ops.randn([case["seed"]], case["stream"], (9,), offset=start, device=device, dtype=dtype, backend=name)
-        assert abs(alone.item() - case["normal"]) <= 1e-5, (case, alone.item())
-        assert abs(run[0, e - start].item() - case["normal"]) <= 1e-5, case
+        run = ops.randn(seeds, stream, (9,), offset=start, device=device, dtype=dtype, backend=name)[:, e - start]
+        assert (alone - want).abs().max().item() <= 1e-5, (stream, e, alone, want)
+        assert (run.cpu().double() - want).abs().max().item() <= 1e-5, (stream, e, run, want)
         if dtype == torch.float64 and name in ("reference", "cpu"):  # these evaluate the spec in float64
-            assert abs(alone.item() - case["normal"]) <= 1e-12, case
+            assert (alone - want).abs().max().item() <= 1e-12, (stream, e)
 
 
 @pytest.mark.parametrize("dtype", list(TOL))
@@ -59,6 +64,8 @@ def test_golden_normals(backend, dtype, spec):
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id != "reference"])
 def test_matches_reference(backend, n, offset, dtype):
     name, device = backend
+    if name == "triton" and n > 1 << 20 and dtype != torch.float32:  # 11 s each in the interpreter
+        pytest.skip("the Triton interpreter runs the 2^20-element case in float32; the casts are the small cases'")
     seeds = [0, 7, (1 << 63) + 5, U64 - 1]
     want = ops.randn_reference(seeds, 11, (n,), offset=offset, dtype=torch.float64)
     got = ops.randn(seeds, 11, (n,), offset=offset, device=device, dtype=dtype, backend=name)
