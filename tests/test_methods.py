@@ -19,7 +19,8 @@ from fastdiff.sampling.methods import Method, get_method, method_names, methods,
 
 
 BUILTIN = ("euler", "heun", "ddim", "dpmpp_2m", "euler_ancestral", "deis", "dpmpp_2m_sde", "dpmpp_3m_sde", "ipndm",
-           "ipndm_v", "lms", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "unipc")  # registration order
+           "ipndm_v", "lms", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "unipc",
+           "annealed_langevin", "reverse_diffusion")  # registration order
 CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 LAST_STEP_EULER = ("dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde")  # one evaluation to sigma = 0
 
@@ -35,7 +36,8 @@ def test_registry_lists_the_builtin_methods_in_order():
     assert all(isinstance(m, Method) for m in records.values())
     evals = {"euler": 1, "heun": 2, "ddim": 1, "dpmpp_2m": 1, "euler_ancestral": 1, "dpmpp_2m_sde": 1,
              "dpmpp_3m_sde": 1, "lms": 1, "dpm_2": 2, "dpm_2_ancestral": 2, "dpmpp_2s_ancestral": 2, "dpmpp_sde": 2,
-             "ipndm": 1, "ipndm_v": 1, "unipc": 1, "deis": 1}
+             "ipndm": 1, "ipndm_v": 1, "unipc": 1, "deis": 1, "annealed_langevin": "n_steps_each",
+             "reverse_diffusion": 1}
     assert {n: m.evals_per_step for n, m in records.items()} == evals
     assert coefficients.EVALS_PER_STEP == evals
     assert {n: m.options for n, m in records.items()} == {"euler": ("sigma", *CHURN), "heun": CHURN, "ddim": ("eta",),
@@ -47,7 +49,9 @@ def test_registry_lists_the_builtin_methods_in_order():
                                                          "dpmpp_sde": ("eta", "s_noise", "r"),
                                                          "ipndm": ("order",), "ipndm_v": ("order",),
                                                          "deis": ("order", "mode"),
-                                                         "unipc": ("order", "solver_type", "lower_order_final")}
+                                                         "unipc": ("order", "solver_type", "lower_order_final"),
+                                                         "annealed_langevin": ("n_steps_each", "step_lr", "denoise"),
+                                                         "reverse_diffusion": ()}
     assert records["euler_ancestral"].defaults == {"eta": 1.0, "s_noise": 1.0}
     assert records["dpmpp_2m_sde"].defaults == {"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint"}
     for m in records.values():
@@ -101,9 +105,9 @@ def _tables(method, kw):
 
 
 def _hash(tables):
-    # the fields of the original Stage; a later field (history, more_draws, start_churn, brownian_terms) enters only where a
-    # stage uses it
-    later = {"history": (), "more_draws": (), "start_churn": None, "brownian_terms": ()}
+    # the fields of the original Stage; a later field (history, more_draws, start_churn, brownian_terms, corrector) enters
+    # only where a stage uses it
+    later = {"history": (), "more_draws": (), "start_churn": None, "brownian_terms": (), "corrector": None}
     derived = {"cfg_pp"}  # a share of c_pred, computed from the same conversions (checked in test_guidance.py)
 
     def fields(s):
@@ -145,8 +149,8 @@ def test_coefficients_match_closed_forms():
     # evaluations per step: the stage count on a path without a singular end point (k-diffusion's
     # two-stage methods take one Euler evaluation on the step to sigma = 0)
     for m in methods():
-        last = 1 if m.name in LAST_STEP_EULER else 0
-        assert len(build_stages(m.name, get_path("condot"), grid, "velocity")) == m.evals_per_step * (len(grid) - 1) - last
+        last = 1 if m.name in LAST_STEP_EULER else -1 if m.name == "annealed_langevin" else 0  # its Tweedie step
+        assert len(build_stages(m.name, get_path("condot"), grid, "velocity")) == m.evals() * (len(grid) - 1) - last
 
 
 # ---- adding a method is one decorated function -----------------------------------------------------------

@@ -1,11 +1,13 @@
 """Samplers: coefficient tables (host, float64) and the sampling loop around the fused step."""
 
 from fastdiff.sampling import deis, dpmpp_sde, ipndm, lms, two_stage, unipc  # noqa: F401  (register their methods)
+from fastdiff.sampling import predictor_corrector  # noqa: F401,I001  (registers its methods after the solvers)
 from fastdiff.sampling.loop import sample
 from fastdiff.sampling.editing import invert
+from fastdiff.sampling.langevin import langevin
 from fastdiff.sampling.methods import Method, get_method, methods, register_method
 
-__all__ = ["METHODS", "Method", "get_method", "invert", "methods", "register_method", "sample"]
+__all__ = ["METHODS", "Method", "get_method", "invert", "langevin", "methods", "register_method", "sample"]
 
 
 def __getattr__(name):

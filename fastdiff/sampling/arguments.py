@@ -272,3 +272,13 @@ class FiniteFlags:
             at = torch.where(bad, self._row_ids + first, torch.iinfo(torch.int64).max).min()
             self.first_bad.copy_(torch.where((self.first_bad < 0) & bad.any(), at, self.first_bad))
             self.table.fill_(1)
+
+    @staticmethod
+    def raise_first_bad(first_bad: torch.Tensor, stages) -> None:
+        """FloatingPointError naming the step and time of the first stage with a non-finite output (reads
+        ``first_bad`` back: once, after the loop)."""
+        k = int(first_bad.item())
+        if k >= 0:
+            st = stages[k]
+            raise FloatingPointError(f"model output is not finite at step {st.step} (t={st.t:.6g}); check the "
+                                     "model, the path/prediction pair and the time grid")

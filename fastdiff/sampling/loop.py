@@ -26,6 +26,7 @@ from fastdiff.sampling.tables import STAGE_CACHE, ModelTimes, stage_tables
 from fastdiff.sampling.model_calls import ModelCalls
 from fastdiff.sampling.scratch import POOL, StageCache
 from fastdiff.sampling.methods import check_options, get_method
+from fastdiff.sampling.predictor_corrector import corrector_args, correctors
 
 
 _STAGE_CACHE = STAGE_CACHE  # stage tables (fastdiff.sampling.tables)
@@ -43,7 +44,7 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
            device=None, check_finite: bool = True, cuda_graph: bool = False, step_noise=None,
            guidance=None, guidance_rescale: float = 0.0, conditions=None, dynamic_thresholding=None,
            classifier=None, classifier_scale=1.0, init=None, strength=None, known_mask=None, resample: int = 1,
-           **options) -> torch.Tensor:
+           corrector_steps: int = 0, snr: float = 0.16, **options) -> torch.Tensor:
     """Sample ``[B, *shape]`` from ``model(x, t, y)`` by integrating from t = 0 (noise) to t = 1 (data).
 
     Args:
@@ -86,6 +87,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             int(steps * strength) steps from init noised to their start. ``known_mask`` (bool, broadcast to the
             samples; true = known): inpainting, the known region re-imposed from init at each step's end time;
             ``resample`` = r > 1 repeats each step r times (RePaint) so the rest agrees with it.
+        corrector_steps, snr: predictor-corrector sampling (score_sde): before each step, corrector_steps
+            Langevin steps at its start time, each sample's step size 2 (snr ‖ξ‖ / ‖score‖)² (docs/score_based.md).
         dynamic_thresholding: Imagen's dynamic thresholding of each evaluation's x0 estimate (diffusers'
             thresholding=True): True (ratio 0.995, max_value 1), a ratio, or a DynamicThresholding.
         cfg_batch: run conditional and unconditional inputs as one batch of 2B (default) or two calls.
@@ -139,7 +142,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     cuda_graph = graphs.check_arguments(cuda_graph, device, callback, step_noise, brownian, y)
     if classifier is not None:
         classifier = ClassifierGuidance(classifier, classifier_scale, y, path, prediction, per_sample_values, device)
-    grid = strength_grid(time_grid(steps, timesteps, path, prediction, method_record.needed_conversions(**values),
+    needed = method_record.needed_conversions(**values) + (("score", "x0") if corrector_steps else ())
+    grid = strength_grid(time_grid(steps, timesteps, path, prediction, needed,
                                    start_late=classifier is not None and singular_at_zero(path, prediction)),
                          strength)
     # sigma is evaluated (and checked) here, so that the builder's ValueErrors are the conversions' own
@@ -149,6 +153,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     # per-sample options (churn): one table per distinct setting, merged into per-sample rows and times
     stages, merged, stage_key = stage_tables(method_record, path, path_arg, prediction, grid, values,
                                              per_sample_values, B, sigma_at)
+    stages, stage_key = correctors(stages, stage_key, corrector_steps, snr, path, grid, prediction, per_sample=merged,
+                                   classifier=classifier, step_noise=step_noise)
     if classifier is not None:  # its gradient as one more history term of every stage
         stages, stage_key = classifier.transform(stages), (stage_key, classifier.key)
     check_direction(grid, method_record, values, step_noise, stages)  # a decreasing grid: inversion, deterministic
@@ -343,6 +349,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             weights.x0_into(buffers["x0"], buffers["x"], preds, k, st, merged, step_backend)
             if classifier is not None:
                 classifier.x0_add(buffers["x0"], k, st)
+        if st.corrector is not None:  # Langevin corrector: its per-sample rows from a reduction pass
+            args = corrector_args(args, preds, st, step_backend)
         if noise_calls is not None:
             for noise_args in noise_calls[k]:
                 step_kernel(*noise_args)
@@ -386,9 +394,5 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     returned = result.untyped_storage().data_ptr()
     POOL.give(t for t in scratch if t.untyped_storage().data_ptr() != returned)
     if check_finite:
-        k = int(first_bad.item())  # the one synchronization, after the loop
-        if k >= 0:
-            st = stages[k]
-            raise FloatingPointError(f"model output is not finite at step {st.step} (t={st.t:.6g}); check the "
-                                     "model, the path/prediction pair and the time grid")
+        finite.raise_first_bad(first_bad, stages)  # the one synchronization, after the loop
     return result

@@ -46,7 +46,7 @@ class Method:
     build: Callable[..., list]  # (path, grid, prediction, **options) -> list[Stage]
     options: tuple[str, ...]  # sample() options it takes (keys of OPTIONS)
     defaults: dict  # this method's value of an option the caller does not give (else OPTIONS' neutral one)
-    evals_per_step: int  # model evaluations per step (batched CFG's one 2B call counts as one)
+    evals_per_step: int | str  # model evaluations per step (a 2B CFG call counts as one), or the option giving it
     conversions: Conversions  # prediction types needed finite at the grid start (see needed_conversions)
     description: str  # one line, for docs and the CLI help
     churn_options: bool = False  # takes EDM's churn options (fastdiff.sampling.churn), applied around its builder
@@ -57,6 +57,12 @@ class Method:
         (options at their default, and options the method does not take, are left out)."""
         given = {k: v for k, v in options.items() if k in self.options and not is_default(k, v)}
         return tuple(self.conversions(**given) if callable(self.conversions) else self.conversions)
+
+    def evals(self, **options) -> int:
+        """Model evaluations per step for these option values (the method's defaults where not given)."""
+        if isinstance(self.evals_per_step, int):
+            return self.evals_per_step
+        return int(self.option_values(**options)[self.evals_per_step])
 
     def option_values(self, **given) -> dict:
         """The value of each option this method takes: the caller's (None: not given), else the method's
@@ -81,7 +87,7 @@ def _takes(method: Method) -> str:
     return ", ".join(method.options) if method.options else "no options"
 
 
-def register_method(name: str, *, options: tuple[str, ...] | dict = (), evals_per_step: int,
+def register_method(name: str, *, options: tuple[str, ...] | dict = (), evals_per_step: int | str,
                     conversions: Conversions, description: str, churn_options: bool = False, inverts: bool = False):
     """Decorator: register the stage builder it decorates as method ``name`` (returns the builder).
     ``churn_options=True``: the method also takes EDM's s_churn, s_tmin, s_tmax and s_noise, applied around the
@@ -101,8 +107,12 @@ def register_method(name: str, *, options: tuple[str, ...] | dict = (), evals_pe
             raise ValueError(f"method {name!r}: unknown option {o!r} (sample() knows {', '.join(OPTIONS)}); a new "
                              f"option needs its default, options={{{o!r}: value}}, also its neutral value for the "
                              "other methods")
-    if not isinstance(evals_per_step, int) or evals_per_step < 1:
-        raise ValueError(f"method {name!r}: evals_per_step must be an int >= 1, got {evals_per_step!r}")
+    if isinstance(evals_per_step, str):  # the option that sets it (annealed_langevin's n_steps_each)
+        if evals_per_step not in options:
+            raise ValueError(f"method {name!r}: evals_per_step={evals_per_step!r} names none of its options")
+    elif not isinstance(evals_per_step, int) or isinstance(evals_per_step, bool) or evals_per_step < 1:
+        raise ValueError(f"method {name!r}: evals_per_step must be an int >= 1 or an option's name, "
+                         f"got {evals_per_step!r}")
     if not callable(conversions):
         conversions = tuple(conversions)
     if "\n" in description:
@@ -165,5 +175,6 @@ def methods_table() -> str:
     rows = ["| method | options | model evaluations per step | what |", "|---|---|---|---|"]
     for m in _REGISTRY.values():
         options = ", ".join(f"`{o}`" + (f" = {m.defaults[o]}" if o in m.defaults else "") for o in m.options) or "–"
-        rows.append(f"| `{m.name}` | {options} | {m.evals_per_step} | {m.description} |")
+        evals = m.evals_per_step if isinstance(m.evals_per_step, int) else f"`{m.evals_per_step}`"
+        rows.append(f"| `{m.name}` | {options} | {evals} | {m.description} |")
     return "\n".join(rows)
