@@ -5,9 +5,10 @@ from fastdiff.sampling import predictor_corrector  # noqa: F401,I001  (registers
 from fastdiff.sampling.loop import sample
 from fastdiff.sampling.editing import invert
 from fastdiff.sampling.langevin import langevin
+from fastdiff.sampling.likelihood import Likelihood, bits_per_dim, log_likelihood
 from fastdiff.sampling.methods import Method, get_method, methods, register_method
 
-__all__ = ["METHODS", "Method", "get_method", "invert", "langevin", "methods", "register_method", "sample"]
+__all__ = ["METHODS", "Likelihood", "Method", "bits_per_dim", "get_method", "invert", "langevin", "log_likelihood", "methods", "register_method", "sample"]
 
 
 def __getattr__(name):
