@@ -217,8 +217,8 @@ def _sample(args: argparse.Namespace) -> int:
                             method=args.method, sigma=args.sigma, progress=not args.no_progress,
                             step_noise="brownian" if args.step_noise == "brownian" else None,
                             guidance=args.guidance, guidance_rescale=args.guidance_rescale,
-                            dynamic_thresholding=args.dynamic_thresholding,
-                            device=args.device, **_options(args.option)).cpu()
+                            dynamic_thresholding=args.dynamic_thresholding, corrector_steps=args.corrector_steps,
+                            snr=args.snr, device=args.device, **_options(args.option)).cpu()
     if out.endswith(".safetensors"):
         import safetensors.torch as st
 
@@ -385,6 +385,10 @@ def _parser() -> argparse.ArgumentParser:
     p_sample.add_argument("--option", action="append", type=_method_option, default=[], metavar="NAME=VALUE",
                           help="a further option of the method, repeatable (e.g. eta=0.5, s_noise=1.003, s_churn=10, "
                                "order=3, solver_type=heun, r=0.4; which method takes which: docs/sampling.md)")
+    p_sample.add_argument("--corrector-steps", type=NON_NEGATIVE_INT, default=0, metavar="N",
+                          help="Langevin corrector steps before each step (score_sde's predictor-corrector; --snr)")
+    p_sample.add_argument("--snr", type=_float_in(0.0, low_open=True), default=0.16,
+                          help="the correctors' signal-to-noise ratio (default: %(default)s)")
     p_sample.add_argument("--step-noise", choices=["independent", "brownian"], default="independent",
                           help="the steps' noise: independent draws (default) or one Brownian path per sample, "
                                "step-count stable like k-diffusion's Brownian tree (~25 normals per element and step instead of 1)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import warnings
 from typing import Callable, Optional, Tuple, Union
 
@@ -327,15 +328,38 @@ _PATHS = {"condot": CondOT, "vp": VP, "vp-cosine": VPCosine, "ve": VE}
 PATH_NAMES = tuple(_PATHS)
 
 
+def _from_repr(text: str) -> Optional[GaussianPath]:
+    """A built-in path from its repr with numeric parameters, e.g. "VE(sigma_max=2.0)" (checkpoints record a
+    named path with other parameters this way); None when ``text`` is not one."""
+    match = re.fullmatch(r"\s*(\w+)\((.*)\)\s*", text)
+    classes = {cls.__name__: cls for cls in _PATHS.values()}
+    if match is None or match.group(1) not in classes:
+        return None
+    kwargs = {}
+    for item in filter(None, (part.strip() for part in match.group(2).split(","))):
+        key, _, value = item.partition("=")
+        try:
+            kwargs[key.strip()] = float(value)
+        except ValueError:
+            return None
+    try:
+        return classes[match.group(1)](**kwargs)
+    except TypeError:
+        return None
+
+
 def get_path(name_or_path: Union[str, GaussianPath]) -> GaussianPath:
-    """A path by name (``"condot"``, ``"vp"``, ``"vp-cosine"``, ``"ve"`` with sigma_max = 80) or a
-    GaussianPath as is."""
+    """A path by name (``"condot"``, ``"vp"``, ``"vp-cosine"``, ``"ve"`` with sigma_max = 80), a built-in path's
+    repr (``"VE(sigma_max=2.0)"``) or a GaussianPath as is."""
     if isinstance(name_or_path, GaussianPath):
         return name_or_path
     if isinstance(name_or_path, str):
         key = name_or_path.strip().lower().replace("_", "-")
         if key in _PATHS:
             return _PATHS[key]()
+        path = _from_repr(name_or_path)
+        if path is not None:
+            return path
     raise ValueError(
         f"unknown path name_or_path={name_or_path!r}; valid names: {', '.join(PATH_NAMES)} "
         f"(or a GaussianPath instance)")

@@ -65,6 +65,12 @@ def test_train_then_sample_ring(tmp_path, capsys):
                             "--step-noise", "brownian"]) == 0
     brownian = safetensors.torch.load_file(st)["x"]
     assert brownian.isfinite().all() and not torch.equal(other, brownian)
+    # --corrector-steps / --snr: score_sde's predictor-corrector (the corrector moves the samples)
+    assert cli.main(base + ["--method", "reverse_diffusion"]) == 0
+    predictor = safetensors.torch.load_file(st)["x"]
+    assert cli.main(base + ["--method", "reverse_diffusion", "--corrector-steps", "1", "--snr", "0.1"]) == 0
+    corrected = safetensors.torch.load_file(st)["x"]
+    assert corrected.isfinite().all() and not torch.equal(predictor, corrected)
     # --guidance-rescale: CFG rescale of the guided blend
     assert cli.main(base + ["--cfg", "3"]) == 0
     guided = safetensors.torch.load_file(st)["x"]

@@ -553,3 +553,13 @@ def test_discrete_vp_knots_interpolation_and_derivatives():
         assert p.coefficients(t0)[2 + k] == pytest.approx(fd, rel=1e-5)
     with pytest.raises(ValueError, match="alphas_cumprod"):
         DiscreteVP([0.5, 0.9])
+
+
+def test_get_path_reads_a_built_in_paths_repr():
+    """Checkpoints record a named path with other parameters by its repr; get_path reads it back."""
+    for path in (VE(2.5), VP(0.2, 10.0), VPCosine(0.01), get_path("condot")):
+        again = get_path(repr(path))
+        assert type(again) is type(path) and repr(again) == repr(path)
+    for bad in ("VE(sigma_max=oops)", "Nope(x=1)", "VE(rho=2)"):
+        with pytest.raises(ValueError, match="unknown path"):
+            get_path(bad)

@@ -4,7 +4,10 @@
 from fastdiff.training.checkpoint import CheckpointError
 from fastdiff.training.objective import (STREAM_EPS, STREAM_LABEL_DROPOUT, STREAM_TIME, DiffusionObjective,
                                          training_seeds, uniforms)
+from fastdiff.training.score_matching import (STREAM_PROJECTION, ScoreMatchingObjective, ncsn_grid, ncsn_objective,
+                                              ncsn_sigmas)
 from fastdiff.training.trainer import Trainer
 
-__all__ = ["CheckpointError", "DiffusionObjective", "STREAM_EPS", "STREAM_LABEL_DROPOUT", "STREAM_TIME",
-           "Trainer", "training_seeds", "uniforms"]
+__all__ = ["CheckpointError", "DiffusionObjective", "STREAM_EPS", "STREAM_LABEL_DROPOUT", "STREAM_PROJECTION",
+           "STREAM_TIME", "ScoreMatchingObjective", "Trainer", "ncsn_grid", "ncsn_objective", "ncsn_sigmas",
+           "training_seeds", "uniforms"]

@@ -29,8 +29,8 @@ STREAM_EPS = 0
 STREAM_TIME = 1
 STREAM_LABEL_DROPOUT = 2
 
-TIME_SAMPLING = ("uniform", "logit_normal")
-WEIGHTING = ("none", "min_snr")
+TIME_SAMPLING = ("uniform", "logit_normal", "levels")
+WEIGHTING = ("none", "min_snr", "ncsn")
 
 SEED_SHIFT = 40  # training sample n of run seed s uses the 64-bit seed (s << 40) + n
 
@@ -69,17 +69,30 @@ def _x0_gain(prediction: str, al, be, dal, dbe):
     return be / (be * dal - dbe * al)  # velocity: ẑ = (β u − β̇ x) / Δ
 
 
+def _score_gain(prediction: str, al, be, dal, dbe):
+    """∂s/∂pred: how an error in the prediction shows up in the score estimate s = −ε̂/β."""
+    if prediction == "score":
+        return torch.ones_like(al)
+    if prediction == "eps":
+        return -1.0 / be
+    if prediction == "x0":
+        return al / (be * be)  # s = (α ẑ − x) / β²
+    return al / (be * (be * dal - dbe * al))  # velocity: ε̂ = (α̇ x − α u) / Δ
+
+
 class DiffusionObjective:
     """What a training step minimises: E_t w(t) ‖pred(x_t, t, y) − target‖² with x_t = α_t z + β_t ε.
 
     Args:
         path, prediction: the Gaussian path and what the model predicts ("velocity", "eps", "score", "x0").
-        time_sampling: "uniform" (t ~ U(0, 1)) or "logit_normal" (t = sigmoid(m + s n), n ~ N(0, 1),
-            ``logit_mean`` m, ``logit_std`` s; SD3's choice with m = 0, s = 1).
+        time_sampling: "uniform" (t ~ U(0, 1)), "logit_normal" (t = sigmoid(m + s n), n ~ N(0, 1),
+            ``logit_mean`` m, ``logit_std`` s; SD3's choice with m = 0, s = 1) or "levels" (one of the flow times
+            ``levels``, uniformly: NCSN's noise levels; fastdiff.training.ncsn_objective).
         weighting: "none" or "min_snr": min-SNR-γ (Hang et al. 2023) defined on the x0 error,
             w = min(SNR, γ) · (∂ẑ/∂pred)², SNR = α²/β². It gives min(SNR, γ)/SNR for eps, min(SNR, γ)
             for x0, min(SNR, γ)/(SNR + 1) for VP v-prediction, and keeps score training finite near
-            t = 1 (where the score target −ε/β blows up).
+            t = 1 (where the score target −ε/β blows up). "ncsn": NCSN's λ(σ) = σ² on the score error,
+            w = β² (∂s/∂pred)²: ‖β s + ε‖² for a score model, the plain loss for an eps model.
         label_dropout: probability p of replacing a sample's label by ``null_y`` (classifier-free
             guidance training); ``null_y`` defaults to the model's ``null_label`` attribute.
         backend: backend of the fused ops (None: the one in force).
@@ -87,7 +100,7 @@ class DiffusionObjective:
 
     def __init__(self, path="condot", prediction: str = "velocity", *, time_sampling: str = "uniform",
                  logit_mean: float = 0.0, logit_std: float = 1.0, weighting: str = "none",
-                 snr_gamma: float = 5.0, label_dropout: float = 0.0, null_y=None, backend=None):
+                 snr_gamma: float = 5.0, label_dropout: float = 0.0, null_y=None, levels=None, backend=None):
         self.path = get_path(path)
         self.prediction = check_prediction(prediction)
         if time_sampling not in TIME_SAMPLING:
@@ -100,6 +113,13 @@ class DiffusionObjective:
             raise ValueError(f"snr_gamma must be > 0, got {snr_gamma}")
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+        if (levels is None) != (time_sampling != "levels"):
+            raise ValueError('levels (the flow times to train at) go with time_sampling="levels", and it needs them')
+        if levels is not None:
+            levels = [float(v) for v in levels]
+            if not levels or not all(0.0 < v < 1.0 for v in levels):
+                raise ValueError(f"levels must be flow times in (0, 1), got {levels}")
+        self.levels = levels
         self.time_sampling, self.logit_mean, self.logit_std = time_sampling, float(logit_mean), float(logit_std)
         self.weighting, self.snr_gamma = weighting, float(snr_gamma)
         self.label_dropout, self.null_y, self.backend = float(label_dropout), null_y, backend
@@ -107,10 +127,13 @@ class DiffusionObjective:
     def config(self) -> dict:
         """JSON-serializable settings (stored in checkpoints)."""
         null_y = self.null_y.tolist() if isinstance(self.null_y, torch.Tensor) else self.null_y
-        return {"path": getattr(self.path, "name", repr(self.path)), "prediction": self.prediction,
+        # a named path with other parameters (VE(sigma_max=2), NCSN's) is recorded by its repr, not its name
+        name = getattr(self.path, "name", None)
+        path = name if name and repr(get_path(name)) == repr(self.path) else repr(self.path)
+        return {"path": path, "prediction": self.prediction,
                 "time_sampling": self.time_sampling, "logit_mean": self.logit_mean, "logit_std": self.logit_std,
                 "weighting": self.weighting, "snr_gamma": self.snr_gamma, "label_dropout": self.label_dropout,
-                "null_y": null_y}
+                "null_y": null_y, **({"levels": self.levels} if self.levels is not None else {})}
 
     def __repr__(self) -> str:
         return "DiffusionObjective(" + ", ".join(f"{k}={v!r}" for k, v in self.config().items()) + ")"
@@ -121,6 +144,9 @@ class DiffusionObjective:
         """Training times [B] (float64, in the open interval (0, 1))."""
         if self.time_sampling == "uniform":
             return uniforms(seeds, STREAM_TIME)
+        if self.time_sampling == "levels":
+            i = (uniforms(seeds, STREAM_TIME) * len(self.levels)).long().clamp(max=len(self.levels) - 1)
+            return torch.tensor(self.levels, dtype=torch.float64)[i]
         n = randn_reference(seeds, STREAM_TIME, (1,), dtype=torch.float64)[:, 0]
         return torch.sigmoid(self.logit_mean + self.logit_std * n)
 
@@ -129,6 +155,8 @@ class DiffusionObjective:
         if self.weighting == "none":
             return None
         al, be, dal, dbe = self.path.coefficients(t)
+        if self.weighting == "ncsn":
+            return (be * _score_gain(self.prediction, al, be, dal, dbe)).square().to(torch.float32)
         snr = (al / be) ** 2
         gain = _x0_gain(self.prediction, al, be, dal, dbe)
         return (torch.clamp(snr, max=self.snr_gamma) * gain * gain).to(torch.float32)
