@@ -203,6 +203,16 @@ def test_a_corrected_sample_is_the_same_in_any_batch():
         assert torch.equal(fastdiff.sample(model, 6, seed=[s], batch_size=1, **kw)[0], batch[b])
 
 
+def test_low_precision_predictions():
+    """A bfloat16 model: the corrector's reduction pass widens its predictions; the samples stay within bfloat16's
+    rounding of the float32 model's."""
+    model = MixtureModel(_mixture_64d(), "vp", "eps")
+    kw = dict(path="vp", prediction="eps", method="reverse_diffusion", shape=(64,), batch_size=16, corrector_steps=1)
+    full = fastdiff.sample(model, 8, **kw)
+    half = fastdiff.sample(lambda x, t, y: model(x, t, y).to(torch.bfloat16), 8, **kw)
+    assert half.isfinite().all() and (half - full).abs().max().item() < 0.05 * full.abs().max().item()
+
+
 def test_errors_name_the_argument():
     model = MixtureModel(ring_mixture(), "vp", "eps")
     kw = dict(path="vp", prediction="eps", shape=(2,), batch_size=2)

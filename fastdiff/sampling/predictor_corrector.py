@@ -144,7 +144,9 @@ def corrector_args(args: tuple, preds: list, st: Stage, backend: str) -> tuple:
     of s and ξ."""
     x, seeds, streams, host_w, sample_w = args[0], args[3], args[4], args[5], args[7]
     snr, a, b = st.corrector
-    G = sample_gram([x, *preds], seeds=seeds, streams=streams, backend=backend)  # u = (1, x, p_0.., ξ)
+    # the pass reads one dtype: float16 / bfloat16 predictions are widened (exactly) next to the float32 state
+    terms = [x, *(p if p.dtype == x.dtype else p.to(x.dtype) for p in preds)]
+    G = sample_gram(terms, seeds=seeds, streams=streams, backend=backend)  # u = (1, x, p_0.., ξ)
     B, K = x.shape[0], len(preds)
     # s = a x + b g with g = w_0 p_0 + Σ_k w_k (p_k − p_0): p_0's weight is w_0 − Σ_{k≥1} w_k. Host weights
     # fill columns (no host-to-device copy: capturable in a CUDA graph)
