@@ -37,6 +37,20 @@ def test_steps_are_the_lectures_update(backend):
     assert drift == pytest.approx(0.025, abs=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mala_backends_agree(backend):
+    """MALA's proposal (the fused step), its reduction pass and its draws on every backend: the chains equal the
+    reference backend's (the decisions too, at these margins)."""
+    name, device = backend
+    kw = dict(steps=6, step_size=[0.3, 0.6, 0.9], log_prob=_log_prob_1d, seed=[4, 8, 15], thin=1,
+              return_acceptance=True)
+    x0 = torch.tensor([[0.0], [2.0], [-1.5]])
+    want, acc = fastdiff.langevin(None, x0, backend="reference", **kw)
+    got, acc_got = fastdiff.langevin(None, x0.to(device), backend=name, **kw)
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=1e-5)
+    assert torch.equal(acc_got.cpu(), acc)
+
+
 def test_gaussian_target_mean_3_variance_1():
     """The N(3, 1) example from X_0 = −2: the chains' law converges to N(3, 1/(1 − h/4)) (ULA's stationary law
     on a unit Gaussian; 1.0025 at h = 0.01)."""

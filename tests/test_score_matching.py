@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import BACKENDS
 from torch import nn
 
 from fastdiff.mixtures import GaussianMixture
@@ -36,16 +37,19 @@ def test_ncsn_levels_and_weights():
     assert repr(get_path(objective.config()["path"])) == repr(path)  # VE(sigma_max=...), not the default "ve"
 
 
-def test_ncsn_loss_is_sigma_s_plus_eps_squared():
-    """For a score model the loss is E_i ‖σ_i s(z + σ_i ε) + ε‖² / d, ε the training stream's normals."""
-    objective = ncsn_objective(0.05, 2.0, 6, backend="reference")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ncsn_loss_is_sigma_s_plus_eps_squared(backend):
+    """For a score model the loss is E_i ‖σ_i s(z + σ_i ε) + ε‖² / d, ε the training stream's normals, on every
+    backend of the fused loss."""
+    name, device = backend
+    objective = ncsn_objective(0.05, 2.0, 6, backend=name)
     z = torch.randn(7, 3, generator=torch.Generator().manual_seed(0))
     seeds = training_seeds(1, 0, 7)
 
     def model(x, t, y):
         return -x / (1.0 + t.view(-1, 1))
 
-    loss = objective(model, z, None, seeds, reduction="none")
+    loss = objective(model, z.to(device), None, seeds.to(device), reduction="none").cpu()
     t = objective.sample_t(seeds)
     sigma = objective.path.coefficients(t)[1].view(-1, 1)
     eps = randn(seeds, STREAM_EPS, (3,), dtype=torch.float64)
