@@ -400,7 +400,7 @@ def _parser() -> argparse.ArgumentParser:
     p_sample.set_defaults(func=_sample)
     p_bench = sub.add_parser("bench", help="time the fused ops against eager PyTorch and torch.compile; "
                                            "print ratios and write CSV rows")
-    p_bench.add_argument("--ops", default="step_sde,step_ode,gram,rescale,apg,loss,randn,loop,methods",
+    p_bench.add_argument("--ops", default="step_sde,step_ode,gram,rescale,apg,loss,randn,loop,methods,langevin",
                          help="rescale / apg: a CFG-rescale / APG step, fused vs diffusers' formula; loop: 50-step SDE sampling with cfg 4 vs diffusers / torchsde / flow_matching / "
                               "k-diffusion; methods: each sampling method's fused step per model evaluation vs "
                               "euler's (default: %(default)s)")

@@ -193,3 +193,14 @@ def test_loop_cases_include_the_method_rows():
 
     impls = {c.impl for c in loop_cases(1 << 12, impls=["fastdiff_ea", "fastdiff_2m_sde", "fastdiff_2m_sde_bt"])}
     assert impls == {"fastdiff_ea", "fastdiff_2m_sde", "fastdiff_2m_sde_bt"}
+
+
+def test_langevin_cases_run_the_same_chains():
+    """The Langevin benchmark's implementations run the same chains up to their noise: from the same start, 20
+    steps of drift toward 3 move every implementation's mean alike (ULA and MALA, fastdiff and eager)."""
+    cases = {c.impl: c for c in bm.langevin_cases(16 * 4096, impls=["eager", "eager_mala"])}
+    assert set(cases) == {"fastdiff", "fastdiff_mala", "eager", "eager_mala"}
+    means = {impl: case.fn().mean().item() for impl, case in cases.items()}
+    start = 0.0  # x0 ~ N(0, 1); each step moves the mean by h/2 (3 − mean)
+    want = 3.0 - (3.0 - start) * (1 - 0.5 * 0.01) ** 20
+    assert all(abs(m - want) < 0.02 for m in means.values()), (want, means)

@@ -14,7 +14,8 @@ Cases (N elements of fp32 state; the guided cases take one [2B] prediction, cfg 
 - ``copy``: a device-to-device copy of N fp32 elements, the bandwidth yardstick;
 - ``loop``: whole sampling loops against the peers' (fastdiff.bench.loops);
 - ``methods``: each registered method's fused step per model evaluation against Euler's
-  (fastdiff.bench.methods).
+  (fastdiff.bench.methods);
+- ``langevin``: Langevin / MALA chains against the lectures' loop (fastdiff.bench.langevin).
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from fastdiff.bench.case import BATCH, CFG, DT, SIGMA, T, Case, _dtype, _sde_coe
 from fastdiff.bench.loops import (LOOP_PARTS, LOOP_SHAPE, LOOP_STEPS, PEERS, CheapModel,  # noqa: F401
                                   condot_denoiser, loop_cases)
 from fastdiff.bench.guidance import rescale_cases
+from fastdiff.bench.langevin import langevin_cases
 from fastdiff.bench.methods import method_cases
 
 __all__ = ["OPS", "BASELINES", "Case", "CheapModel", "LOOP_SHAPE", "LOOP_STEPS", "PEERS", "cases", "condot_denoiser",
            "copy_case", "device_name", "eager_loss", "eager_ode_step", "eager_sde_step", "gram_cases", "loop_cases",
            "loss_cases", "method_cases", "randn_cases", "report", "rescale_cases", "step_cases", "time_interleaved"]
 
-OPS = ("step_sde", "step_ode", "gram", "rescale", "apg", "loss", "randn", "loop", "methods")
+OPS = ("step_sde", "step_ode", "gram", "rescale", "apg", "loss", "randn", "loop", "methods", "langevin")
 
 
 def eager_sde_step(x, out2b, *, cfg=CFG, t=T, dt=DT, sigma=SIGMA, noise_like=torch.randn_like):
@@ -186,8 +188,8 @@ def copy_case(n: int, device="cpu") -> Case:
 def cases(op: str, n: int, dtype: str = "fp32", device="cpu", impls=None) -> list[Case]:
     if op == "loop":
         return loop_cases(n, device, impls)
-    if op == "methods":
-        return method_cases(n, device, impls)
+    if op in ("methods", "langevin"):
+        return (method_cases if op == "methods" else langevin_cases)(n, device, impls)
     if op in ("step_sde", "step_ode"):
         return step_cases(op, n, dtype, device, impls)
     if op == "loss":
@@ -268,8 +270,7 @@ def peak_memory(fn: Callable, device) -> Optional[int]:
 # ---- the report: interleaved medians, ratios, CSV rows ------------------------------------------------
 
 BASELINES = {"step_sde": "eager", "step_ode": "eager", "gram": "eager", "rescale": "eager", "apg": "eager",
-             "loss": "eager",
-             "randn": "torch", "loop": "diffusers", "methods": "euler"}
+             "loss": "eager", "randn": "torch", "loop": "diffusers", "methods": "euler", "langevin": "eager"}
 
 
 def device_name(device) -> str:
@@ -318,7 +319,7 @@ def report(ops=OPS, log2_sizes=(22,), dtypes=("fp32",), device="cpu", repeat=15,
         if device.type == "cuda":
             copy_s = time_interleaved([copy_case(n, device)], repeat, device=device)["torch"]
         for op in ops:
-            for dtype in (dtypes if op not in ("randn", "loop", "methods") else ("fp32",)):
+            for dtype in (dtypes if op not in ("randn", "loop", "methods", "langevin") else ("fp32",)):
                 impls = None if compile or op in ("loop", "methods") else ["fastdiff", "eager", "reference", "torch"]
                 group = cases(op, n, dtype, device, impls)
                 per_round: dict = {}
