@@ -10,11 +10,13 @@ another OS error), with the same one-line message. Anything else is a bug and pr
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import sys
 import traceback
+
+from fastdiff.cli_sampler import (NON_NEGATIVE_INT, POSITIVE_INT, SEED, add_sampler_arguments, float_in, sample_shape,
+                                  sampler_settings)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -49,44 +51,6 @@ def _info(args: argparse.Namespace) -> int:
     for name, st in fastdiff.backends().items():
         print(f"  {name:10s} {'yes' if st.available else 'no '}  {st.reason}")
     return 0
-
-
-# ---- argument types: each names its option through argparse ("argument --steps: ...") --------------
-
-def _int_at_least(least: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if v < least:
-            raise argparse.ArgumentTypeError(f"must be >= {least}, got {v}")
-        return v
-
-    parse.__name__ = "int"  # argparse's "invalid int value" wording for non-numbers
-    return parse
-
-
-def _float_in(low=None, high=None, *, low_open=False, high_open=True):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-        if not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
-        if low is not None and (v <= low if low_open else v < low):
-            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low:g}, got {v:g}")
-        if high is not None and (v >= high if high_open else v > high):
-            raise argparse.ArgumentTypeError(f"must be {'<' if high_open else '<='} {high:g}, got {v:g}")
-        return v
-
-    parse.__name__ = "float"
-    return parse
-
-
-POSITIVE_INT, NON_NEGATIVE_INT = _int_at_least(1), _int_at_least(0)
-SEED = _int_at_least(0)  # the upper bound (2^23) is the Trainer's, which names seed
 
 
 class _Version(argparse.Action):
@@ -168,28 +132,6 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _method_option(text: str) -> tuple:
-    """--option NAME=VALUE: a method option, its value an int, a float or else a string."""
-    name, sep, value = text.partition("=")
-    if not sep or not name.isidentifier() or not value:
-        raise argparse.ArgumentTypeError(f"must be NAME=VALUE (e.g. eta=0.5), got {text!r}")
-    for kind in (int, float):
-        try:
-            return name, kind(value)
-        except ValueError:
-            pass
-    return name, value
-
-
-def _options(pairs) -> dict:
-    options = {}
-    for name, value in pairs:
-        if name in options or name == "sigma":
-            raise ValueError(f"--option {name} is given twice" if name in options else "give sigma as --sigma")
-        options[name] = value
-    return options
-
-
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
@@ -201,24 +143,17 @@ def _sample(args: argparse.Namespace) -> int:
     if not out.endswith(".safetensors"):
         images.image_format(out, what="--out")  # before sampling: an unknown suffix fails at once
     model, state = load_model(args.checkpoint, ema=not args.no_ema, device=args.device)
-    obj = state.get("objective", {})
-    path, prediction = obj.get("path", "condot"), obj.get("prediction", "velocity")
     classes = getattr(model, "num_classes", 0)
     if classes:
         y = torch.arange(classes, device=args.device).repeat_interleave(args.per_class)
     else:
         y = None
-    config = state["model_config"]
-    shape = (config["channels"], args.size, args.size) if config["type"] == "UNet" else (config["dim"],)
+    config, shape = state["model_config"], sample_shape(state, args.size)
     n = len(y) if y is not None else args.per_class
     with torch.no_grad():
-        x = fastdiff.sample(model, args.steps, args.cfg, shape=shape, y=y, null_y=model.null_label,
-                            batch_size=None if y is not None else n, seed=args.seed, path=path, prediction=prediction,
-                            method=args.method, sigma=args.sigma, progress=not args.no_progress,
-                            step_noise="brownian" if args.step_noise == "brownian" else None,
-                            guidance=args.guidance, guidance_rescale=args.guidance_rescale,
-                            dynamic_thresholding=args.dynamic_thresholding, corrector_steps=args.corrector_steps,
-                            snr=args.snr, device=args.device, **_options(args.option)).cpu()
+        x = fastdiff.sample(model, shape=shape, y=y, null_y=model.null_label, batch_size=None if y is not None else n,
+                            seed=args.seed, progress=not args.no_progress, device=args.device,
+                            **sampler_settings(args, state)).cpu()
     if out.endswith(".safetensors"):
         import safetensors.torch as st
 
@@ -334,17 +269,17 @@ def _parser() -> argparse.ArgumentParser:
     p_train.add_argument("--steps", type=POSITIVE_INT, default=2000,
                          help="total steps of the run (a resumed run continues to this step)")
     p_train.add_argument("--batch-size", type=POSITIVE_INT, default=256)
-    p_train.add_argument("--lr", type=_float_in(0.0, low_open=True), default=2e-3)
+    p_train.add_argument("--lr", type=float_in(0.0, low_open=True), default=2e-3)
     p_train.add_argument("--warmup", type=NON_NEGATIVE_INT, default=200)
     p_train.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine")
-    p_train.add_argument("--grad-clip", type=_float_in(0.0), default=1.0, help="max gradient norm (0: no clipping)")
-    p_train.add_argument("--ema-decay", type=_float_in(0.0, 1.0), default=0.999)
+    p_train.add_argument("--grad-clip", type=float_in(0.0), default=1.0, help="max gradient norm (0: no clipping)")
+    p_train.add_argument("--ema-decay", type=float_in(0.0, 1.0), default=0.999)
     p_train.add_argument("--path", default="condot", choices=("condot", "vp", "vp-cosine"))
     p_train.add_argument("--prediction", default="velocity", choices=("velocity", "eps", "score", "x0"))
     p_train.add_argument("--time-sampling", default="uniform", choices=("uniform", "logit_normal"))
     p_train.add_argument("--weighting", default="none", choices=("none", "min_snr"))
-    p_train.add_argument("--snr-gamma", type=_float_in(0.0, low_open=True), default=5.0)
-    p_train.add_argument("--label-dropout", type=_float_in(0.0, 1.0), default=0.15)
+    p_train.add_argument("--snr-gamma", type=float_in(0.0, low_open=True), default=5.0)
+    p_train.add_argument("--label-dropout", type=float_in(0.0, 1.0), default=0.15)
     p_train.add_argument("--amp", action="store_true", help="bf16 autocast")
     p_train.add_argument("--checkpoint-every", type=NON_NEGATIVE_INT, default=500,
                          help="steps between checkpoints (0: only at the end)")
@@ -358,46 +293,16 @@ def _parser() -> argparse.ArgumentParser:
     p_train.set_defaults(func=_train)
 
     p_sample = sub.add_parser("sample", help="sample a trained checkpoint into a PNG grid (or .safetensors)")
-    p_sample.add_argument("--checkpoint", required=True, help="a checkpoint .json/.safetensors or a run's "
-                                                              "checkpoints folder (newest valid one)")
+    add_sampler_arguments(p_sample)
     p_sample.add_argument("--out", default="grid.png", help="a picture in the format its suffix names (.png, .jpg, "
                                                             "...) or .safetensors tensors")
-    p_sample.add_argument("--cfg", type=_float_in(), default=1.0, help="classifier-free guidance scale")
-    from fastdiff.sampling.guidance import RULES
-
-    p_sample.add_argument("--guidance", choices=list(RULES), default="cfg",
-                          help="guidance rule (default: %(default)s; cfg_zero_star: CFG-Zero*, docs/guidance.md)")
-    p_sample.add_argument("--dynamic-thresholding", type=_float_in(0.0, 1.0, low_open=True, high_open=False),
-                          default=None, metavar="RATIO", help="Imagen's dynamic thresholding of the x0 estimates at "
-                          "this quantile (e.g. 0.995; diffusers' thresholding=True)")
-    p_sample.add_argument("--guidance-rescale", type=_float_in(0.0, 1.0, high_open=False), default=0.0, metavar="PHI",
-                          help="CFG rescale phi in [0, 1] (diffusers' guidance_rescale; with --cfg != 1)")
     p_sample.add_argument("--per-class", type=POSITIVE_INT, default=10,
                           help="samples per class (or in all, unconditional)")
-    p_sample.add_argument("--steps", type=POSITIVE_INT, default=50)
-    from fastdiff.sampling.methods import methods  # the registry: built-in and registered samplers
-
-    p_sample.add_argument("--method", default="heun", choices=[m.name for m in methods()],
-                          help="sampler (default: %(default)s). " + "; ".join(
-                              f"{m.name}: {m.description}" for m in methods()).replace("%", "%%"))
-    p_sample.add_argument("--sigma", type=_float_in(0.0), default=0.0, help="SDE noise level ("
-                          + ", ".join(m.name for m in methods() if "sigma" in m.options) + ")")
-    p_sample.add_argument("--option", action="append", type=_method_option, default=[], metavar="NAME=VALUE",
-                          help="a further option of the method, repeatable (e.g. eta=0.5, s_noise=1.003, s_churn=10, "
-                               "order=3, solver_type=heun, r=0.4; which method takes which: docs/sampling.md)")
-    p_sample.add_argument("--corrector-steps", type=NON_NEGATIVE_INT, default=0, metavar="N",
-                          help="Langevin corrector steps before each step (score_sde's predictor-corrector; --snr)")
-    p_sample.add_argument("--snr", type=_float_in(0.0, low_open=True), default=0.16,
-                          help="the correctors' signal-to-noise ratio (default: %(default)s)")
-    p_sample.add_argument("--step-noise", choices=["independent", "brownian"], default="independent",
-                          help="the steps' noise: independent draws (default) or one Brownian path per sample, "
-                               "step-count stable like k-diffusion's Brownian tree (~25 normals per element and step instead of 1)")
-    p_sample.add_argument("--size", type=POSITIVE_INT, default=8, help="image side for UNet checkpoints")
-    p_sample.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
-    p_sample.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p_sample.add_argument("--device", default="cpu")
-    p_sample.add_argument("--no-progress", action="store_true")
     p_sample.set_defaults(func=_sample)
+    from fastdiff.cli_generate import add_commands
+
+    add_commands(sub)  # generate, evaluate
     p_bench = sub.add_parser("bench", help="time the fused ops against eager PyTorch and torch.compile; "
                                            "print ratios and write CSV rows")
     p_bench.add_argument("--ops", default="step_sde,step_ode,gram,rescale,apg,loss,randn,loop,methods,langevin",

@@ -134,3 +134,40 @@ def test_demo_meets_its_targets(tmp_path):
     acc = m["generated_accuracy"]
     assert acc["4"] >= 0.9 and acc["4"] > acc["1"], acc
     assert "accuracy on generated digits, cfg = 4" in out.stdout
+    # the Fréchet distance on the classifier's features, with two halves of the real digits as its floor
+    fd, floor = m["frechet_distance"], m["frechet_distance_real_halves"]
+    assert set(fd) == {"1", "4"} and 0 <= floor < min(fd.values()), (fd, floor)
+
+
+def test_generate_then_evaluate(tmp_path, capsys):
+    """fastdiff generate writes the set that fastdiff.sample makes for those seeds and labels (balanced classes),
+    a rerun has nothing to do, other settings are refused (exit 2); fastdiff evaluate compares two sets."""
+    import json
+
+    import torch
+
+    import fastdiff
+    from fastdiff.demo.models import load_model
+
+    run, gen = tmp_path / "run", tmp_path / "gen"
+    assert cli.main(["train", "--data", "ring", "--out", str(run), "--steps", "20", "--batch-size", "64",
+                     "--no-progress"]) == 0
+    base = ["generate", "--checkpoint", str(run / "checkpoints"), "--num", "20", "--out", str(gen), "--steps", "4",
+            "--batch-size", "8", "--shard-size", "8", "--seed", "5", "--cfg", "2", "--no-progress"]
+    assert cli.main(base) == 0
+    assert "20 samples (0 were there, 20 made by 1 process)" in capsys.readouterr().out
+    got = fastdiff.load_generated(gen)
+    model, state = load_model(run / "checkpoints")
+    y = torch.arange(20) % model.num_classes
+    want = fastdiff.sample(model, 4, 2.0, shape=(2,), y=y, null_y=model.null_label, seed=5, method="heun")
+    assert torch.equal(got["x"], want) and torch.equal(got["y"], y)
+    manifest = json.loads((gen / "manifest.json").read_text())
+    assert manifest["checkpoint_sha256"] == state["sha256"] and manifest["settings"]["cfg"] == 2.0
+    assert cli.main(base + ["--batch-size", "5"]) == 0  # another batch size: the same set, nothing to do
+    assert "20 were there, 0 made" in capsys.readouterr().out
+    assert cli.main(base[:-1] + ["--steps", "5", "--no-progress"]) == 2
+    assert "holds another set" in capsys.readouterr().err
+    metrics = tmp_path / "metrics.json"
+    assert cli.main(["evaluate", str(gen), "--ref", str(gen), "--features", "raw", "--json", str(metrics)]) == 0
+    result = json.loads(metrics.read_text())
+    assert abs(result["frechet_distance"]) < 1e-9 and result["precision"] == result["recall"] == 1.0

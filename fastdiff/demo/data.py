@@ -72,6 +72,14 @@ def mixture_dataset(mixture, n: int, seed: int = 0) -> TensorDataset:
     return TensorDataset(x, mixture.labels[comp].to(torch.int64))
 
 
+def _pixels(x):
+    """Digits [N, 1, 8, 8], [N, 8, 8] or [N, 64] in [-1, 1] as the classifier's float64 pixel rows (0..16)."""
+    x = torch.as_tensor(x).detach().cpu()
+    if x.dim() < 2 or x[0].numel() != 64:
+        raise ValueError(f"x must hold 8x8 digits ([N, 1, 8, 8], [N, 8, 8] or [N, 64]), got {tuple(x.shape)}")
+    return to_pixels(x.reshape(x.shape[0], 64)).double().numpy()
+
+
 class DigitClassifier:
     """An SVC on real digit pixels (0..16); :meth:`predict` takes images in the [-1, 1] scale.
 
@@ -93,11 +101,12 @@ class DigitClassifier:
 
     def predict(self, x) -> torch.Tensor:
         """Class labels (int64 [N]) of images [N, 1, 8, 8], [N, 8, 8] or [N, 64] in [-1, 1]."""
-        x = torch.as_tensor(x).detach().cpu()
-        if x.dim() < 2 or x[0].numel() != 64:
-            raise ValueError(f"x must hold 8x8 digits ([N, 1, 8, 8], [N, 8, 8] or [N, 64]), got {tuple(x.shape)}")
-        pixels = to_pixels(x.reshape(x.shape[0], 64)).double().numpy()
-        return torch.as_tensor(self.model.predict(pixels).astype(np.int64))
+        return torch.as_tensor(self.model.predict(_pixels(x)).astype(np.int64))
+
+    def features(self, x) -> torch.Tensor:
+        """The classifier's one-vs-rest decision values, float64 [N, 10]: the features the demo's Fréchet
+        distance is computed on (fastdiff.evaluation)."""
+        return torch.as_tensor(self.model.decision_function(_pixels(x)))
 
     def accuracy(self, x, y) -> float:
         """Fraction of images ``x`` classified as their labels ``y`` (e.g. the labels they were generated for)."""

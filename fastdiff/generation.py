@@ -1,0 +1,302 @@
+"""Generation at scale: N samples of a model on any number of processes, in resumable shards
+(docs/generation.md).
+
+Sample i is ``fastdiff.sample`` with seed ``seed + i`` (and label ``labels[i]``): a function of i alone, so
+the set does not depend on the batch size, the number of processes or restarts (bit for bit on one backend
+and device). The samples are cut into shards of ``shard_size``; shard k of a job of W processes is made by
+rank k mod W, in batches of ``batch_size``, and written atomically (a temporary file, then a rename) as
+``shard-<k>.safetensors`` with tensors ``x`` [count, *shape], ``seeds`` [count] (int64) and ``y`` when the
+model is conditional. A shard already on disk whose seeds are the expected ones is skipped, so a killed job
+restarted with any number of processes finishes the set without gaps or duplicates. ``manifest.json``
+records what defines the set (n, seed, shard size, shape, labels, the sampler's settings, the checkpoint's
+sha256, the fastdiff version); a run whose settings differ from a folder's manifest is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+import os
+import time
+from pathlib import Path
+
+import torch
+
+MANIFEST = "manifest.json"
+FORMAT = "fastdiff-generate"
+VERSION = 1
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:06d}.safetensors"
+
+
+def _jsonable(name: str, value):
+    """A sampler setting as JSON that is the same in every run with the same setting (for the manifest)."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(name, v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(name, v) for k, v in sorted(value.items())}
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous()
+        return {"tensor_sha256": hashlib.sha256(data.numpy().tobytes()).hexdigest(), "shape": list(data.shape),
+                "dtype": str(data.dtype)}
+    from fastdiff.paths import GaussianPath
+
+    if isinstance(value, GaussianPath):
+        return repr(value)
+    raise TypeError(f"{name}={value!r} cannot be recorded in the manifest: give sampler settings as numbers, strings, "
+                    "lists, tensors or paths (a schedule function has no stable record; pass timesteps instead)")
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _labels(labels, n: int, num_classes):
+    """Per-sample labels: None, "balanced" (i mod num_classes) or n given labels, as an int64 tensor."""
+    if labels is None:
+        return None, None
+    if isinstance(labels, str):
+        if labels != "balanced":
+            raise ValueError(f'labels must be None, "balanced" or a sequence of n labels, got {labels!r}')
+        if not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+            raise ValueError('labels="balanced" needs num_classes (an int >= 1; or a model with num_classes)')
+        return torch.arange(n, dtype=torch.int64) % int(num_classes), {"balanced": int(num_classes)}
+    y = torch.as_tensor(labels).cpu()
+    if y.shape[:1] != (n,) or y.is_floating_point():
+        raise ValueError(f"labels must hold n = {n} integer labels, got shape {tuple(y.shape)}")
+    return y, _jsonable("labels", y)
+
+
+def _check_manifest(path: Path, manifest: dict) -> None:
+    saved = json.loads(path.read_text())
+    differ = sorted(k for k in set(saved) | set(manifest) if k != "fastdiff" and saved.get(k) != manifest.get(k))
+    if differ:
+        detail = "; ".join(f"{k}: folder {saved.get(k)!r}, this run {manifest.get(k)!r}" for k in differ)
+        raise ValueError(f"{path.parent} holds another set ({detail}); use another out_dir or the same settings")
+
+
+def shard_valid(path: Path, seeds: torch.Tensor, shape: tuple) -> bool:
+    """Whether ``path`` is a finished shard of these seeds and per-sample shape."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return torch.equal(f.get_tensor("seeds"), seeds) and \
+                tuple(f.get_slice("x").get_shape()) == (len(seeds), *shape)
+    except Exception:  # a truncated or foreign file is redone
+        return False
+
+
+def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 64, shard_size: int | None = None,
+             labels=None, num_classes: int | None = None, checkpoint=None, checkpoint_sha256: str | None = None,
+             png: bool = False, progress: bool = True, device=None, **sample_kwargs) -> dict:
+    """Generate samples 0 … n − 1 of ``model`` into ``out_dir`` (see the module docstring); under ``torchrun``
+    each process makes its share. Returns a summary (samples made by this job, seconds, samples/s, shards).
+
+    Args:
+        model: ``model(x, t, y)`` as for fastdiff.sample. n: the set's size. shape: per-sample shape.
+        seed: sample i uses seed + i. batch_size: samples per sampler call (does not change the samples).
+        shard_size: samples per file (default: batch_size); part of the set's definition.
+        labels: None, "balanced" (label i mod num_classes; num_classes defaults to ``model.num_classes``) or n
+            labels. checkpoint: the file the model's weights came from (its sha256 goes into the manifest), or
+            checkpoint_sha256: that digest (a fastdiff checkpoint's JSON records it).
+        png: also write ``png/<i>.png`` per sample (images [C, H, W] in [−1, 1], C = 1 or 3; needs Pillow).
+        progress: one tqdm bar on rank 0 for the whole job's count. device: where to sample (default: the
+            process's GPU under torchrun with CUDA, else the CPU).
+        **sample_kwargs: fastdiff.sample's settings (steps, cfg, method, path, prediction, null_y, ...).
+    """
+    from fastdiff.sampling.loop import sample
+    from fastdiff.training import distributed
+
+    for name, value in (("n", n), ("batch_size", batch_size)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    shard_size = batch_size if shard_size is None else shard_size
+    if not isinstance(shard_size, numbers.Integral) or isinstance(shard_size, bool) or shard_size < 1:
+        raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed <= (1 << 63) - n:
+        raise ValueError(f"seed must be an int in [0, 2^63 - n], got {seed!r}")
+    for reserved in ("seed", "batch_size", "y", "noise", "callback", "progress", "device"):
+        if reserved in sample_kwargs:
+            raise TypeError(f"generate() sets {reserved} itself; remove it from the sampler settings")
+    if checkpoint is not None and checkpoint_sha256 is not None:
+        raise ValueError("give checkpoint (a file, hashed here) or checkpoint_sha256, not both")
+    shape = (shape,) if isinstance(shape, numbers.Integral) else tuple(int(s) for s in shape)
+    num_classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
+    y_all, label_record = _labels(labels, n, num_classes)
+    ctx = distributed.setup(device)
+    out = Path(out_dir)
+    manifest = {"format": FORMAT, "version": VERSION, "n": int(n), "seed": int(seed), "shard_size": int(shard_size),
+                "shape": list(shape), "labels": label_record,
+                "settings": {k: _jsonable(k, v) for k, v in sorted(sample_kwargs.items())},
+                "checkpoint_sha256": file_sha256(checkpoint) if checkpoint is not None else checkpoint_sha256}
+    from fastdiff import __version__
+
+    manifest["fastdiff"] = __version__
+    path = out / MANIFEST
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in [*out.glob(".shard-*.tmp*"), *out.glob(".progress-*")]:  # a job killed mid-write
+            stale.unlink(missing_ok=True)
+        if path.exists():
+            _check_manifest(path, manifest)
+        else:
+            tmp = out / f".{MANIFEST}.tmp{os.getpid()}"
+            tmp.write_text(json.dumps(manifest, indent=1))
+            os.replace(tmp, path)
+    distributed.barrier(ctx)
+    if not ctx.is_main:
+        _check_manifest(path, manifest)
+
+    shards = math.ceil(n / shard_size)
+    mine = [k for k in range(ctx.rank, shards, ctx.world)]
+    todo, present = [], 0
+    for k in mine:
+        lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
+        seeds = torch.arange(lo, hi, dtype=torch.int64) + seed
+        if shard_valid(out / shard_name(k), seeds, shape):
+            present += hi - lo
+        else:
+            todo.append((k, lo, hi, seeds))
+    counter = _Counter(ctx, out, n, present, progress)
+    t0, made = time.perf_counter(), 0
+    for k, lo, hi, seeds in todo:
+        parts = []
+        for b in range(lo, hi, batch_size):
+            e = min(hi, b + batch_size)
+            y = y_all[b:e].to(ctx.device) if y_all is not None else None
+            x = sample(model, shape=shape, seed=seeds[b - lo:e - lo].tolist(), batch_size=e - b, y=y, device=ctx.device,
+                       **sample_kwargs)
+            parts.append(x.cpu())
+            counter.add(e - b)
+        x = torch.cat(parts)
+        _write_shard(out, k, x, seeds, y_all[lo:hi] if y_all is not None else None)
+        if png:
+            _write_pngs(out / "png", x, lo)
+        made += hi - lo
+    counter.finish()
+    distributed.barrier(ctx)
+    seconds = time.perf_counter() - t0
+    job_made = n - counter.present
+    rate = job_made / seconds if seconds > 0 and job_made else None
+    if ctx.is_main:
+        counter.clean()
+        if progress:
+            print(f"fastdiff generate: {job_made} samples in {seconds:.1f} s ({rate or 0:.1f} samples/s), "
+                  f"{counter.present} were there; {out}")
+    return {"made": made, "job_made": job_made, "present": counter.present, "shards": shards, "seconds": seconds,
+            "samples_per_second": rate, "rank": ctx.rank, "world": ctx.world}
+
+
+class _Counter:
+    """The job's progress, one tqdm bar on rank 0. Each process's count is host data (no device sync): it writes
+    it to ``.progress-<rank>`` in the output folder after each batch, and rank 0 sums the files when it updates
+    (no collective inside the loop, whose ranks may have different numbers of batches after a resume)."""
+
+    def __init__(self, ctx, out: Path, n: int, present: int, progress: bool):
+        self.ctx, self.out, self.n, self.mine = ctx, out, n, 0
+        if ctx.world > 1:
+            import torch.distributed as dist
+
+            total = torch.tensor([present], dtype=torch.int64)
+            dist.all_reduce(total, group=dist.new_group(backend="gloo"))  # once, before the loop
+            present = int(total)
+        self.present = present
+        self.bar = None
+        if progress and ctx.is_main:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=n, initial=present, desc="fastdiff generate", unit="sample")
+
+    def _file(self, rank: int) -> Path:
+        return self.out / f".progress-{rank}"
+
+    def _job_count(self) -> int:
+        total = 0
+        for rank in range(self.ctx.world):
+            try:
+                total += int(self._file(rank).read_text() or 0)
+            except (FileNotFoundError, ValueError):
+                pass
+        return total
+
+    def add(self, count: int) -> None:
+        self.mine += count
+        if self.ctx.world == 1:
+            if self.bar is not None:
+                self.bar.update(count)
+            return
+        tmp = self.out / f".progress-{self.ctx.rank}.tmp{os.getpid()}"
+        tmp.write_text(str(self.mine))
+        os.replace(tmp, self._file(self.ctx.rank))
+        if self.bar is not None:
+            self.bar.n = self.present + self._job_count()
+            self.bar.refresh()
+
+    def finish(self) -> None:
+        """Rank 0 follows the others to the end of the job before closing its bar."""
+        if self.ctx.world > 1:
+            self.add(0)
+            while self.bar is not None and self.present + self._job_count() < self.n:
+                time.sleep(0.2)
+                self.bar.n = self.present + self._job_count()
+                self.bar.refresh()
+        if self.bar is not None:
+            self.bar.close()
+
+    def clean(self) -> None:
+        for rank in range(self.ctx.world):
+            self._file(rank).unlink(missing_ok=True)
+
+
+def _write_shard(out: Path, k: int, x: torch.Tensor, seeds: torch.Tensor, y) -> None:
+    import safetensors.torch as st
+
+    tensors = {"x": x.contiguous(), "seeds": seeds.contiguous()}
+    if y is not None:
+        tensors["y"] = y.contiguous()
+    tmp = out / f".{shard_name(k)}.tmp{os.getpid()}"
+    st.save_file(tensors, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, out / shard_name(k))
+
+
+def _write_pngs(folder: Path, x: torch.Tensor, first: int) -> None:
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"png=True needs images [C, H, W] with C = 1 or 3, got per-sample shape {tuple(x.shape[1:])}")
+    pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i, image in enumerate(pixels):
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(folder / f"{first + i:06d}.png")
+
+
+def load_generated(out_dir) -> dict[str, torch.Tensor]:
+    """The set in ``out_dir`` in sample order: {"x", "seeds"[, "y"]}; an error naming missing shards."""
+    import safetensors.torch as st
+
+    out = Path(out_dir)
+    manifest = json.loads((out / MANIFEST).read_text())
+    shards = math.ceil(manifest["n"] / manifest["shard_size"])
+    missing = [k for k in range(shards) if not (out / shard_name(k)).exists()]
+    if missing:
+        raise FileNotFoundError(f"{out} lacks shards {missing[:10]}{' …' if len(missing) > 10 else ''} of {shards}; "
+                                "run generate again to finish the set")
+    parts = [st.load_file(str(out / shard_name(k))) for k in range(shards)]
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}

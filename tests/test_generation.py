@@ -1,0 +1,130 @@
+"""fastdiff.generate: the same set for any batch size and number of processes, resumable after SIGKILL with another
+world size, atomic shards, and a manifest that refuses a run with other settings."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.generation import MANIFEST, shard_name
+
+SCRIPT = Path(__file__).with_name("generate_script.py")
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+sys.path.insert(0, str(SCRIPT.parent))
+import generate_script as job  # noqa: E402
+
+KW = dict(shape=(2,), seed=job.SEED, shard_size=job.SHARD, labels="balanced", steps=job.STEPS, cfg=2.0, null_y=-1,
+          path="vp", prediction="eps", method="dpmpp_2m", progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The set made in one process, batch = shard size."""
+    out = tmp_path_factory.mktemp("reference")
+    fastdiff.generate(job.model(), job.N, out, batch_size=job.SHARD, **KW)
+    return fastdiff.load_generated(out)
+
+
+def test_the_set_is_the_samples_of_its_seeds(reference):
+    """Sample i is fastdiff.sample with seed seed + i and label i mod classes, whatever the batch; every shard
+    holds its seeds and labels."""
+    y = torch.arange(job.N) % 4
+    want = fastdiff.sample(job.model(), job.STEPS, 2.0, shape=(2,), y=y, null_y=-1, seed=job.SEED, path="vp",
+                           prediction="eps", method="dpmpp_2m")
+    assert torch.equal(reference["x"], want)
+    assert torch.equal(reference["seeds"], torch.arange(job.N) + job.SEED) and torch.equal(reference["y"], y)
+
+
+@pytest.mark.parametrize("batch", [1, 5, 12])
+def test_any_batch_size_gives_the_same_set(tmp_path, reference, batch):
+    fastdiff.generate(job.model(), job.N, tmp_path, batch_size=batch, **KW)
+    got = fastdiff.load_generated(tmp_path)
+    assert all(torch.equal(got[k], reference[k]) for k in reference)
+
+
+def test_torchrun_two_processes_give_the_same_set(tmp_path, reference):
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(SCRIPT), str(tmp_path), "--batch", "2"], check=True, env=ENV, timeout=300)
+    got = fastdiff.load_generated(tmp_path)
+    assert all(torch.equal(got[k], reference[k]) for k in reference)
+    assert not list(tmp_path.glob(".*"))  # no temporary or progress files left
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        out += [int(c) for c in text]
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's workers through /proc")
+def test_sigkill_of_a_rank_then_another_world_size_finishes_the_set(tmp_path, reference):
+    """Two processes, one killed with SIGKILL after the first shards are written (torchrun then stops the other);
+    restarted in one process, the job finishes the set: the same bits as uninterrupted, no half-written shard."""
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(SCRIPT), str(tmp_path), "--batch", "1", "--slow", "0.05"], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("shard-*.safetensors"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert workers, "torchrun's workers"
+    os.kill(workers[-1], signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    done = len(list(tmp_path.glob("shard-*.safetensors")))
+    assert 2 <= done < job.N // job.SHARD, done  # killed mid-run
+    subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--batch", "2"], check=True, env=ENV, timeout=300)
+    got = fastdiff.load_generated(tmp_path)
+    assert all(torch.equal(got[k], reference[k]) for k in reference)
+    assert not list(tmp_path.glob(".shard-*"))
+
+
+def test_a_damaged_shard_is_made_again(tmp_path, reference):
+    fastdiff.generate(job.model(), job.N, tmp_path, batch_size=3, **KW)
+    damaged = tmp_path / shard_name(1)
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    summary = fastdiff.generate(job.model(), job.N, tmp_path, batch_size=3, **KW)
+    assert summary["made"] == job.SHARD and summary["present"] == job.N - job.SHARD
+    got = fastdiff.load_generated(tmp_path)
+    assert all(torch.equal(got[k], reference[k]) for k in reference)
+
+
+def test_the_manifest_refuses_other_settings(tmp_path):
+    fastdiff.generate(job.model(), job.N, tmp_path, batch_size=6, **KW)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert manifest["n"] == job.N and manifest["settings"]["steps"] == job.STEPS and manifest["labels"] == {"balanced": 4}
+    with pytest.raises(ValueError, match="holds another set.*settings"):
+        fastdiff.generate(job.model(), job.N, tmp_path, batch_size=6, **{**KW, "steps": job.STEPS + 1})
+    with pytest.raises(ValueError, match="holds another set.*seed"):
+        fastdiff.generate(job.model(), job.N, tmp_path, batch_size=6, **{**KW, "seed": 7})
+    ckpt = tmp_path / "weights.bin"
+    ckpt.write_bytes(b"weights")
+    with pytest.raises(ValueError, match="checkpoint_sha256"):
+        fastdiff.generate(job.model(), job.N, tmp_path, batch_size=6, checkpoint=ckpt, **KW)
+    # the batch size is not part of the set
+    assert fastdiff.generate(job.model(), job.N, tmp_path, batch_size=4, **KW)["made"] == 0
+
+
+def test_errors_name_the_argument(tmp_path):
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
+        fastdiff.generate(job.model(), 0, tmp_path, **KW)
+    with pytest.raises(ValueError, match="shard_size must be"):
+        fastdiff.generate(job.model(), 4, tmp_path, **{**KW, "shard_size": 0})
+    with pytest.raises(TypeError, match="generate\\(\\) sets y itself"):
+        fastdiff.generate(job.model(), 4, tmp_path, y=torch.zeros(4), **KW)
+    with pytest.raises(ValueError, match="labels must hold n = 4 integer labels"):
+        fastdiff.generate(job.model(), 4, tmp_path, **{**KW, "labels": [0, 1]})
+    with pytest.raises(TypeError, match="cannot be recorded in the manifest"):
+        fastdiff.generate(job.model(), 4, tmp_path, **{**KW, "cfg": lambda t: 2.0})
+    with pytest.raises(FileNotFoundError, match="lacks shards"):
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / MANIFEST).write_text(json.dumps({"n": 4, "shard_size": 2}))
+        fastdiff.load_generated(tmp_path / "empty")
