@@ -63,7 +63,9 @@ def add_commands(sub) -> None:
     p = sub.add_parser("generate", help="sample N samples of a checkpoint into resumable shards (works under "
                                         "torchrun: the set is the same for any number of processes)")
     add_sampler_arguments(p)
-    p.add_argument("--num", type=POSITIVE_INT, required=True, help="how many samples (sample i uses seed + i)")
+    # --num-samples, not only --num: under torchrun, argparse reads "--num" as an abbreviation of its --numa-binding
+    p.add_argument("--num-samples", "--num", dest="num", type=POSITIVE_INT, required=True,
+                   help="how many samples (sample i uses seed + i)")
     p.add_argument("--out", required=True, help="the set's folder (shards, manifest.json; a rerun resumes)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=256, help="samples per sampler call")
     p.add_argument("--shard-size", type=POSITIVE_INT, default=None, help="samples per file (default: batch size)")

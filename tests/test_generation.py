@@ -128,3 +128,23 @@ def test_errors_name_the_argument(tmp_path):
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / MANIFEST).write_text(json.dumps({"n": 4, "shard_size": 2}))
         fastdiff.load_generated(tmp_path / "empty")
+
+
+def test_the_documented_torchrun_command_matches_one_process(tmp_path):
+    """`torchrun ... -m fastdiff.cli generate --num-samples ...` (docs/generation.md) on a trained MLP checkpoint
+    gives the set of one process with the same batch size and threads per process: a shard is sampled in the
+    same batches whichever process makes it. (The MLP's matrix multiplies round differently with another
+    thread count or batch size, ~6e-8 here; torchrun gives each worker one thread.)"""
+    run, two, one = tmp_path / "run", tmp_path / "two", tmp_path / "one"
+    cli = [sys.executable, "-m", "fastdiff.cli"]
+    subprocess.run(cli + ["train", "--data", "ring", "--out", str(run), "--steps", "10", "--batch-size", "32",
+                          "--no-progress"], check=True, env=ENV, timeout=300, stdout=subprocess.DEVNULL)
+    args = ["generate", "--checkpoint", str(run / "checkpoints"), "--num-samples", "24", "--steps", "3",
+            "--batch-size", "4", "--shard-size", "4", "--cfg", "2", "--no-progress"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                    "fastdiff.cli"] + args + ["--out", str(two)], check=True, env=ENV, timeout=300,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(cli + args + ["--out", str(one)], check=True,
+                   env={**ENV, "OMP_NUM_THREADS": "1"}, timeout=300, stdout=subprocess.DEVNULL)
+    a, b = fastdiff.load_generated(two), fastdiff.load_generated(one)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
