@@ -118,7 +118,7 @@ def inception_features(device="cpu"):
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError as e:
-        raise ImportError("inception_features needs torch-fidelity: pip install torch-fidelity") from e
+        raise ImportError("inception_features needs torch-fidelity: pip install torch-fidelity (the eval extra)") from e
     net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).to(device).eval()
 
     def features(x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,3 +149,24 @@ def test_the_documented_torchrun_command_matches_one_process(tmp_path):
                    env={**ENV, "OMP_NUM_THREADS": "1"}, timeout=300, stdout=subprocess.DEVNULL)
     a, b = fastdiff.load_generated(two), fastdiff.load_generated(one)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_png_files_for_images(tmp_path):
+    """png=True also writes each image as png/<i>.png (values in [−1, 1] to 0 … 255, grayscale or RGB)."""
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    def model(x, t, y):  # a velocity field whose samples are x0 = 0.5 everywhere, noise gone at t = 1
+        return (0.5 - x) / (1 - t.view(-1, 1, 1, 1)).clamp(min=1e-3)
+
+    fastdiff.generate(model, 5, tmp_path, shape=(1, 4, 6), steps=4, batch_size=2, png=True, progress=False,
+                      timesteps=[0.0, 0.5, 0.9, 0.99, 1.0])
+    pngs = sorted((tmp_path / "png").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(5)]
+    x = fastdiff.load_generated(tmp_path)["x"]
+    with Image.open(pngs[3]) as im:
+        assert im.size == (6, 4) and im.mode == "L"
+        pixels = torch.tensor(np.asarray(im), dtype=torch.float32)
+    assert torch.equal(pixels, ((x[3, 0].clamp(-1, 1) + 1) * 127.5).round())
+    with pytest.raises(ValueError, match="png=True needs images"):
+        fastdiff.generate(lambda x, t, y: -x, 2, tmp_path / "flat", shape=(3,), steps=2, png=True, progress=False)
