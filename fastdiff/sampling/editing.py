@@ -83,10 +83,10 @@ def _mask(known_mask, x_shape: tuple, device) -> torch.Tensor:
             raise ValueError("known_mask must be bool, or hold only 0 and 1 (1: known)")
         m = m == 1
     try:
-        torch.broadcast_shapes(m.shape, x_shape)
+        shape = torch.broadcast_shapes(m.shape, x_shape)
     except RuntimeError:
-        raise ValueError(f"known_mask of shape {tuple(m.shape)} does not broadcast to the samples {x_shape}") from None
-    if torch.broadcast_shapes(m.shape, x_shape) != torch.Size(x_shape):
+        shape = None
+    if shape != torch.Size(x_shape):  # it must broadcast to the samples without growing them
         raise ValueError(f"known_mask of shape {tuple(m.shape)} does not broadcast to the samples {x_shape}")
     return m
 
