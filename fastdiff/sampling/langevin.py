@@ -188,6 +188,7 @@ def langevin(score=None, x0: torch.Tensor | None = None, *, steps: int, step_siz
     proposal = x if not metropolis else torch.empty_like(x)
     rows = _rows([1.0, h / 2, sqrt_h, 0.0, 0.0, 0.0], B, device)
     log_p, s = target(x, metropolis)
+    mala = _Metropolis(h, B, device) if metropolis else None
     call = prepare(x, [s], None, [], rows, seeds, [draw_stream(0)], [proposal], None, finite.row(0))
     args = [call[k] for k in KERNEL_ARGS]
 
@@ -202,7 +203,7 @@ def langevin(score=None, x0: torch.Tensor | None = None, *, steps: int, step_siz
             step_kernel(*args)
             finite.after(i, steps - 1)
             if metropolis:
-                log_p, s = _metropolis(target, x, proposal, s, log_p, h, seeds, i, accepted, step_backend)
+                log_p, s = mala(target, x, proposal, s, log_p, seeds, i, accepted, step_backend)
             else:
                 s = target(x, False)[1]
             if kept is not None and i + 1 > burn_in and (i + 1 - burn_in) % thin == 0:
@@ -212,34 +213,38 @@ def langevin(score=None, x0: torch.Tensor | None = None, *, steps: int, step_siz
     finally:
         if bar is not None:
             bar.close()
-    if check_finite and int(finite.first_bad.item()) >= 0:  # the one synchronization, after the loop
-        raise FloatingPointError(f"the score is not finite at step {int(finite.first_bad.item())} of the chain; "
-                                 "check the score function and step_size")
+    bad = int(finite.first_bad.item()) if check_finite else -1  # the one synchronization, after the loop
+    if bad >= 0:
+        raise FloatingPointError(f"the score is not finite at step {bad} of the chain; check the score function "
+                                 "and step_size")
     out = x if kept is None else torch.stack(kept)
     return (out, accepted / steps) if return_acceptance else out
 
 
-def _metropolis(target, x, proposal, s, log_p, h, seeds, i, accepted, backend):
-    """MALA's accept/reject of ``proposal`` for every chain, on the device: x, s, log_p updated in place where
-    accepted; returns (log_p, s)."""
-    log_q, s_q = target(proposal, True)
-    # ‖x' − x − (h/2) s(x)‖² and ‖x − x' − (h/2) s(x')‖², quadratic forms of the Gram matrix of (1, x, x', s, s')
-    G = sample_gram([x, proposal, s, s_q], backend=backend)
-    B = x.shape[0]
-    hv = h if isinstance(h, torch.Tensor) else torch.full((B,), h, dtype=torch.float64, device=x.device)
-    zero, one = torch.zeros_like(hv), torch.ones_like(hv)
-    forward = torch.stack([zero, -one, one, -hv / 2, zero], 1)
-    backward = torch.stack([zero, one, -one, zero, -hv / 2], 1)
+class _Metropolis:
+    """MALA's accept/reject for every chain, on the device. The quadratic forms' coefficient vectors depend on
+    the step sizes alone: made once, not per step."""
 
-    def quad(v):
-        return torch.einsum("bi,bij,bj->b", v, G, v)
+    def __init__(self, h, B: int, device):
+        self.h = h if isinstance(h, torch.Tensor) else torch.full((B,), h, dtype=torch.float64, device=device)
+        zero, one = torch.zeros_like(self.h), torch.ones_like(self.h)
+        # over u = (1, x, x', s(x), s(x')): x' − x − (h/2) s(x) and x − x' − (h/2) s(x')
+        self.forward = torch.stack([zero, -one, one, -self.h / 2, zero], 1)
+        self.backward = torch.stack([zero, one, -one, zero, -self.h / 2], 1)
 
-    log_ratio = log_q - log_p - (quad(backward) - quad(forward)) / (2 * hv)
-    u = randn(seeds, draw_stream(i, 1), (1,), device=x.device, dtype=torch.float64, backend=backend)[:, 0]
-    accept = torch.special.log_ndtr(u) < log_ratio  # u ~ N(0, 1): Φ(u) is uniform; NaN ratios reject
-    accepted += accept
-    mask = accept.view((B,) + (1,) * (x.dim() - 1))
-    # torch.where, not a 0/1 blend: a rejected proposal may hold inf/NaN, and 0 · NaN is NaN
-    x.copy_(torch.where(mask, proposal, x))
-    s = torch.where(mask, s_q, s)
-    return torch.where(accept, log_q, log_p), s
+    def __call__(self, target, x, proposal, s, log_p, seeds, i, accepted, backend):
+        """Accept ``proposal`` where the ratio allows: x updated in place, returns (log_p, s)."""
+        log_q, s_q = target(proposal, True)
+        G = sample_gram([x, proposal, s, s_q], backend=backend)  # the Gram matrix of (1, x, x', s, s')
+
+        def quad(v):
+            return torch.einsum("bi,bij,bj->b", v, G, v)
+
+        log_ratio = log_q - log_p - (quad(self.backward) - quad(self.forward)) / (2 * self.h)
+        u = randn(seeds, draw_stream(i, 1), (1,), device=x.device, dtype=torch.float64, backend=backend)[:, 0]
+        accept = torch.special.log_ndtr(u) < log_ratio  # u ~ N(0, 1): Φ(u) is uniform; NaN ratios reject
+        accepted += accept
+        mask = accept.view((x.shape[0],) + (1,) * (x.dim() - 1))
+        # torch.where, not a 0/1 blend: a rejected proposal may hold inf/NaN, and 0 · NaN is NaN
+        torch.where(mask, proposal, x, out=x)
+        return torch.where(accept, log_q, log_p), torch.where(mask, s_q, s)

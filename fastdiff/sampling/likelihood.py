@@ -148,7 +148,7 @@ def log_likelihood(model, x: torch.Tensor, steps: int | None = 100, *, path="con
                            for k in range(probes)])  # [K, B, d]
         if probe_kind == "rademacher":
             eps = torch.where(eps >= 0, 1.0, -1.0)
-    buffers = {"x": x.detach().to(torch.float32).contiguous().clone()}
+    buffers = {"x": x.detach().to(torch.float32, copy=True).contiguous()}  # one copy, the caller's x untouched
     for st in stages:
         for name in (st.out, st.side, st.extra):
             if name is not None and name not in buffers:
