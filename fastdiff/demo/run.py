@@ -106,7 +106,7 @@ def run(out="fastdiff-demo", *, steps: int = 2000, batch_size: int = 256, lr: fl
     for cfg in DEMO_CFGS:
         log(f"accuracy on generated digits, cfg = {cfg:g}: {accuracy[f'{cfg:g}']:.3f}, Fréchet distance "
             f"{fd[f'{cfg:g}']:.2f}")
-    log(f"Fréchet distance between two halves of the real digits (the floor): "
+    log(f"Fréchet distance between two halves of the real digits (the scale to read them against): "
         f"{metrics['frechet_distance_real_halves']:.2f}")
     log(f"wrote {png} and {out / 'metrics.json'} ({metrics['total_seconds_this_run']:.0f} s)")
     return metrics
