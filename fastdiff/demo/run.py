@@ -74,7 +74,7 @@ def run(out="fastdiff-demo", *, steps: int = 2000, batch_size: int = 256, lr: fl
     model.eval()
     classifier = data.digit_classifier(seed)
     # Fréchet distance over the classifier's decision values: generated digits against half of the real ones,
-    # and the other half against it as the floor (the same sample sizes; fastdiff.evaluation)
+    # and the other half against it as the scale (similar sample sizes; fastdiff.evaluation)
     real = classifier.features(dataset.tensors[0])
     order = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))
     half_a, half_b = real[order[:len(real) // 2]], real[order[len(real) // 2:]]
