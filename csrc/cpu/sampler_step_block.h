@@ -12,6 +12,7 @@
 // float16 / bfloat16 predictions are widened to float per block (to_float_block, widen_block.h).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -61,8 +62,8 @@ struct StepLanes {
 };
 
 // One vector. kCheck: accumulate the finiteness check; kDrawsNonZero: every draw of the out row has a
-// non-zero coefficient (decided per block, see sampler_step_block).
-template <bool kSide, bool kCheck, bool kDrawsNonZero, typename Shape>
+// non-zero coefficient; kOneOut: n_outs is 1; kUnitW0: w0 is 1 (each decided per run, see sampler_step_run).
+template <bool kSide, bool kCheck, bool kDrawsNonZero, bool kOneOut, bool kUnitW0, typename Shape>
 inline void sampler_step_vectors(const Shape& s, const SampleCoeffs& k, const float* x, const float* const* p,
                                  const float* const* h, const float* const* z, float* const* outs, int n_outs,
                                  float* side, at::vec::Vectorized<float>& bad, at::vec::Vectorized<float>* pv,
@@ -75,15 +76,19 @@ inline void sampler_step_vectors(const Shape& s, const SampleCoeffs& k, const fl
   if constexpr (kCheck) {
     for (int i = 0; i < s.branches; ++i) bad = bad + (pv[i] - pv[i]);
   }
-  const Vec g = blend<Vec>(s, k, pv);
+  const Vec g = blend<Vec, kUnitW0>(s, k, pv);
   const Vec o = combine<Vec, kDrawsNonZero>(s, k, 0, xv, g, hv, zv);
   if constexpr (kSide) combine<Vec>(s, k, 1, xv, g, hv, zv).store(side + j);
-  for (int i = 0; i < n_outs; ++i) o.store(outs[i] + j);
+  if constexpr (kOneOut) {
+    o.store(outs[0] + j);
+  } else {
+    for (int i = 0; i < n_outs; ++i) o.store(outs[i] + j);
+  }
 }
 
 // The vector loop of one block. kCheck: accumulate the finiteness check; kDrawsNonZero: every draw of the
 // out row has a non-zero coefficient. Caps: the shape whose capacities size the per-vector locals.
-template <bool kSide, bool kCheck, bool kDrawsNonZero, typename Caps, typename Shape>
+template <bool kSide, bool kCheck, bool kDrawsNonZero, bool kOneOut, bool kUnitW0, typename Caps, typename Shape>
 inline void sampler_step_vector_loop(const Shape& s, const SampleCoeffs& k, const float* x, const float* const* p,
                                      const float* const* h, const float* const* z, float* const* outs, int n_outs,
                                      float* side, at::vec::Vectorized<float>& bad, StepLanes& lanes) {
@@ -100,52 +105,74 @@ inline void sampler_step_vector_loop(const Shape& s, const SampleCoeffs& k, cons
     for (int i = 0; i < s.history; ++i) hl[i] = h[i];
     for (int d = 0; d < s.draws; ++d) zl[d] = z[d];
     float* ol[kMaxOuts];
-    for (int i = 0; i < n_outs; ++i) ol[i] = outs[i];
+    if constexpr (kOneOut) {
+      ol[0] = outs[0];
+    } else {
+      for (int i = 0; i < n_outs; ++i) ol[i] = outs[i];
+    }
 #pragma GCC unroll 8
     for (int j = 0; j < kBlockElems; j += V) {  // locals written before they are read: no zeroing survives
       Vec pv[Caps::kBranches], hv[Caps::kHistory], zv[Caps::kDraws];
-      sampler_step_vectors<kSide, kCheck, kDrawsNonZero>(s, k, x, pl, hl, zl, ol, n_outs, side, bad, pv, hv, zv, j);
+      sampler_step_vectors<kSide, kCheck, kDrawsNonZero, kOneOut, kUnitW0>(s, k, x, pl, hl, zl, ol, n_outs, side, bad, pv,
+                                                                         hv, zv, j);
     }
   } else {
     for (int j = 0; j < kBlockElems; j += V)
-      sampler_step_vectors<kSide, kCheck, kDrawsNonZero>(s, k, x, p, h, z, outs, n_outs, side, bad, lanes.p, lanes.h,
-                                                         lanes.z, j);
+      sampler_step_vectors<kSide, kCheck, kDrawsNonZero, false, false>(s, k, x, p, h, z, outs, n_outs, side, bad, lanes.p,
+                                                                       lanes.h, lanes.z, j);
   }
 }
 
-// One block of kBlockElems elements of one sample. Every vector's inputs are loaded before its outputs
-// are stored, so an output may be an input. `bad` accumulates p - p over the predictions: 0 for finite
-// values, NaN for inf and NaN (the finiteness check rides on the loads the step makes anyway).
-template <bool kSide, typename Shape>
-inline void sampler_step_block(const Shape& s, bool check_finite, const SampleCoeffs& k, const float* x,
-                               const float* const* p, const float* const* h, const float* const* z,
-                               float* const* outs, int n_outs, float* side, at::vec::Vectorized<float>& bad,
-                               StepLanes& lanes) {
+// A run of blocks of one sample. `blocks(vector_loop)` walks the run and calls vector_loop(x, p, h, z, outs,
+// n_outs, side) once per block of kBlockElems elements; every vector's inputs are loaded before its
+// outputs are stored, so an output may be an input. `bad` accumulates p - p over the predictions: 0 for
+// finite values, NaN for inf and NaN (the finiteness check rides on the loads the step makes anyway).
+//
+// The run's constant choices are made once, not per block or per vector: the finiteness check; for the
+// fixed shapes one output or several and whether w0 is 1 (blend then skips its multiply); for the one-draw
+// shapes without a side row whether the draw's coefficient is zero (its term is then left out at compile
+// time, as combine would skip it). Measured against the former guided_step loop (cfg 4, 2^22, 1 thread):
+// with these tests per vector, 10-17 % more CPU time (AVX-512); hoisted per block, 2 % (fp32) and 7-12 %
+// (bf16); per run, with the Philox keys made once per sample (noise_block.h), within 1 % of its
+// instructions (cachegrind, AVX2, 2^20) and within the run-to-run spread of its time.
+template <bool kSide, typename Shape, typename Blocks>
+inline void sampler_step_run(const Shape& s, bool check_finite, int n_outs, const SampleCoeffs& k,
+                             at::vec::Vectorized<float>& bad, StepLanes& lanes, const Blocks& blocks) {
   using Vec = at::vec::Vectorized<float>;
   using Caps = ShapeCaps<Shape>;
-  // A local copy: the stores through `outs` (float*) cannot alias it, so the coefficients stay in registers
-  // instead of being reloaded after every store.
+  // Local copies: the stores through `outs` (float*) cannot alias them, so the coefficients and the check
+  // stay in registers instead of being reloaded after every store.
   const SampleCoeffs coeffs = k;
   Vec acc = bad;
-  // The block's constant choices made once, not per vector: the finiteness check, and for the one-draw
-  // shapes without a side row whether the draw's coefficient is zero (its term is then left out at
-  // compile time, as combine would skip it). With the tests in the vector loop, a rolled loop and the
-  // pointers reloaded per vector, the SDE step (cfg 4, 2^22, AVX-512, 1 thread) took 10-17 % more CPU
-  // time than the former guided_step loop; hoisted, with local pointers and the loop unrolled, 2 %.
-  with_bool(check_finite, [&](auto check) {
+  auto run = [&](auto check, auto draws_nonzero, auto one_out, auto unit_w0, const auto& shape) {
     constexpr bool kCheck = decltype(check)::value;
+    constexpr bool kDrawsNonZero = decltype(draws_nonzero)::value;
+    constexpr bool kOneOut = decltype(one_out)::value;
+    constexpr bool kUnitW0 = decltype(unit_w0)::value;
+    blocks([&](const float* x, const float* const* p, const float* const* h, const float* const* z,
+               float* const* outs, int n_outs, float* side) {
+      sampler_step_vector_loop<kSide, kCheck, kDrawsNonZero, kOneOut, kUnitW0, Caps>(shape, coeffs, x, p, h, z, outs,
+                                                                                    n_outs, side, acc, lanes);
+    });
+  };
+  with_bool(check_finite, [&](auto check) {
     if constexpr (Caps::kFixed) {
-      if constexpr (Shape::draws == 1 && !kSide) {
-        if (coeffs.c[0][2 + Shape::history] != 0.0f) {
-          sampler_step_vector_loop<kSide, kCheck, true, Caps>(s, coeffs, x, p, h, z, outs, n_outs, side, acc, lanes);
-        } else {
-          sampler_step_vector_loop<kSide, kCheck, false, Caps>(FixedStepShape<Shape::branches, Shape::history, 0>{},
-                                                               coeffs, x, p, h, z, outs, n_outs, side, acc, lanes);
-        }
-        return;
-      }
+      with_bool(n_outs == 1, [&](auto one_out) {
+        with_bool(coeffs.w[0] == 1.0f, [&](auto unit_w0) {
+          if constexpr (Shape::draws == 1 && !kSide) {
+            if (coeffs.c[0][2 + Shape::history] != 0.0f) {
+              run(check, std::true_type{}, one_out, unit_w0, s);
+            } else {
+              run(check, std::false_type{}, one_out, unit_w0, FixedStepShape<Shape::branches, Shape::history, 0>{});
+            }
+          } else {
+            run(check, std::false_type{}, one_out, unit_w0, s);
+          }
+        });
+      });
+    } else {
+      run(check, std::false_type{}, std::false_type{}, std::false_type{}, s);
     }
-    sampler_step_vector_loop<kSide, kCheck, false, Caps>(s, coeffs, x, p, h, z, outs, n_outs, side, acc, lanes);
   });
   bad = acc;
 }
@@ -169,6 +196,7 @@ void sampler_step_rows(const StepBuffers& a, const Shape s) {
     const float* p[kMaxBranches];
     const float* h[kMaxHistory];
     const float* z[kMaxDraws];
+    bool used[kMaxDraws];
     float* o[kMaxOuts];
     SampleCoeffs k = a.host;
     int64_t b = begin / blocks;
@@ -189,7 +217,7 @@ void sampler_step_rows(const StepBuffers& a, const Shape s) {
         bad = Vec(0.0f);
       }
     };
-    for (int64_t job = begin; job < end; ++job) {
+    for (int64_t job = begin; job < end;) {
       if (a.sample_weights != nullptr || a.sample_coeffs != nullptr) {
         if (loaded != b) {
           if (a.sample_weights != nullptr)
@@ -202,45 +230,58 @@ void sampler_step_rows(const StepBuffers& a, const Shape s) {
           loaded = b;
         }
       }
-      const int64_t e0 = blk * kBlockElems;  // first element of the block within sample b
-      const int count = n - e0 < kBlockElems ? static_cast<int>(n - e0) : kBlockElems;
-      const int64_t base = b * n + e0;
       for (int d = 0; d < s.draws; ++d) {
-        const bool used = a.sample_coeffs != nullptr ? draw_used(s, k, d, kSide) : a.draws_used[d];
+        used[d] = a.sample_coeffs != nullptr ? draw_used(s, k, d, kSide) : a.draws_used[d];
         // An unused draw reads zeros (combine adds a draw only where its coefficient is non-zero).
-        z[d] = used ? zbuf[d] : kZeroBlock;
-        if (used) normal_block(static_cast<uint64_t>(a.seeds[b]), static_cast<uint64_t>(e0 >> 2), a.streams[d], zbuf[d]);
+        z[d] = used[d] ? zbuf[d] : kZeroBlock;
       }
-      if (count == kBlockElems) {
-        for (int i = 0; i < s.branches; ++i) {
-          if constexpr (kFloatPred) {
-            p[i] = static_cast<const float*>(a.preds[i]) + base;
+      const int64_t stop = std::min(blocks, blk + (end - job));  // this task's blocks of sample b: [blk, stop)
+      const PhiloxKeys keys = philox_keys(static_cast<uint64_t>(a.seeds[b]));
+      sampler_step_run<kSide>(s, check_finite, a.n_outs, k, bad, lanes, [&](const auto& vector_loop) {
+        const int64_t full_stop = std::min(stop, n / kBlockElems);  // the whole blocks among them
+        for (int64_t i = blk; i < stop; ++i) {
+          const int64_t e0 = i * kBlockElems;  // first element of the block within sample b
+          const int64_t base = b * n + e0;
+          for (int d = 0; d < s.draws; ++d)
+            if (used[d]) normal_block(keys, static_cast<uint64_t>(e0 >> 2), a.streams[d], zbuf[d]);
+          if (i < full_stop) {
+            for (int r = 0; r < s.branches; ++r) {
+              if constexpr (kFloatPred) {
+                p[r] = static_cast<const float*>(a.preds[r]) + base;
+              } else {
+                to_float_block(static_cast<const pred_t*>(a.preds[r]) + base, kBlockElems, pbuf[r]);
+                p[r] = pbuf[r];
+              }
+            }
+            for (int r = 0; r < s.history; ++r) h[r] = a.history[r] + base;
+            if (a.n_outs == 1) {
+              o[0] = a.outs[0] + base;
+            } else {
+              for (int r = 0; r < a.n_outs; ++r) o[r] = a.outs[r] + base;
+            }
+            vector_loop(a.x + base, p, h, z, o, a.n_outs, kSide ? a.side + base : nullptr);
           } else {
-            to_float_block(static_cast<const pred_t*>(a.preds[i]) + base, kBlockElems, pbuf[i]);
-            p[i] = pbuf[i];
+            // Partial last block: every input is copied before anything is written (an output may be an input).
+            const int count = static_cast<int>(n - e0);
+            to_float_block(a.x + base, count, xbuf);
+            for (int r = 0; r < s.branches; ++r) {
+              to_float_block(static_cast<const pred_t*>(a.preds[r]) + base, count, pbuf[r]);
+              p[r] = pbuf[r];
+            }
+            for (int r = 0; r < s.history; ++r) {
+              to_float_block(a.history[r] + base, count, hbuf[r]);
+              h[r] = hbuf[r];
+            }
+            float* local_out = obuf;
+            vector_loop(xbuf, p, h, z, &local_out, 1, sbuf);
+            for (int r = 0; r < a.n_outs; ++r) std::memcpy(a.outs[r] + base, obuf, sizeof(float) * count);
+            if constexpr (kSide) std::memcpy(a.side + base, sbuf, sizeof(float) * count);
           }
         }
-        for (int i = 0; i < s.history; ++i) h[i] = a.history[i] + base;
-        for (int i = 0; i < a.n_outs; ++i) o[i] = a.outs[i] + base;
-        sampler_step_block<kSide>(s, check_finite, k, a.x + base, p, h, z, o, a.n_outs, kSide ? a.side + base : nullptr,
-                                           bad, lanes);
-      } else {
-        // Partial last block: every input is copied before anything is written (an output may be an input).
-        to_float_block(a.x + base, count, xbuf);
-        for (int i = 0; i < s.branches; ++i) {
-          to_float_block(static_cast<const pred_t*>(a.preds[i]) + base, count, pbuf[i]);
-          p[i] = pbuf[i];
-        }
-        for (int i = 0; i < s.history; ++i) {
-          to_float_block(a.history[i] + base, count, hbuf[i]);
-          h[i] = hbuf[i];
-        }
-        float* local_out = obuf;
-        sampler_step_block<kSide>(s, check_finite, k, xbuf, p, h, z, &local_out, 1, sbuf, bad, lanes);
-        for (int i = 0; i < a.n_outs; ++i) std::memcpy(a.outs[i] + base, obuf, sizeof(float) * count);
-        if constexpr (kSide) std::memcpy(a.side + base, sbuf, sizeof(float) * count);
-      }
-      if (++blk == blocks) {
+      });
+      job += stop - blk;
+      blk = stop;
+      if (blk == blocks) {
         flush_finite(b);
         blk = 0;
         ++b;

@@ -106,9 +106,11 @@ FASTDIFF_HD void load_sample_coeffs(const StepShape& s, const float* weights, co
 }
 
 // g of one element (or vector): p[0 .. K1) are the branch predictions as float.
-template <typename T, typename Shape>
+// kUnitW0: the caller has checked that w0 is 1 (the CPU loops do per run of blocks), so p[0] is taken as it is
+// (1 * p is p: the same bits without the multiply).
+template <typename T, bool kUnitW0 = false, typename Shape>
 FASTDIFF_HD T blend(const Shape& s, const SampleCoeffs& k, const T* p) {
-  T g = T(k.w[0]) * p[0];  // exact for w0 = 1 (1 * p is p): a multiply is cheaper than a test in the vector loop
+  T g = kUnitW0 ? p[0] : T(k.w[0]) * p[0];  // exact for w0 = 1: a multiply is cheaper than a test in the vector loop
   for (int i = 1; i < s.branches; ++i) g = fmadd(T(k.w[i]), p[i] - p[0], g);
   return g;
 }
