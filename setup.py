@@ -4,6 +4,7 @@ CUDA build of torch and nvcc are present. Source lists and flags live in fastdif
 import importlib.util
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from setuptools import setup
@@ -30,18 +31,42 @@ class BuildFastdiff(BuildExtension):
             self.build_temp = os.path.abspath(kept)
 
     def build_extension(self, ext):
+        """Compiles the SIMD groups (csrc/cpu/avx2, csrc/cpu/avx512: their own flags, so their own ninja
+        file in their own folder) in threads while setuptools compiles the portable and CUDA sources, so
+        every translation unit competes for the cores at once (before: one group after another, the
+        slowest unit of each alone on one core); the objects join before the link."""
         simd = getattr(ext, "simd_sources", {})
         cxx = list(ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict)
                    else ext.extra_compile_args)
-        for level, files in simd.items():
-            if not files:
-                continue
+        groups = {level: files for level, files in simd.items() if files}
+
+        def compile_group(level, files):
             flags = cxx + build.SIMD_FLAGS[level]
-            objects = self.compiler.compile(
-                files, output_dir=self.build_temp, include_dirs=ext.include_dirs,
+            return self.compiler.compile(
+                files, output_dir=os.path.join(self.build_temp, level), include_dirs=ext.include_dirs,
                 extra_postargs={"cxx": flags} if self.use_ninja else flags)
-            ext.extra_objects = list(ext.extra_objects or []) + objects
-        super().build_extension(ext)
+
+        # without ninja the compiler object swaps its executable per call: not safe from threads
+        pool = ThreadPoolExecutor(max_workers=len(groups)) if groups and self.use_ninja else None
+        futures = [pool.submit(compile_group, level, files) for level, files in groups.items()] if pool else []
+        compile_main = self.compiler.compile
+
+        def compile_then_join(*args, **kwargs):
+            objects = compile_main(*args, **kwargs)
+            if pool is None:
+                results = [compile_group(level, files) for level, files in groups.items()]
+            else:
+                results = [f.result() for f in futures]
+            ext.extra_objects = list(ext.extra_objects or []) + [o for r in results for o in r]
+            return objects
+
+        self.compiler.compile = compile_then_join
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.compile = compile_main
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         record = {
             "torch": torch.__version__,
             "cuda": torch.version.cuda if getattr(ext, "with_cuda", False) else None,
@@ -86,7 +111,9 @@ class BuildFastdiff(BuildExtension):
 
 def extension():
     cuda, why = build.want_cuda()
-    print(f"fastdiff: CUDA sources {'on' if cuda else 'off'} ({why})")
+    print(f"fastdiff: CUDA sources {'on' if cuda else 'off'} ({why}); CPU SIMD levels: "
+          f"{', '.join(build.cpu_isas()) or 'none'} ({build.ISAS_ENV}={os.environ.get(build.ISAS_ENV, 'all')}); "
+          f"{'debug' if build.debug_build() else 'release'} build ({build.DEBUG_ENV})")
     src = build.sources(ROOT, cuda)
     cxx = build.cxx_flags() + build.defines(cuda)
     kwargs = dict(

@@ -19,6 +19,11 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 CXX_FLAGS = ["-O3", "-fvisibility=hidden"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+# Release builds carry no debug information: Python's own CFLAGS add -g, which made _C 103 MB, 95 MB of
+# it DWARF (and compiling it a fifth of the build). FASTDIFF_DEBUG_BUILD=1 keeps it.
+DEBUG_ENV = "FASTDIFF_DEBUG_BUILD"
+# Which SIMD levels to build beside the portable one (the runtime picks the best the CPU runs, simd.h).
+ISAS_ENV = "FASTDIFF_CPU_ISAS"
 # Files under csrc/cpu/avx2 and csrc/cpu/avx512 get these on top of CXX_FLAGS; they run only after a
 # runtime CPU check (randn.cpp, simd_level()). The AVX-512 set is the one ATen builds its AVX512 kernels
 # with, so at::vec::Vectorized<float> is 16 lanes there.
@@ -41,8 +46,17 @@ def cxx_std_flag() -> str:
     return "-std=c++20" if needs_20 else "-std=c++17"
 
 
+def debug_build() -> bool:
+    """FASTDIFF_DEBUG_BUILD=1: compile with -g (gdb, perf annotate); else no debug information."""
+    value = os.environ.get(DEBUG_ENV, "0").strip().lower()
+    if value not in ("0", "1", "", "false", "true", "no", "yes"):
+        raise ValueError(f"{DEBUG_ENV} must be 0 or 1, got {value!r}")
+    return value in ("1", "true", "yes")
+
+
 def cxx_flags() -> list[str]:
-    return [cxx_std_flag(), *CXX_FLAGS, *openmp_flags()]
+    # -g0 comes after Python's -g on the command line, so it wins
+    return [cxx_std_flag(), *CXX_FLAGS, "-g" if debug_build() else "-g0", *openmp_flags()]
 
 
 def openmp_flags() -> list[str]:
@@ -67,7 +81,7 @@ def link_flags() -> list[str]:
 
 
 def nvcc_flags() -> list[str]:
-    return [cxx_std_flag(), *NVCC_FLAGS]
+    return [cxx_std_flag(), *NVCC_FLAGS, *(["-g"] if debug_build() else [])]
 
 
 def _rel(paths: list[str], root: str) -> list[str]:
@@ -79,7 +93,8 @@ def sources(root: str, cuda: bool) -> dict[str, list[str]]:
     (csrc/cpu/<level>/*.cpp are compiled with SIMD_FLAGS[level])."""
     csrc = os.path.join(root, "csrc")
     cpp = glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp"))
-    simd = {level: glob.glob(os.path.join(csrc, "cpu", level, "*.cpp")) if has_x86_simd() else [] for level in SIMD_FLAGS}
+    isas = cpu_isas()
+    simd = {level: glob.glob(os.path.join(csrc, "cpu", level, "*.cpp")) if level in isas else [] for level in SIMD_FLAGS}
     cu = glob.glob(os.path.join(csrc, "cuda", "*.cu")) + glob.glob(os.path.join(csrc, "cuda", "*.cpp")) if cuda else []
     return {"cpp": _rel(cpp, root), **{k: _rel(v, root) for k, v in simd.items()}, "cuda": _rel(cu, root)}
 
@@ -93,10 +108,47 @@ def has_x86_simd() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32"
 
 
-def defines(cuda: bool) -> list[str]:
+def native_isas() -> list[str]:
+    """The SIMD levels this machine's CPU runs (from /proc/cpuinfo's flags, as simd() checks at run time)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return list(SIMD_FLAGS)  # unknown: build them all
     out = []
-    if has_x86_simd():
-        out += ["-DFASTDIFF_HAVE_AVX2", "-DFASTDIFF_HAVE_AVX512"]
+    if {"avx2", "fma"} <= flags:
+        out.append("avx2")
+        if {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= flags:
+            out.append("avx512")
+    return out
+
+
+def cpu_isas() -> list[str]:
+    """The SIMD levels to compile beside the portable loops, from FASTDIFF_CPU_ISAS:
+
+    ``all`` (default): AVX2 and AVX-512, so the build runs at its best on any x86-64 CPU (wheels);
+    ``native``: only the best level this CPU runs (one SIMD copy of each loop: the quickest local build);
+    ``none``: the portable loops alone; or a comma list such as ``avx2``. Non-x86-64 builds: none.
+    """
+    value = os.environ.get(ISAS_ENV, "all").strip().lower() or "all"
+    if not has_x86_simd():
+        return []
+    if value == "all":
+        return list(SIMD_FLAGS)
+    if value == "native":
+        return native_isas()[-1:]
+    if value == "none":
+        return []
+    levels = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in levels if v not in SIMD_FLAGS]
+    if unknown:
+        raise ValueError(f"{ISAS_ENV}={value!r}: unknown level(s) {unknown}; use all, native, none or a comma list "
+                         f"of {', '.join(SIMD_FLAGS)}")
+    return [level for level in SIMD_FLAGS if level in levels]
+
+
+def defines(cuda: bool) -> list[str]:
+    out = [f"-DFASTDIFF_HAVE_{level.upper()}" for level in cpu_isas()]
     if cuda:
         out.append("-DFASTDIFF_WITH_CUDA")
     return out

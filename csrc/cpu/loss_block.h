@@ -79,10 +79,8 @@ void narrow_block(const float* src, int count, c10::BFloat16* dst);
   template <typename pred_t, typename z_t>                            \
   void diffusion_loss_backward_##isa(const LossArgs<pred_t, z_t>& a);
 FASTDIFF_DECLARE_LOSS_LOOPS(portable)
-#if defined(FASTDIFF_HAVE_AVX2)
 FASTDIFF_DECLARE_LOSS_LOOPS(avx2)
 FASTDIFF_DECLARE_LOSS_LOOPS(avx512)
-#endif
 #undef FASTDIFF_DECLARE_LOSS_LOOPS
 
 #define FASTDIFF_LOSS_PAIR(isa, P, Z)                                                 \

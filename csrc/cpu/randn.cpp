@@ -19,17 +19,25 @@ template void randn_portable<c10::Half>(const int64_t*, int64_t, uint32_t, int64
 template void randn_portable<c10::BFloat16>(const int64_t*, int64_t, uint32_t, int64_t, int64_t, c10::BFloat16*);
 
 Simd simd() {
+  // The levels this build has (FASTDIFF_CPU_ISAS, fastdiff/_build.py) and this CPU runs.
 #if defined(FASTDIFF_HAVE_AVX2)
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  static const bool avx2 = false;
+#endif
+#if defined(FASTDIFF_HAVE_AVX512)
   // the AVX-512 subsets ATen's AVX512 kernels need (and the flags in _build.py)
-  static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+  static const bool avx512 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                             __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
                              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+#else
+  static const bool avx512 = false;
+#endif
   const char* env = std::getenv("FASTDIFF_CPU_SIMD");
   if (env != nullptr && std::strcmp(env, "portable") == 0) return Simd::kPortable;
   const bool cap_avx2 = env != nullptr && std::strcmp(env, "avx2") == 0;
   if (avx512 && !cap_avx2) return Simd::kAvx512;
   if (avx2) return Simd::kAvx2;
-#endif
   return Simd::kPortable;
 }
 

@@ -37,10 +37,8 @@ struct GramBuffers {
   template <typename term_t>                    \
   void sample_gram_##isa(const GramBuffers& a, term_t tag);
 FASTDIFF_DECLARE_SAMPLE_GRAM_LOOPS(portable)
-#if defined(FASTDIFF_HAVE_AVX2)
 FASTDIFF_DECLARE_SAMPLE_GRAM_LOOPS(avx2)
 FASTDIFF_DECLARE_SAMPLE_GRAM_LOOPS(avx512)
-#endif
 #undef FASTDIFF_DECLARE_SAMPLE_GRAM_LOOPS
 
 #define FASTDIFF_DEFINE_SAMPLE_GRAM_LOOPS(isa)                                             \

@@ -31,7 +31,9 @@ void sampler_step_cpu(const at::Tensor& x, at::TensorList preds, at::TensorList 
   const at::Tensor seeds = seeds_in.contiguous();
   const StepBuffers a = step_buffers(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs,
                                      outs, side, finite);
-  with_data_type(preds[0].scalar_type(), [&](auto tag) { FASTDIFF_SIMD_CALL(sampler_step, a, tag); });
+  const at::ScalarType t = preds[0].scalar_type();
+  const PredType pred_type = t == at::kFloat ? PredType::kFloat : t == at::kHalf ? PredType::kHalf : PredType::kBFloat16;
+  FASTDIFF_SIMD_CALL(sampler_step, a, pred_type);
 }
 
 }  // namespace

@@ -6,8 +6,9 @@
 // normal_block of noise per draw) and spread over threads with at::parallel_for. A block's math runs
 // in at::vec::Vectorized<float> through blend / combine (fastdiff/sampler_step.h), the per-element
 // definition the CUDA kernel uses too. Partial last blocks go through zero-padded local buffers.
-// The counts (branches, history, draws, outputs) are runtime loops: the step is memory-bound, and
-// one instantiation per count would multiply the build for no measured gain.
+// The common counts of branches, history buffers and draws are compile-time shapes (FixedStepShape, 8 of
+// them, so their loops unroll and their vectors stay in registers) and every other count runs one body
+// with runtime loops; the number of outputs and the per-run choices are runtime values (sampler_step_block).
 //
 // float16 / bfloat16 predictions are widened to float per block (to_float_block, widen_block.h).
 #pragma once
@@ -29,30 +30,40 @@
 namespace fastdiff {
 namespace cpu {
 
-// sampler_step_<isa>(a, pred_t tag) for pred_t float, c10::Half, c10::BFloat16 (the tag picks the type); defined by
-// FASTDIFF_DEFINE_SAMPLER_STEP_LOOPS in sampler_step.cpp, avx2/ and avx512/.
-#define FASTDIFF_DECLARE_SAMPLER_STEP_LOOPS(isa) \
-  template <typename pred_t>                     \
-  void sampler_step_##isa(const StepBuffers& a, pred_t tag);
+// The type of the predictions (one for all branches). The loop below is one body for all three: 16-bit
+// predictions are widened per block (to_float_block), float ones are read in place, so the type is a
+// runtime switch per block rather than a template argument (a third of the instantiations).
+enum class PredType { kFloat, kHalf, kBFloat16 };
+
+// sampler_step_<isa>(a, pred_type); defined by FASTDIFF_DEFINE_SAMPLER_STEP_LOOPS in sampler_step.cpp,
+// avx2/ and avx512/.
+#define FASTDIFF_DECLARE_SAMPLER_STEP_LOOPS(isa) void sampler_step_##isa(const StepBuffers& a, PredType pred_type);
 FASTDIFF_DECLARE_SAMPLER_STEP_LOOPS(portable)
-#if defined(FASTDIFF_HAVE_AVX2)
 FASTDIFF_DECLARE_SAMPLER_STEP_LOOPS(avx2)
 FASTDIFF_DECLARE_SAMPLER_STEP_LOOPS(avx512)
-#endif
 #undef FASTDIFF_DECLARE_SAMPLER_STEP_LOOPS
 
-#define FASTDIFF_DEFINE_SAMPLER_STEP_LOOPS(isa)                                                          \
-  template <typename pred_t>                                                                             \
-  void sampler_step_##isa(const StepBuffers& a, pred_t) {                                                \
-    sampler_step_dispatch<pred_t>(a);                                                                    \
-  }                                                                                                      \
-  template void sampler_step_##isa<float>(const StepBuffers&, float);                                    \
-  template void sampler_step_##isa<c10::Half>(const StepBuffers&, c10::Half);                            \
-  template void sampler_step_##isa<c10::BFloat16>(const StepBuffers&, c10::BFloat16);
+#define FASTDIFF_DEFINE_SAMPLER_STEP_LOOPS(isa) \
+  void sampler_step_##isa(const StepBuffers& a, PredType pred_type) { sampler_step_dispatch(a, pred_type); }
 
 namespace {  // one copy per translation unit: the AVX2 and portable builds must not merge
 
+#if defined(_MSC_VER)
+#define FASTDIFF_NOINLINE __declspec(noinline)
+#else
+#define FASTDIFF_NOINLINE __attribute__((noinline))
+#endif
+
 alignas(64) constexpr float kZeroBlock[kBlockElems] = {};
+
+// src[0 .. count) of type t as float into dst (zero-padded to kBlockElems).
+inline void widen_block(const void* src, PredType t, int count, float* dst) {
+  switch (t) {
+    case PredType::kFloat: return to_float_block(static_cast<const float*>(src), count, dst);
+    case PredType::kHalf: return to_float_block(static_cast<const c10::Half*>(src), count, dst);
+    default: return to_float_block(static_cast<const c10::BFloat16*>(src), count, dst);
+  }
+}
 
 // The vectors of the runtime-count shape, made once per task: at::vec::Vectorized<float> zeroes itself on
 // construction, and arrays of the limits' size zeroed per vector cost 5x the step itself (measured,
@@ -61,13 +72,15 @@ struct StepLanes {
   at::vec::Vectorized<float> p[kMaxBranches], h[kMaxHistory], z[kMaxDraws];
 };
 
-// One vector. kCheck: accumulate the finiteness check; kDrawsNonZero: every draw of the out row has a
-// non-zero coefficient; kOneOut: n_outs is 1; kUnitW0: w0 is 1 (each decided per run, see sampler_step_run).
-template <bool kSide, bool kCheck, bool kDrawsNonZero, bool kOneOut, bool kUnitW0, typename Shape>
-inline void sampler_step_vectors(const Shape& s, const SampleCoeffs& k, const float* x, const float* const* p,
-                                 const float* const* h, const float* const* z, float* const* outs, int n_outs,
-                                 float* side, at::vec::Vectorized<float>& bad, at::vec::Vectorized<float>* pv,
-                                 at::vec::Vectorized<float>* hv, at::vec::Vectorized<float>* zv, int j) {
+// One vector at element j. Every input is loaded before an output is stored, so an output may be an input.
+// kCheck: accumulate p - p into `bad` (0 for finite predictions, NaN for inf and NaN), the finiteness check
+// riding on the loads the step makes anyway. kCommon: the run has one output, w0 = 1 (blend skips its
+// multiply: the same bits) and a non-zero coefficient for every draw of the out row (combine tests none).
+template <bool kSide, bool kCheck, bool kCommon, typename Shape>
+inline void sampler_step_vector(const Shape& s, const SampleCoeffs& k, const float* x, const float* const* p,
+                                const float* const* h, const float* const* z, float* const* outs, int n_outs,
+                                float* side, at::vec::Vectorized<float>& bad, at::vec::Vectorized<float>* pv,
+                                at::vec::Vectorized<float>* hv, at::vec::Vectorized<float>* zv, int j) {
   using Vec = at::vec::Vectorized<float>;
   for (int i = 0; i < s.branches; ++i) pv[i] = Vec::loadu(p[i] + j);
   for (int i = 0; i < s.history; ++i) hv[i] = Vec::loadu(h[i] + j);
@@ -76,23 +89,22 @@ inline void sampler_step_vectors(const Shape& s, const SampleCoeffs& k, const fl
   if constexpr (kCheck) {
     for (int i = 0; i < s.branches; ++i) bad = bad + (pv[i] - pv[i]);
   }
-  const Vec g = blend<Vec, kUnitW0>(s, k, pv);
-  const Vec o = combine<Vec, kDrawsNonZero>(s, k, 0, xv, g, hv, zv);
+  const Vec g = blend<Vec, kCommon>(s, k, pv);
+  const Vec o = combine<Vec, kCommon>(s, k, 0, xv, g, hv, zv);
   if constexpr (kSide) combine<Vec>(s, k, 1, xv, g, hv, zv).store(side + j);
-  if constexpr (kOneOut) {
-    o.store(outs[0] + j);
-  } else {
-    for (int i = 0; i < n_outs; ++i) o.store(outs[i] + j);
+  o.store(outs[0] + j);
+  if constexpr (!kCommon) {
+    for (int i = 1; i < n_outs; ++i) o.store(outs[i] + j);
   }
 }
 
-// The vector loop of one block. kCheck: accumulate the finiteness check; kDrawsNonZero: every draw of the
-// out row has a non-zero coefficient. Caps: the shape whose capacities size the per-vector locals.
-template <bool kSide, bool kCheck, bool kDrawsNonZero, bool kOneOut, bool kUnitW0, typename Caps, typename Shape>
-inline void sampler_step_vector_loop(const Shape& s, const SampleCoeffs& k, const float* x, const float* const* p,
-                                     const float* const* h, const float* const* z, float* const* outs, int n_outs,
-                                     float* side, at::vec::Vectorized<float>& bad, StepLanes& lanes) {
+// The vectors of one block of kBlockElems elements.
+template <bool kSide, bool kCheck, bool kCommon, typename Shape>
+inline void sampler_step_block(const Shape& s, const SampleCoeffs& k, const float* x, const float* const* p,
+                               const float* const* h, const float* const* z, float* const* outs, int n_outs,
+                               float* side, at::vec::Vectorized<float>& bad, StepLanes& lanes) {
   using Vec = at::vec::Vectorized<float>;
+  using Caps = ShapeCaps<Shape>;
   constexpr int V = Vec::size();
   static_assert(kBlockElems % V == 0, "block must hold whole vectors");
   if constexpr (Caps::kFixed) {
@@ -101,103 +113,151 @@ inline void sampler_step_vector_loop(const Shape& s, const SampleCoeffs& k, cons
     const float* pl[Caps::kBranches];
     const float* hl[Caps::kHistory];
     const float* zl[Caps::kDraws];
+    float* ol[kMaxOuts];
     for (int i = 0; i < s.branches; ++i) pl[i] = p[i];
     for (int i = 0; i < s.history; ++i) hl[i] = h[i];
     for (int d = 0; d < s.draws; ++d) zl[d] = z[d];
-    float* ol[kMaxOuts];
-    if constexpr (kOneOut) {
-      ol[0] = outs[0];
-    } else {
-      for (int i = 0; i < n_outs; ++i) ol[i] = outs[i];
+    ol[0] = outs[0];
+    if constexpr (!kCommon) {
+      for (int i = 1; i < n_outs; ++i) ol[i] = outs[i];
     }
 #pragma GCC unroll 8
     for (int j = 0; j < kBlockElems; j += V) {  // locals written before they are read: no zeroing survives
       Vec pv[Caps::kBranches], hv[Caps::kHistory], zv[Caps::kDraws];
-      sampler_step_vectors<kSide, kCheck, kDrawsNonZero, kOneOut, kUnitW0>(s, k, x, pl, hl, zl, ol, n_outs, side, bad, pv,
-                                                                         hv, zv, j);
+      sampler_step_vector<kSide, kCheck, kCommon>(s, k, x, pl, hl, zl, ol, n_outs, side, bad, pv, hv, zv, j);
     }
   } else {
     for (int j = 0; j < kBlockElems; j += V)
-      sampler_step_vectors<kSide, kCheck, kDrawsNonZero, false, false>(s, k, x, p, h, z, outs, n_outs, side, bad, lanes.p,
-                                                                       lanes.h, lanes.z, j);
+      sampler_step_vector<kSide, kCheck, kCommon>(s, k, x, p, h, z, outs, n_outs, side, bad, lanes.p, lanes.h,
+                                                  lanes.z, j);
   }
 }
 
-// A run of blocks of one sample. `blocks(vector_loop)` walks the run and calls vector_loop(x, p, h, z, outs,
-// n_outs, side) once per block of kBlockElems elements; every vector's inputs are loaded before its
-// outputs are stored, so an output may be an input. `bad` accumulates p - p over the predictions: 0 for
-// finite values, NaN for inf and NaN (the finiteness check rides on the loads the step makes anyway).
-//
-// The run's constant choices are made once, not per block or per vector: the finiteness check; for the
-// fixed shapes one output or several and whether w0 is 1 (blend then skips its multiply); for the one-draw
-// shapes without a side row whether the draw's coefficient is zero (its term is then left out at compile
-// time, as combine would skip it). Measured against the former guided_step loop (cfg 4, 2^22, 1 thread):
-// with these tests per vector, 10-17 % more CPU time (AVX-512); hoisted per block, 2 % (fp32) and 7-12 %
-// (bf16); per run, with the Philox keys made once per sample (noise_block.h), within 1 % of its
-// instructions (cachegrind, AVX2, 2^20) and within the run-to-run spread of its time.
-template <bool kSide, typename Shape, typename Blocks>
-inline void sampler_step_run(const Shape& s, bool check_finite, int n_outs, const SampleCoeffs& k,
-                             at::vec::Vectorized<float>& bad, StepLanes& lanes, const Blocks& blocks) {
+// One sample's run of blocks [begin, stop) of a task and where its rows are: filled once per run.
+struct StepRun {
+  const float* x;
+  const char* preds[kMaxBranches];  // K1 rows of pred_bytes-sized elements
+  const float* history[kMaxHistory];
+  float* outs[kMaxOuts];
+  float* side;
+  int n_outs;
+  int64_t n, begin, stop, full_stop;  // elements per sample; blocks [begin, stop), whole below full_stop
+  PredType pred_type;
+  int64_t pred_bytes;
+  PhiloxKeys keys;
+  uint32_t streams[kMaxDraws];
+  bool used[kMaxDraws];
+};
+
+// A task's block buffers: normals per draw, widened predictions, and the partial block's copies.
+struct StepScratch {
+  alignas(64) float z[kMaxDraws][kBlockElems];
+  alignas(64) float p[kMaxBranches][kBlockElems];
+  alignas(64) float h[kMaxHistory][kBlockElems];
+  alignas(64) float x[kBlockElems], out[kBlockElems], side[kBlockElems];
+};
+
+// The noise of a block, and the widening of a partial block, out of line: one copy per translation unit
+// instead of one per walk variant below (a call per block of 64 normals, ~1000 instructions of work).
+FASTDIFF_NOINLINE void step_normals(const PhiloxKeys& keys, uint64_t q0, uint32_t stream, float* dst) {
+  normal_block(keys, q0, stream, dst);
+}
+FASTDIFF_NOINLINE void step_widen(const char* src, PredType t, int count, float* dst) {
+  widen_block(src, t, count, dst);
+}
+
+// The walk over a run's blocks, in the variant the run needs: kCheck the finiteness check, kCommon one
+// output, w0 = 1 and non-zero draw coefficients (fixed shapes only). These two are template arguments because
+// they pay: with them as runtime tests the ODE step took 1.9x the instructions of 852978a's loop
+// (cachegrind, AVX2, fp32, 2^20). The other run-level choices of 852978a (one output, unit w0 and a zero draw
+// apart, and each as a template of the whole loop with its noise inlined) made 492 walks per translation
+// unit (a 7-minute build); this makes 68 walks (4 per fixed shape and side, 2 for the runtime shape) around
+// one noise routine.
+template <bool kSide, bool kCheck, bool kCommon, typename Shape>
+void sampler_step_walk(const Shape& s, const SampleCoeffs& k, const StepRun& run, StepScratch& buf,
+                       at::vec::Vectorized<float>& bad, StepLanes& lanes) {
   using Vec = at::vec::Vectorized<float>;
-  using Caps = ShapeCaps<Shape>;
-  // Local copies: the stores through `outs` (float*) cannot alias them, so the coefficients and the check
-  // stay in registers instead of being reloaded after every store.
+  // Local copies: the vector stores may alias anything whose address escaped (run, k, bad), so values read
+  // through them would be reloaded after every store.
   const SampleCoeffs coeffs = k;
   Vec acc = bad;
-  auto run = [&](auto check, auto draws_nonzero, auto one_out, auto unit_w0, const auto& shape) {
-    constexpr bool kCheck = decltype(check)::value;
-    constexpr bool kDrawsNonZero = decltype(draws_nonzero)::value;
-    constexpr bool kOneOut = decltype(one_out)::value;
-    constexpr bool kUnitW0 = decltype(unit_w0)::value;
-    blocks([&](const float* x, const float* const* p, const float* const* h, const float* const* z,
-               float* const* outs, int n_outs, float* side) {
-      sampler_step_vector_loop<kSide, kCheck, kDrawsNonZero, kOneOut, kUnitW0, Caps>(shape, coeffs, x, p, h, z, outs,
-                                                                                    n_outs, side, acc, lanes);
-    });
-  };
-  with_bool(check_finite, [&](auto check) {
-    if constexpr (Caps::kFixed) {
-      with_bool(n_outs == 1, [&](auto one_out) {
-        with_bool(coeffs.w[0] == 1.0f, [&](auto unit_w0) {
-          if constexpr (Shape::draws == 1 && !kSide) {
-            if (coeffs.c[0][2 + Shape::history] != 0.0f) {
-              run(check, std::true_type{}, one_out, unit_w0, s);
-            } else {
-              run(check, std::false_type{}, one_out, unit_w0, FixedStepShape<Shape::branches, Shape::history, 0>{});
-            }
-          } else {
-            run(check, std::false_type{}, one_out, unit_w0, s);
-          }
-        });
-      });
+  const bool float_pred = run.pred_type == PredType::kFloat;
+  const int64_t n = run.n, full_stop = run.full_stop;
+  const int n_outs = kCommon ? 1 : run.n_outs;
+  const float* x = run.x;
+  float* side = run.side;
+  const char* preds[kMaxBranches];
+  const float* hist[kMaxHistory];
+  float* outs[kMaxOuts];
+  const float* p[kMaxBranches];
+  const float* h[kMaxHistory];
+  const float* z[kMaxDraws];
+  float* o[kMaxOuts];
+  for (int r = 0; r < s.branches; ++r) preds[r] = run.preds[r];
+  for (int r = 0; r < s.history; ++r) hist[r] = run.history[r];
+  for (int r = 0; r < run.n_outs; ++r) outs[r] = run.outs[r];
+  // An unused draw reads zeros (combine adds a draw only where its coefficient is non-zero).
+  for (int d = 0; d < s.draws; ++d) z[d] = run.used[d] ? buf.z[d] : kZeroBlock;
+  if (!float_pred)
+    for (int r = 0; r < s.branches; ++r) p[r] = buf.p[r];  // widened there block by block
+  for (int64_t i = run.begin; i < run.stop; ++i) {
+    const int64_t e0 = i * kBlockElems;  // first element of the block within the sample
+    for (int d = 0; d < s.draws; ++d)
+      if (run.used[d]) step_normals(run.keys, static_cast<uint64_t>(e0 >> 2), run.streams[d], buf.z[d]);
+    if (i < full_stop) {  // a whole block, read and written in place
+      // 16-bit predictions are widened inline, one type test per block (out of line, or tested per branch,
+      // the bf16 ODE step took 1.4x the instructions).
+      if (float_pred) {
+        for (int r = 0; r < s.branches; ++r) p[r] = reinterpret_cast<const float*>(preds[r]) + e0;
+      } else if (run.pred_type == PredType::kBFloat16) {
+        for (int r = 0; r < s.branches; ++r)
+          to_float_block(reinterpret_cast<const c10::BFloat16*>(preds[r]) + e0, kBlockElems, buf.p[r]);
+      } else {
+        for (int r = 0; r < s.branches; ++r)
+          to_float_block(reinterpret_cast<const c10::Half*>(preds[r]) + e0, kBlockElems, buf.p[r]);
+      }
+      for (int r = 0; r < s.history; ++r) h[r] = hist[r] + e0;
+      for (int r = 0; r < n_outs; ++r) o[r] = outs[r] + e0;
+      sampler_step_block<kSide, kCheck, kCommon>(s, coeffs, x + e0, p, h, z, o, n_outs, kSide ? side + e0 : nullptr,
+                                                 acc, lanes);
     } else {
-      run(check, std::false_type{}, std::false_type{}, std::false_type{}, s);
+      // The partial last block: every input is copied before anything is written (an output may be an input).
+      const int count = static_cast<int>(n - e0);
+      for (int r = 0; r < s.branches; ++r) {
+        step_widen(preds[r] + e0 * run.pred_bytes, run.pred_type, count, buf.p[r]);
+        p[r] = buf.p[r];
+      }
+      to_float_block(x + e0, count, buf.x);
+      for (int r = 0; r < s.history; ++r) {
+        to_float_block(hist[r] + e0, count, buf.h[r]);
+        h[r] = buf.h[r];
+      }
+      float* local_out = buf.out;
+      sampler_step_block<kSide, kCheck, kCommon>(s, coeffs, buf.x, p, h, z, &local_out, 1, buf.side, acc, lanes);
+      for (int r = 0; r < run.n_outs; ++r) std::memcpy(run.outs[r] + e0, buf.out, sizeof(float) * count);
+      if constexpr (kSide) std::memcpy(side + e0, buf.side, sizeof(float) * count);
     }
-  });
+  }
   bad = acc;
 }
 
-template <typename pred_t, bool kSide, typename Shape>
-void sampler_step_rows(const StepBuffers& a, const Shape s) {
+// Blocks of kBlockElems elements of one sample each (one normal_block of noise per draw), spread over threads.
+template <bool kSide, typename Shape>
+void sampler_step_rows(const StepBuffers& a, const Shape s, const PredType pred_type) {
   using Vec = at::vec::Vectorized<float>;
-  constexpr bool kFloatPred = std::is_same_v<pred_t, float>;
-  const bool check_finite = a.finite != nullptr;
-  const int64_t n = a.n;
-  const int64_t blocks = (n + kBlockElems - 1) / kBlockElems;  // per sample
-  const bool any_draw = a.any_draw();
+  const int64_t blocks = (a.n + kBlockElems - 1) / kBlockElems;  // per sample
   // Blocks per task: with noise ~4096 elements (as randn: the normals dominate); without, the step
   // is memory-bound and ~32768 elements (ATen's GRAIN_SIZE) amortize the scheduling.
-  const int64_t grain = any_draw ? 128 : 1024;
+  const int64_t grain = a.any_draw() ? 128 : 1024;
   at::parallel_for(0, a.B * blocks, grain, [&](int64_t begin, int64_t end) {
-    alignas(64) float zbuf[kMaxDraws][kBlockElems];     // normals of the block, per draw
-    alignas(64) float pbuf[kMaxBranches][kBlockElems];  // predictions as float (16-bit, or a partial block)
-    alignas(64) float hbuf[kMaxHistory][kBlockElems];   // history of a partial block
-    alignas(64) float xbuf[kBlockElems], obuf[kBlockElems], sbuf[kBlockElems];
-    const float* p[kMaxBranches];
-    const float* h[kMaxHistory];
-    const float* z[kMaxDraws];
-    bool used[kMaxDraws];
-    float* o[kMaxOuts];
+    const bool check_finite = a.finite != nullptr;
+    StepScratch buf;
+    StepRun run;
+    run.n = a.n;
+    run.n_outs = a.n_outs;
+    run.pred_type = pred_type;
+    run.pred_bytes = pred_type == PredType::kFloat ? 4 : 2;
+    for (int d = 0; d < s.draws; ++d) run.streams[d] = a.streams[d];
     SampleCoeffs k = a.host;
     int64_t b = begin / blocks;
     int64_t blk = begin - b * blocks;
@@ -230,57 +290,31 @@ void sampler_step_rows(const StepBuffers& a, const Shape s) {
           loaded = b;
         }
       }
-      for (int d = 0; d < s.draws; ++d) {
-        used[d] = a.sample_coeffs != nullptr ? draw_used(s, k, d, kSide) : a.draws_used[d];
-        // An unused draw reads zeros (combine adds a draw only where its coefficient is non-zero).
-        z[d] = used[d] ? zbuf[d] : kZeroBlock;
-      }
-      const int64_t stop = std::min(blocks, blk + (end - job));  // this task's blocks of sample b: [blk, stop)
-      const PhiloxKeys keys = philox_keys(static_cast<uint64_t>(a.seeds[b]));
-      sampler_step_run<kSide>(s, check_finite, a.n_outs, k, bad, lanes, [&](const auto& vector_loop) {
-        const int64_t full_stop = std::min(stop, n / kBlockElems);  // the whole blocks among them
-        for (int64_t i = blk; i < stop; ++i) {
-          const int64_t e0 = i * kBlockElems;  // first element of the block within sample b
-          const int64_t base = b * n + e0;
-          for (int d = 0; d < s.draws; ++d)
-            if (used[d]) normal_block(keys, static_cast<uint64_t>(e0 >> 2), a.streams[d], zbuf[d]);
-          if (i < full_stop) {
-            for (int r = 0; r < s.branches; ++r) {
-              if constexpr (kFloatPred) {
-                p[r] = static_cast<const float*>(a.preds[r]) + base;
-              } else {
-                to_float_block(static_cast<const pred_t*>(a.preds[r]) + base, kBlockElems, pbuf[r]);
-                p[r] = pbuf[r];
-              }
-            }
-            for (int r = 0; r < s.history; ++r) h[r] = a.history[r] + base;
-            if (a.n_outs == 1) {
-              o[0] = a.outs[0] + base;
-            } else {
-              for (int r = 0; r < a.n_outs; ++r) o[r] = a.outs[r] + base;
-            }
-            vector_loop(a.x + base, p, h, z, o, a.n_outs, kSide ? a.side + base : nullptr);
-          } else {
-            // Partial last block: every input is copied before anything is written (an output may be an input).
-            const int count = static_cast<int>(n - e0);
-            to_float_block(a.x + base, count, xbuf);
-            for (int r = 0; r < s.branches; ++r) {
-              to_float_block(static_cast<const pred_t*>(a.preds[r]) + base, count, pbuf[r]);
-              p[r] = pbuf[r];
-            }
-            for (int r = 0; r < s.history; ++r) {
-              to_float_block(a.history[r] + base, count, hbuf[r]);
-              h[r] = hbuf[r];
-            }
-            float* local_out = obuf;
-            vector_loop(xbuf, p, h, z, &local_out, 1, sbuf);
-            for (int r = 0; r < a.n_outs; ++r) std::memcpy(a.outs[r] + base, obuf, sizeof(float) * count);
-            if constexpr (kSide) std::memcpy(a.side + base, sbuf, sizeof(float) * count);
+      for (int d = 0; d < s.draws; ++d)
+        run.used[d] = a.sample_coeffs != nullptr ? draw_used(s, k, d, kSide) : a.draws_used[d];
+      const int64_t row = b * a.n;
+      run.begin = blk;
+      run.stop = std::min(blocks, blk + (end - job));     // this task's blocks of sample b
+      run.full_stop = std::min(run.stop, a.n / kBlockElems);  // the whole blocks among them
+      run.keys = philox_keys(static_cast<uint64_t>(a.seeds[b]));
+      run.x = a.x + row;
+      run.side = kSide ? a.side + row : nullptr;
+      for (int r = 0; r < s.branches; ++r) run.preds[r] = static_cast<const char*>(a.preds[r]) + row * run.pred_bytes;
+      for (int r = 0; r < s.history; ++r) run.history[r] = a.history[r] + row;
+      for (int r = 0; r < a.n_outs; ++r) run.outs[r] = a.outs[r] + row;
+      bool common = ShapeCaps<Shape>::kFixed && a.n_outs == 1 && k.w[0] == 1.0f;
+      for (int d = 0; d < s.draws; ++d) common = common && k.c[0][2 + s.history + d] != 0.0f;
+      with_bool(check_finite, [&](auto check) {
+        if constexpr (ShapeCaps<Shape>::kFixed) {
+          if (common) {
+            sampler_step_walk<kSide, decltype(check)::value, true>(s, k, run, buf, bad, lanes);
+            return;
           }
         }
+        sampler_step_walk<kSide, decltype(check)::value, false>(s, k, run, buf, bad, lanes);
       });
-      job += stop - blk;
-      blk = stop;
+      job += run.stop - blk;
+      blk = run.stop;
       if (blk == blocks) {
         flush_finite(b);
         blk = 0;
@@ -291,13 +325,12 @@ void sampler_step_rows(const StepBuffers& a, const Shape s) {
   });
 }
 
-// Instantiations: side or not, times the common shapes with compile-time counts plus one with runtime
-// counts (with_step_shape, dispatch.h).
-template <typename pred_t>
-void sampler_step_dispatch(const StepBuffers& a) {
+// Instantiations: side or not, times the common shapes with compile-time counts (8) plus one with runtime
+// counts (with_step_shape, dispatch.h): 18 bodies per translation unit.
+inline void sampler_step_dispatch(const StepBuffers& a, PredType pred_type) {
   if (a.B == 0 || a.n == 0) return;
   with_bool(a.side != nullptr, [&](auto side) {
-    with_step_shape(a.shape, [&](auto shape) { sampler_step_rows<pred_t, decltype(side)::value>(a, shape); });
+    with_step_shape(a.shape, [&](auto shape) { sampler_step_rows<decltype(side)::value>(a, shape, pred_type); });
   });
 }
 

@@ -21,19 +21,28 @@ enum class Simd { kPortable, kAvx2, kAvx512 };
 Simd simd();
 const char* simd_level();  // "portable", "avx2" or "avx512"
 
-// fn_avx512(args...), fn_avx2(args...) or fn_portable(args...) by simd().
-#if defined(FASTDIFF_HAVE_AVX2)
-#define FASTDIFF_SIMD_CALL(fn, ...)                                    \
-  do {                                                                 \
-    switch (::fastdiff::cpu::simd()) {                                 \
-      case ::fastdiff::cpu::Simd::kAvx512: fn##_avx512(__VA_ARGS__); break; \
-      case ::fastdiff::cpu::Simd::kAvx2: fn##_avx2(__VA_ARGS__); break;     \
-      default: fn##_portable(__VA_ARGS__); break;                      \
-    }                                                                  \
-  } while (0)
+// fn_avx512(args...), fn_avx2(args...) or fn_portable(args...) by simd(). A build has the levels that
+// FASTDIFF_CPU_ISAS chose (fastdiff/_build.py): FASTDIFF_HAVE_AVX2 / FASTDIFF_HAVE_AVX512 say which.
+#if defined(FASTDIFF_HAVE_AVX512)
+#define FASTDIFF_SIMD_CASE_AVX512(fn, ...) \
+  case ::fastdiff::cpu::Simd::kAvx512: fn##_avx512(__VA_ARGS__); break;
 #else
-#define FASTDIFF_SIMD_CALL(fn, ...) fn##_portable(__VA_ARGS__)
+#define FASTDIFF_SIMD_CASE_AVX512(fn, ...)
 #endif
+#if defined(FASTDIFF_HAVE_AVX2)
+#define FASTDIFF_SIMD_CASE_AVX2(fn, ...) \
+  case ::fastdiff::cpu::Simd::kAvx2: fn##_avx2(__VA_ARGS__); break;
+#else
+#define FASTDIFF_SIMD_CASE_AVX2(fn, ...)
+#endif
+#define FASTDIFF_SIMD_CALL(fn, ...)                    \
+  do {                                                 \
+    switch (::fastdiff::cpu::simd()) {                 \
+      FASTDIFF_SIMD_CASE_AVX512(fn, __VA_ARGS__)       \
+      FASTDIFF_SIMD_CASE_AVX2(fn, __VA_ARGS__)         \
+      default: fn##_portable(__VA_ARGS__); break;      \
+    }                                                  \
+  } while (0)
 
 // out[b, i] = element offset + i of the stream of seed seeds[b]; scalar_t is float, Half or BFloat16
 // (portable), float (avx2, avx512).
@@ -42,10 +51,8 @@ const char* simd_level();  // "portable", "avx2" or "avx512"
   void randn_##isa(const int64_t* seeds, /* [B] */ int64_t B, uint32_t stream, int64_t n, int64_t offset, \
                    scalar_t* out /* [B, n] */);
 FASTDIFF_DECLARE_RANDN(portable)
-#if defined(FASTDIFF_HAVE_AVX2)
 FASTDIFF_DECLARE_RANDN(avx2)
 FASTDIFF_DECLARE_RANDN(avx512)
-#endif
 #undef FASTDIFF_DECLARE_RANDN
 
 }  // namespace cpu

@@ -12,8 +12,8 @@
 // n % 4 == 0 and every pointer is aligned, a group is loaded and stored with one 16-byte access per
 // float32 tensor (8 bytes per float16/bfloat16 prediction); otherwise a scalar path handles any n.
 //
-// Shapes, as the CPU loop (sampler_step_shapes in cpu/sampler_step_block.h): the common counts
-// K1 in {1, 2} x H in {0, 1} x D in {0, 1} (every method and guidance rule of today) are
+// Shapes, as the CPU loop (with_step_shape in csrc/dispatch.h): the common counts
+// K1 in {1, 2} x H in {0, 1} x D in {0, 1} (CFG with the one- and two-stage methods) are
 // FixedStepShape instantiations, whose branch, history, draw and coefficient arrays are sized by the
 // constants and fully unrolled, so they live in registers; any other (K1, H, D) runs the StepShape
 // kernel, whose arrays are sized to the limits and indexed at run time (local memory, L1: 400 bytes of

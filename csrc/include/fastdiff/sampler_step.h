@@ -40,8 +40,10 @@ struct StepShape {
   FASTDIFF_HD int terms() const { return 2 + history + draws; }  // M, the length of a coefficient row
 };
 
-// The same counts as compile-time constants, for the common shapes (K1 <= 2, H <= 1, D <= 1: every
-// method and guidance rule of today), so the loops below unroll; blend and combine take either.
+// The same counts as compile-time constants, for the common shapes K1 <= 2, H <= 1, D <= 1 (CFG or one
+// branch with the one- and two-stage methods: Euler, Heun, DDIM, DPM-Solver++(2M), ...), so the loops below
+// unroll; blend and combine take either. Larger counts (lms and iPNDM's history up to H = 3, APG's momentum
+// or negative conditions with K1 = 3) run the StepShape body with runtime loops.
 template <int K1, int H, int D>
 struct FixedStepShape {
   static constexpr int branches = K1;
