@@ -35,3 +35,9 @@ def _backend_params():
 
 
 BACKENDS = _backend_params()
+
+
+def interpreted(name):
+    """True for the triton backend in the CPU interpreter: it pays per program (blocks of 8192 groups of 4
+    elements), so its multi-block cases are 2^15 + 5 elements (a full block and a partial one), not 2^20 + 5."""
+    return name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
