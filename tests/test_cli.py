@@ -160,7 +160,7 @@ def test_demo_meets_its_targets(tmp_path, capsys, monkeypatch):
     assert again["generated_accuracy"] == acc and again["frechet_distance"] == fd
 
 
-def test_generate_then_evaluate(tmp_path, capsys):
+def test_generate_then_evaluate(tmp_path, capsys, ring_checkpoint):
     """fastdiff generate writes the set that fastdiff.sample makes for those seeds and labels (balanced classes),
     a rerun has nothing to do, other settings are refused (exit 2); fastdiff evaluate compares two sets."""
     import json
@@ -170,15 +170,14 @@ def test_generate_then_evaluate(tmp_path, capsys):
     import fastdiff
     from fastdiff.demo.models import load_model
 
-    run, gen = tmp_path / "run", tmp_path / "gen"
-    assert cli.main(["train", "--data", "ring", "--out", str(run), "--steps", "20", "--batch-size", "64",
-                     "--no-progress"]) == 0
-    base = ["generate", "--checkpoint", str(run / "checkpoints"), "--num", "20", "--out", str(gen), "--steps", "4",
+    gen = tmp_path / "gen"
+    capsys.readouterr()  # the shared checkpoint's training, when this test is its first user
+    base = ["generate", "--checkpoint", str(ring_checkpoint), "--num", "20", "--out", str(gen), "--steps", "4",
             "--batch-size", "8", "--shard-size", "8", "--seed", "5", "--cfg", "2", "--no-progress"]
     assert cli.main(base) == 0
     assert "20 samples (0 were there, 20 made by 1 process)" in capsys.readouterr().out
     got = fastdiff.load_generated(gen)
-    model, state = load_model(run / "checkpoints")
+    model, state = load_model(ring_checkpoint)
     y = torch.arange(20) % model.num_classes
     # bit for bit only in generate's batches (8, 8, 4): a trained MLP's GEMMs round by batch size
     # (docs/generation.md)
