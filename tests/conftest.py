@@ -35,3 +35,21 @@ def _backend_params():
 
 
 BACKENDS = _backend_params()
+
+
+@pytest.fixture(scope="session")
+def ring_checkpoint(tmp_path_factory):
+    """The checkpoints of one `fastdiff train --data ring` run (20 steps of 64: a trained class-conditional MLP),
+    trained once per test run for the tests that only read it (generate, evaluate, torchrun generate)."""
+    from fastdiff import cli
+
+    run = tmp_path_factory.mktemp("ring-checkpoint") / "run"
+    assert cli.main(["train", "--data", "ring", "--out", str(run), "--steps", "20", "--batch-size", "64",
+                     "--no-progress"]) == 0
+    return run / "checkpoints"
+
+
+def interpreted(name):
+    """True for the triton backend in the CPU interpreter: it pays per program (blocks of 8192 groups of 4
+    elements), so its multi-block cases are 2^15 + 5 elements (a full block and a partial one), not 2^20 + 5."""
+    return name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"

@@ -131,16 +131,14 @@ def test_errors_name_the_argument(tmp_path):
         fastdiff.load_generated(tmp_path / "empty")
 
 
-def test_the_documented_torchrun_command_matches_one_process(tmp_path):
+def test_the_documented_torchrun_command_matches_one_process(tmp_path, ring_checkpoint):
     """`torchrun ... -m fastdiff.cli generate --num-samples ...` (docs/generation.md) on a trained MLP checkpoint
     gives the set of one process with the same batch size and threads per process: a shard is sampled in the
     same batches whichever process makes it. (The MLP's matrix multiplies round differently with another
     thread count or batch size, ~6e-8 here; torchrun gives each worker one thread.)"""
-    run, two, one = tmp_path / "run", tmp_path / "two", tmp_path / "one"
+    two, one = tmp_path / "two", tmp_path / "one"
     cli = [sys.executable, "-m", "fastdiff.cli"]
-    subprocess.run(cli + ["train", "--data", "ring", "--out", str(run), "--steps", "10", "--batch-size", "32",
-                          "--no-progress"], check=True, env=ENV, timeout=300, stdout=subprocess.DEVNULL)
-    args = ["generate", "--checkpoint", str(run / "checkpoints"), "--num-samples", "24", "--steps", "3",
+    args = ["generate", "--checkpoint", str(ring_checkpoint), "--num-samples", "24", "--steps", "3",
             "--batch-size", "4", "--shard-size", "4", "--cfg", "2", "--no-progress"]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                     "fastdiff.cli"] + args + ["--out", str(two)], check=True, env=ENV, timeout=300,

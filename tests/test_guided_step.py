@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import BACKENDS
+from conftest import BACKENDS, interpreted
 
 import fastdiff
 from fastdiff import ops
@@ -22,10 +22,12 @@ def _inputs(B, n, dtype, device, seed=0):
 
 
 @pytest.mark.parametrize("dtype", list(TOL))
-@pytest.mark.parametrize("B,n", [(1, 1), (3, 3), (2, 1023), (1, (1 << 20) + 5)])
+@pytest.mark.parametrize("B,n", [(1, 1), (3, 3), (2, 1023), (1, (1 << 15) + 5), (1, (1 << 20) + 5)])
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id != "reference"])
 def test_matches_reference_full(backend, B, n, dtype):
     name, device = backend
+    if interpreted(name) and n > 1 << 20:
+        pytest.skip("the interpreter's multi-block case is 2^15 + 5 elements (conftest.interpreted)")
     x, pred2, extra = _inputs(B, n, dtype, device)
     cond, uncond = pred2[:B], pred2[B:]  # halves of one [2B] output: views, no copy
     seeds = torch.tensor([5, 2**63 + 1 - 2**64, 7][:B], dtype=torch.int64, device=device)

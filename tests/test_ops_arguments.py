@@ -64,6 +64,13 @@ def test_times_outside_0_1_are_refused(backend, as_tensor, bad):
 def test_times_at_the_ends_are_accepted(backend):
     name, device = backend
     z = torch.zeros(2, 5, device=device)
-    ops.add_noise(z, torch.tensor([0.0, 1.0], dtype=torch.float64, device=device), [1, 2], 0, backend=name)
-    ops.diffusion_loss(z, z, torch.tensor([0.0, 1.0], device=device), [1, 2], 0, prediction="x0", backend=name)
-    ops.diffusion_loss(z, z, 1, [1, 2], 0, backend=name)
+    eps = ops.randn_reference(torch.tensor([1, 2]), 0, (5,))
+    x = ops.add_noise(z, torch.tensor([0.0, 1.0], dtype=torch.float64, device=device), [1, 2], 0, backend=name)
+    # condot: t = 0 is the noise, t = 1 the data
+    torch.testing.assert_close(x[0].cpu(), eps[0], rtol=0, atol=1e-5)
+    assert torch.equal(x[1].cpu(), z[1].cpu())
+    loss = ops.diffusion_loss(z, z, torch.tensor([0.0, 1.0], device=device), [1, 2], 0, prediction="x0",
+                              reduction="none", backend=name)
+    assert torch.equal(loss.cpu(), torch.zeros(2))  # pred = z is the x0 target at both ends
+    loss = ops.diffusion_loss(z, z, 1, [1, 2], 0, backend=name)  # velocity target z - eps
+    torch.testing.assert_close(loss.cpu(), eps.square().mean(), rtol=1e-5, atol=1e-6)

@@ -275,13 +275,29 @@ def test_public_op_backend():
     torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-6, atol=1e-5)
 
 
-def test_empty():
-    """n = 0 or B = 0: nothing to do, no launch."""
-    for shape in ((0, 4), (3, 0)):
+def test_empty(monkeypatch):
+    """n = 0 or B = 0: nothing to do, no launch (a recorder stands in for the kernel), finite untouched."""
+    launches = []
+
+    class Record:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(grid)
+
+    monkeypatch.setattr(_kernel(), "_sampler_step_kernel", Record())
+
+    def step(shape):
         x = torch.zeros(shape, device=DEVICE)
-        out = torch.empty_like(x)
-        call = prepare(x, [x], None, [], [1.0, 1.0, 0.0, 0.0], None, [], [out], None, None)
-        _triton(**call)
+        out, side = torch.empty_like(x), torch.empty_like(x)
+        finite = torch.tensor([1, 0, 1][:shape[0]], dtype=torch.int32, device=DEVICE)
+        _triton(**prepare(x, [x], None, [], [1.0, 1.0, 0.5, 0.5], None, [], [out], side, finite))
+        return finite
+
+    step((3, 4))
+    assert len(launches) == 1  # the recorder sees a launch where there is work
+    launches.clear()
+    for shape in ((0, 4), (3, 0)):
+        assert step(shape).tolist() == [1, 0, 1][:shape[0]]
+    assert launches == []
 
 
 _SM90_SCRIPT = r'''

@@ -26,7 +26,12 @@ def _at_levels(monkeypatch, fn):
 
 
 def _compare(runs, atol):
+    if len(runs) < 2:  # comparing the portable loop with itself would pass vacuously
+        pytest.skip(f"only the portable level runs on this CPU and build ({torch.ops.fastdiff.cpu_simd()}): "
+                    "no second level to compare with")
     for level, got in runs.items():
+        if level == "portable":
+            continue
         for g, want in zip(got, runs["portable"]):
             torch.testing.assert_close(g, want, atol=atol, rtol=atol, msg=lambda m: f"{level} vs portable: {m}")
     if "avx2" in runs and "avx512" in runs:

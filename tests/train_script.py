@@ -57,6 +57,9 @@ def main():
         tensors.update({f"ema/{k}": v for k, v in trainer.ema_state_dict().items()})
         st.save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(a.out, "final.safetensors"))
     if trainer.ctx.world > 1:
+        # tear down together, after rank 0 wrote its file: a rank that destroyed its process group and exited
+        # while rank 0 was still writing was once aborted in gloo (SIGABRT), failing the torchrun
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
