@@ -128,6 +128,9 @@ def _train(args: argparse.Namespace) -> int:
             print(f"step {summary['step']}: loss {loss}, {summary['steps_per_second'] or 0:.1f} steps/s{skipped}; "
                   f"checkpoints in {trainer.checkpoint_dir}")
     if trainer.ctx.world > 1:
+        # the ranks tear down together: one that destroyed its gloo group and exited while rank 0 still wrote
+        # was aborted (SIGABRT; seen under load in the torchrun test), and torchrun then killed rank 0
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0
 

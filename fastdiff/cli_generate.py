@@ -30,6 +30,7 @@ def _generate(args: argparse.Namespace) -> int:
     if summary["world"] > 1:
         import torch.distributed as dist
 
+        dist.barrier()  # the ranks tear down together (see _train in cli.py)
         dist.destroy_process_group()
     return 0
 
