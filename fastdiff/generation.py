@@ -6,8 +6,10 @@ the set does not depend on the batch size, the number of processes or restarts (
 and device). The samples are cut into shards of ``shard_size``; shard k of a job of W processes is made by
 rank k mod W, in batches of ``batch_size``, and written atomically (a temporary file, then a rename) as
 ``shard-<k>.safetensors`` with tensors ``x`` [count, *shape], ``seeds`` [count] (int64) and ``y`` when the
-model is conditional. A shard already on disk whose seeds are the expected ones is skipped, so a killed job
-restarted with any number of processes finishes the set without gaps or duplicates. ``manifest.json``
+model is conditional, and in its metadata the sha256 of each tensor's bytes and of the set's settings (the
+manifest). A shard already on disk whose seeds, settings and contents check out is skipped (any other is made
+again), so a killed job restarted with any number of processes finishes the set without gaps or duplicates, and
+``load_generated`` refuses a shard whose bytes or settings do not match. ``manifest.json``
 records what defines the set (n, seed, shard size, shape, labels, the sampler's settings, the checkpoint's
 sha256, the fastdiff version); a run whose settings differ from a folder's manifest is refused.
 """
@@ -89,16 +91,44 @@ def _check_manifest(path: Path, manifest: dict) -> None:
         raise ValueError(f"{path.parent} holds another set ({detail}); use another out_dir or the same settings")
 
 
-def shard_valid(path: Path, seeds: torch.Tensor, shape: tuple) -> bool:
-    """Whether ``path`` is a finished shard of these seeds and per-sample shape."""
+def settings_sha256(manifest: dict) -> str:
+    """The digest of what defines a set (the manifest without the fastdiff version), recorded in every shard."""
+    defining = {k: v for k, v in manifest.items() if k != "fastdiff"}
+    return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def shard_problem(path: Path, settings: str, seeds: torch.Tensor | None = None, shape: tuple | None = None) -> str | None:
+    """Why ``path`` is not a finished shard of this set (None when it is): unreadable, written for other
+    settings, other seeds or shape, or bytes that differ from the digests written with them."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return torch.equal(f.get_tensor("seeds"), seeds) and \
-                tuple(f.get_slice("x").get_shape()) == (len(seeds), *shape)
-    except Exception:  # a truncated or foreign file is redone
-        return False
+            meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as e:  # a truncated or foreign file
+        return f"unreadable ({type(e).__name__}: {e})"
+    if meta.get("settings_sha256") != settings:
+        return "written for other settings (or by a fastdiff without shard digests)"
+    if "x" not in tensors or "seeds" not in tensors:
+        return "lacks the x or seeds tensor"
+    for key, t in tensors.items():
+        if meta.get(f"{key}_sha256") != _tensor_sha256(t):
+            return f"its {key} tensor does not match the sha256 written with it (a damaged file)"
+    if seeds is not None and not torch.equal(tensors["seeds"], seeds):
+        return "holds other seeds"
+    if shape is not None and tuple(tensors["x"].shape) != (len(tensors["seeds"]), *shape):
+        return f"holds samples of shape {tuple(tensors['x'].shape[1:])}, not {tuple(shape)}"
+    return None
+
+
+def shard_valid(path: Path, seeds: torch.Tensor, shape: tuple, settings: str) -> bool:
+    """Whether ``path`` is a finished, undamaged shard of these seeds, per-sample shape and settings."""
+    return shard_problem(path, settings, seeds, shape) is None
 
 
 def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 64, shard_size: int | None = None,
@@ -163,12 +193,13 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
         _check_manifest(path, manifest)
 
     shards = math.ceil(n / shard_size)
+    settings = settings_sha256(manifest)
     mine = [k for k in range(ctx.rank, shards, ctx.world)]
     todo, present = [], 0
     for k in mine:
         lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
         seeds = torch.arange(lo, hi, dtype=torch.int64) + seed
-        if shard_valid(out / shard_name(k), seeds, shape):
+        if shard_valid(out / shard_name(k), seeds, shape, settings):
             present += hi - lo
         else:
             todo.append((k, lo, hi, seeds))
@@ -184,7 +215,7 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
             parts.append(x.cpu())
             counter.add(e - b)
         x = torch.cat(parts)
-        _write_shard(out, k, x, seeds, y_all[lo:hi] if y_all is not None else None)
+        _write_shard(out, k, x, seeds, y_all[lo:hi] if y_all is not None else None, settings)
         if png:
             _write_pngs(out / "png", x, lo)
         made += hi - lo
@@ -263,14 +294,15 @@ class _Counter:
             self._file(rank).unlink(missing_ok=True)
 
 
-def _write_shard(out: Path, k: int, x: torch.Tensor, seeds: torch.Tensor, y) -> None:
+def _write_shard(out: Path, k: int, x: torch.Tensor, seeds: torch.Tensor, y, settings: str) -> None:
     import safetensors.torch as st
 
     tensors = {"x": x.contiguous(), "seeds": seeds.contiguous()}
     if y is not None:
         tensors["y"] = y.contiguous()
+    metadata = {"settings_sha256": settings, **{f"{key}_sha256": _tensor_sha256(t) for key, t in tensors.items()}}
     tmp = out / f".{shard_name(k)}.tmp{os.getpid()}"
-    st.save_file(tensors, str(tmp))
+    st.save_file(tensors, str(tmp), metadata=metadata)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, out / shard_name(k))
@@ -298,5 +330,11 @@ def load_generated(out_dir) -> dict[str, torch.Tensor]:
     if missing:
         raise FileNotFoundError(f"{out} lacks shards {missing[:10]}{' …' if len(missing) > 10 else ''} of {shards}; "
                                 "run generate again to finish the set")
+    settings = settings_sha256(manifest)
+    bad = {k: why for k in range(shards) if (why := shard_problem(out / shard_name(k), settings)) is not None}
+    if bad:
+        listed = "; ".join(f"{shard_name(k)}: {why}" for k, why in list(bad.items())[:5])
+        raise ValueError(f"{out}: {len(bad)} of {shards} shards fail their check ({listed}{' …' if len(bad) > 5 else ''}); "
+                         "run generate again with the same settings to remake them")
     parts = [st.load_file(str(out / shard_name(k))) for k in range(shards)]
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}

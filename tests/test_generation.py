@@ -98,6 +98,36 @@ def test_a_damaged_shard_is_made_again(tmp_path, reference):
     assert all(torch.equal(got[k], reference[k]) for k in reference)
 
 
+def test_a_flipped_byte_is_found_and_the_shard_made_again(tmp_path, reference):
+    """A shard whose size and header are intact but whose sample bytes changed (a flipped byte near the end of
+    the file) fails its sha256: load_generated refuses it, naming it, and a rerun makes it again."""
+    fastdiff.generate(job.model(), job.N, tmp_path, batch_size=3, **KW)
+    damaged = tmp_path / shard_name(1)
+    data = bytearray(damaged.read_bytes())
+    data[-3] ^= 0x40
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{shard_name(1)}: its .* tensor does not match the sha256"):
+        fastdiff.load_generated(tmp_path)
+    summary = fastdiff.generate(job.model(), job.N, tmp_path, batch_size=3, **KW)
+    assert summary["made"] == job.SHARD and summary["present"] == job.N - job.SHARD
+    got = fastdiff.load_generated(tmp_path)
+    assert all(torch.equal(got[k], reference[k]) for k in reference)
+
+
+def test_a_shard_of_another_set_is_not_taken(tmp_path, reference):
+    """A shard with the expected seeds and shape but made with other settings (cfg) is refused and remade."""
+    other = tmp_path / "other"
+    fastdiff.generate(job.model(), job.N, other, batch_size=3, **{**KW, "cfg": 3.0})
+    fastdiff.generate(job.model(), job.N, tmp_path, batch_size=3, **KW)
+    os.replace(other / shard_name(0), tmp_path / shard_name(0))
+    with pytest.raises(ValueError, match=f"{shard_name(0)}: written for other settings"):
+        fastdiff.load_generated(tmp_path)
+    summary = fastdiff.generate(job.model(), job.N, tmp_path, batch_size=3, **KW)
+    assert summary["made"] == job.SHARD
+    got = fastdiff.load_generated(tmp_path)
+    assert all(torch.equal(got[k], reference[k]) for k in reference)
+
+
 def test_the_manifest_refuses_other_settings(tmp_path):
     fastdiff.generate(job.model(), job.N, tmp_path, batch_size=6, **KW)
     manifest = json.loads((tmp_path / MANIFEST).read_text())
