@@ -180,7 +180,7 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
     path = out / MANIFEST
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in [*out.glob(".shard-*.tmp*"), *out.glob(".progress-*")]:  # a job killed mid-write
+        for stale in [*out.glob(".shard-*.tmp*"), *out.glob(".progress-*"), *out.glob("png/.*.png.tmp*")]:  # a job killed mid-write
             stale.unlink(missing_ok=True)
         if path.exists():
             _check_manifest(path, manifest)
@@ -201,6 +201,11 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
         seeds = torch.arange(lo, hi, dtype=torch.int64) + seed
         if shard_valid(out / shard_name(k), seeds, shape, settings):
             present += hi - lo
+            if png and not all((out / "png" / _png_name(i)).exists() for i in range(lo, hi)):
+                # a job killed between a shard and its pictures, or an earlier run without png=True
+                import safetensors.torch as st
+
+                _write_pngs(out / "png", st.load_file(str(out / shard_name(k)))["x"], lo)
         else:
             todo.append((k, lo, hi, seeds))
     counter = _Counter(ctx, out, n, present, progress)
@@ -316,7 +321,14 @@ def _write_pngs(folder: Path, x: torch.Tensor, first: int) -> None:
         raise ValueError(f"png=True needs images [C, H, W] with C = 1 or 3, got per-sample shape {tuple(x.shape[1:])}")
     pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for i, image in enumerate(pixels):
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(folder / f"{first + i:06d}.png")
+        # atomic, as the shards: a picture on disk is a whole one, so a rerun can trust what exists
+        tmp = folder / f".{_png_name(first + i)}.tmp{os.getpid()}"
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG")
+        os.replace(tmp, folder / _png_name(first + i))
+
+
+def _png_name(i: int) -> str:
+    return f"{i:06d}.png"
 
 
 def load_generated(out_dir) -> dict[str, torch.Tensor]:

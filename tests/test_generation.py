@@ -198,3 +198,19 @@ def test_png_files_for_images(tmp_path):
     assert torch.equal(pixels, ((x[3, 0].clamp(-1, 1) + 1) * 127.5).round())
     with pytest.raises(ValueError, match="png=True needs images"):
         fastdiff.generate(lambda x, t, y: -x, 2, tmp_path / "flat", shape=(3,), steps=2, png=True, progress=False)
+
+
+def test_png_files_of_finished_shards_are_written_on_rerun(tmp_path):
+    """Pictures missing beside finished shards (a job killed between a shard and its pictures, or a first run
+    without png=True) are written from the shards on the next run; nothing is sampled again."""
+    pytest.importorskip("PIL")
+    kw = dict(shape=(1, 4, 6), steps=4, batch_size=2, progress=False, timesteps=[0.0, 0.5, 0.9, 0.99, 1.0])
+    model = lambda x, t, y: (0.5 - x) / (1 - t.view(-1, 1, 1, 1)).clamp(min=1e-3)  # noqa: E731
+    fastdiff.generate(model, 5, tmp_path, **kw)
+    assert not (tmp_path / "png").exists()
+    assert fastdiff.generate(model, 5, tmp_path, png=True, **kw)["made"] == 0
+    assert sorted(p.name for p in (tmp_path / "png").glob("*.png")) == [f"{i:06d}.png" for i in range(5)]
+    (tmp_path / "png" / "000003.png").unlink()  # killed after shard 1 but before its pictures
+    (tmp_path / "png" / ".000004.png.tmp123").write_bytes(b"half")
+    assert fastdiff.generate(model, 5, tmp_path, png=True, **kw)["made"] == 0
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [f"{i:06d}.png" for i in range(5)]
