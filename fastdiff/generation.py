@@ -31,6 +31,34 @@ FORMAT = "fastdiff-generate"
 VERSION = 1
 
 
+class _FolderLock:
+    """An exclusive flock on the output folder, held by rank 0 for the job: two jobs writing one folder would
+    mix two sets under one manifest and remove each other's temporary files. Released at the end of the job,
+    or when the process ends."""
+
+    def __init__(self, folder: Path):
+        self.fd = None
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: the exclusive manifest creation still guards the set
+            return
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(f"out_dir {folder} is in use by another fastdiff generate job (it holds the folder's "
+                               "lock); wait for it to finish, or write to another folder") from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    __del__ = release
+
+
 def shard_name(k: int) -> str:
     return f"shard-{k:06d}.safetensors"
 
@@ -178,8 +206,10 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
 
     manifest["fastdiff"] = __version__
     path = out / MANIFEST
+    lock = None
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        lock = _FolderLock(out)  # before anything is removed or written: a second job here is refused
         for stale in [*out.glob(".shard-*.tmp*"), *out.glob(".progress-*"), *out.glob("png/.*.png.tmp*")]:  # a job killed mid-write
             stale.unlink(missing_ok=True)
         if path.exists():
@@ -187,7 +217,14 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
         else:
             tmp = out / f".{MANIFEST}.tmp{os.getpid()}"
             tmp.write_text(json.dumps(manifest, indent=1))
-            os.replace(tmp, path)
+            try:
+                os.link(tmp, path)  # exclusive: a manifest another job wrote meanwhile is checked, never replaced
+            except FileExistsError:
+                _check_manifest(path, manifest)
+            except OSError:  # a filesystem without hard links: the folder lock alone guards this
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
     distributed.barrier(ctx)
     if not ctx.is_main:
         _check_manifest(path, manifest)
@@ -234,6 +271,8 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
         if progress:
             print(f"fastdiff generate: {job_made} samples in {seconds:.1f} s ({rate or 0:.1f} samples/s), "
                   f"{counter.present} were there; {out}")
+    if lock is not None:
+        lock.release()
     return {"made": made, "job_made": job_made, "present": counter.present, "shards": shards, "seconds": seconds,
             "samples_per_second": rate, "rank": ctx.rank, "world": ctx.world}
 

@@ -128,6 +128,28 @@ def test_a_shard_of_another_set_is_not_taken(tmp_path, reference):
     assert all(torch.equal(got[k], reference[k]) for k in reference)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_a_second_job_in_the_same_folder_is_refused(tmp_path, reference):
+    """While one job holds the folder (its rank 0 holds an flock on it), another is refused before it removes
+    or writes anything; once the first is done the folder is free again."""
+    import fcntl
+
+    fastdiff.generate(job.model(), job.N, tmp_path, batch_size=3, **KW)
+    inflight = tmp_path / f".{shard_name(0)}.tmp999999"
+    inflight.write_bytes(b"the other job's shard being written")
+    fd = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the first job, still running
+    try:
+        with pytest.raises(RuntimeError, match="in use by another fastdiff generate"):
+            fastdiff.generate(job.model(), job.N, tmp_path, batch_size=3, **{**KW, "cfg": 3.0})
+        assert inflight.exists()  # the running job's temporary file is left alone
+    finally:
+        os.close(fd)
+    assert fastdiff.generate(job.model(), job.N, tmp_path, batch_size=3, **KW)["made"] == 0
+    got = fastdiff.load_generated(tmp_path)
+    assert all(torch.equal(got[k], reference[k]) for k in reference)
+
+
 def test_the_manifest_refuses_other_settings(tmp_path):
     fastdiff.generate(job.model(), job.N, tmp_path, batch_size=6, **KW)
     manifest = json.loads((tmp_path / MANIFEST).read_text())
