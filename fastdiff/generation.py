@@ -26,37 +26,11 @@ from pathlib import Path
 
 import torch
 
+from fastdiff.folder_lock import FolderLock
+
 MANIFEST = "manifest.json"
 FORMAT = "fastdiff-generate"
 VERSION = 1
-
-
-class _FolderLock:
-    """An exclusive flock on the output folder, held by rank 0 for the job: two jobs writing one folder would
-    mix two sets under one manifest and remove each other's temporary files. Released at the end of the job,
-    or when the process ends."""
-
-    def __init__(self, folder: Path):
-        self.fd = None
-        try:
-            import fcntl
-        except ImportError:  # no flock on this platform: the exclusive manifest creation still guards the set
-            return
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RuntimeError(f"out_dir {folder} is in use by another fastdiff generate job (it holds the folder's "
-                               "lock); wait for it to finish, or write to another folder") from None
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    __del__ = release
 
 
 def shard_name(k: int) -> str:
@@ -209,7 +183,9 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
     lock = None
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        lock = _FolderLock(out)  # before anything is removed or written: a second job here is refused
+        # before anything is removed or written: two jobs in one folder would mix two sets under one manifest
+        # and remove each other's temporary files
+        lock = FolderLock(out, "fastdiff generate job")
         for stale in [*out.glob(".shard-*.tmp*"), *out.glob(".progress-*"), *out.glob("png/.*.png.tmp*")]:  # a job killed mid-write
             stale.unlink(missing_ok=True)
         if path.exists():

@@ -301,3 +301,34 @@ def test_temp_files_are_named_for_the_cleanup(tmp_path):
     names = []
     ckpt._write_atomic(tmp_path / "step-00000001.json", lambda f: names.append(os.path.basename(f.name)))
     assert len(names) == 1 and ckpt._TEMP.match(names[0]) and names[0].endswith(f".tmp-{os.getpid()}")
+
+
+def test_a_fresh_start_refuses_a_folder_with_an_earlier_run(tmp_path):
+    """resume=False on a folder holding checkpoints would prune them and a later resume would mix two runs:
+    refused, naming the folder and the newest checkpoint; the earlier run is untouched."""
+    _trainer(tmp_path, steps=4, checkpoint_every=2).fit()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()}
+    with pytest.raises(ValueError, match=r"resume=False but out_dir .* holds checkpoints of an earlier run .*step"):
+        _trainer(tmp_path, steps=4, resume=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()} == before
+    _trainer(tmp_path / "elsewhere", steps=2, resume=False).fit()  # an empty folder starts fresh
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
+    """While one run trains in a folder (its main process holds an flock on the checkpoints folder), another
+    fit() there is refused before its first step; once the first is done the folder is free."""
+    import fcntl
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the first run, still training
+    try:
+        second = _trainer(tmp_path, steps=2, lr=3e-4)
+        with pytest.raises(RuntimeError, match="in use by another training run"):
+            second.fit()
+        assert second.step == 0 and not ckpt.list_checkpoints(folder)
+    finally:
+        os.close(fd)
+    assert _trainer(tmp_path, steps=2).fit()["step"] == 2

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
+from fastdiff.folder_lock import FolderLock
 from fastdiff.training import checkpoint as ckpt
 from fastdiff.training import distributed
 from fastdiff.training.batches import StepBatches
@@ -112,6 +113,11 @@ class Trainer:
         self.resumed_from: Optional[Path] = None
         if resume:
             self._resume(resume)
+        elif self.checkpoint_dir is not None and self.checkpoint_dir.is_dir() and \
+                (earlier := ckpt.list_checkpoints(self.checkpoint_dir)):
+            # starting afresh there would prune the earlier run's checkpoints, and a later resume would mix the two
+            raise ValueError(f"resume=False but out_dir {self.out_dir} holds checkpoints of an earlier run (newest: "
+                             f"{earlier[0][1].name}); resume=True continues it, or choose another out_dir")
         self.ddp_model = distributed.wrap(self.model, self.ctx)
 
     # ---- schedule --------------------------------------------------------------------------------
@@ -214,6 +220,10 @@ class Trainer:
         running, count, good, t0 = None, 0, 0, time.perf_counter()
         start = self.step
         self.model.train()
+        lock = None
+        if self.checkpoint_dir is not None and self.ctx.is_main:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            lock = FolderLock(self.checkpoint_dir, "training run")  # two runs here would overwrite each other's work
         try:
             while self.step < target:
                 loss = self.train_step()
@@ -238,6 +248,8 @@ class Trainer:
             self.check_finite()
         finally:
             bar.close()
+            if lock is not None:
+                lock.release()
         seconds = time.perf_counter() - t0
         return {"step": self.step, "loss": self.history[-1][1] if self.history else None,
                 "seconds": seconds, "steps_per_second": (self.step - start) / seconds if seconds > 0 else None}
