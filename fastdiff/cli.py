@@ -218,8 +218,10 @@ def _runtime_errors() -> tuple:
     """Failures of a correct invocation (diverged training, no memory, a failing disk): exit 1."""
     import torch
 
+    from fastdiff.folder_lock import FolderInUseError
+
     oom = getattr(torch, "OutOfMemoryError", MemoryError)
-    return (FloatingPointError, MemoryError, oom, OSError)
+    return (FloatingPointError, MemoryError, oom, OSError, FolderInUseError)
 
 
 def _fail(command: str, exc: BaseException, status: int) -> int:

@@ -9,6 +9,10 @@ import os
 from pathlib import Path
 
 
+class FolderInUseError(RuntimeError):
+    """Another job holds the folder (the CLI reports it as a failed run, exit status 1)."""
+
+
 class FolderLock:
     def __init__(self, folder, what: str, argument: str = "out_dir"):
         self.fd = None
@@ -21,7 +25,7 @@ class FolderLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RuntimeError(f"{argument} {folder} is in use by another {what} (it holds the folder's lock); wait "
+            raise FolderInUseError(f"{argument} {folder} is in use by another {what} (it holds the folder's lock); wait "
                                "for it to finish, or use another folder") from None
         self.fd = fd
 

@@ -215,15 +215,15 @@ class Trainer:
         if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         target = self.steps if steps is None else steps
+        lock = None
+        if self.checkpoint_dir is not None and self.ctx.is_main:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            lock = FolderLock(self.checkpoint_dir, "training run")  # two runs here would overwrite each other's work
         bar = tqdm(total=target, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (self.progress and self.ctx.is_main))
         running, count, good, t0 = None, 0, 0, time.perf_counter()
         start = self.step
         self.model.train()
-        lock = None
-        if self.checkpoint_dir is not None and self.ctx.is_main:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            lock = FolderLock(self.checkpoint_dir, "training run")  # two runs here would overwrite each other's work
         try:
             while self.step < target:
                 loss = self.train_step()
