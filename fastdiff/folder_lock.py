@@ -23,10 +23,16 @@ class FolderLock:
         fd = os.open(Path(folder), os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as e:
             os.close(fd)
-            raise FolderInUseError(f"{argument} {folder} is in use by another {what} (it holds the folder's lock); wait "
-                               "for it to finish, or use another folder") from None
+            if not isinstance(e, BlockingIOError):  # a filesystem without flock (some network mounts): unguarded
+                import warnings
+
+                warnings.warn(f"cannot lock {folder} ({e}); a second job into it would not be detected",
+                              RuntimeWarning, stacklevel=3)
+                return
+            raise FolderInUseError(f"{argument} {folder} is in use by another {what} (it holds the folder's lock); "
+                                   "wait for it to finish, or use another folder") from None
         self.fd = fd
 
     def release(self) -> None:
