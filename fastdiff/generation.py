@@ -103,34 +103,34 @@ def _tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def shard_problem(path: Path, settings: str, seeds: torch.Tensor | None = None, shape: tuple | None = None) -> str | None:
-    """Why ``path`` is not a finished shard of this set (None when it is): unreadable, written for other
-    settings, other seeds or shape, or bytes that differ from the digests written with them."""
+def checked_shard(path: Path, settings: str, seeds: torch.Tensor | None = None,
+                  shape: tuple | None = None) -> tuple[str | None, dict | None]:
+    """(why ``path`` is not a finished shard of this set, or None; its tensors when it could be read):
+    unreadable, written for other settings, other seeds or shape, or bytes that differ from their digests."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            meta, tensors = f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
     except Exception as e:  # a truncated or foreign file
-        return f"unreadable ({type(e).__name__}: {e})"
+        return f"unreadable ({type(e).__name__}: {e})", None
     if meta.get("settings_sha256") != settings:
-        return "written for other settings (or by a fastdiff without shard digests)"
+        return "written for other settings (or by a fastdiff without shard digests)", tensors
     if "x" not in tensors or "seeds" not in tensors:
-        return "lacks the x or seeds tensor"
+        return "lacks the x or seeds tensor", tensors
     for key, t in tensors.items():
         if meta.get(f"{key}_sha256") != _tensor_sha256(t):
-            return f"its {key} tensor does not match the sha256 written with it (a damaged file)"
+            return f"its {key} tensor does not match the sha256 written with it (a damaged file)", tensors
     if seeds is not None and not torch.equal(tensors["seeds"], seeds):
-        return "holds other seeds"
+        return "holds other seeds", tensors
     if shape is not None and tuple(tensors["x"].shape) != (len(tensors["seeds"]), *shape):
-        return f"holds samples of shape {tuple(tensors['x'].shape[1:])}, not {tuple(shape)}"
-    return None
+        return f"holds samples of shape {tuple(tensors['x'].shape[1:])}, not {tuple(shape)}", tensors
+    return None, tensors
 
 
 def shard_valid(path: Path, seeds: torch.Tensor, shape: tuple, settings: str) -> bool:
     """Whether ``path`` is a finished, undamaged shard of these seeds, per-sample shape and settings."""
-    return shard_problem(path, settings, seeds, shape) is None
+    return checked_shard(path, settings, seeds, shape)[0] is None
 
 
 def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 64, shard_size: int | None = None,
@@ -347,9 +347,7 @@ def _png_name(i: int) -> str:
 
 
 def load_generated(out_dir) -> dict[str, torch.Tensor]:
-    """The set in ``out_dir`` in sample order: {"x", "seeds"[, "y"]}; an error naming missing shards."""
-    import safetensors.torch as st
-
+    """The set in ``out_dir`` in sample order: {"x", "seeds"[, "y"]}; an error naming missing or failing shards."""
     out = Path(out_dir)
     manifest = json.loads((out / MANIFEST).read_text())
     shards = math.ceil(manifest["n"] / manifest["shard_size"])
@@ -358,10 +356,14 @@ def load_generated(out_dir) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{out} lacks shards {missing[:10]}{' …' if len(missing) > 10 else ''} of {shards}; "
                                 "run generate again to finish the set")
     settings = settings_sha256(manifest)
-    bad = {k: why for k in range(shards) if (why := shard_problem(out / shard_name(k), settings)) is not None}
+    parts, bad = [], {}
+    for k in range(shards):  # each file read once: checked, then kept
+        why, tensors = checked_shard(out / shard_name(k), settings)
+        if why is not None:
+            bad[k] = why
+        parts.append(tensors)
     if bad:
         listed = "; ".join(f"{shard_name(k)}: {why}" for k, why in list(bad.items())[:5])
         raise ValueError(f"{out}: {len(bad)} of {shards} shards fail their check ({listed}{' …' if len(bad) > 5 else ''}); "
                          "run generate again with the same settings to remake them")
-    parts = [st.load_file(str(out / shard_name(k))) for k in range(shards)]
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
