@@ -113,8 +113,7 @@ class Trainer:
         self.resumed_from: Optional[Path] = None
         if resume:
             self._resume(resume)
-        elif self.checkpoint_dir is not None and self.checkpoint_dir.is_dir() and \
-                (earlier := ckpt.list_checkpoints(self.checkpoint_dir)):
+        elif self.checkpoint_dir is not None and (earlier := ckpt.list_checkpoints(self.checkpoint_dir)):
             # starting afresh there would prune the earlier run's checkpoints, and a later resume would mix the two
             raise ValueError(f"resume=False but out_dir {self.out_dir} holds checkpoints of an earlier run (newest: "
                              f"{earlier[0][1].name}); resume=True continues it, or choose another out_dir")
