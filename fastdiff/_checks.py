@@ -106,3 +106,46 @@ def finite_real(name, c) -> float:
     if not math.isfinite(c):
         raise ValueError(f"{name} must be finite, got {c}")
     return c
+
+
+def flag(name, value) -> bool:
+    """A bool argument: True or False (numpy's bool_ too); anything else is an error naming the argument.
+
+    ``bool('no')`` is True, so truthiness would turn a misspelt "no"/"false" into the opposite setting.
+    """
+    if isinstance(value, bool):
+        return value
+    if type(value).__name__ == "bool_":  # numpy.bool_ without importing numpy
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
+def optional_flag(name, value) -> bool | None:
+    """A bool argument whose None means "decide for me" (e.g. cfg_batch)."""
+    return None if value is None else flag(name, value)
+
+
+def real(name, value, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+         hi_open: bool = False) -> float:
+    """A finite real number (int or float, not bool, not a string) in an optional range, as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (int or float), got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and (v >= hi if hi_open else v > hi):
+        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {v}")
+    return v
+
+
+def count(name, value, *, least: int = 0, most: int | None = None) -> int:
+    """An int (not bool, not float, not a string) in [least, most]."""
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    v = int(value)
+    if v < least or (most is not None and v > most):
+        bound = f"in [{least}, {most}]" if most is not None else f">= {least}"
+        raise ValueError(f"{name} must be {bound}, got {v}")
+    return v
