@@ -149,3 +149,30 @@ def count(name, value, *, least: int = 0, most: int | None = None) -> int:
         bound = f"in [{least}, {most}]" if most is not None else f">= {least}"
         raise ValueError(f"{name} must be {bound}, got {v}")
     return v
+
+
+def device_arg(name, value) -> torch.device:
+    """A device the kernels can run on: cpu, or cuda when this torch has CUDA and that GPU exists.
+
+    torch.device('cuda') without CUDA fails later inside torch with an AssertionError naming neither the
+    argument nor the cause; 'meta' and other types reach the kernels' overlap checks.
+    """
+    if isinstance(value, str):
+        try:
+            value = torch.device(value)
+        except RuntimeError as e:
+            raise ValueError(f"{name} = {value!r} is not a device: {e}") from None
+    if not isinstance(value, torch.device):
+        raise TypeError(f"{name} must be a torch.device or a string such as 'cpu' or 'cuda:0', "
+                        f"got {type(value).__name__} {value!r}")
+    if value.type == "cpu":
+        return value
+    if value.type != "cuda":
+        raise ValueError(f"{name} = '{value}': fastdiff runs on cpu or cuda devices, not {value.type}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"{name} = '{value}', but CUDA is not available here "
+                         f"(torch {torch.__version__}, {'no CUDA build' if torch.version.cuda is None else 'no GPU'})")
+    if value.index is not None and value.index >= torch.cuda.device_count():
+        raise ValueError(f"{name} = '{value}', but there {'is' if torch.cuda.device_count() == 1 else 'are'} "
+                         f"only {torch.cuda.device_count()} CUDA device(s)")
+    return value
