@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Sequence
 
 import torch
@@ -74,6 +75,8 @@ def shape_tuple(shape, name: str = "shape") -> tuple[int, ...]:
         if d < 0:
             raise ValueError(f"{name}[{i}] = {d} is negative")
         out.append(int(d))
+    if math.prod(out) >= 1 << 62:  # beyond int64 element counts: torch would fail unpacking, naming neither
+        raise ValueError(f"{name} = {tuple(out)} has {math.prod(out)} elements, more than any tensor can hold")
     return tuple(out)
 
 
@@ -176,3 +179,36 @@ def device_arg(name, value) -> torch.device:
         raise ValueError(f"{name} = '{value}', but there {'is' if torch.cuda.device_count() == 1 else 'are'} "
                          f"only {torch.cuda.device_count()} CUDA device(s)")
     return value
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory where tensors of ``device`` live: the GPU's free memory, or the host's MemAvailable (Linux);
+    None where it cannot be read."""
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(what: str, nbytes: int, device: torch.device) -> None:
+    """Refuse a request whose tensors cannot fit: a ValueError naming ``what`` (the arguments that set the size).
+
+    On Linux the host overcommits, so an allocation beyond RAM succeeds and the process is killed when it
+    is touched (the OOM killer: no error, no traceback); asking first turns that into an error naming the
+    argument. Only requests above the free memory are refused, so a tight but possible run still runs."""
+    free = available_bytes(device)
+    if free is not None and nbytes > free:
+        raise ValueError(f"{what} need {nbytes / 2**30:.3g} GiB on {device}, more than the {free / 2**30:.3g} GiB "
+                         f"free there")
