@@ -19,12 +19,11 @@ import tempfile
 import pytest
 import torch
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
-import fastdiff  # noqa: E402
-from fastdiff import ops  # noqa: E402
+import fastdiff
+from fastdiff import ops
 
 EXAMPLES = 12  # per argument; ~250 arguments in all, a few seconds per target
 
