@@ -11,7 +11,8 @@ manifest). A shard already on disk whose seeds, settings and contents check out 
 again), so a killed job restarted with any number of processes finishes the set without gaps or duplicates, and
 ``load_generated`` refuses a shard whose bytes or settings do not match. ``manifest.json``
 records what defines the set (n, seed, shard size, shape, labels, the sampler's settings, the checkpoint's
-sha256, the fastdiff version); a run whose settings differ from a folder's manifest is refused.
+sha256, the fastdiff version); a run whose settings differ from a folder's manifest is refused, unless no shard
+was written under it (a first run that failed). The files and their checks: fastdiff/generation_files.py.
 """
 
 from __future__ import annotations
