@@ -11,30 +11,27 @@ manifest). A shard already on disk whose seeds, settings and contents check out 
 again), so a killed job restarted with any number of processes finishes the set without gaps or duplicates, and
 ``load_generated`` refuses a shard whose bytes or settings do not match. ``manifest.json``
 records what defines the set (n, seed, shard size, shape, labels, the sampler's settings, the checkpoint's
-sha256, the fastdiff version); a run whose settings differ from a folder's manifest is refused.
+sha256, the fastdiff version); a run whose settings differ from a folder's manifest is refused, unless no shard
+was written under it (a first run that failed). The files and their checks: fastdiff/generation_files.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import numbers
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 from fastdiff.folder_lock import FolderLock
-
-MANIFEST = "manifest.json"
-FORMAT = "fastdiff-generate"
-VERSION = 1
-
-
-def shard_name(k: int) -> str:
-    return f"shard-{k:06d}.safetensors"
+from fastdiff.generation_files import (  # noqa: F401  (the file format's names, public here as before)
+    FORMAT, MANIFEST, VERSION, check_manifest, check_png_shape, checked_shard, file_sha256, png_name, read_manifest,
+    remove_beyond, remove_stale, settings_sha256, settle_manifest, shard_files, shard_name, shard_valid, write_pngs,
+    write_shard)
 
 
 def _jsonable(name: str, value):
@@ -61,14 +58,6 @@ def _jsonable(name: str, value):
                     "lists, tensors or paths (a schedule function has no stable record; pass timesteps instead)")
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _labels(labels, n: int, num_classes):
     """Per-sample labels: None, "balanced" (i mod num_classes) or n given labels, as an int64 tensor."""
     if labels is None:
@@ -83,54 +72,6 @@ def _labels(labels, n: int, num_classes):
     if y.shape[:1] != (n,) or y.is_floating_point():
         raise ValueError(f"labels must hold n = {n} integer labels, got shape {tuple(y.shape)}")
     return y, _jsonable("labels", y)
-
-
-def _check_manifest(path: Path, manifest: dict) -> None:
-    saved = json.loads(path.read_text())
-    differ = sorted(k for k in set(saved) | set(manifest) if k != "fastdiff" and saved.get(k) != manifest.get(k))
-    if differ:
-        detail = "; ".join(f"{k}: folder {saved.get(k)!r}, this run {manifest.get(k)!r}" for k in differ)
-        raise ValueError(f"{path.parent} holds another set ({detail}); use another out_dir or the same settings")
-
-
-def settings_sha256(manifest: dict) -> str:
-    """The digest of what defines a set (the manifest without the fastdiff version), recorded in every shard."""
-    defining = {k: v for k, v in manifest.items() if k != "fastdiff"}
-    return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
-
-
-def _tensor_sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def checked_shard(path: Path, settings: str, seeds: torch.Tensor | None = None,
-                  shape: tuple | None = None) -> tuple[str | None, dict | None]:
-    """(why ``path`` is not a finished shard of this set, or None; its tensors when it could be read):
-    unreadable, written for other settings, other seeds or shape, or bytes that differ from their digests."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta, tensors = f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as e:  # a truncated or foreign file
-        return f"unreadable ({type(e).__name__}: {e})", None
-    if meta.get("settings_sha256") != settings:
-        return "written for other settings (or by a fastdiff without shard digests)", tensors
-    if "x" not in tensors or "seeds" not in tensors:
-        return "lacks the x or seeds tensor", tensors
-    for key, t in tensors.items():
-        if meta.get(f"{key}_sha256") != _tensor_sha256(t):
-            return f"its {key} tensor does not match the sha256 written with it (a damaged file)", tensors
-    if seeds is not None and not torch.equal(tensors["seeds"], seeds):
-        return "holds other seeds", tensors
-    if shape is not None and tuple(tensors["x"].shape) != (len(tensors["seeds"]), *shape):
-        return f"holds samples of shape {tuple(tensors['x'].shape[1:])}, not {tuple(shape)}", tensors
-    return None, tensors
-
-
-def shard_valid(path: Path, seeds: torch.Tensor, shape: tuple, settings: str) -> bool:
-    """Whether ``path`` is a finished, undamaged shard of these seeds, per-sample shape and settings."""
-    return checked_shard(path, settings, seeds, shape)[0] is None
 
 
 def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 64, shard_size: int | None = None,
@@ -151,7 +92,6 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
             process's GPU under torchrun with CUDA, else the CPU).
         **sample_kwargs: fastdiff.sample's settings (steps, cfg, method, path, prediction, null_y, ...).
     """
-    from fastdiff.sampling.loop import sample
     from fastdiff.training import distributed
 
     for name, value in (("n", n), ("batch_size", batch_size)):
@@ -168,6 +108,8 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
     if checkpoint is not None and checkpoint_sha256 is not None:
         raise ValueError("give checkpoint (a file, hashed here) or checkpoint_sha256, not both")
     shape = (shape,) if isinstance(shape, numbers.Integral) else tuple(int(s) for s in shape)
+    if png:  # before the manifest: a run refused after it would leave one that blocks the corrected rerun
+        check_png_shape(shape)
     num_classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
     y_all, label_record = _labels(labels, n, num_classes)
     ctx = distributed.setup(device)
@@ -179,33 +121,43 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
     from fastdiff import __version__
 
     manifest["fastdiff"] = __version__
-    path = out / MANIFEST
-    lock = None
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        # before anything is removed or written: two jobs in one folder would mix two sets under one manifest
-        # and remove each other's temporary files
-        lock = FolderLock(out, "fastdiff generate job")
-        for stale in [*out.glob(".shard-*.tmp*"), *out.glob(".progress-*"), *out.glob("png/.*.png.tmp*")]:  # a job killed mid-write
-            stale.unlink(missing_ok=True)
-        if path.exists():
-            _check_manifest(path, manifest)
-        else:
-            tmp = out / f".{MANIFEST}.tmp{os.getpid()}"
-            tmp.write_text(json.dumps(manifest, indent=1))
-            try:
-                os.link(tmp, path)  # exclusive: a manifest another job wrote meanwhile is checked, never replaced
-            except FileExistsError:
-                _check_manifest(path, manifest)
-            except OSError:  # a filesystem without hard links: the folder lock alone guards this
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-    distributed.barrier(ctx)
-    if not ctx.is_main:
-        _check_manifest(path, manifest)
-
     shards = math.ceil(n / shard_size)
+    lock = _open_folder(out, manifest, shards) if ctx.is_main else None
+    try:  # released on failure too: a traceback kept alive (a notebook, pytest.raises) would hold it
+        distributed.barrier(ctx)
+        if not ctx.is_main:
+            check_manifest(out, manifest)
+        return _make(model, n, out, ctx, manifest, shards, y_all, batch_size, png, progress, sample_kwargs)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _open_folder(out: Path, manifest: dict, shards: int) -> FolderLock:
+    """Rank 0: lock the folder, remove what killed jobs left, settle the manifest, remove shards beyond the set."""
+    out.mkdir(parents=True, exist_ok=True)
+    # before anything is removed or written: two jobs in one folder would mix two sets under one manifest
+    # and remove each other's temporary files
+    lock = FolderLock(out, "fastdiff generate job")
+    try:
+        remove_stale(out, locked=lock.fd is not None)
+        settle_manifest(out, manifest)
+        removed = remove_beyond(out, shards)
+    except BaseException:
+        lock.release()
+        raise
+    if removed:
+        warnings.warn(f"removed {removed} shard files beyond the set's {shards} from {out}: they belonged to a larger "
+                      f"set whose {MANIFEST} was deleted or edited", RuntimeWarning, stacklevel=3)
+    return lock
+
+
+def _make(model, n: int, out: Path, ctx, manifest: dict, shards: int, y_all, batch_size: int, png: bool,
+          progress: bool, sample_kwargs: dict) -> dict:
+    """This process's shards of the set (those on disk that check out are kept)."""
+    from fastdiff.sampling.loop import sample
+
+    seed, shard_size, shape = manifest["seed"], manifest["shard_size"], tuple(manifest["shape"])
     settings = settings_sha256(manifest)
     mine = [k for k in range(ctx.rank, shards, ctx.world)]
     todo, present = [], 0
@@ -214,11 +166,11 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
         seeds = torch.arange(lo, hi, dtype=torch.int64) + seed
         if shard_valid(out / shard_name(k), seeds, shape, settings):
             present += hi - lo
-            if png and not all((out / "png" / _png_name(i)).exists() for i in range(lo, hi)):
+            if png and not all((out / "png" / png_name(i)).exists() for i in range(lo, hi)):
                 # a job killed between a shard and its pictures, or an earlier run without png=True
                 import safetensors.torch as st
 
-                _write_pngs(out / "png", st.load_file(str(out / shard_name(k)))["x"], lo)
+                write_pngs(out / "png", st.load_file(str(out / shard_name(k)))["x"], lo)
         else:
             todo.append((k, lo, hi, seeds))
     counter = _Counter(ctx, out, n, present, progress)
@@ -233,11 +185,13 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
             parts.append(x.cpu())
             counter.add(e - b)
         x = torch.cat(parts)
-        _write_shard(out, k, x, seeds, y_all[lo:hi] if y_all is not None else None, settings)
+        write_shard(out, k, x, seeds, y_all[lo:hi] if y_all is not None else None, settings)
         if png:
-            _write_pngs(out / "png", x, lo)
+            write_pngs(out / "png", x, lo)
         made += hi - lo
     counter.finish()
+    from fastdiff.training import distributed
+
     distributed.barrier(ctx)
     seconds = time.perf_counter() - t0
     job_made = n - counter.present
@@ -247,8 +201,6 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
         if progress:
             print(f"fastdiff generate: {job_made} samples in {seconds:.1f} s ({rate or 0:.1f} samples/s), "
                   f"{counter.present} were there; {out}")
-    if lock is not None:
-        lock.release()
     return {"made": made, "job_made": job_made, "present": counter.present, "shards": shards, "seconds": seconds,
             "samples_per_second": rate, "rank": ctx.rank, "world": ctx.world}
 
@@ -314,54 +266,39 @@ class _Counter:
             self._file(rank).unlink(missing_ok=True)
 
 
-def _write_shard(out: Path, k: int, x: torch.Tensor, seeds: torch.Tensor, y, settings: str) -> None:
-    import safetensors.torch as st
-
-    tensors = {"x": x.contiguous(), "seeds": seeds.contiguous()}
-    if y is not None:
-        tensors["y"] = y.contiguous()
-    metadata = {"settings_sha256": settings, **{f"{key}_sha256": _tensor_sha256(t) for key, t in tensors.items()}}
-    tmp = out / f".{shard_name(k)}.tmp{os.getpid()}"
-    st.save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, out / shard_name(k))
-
-
-def _write_pngs(folder: Path, x: torch.Tensor, first: int) -> None:
-    from PIL import Image
-
-    folder.mkdir(exist_ok=True)
-    if x.dim() != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"png=True needs images [C, H, W] with C = 1 or 3, got per-sample shape {tuple(x.shape[1:])}")
-    pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    for i, image in enumerate(pixels):
-        # atomic, as the shards: a picture on disk is a whole one, so a rerun can trust what exists
-        tmp = folder / f".{_png_name(first + i)}.tmp{os.getpid()}"
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG")
-        os.replace(tmp, folder / _png_name(first + i))
-
-
-def _png_name(i: int) -> str:
-    return f"{i:06d}.png"
-
-
 def load_generated(out_dir) -> dict[str, torch.Tensor]:
-    """The set in ``out_dir`` in sample order: {"x", "seeds"[, "y"]}; an error naming missing or failing shards."""
+    """The set in ``out_dir`` in sample order: {"x", "seeds"[, "y"]}; an error naming the manifest, or the missing,
+    failing or extra shards."""
     out = Path(out_dir)
-    manifest = json.loads((out / MANIFEST).read_text())
-    shards = math.ceil(manifest["n"] / manifest["shard_size"])
-    missing = [k for k in range(shards) if not (out / shard_name(k)).exists()]
+    manifest = read_manifest(out)
+    n, shard_size = manifest["n"], manifest["shard_size"]
+    shards = math.ceil(n / shard_size)
+    files = shard_files(out)
+    missing = [k for k in range(shards) if k not in files]
     if missing:
         raise FileNotFoundError(f"{out} lacks shards {missing[:10]}{' …' if len(missing) > 10 else ''} of {shards}; "
                                 "run generate again to finish the set")
+    beyond = sorted(k for k in files if k >= shards)
+    if beyond:
+        names = ", ".join(shard_name(k) for k in beyond[:5]) + (" …" if len(beyond) > 5 else "")
+        raise ValueError(f"{out} holds shards beyond the {shards} of its {MANIFEST} (n = {n}): {names}; the manifest was "
+                         "edited or replaced: restore it, or run generate with its settings (which removes them)")
     settings = settings_sha256(manifest)
+    seed, shape = manifest.get("seed"), manifest.get("shape")
     parts, bad = [], {}
     for k in range(shards):  # each file read once: checked, then kept
-        why, tensors = checked_shard(out / shard_name(k), settings)
+        lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
+        # the digest covers the settings; the seeds and shape are checked too (a shard must hold what it says)
+        seeds = torch.arange(lo, hi, dtype=torch.int64) + seed if isinstance(seed, int) else None
+        why, tensors = checked_shard(out / shard_name(k), settings, seeds,
+                                     tuple(shape) if isinstance(shape, list) else None)
         if why is not None:
             bad[k] = why
         parts.append(tensors)
+    if bad and len(bad) == shards and all(why.startswith("written for other settings") for why in bad.values()):
+        raise ValueError(f"{out / MANIFEST} does not match its shards: all {shards} were written for other settings "
+                         "(the manifest was edited or replaced); restore it, or run generate again with its settings "
+                         "to remake the set")
     if bad:
         listed = "; ".join(f"{shard_name(k)}: {why}" for k, why in list(bad.items())[:5])
         raise ValueError(f"{out}: {len(bad)} of {shards} shards fail their check ({listed}{' …' if len(bad) > 5 else ''}); "

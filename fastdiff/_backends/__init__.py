@@ -39,6 +39,9 @@ class BackendStatus:
     def __bool__(self) -> bool:
         return self.available
 
+    def __repr__(self) -> str:  # the text, not the callable that makes it
+        return f"BackendStatus(available={self.available}, reason={self.reason!r})"
+
 
 @dataclass
 class Backend:

@@ -65,6 +65,16 @@ def _weights(algo: str, solver_type: str, order: int, h: float, al: float, sg: f
     return [k0, -sg * (ep - 1.0) if solver_type == "midpoint" else -2.0 * sg * ((ep - 1.0) / h - 1.0)]
 
 
+def _check_noise(noise, sample: torch.Tensor) -> None:
+    """variance_noise is one of the kernel's history inputs: checked here so that the error names it."""
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"variance_noise must be a tensor shaped like sample, got {type(noise).__name__}")
+    if noise.shape != sample.shape:
+        raise ValueError(f"variance_noise has shape {tuple(noise.shape)} but sample has {tuple(sample.shape)}")
+    if not noise.is_floating_point():
+        raise TypeError(f"variance_noise must be a floating-point tensor, got {noise.dtype}")
+
+
 class FastDiffDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepScheduler):
     """diffusers' ``DPMSolverMultistepScheduler`` with a fused ``step``: every algorithm type (dpmsolver++,
     sde-dpmsolver++, dpmsolver, sde-dpmsolver), solver order 1-3, midpoint and heun solver types, its
@@ -143,6 +153,7 @@ class FastDiffDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepSchedule
         rows = [c_s + c[0] * a, c[0] * b, *c[1:]]
         streams, seeds = [], None
         if c_n != 0.0 and variance_noise is not None:
+            _check_noise(variance_noise, sample)
             history.append(variance_noise.to(device=x.device, dtype=torch.float32).contiguous())
             rows.append(c_n)
         elif c_n != 0.0:

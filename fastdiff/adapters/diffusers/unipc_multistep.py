@@ -5,7 +5,9 @@ predictor from the corrected state. Both are linear in the step's sample, its mo
 previous x0 predictions, and the corrected state can be recovered from the predicted one
 (fastdiff.sampling.unipc.unipc_plan), so a step here is one ``sampler_step`` pass: the next sample out,
 this step's x0 prediction as the side output (kept for the next three steps), the earlier ones as
-history. The coefficient plan is made once per ``set_timesteps`` from the scheduler's own sigmas.
+history. The coefficient plan is made once per ``set_timesteps`` from the scheduler's own sigmas, from the
+step the run starts at (img2img pipelines start mid-schedule): like diffusers' history, its orders warm up
+from the first step called.
 """
 
 from __future__ import annotations
@@ -28,17 +30,20 @@ class FastDiffUniPCMultistepScheduler(_FusedStep, UniPCMultistepScheduler):
 
     def set_timesteps(self, *args, **kwargs):
         super().set_timesteps(*args, **kwargs)
-        self._fd_plan, self._fd_m = None, {}
+        self._fd_plan, self._fd_start, self._fd_m = None, None, {}
 
-    def _plan(self) -> list[dict]:
-        if getattr(self, "_fd_plan", None) is None:
+    def _plan(self, start: int) -> list[dict]:
+        """The plan of a run whose first step is ``start`` (img2img starts mid-schedule): its orders warm up from
+        there and its first step is not corrected, as diffusers' history starts at its first ``step`` call."""
+        if getattr(self, "_fd_plan", None) is None or self._fd_plan_start != start:
             sigmas = self.sigmas.double()
             alpha, beta = (v.tolist() for v in self._sigma_to_alpha_sigma_t(sigmas))
             lam = [math.log(a) - math.log(b) if b > 0 else math.inf for a, b in zip(alpha, beta)]
             conv = [self._x0_conversion(a, b, float(s)) for a, b, s in zip(alpha, beta, sigmas.tolist())][:-1]
-            self._fd_plan = unipc_plan(lam, alpha, beta, conv, self.config.solver_order, self.config.solver_type,
-                                       self.config.lower_order_final, frozenset(self.config.disable_corrector))
-            self._fd_m = {}
+            no_corrector = frozenset(j - start for j in self.config.disable_corrector if j >= start)
+            self._fd_plan = unipc_plan(lam[start:], alpha[start:], beta[start:], conv[start:], self.config.solver_order,
+                                       self.config.solver_type, self.config.lower_order_final, no_corrector)
+            self._fd_plan_start = start
         return self._fd_plan
 
     def _x0_conversion(self, al: float, sg: float, sigma: float) -> tuple[float, float]:
@@ -58,14 +63,19 @@ class FastDiffUniPCMultistepScheduler(_FusedStep, UniPCMultistepScheduler):
         if self.step_index is None:
             self._init_step_index(timestep)
         i = self.step_index
-        out = self._plan()[i]
+        if getattr(self, "_fd_start", None) is None:
+            self._fd_start, self._fd_m = i, {}  # the run's first step (set_timesteps starts a new run)
+        start = self._fd_start
+        if i < start:
+            raise ValueError(f"step {i} comes before this run's first step {start}: call set_timesteps to start again")
+        out = self._plan(start)[i - start]
         x, g = self._inputs(model_output, sample)
-        previous = sorted((key[1] for key in out if isinstance(key, tuple)), reverse=True)
-        missing = [j for j in previous if j not in self._fd_m]
+        previous = sorted((key[1] for key in out if isinstance(key, tuple)), reverse=True)  # plan indices
+        missing = [start + j for j in previous if start + j not in self._fd_m]
         if missing:
-            raise ValueError(f"step {i} needs the x0 predictions of steps {missing}: run the steps in order from the "
-                             "first (set_timesteps starts a new run)")
-        history = [self._fd_m[j] for j in previous]
+            raise ValueError(f"step {i} needs the x0 predictions of steps {missing}: run the steps in order from this "
+                             f"run's first step {start} (set_timesteps starts a new run)")
+        history = [self._fd_m[start + j] for j in previous]
         coeffs = [out.get("X", 0.0), out.get("g", 0.0), *(out[("m", j)] for j in previous)]
         a, b = self._plan_conversion(i)
         m_i = torch.empty_like(x)
