@@ -21,12 +21,14 @@ import hashlib
 import math
 import numbers
 import os
+import re
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from fastdiff import _checks
 from fastdiff.folder_lock import FolderLock
 from fastdiff.generation_files import (  # noqa: F401  (the file format's names, public here as before)
     FORMAT, MANIFEST, VERSION, check_manifest, check_png_shape, checked_shard, file_sha256, png_name, read_manifest,
@@ -62,15 +64,28 @@ def _labels(labels, n: int, num_classes):
     """Per-sample labels: None, "balanced" (i mod num_classes) or n given labels, as an int64 tensor."""
     if labels is None:
         return None, None
+    if num_classes is not None and (not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool)
+                                    or num_classes < 1):
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
     if isinstance(labels, str):
         if labels != "balanced":
             raise ValueError(f'labels must be None, "balanced" or a sequence of n labels, got {labels!r}')
         if not isinstance(num_classes, numbers.Integral) or num_classes < 1:
             raise ValueError('labels="balanced" needs num_classes (an int >= 1; or a model with num_classes)')
         return torch.arange(n, dtype=torch.int64) % int(num_classes), {"balanced": int(num_classes)}
-    y = torch.as_tensor(labels).cpu()
-    if y.shape[:1] != (n,) or y.is_floating_point():
-        raise ValueError(f"labels must hold n = {n} integer labels, got shape {tuple(y.shape)}")
+    if isinstance(labels, torch.Tensor):
+        y = labels.detach().cpu()
+    else:
+        try:
+            y = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f'labels must be None, "balanced" or a sequence of n = {n} integer labels, got '
+                            f"{type(labels).__name__} ({e})") from None
+    if y.shape[:1] != (n,) or y.is_floating_point() or y.dtype in (torch.bool, torch.complex64, torch.complex128):
+        raise ValueError(f"labels must hold n = {n} integer labels, got {y.dtype} of shape {tuple(y.shape)}")
+    if num_classes is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"labels must be in [0, num_classes = {num_classes}), got labels in "
+                         f"[{int(y.min())}, {int(y.max())}]")
     return y, _jsonable("labels", y)
 
 
@@ -107,7 +122,19 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
             raise TypeError(f"generate() sets {reserved} itself; remove it from the sampler settings")
     if checkpoint is not None and checkpoint_sha256 is not None:
         raise ValueError("give checkpoint (a file, hashed here) or checkpoint_sha256, not both")
-    shape = (shape,) if isinstance(shape, numbers.Integral) else tuple(int(s) for s in shape)
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        # open() takes an int as a file descriptor: checkpoint=1 would hash and then close stdout
+        raise TypeError(f"checkpoint must be a path (str or os.PathLike), got {type(checkpoint).__name__} "
+                        f"{checkpoint!r}")
+    if checkpoint_sha256 is not None and (not isinstance(checkpoint_sha256, str)
+                                          or re.fullmatch(r"[0-9a-f]{64}", checkpoint_sha256) is None):
+        raise ValueError(f"checkpoint_sha256 must be 64 lowercase hex digits (a sha256), got {checkpoint_sha256!r}")
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a path (str or os.PathLike), got {type(out_dir).__name__} {out_dir!r}")
+    png, progress = _checks.flag("png", png), _checks.flag("progress", progress)
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x, t, y), got {type(model).__name__}")
+    shape = _checks.shape_tuple(shape)
     if png:  # before the manifest: a run refused after it would leave one that blocks the corrected rerun
         check_png_shape(shape)
     num_classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
@@ -122,9 +149,14 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
 
     manifest["fastdiff"] = __version__
     shards = math.ceil(n / shard_size)
-    lock = _open_folder(out, manifest, shards) if ctx.is_main else None
+    lock = None
+    try:
+        if ctx.is_main:
+            lock = _open_folder(out, manifest, shards)
+    finally:  # a rank-0 failure (folder in use, another set's manifest) reaches the other ranks instead of a hang
+        if not distributed.all_ok(ctx, ctx.is_main is False or lock is not None) and not ctx.is_main:
+            raise RuntimeError(f"rank 0 could not open {out} (its error says why); this rank stops too")
     try:  # released on failure too: a traceback kept alive (a notebook, pytest.raises) would hold it
-        distributed.barrier(ctx)
         if not ctx.is_main:
             check_manifest(out, manifest)
         return _make(model, n, out, ctx, manifest, shards, y_all, batch_size, png, progress, sample_kwargs)
@@ -176,6 +208,10 @@ def _make(model, n: int, out: Path, ctx, manifest: dict, shards: int, y_all, bat
     counter = _Counter(ctx, out, n, present, progress)
     t0, made = time.perf_counter(), 0
     for k, lo, hi, seeds in todo:
+        # pictures of a shard being made again belong to the old one (another set, or damaged): without this they
+        # would pass the "all pictures present" check of a later run with png=True
+        for i in range(lo, hi):
+            (out / "png" / png_name(i)).unlink(missing_ok=True)
         parts = []
         for b in range(lo, hi, batch_size):
             e = min(hi, b + batch_size)

@@ -1,6 +1,9 @@
 """The run-folder lock of generate and the Trainer: a second holder is refused with an error naming the first."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +31,20 @@ def test_unreadable_holder_label_still_refuses(tmp_path):
             FolderLock(tmp_path, "training run", argument="out_dir/checkpoints")
     finally:
         first.release()
+
+
+def test_torchrun_job_refused_by_rank_0_stops_every_rank(tmp_path):
+    """Rank 0 fails to take the folder (this process holds it); rank 1, waiting for it, must stop too instead of
+    hanging in the barrier after which it would have checked the manifest."""
+    script = Path(__file__).with_name("generate_script.py")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    holder = FolderLock(tmp_path, "fastdiff generate job")
+    try:
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              str(script), str(tmp_path)], env=env, timeout=120, capture_output=True, text=True)
+    finally:
+        holder.release()
+    assert run.returncode != 0
+    assert "is in use by another fastdiff generate job" in run.stderr
+    assert "rank 0 could not open" in run.stderr
+    assert not list(tmp_path.glob("shard-*"))

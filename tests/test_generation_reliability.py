@@ -250,3 +250,20 @@ def test_sde_dpm_solver_variance_noise_of_another_shape_is_named():
         sched.step(x, sched.timesteps[1], x, variance_noise=torch.randn(2, 3, 4))
     with pytest.raises(TypeError, match="variance_noise must be a tensor"):
         sched.step(x, sched.timesteps[1], x, variance_noise=[0.0])
+
+
+def test_pictures_of_a_remade_shard_are_not_kept(tmp_path):
+    """A shard made again (here: another set's, after its manifest was deleted) takes its old pictures with it,
+    so a later png=True run draws the new samples instead of keeping the other set's pictures."""
+    from fastdiff.generation_files import png_name
+
+    pytest.importorskip("PIL")
+    model = lambda x, t, y=None: -x  # noqa: E731
+    kw = dict(shape=(1, 2, 2), steps=2, progress=False, batch_size=2)
+    fastdiff.generate(model, 2, tmp_path, png=True, **kw)
+    old = (tmp_path / "png" / png_name(0)).read_bytes()
+    (tmp_path / "manifest.json").unlink()
+    fastdiff.generate(model, 2, tmp_path, seed=7, **kw)  # another set, no pictures
+    assert not (tmp_path / "png" / png_name(0)).exists()
+    fastdiff.generate(model, 2, tmp_path, seed=7, png=True, **kw)
+    assert (tmp_path / "png" / png_name(0)).read_bytes() != old

@@ -8,6 +8,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from fastdiff import _checks
+
 
 class Context(NamedTuple):
     rank: int
@@ -28,7 +30,7 @@ def setup(device=None) -> Context:
     """Join the ``torchrun`` process group when launched by it (idempotent); the device of this rank."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = _checks.device_arg("device", device)
     if not launched():
         if dist.is_available() and dist.is_initialized():
             return Context(dist.get_rank(), dist.get_world_size(), device)
@@ -54,3 +56,13 @@ def wrap(model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
 def barrier(ctx: Context) -> None:
     if ctx.world > 1:
         dist.barrier()
+
+
+def all_ok(ctx: Context, ok: bool) -> bool:
+    """Whether every rank is ``ok`` (a barrier that also carries a failure): a rank that failed before a barrier
+    says so here instead of leaving the others waiting in it for ever."""
+    if ctx.world == 1:
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
