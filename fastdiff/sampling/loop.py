@@ -40,7 +40,7 @@ _ROW_CACHE = StageCache()
 def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=None, null_y=None, seed=0,
            noise: torch.Tensor | None = None, path="condot", prediction: str = "velocity", method: str = "euler",
            sigma=0.0, eta: float | None = None, timesteps=None, guidance_interval=None, cfg_batch: bool = True,
-           batch_size: int | None = None, backend: str = "auto", progress: bool = False, callback=None,
+           batch_size: int | None = None, backend: str | None = None, progress: bool = False, callback=None,
            device=None, check_finite: bool = True, cuda_graph: bool = False, step_noise=None,
            guidance=None, guidance_rescale: float = 0.0, conditions=None, dynamic_thresholding=None,
            classifier=None, classifier_scale=1.0, init=None, strength=None, known_mask=None, resample: int = 1,
@@ -92,7 +92,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         dynamic_thresholding: Imagen's dynamic thresholding of each evaluation's x0 estimate (diffusers'
             thresholding=True): True (ratio 0.995, max_value 1), a ratio, or a DynamicThresholding.
         cfg_batch: run conditional and unconditional inputs as one batch of 2B (default) or two calls.
-        backend: "auto", "cuda", "triton", "cpu" or "reference" for the fused step.
+        backend: "auto", "cuda", "triton", "cpu" or "reference" for the fused step; None (default): the one in
+            force (fastdiff.use_backend, else FASTDIFF_BACKEND, else "auto").
         progress: show a tqdm progress bar.
         callback: ``callback(step, t, x, x0)`` after each step (x = the new state, x0 = the model's
             x0 prediction at that step's first evaluation); the tensors are reused buffers.
@@ -120,7 +121,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     path_arg, path = path, get_path(path)
     prediction = check_prediction(prediction)
     method_record = get_method(method)  # ValueError naming the choices
-    _dispatch.check_name(backend)
+    if backend is not None:
+        _dispatch.check_name(backend)
     y, cfg, multi = condition_branches(y, conditions, cfg)  # multi: several conditions' (labels, weights)
     cfg_at, guided = scale_schedule(cfg)  # t -> w (a number, or a schedule), and whether guidance applies
     rescale, rule, thresholding = guidance_settings(guidance, guidance_rescale, dynamic_thresholding, guided, multi,
@@ -167,8 +169,7 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     weights = StageWeights(rule, rescale, step_scales,
                            [st.step < rule.zero_init_steps for st in stages], guided, B, device, x0_scales=scales)
     seeds = sample_seeds(seed, B, device)
-    with _dispatch.use_backend(backend):
-        step_backend = _dispatch.resolve(device)
+    step_backend = _dispatch.resolve(device, backend)  # None: use_backend / FASTDIFF_BACKEND, else auto
     if edit is not None and B and math.prod(shape):  # the initial state: init noised through the path
         noise = edit.start(path, grid[0], seeds, step_backend)
     if B == 0 or math.prod(shape) == 0:  # nothing to sample: no model call, no kernel
