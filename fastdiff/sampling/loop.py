@@ -19,8 +19,8 @@ from fastdiff.sampling.editing import check_direction, editing, strength_grid
 from fastdiff.sampling.brownian import kernel_calls as brownian_kernel_calls
 from fastdiff.sampling.arguments import (MAX_STEPS, T_MIN_SINGULAR, batch_shape_device,  # noqa: F401
                                          FiniteFlags, check_guided_labels, check_step_noise, check_step_noise_kind,
-                                         batched_labels, guidance_interval_pair, is_number, null_labels, sample_seeds,
-                                         sigma_function, time_grid)
+                                         batched_labels, guidance_interval_pair, is_number, loop_flags, null_labels,
+                                         sample_seeds, sigma_function, time_grid)
 from fastdiff.sampling.stage import Stage, draw_stream
 from fastdiff.sampling.tables import STAGE_CACHE, ModelTimes, stage_tables
 from fastdiff.sampling.model_calls import ModelCalls
@@ -96,7 +96,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             force (fastdiff.use_backend, else FASTDIFF_BACKEND, else "auto").
         progress: show a tqdm progress bar.
         callback: ``callback(step, t, x, x0)`` after each step (x = the new state, x0 = the model's
-            x0 prediction at that step's first evaluation); the tensors are reused buffers.
+            x0 prediction at that step's first evaluation); the tensors are reused buffers. An in-place edit of x
+            is the next step's start (k-diffusion's contract).
         check_finite: fail with the step and t if the model returns inf/NaN (checked on the device,
             read once at the end).
         cuda_graph: capture the model and the loop in a CUDA graph (CUDA tensors only). Later calls
@@ -118,6 +119,7 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     256 MiB (fastdiff.clear_scratch() frees them). Runs under torch.no_grad().
     """
     # ---- arguments ---------------------------------------------------------------------------------
+    cfg_batch, progress, check_finite, cuda_graph = loop_flags(cfg_batch, progress, check_finite, cuda_graph, callback)
     path_arg, path = path, get_path(path)
     prediction = check_prediction(prediction)
     method_record = get_method(method)  # ValueError naming the choices
@@ -143,7 +145,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     edit = editing(init, strength, known_mask, resample, noise, (B, *shape), device)
     cuda_graph = graphs.check_arguments(cuda_graph, device, callback, step_noise, brownian, y)
     if classifier is not None:
-        classifier = ClassifierGuidance(classifier, classifier_scale, y, path, prediction, per_sample_values, device)
+        classifier = ClassifierGuidance(classifier, classifier_scale, y, path, prediction, per_sample_values, device,
+                                        check_finite)
     needed = method_record.needed_conversions(**values) + (("score", "x0") if corrector_steps else ())
     grid = strength_grid(time_grid(steps, timesteps, path, prediction, needed,
                                    start_late=classifier is not None and singular_at_zero(path, prediction)),
@@ -336,6 +339,9 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             if callback is not None:
                 callback(stages[end - 1].step, grid[stages[end - 1].step + 1], result if end - 1 == last else x,
                          buffers["x0"])
+                if end - 1 != last:  # the callback may edit x in place (k-diffusion's contract): into its twins too
+                    for twin in x_outs[1:]:
+                        twin.copy_(x)
             if bar is not None:
                 bar.update(1)
 
@@ -394,6 +400,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         run_loop()
     returned = result.untyped_storage().data_ptr()
     POOL.give(t for t in scratch if t.untyped_storage().data_ptr() != returned)
-    if check_finite:
-        finite.raise_first_bad(first_bad, stages)  # the one synchronization, after the loop
+    if check_finite:  # the one synchronization, after the loop (classifier guidance: two)
+        if classifier is not None:
+            classifier.raise_first_bad(first_bad, stages)
+        finite.raise_first_bad(first_bad, stages)
     return result
