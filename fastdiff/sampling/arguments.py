@@ -157,25 +157,11 @@ def _describe(value) -> str:
 
 
 def sampling_device(device, name: str = "device") -> torch.device:
-    """``device`` as a torch.device the loop can run on (CUDA: with its index); the errors name ``name``."""
-    if not isinstance(device, (str, torch.device, numbers.Integral)) or isinstance(device, bool):
-        raise TypeError(f"{name} must be a torch.device, a string such as 'cpu' or 'cuda:0', or a GPU index; got "
-                        f"{_describe(device)}")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"{name}={device!r} is not a device torch knows (e.g. 'cpu', 'cuda', 'cuda:1')") from None
-    if device.type == "meta":  # no data: the step kernels and the finiteness read-back cannot run there
-        raise ValueError(f"{name}='meta' holds no data and sampling computes values; sample on 'cpu' or 'cuda'")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"{name}={str(device)!r}, but CUDA is not available here (torch "
-                             f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); sample on 'cpu'")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        elif device.index >= torch.cuda.device_count():
-            raise ValueError(f"{name}={str(device)!r}, but this machine has {torch.cuda.device_count()} CUDA "
-                             "device(s)")
+    """``device`` checked (_checks.device_arg: cpu, or an existing CUDA device; errors name ``name``), CUDA with
+    its index."""
+    device = _checks.device_arg(name, device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -198,11 +184,13 @@ def check_guided_labels(guided: bool, y, null_y) -> None:
 def null_labels(null_y, y, batch: int):
     """null_y for every sample: a tensor like y (a scalar label is broadcast), or a list of B labels."""
     if isinstance(y, torch.Tensor):
-        if not isinstance(null_y, torch.Tensor) and not is_number(null_y) and not (
-                isinstance(null_y, (list, tuple)) and all(is_number(v) for v in null_y)):
-            raise TypeError(f"null_y must be a label like y's ({y.dtype}): a number, a tensor or a list of numbers; "
-                            f"got {_describe(null_y)}")
-        null = torch.as_tensor(null_y, device=y.device)
+        try:  # a string would reach torch as "new(): invalid data type 'str'"
+            null = None if isinstance(null_y, (str, bytes)) else torch.as_tensor(null_y, device=y.device)
+        except (TypeError, ValueError, RuntimeError):
+            null = None
+        if null is None:
+            raise TypeError(f"null_y must be a label like y's ({y.dtype}): a number or a tensor; got "
+                            f"{_describe(null_y)}")
         if null.is_floating_point() and not y.is_floating_point():
             raise TypeError(f"null_y must be a label of y's kind ({y.dtype}), got a float {null_y!r}")
         null = null.to(y.dtype)
