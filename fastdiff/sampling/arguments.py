@@ -101,7 +101,8 @@ def sample_seeds(seed, batch: int, device) -> torch.Tensor:
     return seeds
 
 
-def batch_size_of(y, noise, batch_size) -> int:
+def batch_size_of(y, noise, batch_size, noise_name: str = "noise") -> int:
+    """The batch size that y, the initial state ``noise`` (or init: ``noise_name``) and batch_size agree on."""
     sizes = {}
     if y is not None:
         if isinstance(y, torch.Tensor) and y.dim() == 0:
@@ -112,8 +113,9 @@ def batch_size_of(y, noise, batch_size) -> int:
         sizes["y"] = len(y)
     if noise is not None:
         if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.dim() < 1:
-            raise TypeError("noise must be a floating-point tensor [B, *shape]")
-        sizes["noise"] = noise.shape[0]
+            raise TypeError(f"{noise_name} must be a floating-point tensor [B, *shape], got "
+                            f"{_describe(noise)}")
+        sizes[noise_name] = noise.shape[0]
     if batch_size is not None:
         if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool):
             raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__} {batch_size!r}")
@@ -131,22 +133,45 @@ def batch_shape_device(y, noise, init, batch_size, shape, device) -> tuple:
     """(B, per-sample shape, device) of a sample() call: from the initial state ``noise`` or the data ``init``
     where given (shape and device too), else from y / batch_size, shape and device."""
     start = noise if noise is not None else init
-    B = batch_size_of(y, start, batch_size)
+    start_name = "noise" if noise is not None else "init"
+    B = batch_size_of(y, start, batch_size, start_name)
+    device = None if device is None else sampling_device(device)
     if start is not None:
         if shape is not None and tuple(start.shape[1:]) != tuple(_checks.shape_tuple(shape)):
-            raise ValueError(f"{'noise' if noise is not None else 'init'} has per-sample shape "
-                             f"{tuple(start.shape[1:])} but shape={tuple(shape)}")
+            raise ValueError(f"{start_name} has per-sample shape {tuple(start.shape[1:])} but shape={tuple(shape)}")
         shape = tuple(start.shape[1:])
-        device = start.device if device is None else torch.device(device)
+        if device is None:
+            device = sampling_device(start.device, f"{start_name}'s device")
     if shape is None:
         raise ValueError("shape (the per-sample shape) is required unless noise or init is given")
     shape = _checks.shape_tuple(shape)
     if device is None:
-        device = y.device if isinstance(y, torch.Tensor) else torch.device("cpu")
-    device = torch.device(device)
+        device = sampling_device(y.device, "y's device") if isinstance(y, torch.Tensor) else torch.device("cpu")
+    return B, shape, device
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
+def sampling_device(device, name: str = "device") -> torch.device:
+    """``device`` checked (_checks.device_arg: cpu, or an existing CUDA device; errors name ``name``), CUDA with
+    its index."""
+    device = _checks.device_arg(name, device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return B, shape, device
+    return device
+
+
+def loop_flags(cfg_batch, progress, check_finite, cuda_graph, callback) -> tuple[bool, bool, bool, bool]:
+    """sample()'s bool arguments, True or False only (bool("no") is True), and its callback, checked up front (a
+    callback that is not callable would fail only after the first step)."""
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be None or callable as callback(step, t, x, x0), got {type(callback).__name__}")
+    return (_checks.flag("cfg_batch", cfg_batch), _checks.flag("progress", progress),
+            _checks.flag("check_finite", check_finite), _checks.flag("cuda_graph", cuda_graph))
 
 
 def check_guided_labels(guided: bool, y, null_y) -> None:
@@ -159,7 +184,13 @@ def check_guided_labels(guided: bool, y, null_y) -> None:
 def null_labels(null_y, y, batch: int):
     """null_y for every sample: a tensor like y (a scalar label is broadcast), or a list of B labels."""
     if isinstance(y, torch.Tensor):
-        null = torch.as_tensor(null_y, device=y.device)
+        try:  # a string would reach torch as "new(): invalid data type 'str'"
+            null = None if isinstance(null_y, (str, bytes)) else torch.as_tensor(null_y, device=y.device)
+        except (TypeError, ValueError, RuntimeError):
+            null = None
+        if null is None:
+            raise TypeError(f"null_y must be a label like y's ({y.dtype}): a number or a tensor; got "
+                            f"{_describe(null_y)}")
         if null.is_floating_point() and not y.is_floating_point():
             raise TypeError(f"null_y must be a label of y's kind ({y.dtype}), got a float {null_y!r}")
         null = null.to(y.dtype)

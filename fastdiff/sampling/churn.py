@@ -65,7 +65,9 @@ def churned(build, path, grid, prediction, churn: dict, **options) -> list[Stage
     """The stage table of the churn-free builder ``build`` with churn: each step built from t_hat to
     t_{i+1}, its churn folded into the stage before it."""
     steps = plan(path, grid, **churn)
-    if all(noise == 0.0 and scale == 1.0 for _, scale, noise in steps):
+    # no churn only where no step starts from a raised level: s_noise = 0 adds no noise, but k-diffusion still
+    # evaluates the model at sigma_hat (and on the VE path the scale is 1 too)
+    if all(t_hat == t for (t_hat, _, _), t in zip(steps, grid)):
         return build(path, grid, prediction, **options)
     if callable(options.get("sigma")):
         raise ValueError("churn (s_churn > 0) applies to the deterministic steps; sigma > 0 adds noise of its own: "

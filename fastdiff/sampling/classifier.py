@@ -34,7 +34,8 @@ class ClassifierGuidance:
     """The classifier term of one sample() call: stage tables with the gradient buffer as a history term, and
     the gradient of each evaluation."""
 
-    def __init__(self, classifier, scale, y, path, prediction: str, per_sample_values: dict, device):
+    def __init__(self, classifier, scale, y, path, prediction: str, per_sample_values: dict, device,
+                 check_finite: bool = True):
         if per_sample_values:
             raise ValueError("classifier guidance does not combine with per-sample churn options (yet)")
         if not callable(classifier):
@@ -48,6 +49,10 @@ class ClassifierGuidance:
         self.buffer = None  # set by the loop
         self.labels_checked = False
         self.coefficient = []  # per stage: lambda(t) s, the gradient's weight in the prediction
+        # the first stage whose gradient is inf/NaN (-1: none), on the device: the step reads the gradient as a
+        # history term, which its finiteness flags do not cover (a NaN would surface a step later, in the model's
+        # output, or not at all after the last step)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device) if check_finite else None
 
     def transform(self, stages: list) -> list:
         """The stages with the gradient as their last history term (before a caller's noise buffer)."""
@@ -86,8 +91,23 @@ class ClassifierGuidance:
                                      f"classifier returns {logits.shape[1]} classes")
                 self.labels_checked = True
             picked = torch.log_softmax(logits.float(), dim=-1).gather(1, self.y.view(-1, 1)).sum()
-            grad, = torch.autograd.grad(picked, xg)
+            grad = torch.autograd.grad(picked, xg, allow_unused=True)[0] if picked.requires_grad else None
+        if grad is None:
+            raise ValueError("the logits of classifier(x, t) do not depend on x (no gradient path: detached, made "
+                             "under torch.no_grad, or constant); classifier guidance needs the gradient of "
+                             "log p(y | x) with respect to x")
         self.buffer.copy_(grad)
+        if self.first_bad is not None:  # no host read: raise_first_bad reads it after the loop
+            self.first_bad.masked_fill_((self.first_bad < 0) & ~torch.isfinite(grad).all(), k)
+
+    def raise_first_bad(self, model_first_bad: torch.Tensor, stages) -> None:
+        """FloatingPointError naming the classifier and the step of its first non-finite gradient, when that
+        comes before the model's first non-finite output (which it would cause one step later)."""
+        k, m = int(self.first_bad.item()), int(model_first_bad.item())
+        if k >= 0 and not 0 <= m <= k:
+            st = stages[k]
+            raise FloatingPointError(f"classifier guidance: the gradient of log softmax(classifier(x, t))[y] is not "
+                                     f"finite at step {st.step} (t={st.t:.6g}); check the classifier")
 
     def x0_add(self, out: torch.Tensor, k: int, stage) -> None:
         """Callbacks' x0 = a x + b g gets the gradient's share b lambda s grad."""

@@ -151,6 +151,8 @@ def _dpmpp_2m(path, grid, prediction) -> list[Stage]:
         al1, be1 = path.coefficients(t1)[:2]
         h = _lambda(al1, be1) - _lambda(al, be)
         a0, b0 = _conv(path, t, prediction, "x0")
+        if be == 0.0:  # a step from the data (inversion to t = 1): no noise level to step in
+            raise ValueError(f"method='dpmpp_2m' steps in the noise level sigma = beta / alpha, which is 0 at t={t:g}")
         A = be1 / be  # beta' / beta (0 at the last step to beta' = 0)
         Bc = al1 * -math.expm1(-h) if math.isfinite(h) else al1  # alpha' (1 - e^-h)
         # second-order weight 1 / (2r), r = h_prev / h; first order without a usable previous step

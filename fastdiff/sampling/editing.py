@@ -99,6 +99,9 @@ def editing(init, strength, known_mask, resample: int, noise, x_shape: tuple, de
         if resample != 1:
             raise ValueError("resample (RePaint) applies to inpainting: give init and known_mask")
         return None
+    if strength is None and known_mask is None:
+        raise ValueError("init needs strength (img2img / SDEdit: how much of the grid to run from init noised) or "
+                         "known_mask (inpainting: where init is kept); to start from a given state, pass it as noise")
     return Editing(init, strength, known_mask, resample, noise, x_shape, device)
 
 

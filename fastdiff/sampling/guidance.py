@@ -21,11 +21,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from fastdiff import _checks
 from fastdiff.sampling.arguments import is_number
 from fastdiff.sampling.thresholding import DynamicThresholding, get_thresholding, quantile_rows  # noqa: F401
 
@@ -64,6 +66,7 @@ def condition_branches(y, conditions, cfg):
     conditions = list(conditions)
     if len(conditions) > MAX_CONDITIONS:
         raise ValueError(f"conditions holds {len(conditions)} batches; at most {MAX_CONDITIONS} are supported")
+    check_condition_batches(conditions)
     sizes = {len(c) for c in conditions}
     if len(sizes) != 1:
         raise ValueError(f"every condition must hold one label per sample; got batches of sizes {sorted(sizes)}")
@@ -79,6 +82,29 @@ def condition_branches(y, conditions, cfg):
     if len(conditions) == 1:
         return conditions[0], weights[0], None
     return conditions[0], 2.0, (conditions, tuple(float(w) for w in weights))
+
+
+def check_condition_batches(conditions: list) -> None:
+    """Each condition is a label batch like the first: a tensor [B, ...] of the same dtype and per-sample shape (the
+    batched call concatenates them: torch.cat would silently promote int labels to float), or a list of B labels."""
+    first = conditions[0]
+    for i, c in enumerate(conditions):
+        if isinstance(c, torch.Tensor):
+            if c.dim() == 0:
+                raise ValueError(f"conditions[{i}] must hold one label per sample, got a 0-d tensor")
+        elif not isinstance(c, Sequence) or isinstance(c, (str, bytes)):
+            raise TypeError(f"conditions[{i}] must be a label batch (a tensor [B, ...] or a list of B labels), got "
+                            f"{type(c).__name__}")
+        if isinstance(c, torch.Tensor) != isinstance(first, torch.Tensor):
+            raise TypeError(f"conditions[{i}] is a {type(c).__name__} but conditions[0] is a "
+                            f"{type(first).__name__}: the conditions are one model call's labels, give all as tensors "
+                            "or all as lists")
+        if isinstance(c, torch.Tensor) and c.dtype != first.dtype:
+            raise TypeError(f"conditions[{i}] has dtype {c.dtype} but conditions[0] has {first.dtype}: the "
+                            "conditions are one model call's labels (give them one dtype, e.g. .long())")
+        if isinstance(c, torch.Tensor) and c.shape[1:] != first.shape[1:]:
+            raise ValueError(f"conditions[{i}] has per-sample shape {tuple(c.shape[1:])} but conditions[0] has "
+                             f"{tuple(first.shape[1:])}")
 
 
 def guidance_settings(guidance, guidance_rescale, dynamic_thresholding, guided: bool, multi, guidance_interval,
@@ -189,6 +215,7 @@ class APG:
             raise ValueError(f"norm_threshold must be a finite number >= 0, got {self.norm_threshold!r}")
         if self.momentum is not None and (not is_number(self.momentum) or not math.isfinite(self.momentum)):
             raise ValueError(f"momentum must be None or a finite number, got {self.momentum!r}")
+        _checks.flag("original", self.original)
 
     @property
     def running(self) -> bool:

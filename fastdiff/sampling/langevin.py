@@ -126,8 +126,8 @@ def _rows(values: list, B: int, device) -> list | torch.Tensor:
 @torch.no_grad()
 def langevin(score=None, x0: torch.Tensor | None = None, *, steps: int, step_size, shape=None,
              batch_size: int | None = None, log_prob=None, metropolis: bool | None = None, seed=0, burn_in: int = 0,
-             thin: int | None = None, return_acceptance: bool = False, progress: bool = False, backend: str = "auto",
-             device=None, check_finite: bool = True):
+             thin: int | None = None, return_acceptance: bool = False, progress: bool = False,
+             backend: str | None = None, device=None, check_finite: bool = True):
     """Run B Langevin chains targeting the density whose score is ``score`` (or whose log is ``log_prob``).
 
     Args:
@@ -146,7 +146,8 @@ def langevin(score=None, x0: torch.Tensor | None = None, *, steps: int, step_siz
             tensor [n, B, *shape]; without thin, the last state [B, *shape].
         return_acceptance: MALA: also return each chain's acceptance rate (float64 [B]).
         progress: show a tqdm progress bar. backend: the fused step's backend ("auto", "cpu", "cuda",
-            "triton", "reference"). device: where the chains run (default: x0's, else the CPU).
+            "triton", "reference"; None: the one in force, fastdiff.use_backend / FASTDIFF_BACKEND).
+        device: where the chains run (default: x0's, else the CPU).
         check_finite: fail naming the step where the score returned inf/NaN (checked on the device, read once
             after the loop).
     """
@@ -166,12 +167,12 @@ def langevin(score=None, x0: torch.Tensor | None = None, *, steps: int, step_siz
         raise ValueError("metropolis=True needs log_prob (the acceptance ratio reads the log-density)")
     if return_acceptance and not metropolis:
         raise ValueError("return_acceptance needs the Metropolis adjustment (give log_prob)")
-    _dispatch.check_name(backend)
+    if backend is not None:
+        _dispatch.check_name(backend)
     B, shape, device = _start(x0, shape, batch_size, device, seed)
     seeds = sample_seeds(seed, B, device)
     h = step_sizes(step_size, B, device)
-    with _dispatch.use_backend(backend):
-        step_backend = _dispatch.resolve(device)
+    step_backend = _dispatch.resolve(device, backend)  # None: use_backend / FASTDIFF_BACKEND, else auto
     step_kernel = _dispatch.kernel(step_backend, "sampler_step")
     if x0 is not None:
         x = x0.detach().to(device=device, dtype=torch.float32, copy=True).contiguous()

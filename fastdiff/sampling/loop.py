@@ -19,8 +19,8 @@ from fastdiff.sampling.editing import check_direction, editing, strength_grid
 from fastdiff.sampling.brownian import kernel_calls as brownian_kernel_calls
 from fastdiff.sampling.arguments import (MAX_STEPS, T_MIN_SINGULAR, batch_shape_device,  # noqa: F401
                                          FiniteFlags, check_guided_labels, check_step_noise, check_step_noise_kind,
-                                         batched_labels, guidance_interval_pair, is_number, null_labels, sample_seeds,
-                                         sigma_function, time_grid)
+                                         batched_labels, guidance_interval_pair, is_number, loop_flags, null_labels,
+                                         sample_seeds, sigma_function, time_grid)
 from fastdiff.sampling.stage import Stage, draw_stream
 from fastdiff.sampling.tables import STAGE_CACHE, ModelTimes, stage_tables
 from fastdiff.sampling.model_calls import ModelCalls
@@ -40,7 +40,7 @@ _ROW_CACHE = StageCache()
 def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=None, null_y=None, seed=0,
            noise: torch.Tensor | None = None, path="condot", prediction: str = "velocity", method: str = "euler",
            sigma=0.0, eta: float | None = None, timesteps=None, guidance_interval=None, cfg_batch: bool = True,
-           batch_size: int | None = None, backend: str = "auto", progress: bool = False, callback=None,
+           batch_size: int | None = None, backend: str | None = None, progress: bool = False, callback=None,
            device=None, check_finite: bool = True, cuda_graph: bool = False, step_noise=None,
            guidance=None, guidance_rescale: float = 0.0, conditions=None, dynamic_thresholding=None,
            classifier=None, classifier_scale=1.0, init=None, strength=None, known_mask=None, resample: int = 1,
@@ -92,10 +92,12 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         dynamic_thresholding: Imagen's dynamic thresholding of each evaluation's x0 estimate (diffusers'
             thresholding=True): True (ratio 0.995, max_value 1), a ratio, or a DynamicThresholding.
         cfg_batch: run conditional and unconditional inputs as one batch of 2B (default) or two calls.
-        backend: "auto", "cuda", "triton", "cpu" or "reference" for the fused step.
+        backend: "auto", "cuda", "triton", "cpu" or "reference" for the fused step; None (default): the one in
+            force (fastdiff.use_backend, else FASTDIFF_BACKEND, else "auto").
         progress: show a tqdm progress bar.
         callback: ``callback(step, t, x, x0)`` after each step (x = the new state, x0 = the model's
-            x0 prediction at that step's first evaluation); the tensors are reused buffers.
+            x0 prediction at that step's first evaluation); the tensors are reused buffers. An in-place edit of x
+            is the next step's start (k-diffusion's contract).
         check_finite: fail with the step and t if the model returns inf/NaN (checked on the device,
             read once at the end).
         cuda_graph: capture the model and the loop in a CUDA graph (CUDA tensors only). Later calls
@@ -117,10 +119,12 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     256 MiB (fastdiff.clear_scratch() frees them). Runs under torch.no_grad().
     """
     # ---- arguments ---------------------------------------------------------------------------------
+    cfg_batch, progress, check_finite, cuda_graph = loop_flags(cfg_batch, progress, check_finite, cuda_graph, callback)
     path_arg, path = path, get_path(path)
     prediction = check_prediction(prediction)
     method_record = get_method(method)  # ValueError naming the choices
-    _dispatch.check_name(backend)
+    if backend is not None:
+        _dispatch.check_name(backend)
     y, cfg, multi = condition_branches(y, conditions, cfg)  # multi: several conditions' (labels, weights)
     cfg_at, guided = scale_schedule(cfg)  # t -> w (a number, or a schedule), and whether guidance applies
     rescale, rule, thresholding = guidance_settings(guidance, guidance_rescale, dynamic_thresholding, guided, multi,
@@ -141,7 +145,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     edit = editing(init, strength, known_mask, resample, noise, (B, *shape), device)
     cuda_graph = graphs.check_arguments(cuda_graph, device, callback, step_noise, brownian, y)
     if classifier is not None:
-        classifier = ClassifierGuidance(classifier, classifier_scale, y, path, prediction, per_sample_values, device)
+        classifier = ClassifierGuidance(classifier, classifier_scale, y, path, prediction, per_sample_values, device,
+                                        check_finite)
     needed = method_record.needed_conversions(**values) + (("score", "x0") if corrector_steps else ())
     grid = strength_grid(time_grid(steps, timesteps, path, prediction, needed,
                                    start_late=classifier is not None and singular_at_zero(path, prediction)),
@@ -167,8 +172,7 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     weights = StageWeights(rule, rescale, step_scales,
                            [st.step < rule.zero_init_steps for st in stages], guided, B, device, x0_scales=scales)
     seeds = sample_seeds(seed, B, device)
-    with _dispatch.use_backend(backend):
-        step_backend = _dispatch.resolve(device)
+    step_backend = _dispatch.resolve(device, backend)  # None: use_backend / FASTDIFF_BACKEND, else auto
     if edit is not None and B and math.prod(shape):  # the initial state: init noised through the path
         noise = edit.start(path, grid[0], seeds, step_backend)
     if B == 0 or math.prod(shape) == 0:  # nothing to sample: no model call, no kernel
@@ -335,6 +339,9 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
             if callback is not None:
                 callback(stages[end - 1].step, grid[stages[end - 1].step + 1], result if end - 1 == last else x,
                          buffers["x0"])
+                if end - 1 != last:  # the callback may edit x in place (k-diffusion's contract): into its twins too
+                    for twin in x_outs[1:]:
+                        twin.copy_(x)
             if bar is not None:
                 bar.update(1)
 
@@ -393,6 +400,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         run_loop()
     returned = result.untyped_storage().data_ptr()
     POOL.give(t for t in scratch if t.untyped_storage().data_ptr() != returned)
-    if check_finite:
-        finite.raise_first_bad(first_bad, stages)  # the one synchronization, after the loop
+    if check_finite:  # the one synchronization, after the loop (classifier guidance: two)
+        if classifier is not None:
+            classifier.raise_first_bad(first_bad, stages)
+        finite.raise_first_bad(first_bad, stages)
     return result

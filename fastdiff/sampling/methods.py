@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fastdiff import _checks
 from fastdiff.sampling import churn
 
 # sample()'s per-method options and the value that means "not used". A builder receives the options it
@@ -95,6 +96,7 @@ def register_method(name: str, *, options: tuple[str, ...] | dict = (), evals_pe
     builder is also right on decreasing grids (data to noise: fastdiff.invert), as a round trip test checks."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"a method name must be an identifier, got {name!r}")
+    churn_options, inverts = _checks.flag("churn_options", churn_options), _checks.flag("inverts", inverts)
     defaults = dict(options) if isinstance(options, dict) else {}
     options = tuple(options)
     if churn_options:

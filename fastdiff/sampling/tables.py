@@ -27,8 +27,10 @@ def stage_tables(record, path, path_arg, prediction: str, grid: list[float], val
                     taken["sigma"] = sigma_at.__getitem__  # the builders' form of sigma
                 table = record.stages(path, grid, prediction, **taken)
             except ValueError as exc:
+                hint = "end the sampling grid (timesteps) before the singular point: inversion runs it backwards" \
+                    if grid[0] > grid[-1] else "start the grid after the singular point"
                 raise ValueError(f"{exc} (method={record.name!r}, prediction={prediction!r}, path={path!r}); "
-                                 "start the grid after the singular point") from None
+                                 f"{hint}") from None
             STAGE_CACHE.put(key, table)
         return table
 

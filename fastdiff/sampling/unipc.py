@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+from fastdiff import _checks
 from fastdiff.sampling.coefficients import Stage, _conv, _lambda
 from fastdiff.sampling.methods import register_method
 
@@ -76,6 +77,9 @@ def _combine(*terms) -> dict:
                  description="UniPC (bh1 / bh2, order <= 3): multistep predictor with a free corrector, on x0")
 def _unipc(path, grid, prediction, order=2, solver_type="bh2", lower_order_final=True) -> list[Stage]:
     coefficients = [path.coefficients(t)[:2] for t in grid]
+    for t, (_, be) in zip(grid[:-1], coefficients):
+        if be == 0.0:  # a step from the data (inversion to t = 1): no noise level to step in
+            raise ValueError(f"method='unipc' steps in the noise level sigma = beta / alpha, which is 0 at t={t:g}")
     conv = [_conv(path, t, prediction, "x0") for t in grid[:-1]]
     plan = unipc_plan([_lambda(a, b) for a, b in coefficients], [a for a, _ in coefficients],
                       [b for _, b in coefficients], conv, order, solver_type, lower_order_final)
@@ -92,6 +96,7 @@ def unipc_plan(lam, alpha, beta, conv, order=2, solver_type="bh2", lower_order_f
         raise ValueError(f"order must be 1, 2 or 3 for method='unipc', got {order!r}")
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"solver_type must be 'bh1' or 'bh2' for method='unipc', got {solver_type!r}")
+    lower_order_final = _checks.flag("lower_order_final", lower_order_final)
     n = len(lam) - 1
 
     def phis(i: int):  # hh = -h of step i -> i + 1, and B(h)
