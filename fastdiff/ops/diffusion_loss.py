@@ -114,8 +114,8 @@ def _check_target(path, prediction, t_arg, t, cz, ce):
     if not bool(ok.all()):
         i = int((~ok).nonzero()[0, 0])
         raise ValueError(f"the {prediction!r} target is singular at t = {t[i].item()} (t[{i}]) on path {path!r} "
-                         f"(not finite there: e.g. the score −ε/β_t where β_t = 0); train prediction={prediction!r} "
-                         "at times where the path has noise")
+                         "(not finite there: e.g. the score −ε/β_t where β_t = 0); train "
+                         f"prediction={prediction!r} at times where the path has noise")
 
 
 def _kernel_args(pred, z, t, seeds, stream, path, prediction, weight):

@@ -61,7 +61,8 @@ def _check(counter: torch.Tensor, key: torch.Tensor) -> None:
     for name, t, b in (("counter", counter, bad[0]), ("key", key, bad[1])):
         if b:
             i, j = ((t < 0) | (t > M32)).nonzero()[0].tolist()
-            raise ValueError(f"{name} words must be uint32 values in [0, 2^32), got {name}[{i}, {j}] = {t[i, j].item()}")
+            raise ValueError(f"{name} words must be uint32 values in [0, 2^32), got "
+                             f"{name}[{i}, {j}] = {t[i, j].item()}")
 
 
 def philox4x32_10_reference(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
