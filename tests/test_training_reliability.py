@@ -168,3 +168,139 @@ def test_philox_refuses_words_outside_uint32(fn):
         op(torch.zeros(1, 4, dtype=torch.int64), torch.tensor([[0, 1 << 32]]))
     M = (1 << 32) - 1
     assert op(torch.tensor([[M, M, M, M]]), torch.tensor([[M, M]])).shape == (1, 4)  # the largest words pass
+
+
+# ---- training objectives -------------------------------------------------------------------------------
+
+def test_ncsn_and_score_matching_string_numbers():
+    from fastdiff.training import DiffusionObjective, ScoreMatchingObjective, ncsn_objective
+
+    for kw, name in (({"sigma_min": "0.1"}, "sigma_min"), ({"sigma_max": "1.0"}, "sigma_max")):
+        with pytest.raises(TypeError, match=name):
+            ncsn_objective(**kw)
+    for kw, name in (({"t": "0.5"}, "t"), ({"noise_std": "0.1"}, "noise_std")):
+        with pytest.raises(TypeError, match=f"^{name} must"):
+            ScoreMatchingObjective(**kw)
+    for kw, name in (({"logit_mean": "0"}, "logit_mean"), ({"snr_gamma": "5"}, "snr_gamma"),
+                     ({"label_dropout": "0.1"}, "label_dropout"),
+                     ({"time_sampling": "levels", "levels": ["0.5"]}, r"levels\[0\]")):
+        with pytest.raises(TypeError, match=f"^{name} must"):
+            DiffusionObjective(**kw)
+    with pytest.raises(ValueError, match="^t must be <= 1"):
+        ScoreMatchingObjective(t=1.5)
+    with pytest.raises(ValueError, match="^t must be finite"):
+        ScoreMatchingObjective(t=math.nan)
+
+
+def test_score_matching_bool_argument():
+    from fastdiff.training import ScoreMatchingObjective
+
+    with pytest.raises(TypeError, match="variance_reduced"):
+        ScoreMatchingObjective(variance_reduced="no")
+    assert ScoreMatchingObjective(variance_reduced=False).variance_reduced is False
+
+
+def test_score_matching_model_without_gradient_path():
+    from fastdiff.training import ScoreMatchingObjective, training_seeds
+
+    with pytest.raises(ValueError, match="model's output has no gradient path"):
+        ScoreMatchingObjective()(lambda x, t, y: torch.zeros_like(x), torch.randn(2, 2), None,
+                                 training_seeds(0, 0, 2))
+
+
+# ---- the Trainer ---------------------------------------------------------------------------------------
+
+def _tiny_trainer(**kw):
+    from fastdiff.demo import models
+    from fastdiff.training import Trainer
+
+    torch.manual_seed(0)
+    base = dict(steps=1, batch_size=4, progress=False, log_every=1, ema_decay=0.0)
+    base.update(kw)
+    return Trainer(models.MLP(2, hidden=8, depth=1, time_features=4), torch.randn(8, 2), **base)
+
+
+def test_trainer_objective_must_be_an_objective():
+    with pytest.raises(TypeError, match="objective must be a DiffusionObjective .*ScoreMatchingObjective"):
+        _tiny_trainer(objective="velocity")
+
+
+@pytest.mark.parametrize("name", ["amp", "progress"])
+def test_trainer_bool_arguments(name):
+    with pytest.raises(TypeError, match=f"^{name} must be True or False"):
+        _tiny_trainer(**{name: "no"})
+
+
+def test_trainer_resume_type():
+    with pytest.raises(TypeError, match="^resume must be"):
+        _tiny_trainer(resume=1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_trainer_cuda_device_without_cuda():
+    with pytest.raises(ValueError, match="^device = 'cuda'"):
+        _tiny_trainer(device="cuda")
+
+
+def test_trainer_steps_bounded_by_the_noise_seeds():
+    with pytest.raises(ValueError, match="^steps must be at most"):
+        _tiny_trainer(steps=10**12)  # 4 × 10^12 samples: beyond the 2^40 noise seeds
+    with pytest.raises(ValueError, match="^steps must be at most"):
+        _tiny_trainer(steps=(1 << 40) + 1, batch_size=1)
+    tr = _tiny_trainer(steps=(1 << 38))  # 2^40 samples: the last one still has its own seed
+    with pytest.raises(ValueError, match="^steps must be at most"):
+        tr.fit((1 << 38) + 1)
+
+
+def test_trainer_model_without_gradient_path():
+    class Frozen(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+
+        def forward(self, x, t, y):
+            with torch.no_grad():
+                return self.lin(x)
+
+    from fastdiff.training import Trainer
+
+    tr = Trainer(Frozen(), torch.randn(8, 2), steps=1, batch_size=4, progress=False, ema_decay=0.0)
+    with pytest.raises(ValueError, match="loss has no gradient path to the model's parameters"):
+        tr.fit()
+
+
+def test_resume_refuses_a_checkpoint_of_another_objective(tmp_path):
+    from fastdiff.training import CheckpointError, DiffusionObjective, ScoreMatchingObjective
+
+    sm, diff = tmp_path / "sm", tmp_path / "diff"
+    _tiny_trainer(objective=ScoreMatchingObjective(), out_dir=sm).fit()
+    _tiny_trainer(objective=DiffusionObjective(), out_dir=diff).fit()
+    pattern = r"checkpoint .*step-00000001\.json was trained with a {} .*this run has a {}"
+    with pytest.raises(CheckpointError, match=pattern.format("ScoreMatchingObjective", "DiffusionObjective")):
+        _tiny_trainer(objective=DiffusionObjective(), out_dir=sm, steps=2)
+    with pytest.raises(CheckpointError, match=pattern.format("DiffusionObjective", "ScoreMatchingObjective")):
+        _tiny_trainer(objective=ScoreMatchingObjective(), out_dir=diff, steps=2)
+    with pytest.raises(CheckpointError, match="was trained with t 1.0; this run has t 0.5"):
+        _tiny_trainer(objective=ScoreMatchingObjective(t=0.5), out_dir=sm, steps=2)
+    # the same kind of objective still resumes
+    assert _tiny_trainer(objective=ScoreMatchingObjective("implicit"), out_dir=sm, steps=2).step == 1
+
+
+# ---- bool arguments elsewhere --------------------------------------------------------------------------
+
+def test_other_bool_arguments():
+    from fastdiff.mixtures import class_conditional_mixture, ring_mixture
+    from fastdiff.paths import convert
+    from fastdiff.training import checkpoint
+
+    with pytest.raises(TypeError, match="^heterogeneous must be True or False"):
+        ring_mixture(4, heterogeneous="no")
+    with pytest.raises(TypeError, match="^heterogeneous must be True or False"):
+        class_conditional_mixture(2, 2, heterogeneous="no")
+    with pytest.raises(TypeError, match="^k must be an int"):
+        ring_mixture("4")
+    x = torch.randn(2, 2)
+    with pytest.raises(TypeError, match="^check must be True or False"):
+        convert(x, x, torch.tensor([0.5, 0.5]), "condot", "eps", "x0", check="no")
+    with pytest.raises(TypeError, match="^warn must be True or False"):
+        checkpoint.latest("/nonexistent-folder", warn="no")
