@@ -304,3 +304,13 @@ def test_other_bool_arguments():
         convert(x, x, torch.tensor([0.5, 0.5]), "condot", "eps", "x0", check="no")
     with pytest.raises(TypeError, match="^warn must be True or False"):
         checkpoint.latest("/nonexistent-folder", warn="no")
+
+
+def test_mala_nan_score_at_the_proposals_raises():
+    x0 = torch.zeros(2, 2)
+
+    def score(x):  # finite at x0 = 0 only: every proposal's ratio is NaN, so the chain never moved
+        return torch.where(x.abs().sum(1, keepdim=True) > 0, math.nan, -x)
+
+    with pytest.raises(FloatingPointError, match="score was not finite, at the proposal of step 0"):
+        fastdiff.langevin(score, x0, steps=3, step_size=0.1, log_prob=_gauss_log_prob)

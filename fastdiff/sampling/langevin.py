@@ -240,9 +240,9 @@ def langevin(score=None, x0: torch.Tensor | None = None, *, steps: int, step_siz
                                  "and step_size")
     if bad_lp >= 0:
         where = "at the chains' starting points" if bad_lp == 0 else f"at the proposal of step {bad_lp - 1}"
-        raise FloatingPointError(f"log_prob returned NaN or +inf {where}; MALA's acceptance ratio is then "
-                                 "meaningless (NaN rejects every move): check log_prob (−inf, zero density, is "
-                                 "allowed)")
+        raise FloatingPointError(f"log_prob returned NaN or +inf, or the score was not finite, {where}; MALA's "
+                                 "acceptance ratio is then NaN, which rejects every move: check log_prob and the "
+                                 "score (log_prob −inf, zero density, is allowed)")
     out = x if kept is None else torch.stack(kept)
     return (out, accepted / steps) if return_acceptance else out
 
@@ -264,13 +264,14 @@ class _Metropolis:
     def __call__(self, target, x, proposal, s, log_p, seeds, i, accepted, backend):
         """Accept ``proposal`` where the ratio allows: x updated in place, returns (log_p, s)."""
         log_q, s_q = target(proposal, True)
-        self.note(log_q, i + 1)
         G = sample_gram([x, proposal, s, s_q], backend=backend)  # the Gram matrix of (1, x, x', s, s')
 
         def quad(v):
             return torch.einsum("bi,bij,bj->b", v, G, v)
 
         log_ratio = log_q - log_p - (quad(self.backward) - quad(self.forward)) / (2 * self.h)
+        # a NaN ratio where the proposal has density: the proposal's score was not finite (rejected forever)
+        self.note(log_q, i + 1, torch.isnan(log_ratio) & (log_q > -math.inf))
         u = randn(seeds, draw_stream(i, 1), (1,), device=x.device, dtype=torch.float64, backend=backend)[:, 0]
         accept = torch.special.log_ndtr(u) < log_ratio  # u ~ N(0, 1): Φ(u) is uniform; NaN ratios reject
         accepted += accept
@@ -279,8 +280,10 @@ class _Metropolis:
         torch.where(mask, proposal, x, out=x)
         return torch.where(accept, log_q, log_p), torch.where(mask, s_q, s)
 
-    def note(self, log_p, k: int) -> None:
-        """Record k as the first bad evaluation when ``log_p`` holds NaN or +inf (on the device, no sync)."""
+    def note(self, log_p, k: int, also=None) -> None:
+        """Record k as the first bad evaluation when ``log_p`` holds NaN or +inf, or ``also`` holds True (on the
+        device, no sync)."""
         if self.check_finite:
-            bad = (torch.isnan(log_p) | (log_p == math.inf)).any()
+            bad = torch.isnan(log_p) | (log_p == math.inf)
+            bad = (bad if also is None else bad | also).any()
             self.first_bad.copy_(torch.where((self.first_bad < 0) & bad, k, self.first_bad))
