@@ -49,6 +49,7 @@ from typing import Dict, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
+from fastdiff import _checks
 from fastdiff.paths import VP, GaussianPath, VPCosine, check_prediction, get_path
 
 __all__ = [
@@ -476,8 +477,8 @@ def ring_mixture(k: int = 8, radius: float = 4.0, std=0.3, weights=None, labels=
     of weights and covariances are meaningful. With the defaults (radius 4, std 0.3) neighbouring
     modes are more than 10 standard deviations apart.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    k = _checks.count("k", k, least=1)
+    heterogeneous = _checks.flag("heterogeneous", heterogeneous)  # bool('no') is True
     angles = 2.0 * math.pi * torch.arange(k, dtype=F64) / k
     cos, sin = torch.cos(angles), torch.sin(angles)
     means = radius * torch.stack([cos, sin], dim=-1)

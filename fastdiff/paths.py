@@ -41,6 +41,7 @@ from typing import Tuple, Union
 
 import torch
 
+from fastdiff import _checks
 from fastdiff.gaussian_paths import (PATH_NAMES, VE, VP, CondOT, DiscreteVP, GaussianPath, Time, UserPath,  # noqa: F401
                                      VPCosine, _check_t, get_path)
 
@@ -179,6 +180,7 @@ def convert(pred: torch.Tensor, x: torch.Tensor, t: Time, path: Union[str, Gauss
     """
     src = check_prediction(from_type, "from_type")
     dst = check_prediction(to_type, "to_type")
+    check = _checks.flag("check", check)  # check='no' would be truthy
     path = get_path(path)
     dtype = torch.promote_types(x.dtype, pred.dtype)
     if src == dst:

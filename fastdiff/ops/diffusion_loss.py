@@ -101,6 +101,23 @@ def target_coefficients(path, t, prediction):
     return torch.zeros_like(t), -1.0 / be  # score: -ε / β (infinite where β = 0)
 
 
+def _check_target(path, prediction, t_arg, t, cz, ce):
+    """Refuse a target that is infinite at t (the score −ε/β_t where β_t = 0, e.g. t = 1 on CondOT) rather than
+    return a NaN loss. A float t and CPU tensors are checked on the host; a GPU tensor is not (a host sync per
+    training step): its loss is then inf/NaN, which the Trainer reports as non-finite."""
+    if t.device.type != "cpu":
+        if isinstance(t_arg, torch.Tensor):
+            return
+        t = torch.tensor([float(t_arg)], dtype=torch.float64)  # one time for all: checked on the host
+        cz, ce = target_coefficients(path, t, prediction)
+    ok = torch.isfinite(cz.detach()) & torch.isfinite(ce.detach())
+    if not bool(ok.all()):
+        i = int((~ok).nonzero()[0, 0])
+        raise ValueError(f"the {prediction!r} target is singular at t = {t[i].item()} (t[{i}]) on path {path!r} "
+                         "(not finite there: e.g. the score −ε/β_t where β_t = 0); train "
+                         f"prediction={prediction!r} at times where the path has noise")
+
+
 def _kernel_args(pred, z, t, seeds, stream, path, prediction, weight):
     from fastdiff.paths import check_prediction, get_path
 
@@ -112,9 +129,10 @@ def _kernel_args(pred, z, t, seeds, stream, path, prediction, weight):
     B, device = pred.shape[0], pred.device
     if z.device != device:
         raise ValueError(f"z is on {z.device} but pred is on {device}")
-    t = _times(t, B, device)
+    t_arg, t = t, _times(t, B, device)
     seeds, stream = _seeds_and_stream(seeds, stream, B, device)
     cz, ce = target_coefficients(path, t, prediction)
+    _check_target(path, prediction, t_arg, t, cz, ce)
     # Some targets do not depend on t (CondOT velocity z - ε): carry a NaN time (a GPU's out-of-range
     # t, see _check_time_range) into the coefficients all the same. t * 0 is 0 for finite t.
     cz, ce = cz + t * 0.0, ce + t * 0.0

@@ -53,6 +53,16 @@ def _check(counter: torch.Tensor, key: torch.Tensor) -> None:
         raise ValueError(f"counter and key must have the same N, got {counter.shape[0]} and {key.shape[0]}")
     if counter.device != key.device:
         raise ValueError(f"counter and key must be on one device, got {counter.device} and {key.device}")
+    if counter.device.type == "meta":
+        return
+    # words outside [0, 2^32) would be silently masked to 32 bits: another counter than the one asked for.
+    # One read-back for both (a device sync on a GPU: this op is the generator's specification, not a hot path)
+    bad = torch.stack([((t < 0) | (t > M32)).any() for t in (counter, key)]).tolist()
+    for name, t, b in (("counter", counter, bad[0]), ("key", key, bad[1])):
+        if b:
+            i, j = ((t < 0) | (t > M32)).nonzero()[0].tolist()
+            raise ValueError(f"{name} words must be uint32 values in [0, 2^32), got "
+                             f"{name}[{i}, {j}] = {t[i, j].item()}")
 
 
 def philox4x32_10_reference(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:

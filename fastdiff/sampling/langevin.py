@@ -22,6 +22,7 @@ import numbers
 
 import torch
 
+from fastdiff import _checks
 from fastdiff import dispatch as _dispatch
 from fastdiff.ops.randn import randn
 from fastdiff.ops.sample_gram import sample_gram
@@ -38,13 +39,18 @@ def _positive_int(name, value, low=1):
 
 def step_sizes(step_size, B: int, device) -> torch.Tensor | float:
     """``step_size`` as a float, or as a float64 tensor [B] for one value per sample; each finite and > 0."""
-    if isinstance(step_size, numbers.Real) and not isinstance(step_size, bool):
+    if isinstance(step_size, bool):
+        raise TypeError(f"step_size must be a number or one number per sample, got bool {step_size!r}")
+    if isinstance(step_size, numbers.Real):
         if not 0.0 < step_size < math.inf:
             raise ValueError(f"step_size must be a finite number > 0, got {step_size!r}")
         return float(step_size)
     if isinstance(step_size, torch.Tensor):
         h = step_size.detach().to(device=device, dtype=torch.float64)
     elif isinstance(step_size, (list, tuple)):
+        for i, v in enumerate(step_size):  # float() would take '0.1' or True
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"step_size[{i}] must be a real number, got {type(v).__name__} {v!r}")
         h = torch.tensor([float(v) for v in step_size], dtype=torch.float64, device=device)
     else:
         raise TypeError(f"step_size must be a number or one number per sample (a list or 1-D tensor), "
@@ -64,7 +70,8 @@ def _start(x0, shape, batch_size, device, seeds_arg):
             raise ValueError(f"shape {tuple(shape)} disagrees with x0's per-sample shape {tuple(x0.shape[1:])}")
         if batch_size is not None and batch_size != x0.shape[0]:
             raise ValueError(f"batch_size={batch_size} disagrees with x0's {x0.shape[0]} samples")
-        return x0.shape[0], tuple(x0.shape[1:]), torch.device(device) if device is not None else x0.device
+        return x0.shape[0], tuple(x0.shape[1:]), _checks.device_arg("device", device) if device is not None \
+            else x0.device
     if shape is None:
         raise ValueError("give x0 (the chains' starting points) or shape (to start from standard normals)")
     if isinstance(shape, numbers.Integral):
@@ -72,7 +79,7 @@ def _start(x0, shape, batch_size, device, seeds_arg):
     shape = tuple(_positive_int("shape", s) for s in shape)
     if batch_size is None:
         batch_size = len(seeds_arg) if not isinstance(seeds_arg, numbers.Integral) else 1
-    return _positive_int("batch_size", batch_size, 0), shape, torch.device(device or "cpu")
+    return _positive_int("batch_size", batch_size, 0), shape, _checks.device_arg("device", device or "cpu")
 
 
 def _evaluate(fn, name, x):
@@ -110,7 +117,12 @@ class _Target:
             xr = x.detach().requires_grad_(True)
             lp = self.log_prob(xr)
             lp64 = self._log_prob(x, lp)
-            (grad,) = torch.autograd.grad(lp.sum(), xr)
+            # without a graph to x (no_grad, .detach(), a constant) autograd's own error names neither
+            (grad,) = torch.autograd.grad(lp.sum(), xr, allow_unused=True) if lp.requires_grad else (None,)
+        if grad is None:
+            raise ValueError("log_prob(x) does not depend on x through autograd (its output has no gradient "
+                             "path to x: computed under torch.no_grad, detached, or constant), so the score "
+                             "cannot be taken from it; make log_prob differentiable or give score")
         return (lp64 if need_log_prob else None), grad.to(torch.float32).contiguous()
 
 
@@ -148,9 +160,13 @@ def langevin(score=None, x0: torch.Tensor | None = None, *, steps: int, step_siz
         progress: show a tqdm progress bar. backend: the fused step's backend ("auto", "cpu", "cuda",
             "triton", "reference"; None: the one in force, fastdiff.use_backend / FASTDIFF_BACKEND).
         device: where the chains run (default: x0's, else the CPU).
-        check_finite: fail naming the step where the score returned inf/NaN (checked on the device, read once
-            after the loop).
+        check_finite: fail naming the step where the score returned inf/NaN, or (MALA) log_prob NaN or +inf
+            (checked on the device, read once after the loop). log_prob −inf (zero density) rejects the proposal.
     """
+    metropolis = _checks.optional_flag("metropolis", metropolis)
+    return_acceptance = _checks.flag("return_acceptance", return_acceptance)
+    progress = _checks.flag("progress", progress)
+    check_finite = _checks.flag("check_finite", check_finite)
     steps = _positive_int("steps", steps)
     if steps >= DRAW_STRIDE - 1:
         raise ValueError(f"steps must be < 2^24 - 1 (the noise stream ids of one chain), got {steps}")
@@ -162,7 +178,7 @@ def langevin(score=None, x0: torch.Tensor | None = None, *, steps: int, step_siz
     elif burn_in:
         raise ValueError("burn_in needs thin (the kept states are every thin-th after burn_in)")
     target = _Target(score, log_prob)
-    metropolis = log_prob is not None if metropolis is None else bool(metropolis)
+    metropolis = log_prob is not None if metropolis is None else metropolis
     if metropolis and log_prob is None:
         raise ValueError("metropolis=True needs log_prob (the acceptance ratio reads the log-density)")
     if return_acceptance and not metropolis:
@@ -189,7 +205,9 @@ def langevin(score=None, x0: torch.Tensor | None = None, *, steps: int, step_siz
     proposal = x if not metropolis else torch.empty_like(x)
     rows = _rows([1.0, h / 2, sqrt_h, 0.0, 0.0, 0.0], B, device)
     log_p, s = target(x, metropolis)
-    mala = _Metropolis(h, B, device) if metropolis else None
+    mala = _Metropolis(h, B, device, check_finite) if metropolis else None
+    if mala is not None:
+        mala.note(log_p, 0)
     call = prepare(x, [s], None, [], rows, seeds, [draw_stream(0)], [proposal], None, finite.row(0))
     args = [call[k] for k in KERNEL_ARGS]
 
@@ -214,10 +232,18 @@ def langevin(score=None, x0: torch.Tensor | None = None, *, steps: int, step_siz
     finally:
         if bar is not None:
             bar.close()
-    bad = int(finite.first_bad.item()) if check_finite else -1  # the one synchronization, after the loop
+    bad, bad_lp = -1, -1
+    if check_finite:  # the one synchronization, after the loop
+        flags = [finite.first_bad] + ([mala.first_bad] if mala is not None else [])
+        bad, bad_lp = (torch.stack(flags).tolist() + [-1])[:2]
     if bad >= 0:
         raise FloatingPointError(f"the score is not finite at step {bad} of the chain; check the score function "
                                  "and step_size")
+    if bad_lp >= 0:
+        where = "at the chains' starting points" if bad_lp == 0 else f"at the proposal of step {bad_lp - 1}"
+        raise FloatingPointError(f"log_prob returned NaN or +inf, or the score was not finite, {where}; MALA's "
+                                 "acceptance ratio is then NaN, which rejects every move: check log_prob and the "
+                                 "score (log_prob −inf, zero density, is allowed)")
     out = x if kept is None else torch.stack(kept)
     return (out, accepted / steps) if return_acceptance else out
 
@@ -226,8 +252,11 @@ class _Metropolis:
     """MALA's accept/reject for every chain, on the device. The quadratic forms' coefficient vectors depend on
     the step sizes alone: made once, not per step."""
 
-    def __init__(self, h, B: int, device):
+    def __init__(self, h, B: int, device, check_finite: bool):
         self.h = h if isinstance(h, torch.Tensor) else torch.full((B,), h, dtype=torch.float64, device=device)
+        self.check_finite = check_finite
+        # 0: log_prob was NaN / +inf at the starting points, i + 1: at step i's proposal; -1: never
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         zero, one = torch.zeros_like(self.h), torch.ones_like(self.h)
         # over u = (1, x, x', s(x), s(x')): x' − x − (h/2) s(x) and x − x' − (h/2) s(x')
         self.forward = torch.stack([zero, -one, one, -self.h / 2, zero], 1)
@@ -242,6 +271,8 @@ class _Metropolis:
             return torch.einsum("bi,bij,bj->b", v, G, v)
 
         log_ratio = log_q - log_p - (quad(self.backward) - quad(self.forward)) / (2 * self.h)
+        # a NaN ratio where the proposal has density: the proposal's score was not finite (rejected forever)
+        self.note(log_q, i + 1, torch.isnan(log_ratio) & (log_q > -math.inf))
         u = randn(seeds, draw_stream(i, 1), (1,), device=x.device, dtype=torch.float64, backend=backend)[:, 0]
         accept = torch.special.log_ndtr(u) < log_ratio  # u ~ N(0, 1): Φ(u) is uniform; NaN ratios reject
         accepted += accept
@@ -249,3 +280,11 @@ class _Metropolis:
         # torch.where, not a 0/1 blend: a rejected proposal may hold inf/NaN, and 0 · NaN is NaN
         torch.where(mask, proposal, x, out=x)
         return torch.where(accept, log_q, log_p), torch.where(mask, s_q, s)
+
+    def note(self, log_p, k: int, also=None) -> None:
+        """Record k as the first bad evaluation when ``log_p`` holds NaN or +inf, or ``also`` holds True (on the
+        device, no sync)."""
+        if self.check_finite:
+            bad = torch.isnan(log_p) | (log_p == math.inf)
+            bad = (bad if also is None else bad | also).any()
+            self.first_bad.copy_(torch.where((self.first_bad < 0) & bad, k, self.first_bad))

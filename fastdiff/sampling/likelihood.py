@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 
+from fastdiff import _checks
 from fastdiff import dispatch as _dispatch
 from fastdiff.ops.randn import randn
 from fastdiff.ops.sampler_step import KERNEL_ARGS, prepare
@@ -48,6 +49,11 @@ def bits_per_dim(log_prob: torch.Tensor, dims: int, *, levels: int = 256, data_r
     """Bits per dimension of data quantized to ``levels`` values over an interval of width ``data_range`` (8-bit
     images scaled to [−1, 1]: 256 and 2): −log2 of the bin's probability p(x) Δ^d, Δ = data_range / levels, per
     dimension."""
+    dims = _checks.count("dims", dims, least=1)
+    levels = _checks.count("levels", levels, least=2)  # one level is no quantization: p(x) Δ^d is not a bin's mass
+    data_range = _checks.real("data_range", data_range, lo=0.0, lo_open=True)
+    if not isinstance(log_prob, torch.Tensor):
+        raise TypeError(f"log_prob must be a tensor (log p(x) in nats), got {type(log_prob).__name__}")
     return (-log_prob / dims + math.log(levels / data_range)) / math.log(2.0)
 
 
@@ -65,25 +71,30 @@ def _divergence(model, x, t, y, d: int, probes: torch.Tensor | None):
         if not isinstance(p, torch.Tensor) or p.shape != x.shape:
             raise ValueError(f"model must return a tensor shaped like x {tuple(x.shape)}, got "
                              f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
+        if not p.requires_grad:  # else autograd's own error, naming neither the model nor the cause
+            raise ValueError("the model's output has no gradient path to x (computed under torch.no_grad, "
+                             "detached, or constant in x): the divergence needs a model differentiable in x")
         B = x.shape[0]
         flat = p.reshape(B, d)
         if probes is None:  # Σ_i ∂p_i/∂x_i: one backward pass per coordinate
             div = torch.zeros(B, dtype=torch.float64, device=x.device)
             for i in range(d):
-                (g,) = torch.autograd.grad(flat[:, i].sum(), xr, retain_graph=True)
-                div += g.reshape(B, d)[:, i].to(torch.float64)
+                (g,) = torch.autograd.grad(flat[:, i].sum(), xr, retain_graph=True, allow_unused=True)
+                if g is not None:  # None: p_i does not depend on x
+                    div += g.reshape(B, d)[:, i].to(torch.float64)
         else:
             div = torch.empty(probes.shape[0], B, dtype=torch.float64, device=x.device)
             for k in range(probes.shape[0]):
-                (g,) = torch.autograd.grad((flat * probes[k]).sum(), xr, retain_graph=k + 1 < probes.shape[0])
-                div[k] = (g.reshape(B, d).to(torch.float64) * probes[k]).sum(1)
+                (g,) = torch.autograd.grad((flat * probes[k]).sum(), xr, retain_graph=k + 1 < probes.shape[0],
+                                           allow_unused=True)
+                div[k] = 0.0 if g is None else (g.reshape(B, d).to(torch.float64) * probes[k]).sum(1)
     return p.detach().to(torch.float32).contiguous(), div
 
 
 @torch.no_grad()
 def log_likelihood(model, x: torch.Tensor, steps: int | None = 100, *, path="condot", prediction: str = "velocity",
-                   y=None, method: str = "heun", divergence: str = "exact", probes: int = 1,
-                   probe_kind: str = "rademacher", seed=0, t_data: float | None = None, t_noise: float | None = None,
+                   y=None, method: str = "heun", divergence: str = "exact", probes: int | None = None,
+                   probe_kind: str | None = None, seed=0, t_data: float | None = None, t_noise: float | None = None,
                    timesteps=None, prior=None, backend: str = "auto", progress: bool = False) -> Likelihood:
     """log p(x) of the model's probability-flow ODE, per sample: the data x [B, *shape] carried to the noise end,
     with the divergence integral along the way.
@@ -93,8 +104,8 @@ def log_likelihood(model, x: torch.Tensor, steps: int | None = 100, *, path="con
         x: data [B, *shape]. steps: ODE steps (uniform in t). path, prediction, y: as in fastdiff.sample.
         method: "heun" (second order, default) or "euler".
         divergence: "exact" (trace by d backward passes per evaluation: small d) or "hutchinson" (``probes``
-            vector-Jacobian products per evaluation; ``probe_kind`` "rademacher" or "gaussian"; the result then
-            carries its standard error).
+            vector-Jacobian products per evaluation, default 1; ``probe_kind`` "rademacher" (default) or
+            "gaussian"; the result then carries its standard error). The exact trace takes neither.
         seed: int (sample b uses seed + b) or per-sample seeds: the probes' noise stream.
         t_data, t_noise: the integration's ends (default 1 and 0, moved in to 1 − 1e-5 / 1e-3 where the field
             is singular there, as score_sde does for VP paths).
@@ -111,9 +122,16 @@ def log_likelihood(model, x: torch.Tensor, steps: int | None = 100, *, path="con
         raise ValueError(f"method must be 'heun' or 'euler' for log_likelihood, got {method!r}")
     if divergence not in ("exact", "hutchinson"):
         raise ValueError(f"divergence must be 'exact' or 'hutchinson', got {divergence!r}")
+    if divergence == "exact":  # silently ignoring them would pass off the exact trace as the asked-for estimate
+        for name, value in (("probes", probes), ("probe_kind", probe_kind)):
+            if value is not None:
+                raise ValueError(f'{name}={value!r} applies to divergence="hutchinson"; the exact trace '
+                                 "(divergence=\"exact\") uses no probes")
+    probe_kind = "rademacher" if probe_kind is None else probe_kind
     if probe_kind not in ("rademacher", "gaussian"):
         raise ValueError(f"probe_kind must be 'rademacher' or 'gaussian', got {probe_kind!r}")
-    probes = _int_in("probes", probes, 1, MAX_PROBES)
+    probes = _int_in("probes", 1 if probes is None else probes, 1, MAX_PROBES)
+    progress = _checks.flag("progress", progress)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise TypeError("x must be a floating-point tensor [B, *shape] (the data)")
     if timesteps is not None:
@@ -124,9 +142,9 @@ def log_likelihood(model, x: torch.Tensor, steps: int | None = 100, *, path="con
     else:
         steps = _int_in("steps", steps, 1, MAX_STEPS)
         t_data = (1.0 - T_DATA_SINGULAR if _singular(path, 1.0, prediction, "velocity") else 1.0) if t_data is None \
-            else float(t_data)
+            else _checks.real("t_data", t_data)  # float() would take '0.9'
         t_noise = (T_MIN_SINGULAR if _singular(path, 0.0, prediction, "velocity") else 0.0) if t_noise is None \
-            else float(t_noise)
+            else _checks.real("t_noise", t_noise)
         if not 0.0 <= t_noise < t_data <= 1.0:
             raise ValueError(f"need 0 <= t_noise < t_data <= 1, got t_noise={t_noise}, t_data={t_data}")
         grid = [t_data + (t_noise - t_data) * i / steps for i in range(steps)] + [t_noise]  # data to noise
@@ -195,5 +213,7 @@ def log_likelihood(model, x: torch.Tensor, steps: int | None = 100, *, path="con
     # the integral ran from t_data down to t_noise: delta = ∫_{t_data}^{t_noise} div u dt = −∫_{t_noise}^{t_data}
     per_probe = prior_lp + delta
     log_prob = per_probe.mean(0)
-    std_error = per_probe.std(0) / math.sqrt(probes) if eps is not None and probes > 1 else None
+    std_error = None
+    if eps is not None and probes > 1:  # std over the probes; an empty batch has none (and no warning)
+        std_error = per_probe.std(0) / math.sqrt(probes) if B else per_probe.new_empty(0)
     return Likelihood(log_prob, std_error, prior_lp, z)

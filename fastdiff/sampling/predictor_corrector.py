@@ -37,6 +37,7 @@ import numbers
 
 import torch
 
+from fastdiff import _checks
 from fastdiff.ops.sample_gram import sample_gram
 from fastdiff.paths import affine_coefficients
 from fastdiff.sampling.methods import register_method
@@ -60,7 +61,9 @@ def _langevin_steps(name: str, value) -> int:
 
 
 def _positive(name: str, value) -> float:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0.0 < value < math.inf:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):  # '0.1' would fail inside a comparison
+        raise TypeError(f"{name} must be a finite number > 0, got {type(value).__name__} {value!r}")
+    if not 0.0 < value < math.inf:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
@@ -70,6 +73,7 @@ def _positive(name: str, value) -> float:
                  description="NCSN's annealed Langevin dynamics: n_steps_each Langevin steps at each noise level "
                              "(a_i = step_lr β_i² / β_L²), then a Tweedie denoising step")
 def _annealed_langevin(path, grid, prediction, n_steps_each=100, step_lr=2e-5, denoise=True) -> list[Stage]:
+    denoise = _checks.flag("denoise", denoise)
     n = _langevin_steps("n_steps_each", n_steps_each)
     if n < 1:
         raise ValueError("n_steps_each must be >= 1")
@@ -117,9 +121,9 @@ def correctors(stages: list[Stage], stage_key, corrector_steps, snr, path, grid,
     """sample()'s corrector options applied: ``corrector_steps`` (checked) Langevin corrector stages at t_i
     before the first stage of each step i, and the stage key extended; the stages unchanged when 0."""
     n = _langevin_steps("corrector_steps", corrector_steps)
+    snr = _positive("snr", snr)  # also when unused: a NaN or misspelt snr is a mistake all the same
     if n == 0:
         return stages, stage_key
-    snr = _positive("snr", snr)
     for given, what in ((per_sample, "per-sample churn options"), (classifier, "classifier guidance"),
                         (step_noise, "step_noise")):
         if given is not None:  # their terms would ride in the corrector's call, whose rows are its own

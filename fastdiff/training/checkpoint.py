@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from fastdiff import _checks
+
 FORMAT = "fastdiff-checkpoint"
 VERSION = 2  # 2: the JSON carries "json_sha256"; version 1 (without it) is still read
 READABLE_VERSIONS = (1, 2)
@@ -250,6 +252,7 @@ def verify(json_path) -> str | None:
 
 def latest(folder, *, warn: bool = True) -> Path | None:
     """The newest checkpoint in ``folder`` that verifies; corrupt newer ones are reported and skipped."""
+    warn = _checks.flag("warn", warn)  # warn='no' would warn
     for step, json_path in list_checkpoints(folder):
         problem = verify(json_path)
         if problem is None:

@@ -15,8 +15,6 @@ the dropout mask are bit-identical on every device.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fastdiff import _checks
@@ -107,16 +105,16 @@ class DiffusionObjective:
             raise ValueError(f"time_sampling must be one of {TIME_SAMPLING}, got {time_sampling!r}")
         if weighting not in WEIGHTING:
             raise ValueError(f"weighting must be one of {WEIGHTING}, got {weighting!r}")
-        if not (math.isfinite(logit_mean) and math.isfinite(logit_std) and logit_std > 0):
-            raise ValueError(f"logit_mean must be finite and logit_std > 0, got {logit_mean}, {logit_std}")
-        if not (math.isfinite(snr_gamma) and snr_gamma > 0):
-            raise ValueError(f"snr_gamma must be > 0, got {snr_gamma}")
-        if not 0.0 <= label_dropout < 1.0:
-            raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+        # _checks.real: math.isfinite('0.1') would fail with a TypeError that names no argument
+        logit_mean = _checks.real("logit_mean", logit_mean)
+        logit_std = _checks.real("logit_std", logit_std, lo=0.0, lo_open=True)
+        snr_gamma = _checks.real("snr_gamma", snr_gamma, lo=0.0, lo_open=True)
+        label_dropout = _checks.real("label_dropout", label_dropout, lo=0.0, hi=1.0, hi_open=True)
         if (levels is None) != (time_sampling != "levels"):
             raise ValueError('levels (the flow times to train at) go with time_sampling="levels", and it needs them')
         if levels is not None:
-            levels = [float(v) for v in levels]
+            levels = levels.tolist() if isinstance(levels, torch.Tensor) else levels
+            levels = [_checks.real(f"levels[{i}]", v) for i, v in enumerate(levels)]
             if not levels or not all(0.0 < v < 1.0 for v in levels):
                 raise ValueError(f"levels must be flow times in (0, 1), got {levels}")
         self.levels = levels

@@ -4,12 +4,18 @@ naming it, not as a NaN or a crash steps into training."""
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
 
+from fastdiff import _checks
+from fastdiff.training import checkpoint as ckpt
 from fastdiff.training.nonfinite import ON_NONFINITE
-from fastdiff.training.objective import SEED_SHIFT
+from fastdiff.training.objective import SEED_SHIFT, DiffusionObjective
+from fastdiff.training.score_matching import ScoreMatchingObjective
+
+MAX_SAMPLES = 1 << SEED_SHIFT  # training sample n has the noise seed (seed << 40) + n: n < 2^40
 
 
 def _check_float(name: str, v, *, low: float, high: Optional[float] = None, low_open: bool = False) -> None:
@@ -23,16 +29,25 @@ def _check_float(name: str, v, *, low: float, high: Optional[float] = None, low_
 
 def check_trainer_args(model, *, steps, warmup, checkpoint_every, keep, log_every, max_consecutive_skips, seed,
                        lr, lr_min, weight_decay, lr_schedule, ema_decay, grad_clip, betas, on_nonfinite,
-                       out_dir) -> tuple:
+                       out_dir, objective=None, amp=False, progress=True, resume=True) -> tuple:
     """Raise TypeError or ValueError for the first bad argument of :class:`Trainer`; returns ``betas``
     as a tuple."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if objective is not None and not isinstance(objective, (DiffusionObjective, ScoreMatchingObjective)):
+        raise TypeError("objective must be a DiffusionObjective (e.g. DiffusionObjective(\"condot\", \"velocity\"); "
+                        "prediction velocity, eps, score or x0), a ScoreMatchingObjective or ncsn_objective(...), "
+                        f"got {type(objective).__name__} {objective!r}")
+    _checks.flag("amp", amp)
+    _checks.flag("progress", progress)
+    if not isinstance(resume, (bool, str, os.PathLike)):
+        raise TypeError(f"resume must be True, False or a checkpoint path, got {type(resume).__name__} {resume!r}")
     for name, v, least in (("steps", steps, 1), ("warmup", warmup, 0), ("checkpoint_every", checkpoint_every, 0),
                            ("keep", keep, 0), ("log_every", log_every, 1),
                            ("max_consecutive_skips", max_consecutive_skips, 1)):
         if not isinstance(v, int) or isinstance(v, bool) or v < least:
             raise ValueError(f"{name} must be an int >= {least}, got {v!r}")
+    check_steps(steps)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 1 << (63 - SEED_SHIFT):
         raise ValueError(f"seed must be an int in [0, 2^{63 - SEED_SHIFT}), got {seed!r}")
     _check_float("lr", lr, low=0.0, low_open=True)
@@ -53,3 +68,36 @@ def check_trainer_args(model, *, steps, warmup, checkpoint_every, keep, log_ever
     if checkpoint_every and out_dir is None:
         raise ValueError("checkpoint_every needs out_dir")
     return betas
+
+
+def check_steps(steps: int, batch_size: int = 1) -> None:
+    """Refuse a run longer than the noise seeds allow: sample n of a run draws with seed (seed << 40) + n, so
+    steps × batch_size must stay within 2^40 (beyond, runs of different seeds would share noise)."""
+    if steps * batch_size > MAX_SAMPLES:
+        raise ValueError(f"steps must be at most 2^{SEED_SHIFT} // batch_size = {MAX_SAMPLES // batch_size} (the "
+                         f"training samples' noise seeds), got steps={steps} with batch_size={batch_size}")
+
+
+def check_resumed_objective(saved, mine: dict, where: str) -> None:
+    """Refuse to resume a checkpoint of another kind of objective, or whose path / prediction (diffusion) or
+    time / noise (score matching) differ: the weights would then mean something else."""
+    saved = saved if isinstance(saved, dict) else {}
+
+    def kind(cfg):  # DiffusionObjective's config has no "objective" key (older checkpoints neither)
+        return "ScoreMatchingObjective" if cfg.get("objective") == "score_matching" else "DiffusionObjective"
+
+    if kind(saved) != kind(mine):
+        raise ckpt.CheckpointError(
+            f"{where} was trained with a {kind(saved)} ({_summary(saved)}); this run has a {kind(mine)} "
+            f"({_summary(mine)}): resuming would train the weights for another objective (use a "
+            f"{kind(saved)}, or start a new out_dir)")
+    for key in (("path", "prediction") if kind(mine) == "DiffusionObjective" else ("t", "noise_std")):
+        if key in saved and saved[key] != mine[key]:
+            raise ckpt.CheckpointError(
+                f"{where} was trained with {key} {saved[key]!r}; this run has {key} {mine[key]!r}: resuming "
+                f"would change what the weights mean (use {key} {saved[key]!r}, or start a new out_dir)")
+
+
+def _summary(cfg: dict) -> str:
+    keys = ("kind", "t", "noise_std") if cfg.get("objective") == "score_matching" else ("path", "prediction")
+    return ", ".join(f"{k}={cfg[k]!r}" for k in keys if k in cfg)

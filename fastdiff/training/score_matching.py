@@ -33,6 +33,7 @@ def ncsn_sigmas(sigma_min: float = 0.01, sigma_max: float = 1.0, num_levels: int
     """NCSN's noise levels: ``num_levels`` values from sigma_max down to sigma_min, evenly spaced in log σ."""
     if not (isinstance(num_levels, numbers.Integral) and num_levels >= 2):
         raise ValueError(f"num_levels must be an int >= 2, got {num_levels!r}")
+    sigma_min, sigma_max = _checks.real("sigma_min", sigma_min), _checks.real("sigma_max", sigma_max)  # not '0.1'
     if not 0.0 < sigma_min < sigma_max < math.inf:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     a, b = math.log(sigma_max), math.log(sigma_min)
@@ -75,12 +76,11 @@ class ScoreMatchingObjective:
             raise ValueError(f"projections must be an int >= 1, got {projections!r}")
         if projection_kind not in ("rademacher", "gaussian"):
             raise ValueError(f"projection_kind must be 'rademacher' or 'gaussian', got {projection_kind!r}")
-        if not 0.0 <= t <= 1.0:
-            raise ValueError(f"t must be a flow time in [0, 1], got {t!r}")
-        if not 0.0 <= noise_std < math.inf:
-            raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+        t = _checks.real("t", t, lo=0.0, hi=1.0)  # a flow time
+        noise_std = _checks.real("noise_std", noise_std, lo=0.0)
         self.kind, self.projections, self.projection_kind = kind, int(projections), projection_kind
-        self.variance_reduced, self.t, self.noise_std = bool(variance_reduced), float(t), float(noise_std)
+        self.variance_reduced = _checks.flag("variance_reduced", variance_reduced)
+        self.t, self.noise_std = t, noise_std
 
     def config(self) -> dict:
         return {"objective": "score_matching", "kind": self.kind, "projections": self.projections,
@@ -107,6 +107,9 @@ class ScoreMatchingObjective:
             s = model(x, t, y)
         if s.shape != z.shape:
             raise ValueError(f"the model returned shape {tuple(s.shape)} for inputs of shape {tuple(z.shape)}")
+        if not s.requires_grad:  # else autograd's own error, naming neither the model nor the cause
+            raise ValueError("the model's output has no gradient path to x (computed under torch.no_grad, "
+                             "detached, or constant in x): score matching differentiates the model in x")
         s = s.float().reshape(B, d)
         if self.kind == "implicit":  # tr ∂s/∂x: one backward pass per coordinate, kept in the graph
             trace = sum(torch.autograd.grad(s[:, i].sum(), x, create_graph=True)[0].reshape(B, d)[:, i]

@@ -20,13 +20,14 @@ from typing import Callable, Optional
 
 import torch
 
+from fastdiff import _checks
 from fastdiff.folder_lock import FolderLock
 from fastdiff.training import checkpoint as ckpt
 from fastdiff.training import distributed
 from fastdiff.training.batches import StepBatches
 from fastdiff.training.nonfinite import ON_NONFINITE, NonFiniteGuard  # noqa: F401 (ON_NONFINITE: re-export)
 from fastdiff.training.objective import DiffusionObjective, training_seeds
-from fastdiff.training.options import check_trainer_args
+from fastdiff.training.options import check_resumed_objective, check_steps, check_trainer_args
 
 
 def _unwrap(model):
@@ -80,7 +81,9 @@ class Trainer:
             model, steps=steps, warmup=warmup, checkpoint_every=checkpoint_every, keep=keep, log_every=log_every,
             max_consecutive_skips=max_consecutive_skips, seed=seed, lr=lr, lr_min=lr_min, weight_decay=weight_decay,
             lr_schedule=lr_schedule, ema_decay=ema_decay, grad_clip=grad_clip, betas=betas,
-            on_nonfinite=on_nonfinite, out_dir=out_dir)
+            on_nonfinite=on_nonfinite, out_dir=out_dir, objective=objective, amp=amp, progress=progress, resume=resume)
+        if device is not None:  # torch's own error for a missing CUDA is an AssertionError naming no argument
+            device = _checks.device_arg("device", device)
 
         if device is None and not distributed.launched():
             p = next(model.parameters(), None)
@@ -97,6 +100,7 @@ class Trainer:
         self.steps, self.seed = steps, seed
         self.batches = StepBatches(data, batch_size, seed=seed, rank=self.ctx.rank, world=self.ctx.world)
         self.batch_size = self.batches.global_batch
+        check_steps(steps, self.batch_size)
         self.lr, self.lr_min, self.warmup, self.lr_schedule = lr, lr_min, warmup, lr_schedule
         self.grad_clip, self.ema_decay, self.amp = grad_clip or None, ema_decay, amp
         self.out_dir = None if out_dir is None else Path(out_dir)
@@ -151,6 +155,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         loss = self.objective(self.ddp_model, x, y, seeds, autocast_dtype=torch.bfloat16 if self.amp else None)
+        if not loss.requires_grad:  # else backward()'s error, naming neither the model nor the cause
+            raise ValueError("the loss has no gradient path to the model's parameters (the model's output was "
+                             "computed under torch.no_grad, detached, or without trainable parameters)")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip:
@@ -214,6 +221,7 @@ class Trainer:
         if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         target = self.steps if steps is None else steps
+        check_steps(target, self.batch_size)
         lock = None
         if self.checkpoint_dir is not None and self.ctx.is_main:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -336,14 +344,9 @@ class Trainer:
                 f"{where} was made with seed {state['seed']} and batch_size {state['batch_size']}; "
                 f"this run has seed {self.seed} and batch_size {self.batch_size}: resuming would not continue "
                 "the same run (start a new out_dir, or pass the same seed and batch_size)")
-        # The path and the prediction type define what the network's output means: continuing a velocity
-        # run as eps would train on a different target and label the result eps.
-        saved, mine = state["objective"] or {}, self.objective.config()
-        for key in ("path", "prediction"):
-            if key in saved and saved[key] != mine[key]:
-                raise ckpt.CheckpointError(
-                    f"{where} was trained with {key} {saved[key]!r}; this run has {key} {mine[key]!r}: resuming "
-                    f"would change what the weights mean (use {key} {saved[key]!r}, or start a new out_dir)")
+        # The objective (kind, path, prediction) defines what the network's output means: continuing a
+        # velocity run as eps would train on a different target and label the result eps.
+        check_resumed_objective(state["objective"], self.objective.config(), where)
         saved_cfg = state["model_config"]
         my_cfg = getattr(_unwrap(self.model), "config", None)
         if isinstance(saved_cfg, dict) and isinstance(my_cfg, dict):
