@@ -131,6 +131,8 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
         raise ValueError(f"checkpoint_sha256 must be 64 lowercase hex digits (a sha256), got {checkpoint_sha256!r}")
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a path (str or os.PathLike), got {type(out_dir).__name__} {out_dir!r}")
+    if os.fspath(out_dir) in ("", b""):  # Path("") is the working directory: a set would land among its files
+        raise ValueError("out_dir must name a folder, got an empty path")
     png, progress = _checks.flag("png", png), _checks.flag("progress", progress)
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t, y), got {type(model).__name__}")

@@ -11,8 +11,10 @@ The budget is fixed: ``derandomize=True`` and EXAMPLES draws per argument, so CI
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import re
 import tempfile
 
@@ -75,21 +77,33 @@ def _invert(kw):
     return fastdiff.invert(**kw)
 
 
+@contextlib.contextmanager
+def _in_temporary_folder():
+    """A drawn out_dir (any text) is a folder relative to the working directory: keep it out of the checkout."""
+    before = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="fastdiff-props-") as folder:
+        os.chdir(folder)
+        try:
+            yield folder
+        finally:
+            os.chdir(before)
+
+
 def _generate(kw):
     kw = dict(kw)
-    if kw.get("out_dir", "<tmp>") == "<tmp>":
-        kw["out_dir"] = tempfile.mkdtemp(prefix="fastdiff-props-")
-    return fastdiff.generate(**kw)
+    with _in_temporary_folder() as folder:
+        if isinstance(kw["out_dir"], str) and kw["out_dir"] == "<tmp>":
+            kw["out_dir"] = os.path.join(folder, "set")
+        return fastdiff.generate(**kw)
 
 
 def _trainer(kw):
     from fastdiff.training import Trainer
 
     fit_steps = kw.pop("_fit", True)
-    trainer = Trainer(**kw)
-    if fit_steps:
-        return trainer.fit()
-    return None
+    with _in_temporary_folder():
+        trainer = Trainer(**kw)
+        return trainer.fit() if fit_steps else None
 
 
 def _tiny_model():

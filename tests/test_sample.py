@@ -310,7 +310,8 @@ def _model(x, t, y):
     (dict(steps=None, timesteps=[0.0, 0.5, 0.4, 1.0]), ValueError, "strictly increasing"),
     (dict(steps=None, timesteps=[0.0, 0.5, 1.5]), ValueError, r"\[0, 1\]"),
     (dict(steps=3, timesteps=[0.0, 1.0]), ValueError, "steps \\+ 1"),
-    (dict(sigma=-1.0), ValueError, "sigma must be finite and >= 0"),
+    (dict(sigma=-1.0), ValueError, r"sigma must be in \[0, 1000\]"),
+    (dict(sigma=2.0 ** 31), ValueError, r"sigma must be in \[0, 1000\]"),
     (dict(sigma=lambda t: -t - 1), ValueError, "sigma"),
     (dict(method="rk4"), ValueError, "method='rk4'"),
     (dict(prediction="v"), ValueError, "prediction"),
@@ -330,7 +331,7 @@ def _model(x, t, y):
     (dict(y=torch.tensor(3), batch_size=None), ValueError, "y must hold one label per sample"),
     (dict(cfg=2.0, y=torch.tensor([1, 2]), null_y=9.7), TypeError, "null_y must be a label of y's kind"),
     (dict(cfg=2.0, y=[1, 2], null_y=[0, 0, 0]), ValueError, "null_y holds 3 labels but the batch has 2"),
-    (dict(sigma=lambda t: -1.0), ValueError, r"sigma\(t\) must be finite and >= 0"),
+    (dict(sigma=lambda t: -1.0), ValueError, r"sigma\(t\) must be in \[0, 1000\]"),
     (dict(sigma=lambda t: torch.full((2,), 0.5)), TypeError, r"sigma\(t\) must return one number per time"),
     (dict(sigma=lambda t: "0.5"), TypeError, r"sigma\(t\) must return a float"),
 ])

@@ -67,6 +67,11 @@ def time_grid(steps, timesteps, path, prediction, conversions, start_late: bool 
     return [t0 + (1.0 - t0) * i / steps for i in range(steps + 1)]
 
 
+# The SDE's diffusion coefficient in flow time: useful values are O(1); at 1e3 a 3-step chain already reaches
+# |x| ~ 1e16, and at 2^31 the float32 state overflows to inf without any model output being non-finite.
+MAX_SIGMA = 1e3
+
+
 def sigma_function(sigma) -> Callable[[float], float]:
     if callable(sigma):
         def fn(t: float) -> float:
@@ -79,14 +84,14 @@ def sigma_function(sigma) -> Callable[[float], float]:
             if not is_number(s):
                 raise TypeError(f"sigma(t) must return a float, got {type(s).__name__} for sigma({t})")
             s = float(s)
-            if not math.isfinite(s) or s < 0:
-                raise ValueError(f"sigma(t) must be finite and >= 0, got sigma({t}) = {s}")
+            if not math.isfinite(s) or not 0 <= s <= MAX_SIGMA:
+                raise ValueError(f"sigma(t) must be in [0, {MAX_SIGMA:g}], got sigma({t}) = {s}")
             return s
         return fn
     if not is_number(sigma):
         raise TypeError(f"sigma must be a float or a callable t -> sigma_t, got {type(sigma).__name__}")
-    if not math.isfinite(sigma) or sigma < 0:
-        raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
+    if not math.isfinite(sigma) or not 0 <= sigma <= MAX_SIGMA:
+        raise ValueError(f"sigma must be in [0, {MAX_SIGMA:g}], got {sigma}")
     return lambda t: float(sigma)
 
 
@@ -167,9 +172,11 @@ def sampling_device(device, name: str = "device") -> torch.device:
     return device
 
 
-def loop_flags(cfg_batch, progress, check_finite, cuda_graph, callback) -> tuple[bool, bool, bool, bool]:
-    """sample()'s bool arguments, True or False only (bool("no") is True), and its callback, checked up front (a
-    callback that is not callable would fail only after the first step)."""
+def loop_flags(model, cfg_batch, progress, check_finite, cuda_graph, callback) -> tuple[bool, bool, bool, bool]:
+    """sample()'s bool arguments, True or False only (bool("no") is True), and its model and callback, checked up
+    front (a callback that is not callable would fail only after the first step)."""
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x, t, y), got {type(model).__name__}")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be None or callable as callback(step, t, x, x0), got {type(callback).__name__}")
     return (_checks.flag("cfg_batch", cfg_batch), _checks.flag("progress", progress),

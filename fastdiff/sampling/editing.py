@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from fastdiff import _checks
+
 from fastdiff.ops.sampler_step import KERNEL_ARGS, sampler_step
 from fastdiff.paths import check_prediction, get_path
 from fastdiff.sampling.arguments import is_number, time_grid
@@ -93,6 +95,7 @@ def _mask(known_mask, x_shape: tuple, device) -> torch.Tensor:
 
 def editing(init, strength, known_mask, resample: int, noise, x_shape: tuple, device) -> "Editing | None":
     """sample()'s editing arguments as an Editing, or None (no init)."""
+    resample = _checks.count("resample", resample, least=1, most=MAX_RESAMPLE)
     if init is None:
         if strength is not None or known_mask is not None:
             raise ValueError("strength and known_mask edit init: give init (the data to start from)")
@@ -116,8 +119,6 @@ class Editing:
             raise ValueError(f"init has shape {tuple(init.shape)}, expected the samples' {tuple(x_shape)}")
         if noise is not None:
             raise ValueError("give init (editing: the start is init noised through the path) or noise, not both")
-        if isinstance(resample, bool) or not isinstance(resample, int) or not 1 <= resample <= MAX_RESAMPLE:
-            raise ValueError(f"resample must be an int in [1, {MAX_RESAMPLE}], got {resample!r}")
         if resample > 1 and known_mask is None:
             raise ValueError("resample (RePaint) applies to inpainting: give known_mask")
         self.init = init.to(device=device, dtype=torch.float32).contiguous()

@@ -26,7 +26,7 @@ from fastdiff.sampling.tables import STAGE_CACHE, ModelTimes, stage_tables
 from fastdiff.sampling.model_calls import ModelCalls
 from fastdiff.sampling.scratch import POOL, StageCache
 from fastdiff.sampling.methods import check_options, get_method
-from fastdiff.sampling.predictor_corrector import corrector_args, correctors
+from fastdiff.sampling.predictor_corrector import _langevin_steps, corrector_args, correctors
 
 
 _STAGE_CACHE = STAGE_CACHE  # stage tables (fastdiff.sampling.tables)
@@ -119,7 +119,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     256 MiB (fastdiff.clear_scratch() frees them). Runs under torch.no_grad().
     """
     # ---- arguments ---------------------------------------------------------------------------------
-    cfg_batch, progress, check_finite, cuda_graph = loop_flags(cfg_batch, progress, check_finite, cuda_graph, callback)
+    cfg_batch, progress, check_finite, cuda_graph = loop_flags(model, cfg_batch, progress, check_finite, cuda_graph,
+                                                               callback)
     path_arg, path = path, get_path(path)
     prediction = check_prediction(prediction)
     method_record = get_method(method)  # ValueError naming the choices
@@ -147,7 +148,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     if classifier is not None:
         classifier = ClassifierGuidance(classifier, classifier_scale, y, path, prediction, per_sample_values, device,
                                         check_finite)
-    needed = method_record.needed_conversions(**values) + (("score", "x0") if corrector_steps else ())
+    correcting = _langevin_steps("corrector_steps", corrector_steps) > 0  # checked here: a tensor has no truth
+    needed = method_record.needed_conversions(**values) + (("score", "x0") if correcting else ())
     grid = strength_grid(time_grid(steps, timesteps, path, prediction, needed,
                                    start_late=classifier is not None and singular_at_zero(path, prediction)),
                          strength)
