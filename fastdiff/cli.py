@@ -211,7 +211,21 @@ def _runtime_errors() -> tuple:
     return (FloatingPointError, MemoryError, oom, OSError, FolderInUseError)
 
 
-def _fail(command: str, exc: BaseException, status: int) -> int:
+def _host_out_of_memory(exc: BaseException) -> str | None:
+    """The message of the CPU allocator's failure, which torch raises as a plain RuntimeError (CUDA's is an
+    OutOfMemoryError): a size too large for this machine, not a bug."""
+    import re
+
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or "can't allocate memory" not in text:
+        return None
+    tried = re.search(r"tried to allocate (\d+) bytes", text)
+    if tried is None:
+        return f"out of memory on the CPU: {text}"
+    return f"out of memory: the CPU could not allocate {tried[1]} bytes ({int(tried[1]) / 2**30:.1f} GiB)"
+
+
+def _fail(command: str, exc: BaseException | str, status: int) -> int:
     message = str(exc) or type(exc).__name__
     print(f"fastdiff {command}: error: {message}", file=sys.stderr)
     return status
@@ -232,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(args.command, exc, 2)
         if isinstance(exc, _runtime_errors()):
             return _fail(args.command, exc, 1)
+        if _host_out_of_memory(exc):
+            return _fail(args.command, _host_out_of_memory(exc), 1)
         traceback.print_exc()  # a bug: its traceback, and the hint for reports
         print(f"fastdiff {args.command}: internal error (a bug; please report it with the traceback above)",
               file=sys.stderr)

@@ -155,3 +155,14 @@ def test_bench_runs_with_checked_arguments(capsys):
     assert cli.main(BENCH) == 0
     assert "randn" in capsys.readouterr().out
 
+
+def test_out_of_host_memory_is_a_one_line_runtime_error(monkeypatch, capsys):
+    def alloc(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 32000000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(cli, "_info", alloc)
+    assert cli.main(["info"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastdiff info: error: out of memory") and "32000000000000 bytes" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
