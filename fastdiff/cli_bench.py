@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from fastdiff.cli_sampler import int_in, device_option
+from fastdiff.cli_sampler import device_option, int_in
 
 MIN_LOG2, MAX_LOG2 = 4, 30  # the cases split N over 16 samples; 2^30 fp32 elements are 4 GiB per tensor
 DTYPES = ("fp32", "bf16", "fp16")  # fastdiff.bench.case._dtype's names

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from fastdiff.cli_sampler import POSITIVE_INT, add_sampler_arguments, device_option, int_in, sample_shape, sampler_settings
+from fastdiff.cli_sampler import (POSITIVE_INT, add_sampler_arguments, device_option, int_in, sample_shape,
+                                  sampler_settings)
 
 MAX_SAMPLES = 1 << 30  # the set's label and seed tables are int64 per sample: 2^30 samples hold 8 GiB each
 

@@ -53,11 +53,11 @@ def float_in(low=None, high=None, *, low_open=False, high_open=True):
 
 
 POSITIVE_INT, NON_NEGATIVE_INT = int_in(1), int_in(0)
-MAX_TRAIN_STEPS = 1 << 32  # 50 days at 1000 steps/s, 1000x the longest real runs: beyond it, a typo
+MAX_TRAIN_STEPS = 1 << 32  # 50 days at 1000 steps/s, thousands of times the longest runs: beyond it, a typo
 TRAIN_STEPS, TRAIN_COUNT = int_in(1, MAX_TRAIN_STEPS), int_in(0, MAX_TRAIN_STEPS)
-SEED = int_in(0, (1 << 23) - 1)  # the Trainer's seed range (a float32-exact integer)
+SEED = int_in(0, (1 << 23) - 1)  # the Trainer's seed range, named as --seed here
 SAMPLE_SEED = int_in(0, (1 << 63) - 1)  # sample b uses seed + b: 2^63 leaves room for any batch
-SCALE = 1e4  # |cfg|, sigma, snr beyond it overflow the steps' coefficients (non-finite samples)
+SCALE = 1e4  # bound of |cfg|, sigma, snr: far past any useful value (1e300 overflowed the steps' coefficients)
 FLOAT32_MAX = 3.4028234663852886e38
 MAX_SIZE = 4096  # a UNet sample of 4096^2 pixels is 64 MiB per channel: larger sides are typos
 
