@@ -15,7 +15,8 @@ import platform
 import sys
 import traceback
 
-from fastdiff.cli_sampler import (NON_NEGATIVE_INT, POSITIVE_INT, SEED, add_sampler_arguments, float_in, sample_shape,
+from fastdiff.cli_sampler import (FLOAT32_MAX, NON_NEGATIVE_INT, POSITIVE_INT, SEED, TRAIN_COUNT, TRAIN_STEPS,
+                                  add_sampler_arguments, device_option, float_in, int_in, sample_shape,
                                   sampler_settings)
 
 
@@ -191,20 +192,6 @@ def _scatter(x, y, path: str, title: str) -> None:
     images.labelled_grid([(title, torch.stack(pics)[None].float())], path=path, scale=2, vmin=1.0, vmax=-1.0)
 
 
-def _bench(args: argparse.Namespace) -> int:
-    import torch
-
-    from fastdiff.bench import harness
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    harness.report(ops=args.ops.split(","), log2_sizes=[int(k) for k in args.sizes.split(",")],
-                   dtypes=args.dtypes.split(","), device=device, repeat=args.repeat,
-                   compile=not args.no_compile, csv_dir=None if args.no_csv else args.csv_dir)
-    return 0
-
-
 def _user_errors() -> tuple:
     """Exceptions that are the user's input, not a bug: exit 2 with a one-line message."""
     from fastdiff.dispatch import BackendUnavailable
@@ -224,7 +211,21 @@ def _runtime_errors() -> tuple:
     return (FloatingPointError, MemoryError, oom, OSError, FolderInUseError)
 
 
-def _fail(command: str, exc: BaseException, status: int) -> int:
+def _host_out_of_memory(exc: BaseException) -> str | None:
+    """The message of the CPU allocator's failure, which torch raises as a plain RuntimeError (CUDA's is an
+    OutOfMemoryError): a size too large for this machine, not a bug."""
+    import re
+
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or "can't allocate memory" not in text:
+        return None
+    tried = re.search(r"tried to allocate (\d+) bytes", text)
+    if tried is None:
+        return f"out of memory on the CPU: {text}"
+    return f"out of memory: the CPU could not allocate {tried[1]} bytes ({int(tried[1]) / 2**30:.1f} GiB)"
+
+
+def _fail(command: str, exc: BaseException | str, status: int) -> int:
     message = str(exc) or type(exc).__name__
     print(f"fastdiff {command}: error: {message}", file=sys.stderr)
     return status
@@ -245,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(args.command, exc, 2)
         if isinstance(exc, _runtime_errors()):
             return _fail(args.command, exc, 1)
+        if _host_out_of_memory(exc):
+            return _fail(args.command, _host_out_of_memory(exc), 1)
         traceback.print_exc()  # a bug: its traceback, and the hint for reports
         print(f"fastdiff {args.command}: internal error (a bug; please report it with the traceback above)",
               file=sys.stderr)
@@ -261,7 +264,7 @@ def _parser() -> argparse.ArgumentParser:
     p_demo = sub.add_parser("demo", help="train a class-conditional model on 8x8 digits (CPU, minutes), "
                                          "write samples.png and metrics.json")
     p_demo.add_argument("--out", default="fastdiff-demo", help="output folder (default: %(default)s)")
-    p_demo.add_argument("--steps", type=POSITIVE_INT, default=2000, help="training steps (default: %(default)s)")
+    p_demo.add_argument("--steps", type=TRAIN_STEPS, default=2000, help="training steps (default: %(default)s)")
     p_demo.add_argument("--batch-size", type=POSITIVE_INT, default=256)
     p_demo.add_argument("--seed", type=SEED, default=0)
     p_demo.add_argument("--no-progress", action="store_true")
@@ -271,11 +274,12 @@ def _parser() -> argparse.ArgumentParser:
     p_train.add_argument("--data", choices=DATASETS, default="digits",
                          help="digits: UNet on 8x8 digits; ring: MLP on a labelled 2-D Gaussian mixture")
     p_train.add_argument("--out", required=True, help="run folder (checkpoints; resumes from it)")
-    p_train.add_argument("--steps", type=POSITIVE_INT, default=2000,
+    p_train.add_argument("--steps", type=TRAIN_STEPS, default=2000,
                          help="total steps of the run (a resumed run continues to this step)")
     p_train.add_argument("--batch-size", type=POSITIVE_INT, default=256)
-    p_train.add_argument("--lr", type=float_in(0.0, low_open=True), default=2e-3)
-    p_train.add_argument("--warmup", type=NON_NEGATIVE_INT, default=200)
+    # beyond float32's range the optimizer's lr overflows inside torch
+    p_train.add_argument("--lr", type=float_in(0.0, FLOAT32_MAX, low_open=True, high_open=False), default=2e-3)
+    p_train.add_argument("--warmup", type=TRAIN_COUNT, default=200)
     p_train.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine")
     p_train.add_argument("--grad-clip", type=float_in(0.0), default=1.0, help="max gradient norm (0: no clipping)")
     p_train.add_argument("--ema-decay", type=float_in(0.0, 1.0), default=0.999)
@@ -286,14 +290,14 @@ def _parser() -> argparse.ArgumentParser:
     p_train.add_argument("--snr-gamma", type=float_in(0.0, low_open=True), default=5.0)
     p_train.add_argument("--label-dropout", type=float_in(0.0, 1.0), default=0.15)
     p_train.add_argument("--amp", action="store_true", help="bf16 autocast")
-    p_train.add_argument("--checkpoint-every", type=NON_NEGATIVE_INT, default=500,
+    p_train.add_argument("--checkpoint-every", type=TRAIN_COUNT, default=500,
                          help="steps between checkpoints (0: only at the end)")
     p_train.add_argument("--keep", type=NON_NEGATIVE_INT, default=2, help="checkpoints kept (0: all)")
     p_train.add_argument("--seed", type=SEED, default=0)
     p_train.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
                          help="a step with a non-finite loss: stop (exit status 1, checkpoints intact) or skip "
                               "it (default: %(default)s)")
-    p_train.add_argument("--device", default=None)
+    p_train.add_argument("--device", type=device_option, default=None)
     p_train.add_argument("--no-progress", action="store_true")
     p_train.set_defaults(func=_train)
 
@@ -301,28 +305,16 @@ def _parser() -> argparse.ArgumentParser:
     add_sampler_arguments(p_sample)
     p_sample.add_argument("--out", default="grid.png", help="a picture in the format its suffix names (.png, .jpg, "
                                                             "...) or .safetensors tensors")
-    p_sample.add_argument("--per-class", type=POSITIVE_INT, default=10,
+    p_sample.add_argument("--per-class", type=int_in(1, 1 << 16), default=10,
                           help="samples per class (or in all, unconditional)")
-    p_sample.add_argument("--device", default="cpu")
+    p_sample.add_argument("--device", type=device_option, default="cpu")
     p_sample.set_defaults(func=_sample)
     from fastdiff.cli_generate import add_commands
 
     add_commands(sub)  # generate, evaluate
-    p_bench = sub.add_parser("bench", help="time the fused ops against eager PyTorch and torch.compile; "
-                                           "print ratios and write CSV rows")
-    p_bench.add_argument("--ops", default="step_sde,step_ode,gram,rescale,apg,loss,randn,loop,methods,langevin",
-                         help="rescale / apg: a CFG-rescale / APG step, fused vs diffusers' formula; loop: 50-step SDE sampling with cfg 4 vs diffusers / torchsde / flow_matching / "
-                              "k-diffusion; methods: each sampling method's fused step per model evaluation vs "
-                              "euler's (default: %(default)s)")
-    p_bench.add_argument("--sizes", default="20,22", help="log2 of N, comma-separated (default: %(default)s)")
-    p_bench.add_argument("--dtypes", default="fp32,bf16", help="prediction dtypes (default: %(default)s)")
-    p_bench.add_argument("--repeat", type=POSITIVE_INT, default=15, help="interleaved rounds (median)")
-    p_bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p_bench.add_argument("--threads", type=NON_NEGATIVE_INT, default=0, help="CPU threads (default: torch's)")
-    p_bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    p_bench.add_argument("--csv-dir", default="bench/results")
-    p_bench.add_argument("--no-csv", action="store_true")
-    p_bench.set_defaults(func=_bench)
+    from fastdiff.cli_bench import add_command
+
+    add_command(sub)  # bench
 
     return parser
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-from fastdiff.cli_sampler import POSITIVE_INT, add_sampler_arguments, sample_shape, sampler_settings
+from fastdiff.cli_sampler import (POSITIVE_INT, add_sampler_arguments, device_option, int_in, sample_shape,
+                                  sampler_settings)
+
+MAX_SAMPLES = 1 << 30  # the set's label and seed tables are int64 per sample: 2^30 samples hold 8 GiB each
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -13,6 +16,8 @@ def _generate(args: argparse.Namespace) -> int:
     from fastdiff.demo.models import load_model
     from fastdiff.training import distributed
 
+    if args.seed + args.num > 1 << 63:  # sample i uses seed + i, an int64
+        raise ValueError(f"--seed {args.seed} + --num-samples {args.num} must be at most 2^63")
     device = distributed.setup(args.device).device  # the local GPU under torchrun with CUDA
     model, state = load_model(args.checkpoint, ema=not args.no_ema, device=device)
     classes = getattr(model, "num_classes", 0)
@@ -65,7 +70,7 @@ def add_commands(sub) -> None:
                                         "torchrun: the set is the same for any number of processes)")
     add_sampler_arguments(p)
     # --num-samples, not only --num: under torchrun, argparse reads "--num" as an abbreviation of its --numa-binding
-    p.add_argument("--num-samples", "--num", dest="num", type=POSITIVE_INT, required=True,
+    p.add_argument("--num-samples", "--num", dest="num", type=int_in(1, MAX_SAMPLES), required=True,
                    help="how many samples (sample i uses seed + i)")
     p.add_argument("--out", required=True, help="the set's folder (shards, manifest.json; a rerun resumes)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=256, help="samples per sampler call")
@@ -73,7 +78,8 @@ def add_commands(sub) -> None:
     p.add_argument("--labels", choices=("balanced", "none"), default="balanced",
                    help="a conditional model's labels: sample i gets class i mod classes (default), or none")
     p.add_argument("--png", action="store_true", help="also write png/<i>.png per sample (images)")
-    p.add_argument("--device", default=None, help="default: the process's GPU under torchrun, else the CPU")
+    p.add_argument("--device", type=device_option, default=None,
+                   help="default: the process's GPU under torchrun, else the CPU")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("evaluate", help="Fréchet distance and precision/recall of a generated set against a "
@@ -85,5 +91,5 @@ def add_commands(sub) -> None:
                         "(pip install torch-fidelity); raw: the samples themselves (default: %(default)s)")
     p.add_argument("--k", type=POSITIVE_INT, default=3, help="neighbours of precision/recall (default: 3)")
     p.add_argument("--json", default=None, help="also write the result to this file")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_option, default="cpu")
     p.set_defaults(func=_evaluate)
