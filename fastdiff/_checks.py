@@ -98,9 +98,12 @@ def numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def finite_real(name, c) -> float:
     """A finite real number as a float (coefficients of the fused step)."""
-    if type(c) is float and math.isfinite(c):  # the common case, first: this runs for every coefficient
+    if type(c) is float and -FLOAT32_MAX <= c <= FLOAT32_MAX:  # the common case first (runs for every coefficient)
         return c
     # float() would also take '1', True or a 1-element tensor (a host sync): only real numbers pass
     if isinstance(c, bool) or not isinstance(c, numbers.Real):
@@ -108,6 +111,8 @@ def finite_real(name, c) -> float:
     c = float(c)
     if not math.isfinite(c):
         raise ValueError(f"{name} must be finite, got {c}")
+    if abs(c) > FLOAT32_MAX:
+        raise ValueError(f"{name} = {c:g} is beyond float32's range (the kernels compute in float32: it would be inf)")
     return c
 
 
@@ -208,6 +213,8 @@ def check_memory(what: str, nbytes: int, device: torch.device) -> None:
     On Linux the host overcommits, so an allocation beyond RAM succeeds and the process is killed when it
     is touched (the OOM killer: no error, no traceback); asking first turns that into an error naming the
     argument. Only requests above the free memory are refused, so a tight but possible run still runs."""
+    if nbytes < 1 << 28:  # small requests skip the free-memory read (a /proc read or a CUDA query per call)
+        return
     free = available_bytes(device)
     if free is not None and nbytes > free:
         raise ValueError(f"{what} need {nbytes / 2**30:.3g} GiB on {device}, more than the {free / 2**30:.3g} GiB "

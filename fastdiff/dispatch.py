@@ -24,8 +24,9 @@ NAMES = ("auto", *_registry.names())
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastdiff_backend", default=None)
 
 
-class BackendUnavailable(RuntimeError):
-    """An explicitly requested backend cannot run here (the message says why)."""
+class BackendUnavailable(ValueError, RuntimeError):
+    """An explicitly requested backend cannot run here (the message says why). A ValueError, since the argument
+    asks for what cannot be (and a RuntimeError, as it was first)."""
 
 
 def check_name(name: str, argument: str = "backend") -> str:
@@ -91,5 +92,5 @@ def resolve(device: torch.device, backend: str | None = None) -> str:
         return "reference"
     st = _status(name, device_type, index)
     if not st:
-        raise BackendUnavailable(f"backend {name!r} cannot run on {device_type} tensors: {st.reason}")
+        raise BackendUnavailable(f"backend={name!r} cannot run on {device_type} tensors: {st.reason}")
     return name

@@ -89,6 +89,9 @@ def _labels(labels, n: int, num_classes):
     return y, _jsonable("labels", y)
 
 
+MAX_SAMPLES, MAX_SHARDS = 1 << 40, 1 << 24
+
+
 def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 64, shard_size: int | None = None,
              labels=None, num_classes: int | None = None, checkpoint=None, checkpoint_sha256: str | None = None,
              png: bool = False, progress: bool = True, device=None, **sample_kwargs) -> dict:
@@ -115,6 +118,9 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
     shard_size = batch_size if shard_size is None else shard_size
     if not isinstance(shard_size, numbers.Integral) or isinstance(shard_size, bool) or shard_size < 1:
         raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
+    if n > MAX_SAMPLES or math.ceil(n / shard_size) > MAX_SHARDS:  # the job lists its shards up front
+        raise ValueError(f"n = {n} samples in shards of shard_size = {shard_size}: at most {MAX_SAMPLES} samples "
+                         f"and {MAX_SHARDS} shards")
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed <= (1 << 63) - n:
         raise ValueError(f"seed must be an int in [0, 2^63 - n], got {seed!r}")
     for reserved in ("seed", "batch_size", "y", "noise", "callback", "progress", "device"):
@@ -126,6 +132,9 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
         # open() takes an int as a file descriptor: checkpoint=1 would hash and then close stdout
         raise TypeError(f"checkpoint must be a path (str or os.PathLike), got {type(checkpoint).__name__} "
                         f"{checkpoint!r}")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {os.fspath(checkpoint)!r} is not a file (the weights' file, hashed into "
+                                "the manifest)")
     if checkpoint_sha256 is not None and (not isinstance(checkpoint_sha256, str)
                                           or re.fullmatch(r"[0-9a-f]{64}", checkpoint_sha256) is None):
         raise ValueError(f"checkpoint_sha256 must be 64 lowercase hex digits (a sha256), got {checkpoint_sha256!r}")

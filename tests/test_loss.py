@@ -162,7 +162,7 @@ def test_cpu_residual_path_equals_the_fused_backward(pred_dtype):
 
 
 @pytest.mark.parametrize("call,exc,match", [
-    (lambda z, t: ops.diffusion_loss(z, z[:1], t, [1, 2], 0), ValueError, "z must have 2 samples"),
+    (lambda z, t: ops.diffusion_loss(z, z[:1], t, [1, 2], 0), ValueError, r"z must have as many samples as pred \(2\)"),
     (lambda z, t: ops.diffusion_loss(z, z, t[:1], [1, 2], 0), ValueError, "t must have shape"),
     (lambda z, t: ops.diffusion_loss(z, z, t, [1], 0), ValueError, "seeds must hold one seed per sample"),
     (lambda z, t: ops.diffusion_loss(z, z, t, [1, 2], -1), ValueError, "stream"),

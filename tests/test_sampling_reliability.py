@@ -67,6 +67,13 @@ def test_langevin_follows_use_backend(monkeypatch):
     assert calls
 
 
+def test_log_likelihood_follows_use_backend(monkeypatch):
+    calls = _spy(monkeypatch, "reference")
+    with fastdiff.use_backend("reference"):
+        fastdiff.log_likelihood(lambda x, t, y=None: -0.5 * x, torch.zeros(2, 3), 3)
+    assert calls
+
+
 # ---- 2. churn with s_noise = 0 ---------------------------------------------------------------------
 
 

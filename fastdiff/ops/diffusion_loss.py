@@ -49,8 +49,8 @@ def _check_data(name, t, B=None):
         raise TypeError(f"{name} must be float32, float16 or bfloat16 (float64 on the reference backend), got {t.dtype}")
     if t.dim() < 1:
         raise ValueError(f"{name} must have a batch dimension [B, ...]")
-    if B is not None and t.shape[0] != B:
-        raise ValueError(f"{name} must have {B} samples, got shape {tuple(t.shape)}")
+    if B is not None and t.shape[0] != B:  # named against pred: either one may be the wrong one
+        raise ValueError(f"{name} must have as many samples as pred ({B}), got {name} of shape {tuple(t.shape)}")
 
 
 def _times(t, B, device):
@@ -61,7 +61,7 @@ def _times(t, B, device):
     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
         raise TypeError(f"t must be a float or a float tensor [B], got {type(t).__name__}")
     if t.shape != (B,):
-        raise ValueError(f"t must have shape [B] = [{B}] (one time per sample), got {tuple(t.shape)}")
+        raise ValueError(f"t must have shape [B] = [{B}] (one time per sample of z), got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"t is on {t.device} but the data is on {device}")
     return _check_time_range(t).to(torch.float64)

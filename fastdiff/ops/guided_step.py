@@ -41,6 +41,8 @@ def _check(x, pred, pred_uncond, extra, seeds, out, side, c_noise):
                         f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
     if x.dim() < 1:
         raise ValueError("x must have a batch dimension: [B, ...]")
+    if pred is None:  # the only prediction that is not optional
+        raise TypeError("pred must be a tensor (the model's prediction, shaped like x), got None")
     for name, t, dtypes in (("pred", pred, PRED_DTYPES), ("pred_uncond", pred_uncond, PRED_DTYPES),
                             ("extra", extra, (torch.float32,)), ("out", out, (torch.float32,)),
                             ("side", side, (torch.float32,))):

@@ -20,10 +20,13 @@ from fastdiff.ops.philox import M32, philox_rounds
 def _normalize(seeds, stream, shape, device, dtype, offset):
     if device is None:
         device = seeds.device if isinstance(seeds, torch.Tensor) else torch.get_default_device()
-    device = torch.device(device)
+    else:
+        device = _checks.device_arg("device", device)
     seeds = _checks.seeds_tensor(seeds, device)
-    return (seeds, _checks.stream_id(stream), _checks.shape_tuple(shape), device,
-            _checks.float_dtype(dtype), _checks.offset_value(offset))
+    shape, dtype = _checks.shape_tuple(shape), _checks.float_dtype(dtype)
+    _checks.check_memory(f"{seeds.shape[0]} seeds of shape = {shape}",
+                         seeds.shape[0] * math.prod(shape) * dtype.itemsize, device)
+    return seeds, _checks.stream_id(stream), shape, device, dtype, _checks.offset_value(offset)
 
 
 def randn_reference(seeds, stream, shape, *, device=None, dtype=torch.float32, offset=0) -> torch.Tensor:

@@ -192,8 +192,12 @@ def invert(model, x: torch.Tensor, steps: int | None = 50, cfg: float = 1.0, *, 
     from fastdiff.sampling.loop import sample
     from fastdiff.sampling.methods import get_method
 
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError("x must be a floating-point tensor [B, *shape] (the data to invert)")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise TypeError("x must be a floating-point tensor [B, *shape] (the data to invert), got "
+                        + (f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor)
+                           else type(x).__name__))
+    if not bool(torch.isfinite(x).all()):  # else the first model call is blamed for the data's inf/NaN
+        raise ValueError("x (the data to invert) holds inf or NaN")
     record = get_method(method)
     grid = time_grid(steps, timesteps, get_path(path), check_prediction(prediction), record.needed_conversions())
     if grid[0] > grid[-1]:

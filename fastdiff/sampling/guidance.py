@@ -28,6 +28,7 @@ from typing import ClassVar
 import torch
 
 from fastdiff import _checks
+from fastdiff._checks import FLOAT32_MAX
 from fastdiff.sampling.arguments import is_number
 from fastdiff.sampling.thresholding import DynamicThresholding, get_thresholding, quantile_rows  # noqa: F401
 
@@ -38,13 +39,13 @@ def scale_schedule(cfg, name: str = "cfg"):
     if callable(cfg):
         def at(t: float) -> float:
             w = cfg(t)
-            if not is_number(w) or not math.isfinite(w):
-                raise ValueError(f"{name}(t) must return a finite number, got {w!r} at t={t:.6g}")
+            if not is_number(w) or not abs(w) <= FLOAT32_MAX:  # NaN fails too; beyond float32 the kernel sees inf
+                raise ValueError(f"{name}(t) must return a finite float32 number, got {w!r} at t={t:.6g}")
             return float(w)
 
         return at, True
-    if not is_number(cfg) or not math.isfinite(cfg):
-        raise ValueError(f"{name} must be a finite number or a callable t -> scale, got {cfg!r}")
+    if not is_number(cfg) or not abs(cfg) <= FLOAT32_MAX:  # NaN fails too; beyond float32 the kernel sees inf
+        raise ValueError(f"{name} must be a finite (float32) number or a callable t -> scale, got {cfg!r}")
     return (lambda t: float(cfg)), cfg != 1.0
 
 

@@ -42,8 +42,8 @@ def step_sizes(step_size, B: int, device) -> torch.Tensor | float:
     if isinstance(step_size, bool):
         raise TypeError(f"step_size must be a number or one number per sample, got bool {step_size!r}")
     if isinstance(step_size, numbers.Real):
-        if not 0.0 < step_size < math.inf:
-            raise ValueError(f"step_size must be a finite number > 0, got {step_size!r}")
+        if not 0.0 < step_size <= _checks.FLOAT32_MAX:  # the step's coefficients are float32
+            raise ValueError(f"step_size must be a finite (float32) number > 0, got {step_size!r}")
         return float(step_size)
     if isinstance(step_size, torch.Tensor):
         h = step_size.detach().to(device=device, dtype=torch.float64)
@@ -57,7 +57,7 @@ def step_sizes(step_size, B: int, device) -> torch.Tensor | float:
                         f"got {type(step_size).__name__}")
     if h.shape != (B,):
         raise ValueError(f"step_size holds {tuple(h.shape)} values; give a number or one per sample ({B})")
-    if not bool(((h > 0) & torch.isfinite(h)).all()):
+    if not bool(((h > 0) & (h <= _checks.FLOAT32_MAX)).all()):  # NaN fails both
         raise ValueError(f"step_size must hold finite numbers > 0, got {h.tolist()}")
     return h
 
@@ -74,12 +74,15 @@ def _start(x0, shape, batch_size, device, seeds_arg):
             else x0.device
     if shape is None:
         raise ValueError("give x0 (the chains' starting points) or shape (to start from standard normals)")
-    if isinstance(shape, numbers.Integral):
-        shape = (shape,)
-    shape = tuple(_positive_int("shape", s) for s in shape)
+    shape = _checks.shape_tuple(shape)
     if batch_size is None:
         batch_size = len(seeds_arg) if not isinstance(seeds_arg, numbers.Integral) else 1
-    return _positive_int("batch_size", batch_size, 0), shape, _checks.device_arg("device", device or "cpu")
+    batch_size = _positive_int("batch_size", batch_size, 0)
+    device = _checks.device_arg("device", "cpu" if device is None else device)
+    # the chains, their proposals and scores at least: refuse what the device cannot hold (else the OOM killer)
+    _checks.check_memory(f"batch_size = {batch_size} chains of shape = {shape}", 16 * batch_size * math.prod(shape),
+                         device)
+    return batch_size, shape, device
 
 
 def _evaluate(fn, name, x):
@@ -232,10 +235,16 @@ def langevin(score=None, x0: torch.Tensor | None = None, *, steps: int, step_siz
     finally:
         if bar is not None:
             bar.close()
-    bad, bad_lp = -1, -1
+    bad, bad_lp, state_ok = -1, -1, True
     if check_finite:  # the one synchronization, after the loop
-        flags = [finite.first_bad] + ([mala.first_bad] if mala is not None else [])
-        bad, bad_lp = (torch.stack(flags).tolist() + [-1])[:2]
+        # the last state too: a step far too large for the score overflows it after the score's last evaluation
+        flags = [torch.isfinite(x).all().long() - 1, finite.first_bad] + ([mala.first_bad] if mala is not None else [])
+        state, bad, bad_lp = (torch.stack(flags).tolist() + [-1])[:3]
+        state_ok = state == 0
+    if not state_ok and bad < 0:
+        raise FloatingPointError(f"the chains' state is not finite after {steps} steps although the score stayed "
+                                 "finite where it was evaluated: step_size is too large for this score (the step "
+                                 "overflows float32)")
     if bad >= 0:
         raise FloatingPointError(f"the score is not finite at step {bad} of the chain; check the score function "
                                  "and step_size")

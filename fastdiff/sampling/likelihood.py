@@ -95,7 +95,7 @@ def _divergence(model, x, t, y, d: int, probes: torch.Tensor | None):
 def log_likelihood(model, x: torch.Tensor, steps: int | None = 100, *, path="condot", prediction: str = "velocity",
                    y=None, method: str = "heun", divergence: str = "exact", probes: int | None = None,
                    probe_kind: str | None = None, seed=0, t_data: float | None = None, t_noise: float | None = None,
-                   timesteps=None, prior=None, backend: str = "auto", progress: bool = False) -> Likelihood:
+                   timesteps=None, prior=None, backend: str | None = None, progress: bool = False) -> Likelihood:
     """log p(x) of the model's probability-flow ODE, per sample: the data x [B, *shape] carried to the noise end,
     with the divergence integral along the way.
 
@@ -114,7 +114,8 @@ def log_likelihood(model, x: torch.Tensor, steps: int | None = 100, *, path="con
         prior: ``prior(z)`` → log π(z) [B] of the state at t_noise; default N(0, β(t_noise)² I), exact where
             α(t_noise) = 0 (condot, VE) and off by about α(t_noise) |z · E[data]| on VP paths (α(0) = 0.0066 on
             "vp"), as score_sde's prior is.
-        backend: the fused step's backend. progress: a tqdm bar.
+        backend: the fused step's backend; None (default): the one in force (fastdiff.use_backend, else
+            FASTDIFF_BACKEND, else "auto"). progress: a tqdm bar.
     """
     path = get_path(path)
     prediction = check_prediction(prediction)
@@ -134,6 +135,8 @@ def log_likelihood(model, x: torch.Tensor, steps: int | None = 100, *, path="con
     progress = _checks.flag("progress", progress)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise TypeError("x must be a floating-point tensor [B, *shape] (the data)")
+    if not bool(torch.isfinite(x).all()):  # else the model is blamed for the data's inf/NaN
+        raise ValueError("x (the data) holds inf or NaN")
     if timesteps is not None:
         grid = time_grid(steps, timesteps, path, prediction, ())
         if len(grid) > 1 and not grid[0] > grid[-1]:
@@ -152,12 +155,16 @@ def log_likelihood(model, x: torch.Tensor, steps: int | None = 100, *, path="con
         if _singular(path, t, prediction, "velocity"):
             raise ValueError(f"the velocity of a {prediction} model on {path!r} is singular at t = {t}; move the "
                              "grid's end inside (t_data < 1, t_noise > 0)")
-    _dispatch.check_name(backend)
+    if backend is not None:
+        _dispatch.check_name(backend)
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x, t, y), got {type(model).__name__}")
+    if prior is not None and not callable(prior):
+        raise TypeError(f"prior must be None or callable as prior(z) -> log density [B], got {type(prior).__name__}")
     B, shape, device = x.shape[0], tuple(x.shape[1:]), x.device
     d = math.prod(shape)
     seeds = sample_seeds(seed, B, device)
-    with _dispatch.use_backend(backend):
-        step_backend = _dispatch.resolve(device)
+    step_backend = _dispatch.resolve(device, backend)  # None: use_backend / FASTDIFF_BACKEND, else auto
     step_kernel = _dispatch.kernel(step_backend, "sampler_step")
     stages = get_method(method).stages(path, grid, prediction)
     eps = None

@@ -34,6 +34,8 @@ class StepBatches:
         if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
             data = TensorDataset(*data)
         elif isinstance(data, torch.Tensor):
+            if data.dim() < 1:
+                raise ValueError("data must hold samples along its first dimension, got a 0-d tensor")
             data = TensorDataset(data)
         self.collate = default_collate
         if isinstance(data, DataLoader):
@@ -52,7 +54,7 @@ class StepBatches:
             raise ValueError(f"batch_size {global_batch} must be divisible by the number of processes {world}")
         self.n = len(data)
         if global_batch > self.n:
-            raise ValueError(f"batch_size {global_batch} exceeds the dataset size {self.n}")
+            raise ValueError(f"batch_size {global_batch} exceeds the dataset size {self.n} (the samples in data)")
         self.data, self.global_batch, self.seed = data, global_batch, seed
         self.local_batch, self.rank = global_batch // world, rank
         self.steps_per_epoch = self.n // global_batch

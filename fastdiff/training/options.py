@@ -15,6 +15,7 @@ from fastdiff.training.nonfinite import ON_NONFINITE
 from fastdiff.training.objective import SEED_SHIFT, DiffusionObjective
 from fastdiff.training.score_matching import ScoreMatchingObjective
 
+MAX_LOG_EVERY = 1 << 20
 MAX_SAMPLES = 1 << SEED_SHIFT  # training sample n has the noise seed (seed << 40) + n: n < 2^40
 
 
@@ -29,7 +30,7 @@ def _check_float(name: str, v, *, low: float, high: Optional[float] = None, low_
 
 def check_trainer_args(model, *, steps, warmup, checkpoint_every, keep, log_every, max_consecutive_skips, seed,
                        lr, lr_min, weight_decay, lr_schedule, ema_decay, grad_clip, betas, on_nonfinite,
-                       out_dir, objective=None, amp=False, progress=True, resume=True) -> tuple:
+                       out_dir, objective=None, amp=False, progress=True, resume=True, callback=None) -> tuple:
     """Raise TypeError or ValueError for the first bad argument of :class:`Trainer`; returns ``betas``
     as a tuple."""
     if not isinstance(model, torch.nn.Module):
@@ -48,16 +49,29 @@ def check_trainer_args(model, *, steps, warmup, checkpoint_every, keep, log_ever
         if not isinstance(v, int) or isinstance(v, bool) or v < least:
             raise ValueError(f"{name} must be an int >= {least}, got {v!r}")
     check_steps(steps)
+    if log_every > MAX_LOG_EVERY:  # the non-finite guard keeps a device row per unread step
+        raise ValueError(f"log_every must be at most {MAX_LOG_EVERY} (steps between loss read-backs), got {log_every}")
+    if out_dir is not None and (not isinstance(out_dir, (str, os.PathLike)) or os.fspath(out_dir) in ("", b"")):
+        raise TypeError(f"out_dir must be None or a folder path (str or os.PathLike), got "
+                        f"{type(out_dir).__name__} {out_dir!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be None or callable as callback(trainer), got "
+                        f"{type(callback).__name__} {callback!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 1 << (63 - SEED_SHIFT):
         raise ValueError(f"seed must be an int in [0, 2^{63 - SEED_SHIFT}), got {seed!r}")
     _check_float("lr", lr, low=0.0, low_open=True)
     _check_float("lr_min", lr_min, low=0.0)
     _check_float("weight_decay", weight_decay, low=0.0)
+    if lr * weight_decay > 1.0:  # AdamW scales the weights by 1 - lr * weight_decay each step: past 1 they flip sign
+        raise ValueError(f"lr * weight_decay must be at most 1 (AdamW's decay factor 1 - lr * weight_decay), got "
+                         f"lr = {lr:g}, weight_decay = {weight_decay:g}")
     if lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     _check_float("ema_decay", ema_decay, low=0.0, high=1.0)
     if grad_clip is not None:
         _check_float("grad_clip", grad_clip, low=0.0)  # NaN would pass `< 0` and clip every gradient to NaN
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, (tuple, list)):
+        raise TypeError(f"betas must be two floats (AdamW's beta1, beta2), got {type(betas).__name__} {betas!r}")
     betas = tuple(betas)
     if len(betas) != 2:
         raise ValueError(f"betas must be two floats, got {betas!r}")

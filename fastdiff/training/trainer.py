@@ -81,7 +81,8 @@ class Trainer:
             model, steps=steps, warmup=warmup, checkpoint_every=checkpoint_every, keep=keep, log_every=log_every,
             max_consecutive_skips=max_consecutive_skips, seed=seed, lr=lr, lr_min=lr_min, weight_decay=weight_decay,
             lr_schedule=lr_schedule, ema_decay=ema_decay, grad_clip=grad_clip, betas=betas,
-            on_nonfinite=on_nonfinite, out_dir=out_dir, objective=objective, amp=amp, progress=progress, resume=resume)
+            on_nonfinite=on_nonfinite, out_dir=out_dir, objective=objective, amp=amp, progress=progress, resume=resume,
+            callback=callback)
         if device is not None:  # torch's own error for a missing CUDA is an AssertionError naming no argument
             device = _checks.device_arg("device", device)
 
@@ -325,6 +326,8 @@ class Trainer:
                 return
         else:
             path = Path(resume)
+            if not path.exists() and not path.with_suffix(".json").exists():
+                raise ckpt.CheckpointError(f"resume = {str(resume)!r}: checkpoint {path} does not exist")
         tensors, state = ckpt.read(path)
         self.load_state(tensors, state, source=path)
         self.resumed_from = path
