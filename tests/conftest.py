@@ -53,3 +53,13 @@ def interpreted(name):
     """True for the triton backend in the CPU interpreter: it pays per program (blocks of 8192 groups of 4
     elements), so its multi-block cases are 2^15 + 5 elements (a full block and a partial one), not 2^20 + 5."""
     return name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture(scope="session")
+def generation_reference(tmp_path_factory):
+    """The set of tests/generate_script.py made in one process, batch = shard size (the generation tests' oracle)."""
+    import generate_script as job
+
+    out = tmp_path_factory.mktemp("generation-reference")
+    fastdiff.generate(job.model(), job.N, out, batch_size=job.SHARD, **job.KW)
+    return fastdiff.load_generated(out)

@@ -11,6 +11,9 @@ import fastdiff
 from fastdiff.mixtures import MixtureModel, class_conditional_mixture
 
 N, SHARD, STEPS, SEED = 12, 3, 6, 100
+# the set's settings (generate's keywords besides batch_size), shared with the tests that make it in-process
+KW = dict(shape=(2,), seed=SEED, shard_size=SHARD, labels="balanced", steps=STEPS, cfg=2.0, null_y=-1, path="vp",
+          prediction="eps", method="dpmpp_2m", progress=False)
 
 
 class Model(MixtureModel):
@@ -35,8 +38,7 @@ def main():
     torch.set_num_threads(1)
     m = model()
     m.slow = args.slow
-    fastdiff.generate(m, N, args.out, shape=(2,), seed=SEED, batch_size=args.batch, shard_size=SHARD, labels="balanced",
-                      steps=STEPS, cfg=2.0, null_y=-1, path="vp", prediction="eps", method="dpmpp_2m", progress=False)
+    fastdiff.generate(m, N, args.out, batch_size=args.batch, **KW)
 
 
 if __name__ == "__main__":

@@ -21,16 +21,12 @@ ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
 sys.path.insert(0, str(SCRIPT.parent))
 import generate_script as job  # noqa: E402
 
-KW = dict(shape=(2,), seed=job.SEED, shard_size=job.SHARD, labels="balanced", steps=job.STEPS, cfg=2.0, null_y=-1,
-          path="vp", prediction="eps", method="dpmpp_2m", progress=False)
+KW = job.KW
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The set made in one process, batch = shard size."""
-    out = tmp_path_factory.mktemp("reference")
-    fastdiff.generate(job.model(), job.N, out, batch_size=job.SHARD, **KW)
-    return fastdiff.load_generated(out)
+@pytest.fixture
+def reference(generation_reference):
+    return generation_reference
 
 
 def test_the_set_is_the_samples_of_its_seeds(reference):

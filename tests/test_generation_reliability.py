@@ -15,15 +15,12 @@ from fastdiff.generation import MANIFEST, shard_name
 
 import generate_script as job  # noqa: E402  (tests/ is on sys.path: pytest's rootdir conftest)
 
-KW = dict(shape=(2,), seed=job.SEED, shard_size=job.SHARD, labels="balanced", steps=job.STEPS, cfg=2.0, null_y=-1,
-          path="vp", prediction="eps", method="dpmpp_2m", progress=False)
+KW = job.KW
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference")
-    fastdiff.generate(job.model(), job.N, out, batch_size=job.SHARD, **KW)
-    return fastdiff.load_generated(out)
+@pytest.fixture
+def reference(generation_reference):
+    return generation_reference
 
 
 def _same(got, want, n=job.N):

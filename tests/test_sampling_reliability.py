@@ -2,6 +2,8 @@
 editing): the backend in force, EDM churn without noise, non-finite classifiers, callbacks under batched CFG,
 condition batches, bool arguments, and the errors of bad arguments (each names the argument at fault)."""
 
+import math
+
 import pytest
 import torch
 
@@ -269,3 +271,13 @@ def test_callback_is_checked_before_the_model_runs():
     with pytest.raises(TypeError, match="callback"):
         fastdiff.sample(model, 2, shape=(3,), batch_size=2, callback=3)
     assert not calls
+
+
+def test_an_option_error_carries_no_grid_hint():
+    """Only a singular conversion gets the "start the grid after the singular point" hint; an option's own error
+    (the CLI's --option s_noise=nan) is passed on as it is."""
+    with pytest.raises(ValueError, match=r"^s_noise must be a finite number >= 0, got nan$"):
+        fastdiff.sample(decay, 3, shape=(2,), batch_size=2, s_churn=1.0, s_noise=math.nan)
+    with pytest.raises(ValueError, match="singular.*start the grid after the singular point"):
+        fastdiff.sample(decay, None, shape=(2,), batch_size=2, method="dpmpp_2m", prediction="score",
+                        timesteps=[0.0, 0.5, 1.0])

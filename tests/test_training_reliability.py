@@ -314,3 +314,12 @@ def test_mala_nan_score_at_the_proposals_raises():
 
     with pytest.raises(FloatingPointError, match="score was not finite, at the proposal of step 0"):
         fastdiff.langevin(score, x0, steps=3, step_size=0.1, log_prob=_gauss_log_prob)
+
+
+def test_trainer_model_without_trainable_parameters_is_named():
+    from fastdiff.training import Trainer
+
+    frozen = torch.nn.Linear(3, 2).requires_grad_(False)
+    for model in (torch.nn.Identity(), frozen):
+        with pytest.raises(ValueError, match="model has no trainable parameters"):
+            Trainer(model, torch.zeros(8, 2), steps=1, batch_size=4, progress=False)

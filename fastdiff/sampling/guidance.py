@@ -40,12 +40,12 @@ def scale_schedule(cfg, name: str = "cfg"):
         def at(t: float) -> float:
             w = cfg(t)
             if not is_number(w) or not abs(w) <= FLOAT32_MAX:  # NaN fails too; beyond float32 the kernel sees inf
-                raise ValueError(f"{name}(t) must return a finite float32 number, got {w!r} at t={t:.6g}")
+                raise ValueError(f"{name}(t) must return a finite number, got {w!r} at t={t:.6g} (float32's range)")
             return float(w)
 
         return at, True
     if not is_number(cfg) or not abs(cfg) <= FLOAT32_MAX:  # NaN fails too; beyond float32 the kernel sees inf
-        raise ValueError(f"{name} must be a finite (float32) number or a callable t -> scale, got {cfg!r}")
+        raise ValueError(f"{name} must be a finite number or a callable t -> scale (in float32's range), got {cfg!r}")
     return (lambda t: float(cfg)), cfg != 1.0
 
 

@@ -43,7 +43,7 @@ def step_sizes(step_size, B: int, device) -> torch.Tensor | float:
         raise TypeError(f"step_size must be a number or one number per sample, got bool {step_size!r}")
     if isinstance(step_size, numbers.Real):
         if not 0.0 < step_size <= _checks.FLOAT32_MAX:  # the step's coefficients are float32
-            raise ValueError(f"step_size must be a finite (float32) number > 0, got {step_size!r}")
+            raise ValueError(f"step_size must be a finite number > 0 (in float32's range), got {step_size!r}")
         return float(step_size)
     if isinstance(step_size, torch.Tensor):
         h = step_size.detach().to(device=device, dtype=torch.float64)

@@ -35,6 +35,8 @@ def check_trainer_args(model, *, steps, warmup, checkpoint_every, keep, log_ever
     as a tuple."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):  # else AdamW's "empty parameter list"
+        raise ValueError(f"model has no trainable parameters ({type(model).__name__}: none, or all frozen)")
     if objective is not None and not isinstance(objective, (DiffusionObjective, ScoreMatchingObjective)):
         raise TypeError("objective must be a DiffusionObjective (e.g. DiffusionObjective(\"condot\", \"velocity\"); "
                         "prediction velocity, eps, score or x0), a ScoreMatchingObjective or ncsn_objective(...), "
