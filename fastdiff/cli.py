@@ -114,7 +114,8 @@ def _train(args: argparse.Namespace) -> int:
                       lr=args.lr, warmup=args.warmup, lr_schedule=args.lr_schedule, grad_clip=args.grad_clip,
                       ema_decay=args.ema_decay, amp=args.amp, seed=args.seed, out_dir=args.out,
                       checkpoint_every=args.checkpoint_every, keep=args.keep, progress=not args.no_progress,
-                      device=args.device, on_nonfinite=args.on_nonfinite)
+                      device=args.device, on_nonfinite=args.on_nonfinite, resume=not args.overwrite,
+                      overwrite=args.overwrite)
     if trainer.ctx.is_main and trainer.resumed_from is not None:
         print(f"resumed from {trainer.resumed_from} at step {trainer.step}")
     if trainer.step >= args.steps:
@@ -274,6 +275,8 @@ def _parser() -> argparse.ArgumentParser:
     p_train.add_argument("--data", choices=DATASETS, default="digits",
                          help="digits: UNet on 8x8 digits; ring: MLP on a labelled 2-D Gaussian mixture")
     p_train.add_argument("--out", required=True, help="run folder (checkpoints; resumes from it)")
+    p_train.add_argument("--overwrite", action="store_true",
+                         help="start a new run in --out, deleting an earlier run's checkpoints there (else: resume)")
     p_train.add_argument("--steps", type=TRAIN_STEPS, default=2000,
                          help="total steps of the run (a resumed run continues to this step)")
     p_train.add_argument("--batch-size", type=POSITIVE_INT, default=256)

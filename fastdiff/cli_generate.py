@@ -28,7 +28,7 @@ def _generate(args: argparse.Namespace) -> int:
     summary = fastdiff.generate(model, args.num, args.out, shape=sample_shape(state, args.size), seed=args.seed,
                                 batch_size=args.batch_size, shard_size=args.shard_size, labels=labels,
                                 num_classes=classes or None, checkpoint_sha256=state["sha256"], png=args.png,
-                                progress=not args.no_progress, device=device, **settings)
+                                overwrite=args.overwrite, progress=not args.no_progress, device=device, **settings)
     if summary["rank"] == 0:
         print(f"{args.out}: {args.num} samples ({summary['present']} were there, {summary['job_made']} made by "
               f"{summary['world']} process{'es' if summary['world'] > 1 else ''})")
@@ -78,6 +78,8 @@ def add_commands(sub) -> None:
     p.add_argument("--labels", choices=("balanced", "none"), default="balanced",
                    help="a conditional model's labels: sample i gets class i mod classes (default), or none")
     p.add_argument("--png", action="store_true", help="also write png/<i>.png per sample (images)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace another set in --out (its manifest, shards and pictures) instead of refusing")
     p.add_argument("--device", type=device_option, default=None,
                    help="default: the process's GPU under torchrun, else the CPU")
     p.set_defaults(func=_generate)

@@ -32,8 +32,8 @@ from fastdiff import _checks
 from fastdiff.folder_lock import FolderLock
 from fastdiff.generation_files import (  # noqa: F401  (the file format's names, public here as before)
     FORMAT, MANIFEST, VERSION, check_manifest, check_png_shape, checked_shard, file_sha256, png_name, read_manifest,
-    remove_beyond, remove_stale, settings_sha256, settle_manifest, shard_files, shard_name, shard_valid, write_pngs,
-    write_shard)
+    remove_beyond, remove_set, remove_stale, settings_sha256, settle_manifest, shard_files, shard_name, shard_valid,
+    write_pngs, write_shard)
 
 
 def _jsonable(name: str, value):
@@ -94,7 +94,7 @@ MAX_SAMPLES, MAX_SHARDS = 1 << 40, 1 << 24
 
 def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 64, shard_size: int | None = None,
              labels=None, num_classes: int | None = None, checkpoint=None, checkpoint_sha256: str | None = None,
-             png: bool = False, progress: bool = True, device=None, **sample_kwargs) -> dict:
+             png: bool = False, progress: bool = True, device=None, overwrite: bool = False, **sample_kwargs) -> dict:
     """Generate samples 0 … n − 1 of ``model`` into ``out_dir`` (see the module docstring); under ``torchrun``
     each process makes its share. Returns a summary (samples made by this job, seconds, samples/s, shards).
 
@@ -106,6 +106,9 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
             labels. checkpoint: the file the model's weights came from (its sha256 goes into the manifest), or
             checkpoint_sha256: that digest (a fastdiff checkpoint's JSON records it).
         png: also write ``png/<i>.png`` per sample (images [C, H, W] in [−1, 1], C = 1 or 3; needs Pillow).
+        overwrite: a folder holding another set (its manifest differs or is damaged) is refused unless
+            overwrite=True, which removes that set's manifest, shards and pictures first (a set with these very
+            settings is resumed either way: its shards are the ones this run would make).
         progress: one tqdm bar on rank 0 for the whole job's count. device: where to sample (default: the
             process's GPU under torchrun with CUDA, else the CPU).
         **sample_kwargs: fastdiff.sample's settings (steps, cfg, method, path, prediction, null_y, ...).
@@ -143,6 +146,7 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
     if os.fspath(out_dir) in ("", b""):  # Path("") is the working directory: a set would land among its files
         raise ValueError("out_dir must name a folder, got an empty path")
     png, progress = _checks.flag("png", png), _checks.flag("progress", progress)
+    overwrite = _checks.flag("overwrite", overwrite)
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t, y), got {type(model).__name__}")
     shape = _checks.shape_tuple(shape)
@@ -163,7 +167,7 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
     lock = None
     try:
         if ctx.is_main:
-            lock = _open_folder(out, manifest, shards)
+            lock = _open_folder(out, manifest, shards, overwrite)
     finally:  # a rank-0 failure (folder in use, another set's manifest) reaches the other ranks instead of a hang
         if not distributed.all_ok(ctx, ctx.is_main is False or lock is not None) and not ctx.is_main:
             raise RuntimeError(f"rank 0 could not open {out} (its error says why); this rank stops too")
@@ -176,14 +180,21 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
             lock.release()
 
 
-def _open_folder(out: Path, manifest: dict, shards: int) -> FolderLock:
-    """Rank 0: lock the folder, remove what killed jobs left, settle the manifest, remove shards beyond the set."""
+def _open_folder(out: Path, manifest: dict, shards: int, overwrite: bool) -> FolderLock:
+    """Rank 0: lock the folder, remove what killed jobs left (and, told to overwrite, another set), settle the
+    manifest, remove shards beyond the set."""
     out.mkdir(parents=True, exist_ok=True)
     # before anything is removed or written: two jobs in one folder would mix two sets under one manifest
     # and remove each other's temporary files
     lock = FolderLock(out, "fastdiff generate job")
     try:
         remove_stale(out, locked=lock.fd is not None)
+        if overwrite and (out / MANIFEST).exists():
+            try:
+                check_manifest(out, manifest)
+            except ValueError as e:  # another set, or a damaged manifest: told to, make room for this one
+                warnings.warn(f"overwrite=True: removing the set in {out} ({remove_set(out)} shards): {e}",
+                              RuntimeWarning, stacklevel=3)
         settle_manifest(out, manifest)
         removed = remove_beyond(out, shards)
     except BaseException:

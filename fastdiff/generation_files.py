@@ -83,7 +83,7 @@ def check_manifest(folder: Path, manifest: dict) -> None:
 def _made_nothing(folder: Path) -> bool:
     """Whether the folder's manifest is fastdiff generate's and no shard was written under it (a first run
     that failed before its first shard): then it protects nothing and a corrected run may replace it."""
-    if any(shard_files(folder)):
+    if shard_files(folder):  # (not any(): its keys are shard indices, and shard 0 is falsy)
         return False
     try:
         saved = json.loads((folder / MANIFEST).read_text())
@@ -229,6 +229,16 @@ def remove_stale(folder: Path, locked: bool) -> None:
             stale.unlink(missing_ok=True)
     for stale in folder.glob(".progress-*"):
         stale.unlink(missing_ok=True)
+
+
+def remove_set(folder: Path) -> int:
+    """Remove a set's files (manifest, shards, pictures; nothing else in the folder): ``overwrite=True``, under
+    the folder's lock. How many shard files there were."""
+    shards = list(shard_files(folder).values())
+    for p in [*shards, *(folder / "png").glob("*.png")]:
+        p.unlink(missing_ok=True)
+    (folder / MANIFEST).unlink(missing_ok=True)
+    return len(shards)
 
 
 def remove_beyond(folder: Path, shards: int) -> int:

@@ -166,3 +166,16 @@ def test_out_of_host_memory_is_a_one_line_runtime_error(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("fastdiff info: error: out of memory") and "32000000000000 bytes" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_overwrite_starts_a_new_run_in_the_folder(tmp_path, capsys):
+    """`fastdiff train --out R` resumes R; with --overwrite it starts afresh there (the earlier checkpoints go)."""
+    from fastdiff.training import checkpoint as ckpt
+
+    base = ["train", "--data", "ring", "--batch-size", "64", "--no-progress", "--out", str(tmp_path)]
+    assert cli.main(base + ["--steps", "4", "--checkpoint-every", "2"]) == 0
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [4, 2]
+    assert cli.main(base + ["--steps", "4"]) == 0  # resumed at step 4: nothing to do
+    with pytest.warns(RuntimeWarning, match="removed the 2 checkpoints"):
+        assert cli.main(base + ["--steps", "1", "--overwrite", "--seed", "5"]) == 0
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [1]

@@ -264,3 +264,46 @@ def test_pictures_of_a_remade_shard_are_not_kept(tmp_path):
     assert not (tmp_path / "png" / png_name(0)).exists()
     fastdiff.generate(model, 2, tmp_path, seed=7, png=True, **kw)
     assert (tmp_path / "png" / png_name(0)).read_bytes() != old
+
+
+def test_another_set_is_refused_unless_told_to_overwrite(tmp_path):
+    """A run with other settings into a folder holding a set is refused; overwrite=True replaces that set (its
+    manifest, shards and pictures), and a run with the set's own settings resumes either way."""
+    pytest.importorskip("PIL")
+    model = lambda x, t, y=None: -x  # noqa: E731
+    kw = dict(shape=(1, 2, 2), steps=2, progress=False, batch_size=2)
+    fastdiff.generate(model, 4, tmp_path, png=True, **kw)
+    with pytest.raises(ValueError, match="holds another set"):
+        fastdiff.generate(model, 4, tmp_path, cfg_batch=False, seed=5, **kw)
+    with pytest.raises(TypeError, match="overwrite must be True or False"):
+        fastdiff.generate(model, 4, tmp_path, seed=5, overwrite="yes", **kw)
+    with pytest.warns(RuntimeWarning, match="overwrite=True: removing the set"):
+        summary = fastdiff.generate(model, 2, tmp_path, seed=5, overwrite=True, **kw)
+    assert summary["made"] == 2 and summary["present"] == 0
+    assert sorted(p.name for p in tmp_path.glob("shard-*")) == [shard_name(0)]
+    assert not list((tmp_path / "png").glob("*.png"))  # the old set's pictures went with it
+    assert json.loads((tmp_path / MANIFEST).read_text())["seed"] == 5
+    got = fastdiff.load_generated(tmp_path)
+    assert torch.equal(got["x"], fastdiff.sample(model, 2, shape=(1, 2, 2), seed=5, batch_size=2))
+    # the same settings again, with overwrite: nothing to replace, the shard is kept
+    assert fastdiff.generate(model, 2, tmp_path, seed=5, overwrite=True, **kw)["made"] == 0
+
+
+def test_cli_generate_overwrite_flag(tmp_path, ring_checkpoint):
+    from fastdiff import cli
+
+    base = ["generate", "--checkpoint", str(ring_checkpoint), "--num-samples", "2", "--out", str(tmp_path),
+            "--steps", "2", "--no-progress"]
+    assert cli.main(base) in (0, None)
+    assert cli.main(base + ["--seed", "3"]) == 2  # another set: refused, naming the way out
+    with pytest.warns(RuntimeWarning, match="overwrite=True"):
+        assert cli.main(base + ["--seed", "3", "--overwrite"]) in (0, None)
+    assert json.loads((tmp_path / MANIFEST).read_text())["seed"] == 3
+
+
+def test_a_set_of_one_shard_is_not_taken_for_an_empty_one(tmp_path):
+    """Shard 0 alone is a set that made something: another run's settings must be refused, not take it over."""
+    model = lambda x, t, y=None: -x  # noqa: E731
+    fastdiff.generate(model, 2, tmp_path, shape=(2,), steps=2, progress=False, batch_size=2)
+    with pytest.raises(ValueError, match="holds another set"):
+        fastdiff.generate(model, 2, tmp_path, shape=(2,), steps=2, progress=False, batch_size=2, seed=3)

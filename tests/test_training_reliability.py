@@ -323,3 +323,43 @@ def test_trainer_model_without_trainable_parameters_is_named():
     for model in (torch.nn.Identity(), frozen):
         with pytest.raises(ValueError, match="model has no trainable parameters"):
             Trainer(model, torch.zeros(8, 2), steps=1, batch_size=4, progress=False)
+
+
+def test_trainer_replaces_an_earlier_run_only_when_told_to_overwrite(tmp_path):
+    """resume=False on a folder with checkpoints is refused; overwrite=True (with resume=False) starts a new run
+    there, deleting the earlier checkpoints in fit() before its first one, so no later resume mixes the runs."""
+    from fastdiff.training import Trainer
+    from fastdiff.training import checkpoint as ckpt
+
+    data = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+
+    def trainer(**kw):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        net = _TimeConcat(model)
+        return Trainer(net, data, steps=4, batch_size=4, progress=False, out_dir=tmp_path, checkpoint_every=1,
+                       keep=10, **kw)
+
+    trainer(seed=1).fit()
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [4, 3, 2, 1]
+    with pytest.raises(ValueError, match="overwrite=True replaces it"):
+        trainer(seed=2, resume=False)
+    with pytest.raises(ValueError, match="pass resume=False with it"):
+        trainer(seed=2, overwrite=True)
+    with pytest.raises(TypeError, match="overwrite must be True or False"):
+        trainer(seed=2, resume=False, overwrite="yes")
+    fresh = trainer(seed=2, resume=False, overwrite=True)
+    assert len(ckpt.list_checkpoints(tmp_path / "checkpoints")) == 4  # nothing deleted before fit()
+    with pytest.warns(RuntimeWarning, match="removed the 4 checkpoints of an earlier run"):
+        fresh.fit(2)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [2, 1]
+    assert trainer(seed=2).step == 2  # the new run resumes; the seed-1 run is gone
+
+
+class _TimeConcat(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t, y=None):
+        return self.net(torch.cat([x, t[:, None]], 1))

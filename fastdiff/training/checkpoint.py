@@ -254,6 +254,15 @@ def latest(folder, *, warn: bool = True) -> Path | None:
     return None
 
 
+def remove_all(folder) -> int:
+    """Delete every checkpoint in ``folder`` (Trainer(overwrite=True), holding the folder's lock); how many."""
+    found = list_checkpoints(folder)
+    for _, json_path in found:
+        json_path.unlink(missing_ok=True)  # the JSON first: a half-deleted checkpoint is never "valid"
+        json_path.with_suffix(".safetensors").unlink(missing_ok=True)
+    return len(found)
+
+
 def prune(folder, keep: int, newest_good: Path) -> None:
     """Delete all but the ``keep`` newest checkpoints, never ``newest_good`` and never a newer one."""
     if keep <= 0:

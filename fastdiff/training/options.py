@@ -30,7 +30,8 @@ def _check_float(name: str, v, *, low: float, high: Optional[float] = None, low_
 
 def check_trainer_args(model, *, steps, warmup, checkpoint_every, keep, log_every, max_consecutive_skips, seed,
                        lr, lr_min, weight_decay, lr_schedule, ema_decay, grad_clip, betas, on_nonfinite,
-                       out_dir, objective=None, amp=False, progress=True, resume=True, callback=None) -> tuple:
+                       out_dir, objective=None, amp=False, progress=True, resume=True, callback=None,
+                       overwrite=False) -> tuple:
     """Raise TypeError or ValueError for the first bad argument of :class:`Trainer`; returns ``betas``
     as a tuple."""
     if not isinstance(model, torch.nn.Module):
@@ -43,6 +44,9 @@ def check_trainer_args(model, *, steps, warmup, checkpoint_every, keep, log_ever
                         f"got {type(objective).__name__} {objective!r}")
     _checks.flag("amp", amp)
     _checks.flag("progress", progress)
+    if _checks.flag("overwrite", overwrite) and resume is not False:
+        raise ValueError(f"overwrite=True starts a new run in out_dir (removing an earlier run's checkpoints): pass "
+                         f"resume=False with it, got resume={resume!r}")
     if not isinstance(resume, (bool, str, os.PathLike)):
         raise TypeError(f"resume must be True, False or a checkpoint path, got {type(resume).__name__} {resume!r}")
     for name, v, least in (("steps", steps, 1), ("warmup", warmup, 0), ("checkpoint_every", checkpoint_every, 0),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -55,7 +56,9 @@ class Trainer:
         checkpoint_every: steps between checkpoints (0: only at the end); ``keep`` newest are kept.
         resume: True: continue from the newest valid checkpoint in ``out_dir`` if there is one
             (skipping corrupt ones with a warning); a path: that checkpoint (an error if it is corrupt);
-            False: start fresh.
+            False: start fresh (refused where out_dir holds an earlier run's checkpoints, unless overwrite).
+        overwrite: with resume=False, start a new run in an out_dir that holds an earlier run's checkpoints: fit()
+            deletes them (holding the folder's lock, before its first checkpoint).
         progress: tqdm progress bar with the loss (main process only).
         log_every: steps between reading the loss back to the host (it synchronizes a GPU).
         callback: ``callback(trainer)`` after every optimizer step.
@@ -76,13 +79,13 @@ class Trainer:
                  amp: bool = False, seed: int = 0, out_dir=None, checkpoint_every: int = 0, keep: int = 2,
                  resume=True, progress: bool = True, log_every: int = 10,
                  callback: Optional[Callable] = None, device=None, on_nonfinite: str = "stop",
-                 max_consecutive_skips: int = 10):
+                 max_consecutive_skips: int = 10, overwrite: bool = False):
         betas = check_trainer_args(
             model, steps=steps, warmup=warmup, checkpoint_every=checkpoint_every, keep=keep, log_every=log_every,
             max_consecutive_skips=max_consecutive_skips, seed=seed, lr=lr, lr_min=lr_min, weight_decay=weight_decay,
             lr_schedule=lr_schedule, ema_decay=ema_decay, grad_clip=grad_clip, betas=betas,
             on_nonfinite=on_nonfinite, out_dir=out_dir, objective=objective, amp=amp, progress=progress, resume=resume,
-            callback=callback)
+            callback=callback, overwrite=overwrite)
         if device is not None:  # torch's own error for a missing CUDA is an AssertionError naming no argument
             device = _checks.device_arg("device", device)
 
@@ -116,12 +119,16 @@ class Trainer:
         self._nonfinite = NonFiniteGuard(max_consecutive_skips, capacity=log_every,
                                          device=self.device, world=self.ctx.world, checkpoint_dir=self.checkpoint_dir)
         self.resumed_from: Optional[Path] = None
+        self._overwrite = overwrite and self.checkpoint_dir is not None  # done by fit(), under the folder's lock
         if resume:
             self._resume(resume)
+        elif self._overwrite:
+            pass
         elif self.checkpoint_dir is not None and (earlier := ckpt.list_checkpoints(self.checkpoint_dir)):
             # starting afresh there would prune the earlier run's checkpoints, and a later resume would mix the two
             raise ValueError(f"resume=False but out_dir {self.out_dir} holds checkpoints of an earlier run (newest: "
-                             f"{earlier[0][1].name}); resume=True continues it, or choose another out_dir")
+                             f"{earlier[0][1].name}); resume=True continues it, overwrite=True replaces it, or "
+                             "choose another out_dir")
         self.ddp_model = distributed.wrap(self.model, self.ctx)
 
     # ---- schedule --------------------------------------------------------------------------------
@@ -227,6 +234,11 @@ class Trainer:
         if self.checkpoint_dir is not None and self.ctx.is_main:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             lock = FolderLock(self.checkpoint_dir, "training run")  # two runs here would overwrite each other's work
+            if self._overwrite:  # once, before this run's first checkpoint, and only while holding the folder
+                self._overwrite = False
+                if removed := ckpt.remove_all(self.checkpoint_dir):
+                    warnings.warn(f"overwrite=True: removed the {removed} checkpoints of an earlier run from "
+                                  f"{self.checkpoint_dir}", RuntimeWarning, stacklevel=2)
         bar = tqdm(total=target, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (self.progress and self.ctx.is_main))
         running, count, good, t0 = None, 0, 0, time.perf_counter()
