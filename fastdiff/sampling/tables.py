@@ -27,8 +27,8 @@ def stage_tables(record, path, path_arg, prediction: str, grid: list[float], val
                     taken["sigma"] = sigma_at.__getitem__  # the builders' form of sigma
                 table = record.stages(path, grid, prediction, **taken)
             except ValueError as exc:
-                if "singular" not in str(exc):  # an option's own error (s_noise=nan) needs no grid hint
-                    raise
+                if "singular" not in str(exc) and " at t=" not in str(exc):  # an option's own error (s_noise=nan):
+                    raise  # no grid hint
                 hint = "end the sampling grid (timesteps) before the singular point: inversion runs it backwards" \
                     if grid[0] > grid[-1] else "start the grid after the singular point"
                 raise ValueError(f"{exc} (method={record.name!r}, prediction={prediction!r}, path={path!r}); "
