@@ -39,19 +39,10 @@ def comma_list(kind, choices=None):
 
 
 def available_memory(device) -> int | None:
-    """Free bytes on ``device`` (CUDA: the driver's count; CPU: MemAvailable of /proc/meminfo), None if unknown."""
-    import torch
+    """Free bytes on ``device`` (fastdiff._checks.available_bytes), None if unknown."""
+    from fastdiff import _checks
 
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _checks.available_bytes(device)
 
 
 def _check_memory(ops, log2_sizes, device) -> None:
@@ -75,6 +66,10 @@ def _bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     _check_memory(args.ops, args.sizes, device)
+    if not args.no_csv:  # before the runs, not after them: their rows would be lost
+        from fastdiff.training.checkpoint import check_writable
+
+        check_writable(args.csv_dir, f"--csv-dir {args.csv_dir}")
     harness.report(ops=args.ops, log2_sizes=args.sizes, dtypes=args.dtypes, device=device, repeat=args.repeat,
                    compile=not args.no_compile, csv_dir=None if args.no_csv else args.csv_dir)
     return 0

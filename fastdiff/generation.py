@@ -33,7 +33,7 @@ from fastdiff.folder_lock import FolderLock
 from fastdiff.generation_files import (  # noqa: F401  (the file format's names, public here as before)
     FORMAT, MANIFEST, VERSION, check_manifest, check_png_shape, checked_shard, file_sha256, png_name, read_manifest,
     remove_beyond, remove_set, remove_stale, settings_sha256, settle_manifest, shard_files, shard_name, shard_valid,
-    write_pngs, write_shard)
+    png_intact, write_pngs, write_shard)
 
 
 def _jsonable(name: str, value):
@@ -90,6 +90,22 @@ def _labels(labels, n: int, num_classes):
 
 
 MAX_SAMPLES, MAX_SHARDS = 1 << 40, 1 << 24
+# sample() settings that hold one value per sample of a call: generate passes its settings to every batch, so
+# they would apply to sample i mod batch_size and the set would depend on the batch size
+PER_SAMPLE_SETTINGS = ("init", "known_mask", "conditions")
+
+
+def _refuse_per_sample(settings: dict) -> None:
+    from fastdiff.sampling.churn import OPTIONS as CHURN_OPTIONS
+
+    for name, value in settings.items():
+        per_sample = name in PER_SAMPLE_SETTINGS or (
+            name in CHURN_OPTIONS and (isinstance(value, (list, tuple)) or
+                                       (isinstance(value, torch.Tensor) and value.dim() > 0)))
+        if per_sample and value is not None:
+            raise ValueError(f"generate() cannot take {name}: it holds values per sample of one sampler call, which "
+                             "generate would repeat in every batch (the set would depend on batch_size); run "
+                             "fastdiff.sample for editing or per-sample options")
 
 
 def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 64, shard_size: int | None = None,
@@ -105,7 +121,7 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
         labels: None, "balanced" (label i mod num_classes; num_classes defaults to ``model.num_classes``) or n
             labels. checkpoint: the file the model's weights came from (its sha256 goes into the manifest), or
             checkpoint_sha256: that digest (a fastdiff checkpoint's JSON records it).
-        png: also write ``png/<i>.png`` per sample (images [C, H, W] in [−1, 1], C = 1 or 3; needs Pillow).
+        png: also write ``png/<i:06d>.png`` per sample (images [C, H, W] in [−1, 1], C = 1 or 3; needs Pillow).
         overwrite: a folder holding another set (its manifest differs or is damaged) is refused unless
             overwrite=True, which removes that set's manifest, shards and pictures first (a set with these very
             settings is resumed either way: its shards are the ones this run would make).
@@ -129,6 +145,7 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
     for reserved in ("seed", "batch_size", "y", "noise", "callback", "progress", "device"):
         if reserved in sample_kwargs:
             raise TypeError(f"generate() sets {reserved} itself; remove it from the sampler settings")
+    _refuse_per_sample(sample_kwargs)
     if checkpoint is not None and checkpoint_sha256 is not None:
         raise ValueError("give checkpoint (a file, hashed here) or checkpoint_sha256, not both")
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
@@ -220,8 +237,8 @@ def _make(model, n: int, out: Path, ctx, manifest: dict, shards: int, y_all, bat
         seeds = torch.arange(lo, hi, dtype=torch.int64) + seed
         if shard_valid(out / shard_name(k), seeds, shape, settings):
             present += hi - lo
-            if png and not all((out / "png" / png_name(i)).exists() for i in range(lo, hi)):
-                # a job killed between a shard and its pictures, or an earlier run without png=True
+            if png and not all(png_intact(out / "png" / png_name(i)) for i in range(lo, hi)):
+                # a job killed between a shard and its pictures, an earlier run without png=True, or a damaged one
                 import safetensors.torch as st
 
                 write_pngs(out / "png", st.load_file(str(out / shard_name(k)))["x"], lo)

@@ -27,6 +27,22 @@ def png_name(i: int) -> str:
     return f"{i:06d}.png"
 
 
+_PNG_SIGNATURE, _PNG_END = b"\x89PNG\r\n\x1a\n", b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def png_intact(path: Path) -> bool:
+    """Whether ``path`` is a whole PNG file: its signature and its closing IEND chunk (a truncated or emptied
+    picture fails; two small reads, not a decode, so a rerun over a large set stays cheap)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != _PNG_SIGNATURE:
+                return False
+            f.seek(-12, os.SEEK_END)
+            return f.read(12) == _PNG_END
+    except OSError:  # missing, or shorter than 12 bytes
+        return False
+
+
 def file_sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -77,7 +93,10 @@ def check_manifest(folder: Path, manifest: dict) -> None:
     differ = sorted(k for k in set(saved) | set(manifest) if k != "fastdiff" and saved.get(k) != manifest.get(k))
     if differ:
         detail = "; ".join(f"{k}: folder {saved.get(k)!r}, this run {manifest.get(k)!r}" for k in differ)
-        raise ValueError(f"{folder} holds another set ({detail}); use another out_dir or the same settings")
+        hint = (f" (shard_size defaults to the batch size: pass shard_size={saved['shard_size']}, --shard-size "
+                f"{saved['shard_size']}, to resume with another batch size)" if differ == ["shard_size"] else "")
+        raise ValueError(f"{folder} holds another set ({detail}){hint}; use another out_dir, the same settings, or "
+                         "overwrite=True (--overwrite) to replace it")
 
 
 def _made_nothing(folder: Path) -> bool:

@@ -179,3 +179,13 @@ def test_train_overwrite_starts_a_new_run_in_the_folder(tmp_path, capsys):
     with pytest.warns(RuntimeWarning, match="removed the 2 checkpoints"):
         assert cli.main(base + ["--steps", "1", "--overwrite", "--seed", "5"]) == 0
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [1]
+
+
+def test_bench_checks_its_csv_folder_before_running(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert cli.main(["bench", "--ops", "randn", "--sizes", "10", "--repeat", "1", "--no-compile",
+                     "--csv-dir", str(blocker / "sub")]) == 2
+    captured = capsys.readouterr()
+    assert "--csv-dir" in captured.err and "not writable" in captured.err
+    assert captured.out == ""  # refused before any case ran

@@ -307,3 +307,41 @@ def test_a_set_of_one_shard_is_not_taken_for_an_empty_one(tmp_path):
     fastdiff.generate(model, 2, tmp_path, shape=(2,), steps=2, progress=False, batch_size=2)
     with pytest.raises(ValueError, match="holds another set"):
         fastdiff.generate(model, 2, tmp_path, shape=(2,), steps=2, progress=False, batch_size=2, seed=3)
+
+
+def test_per_sample_settings_are_refused(tmp_path):
+    """init / known_mask / conditions / per-sample churn hold values per sample of one call: generate would repeat
+    them in every batch (sample i would get row i mod batch_size)."""
+    model = lambda x, t, y=None: -x  # noqa: E731
+    kw = dict(shape=(2,), steps=2, progress=False, batch_size=4)
+    for bad in (dict(init=torch.zeros(4, 2), strength=0.5), dict(method="euler", s_churn=[0.1] * 4),
+                dict(method="euler", s_churn=torch.full((4,), 0.1))):
+        name = next(iter(bad)) if "init" in bad else "s_churn"
+        with pytest.raises(ValueError, match=f"generate\\(\\) cannot take {name}"):
+            fastdiff.generate(model, 8, tmp_path / name, **kw, **bad)
+    assert fastdiff.generate(model, 8, tmp_path / "one", method="euler", s_churn=0.1, **kw)["made"] == 8
+
+
+def test_damaged_pictures_are_written_again(tmp_path):
+    pytest.importorskip("PIL")
+    from fastdiff.generation_files import png_intact, png_name
+
+    model = lambda x, t, y=None: -x  # noqa: E731
+    kw = dict(shape=(1, 2, 2), steps=2, progress=False, batch_size=4, png=True)
+    fastdiff.generate(model, 8, tmp_path, **kw)
+    good = (tmp_path / "png" / png_name(5)).read_bytes()
+    (tmp_path / "png" / png_name(5)).write_bytes(good[:-5])  # truncated
+    (tmp_path / "png" / png_name(7)).write_bytes(b"")  # emptied
+    assert not png_intact(tmp_path / "png" / png_name(5)) and not png_intact(tmp_path / "png" / png_name(7))
+    assert fastdiff.generate(model, 8, tmp_path, **kw)["made"] == 0
+    assert (tmp_path / "png" / png_name(5)).read_bytes() == good
+    assert png_intact(tmp_path / "png" / png_name(7))
+
+
+def test_a_batch_size_change_is_told_how_to_resume(tmp_path):
+    model = lambda x, t, y=None: -x  # noqa: E731
+    fastdiff.generate(model, 8, tmp_path, shape=(2,), steps=2, progress=False, batch_size=4)
+    with pytest.raises(ValueError, match=r"pass shard_size=4, --shard-size 4, to resume with another batch size"):
+        fastdiff.generate(model, 8, tmp_path, shape=(2,), steps=2, progress=False, batch_size=2)
+    assert fastdiff.generate(model, 8, tmp_path, shape=(2,), steps=2, progress=False, batch_size=2,
+                             shard_size=4)["made"] == 0

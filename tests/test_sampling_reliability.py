@@ -281,3 +281,11 @@ def test_an_option_error_carries_no_grid_hint():
     with pytest.raises(ValueError, match="singular.*start the grid after the singular point"):
         fastdiff.sample(decay, None, shape=(2,), batch_size=2, method="dpmpp_2m", prediction="score",
                         timesteps=[0.0, 0.5, 1.0])
+
+
+def test_non_finite_step_noise_is_named():
+    def nan_noise(step, j):
+        return torch.full((4, 2), math.nan)
+
+    with pytest.raises(FloatingPointError, match="and step_noise"):
+        fastdiff.sample(decay, 3, shape=(2,), batch_size=4, method="euler_ancestral", step_noise=nan_noise)

@@ -363,3 +363,67 @@ class _TimeConcat(torch.nn.Module):
 
     def forward(self, x, t, y=None):
         return self.net(torch.cat([x, t[:, None]], 1))
+
+
+def _ring_run(tmp_path, **kw):
+    from fastdiff.training import Trainer
+
+    torch.manual_seed(0)
+    net = _TimeConcat(torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)))
+    data = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+    return Trainer(net, data, steps=4, batch_size=4, progress=False, out_dir=tmp_path, checkpoint_every=2, **kw)
+
+
+def test_resume_refuses_a_folder_whose_checkpoints_all_fail(tmp_path):
+    """Starting from step 0 beside damaged checkpoints would overwrite and prune them (two runs in one folder)."""
+    from fastdiff.training import CheckpointError
+    from fastdiff.training import checkpoint as ckpt
+
+    _ring_run(tmp_path).fit()
+    for _, json_path in ckpt.list_checkpoints(tmp_path / "checkpoints"):
+        tensors = json_path.with_suffix(".safetensors")
+        data = bytearray(tensors.read_bytes())
+        data[-1] ^= 1
+        tensors.write_bytes(bytes(data))
+    with pytest.warns(RuntimeWarning, match="skipping checkpoint"):
+        with pytest.raises(CheckpointError, match=r"holds 2 checkpoints and none verifies \(newest: .*step-00000004"):
+            _ring_run(tmp_path)
+    assert len(ckpt.list_checkpoints(tmp_path / "checkpoints")) == 2  # nothing touched
+
+
+def test_a_full_disk_names_the_checkpoint_and_leaves_no_orphan(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from fastdiff.training import checkpoint as ckpt
+
+    real = os.replace
+
+    def full(src, dst):
+        if str(dst).endswith("00000002.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", full)
+    with pytest.raises(OSError, match=r"cannot write .*step-00000002\.json \(No space left on device\); the disk "
+                                      "may be full"):
+        _ring_run(tmp_path).fit()
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert "step-00000002.safetensors" not in names and not [n for n in names if ".tmp-" in n]
+
+
+def test_a_safetensors_file_that_is_not_a_checkpoint_is_named(tmp_path):
+    from fastdiff.training import CheckpointError
+    from fastdiff.training import checkpoint as ckpt
+
+    shard = tmp_path / "shard-000000.safetensors"
+    fastdiff.generate(lambda x, t, y=None: -x, 2, tmp_path, shape=(2,), steps=2, progress=False)
+    with pytest.raises(CheckpointError, match=r"shard-000000\.safetensors is not a fastdiff checkpoint"):
+        ckpt.read(shard)
+
+
+def test_log_likelihood_of_an_empty_batch_calls_no_model():
+    from fastdiff.mixtures import MixtureModel, ring_mixture
+
+    out = fastdiff.log_likelihood(MixtureModel(ring_mixture(), "condot", "velocity"), torch.zeros(0, 2), 3)
+    assert out.log_prob.shape == (0,) and out.noise.shape == (0, 2)

@@ -314,7 +314,7 @@ class FiniteFlags:
             self.table.fill_(1)
 
     @staticmethod
-    def raise_first_bad(first_bad: torch.Tensor, stages, given: dict | None = None) -> None:
+    def raise_first_bad(first_bad: torch.Tensor, stages, given: dict | None = None, step_noise=None) -> None:
         """FloatingPointError naming the step and time of the first stage with a non-finite output (reads
         ``first_bad`` back: once, after the loop); a ValueError naming the argument instead when one of the
         ``given`` tensors (name -> the caller's noise / init) holds inf/NaN (looked at only then)."""
@@ -325,5 +325,7 @@ class FiniteFlags:
                     raise ValueError(f"{name} holds inf or NaN (the model's output was then not finite from step "
                                      f"{stages[k].step})")
             st = stages[k]
-            raise FloatingPointError(f"model output is not finite at step {st.step} (t={st.t:.6g}); check the "
-                                     "model, the path/prediction pair and the time grid")
+            suspects = "the model, the path/prediction pair and the time grid"
+            if callable(step_noise):  # its normals enter the state unchecked (reading them would sync every step)
+                suspects += ", and step_noise (its normals are added to the state)"
+            raise FloatingPointError(f"model output is not finite at step {st.step} (t={st.t:.6g}); check {suspects}")

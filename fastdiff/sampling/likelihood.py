@@ -163,6 +163,10 @@ def log_likelihood(model, x: torch.Tensor, steps: int | None = 100, *, path="con
         raise TypeError(f"prior must be None or callable as prior(z) -> log density [B], got {type(prior).__name__}")
     B, shape, device = x.shape[0], tuple(x.shape[1:]), x.device
     d = math.prod(shape)
+    if B == 0:  # nothing to integrate: no model call (as sample), the empty result of each field
+        empty = torch.zeros(0, dtype=torch.float64, device=device)
+        std = empty if divergence == "hutchinson" and probes > 1 else None
+        return Likelihood(empty, std, empty.clone(), x.detach().to(torch.float32).clone())
     seeds = sample_seeds(seed, B, device)
     step_backend = _dispatch.resolve(device, backend)  # None: use_backend / FASTDIFF_BACKEND, else auto
     step_kernel = _dispatch.kernel(step_backend, "sampler_step")

@@ -405,5 +405,5 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     if check_finite:  # the one synchronization, after the loop (classifier guidance: two)
         if classifier is not None:
             classifier.raise_first_bad(first_bad, stages)
-        finite.raise_first_bad(first_bad, stages, {"init": init, "noise": noise})  # init first: it made noise
+        finite.raise_first_bad(first_bad, stages, {"init": init, "noise": noise}, step_noise)  # init made noise
     return result

@@ -69,6 +69,9 @@ def _write_atomic(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # ENOSPC names no file by itself
+        raise type(e)(e.errno, f"cannot write {path} ({e.strerror or e}); the disk may be full or not writable",
+                      str(path)) from e
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -149,7 +152,11 @@ def save(folder, step: int, tensors: dict[str, torch.Tensor], state: dict) -> Pa
     record = json.loads(json.dumps(record))  # the digest is of what a reader will parse (tuples -> lists, ...)
     record["json_sha256"] = json_digest(record)
     text = json.dumps(record, indent=1, sort_keys=True).encode()
-    _write_atomic(json_path, lambda f: f.write(text))
+    try:
+        _write_atomic(json_path, lambda f: f.write(text))
+    except BaseException:  # a tensor file without its JSON is no checkpoint: leave no orphan behind
+        tensor_path.unlink(missing_ok=True)
+        raise
     return json_path
 
 
@@ -160,6 +167,10 @@ def read(path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         state = json.loads(json_path.read_text())
     except FileNotFoundError:
+        given = Path(path)
+        if given.suffix == ".safetensors" and given.is_file():  # e.g. a generated shard
+            raise CheckpointError(f"{given} is not a fastdiff checkpoint: a checkpoint is a step-*.json beside its "
+                                  f".safetensors, and {json_path.name} is not there") from None
         raise CheckpointError(f"checkpoint {json_path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint {json_path} is corrupt: its JSON state does not parse ({e})") from None

@@ -335,6 +335,12 @@ class Trainer:
                 return
             path = ckpt.latest(self.checkpoint_dir)
             if path is None:
+                if found := ckpt.list_checkpoints(self.checkpoint_dir):
+                    # starting from step 0 here would overwrite and prune them, and mix two runs in the folder
+                    raise ckpt.CheckpointError(
+                        f"out_dir {self.out_dir} holds {len(found)} checkpoints and none verifies (newest: "
+                        f"{found[0][1]}: {ckpt.verify(found[0][1])}); repair or move them, or start a new run there "
+                        "with resume=False, overwrite=True")
                 return
         else:
             path = Path(resume)
