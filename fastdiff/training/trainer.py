@@ -340,7 +340,7 @@ class Trainer:
                     raise ckpt.CheckpointError(
                         f"out_dir {self.out_dir} holds {len(found)} checkpoints and none verifies (newest: "
                         f"{found[0][1]}: {ckpt.verify(found[0][1])}); repair or move them, or start a new run there "
-                        "with resume=False, overwrite=True")
+                        "with resume=False, overwrite=True (fastdiff train --overwrite)")
                 return
         else:
             path = Path(resume)
