@@ -77,7 +77,8 @@ def add_commands(sub) -> None:
     p.add_argument("--shard-size", type=POSITIVE_INT, default=None, help="samples per file (default: batch size)")
     p.add_argument("--labels", choices=("balanced", "none"), default="balanced",
                    help="a conditional model's labels: sample i gets class i mod classes (default), or none")
-    p.add_argument("--png", action="store_true", help="also write png/<i>.png per sample (images; i in six digits: png/000005.png)")
+    p.add_argument("--png", action="store_true",
+                   help="also write png/<i>.png per sample (images; i in six digits: png/000005.png)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace another set in --out (its manifest, shards and pictures) instead of refusing")
     p.add_argument("--device", type=device_option, default=None,

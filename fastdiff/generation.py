@@ -356,8 +356,8 @@ def load_generated(out_dir) -> dict[str, torch.Tensor]:
     beyond = sorted(k for k in files if k >= shards)
     if beyond:
         names = ", ".join(shard_name(k) for k in beyond[:5]) + (" …" if len(beyond) > 5 else "")
-        raise ValueError(f"{out} holds shards beyond the {shards} of its {MANIFEST} (n = {n}): {names}; the manifest was "
-                         "edited or replaced: restore it, or run generate with its settings (which removes them)")
+        raise ValueError(f"{out} holds shards beyond the {shards} of its {MANIFEST} (n = {n}): {names}; the manifest "
+                         "was edited or replaced: restore it, or run generate with its settings (which removes them)")
     settings = settings_sha256(manifest)
     seed, shape = manifest.get("seed"), manifest.get("shape")
     parts, bad = [], {}

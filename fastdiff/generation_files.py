@@ -75,7 +75,8 @@ def read_manifest(folder: Path) -> dict:
         saved = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{folder} has no {MANIFEST}: not a folder written by fastdiff generate, or its "
-                                "manifest was deleted (run generate with the set's settings to write it again)") from None
+                                "manifest was deleted (run generate with the set's settings to write it again)"
+                                ) from None
     except ValueError as e:  # not UTF-8, not JSON
         raise ValueError(f"{path} is not JSON ({e}): a damaged manifest, or not fastdiff generate's") from None
     if not isinstance(saved, dict):
