@@ -173,8 +173,8 @@ def device_arg(name, value) -> torch.device:
     if not isinstance(value, torch.device):
         raise TypeError(f"{name} must be a torch.device or a string such as 'cpu' or 'cuda:0', "
                         f"got {type(value).__name__} {value!r}")
-    if value.type == "cpu":
-        return value
+    if value.type == "cpu":  # cpu:N is the one host device: without the index, tensors' devices compare equal
+        return torch.device("cpu")
     if value.type != "cuda":
         raise ValueError(f"{name} = '{value}': fastdiff runs on cpu or cuda devices, not {value.type}")
     if not torch.cuda.is_available():

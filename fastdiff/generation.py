@@ -22,6 +22,7 @@ import math
 import numbers
 import os
 import re
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -32,7 +33,7 @@ from fastdiff import _checks
 from fastdiff.folder_lock import FolderLock
 from fastdiff.generation_files import (  # noqa: F401  (the file format's names, public here as before)
     FORMAT, MANIFEST, VERSION, check_manifest, check_png_shape, checked_shard, file_sha256, png_name, read_manifest,
-    remove_beyond, remove_set, remove_stale, settings_sha256, settle_manifest, shard_files, shard_name, shard_valid,
+    put_back, remove_beyond, remove_stale, set_aside, settings_sha256, settle_manifest, shard_files, shard_name, shard_valid,
     png_intact, write_pngs, write_shard)
 
 
@@ -129,6 +130,7 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
             process's GPU under torchrun with CUDA, else the CPU).
         **sample_kwargs: fastdiff.sample's settings (steps, cfg, method, path, prediction, null_y, ...).
     """
+    from fastdiff.sampling.loop import sample
     from fastdiff.training import distributed
 
     for name, value in (("n", n), ("batch_size", batch_size)):
@@ -180,47 +182,65 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
     from fastdiff import __version__
 
     manifest["fastdiff"] = __version__
+    # every sampler setting checked before the folder is touched, so that a typo neither costs the set that
+    # overwrite=True replaces nor leaves a manifest (sample() of no samples runs its checks and calls no model)
+    sample(model, shape=shape, seed=0, batch_size=0, y=None if y_all is None else y_all[:0].to(ctx.device),
+           device=ctx.device, **sample_kwargs)
     shards = math.ceil(n / shard_size)
-    lock = None
+    lock, aside = None, None
     try:
         if ctx.is_main:
-            lock = _open_folder(out, manifest, shards, overwrite)
+            lock, aside = _open_folder(out, manifest, shards, overwrite)
     finally:  # a rank-0 failure (folder in use, another set's manifest) reaches the other ranks instead of a hang
         if not distributed.all_ok(ctx, ctx.is_main is False or lock is not None) and not ctx.is_main:
             raise RuntimeError(f"rank 0 could not open {out} (its error says why); this rank stops too")
     try:  # released on failure too: a traceback kept alive (a notebook, pytest.raises) would hold it
         if not ctx.is_main:
             check_manifest(out, manifest)
-        return _make(model, n, out, ctx, manifest, shards, y_all, batch_size, png, progress, sample_kwargs)
+        summary = _make(model, n, out, ctx, manifest, shards, y_all, batch_size, png, progress, sample_kwargs)
+    except BaseException:
+        if aside is not None:
+            if not shard_files(out):  # the new run wrote nothing: the earlier set comes back as it was
+                put_back(aside, out)
+            else:
+                warnings.warn(f"overwrite=True: this run failed after writing shards; the set it replaces is kept "
+                              f"in {aside}", RuntimeWarning, stacklevel=2)
+        raise
     finally:
         if lock is not None:
             lock.release()
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return summary
 
 
-def _open_folder(out: Path, manifest: dict, shards: int, overwrite: bool) -> FolderLock:
+def _open_folder(out: Path, manifest: dict, shards: int, overwrite: bool) -> tuple[FolderLock, Path | None]:
     """Rank 0: lock the folder, remove what killed jobs left (and, told to overwrite, another set), settle the
     manifest, remove shards beyond the set."""
     out.mkdir(parents=True, exist_ok=True)
     # before anything is removed or written: two jobs in one folder would mix two sets under one manifest
     # and remove each other's temporary files
-    lock = FolderLock(out, "fastdiff generate job")
+    lock, aside = FolderLock(out, "fastdiff generate job"), None
     try:
         remove_stale(out, locked=lock.fd is not None)
         if overwrite and (out / MANIFEST).exists():
             try:
                 check_manifest(out, manifest)
             except ValueError as e:  # another set, or a damaged manifest: told to, make room for this one
-                warnings.warn(f"overwrite=True: removing the set in {out} ({remove_set(out)} shards): {e}",
-                              RuntimeWarning, stacklevel=3)
+                aside, count = set_aside(out)
+                warnings.warn(f"overwrite=True: replacing the set in {out} ({count} shards; removed once this run "
+                              f"has finished): {e}", RuntimeWarning, stacklevel=3)
         settle_manifest(out, manifest)
         removed = remove_beyond(out, shards)
     except BaseException:
+        if aside is not None:
+            put_back(aside, out)
         lock.release()
         raise
     if removed:
         warnings.warn(f"removed {removed} shard files beyond the set's {shards} from {out}: they belonged to a larger "
                       f"set whose {MANIFEST} was deleted or edited", RuntimeWarning, stacklevel=3)
-    return lock
+    return lock, aside
 
 
 def _make(model, n: int, out: Path, ctx, manifest: dict, shards: int, y_all, batch_size: int, png: bool,

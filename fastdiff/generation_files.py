@@ -9,6 +9,7 @@ import json
 import numbers
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -251,14 +252,30 @@ def remove_stale(folder: Path, locked: bool) -> None:
         stale.unlink(missing_ok=True)
 
 
-def remove_set(folder: Path) -> int:
-    """Remove a set's files (manifest, shards, pictures; nothing else in the folder): ``overwrite=True``, under
-    the folder's lock. How many shard files there were."""
+def set_aside(folder: Path) -> tuple[Path, int]:
+    """Move a set's files (manifest, shards, pictures; nothing else in the folder) into ``.overwritten-<pid>/``
+    (``overwrite=True``, under the folder's lock): the new run deletes them when it has finished, or puts them back
+    when it fails before its first shard. (that folder, how many shard files there were)"""
+    aside = folder / f".overwritten-{os.getpid()}"
+    (aside / "png").mkdir(parents=True, exist_ok=True)
     shards = list(shard_files(folder).values())
-    for p in [*shards, *(folder / "png").glob("*.png")]:
-        p.unlink(missing_ok=True)
-    (folder / MANIFEST).unlink(missing_ok=True)
-    return len(shards)
+    for p in [*shards, folder / MANIFEST]:
+        if p.exists():
+            os.replace(p, aside / p.name)
+    for p in (folder / "png").glob("*.png"):
+        os.replace(p, aside / "png" / p.name)
+    return aside, len(shards)
+
+
+def put_back(aside: Path, folder: Path) -> None:
+    """Undo set_aside (the new run failed before writing any shard): the earlier set as it was."""
+    for p in [*aside.glob("*.safetensors"), aside / MANIFEST]:
+        if p.exists():
+            os.replace(p, folder / p.name)
+    (folder / "png").mkdir(exist_ok=True)
+    for p in (aside / "png").glob("*.png"):
+        os.replace(p, folder / "png" / p.name)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def remove_beyond(folder: Path, shards: int) -> int:

@@ -277,11 +277,24 @@ def test_another_set_is_refused_unless_told_to_overwrite(tmp_path):
         fastdiff.generate(model, 4, tmp_path, cfg_batch=False, seed=5, **kw)
     with pytest.raises(TypeError, match="overwrite must be True or False"):
         fastdiff.generate(model, 4, tmp_path, seed=5, overwrite="yes", **kw)
-    with pytest.warns(RuntimeWarning, match="overwrite=True: removing the set"):
+    before = {p.name: p.read_bytes() for p in [*tmp_path.glob("shard-*"), tmp_path / MANIFEST]}
+    with pytest.raises(ValueError, match="order must be 1, 2 or 3"):  # a typo: refused before the folder is touched
+        fastdiff.generate(model, 2, tmp_path, seed=5, overwrite=True, method="unipc", order=9, **kw)
+
+    def broken(x, t, y=None):
+        raise RuntimeError("the model fails")
+
+    with pytest.warns(RuntimeWarning, match="overwrite=True: replacing the set"):
+        with pytest.raises(RuntimeError, match="the model fails"):  # fails before its first shard
+            fastdiff.generate(broken, 2, tmp_path, seed=5, overwrite=True, **kw)
+    assert {p.name: p.read_bytes() for p in [*tmp_path.glob("shard-*"), tmp_path / MANIFEST]} == before
+    assert len(list((tmp_path / "png").glob("*.png"))) == 4 and not list(tmp_path.glob(".overwritten-*"))
+    with pytest.warns(RuntimeWarning, match="overwrite=True: replacing the set"):
         summary = fastdiff.generate(model, 2, tmp_path, seed=5, overwrite=True, **kw)
     assert summary["made"] == 2 and summary["present"] == 0
     assert sorted(p.name for p in tmp_path.glob("shard-*")) == [shard_name(0)]
     assert not list((tmp_path / "png").glob("*.png"))  # the old set's pictures went with it
+    assert not list(tmp_path.glob(".overwritten-*"))  # removed once the run finished
     assert json.loads((tmp_path / MANIFEST).read_text())["seed"] == 5
     got = fastdiff.load_generated(tmp_path)
     assert torch.equal(got["x"], fastdiff.sample(model, 2, shape=(1, 2, 2), seed=5, batch_size=2))

@@ -350,6 +350,12 @@ def test_trainer_replaces_an_earlier_run_only_when_told_to_overwrite(tmp_path):
         trainer(seed=2, resume=False, overwrite="yes")
     fresh = trainer(seed=2, resume=False, overwrite=True)
     assert len(ckpt.list_checkpoints(tmp_path / "checkpoints")) == 4  # nothing deleted before fit()
+    wrong = _TimeConcat(torch.nn.Linear(3, 3))  # a mistake found at step 1, before any checkpoint
+    failing = Trainer(wrong, data, steps=4, batch_size=4, progress=False, out_dir=tmp_path, checkpoint_every=1,
+                      resume=False, overwrite=True)
+    with pytest.raises(ValueError, match="model"):
+        failing.fit(2)
+    assert len(ckpt.list_checkpoints(tmp_path / "checkpoints")) == 4  # so the earlier run is intact
     with pytest.warns(RuntimeWarning, match="removed the 4 checkpoints of an earlier run"):
         fresh.fit(2)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [2, 1]
@@ -427,3 +433,45 @@ def test_log_likelihood_of_an_empty_batch_calls_no_model():
 
     out = fastdiff.log_likelihood(MixtureModel(ring_mixture(), "condot", "velocity"), torch.zeros(0, 2), 3)
     assert out.log_prob.shape == (0,) and out.noise.shape == (0, 2)
+
+
+def test_a_dataloaders_batch_size_is_the_default():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fastdiff.training import Trainer
+
+    data = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    net = _TimeConcat(torch.nn.Linear(3, 2))
+    assert Trainer(net, DataLoader(TensorDataset(data), batch_size=8), steps=1, progress=False).batch_size == 8
+    assert Trainer(net, DataLoader(TensorDataset(data), batch_size=8), steps=1, batch_size=16,
+                   progress=False).batch_size == 16  # given: it wins
+    assert Trainer(net, torch.randn(200, 2), steps=1, progress=False).batch_size == 128
+    with pytest.raises(ValueError, match="batch_size: give one"):
+        Trainer(net, DataLoader(TensorDataset(data), batch_size=None), steps=1, progress=False)
+
+
+def test_tuple_data_of_unequal_lengths_is_named():
+    from fastdiff.training import Trainer
+
+    with pytest.raises(ValueError, match=r"data's tensors must hold the same number of samples.*\(16, 2\), \(10,\)"):
+        Trainer(_TimeConcat(torch.nn.Linear(3, 2)), (torch.zeros(16, 2), torch.zeros(10, dtype=torch.long)),
+                batch_size=8, progress=False)
+
+
+def test_numpy_numbers_are_refused_saying_what_to_pass():
+    np = pytest.importorskip("numpy")
+    from fastdiff.training import Trainer
+
+    with pytest.raises(ValueError, match=r"lr must be a finite number > 0 \(a Python int or float: float\(lr\)"):
+        Trainer(_TimeConcat(torch.nn.Linear(3, 2)), torch.zeros(8, 2), batch_size=4, lr=np.float32(1e-3),
+                progress=False)
+
+
+def test_langevin_kept_states_are_counted_in_the_memory_check():
+    with pytest.raises(ValueError, match=r"thin = 1 keeps 1000000 states .* need \d+ GiB"):
+        fastdiff.langevin(lambda x: -x, None, shape=(1024,), batch_size=64, steps=10**6, step_size=0.1, thin=1)
+
+
+def test_a_cpu_device_index_is_the_host():
+    x = fastdiff.sample(lambda x, t, y=None: -x, 2, shape=(2,), batch_size=2, device=torch.device("cpu", 7))
+    assert x.device == torch.device("cpu")

@@ -198,6 +198,10 @@ def langevin(score=None, x0: torch.Tensor | None = None, *, steps: int, step_siz
     else:
         x = randn(seeds, 0, shape, device=device, backend=step_backend)
     kept = [] if thin is not None else None
+    if kept is not None:  # the kept states on top of the chains (_start's check)
+        _checks.check_memory(f"thin = {thin} keeps {(steps - burn_in) // thin} states (steps = {steps}, burn_in = "
+                             f"{burn_in}) of batch_size = {B} chains of shape = {shape}, which",
+                             4 * ((steps - burn_in) // thin) * B * math.prod(shape), device)
     accepted = torch.zeros(B, dtype=torch.float64, device=device) if metropolis else None
     if B == 0 or math.prod(shape) == 0:
         out = x if kept is None else x.new_empty(((steps - burn_in) // thin, *x.shape))

@@ -24,6 +24,9 @@ def _split(item):
                     f"got {type(item).__name__}")
 
 
+DEFAULT_BATCH = 128  # the Trainer's batch_size when neither it nor a DataLoader gives one
+
+
 class StepBatches:
     """``batch(step) -> (x, y)``: rank ``rank``'s share of global batch ``step``.
 
@@ -32,16 +35,24 @@ class StepBatches:
 
     def __init__(self, data, global_batch: int | None, *, seed: int = 0, rank: int = 0, world: int = 1):
         if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+            lengths = [t.shape[0] if t.dim() else None for t in data]
+            if None in lengths or len(set(lengths)) > 1:  # TensorDataset's own check is a bare AssertionError
+                raise ValueError(f"data's tensors must hold the same number of samples (first dimension), got "
+                                 f"{[tuple(t.shape) for t in data]}")
             data = TensorDataset(*data)
         elif isinstance(data, torch.Tensor):
             if data.dim() < 1:
                 raise ValueError("data must hold samples along its first dimension, got a 0-d tensor")
             data = TensorDataset(data)
         self.collate = default_collate
+        if global_batch is None and not isinstance(data, DataLoader):
+            global_batch = DEFAULT_BATCH
         if isinstance(data, DataLoader):
             # Its dataset and collate_fn are used; the order is fastdiff's own (a pure function of the
             # step), which is what makes resume and sharding exact. Workers are not used.
             if global_batch is None:
+                if data.batch_size is None:
+                    raise ValueError("batch_size: give one (the DataLoader was made with batch_size=None)")
                 global_batch = data.batch_size * world
             self.collate, data = data.collate_fn, data.dataset
         if not isinstance(global_batch, int) or global_batch < 1:

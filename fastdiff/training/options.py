@@ -25,7 +25,8 @@ def _check_float(name: str, v, *, low: float, high: Optional[float] = None, low_
     ok = ok and (v > low if low_open else v >= low) and (high is None or v < high)
     if not ok:
         bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and < {high:g}" if high is not None else "")
-        raise ValueError(f"{name} must be a finite number {bounds}, got {v!r}")
+        kind = "" if isinstance(v, (int, float)) else f" (a Python int or float: float({name}), not {type(v).__name__})"
+        raise ValueError(f"{name} must be a finite number {bounds}{kind}, got {v!r}")
 
 
 def check_trainer_args(model, *, steps, warmup, checkpoint_every, keep, log_every, max_consecutive_skips, seed,

@@ -45,7 +45,8 @@ class Trainer:
             DataLoader (its dataset, collate_fn and batch size are used).
         objective: a :class:`DiffusionObjective` (default: velocity prediction on CondOT).
         steps: total optimizer steps of the run (a resumed run continues to this number).
-        batch_size: the global batch (divided among DDP processes).
+        batch_size: the global batch (divided among DDP processes); default: a DataLoader's batch size
+            (times the processes), else 128.
         lr, betas, weight_decay: AdamW; ``warmup`` steps of linear LR warmup, then ``lr_schedule``
             "constant" or "cosine" (to ``lr_min`` at the last step).
         grad_clip: max global gradient norm (None or 0: no clipping).
@@ -57,8 +58,8 @@ class Trainer:
         resume: True: continue from the newest valid checkpoint in ``out_dir`` if there is one
             (skipping corrupt ones with a warning); a path: that checkpoint (an error if it is corrupt);
             False: start fresh (refused where out_dir holds an earlier run's checkpoints, unless overwrite).
-        overwrite: with resume=False, start a new run in an out_dir that holds an earlier run's checkpoints: fit()
-            deletes them (holding the folder's lock, before its first checkpoint).
+        overwrite: with resume=False, start a new run in an out_dir that holds an earlier run's checkpoints: they are
+            deleted just before this run writes its first checkpoint (a run that fails before it leaves them).
         progress: tqdm progress bar with the loss (main process only).
         log_every: steps between reading the loss back to the host (it synchronizes a GPU).
         callback: ``callback(trainer)`` after every optimizer step.
@@ -73,7 +74,7 @@ class Trainer:
     """
 
     def __init__(self, model: torch.nn.Module, data, *, objective: Optional[DiffusionObjective] = None,
-                 steps: int = 1000, batch_size: Optional[int] = 128, lr: float = 1e-3,
+                 steps: int = 1000, batch_size: Optional[int] = None, lr: float = 1e-3,
                  betas=(0.9, 0.999), weight_decay: float = 0.0, warmup: int = 0, lr_schedule: str = "constant",
                  lr_min: float = 0.0, grad_clip: Optional[float] = 1.0, ema_decay: float = 0.999,
                  amp: bool = False, seed: int = 0, out_dir=None, checkpoint_every: int = 0, keep: int = 2,
@@ -234,11 +235,6 @@ class Trainer:
         if self.checkpoint_dir is not None and self.ctx.is_main:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             lock = FolderLock(self.checkpoint_dir, "training run")  # two runs here would overwrite each other's work
-            if self._overwrite:  # once, before this run's first checkpoint, and only while holding the folder
-                self._overwrite = False
-                if removed := ckpt.remove_all(self.checkpoint_dir):
-                    warnings.warn(f"overwrite=True: removed the {removed} checkpoints of an earlier run from "
-                                  f"{self.checkpoint_dir}", RuntimeWarning, stacklevel=2)
         bar = tqdm(total=target, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (self.progress and self.ctx.is_main))
         running, count, good, t0 = None, 0, 0, time.perf_counter()
@@ -321,6 +317,11 @@ class Trainer:
         if self.ctx.is_main:
             tensors = self._tensors()
             self._nonfinite.check_checkpoint(tensors, self.step)
+            if self._overwrite:  # only now, with a good checkpoint to put in their place: a run that fails before
+                self._overwrite = False  # its first checkpoint (a wrong model, a NaN at step 1) leaves them intact
+                if removed := ckpt.remove_all(self.checkpoint_dir):
+                    warnings.warn(f"overwrite=True: removed the {removed} checkpoints of an earlier run from "
+                                  f"{self.checkpoint_dir}", RuntimeWarning, stacklevel=3)
             path = ckpt.save(self.checkpoint_dir, self.step, tensors, self._state())
             problem = ckpt.verify(path)
             if problem is not None:
