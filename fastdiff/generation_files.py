@@ -10,6 +10,7 @@ import numbers
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ MANIFEST = "manifest.json"
 FORMAT = "fastdiff-generate"
 VERSION = 1
 _SHARD = re.compile(r"shard-(\d{6,})\.safetensors")
+_PNG = re.compile(r"\d{6,}\.png")  # png_name's pictures
 
 
 def shard_name(k: int) -> str:
@@ -256,14 +258,16 @@ def set_aside(folder: Path) -> tuple[Path, int]:
     """Move a set's files (manifest, shards, pictures; nothing else in the folder) into ``.overwritten-<pid>/``
     (``overwrite=True``, under the folder's lock): the new run deletes them when it has finished, or puts them back
     when it fails before its first shard. (that folder, how many shard files there were)"""
-    aside = folder / f".overwritten-{os.getpid()}"
-    (aside / "png").mkdir(parents=True, exist_ok=True)
+    # a new folder each time (pids repeat, across containers especially): it holds exactly what was moved
+    aside = Path(tempfile.mkdtemp(prefix=f".overwritten-{os.getpid()}-", dir=folder))
+    (aside / "png").mkdir()
     shards = list(shard_files(folder).values())
     for p in [*shards, folder / MANIFEST]:
         if p.exists():
             os.replace(p, aside / p.name)
     for p in (folder / "png").glob("*.png"):
-        os.replace(p, aside / "png" / p.name)
+        if _PNG.fullmatch(p.name):  # the set's own pictures, not other files a user keeps there
+            os.replace(p, aside / "png" / p.name)
     return aside, len(shards)
 
 

@@ -358,3 +358,29 @@ def test_a_batch_size_change_is_told_how_to_resume(tmp_path):
         fastdiff.generate(model, 8, tmp_path, shape=(2,), steps=2, progress=False, batch_size=2)
     assert fastdiff.generate(model, 8, tmp_path, shape=(2,), steps=2, progress=False, batch_size=2,
                              shard_size=4)["made"] == 0
+
+
+def test_overwrite_sets_aside_only_the_sets_files_in_a_new_folder(tmp_path):
+    """The aside folder is new each time (pids repeat) and holds only the set's files: a leftover one and a user's
+    own picture in png/ are left alone."""
+    pytest.importorskip("PIL")
+    model = lambda x, t, y=None: -x  # noqa: E731
+    kw = dict(shape=(1, 2, 2), steps=2, progress=False, batch_size=2, png=True)
+    fastdiff.generate(model, 2, tmp_path, **kw)
+    leftover = tmp_path / f".overwritten-{os.getpid()}"
+    leftover.mkdir()
+    (leftover / "shard-000005.safetensors").write_bytes(b"an older recovery copy")
+    (tmp_path / "png" / "my_notes.png").write_bytes(b"mine")
+
+    def broken(x, t, y=None):
+        raise RuntimeError("the model fails")
+
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="the model fails"):
+        fastdiff.generate(broken, 2, tmp_path, seed=4, overwrite=True, **kw)
+    assert sorted(p.name for p in tmp_path.glob("shard-*")) == [shard_name(0)]
+    assert fastdiff.load_generated(tmp_path)["x"].shape == (2, 1, 2, 2)
+    with pytest.warns(RuntimeWarning):
+        fastdiff.generate(model, 2, tmp_path, seed=4, overwrite=True, **kw)
+    assert (tmp_path / "png" / "my_notes.png").read_bytes() == b"mine"
+    assert (leftover / "shard-000005.safetensors").read_bytes() == b"an older recovery copy"
+    assert [p.name for p in tmp_path.glob(".overwritten-*")] == [leftover.name]

@@ -289,3 +289,8 @@ def test_non_finite_step_noise_is_named():
 
     with pytest.raises(FloatingPointError, match="and step_noise"):
         fastdiff.sample(decay, 3, shape=(2,), batch_size=4, method="euler_ancestral", step_noise=nan_noise)
+
+
+def test_a_batch_far_beyond_memory_is_refused_naming_batch_size():
+    with pytest.raises(ValueError, match=r"batch_size = 1000000000 samples of shape = \(2,\) need .* GiB"):
+        fastdiff.sample(decay, 3, shape=(2,), batch_size=10**9)

@@ -356,7 +356,7 @@ def test_trainer_replaces_an_earlier_run_only_when_told_to_overwrite(tmp_path):
     with pytest.raises(ValueError, match="model"):
         failing.fit(2)
     assert len(ckpt.list_checkpoints(tmp_path / "checkpoints")) == 4  # so the earlier run is intact
-    with pytest.warns(RuntimeWarning, match="removed the 4 checkpoints of an earlier run"):
+    with pytest.warns(RuntimeWarning, match="removed the 3 checkpoints of an earlier run"):  # step 1: replaced
         fresh.fit(2)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [2, 1]
     assert trainer(seed=2).step == 2  # the new run resumes; the seed-1 run is gone
@@ -475,3 +475,24 @@ def test_langevin_kept_states_are_counted_in_the_memory_check():
 def test_a_cpu_device_index_is_the_host():
     x = fastdiff.sample(lambda x, t, y=None: -x, 2, shape=(2,), batch_size=2, device=torch.device("cpu", 7))
     assert x.device == torch.device("cpu")
+
+
+def test_overwrite_keeps_the_earlier_run_until_its_first_checkpoint_reads_back(tmp_path, monkeypatch):
+    """A full disk at the new run's first checkpoint must leave the earlier run's checkpoints."""
+    import errno
+
+    from fastdiff.training import checkpoint as ckpt
+
+    _ring_run(tmp_path).fit()
+    before = [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")]
+    real = ckpt.os.replace
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    fresh = _ring_run(tmp_path, seed=3, resume=False, overwrite=True)
+    monkeypatch.setattr(ckpt.os, "replace", full)
+    with pytest.raises(OSError, match="the disk may be full"):
+        fresh.fit()
+    monkeypatch.setattr(ckpt.os, "replace", real)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == before

@@ -152,8 +152,9 @@ def batch_shape_device(y, noise, init, batch_size, shape, device) -> tuple:
     shape = _checks.shape_tuple(shape)
     if device is None:
         device = sampling_device(y.device, "y's device") if isinstance(y, torch.Tensor) else torch.device("cpu")
-    if start is None:  # the loop holds at least the state and the model's input: refuse what cannot fit
-        _checks.check_memory(f"batch_size = {B} samples of shape = {shape}", 8 * B * math.prod(shape), device)
+    if start is None:  # state, model input (two CFG branches), predictions, x0 and scratch: ~6 float32 copies
+        # (a 10^9 x 2 batch peaked at 24 GB, 3x its state, before its first model output)
+        _checks.check_memory(f"batch_size = {B} samples of shape = {shape}", 24 * B * math.prod(shape), device)
     return B, shape, device
 
 

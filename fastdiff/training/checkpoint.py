@@ -265,9 +265,10 @@ def latest(folder, *, warn: bool = True) -> Path | None:
     return None
 
 
-def remove_all(folder) -> int:
-    """Delete every checkpoint in ``folder`` (Trainer(overwrite=True), holding the folder's lock); how many."""
-    found = list_checkpoints(folder)
+def remove_all(folder, but: Path | None = None) -> int:
+    """Delete every checkpoint in ``folder`` but ``but`` (Trainer(overwrite=True), holding the folder's lock);
+    how many."""
+    found = [(s, p) for s, p in list_checkpoints(folder) if but is None or p != but]
     for _, json_path in found:
         json_path.unlink(missing_ok=True)  # the JSON first: a half-deleted checkpoint is never "valid"
         json_path.with_suffix(".safetensors").unlink(missing_ok=True)

@@ -54,7 +54,8 @@ def check_trainer_args(model, *, steps, warmup, checkpoint_every, keep, log_ever
                            ("keep", keep, 0), ("log_every", log_every, 1),
                            ("max_consecutive_skips", max_consecutive_skips, 1)):
         if not isinstance(v, int) or isinstance(v, bool) or v < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {v!r}")
+            kind = "" if isinstance(v, (int, float)) else f" (a Python int: int({name}), not {type(v).__name__})"
+            raise ValueError(f"{name} must be an int >= {least}{kind}, got {v!r}")
     check_steps(steps)
     if log_every > MAX_LOG_EVERY:  # the non-finite guard keeps a device row per unread step
         raise ValueError(f"log_every must be at most {MAX_LOG_EVERY} (steps between loss read-backs), got {log_every}")

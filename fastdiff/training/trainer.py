@@ -59,7 +59,7 @@ class Trainer:
             (skipping corrupt ones with a warning); a path: that checkpoint (an error if it is corrupt);
             False: start fresh (refused where out_dir holds an earlier run's checkpoints, unless overwrite).
         overwrite: with resume=False, start a new run in an out_dir that holds an earlier run's checkpoints: they are
-            deleted just before this run writes its first checkpoint (a run that fails before it leaves them).
+            deleted once this run's first checkpoint is written and read back (a run that fails before leaves them).
         progress: tqdm progress bar with the loss (main process only).
         log_every: steps between reading the loss back to the host (it synchronizes a GPU).
         callback: ``callback(trainer)`` after every optimizer step.
@@ -317,15 +317,15 @@ class Trainer:
         if self.ctx.is_main:
             tensors = self._tensors()
             self._nonfinite.check_checkpoint(tensors, self.step)
-            if self._overwrite:  # only now, with a good checkpoint to put in their place: a run that fails before
-                self._overwrite = False  # its first checkpoint (a wrong model, a NaN at step 1) leaves them intact
-                if removed := ckpt.remove_all(self.checkpoint_dir):
-                    warnings.warn(f"overwrite=True: removed the {removed} checkpoints of an earlier run from "
-                                  f"{self.checkpoint_dir}", RuntimeWarning, stacklevel=3)
             path = ckpt.save(self.checkpoint_dir, self.step, tensors, self._state())
             problem = ckpt.verify(path)
             if problem is not None:
                 raise ckpt.CheckpointError(f"the checkpoint just written does not read back: {problem}")
+            if self._overwrite:  # only now, with this run's first checkpoint written and read back: a run that
+                self._overwrite = False  # fails before it (a wrong model, a NaN, a full disk) leaves them intact
+                if removed := ckpt.remove_all(self.checkpoint_dir, but=path):
+                    warnings.warn(f"overwrite=True: removed the {removed} checkpoints of an earlier run from "
+                                  f"{self.checkpoint_dir}", RuntimeWarning, stacklevel=3)
             ckpt.prune(self.checkpoint_dir, self.keep, path)
         distributed.barrier(self.ctx)
         return path
