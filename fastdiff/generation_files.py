@@ -99,8 +99,11 @@ def check_manifest(folder: Path, manifest: dict) -> None:
         detail = "; ".join(f"{k}: folder {saved.get(k)!r}, this run {manifest.get(k)!r}" for k in differ)
         hint = (f" (shard_size defaults to the batch size: pass shard_size={saved['shard_size']}, --shard-size "
                 f"{saved['shard_size']}, to resume with another batch size)" if differ == ["shard_size"] else "")
+        asides = sorted(p.name for p in folder.glob(".overwritten-*"))  # a killed overwrite run's earlier set
+        kept = (f"; the set that an interrupted overwrite replaced is kept in {', '.join(asides)} (move its files "
+                "back to restore it, or delete it)" if asides else "")
         raise ValueError(f"{folder} holds another set ({detail}){hint}; use another out_dir, the same settings, or "
-                         "overwrite=True (--overwrite) to replace it")
+                         f"overwrite=True (--overwrite) to replace it{kept}")
 
 
 def _made_nothing(folder: Path) -> bool:

@@ -384,3 +384,11 @@ def test_overwrite_sets_aside_only_the_sets_files_in_a_new_folder(tmp_path):
     assert (tmp_path / "png" / "my_notes.png").read_bytes() == b"mine"
     assert (leftover / "shard-000005.safetensors").read_bytes() == b"an older recovery copy"
     assert [p.name for p in tmp_path.glob(".overwritten-*")] == [leftover.name]
+
+
+def test_a_refusal_names_the_set_an_interrupted_overwrite_kept(tmp_path):
+    model = lambda x, t, y=None: -x  # noqa: E731
+    fastdiff.generate(model, 2, tmp_path, shape=(2,), steps=2, progress=False, batch_size=2)
+    (tmp_path / ".overwritten-123-abc").mkdir()  # as a killed overwrite run leaves it
+    with pytest.raises(ValueError, match=r"kept in \.overwritten-123-abc \(move its files back to restore it"):
+        fastdiff.generate(model, 2, tmp_path, shape=(2,), steps=3, progress=False, batch_size=2)

@@ -294,3 +294,32 @@ def test_non_finite_step_noise_is_named():
 def test_a_batch_far_beyond_memory_is_refused_naming_batch_size():
     with pytest.raises(ValueError, match=r"batch_size = 1000000000 samples of shape = \(2,\) need .* GiB"):
         fastdiff.sample(decay, 3, shape=(2,), batch_size=10**9)
+
+
+def test_the_memory_check_honours_the_address_space_limit():
+    """Under ulimit -v the host's free memory overstates what the process may take: the allocator's RuntimeError
+    came instead of the ValueError naming batch_size."""
+    script = ("import resource, fastdiff\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (4 << 30, resource.RLIM_INFINITY))\n"
+              "try:\n"
+              "    fastdiff.sample(lambda x, t, y=None: -x, 3, shape=(500,), batch_size=10**6)\n"
+              "except ValueError as e:\n"
+              "    print('refused:', e)\n")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert "refused: batch_size = 1000000 samples of shape = (500,)" in run.stdout, run.stderr[-2000:]
+
+
+def test_langevin_seed_errors_name_seed():
+    for seed in (torch.tensor(1), 1.5):
+        with pytest.raises((TypeError, ValueError), match="seed"):
+            fastdiff.langevin(lambda x: -x, steps=3, step_size=0.1, shape=(4, 2), seed=seed)
+
+
+def test_log_likelihood_refuses_meta_data():
+    with pytest.raises(ValueError, match="x's device = 'meta'"):
+        fastdiff.log_likelihood(decay, torch.zeros(4, 2, device="meta"), 3)

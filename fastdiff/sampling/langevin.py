@@ -75,8 +75,9 @@ def _start(x0, shape, batch_size, device, seeds_arg):
     if shape is None:
         raise ValueError("give x0 (the chains' starting points) or shape (to start from standard normals)")
     shape = _checks.shape_tuple(shape)
-    if batch_size is None:
-        batch_size = len(seeds_arg) if not isinstance(seeds_arg, numbers.Integral) else 1
+    if batch_size is None:  # the number of per-sample seeds (checked: a float or 0-d tensor has no len)
+        batch_size = 1 if isinstance(seeds_arg, numbers.Integral) and not isinstance(seeds_arg, bool) else \
+            _checks.seeds_tensor(seeds_arg, name="seed").shape[0]
     batch_size = _positive_int("batch_size", batch_size, 0)
     device = _checks.device_arg("device", "cpu" if device is None else device)
     # the chains, their proposals and scores at least: refuse what the device cannot hold (else the OOM killer)

@@ -135,6 +135,7 @@ def log_likelihood(model, x: torch.Tensor, steps: int | None = 100, *, path="con
     progress = _checks.flag("progress", progress)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise TypeError("x must be a floating-point tensor [B, *shape] (the data)")
+    _checks.device_arg("x's device", x.device)  # meta and other types fail inside the kernels
     if not bool(torch.isfinite(x).all()):  # else the model is blamed for the data's inf/NaN
         raise ValueError("x (the data) holds inf or NaN")
     if timesteps is not None:
