@@ -33,8 +33,8 @@ from fastdiff import _checks
 from fastdiff.folder_lock import FolderLock
 from fastdiff.generation_files import (  # noqa: F401  (the file format's names, public here as before)
     FORMAT, MANIFEST, VERSION, check_manifest, check_png_shape, checked_shard, file_sha256, png_name, read_manifest,
-    put_back, remove_beyond, remove_stale, set_aside, settings_sha256, settle_manifest, shard_files, shard_name, shard_valid,
-    png_intact, write_pngs, write_shard)
+    put_back, remove_beyond, remove_stale, set_aside, settings_sha256, settle_manifest, shard_files, shard_name,
+    shard_valid, png_intact, write_pngs, write_shard)
 
 
 def _jsonable(name: str, value):
