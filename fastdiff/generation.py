@@ -91,22 +91,47 @@ def _labels(labels, n: int, num_classes):
 
 
 MAX_SAMPLES, MAX_SHARDS = 1 << 40, 1 << 24
-# sample() settings that hold one value per sample of a call: generate passes its settings to every batch, so
-# they would apply to sample i mod batch_size and the set would depend on the batch size
-PER_SAMPLE_SETTINGS = ("init", "known_mask", "conditions")
-
-
-def _refuse_per_sample(settings: dict) -> None:
+# sample() settings that may hold one value per sample: given for the whole set (n of them), each batch gets its
+# samples' slice, so sample i sees its own init row whatever the batch size
+def _per_sample_settings(settings: dict, n: int, shape: tuple) -> tuple[str, ...]:
+    """The names of ``settings`` that hold the set's n per-sample values (checked to be n)."""
     from fastdiff.sampling.churn import OPTIONS as CHURN_OPTIONS
 
+    def rows(value):
+        return value.shape[0] if isinstance(value, torch.Tensor) and value.dim() else \
+            len(value) if isinstance(value, (list, tuple)) else None
+
+    names = []
     for name, value in settings.items():
-        per_sample = name in PER_SAMPLE_SETTINGS or (
-            name in CHURN_OPTIONS and (isinstance(value, (list, tuple)) or
-                                       (isinstance(value, torch.Tensor) and value.dim() > 0)))
-        if per_sample and value is not None:
-            raise ValueError(f"generate() cannot take {name}: it holds values per sample of one sampler call, which "
-                             "generate would repeat in every batch (the set would depend on batch_size); run "
-                             "fastdiff.sample for editing or per-sample options")
+        if name == "init" and value is not None:
+            per = True
+        elif name == "known_mask" and isinstance(value, torch.Tensor):
+            per = value.dim() == len(shape) + 1 and value.shape[0] != 1  # else one mask, broadcast to every sample
+        elif name == "conditions" and value is not None:
+            if any(rows(c) != n for c in value):
+                raise ValueError(f"conditions must hold the set's n = {n} labels per condition (one per sample; "
+                                 f"generate gives each batch its samples' slice), got {[rows(c) for c in value]}")
+            names.append(name)
+            continue
+        else:
+            per = name in CHURN_OPTIONS and rows(value) is not None
+        if per:
+            if rows(value) != n:
+                raise ValueError(f"{name} must hold the set's n = {n} per-sample values (generate gives each batch "
+                                 f"its samples' slice), got {rows(value)}")
+            names.append(name)
+    return tuple(names)
+
+
+def _batch_settings(settings: dict, per_sample: tuple, lo: int, hi: int) -> dict:
+    """The sampler settings of samples lo … hi − 1: per-sample settings sliced to them."""
+    if not per_sample:
+        return settings
+    out = dict(settings)
+    for name in per_sample:
+        value = settings[name]
+        out[name] = [c[lo:hi] for c in value] if name == "conditions" else value[lo:hi]
+    return out
 
 
 def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 64, shard_size: int | None = None,
@@ -147,7 +172,6 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
     for reserved in ("seed", "batch_size", "y", "noise", "callback", "progress", "device"):
         if reserved in sample_kwargs:
             raise TypeError(f"generate() sets {reserved} itself; remove it from the sampler settings")
-    _refuse_per_sample(sample_kwargs)
     if checkpoint is not None and checkpoint_sha256 is not None:
         raise ValueError("give checkpoint (a file, hashed here) or checkpoint_sha256, not both")
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
@@ -169,6 +193,7 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t, y), got {type(model).__name__}")
     shape = _checks.shape_tuple(shape)
+    per_sample = _per_sample_settings(sample_kwargs, n, shape)
     if png:  # before the manifest: a run refused after it would leave one that blocks the corrected rerun
         check_png_shape(shape)
     num_classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
@@ -185,7 +210,7 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
     # every sampler setting checked before the folder is touched, so that a typo neither costs the set that
     # overwrite=True replaces nor leaves a manifest (sample() of no samples runs its checks and calls no model)
     sample(model, shape=shape, seed=0, batch_size=0, y=None if y_all is None else y_all[:0].to(ctx.device),
-           device=ctx.device, **sample_kwargs)
+           device=ctx.device, **_batch_settings(sample_kwargs, per_sample, 0, 0))
     shards = math.ceil(n / shard_size)
     lock, aside = None, None
     try:
@@ -197,7 +222,8 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
     try:  # released on failure too: a traceback kept alive (a notebook, pytest.raises) would hold it
         if not ctx.is_main:
             check_manifest(out, manifest)
-        summary = _make(model, n, out, ctx, manifest, shards, y_all, batch_size, png, progress, sample_kwargs)
+        summary = _make(model, n, out, ctx, manifest, shards, y_all, batch_size, png, progress, sample_kwargs,
+                        per_sample)
     except BaseException:
         if aside is not None:
             if not shard_files(out):  # the new run wrote nothing: the earlier set comes back as it was
@@ -244,7 +270,7 @@ def _open_folder(out: Path, manifest: dict, shards: int, overwrite: bool) -> tup
 
 
 def _make(model, n: int, out: Path, ctx, manifest: dict, shards: int, y_all, batch_size: int, png: bool,
-          progress: bool, sample_kwargs: dict) -> dict:
+          progress: bool, sample_kwargs: dict, per_sample: tuple = ()) -> dict:
     """This process's shards of the set (those on disk that check out are kept)."""
     from fastdiff.sampling.loop import sample
 
@@ -276,7 +302,7 @@ def _make(model, n: int, out: Path, ctx, manifest: dict, shards: int, y_all, bat
             e = min(hi, b + batch_size)
             y = y_all[b:e].to(ctx.device) if y_all is not None else None
             x = sample(model, shape=shape, seed=seeds[b - lo:e - lo].tolist(), batch_size=e - b, y=y, device=ctx.device,
-                       **sample_kwargs)
+                       **_batch_settings(sample_kwargs, per_sample, b, e))
             parts.append(x.cpu())
             counter.add(e - b)
         x = torch.cat(parts)

@@ -322,17 +322,27 @@ def test_a_set_of_one_shard_is_not_taken_for_an_empty_one(tmp_path):
         fastdiff.generate(model, 2, tmp_path, shape=(2,), steps=2, progress=False, batch_size=2, seed=3)
 
 
-def test_per_sample_settings_are_refused(tmp_path):
-    """init / known_mask / conditions / per-sample churn hold values per sample of one call: generate would repeat
-    them in every batch (sample i would get row i mod batch_size)."""
+@pytest.mark.parametrize("batch", [3, 8])
+def test_per_sample_settings_of_the_set_are_sliced_per_batch(tmp_path, batch):
+    """init / known_mask / per-sample churn given for the whole set (n rows): each batch gets its samples' rows, so
+    the set equals one sample() call over all n whatever the batch size (before: rows i mod batch_size, or a
+    refusal); another number of rows is refused naming the setting."""
     model = lambda x, t, y=None: -x  # noqa: E731
-    kw = dict(shape=(2,), steps=2, progress=False, batch_size=4)
-    for bad in (dict(init=torch.zeros(4, 2), strength=0.5), dict(method="euler", s_churn=[0.1] * 4),
-                dict(method="euler", s_churn=torch.full((4,), 0.1))):
-        name = next(iter(bad)) if "init" in bad else "s_churn"
-        with pytest.raises(ValueError, match=f"generate\\(\\) cannot take {name}"):
-            fastdiff.generate(model, 8, tmp_path / name, **kw, **bad)
-    assert fastdiff.generate(model, 8, tmp_path / "one", method="euler", s_churn=0.1, **kw)["made"] == 8
+    init = torch.arange(16.0).reshape(8, 2)
+    mask = torch.zeros(8, 2, dtype=torch.bool)
+    mask[::2, 0] = True
+    churn = [0.1 * i for i in range(8)]
+    kw = dict(shape=(2,), steps=4, progress=False, batch_size=batch)
+    for name, settings in (("edit", dict(init=init, known_mask=mask)),
+                           ("churn", dict(method="euler", s_churn=churn))):
+        fastdiff.generate(model, 8, tmp_path / name, **kw, **settings)
+        want = fastdiff.sample(model, 4, shape=(2,), seed=0, batch_size=8, **settings)
+        assert torch.equal(fastdiff.load_generated(tmp_path / name)["x"], want)
+    for bad in (dict(init=init[:4], strength=0.5), dict(method="euler", s_churn=churn[:4])):
+        name = "init" if "init" in bad else "s_churn"
+        with pytest.raises(ValueError, match=f"{name} must hold the set's n = 8 per-sample values, got 4"
+                           .replace("values, got", r"values \(generate gives each batch its samples' slice\), got")):
+            fastdiff.generate(model, 8, tmp_path / f"bad-{name}", **kw, **bad)
 
 
 def test_damaged_pictures_are_written_again(tmp_path):

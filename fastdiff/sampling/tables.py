@@ -36,7 +36,8 @@ def stage_tables(record, path, path_arg, prediction: str, grid: list[float], val
             STAGE_CACHE.put(key, table)
         return table
 
-    settings, index = per_sample.groups(values, per_sample_values, B) if per_sample_values else ([values], [])
+    # an empty batch has no per-sample values to group: one table of the method's values
+    settings, index = per_sample.groups(values, per_sample_values, B) if per_sample_values and B else ([values], [])
     tables = [build(v) for v in settings]
     merged = None
     if len(tables) > 1:
