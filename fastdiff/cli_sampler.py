@@ -137,10 +137,10 @@ def method_options(pairs) -> dict:
 
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     """The checkpoint and the sampler's settings, as ``sample`` and ``generate`` take them."""
-    from fastdiff.sampling.arguments import MAX_STEPS
-    from fastdiff.sampling.guidance import RULES
+    from fastdiff.sampling.core.arguments import MAX_STEPS
+    from fastdiff.sampling.features.guidance import RULES
     from fastdiff.sampling.methods import methods  # the registry: built-in and registered samplers
-    from fastdiff.sampling.predictor_corrector import MAX_LANGEVIN_STEPS
+    from fastdiff.sampling.core.stage import MAX_LANGEVIN_STEPS
 
     p.add_argument("--checkpoint", required=True, help="a checkpoint .json/.safetensors or a run's checkpoints "
                                                        "folder (newest valid one)")

@@ -95,7 +95,7 @@ MAX_SAMPLES, MAX_SHARDS = 1 << 40, 1 << 24
 # samples' slice, so sample i sees its own init row whatever the batch size
 def _per_sample_settings(settings: dict, n: int, shape: tuple) -> tuple[str, ...]:
     """The names of ``settings`` that hold the set's n per-sample values (checked to be n)."""
-    from fastdiff.sampling.churn import OPTIONS as CHURN_OPTIONS
+    from fastdiff.sampling.methods.churn import OPTIONS as CHURN_OPTIONS
 
     def rows(value):
         return value.shape[0] if isinstance(value, torch.Tensor) and value.dim() else \
@@ -155,7 +155,7 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
             process's GPU under torchrun with CUDA, else the CPU).
         **sample_kwargs: fastdiff.sample's settings (steps, cfg, method, path, prediction, null_y, ...).
     """
-    from fastdiff.sampling.loop import sample
+    from fastdiff.sampling.sampler import sample
     from fastdiff.training import distributed
 
     for name, value in (("n", n), ("batch_size", batch_size)):
@@ -272,7 +272,7 @@ def _open_folder(out: Path, manifest: dict, shards: int, overwrite: bool) -> tup
 def _make(model, n: int, out: Path, ctx, manifest: dict, shards: int, y_all, batch_size: int, png: bool,
           progress: bool, sample_kwargs: dict, per_sample: tuple = ()) -> dict:
     """This process's shards of the set (those on disk that check out are kept)."""
-    from fastdiff.sampling.loop import sample
+    from fastdiff.sampling.sampler import sample
 
     seed, shard_size, shape = manifest["seed"], manifest["shard_size"], tuple(manifest["shape"])
     settings = settings_sha256(manifest)

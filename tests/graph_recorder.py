@@ -1,6 +1,6 @@
 """A recording stand-in for CUDA-graph capture and replay, on the CPU.
 
-``RecordingCapture`` takes the place of ``fastdiff.sampling.graphs.CAPTURE``. Like the real one it
+``RecordingCapture`` takes the place of ``fastdiff.sampling.core.graphs.CAPTURE``. Like the real one it
 runs the loop once to warm up, then "captures" it: every aten/fastdiff op of the second run is
 recorded with its arguments. What a real graph would own — tensors first produced during the capture,
 its private memory pool — the recording holds strongly; every other tensor the capture read or wrote
@@ -99,7 +99,7 @@ class _Recorder(TorchDispatchMode):
 
 
 class RecordingCapture:
-    """Drop-in for fastdiff.sampling.graphs.CAPTURE on any device (see the module docstring)."""
+    """Drop-in for fastdiff.sampling.core.graphs.CAPTURE on any device (see the module docstring)."""
 
     def __init__(self):
         self.captures = 0

@@ -1,5 +1,5 @@
 """sample(step_noise="brownian"): the truncated Lévy–Ciesielski path (its algebra in float64), the kernels'
-sums against the reference (fastdiff.sampling.brownian.brownian_increment) on every backend, k-diffusion's
+sums against the reference (fastdiff.sampling.features.brownian.brownian_increment) on every backend, k-diffusion's
 samplers fed the same path through noise_sampler, and the property it exists for: a seed's samples
 converge as the number of steps grows (strong convergence of Euler–Maruyama), which independent draws
 do not."""
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.sampling import brownian
-from fastdiff.sampling.brownian import DEPTH, brownian_increment, increment, normalized
+from fastdiff.sampling.features import brownian
+from fastdiff.sampling.features.brownian import DEPTH, brownian_increment, increment, normalized
 from conftest import BACKENDS
 
 

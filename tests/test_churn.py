@@ -1,4 +1,4 @@
-"""EDM's churn (s_churn, s_tmin, s_tmax, s_noise) of "euler", "heun" and "dpm_2" (fastdiff/sampling/churn.py):
+"""EDM's churn (s_churn, s_tmin, s_tmax, s_noise) of "euler", "heun" and "dpm_2" (fastdiff/sampling/methods/churn.py):
 k-diffusion's sample_euler / sample_heun / sample_dpm_2 with the same churn on the same denoiser, grid,
 initial state and noise (fastdiff's streams in place of k-diffusion's torch.randn_like); the raised level
 on any path; the samples of an analytic mixture."""
@@ -11,10 +11,10 @@ import torch
 
 import fastdiff
 from fastdiff.adapters import k_diffusion as fk
-from fastdiff.sampling import churn
-from fastdiff.sampling.coefficients import draw_stream
+from fastdiff.sampling.methods import churn
+from fastdiff.sampling.methods.coefficients import draw_stream
 from fastdiff.sampling.methods import get_method
-from fastdiff.sampling.sigma_space import noise_level
+from fastdiff.sampling.methods.sigma_space import noise_level
 from conftest import BACKENDS
 from test_adapter_k_diffusion import _kd_case
 

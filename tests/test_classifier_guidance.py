@@ -1,4 +1,4 @@
-"""Classifier guidance (fastdiff.sampling.classifier) on the analytic mixture, whose class posterior and its
+"""Classifier guidance (fastdiff.sampling.features.classifier) on the analytic mixture, whose class posterior and its
 gradient are exact (fastdiff.mixture_conditionals.MixtureClassifier): at scale 1 an unconditional model has the
 class-conditional field, so it samples what the conditional model samples, on every backend."""
 

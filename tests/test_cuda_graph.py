@@ -13,7 +13,7 @@ import torch
 
 import fastdiff
 from fastdiff import paths
-from fastdiff.sampling import graphs
+from fastdiff.sampling.core import graphs
 from graph_recorder import CaptureViolation, RecordingCapture, ReplayOfFreedMemory, empty_cache
 
 METHODS = [("euler", {"sigma": 0.5}), ("heun", {}), ("dpmpp_2m", {}), ("ddim", {"eta": 0.7}),

@@ -1,4 +1,4 @@
-"""method "deis" (fastdiff/sampling/deis.py): ComfyUI's published DEIS ('tab': Lagrange weights in the VP
+"""method "deis" (fastdiff/sampling/methods/deis.py): ComfyUI's published DEIS ('tab': Lagrange weights in the VP
 time of its fixed EDM fit, summed over 10 000 points) restated as a plain loop in sigma, on the same
 denoiser, grid and initial state; 'rhoab' is Adams-Bashforth in sigma; the samples of a mixture."""
 
@@ -10,8 +10,8 @@ import torch
 import fastdiff
 from fastdiff.adapters.k_diffusion import DenoiserModel
 from fastdiff.mixtures import MixtureModel, mode_zscores, ring_mixture
-from fastdiff.sampling.deis import deis_weights
-from fastdiff.sampling.lms import lms_coefficients
+from fastdiff.sampling.methods.deis import deis_weights
+from fastdiff.sampling.methods.lms import lms_coefficients
 from test_adapter_k_diffusion import _kd_case
 
 

@@ -10,7 +10,7 @@ import torch
 
 import fastdiff
 from fastdiff.adapters.k_diffusion import DenoiserModel
-from fastdiff.sampling.coefficients import draw_stream
+from fastdiff.sampling.methods.coefficients import draw_stream
 from fastdiff.sampling.methods import get_method
 from test_adapter_k_diffusion import Denoiser, _kd
 

@@ -1,4 +1,4 @@
-"""Editing (fastdiff.sampling.editing) on the analytic mixtures: inversion round trips (decreasing grids),
+"""Editing (fastdiff.sampling.features.editing) on the analytic mixtures: inversion round trips (decreasing grids),
 img2img / SDEdit (``strength``), inpainting (``known_mask``) with RePaint resampling against the exact
 conditional of the unknown coordinates (fastdiff.mixture_conditionals.known_conditional)."""
 
@@ -10,7 +10,7 @@ import torch
 import fastdiff
 from fastdiff.mixture_conditionals import known_conditional
 from fastdiff.mixtures import GaussianMixture, MixtureModel, mode_zscores, ring_mixture
-from fastdiff.sampling.editing import KNOWN_SLOT, BACK_SLOT, edit_stream
+from fastdiff.sampling.features.editing import KNOWN_SLOT, BACK_SLOT, edit_stream
 from fastdiff.sampling.methods import methods
 from conftest import BACKENDS
 

@@ -1,4 +1,4 @@
-"""Guidance beyond one fixed CFG scale (fastdiff.sampling.guidance): CFG rescale (diffusers' guidance_rescale)
+"""Guidance beyond one fixed CFG scale (fastdiff.sampling.features.guidance): CFG rescale (diffusers' guidance_rescale)
 and CFG-Zero* (diffusers' ClassifierFreeZeroStarGuidance) fused through the per-sample reduction pass, against
 diffusers' formulas and a hand-written loop on every backend; scale schedules (cfg as a callable of t)."""
 
@@ -9,7 +9,7 @@ import torch
 
 import fastdiff
 from fastdiff.ops.sample_gram import sample_gram_reference
-from fastdiff.sampling.guidance import CFG, CFGZeroStar, branch_weights, rescale_reference, zero_star_reference
+from fastdiff.sampling.features.guidance import CFG, CFGZeroStar, branch_weights, rescale_reference, zero_star_reference
 from conftest import BACKENDS
 
 SHAPE = (3, 5, 7)  # odd: partial vector blocks in every kernel
@@ -269,7 +269,7 @@ def test_conditions_are_checked(kw, exc, match):
 def _hand_ddim_cfg_pp(path_name, grid, seeds, y, null, w, eta, s_noise=1.0):
     """CFG++'s DDIM step in float64: x' = alpha' x0(g_w) + k eps(p_null) + s xi (the model in float32)."""
     from fastdiff.paths import affine_coefficients, get_path
-    from fastdiff.sampling.stage import draw_stream
+    from fastdiff.sampling.core.stage import draw_stream
 
     path = get_path(path_name)
     x = fastdiff.ops.randn(torch.tensor(seeds), 0, SHAPE).double() * path.coefficients(grid[0])[1]
@@ -356,7 +356,7 @@ def _diffusers_threshold(ratio, max_value):
     try:
         from diffusers import DDIMScheduler
     except ImportError:
-        from fastdiff.sampling.guidance import DynamicThresholding
+        from fastdiff.sampling.features.guidance import DynamicThresholding
 
         return DynamicThresholding(ratio, max_value).apply
     sched = DDIMScheduler(thresholding=True, dynamic_thresholding_ratio=ratio, sample_max_value=max_value)
@@ -374,7 +374,7 @@ def test_dynamic_thresholding_is_diffusers_on_every_stage(backend, method, cfg):
     seeds, y = [1, 2, 3], torch.tensor([0, 2, 1])
     grid = [0.05 + 0.9 * i / 5 for i in range(6)]
     kw = dict(timesteps=grid, shape=SHAPE, seed=seeds, method=method, path="vp", prediction="eps",
-              dynamic_thresholding=fastdiff.sampling.guidance.DynamicThresholding(0.9, 1.5))
+              dynamic_thresholding=fastdiff.sampling.features.guidance.DynamicThresholding(0.9, 1.5))
     if cfg != 1.0:
         kw.update(y=y.to(device), null_y=3)
     else:
@@ -409,7 +409,7 @@ def test_dynamic_thresholding_is_diffusers_on_every_stage(backend, method, cfg):
 
 
 def test_quantile_rows_is_torch_quantile():
-    from fastdiff.sampling.guidance import quantile_rows
+    from fastdiff.sampling.features.guidance import quantile_rows
 
     rows = torch.randn(4, 1001, generator=torch.Generator().manual_seed(0))
     for q in (0.5, 0.9, 0.995, 1.0, 0.0):
@@ -421,7 +421,7 @@ def test_dynamic_thresholding_is_checked():
     with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]"):
         fastdiff.sample(_model, 3, dynamic_thresholding=1.5, **kw)
     with pytest.raises(ValueError, match="max_value must be a finite number >= 1"):
-        fastdiff.sampling.guidance.DynamicThresholding(0.9, 0.5)
+        fastdiff.sampling.features.guidance.DynamicThresholding(0.9, 0.5)
     with pytest.raises(TypeError, match="dynamic_thresholding must be True, a ratio"):
         fastdiff.sample(_model, 3, dynamic_thresholding="yes", **kw)
     with pytest.raises(ValueError, match="dynamic_thresholding does not combine with guidance='cfg_pp'"):
@@ -435,7 +435,7 @@ def test_dynamic_thresholding_is_checked():
 def test_apg_weights_are_diffusers_guider(dtype, w, eta, threshold, original, phi):
     """APG's per-sample weights from the Gram matrix blend to diffusers' AdaptiveProjectedGuidance output on the
     same predictions (no momentum), rescale included."""
-    from fastdiff.sampling.guidance import APG, apg_reference
+    from fastdiff.sampling.features.guidance import APG, apg_reference
 
     p_null, p_y = _preds(dtype, seed=5)
     p_y = p_y * 3.0  # updates with norms on both sides of the thresholds
@@ -461,7 +461,7 @@ def test_apg_weights_are_diffusers_guider(dtype, w, eta, threshold, original, ph
 def test_apg_loop_is_the_hand_loop(backend, momentum, method):
     """APG in the loop = a hand loop of diffusers' formula; with momentum the running average r = d + m r is
     updated at every guided evaluation (Heun: two per step), as diffusers' MomentumBuffer per guider call."""
-    from fastdiff.sampling.guidance import APG, apg_reference
+    from fastdiff.sampling.features.guidance import APG, apg_reference
 
     name, device = backend
     if name == "triton" and device == "cpu" and momentum is None:
@@ -498,7 +498,7 @@ def test_apg_momentum_is_diffusers_guider_over_steps(phi):
     its MomentumBuffer, rescale included."""
     from diffusers.guiders import AdaptiveProjectedGuidance
     from fastdiff.ops.sample_gram import sample_gram_reference
-    from fastdiff.sampling.guidance import APG
+    from fastdiff.sampling.features.guidance import APG
 
     rule = APG(eta=0.3, norm_threshold=6.0, momentum=-0.5)
     guider = AdaptiveProjectedGuidance(guidance_scale=5.0, adaptive_projected_guidance_rescale=6.0, eta=0.3,

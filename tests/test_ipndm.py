@@ -1,4 +1,4 @@
-"""methods "ipndm" and "ipndm_v" (fastdiff/sampling/ipndm.py): ComfyUI's published iPNDM formulas (its
+"""methods "ipndm" and "ipndm_v" (fastdiff/sampling/methods/ipndm.py): ComfyUI's published iPNDM formulas (its
 sample_ipndm / sample_ipndm_v, restated below as a plain loop in sigma) on the same denoiser, Karras and
 VP sigma grids and initial state; the samples of an analytic mixture on other paths."""
 

@@ -11,7 +11,7 @@ from conftest import BACKENDS
 import fastdiff
 from fastdiff.mixtures import ring_mixture, mode_zscores
 from fastdiff.ops import randn
-from fastdiff.sampling.stage import draw_stream
+from fastdiff.sampling.core.stage import draw_stream
 
 
 def _gaussian_score(x):  # p = N(3, 1), the lectures' example

@@ -7,7 +7,7 @@ import torch
 
 import fastdiff
 from fastdiff.adapters.k_diffusion import DenoiserModel
-from fastdiff.sampling.lms import lms_coefficients
+from fastdiff.sampling.methods.lms import lms_coefficients
 from test_adapter_k_diffusion import Denoiser, _kd
 
 

@@ -13,8 +13,8 @@ import fastdiff
 import fastdiff.sampling
 from fastdiff import cli
 from fastdiff.paths import get_path
-from fastdiff.sampling import coefficients
-from fastdiff.sampling.coefficients import Stage, build_stages, needed_conversions
+from fastdiff.sampling.methods import coefficients
+from fastdiff.sampling.methods.coefficients import Stage, build_stages, needed_conversions
 from fastdiff.sampling.methods import Method, get_method, method_names, methods, register_method, unregister_method
 
 

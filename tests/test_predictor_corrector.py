@@ -13,8 +13,8 @@ from fastdiff.mixtures import GaussianMixture, MixtureModel, class_conditional_m
 from fastdiff.ops import randn
 from fastdiff.paths import affine_coefficients, get_path
 from fastdiff.sampling import get_method
-from fastdiff.sampling.predictor_corrector import langevin_stream
-from fastdiff.sampling.stage import draw_stream
+from fastdiff.sampling.core.stage import langevin_stream
+from fastdiff.sampling.core.stage import draw_stream
 from fastdiff.schedules import exponential_sigmas, ve_grid
 
 

@@ -9,7 +9,7 @@ import torch
 
 import fastdiff
 from fastdiff.ops.randn import randn
-from fastdiff.sampling.loop import T_MIN_SINGULAR
+from fastdiff.sampling.sampler import T_MIN_SINGULAR
 from fastdiff.mixtures import (GaussianMixture, MixtureModel, assign_modes, class_conditional_mixture, mode_zscores,
                               ring_mixture)
 
@@ -111,15 +111,15 @@ def test_guided_result_owns_its_memory_and_is_the_callbacks_last_state(method):
 def test_stage_tables_are_reused_only_for_the_same_method_and_settings():
     import sys
 
-    from fastdiff.sampling import loop
-    methods = sys.modules["fastdiff.sampling.methods"]  # the module (fastdiff.sampling.methods is a function)
+    from fastdiff.sampling.core import tables
+    methods = sys.modules["fastdiff.sampling.methods.registry"]
 
     model = MixtureModel(ring_mixture(), "condot", "velocity")
     kw = dict(shape=(2,), batch_size=3, seed=1)
     first = fastdiff.sample(model, 8, sigma=0.5, **kw)
-    hits = len(loop._STAGE_CACHE.tables)
+    hits = len(tables.STAGE_CACHE.tables)
     assert torch.equal(fastdiff.sample(model, 8, sigma=0.5, **kw), first)
-    assert len(loop._STAGE_CACHE.tables) == hits  # reused
+    assert len(tables.STAGE_CACHE.tables) == hits  # reused
     assert not torch.equal(fastdiff.sample(model, 8, sigma=lambda t: 0.5 * (1 - t), **kw), first)
     # a method registered again under the same name builds its own table
     record, saved = methods.get_method("euler"), dict(methods._REGISTRY)
@@ -136,7 +136,7 @@ def test_stage_tables_are_reused_only_for_the_same_method_and_settings():
 
 
 def test_cpu_scratch_buffers_are_reused_but_never_the_returned_samples():
-    from fastdiff.sampling.scratch import POOL
+    from fastdiff.sampling.core.scratch import POOL
 
     mixture = class_conditional_mixture(num_classes=2, modes_per_class=2)
     model = MixtureModel(mixture, "condot", "velocity", null_label=-1)
@@ -157,7 +157,7 @@ def test_cpu_scratch_buffers_are_reused_but_never_the_returned_samples():
 
 
 def test_scratch_pool_lends_a_buffer_to_one_call_at_a_time_and_keeps_at_most_its_limit():
-    from fastdiff.sampling.scratch import ScratchPool
+    from fastdiff.sampling.core.scratch import ScratchPool
 
     pool = ScratchPool(max_bytes=3 * 4 * 10)
     a = pool.take((2, 5), torch.device("cpu"))

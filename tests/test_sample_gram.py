@@ -11,7 +11,7 @@ from fastdiff.ops.randn import randn, randn_reference
 from fastdiff.ops.sample_gram import (CHUNK, MAX_TERMS, packed_size, run_reference, sample_gram,
                                       sample_gram_reference, unpack)
 from fastdiff.ops.sampler_step import sampler_step, sampler_step_reference
-from fastdiff.sampling.guidance import CFG, branch_weights
+from fastdiff.sampling.features.guidance import CFG, branch_weights
 
 HAVE_CPU = fastdiff.backends()["cpu"].available
 needs_cpu = pytest.mark.skipif(not HAVE_CPU, reason=f"cpu: {fastdiff.backends()['cpu'].reason}")
@@ -144,7 +144,7 @@ def test_bad_arguments_name_the_argument(kwargs, exc, match):
 
 
 # ---- a rule on the pass: CFG rescale ("Common Diffusion Noise Schedules and Sample Steps are Flawed"), whose
-# per-sample weights fastdiff.sampling.guidance.branch_weights makes from the Gram matrix ----
+# per-sample weights fastdiff.sampling.features.guidance.branch_weights makes from the Gram matrix ----
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu_op)])
 def test_cfg_rescale_from_one_gram_pass_matches_diffusers(backend):

@@ -11,7 +11,7 @@ import fastdiff
 from fastdiff import _backends
 from fastdiff.adapters import k_diffusion as fk
 from fastdiff.paths import VE
-from fastdiff.sampling.guidance import APG
+from fastdiff.sampling.features.guidance import APG
 
 
 def decay(x, t, y=None):

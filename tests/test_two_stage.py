@@ -1,4 +1,4 @@
-"""methods "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral" and "dpmpp_sde" (fastdiff/sampling/two_stage.py):
+"""methods "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral" and "dpmpp_sde" (fastdiff/sampling/methods/two_stage.py):
 k-diffusion's samplers of the same names on the same denoiser, sigma grid (Karras and VP), initial state
 and noise (fastdiff's streams fed through k-diffusion's noise_sampler); the samples of an analytic
 mixture on other paths; the midpoint times."""
@@ -10,9 +10,9 @@ import torch
 
 import fastdiff
 from fastdiff.adapters import k_diffusion as fk
-from fastdiff.sampling.coefficients import draw_stream
+from fastdiff.sampling.methods.coefficients import draw_stream
 from fastdiff.sampling.methods import get_method
-from fastdiff.sampling.sigma_space import noise_level, time_at
+from fastdiff.sampling.methods.sigma_space import noise_level, time_at
 from test_adapter_k_diffusion import Denoiser, _kd
 
 ANCESTRAL = ["dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde"]

@@ -1,4 +1,4 @@
-"""method "unipc" (fastdiff/sampling/unipc.py): diffusers' UniPCMultistepScheduler on the same model, grid
+"""method "unipc" (fastdiff/sampling/methods/unipc.py): diffusers' UniPCMultistepScheduler on the same model, grid
 and initial state (an analytic mixture's eps predictions on the DiscreteVP path of diffusers' schedule);
 the samples of the mixture on other paths; one kernel pass per step."""
 

@@ -25,7 +25,7 @@ import fastdiff
 from fastdiff.demo import data, images
 from fastdiff.demo.models import load_model
 from fastdiff.demo.run import run
-from fastdiff.sampling.guidance import APG
+from fastdiff.sampling.features.guidance import APG
 from fastdiff.training import checkpoint
 
 TRAIN_STEPS = 2000

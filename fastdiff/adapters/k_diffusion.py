@@ -14,11 +14,11 @@ Heun and DPM-Solver++(2M) steps on that grid are k-diffusion's ``sample_euler``,
 s_noise), ``sample_dpmpp_2m_sde`` (midpoint or heun) and ``sample_dpmpp_3m_sde`` draw fastdiff's reproducible per-sample noise
 instead of ``torch.randn_like`` or a Brownian tree: pass ``seed`` (a ``noise_sampler`` given is honoured:
 its noise enters the fused step as one more input; ``noise_sampler="brownian"`` draws the in-kernel
-Brownian path of fastdiff.sampling.brownian, step-count stable as k-diffusion's default Brownian tree
+Brownian path of fastdiff.sampling.features.brownian, step-count stable as k-diffusion's default Brownian tree
 of the SDE samplers, ~15x faster than that tree on the CPU). ``sample_dpm_2``,
 ``sample_dpm_2_ancestral``, ``sample_dpmpp_2s_ancestral`` and ``sample_dpmpp_sde`` evaluate the denoiser
 between grid points too (their midpoints), and the churn options of ``sample_euler`` / ``sample_heun`` /
-``sample_dpm_2`` are honoured (fastdiff.sampling.churn).
+``sample_dpm_2`` are honoured (fastdiff.sampling.methods.churn).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 
 import fastdiff
 from fastdiff.paths import VE
-from fastdiff.sampling.churn import GAMMA_MAX
+from fastdiff.sampling.methods.churn import GAMMA_MAX
 from fastdiff.sampling.methods import get_method
 from fastdiff.schedules import ve_grid, ve_timesteps
 

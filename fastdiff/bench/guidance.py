@@ -41,7 +41,7 @@ def rescale_cases(n: int, dtype: str = "fp32", device="cpu", impls=None, rule: s
     path reads the branches twice: the reduction, then the step). ``rule``: "rescale" or "apg"."""
     import fastdiff
     from fastdiff.ops.sample_gram import sample_gram
-    from fastdiff.sampling.guidance import APG, CFG as CFGRule, branch_weights
+    from fastdiff.sampling.features.guidance import APG, CFG as CFGRule, branch_weights
 
     dt_ = _dtype(dtype)
     g = torch.Generator(device="cpu").manual_seed(0)

@@ -18,7 +18,7 @@ def _calls(method, n: int, device) -> tuple[list, int]:
     """The first 50 prepared sampler_step calls of ``method``'s 50-step table and the bytes they move."""
     from fastdiff.ops.sampler_step import prepare
     from fastdiff.paths import get_path
-    from fastdiff.sampling.loop import _kernel_args
+    from fastdiff.sampling.sampler import _kernel_args
 
     path = get_path("condot")
     grid = [i / STEPS for i in range(STEPS + 1)]
@@ -82,11 +82,11 @@ def method_cases(n: int, device="cpu", impls=None) -> list[Case]:
 
 def _brownian_calls(n: int, device) -> tuple[list, int]:
     """The kernel calls that sum the Brownian draws of a 50-step Euler–Maruyama table (step_noise="brownian",
-    fastdiff.sampling.brownian) and the bytes they move (each reads its buffer twice and writes it)."""
+    fastdiff.sampling.features.brownian) and the bytes they move (each reads its buffer twice and writes it)."""
     from fastdiff.paths import get_path
-    from fastdiff.sampling.brownian import kernel_calls
+    from fastdiff.sampling.features.brownian import kernel_calls
     from fastdiff.sampling.methods import get_method
-    from fastdiff.sampling.scratch import StageCache
+    from fastdiff.sampling.core.scratch import StageCache
 
     grid = [i / STEPS for i in range(STEPS + 1)]
     stages = get_method("euler").stages(get_path("condot"), grid, "velocity", sigma=lambda t: 1.0)

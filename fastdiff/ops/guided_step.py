@@ -5,7 +5,7 @@
     out  = c_x * x + c_pred * g + c_extra * extra + c_noise * noise(seeds, stream)
     side = s_x * x + s_pred * g + s_extra * extra          (optional second output)
 
-elementwise per sample, with host-side coefficients (fastdiff.sampling.coefficients: finite real
+elementwise per sample, with host-side coefficients (fastdiff.sampling.methods.coefficients: finite real
 numbers, each rounded to float32 as the kernels round it) and
 the noise of the spec-v1 stream (element i of sample b: seed seeds[b], stream ``stream``, offset 0).
 ``guided_step`` runs on the selected backend; ``guided_step_reference`` is the specification.

@@ -1,14 +1,16 @@
-"""Samplers: coefficient tables (host, float64) and the sampling loop around the fused step."""
+"""Samplers: the plan of a sampling call and its executor (core/), the methods' coefficient tables (methods/, host
+float64), the features that plug into the plan (features/), and the other entry points (invert, langevin,
+likelihood)."""
 
-from fastdiff.sampling import deis, dpmpp_sde, ipndm, lms, two_stage, unipc  # noqa: F401  (register their methods)
-from fastdiff.sampling import predictor_corrector  # noqa: F401,I001  (registers its methods after the solvers)
-from fastdiff.sampling.loop import sample
-from fastdiff.sampling.editing import invert
+from fastdiff.sampling import methods  # noqa: F401  (registers the methods)
+from fastdiff.sampling.sampler import sample
+from fastdiff.sampling.invert import invert
 from fastdiff.sampling.langevin import langevin
 from fastdiff.sampling.likelihood import Likelihood, bits_per_dim, log_likelihood
-from fastdiff.sampling.methods import Method, get_method, methods, register_method
+from fastdiff.sampling.methods import Method, get_method, methods, register_method  # noqa: F811
 
-__all__ = ["METHODS", "Likelihood", "Method", "bits_per_dim", "get_method", "invert", "langevin", "log_likelihood", "methods", "register_method", "sample"]
+__all__ = ["METHODS", "Likelihood", "Method", "bits_per_dim", "get_method", "invert", "langevin", "log_likelihood",
+           "methods", "register_method", "sample"]
 
 
 def __getattr__(name):

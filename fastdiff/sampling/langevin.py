@@ -27,8 +27,8 @@ from fastdiff import dispatch as _dispatch
 from fastdiff.ops.randn import randn
 from fastdiff.ops.sample_gram import sample_gram
 from fastdiff.ops.sampler_step import KERNEL_ARGS, prepare
-from fastdiff.sampling.arguments import FiniteFlags, sample_seeds
-from fastdiff.sampling.stage import DRAW_STRIDE, draw_stream
+from fastdiff.sampling.core.arguments import FiniteFlags, sample_seeds
+from fastdiff.sampling.core.stage import DRAW_STRIDE, draw_stream
 
 
 def _positive_int(name, value, low=1):

@@ -27,8 +27,8 @@ from fastdiff import dispatch as _dispatch
 from fastdiff.ops.randn import randn
 from fastdiff.ops.sampler_step import KERNEL_ARGS, prepare
 from fastdiff.paths import affine_coefficients, check_prediction, get_path
-from fastdiff.sampling.arguments import MAX_STEPS, T_MIN_SINGULAR, sample_seeds, time_grid
-from fastdiff.sampling.coefficients import _singular
+from fastdiff.sampling.core.arguments import MAX_STEPS, T_MIN_SINGULAR, sample_seeds, time_grid
+from fastdiff.sampling.methods.coefficients import _singular
 from fastdiff.sampling.methods import get_method
 
 PROBE_STREAM = 1 << 28  # Hutchinson probe k of a sample: the normals of stream 2^28 + k (docs/design.md §3)

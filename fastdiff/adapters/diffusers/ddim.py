@@ -11,7 +11,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
 from fastdiff.adapters.diffusers._fused import _FusedStep
 from fastdiff.ops.guided_step import guided_step
-from fastdiff.sampling.thresholding import DynamicThresholding
+from fastdiff.sampling.features.thresholding import DynamicThresholding
 
 
 class FastDiffDDIMScheduler(_FusedStep, DDIMScheduler):

@@ -10,7 +10,7 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncest
 
 from fastdiff.adapters.diffusers._fused import _FusedStep
 from fastdiff.ops.guided_step import guided_step
-from fastdiff.sampling.sigma_space import ancestral_step
+from fastdiff.sampling.methods.sigma_space import ancestral_step
 
 
 class FastDiffEulerAncestralScheduler(_FusedStep, EulerAncestralDiscreteScheduler):

@@ -3,7 +3,7 @@
 diffusers' UniPC step runs the corrector on the previous state (kept as ``last_sample``), then the
 predictor from the corrected state. Both are linear in the step's sample, its model output and the
 previous x0 predictions, and the corrected state can be recovered from the predicted one
-(fastdiff.sampling.unipc.unipc_plan), so a step here is one ``sampler_step`` pass: the next sample out,
+(fastdiff.sampling.methods.unipc.unipc_plan), so a step here is one ``sampler_step`` pass: the next sample out,
 this step's x0 prediction as the side output (kept for the next three steps), the earlier ones as
 history. The coefficient plan is made once per ``set_timesteps`` from the scheduler's own sigmas, from the
 step the run starts at (img2img pipelines start mid-schedule): like diffusers' history, its orders warm up
@@ -20,7 +20,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from fastdiff.adapters.diffusers._fused import _FusedStep
 from fastdiff.ops.sampler_step import sampler_step
-from fastdiff.sampling.unipc import unipc_plan
+from fastdiff.sampling.methods.unipc import unipc_plan
 
 
 class FastDiffUniPCMultistepScheduler(_FusedStep, UniPCMultistepScheduler):

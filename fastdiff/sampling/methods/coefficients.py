@@ -31,8 +31,8 @@ import math
 from dataclasses import replace
 
 from fastdiff.paths import GaussianPath, affine_coefficients
-from fastdiff.sampling.methods import get_method, method_names, methods, register_method
-from fastdiff.sampling.stage import Stage, draw_stream
+from fastdiff.sampling.methods.registry import get_method, method_names, methods, register_method
+from fastdiff.sampling.core.stage import Stage, draw_stream
 
 
 def __getattr__(name):

@@ -1,7 +1,7 @@
 """iPNDM (Zhang & Chen 2023, DEIS paper's improved PNDM; ComfyUI's ``ipndm`` / ``ipndm_v``): linear
 multistep (Adams-Bashforth) on k-diffusion's derivative d = (x - D) / sigma in sigma, order <= 4.
 
-In k-diffusion's coordinates (fastdiff.sampling.sigma_space: scaled state x / alpha, sigma = beta / alpha)
+In k-diffusion's coordinates (fastdiff.sampling.methods.sigma_space: scaled state x / alpha, sigma = beta / alpha)
 a step is x' / alpha' = x / alpha + (sigma' - sigma) Σ_k w_k d_{i-k}: ``ipndm`` with the fixed
 Adams-Bashforth weights of a uniform step (1; 3/2, -1/2; 23/12, -16/12, 5/12; 55/24, -59/24, 37/24, -9/24),
 ``ipndm_v`` with the weights of the actual, variable steps in sigma. The order warms up from 1; the step
@@ -12,9 +12,9 @@ of four buffers; the previous ones are history.
 
 from __future__ import annotations
 
-from fastdiff.sampling.methods import register_method
-from fastdiff.sampling.sigma_space import sigma_multistep
-from fastdiff.sampling.stage import Stage
+from fastdiff.sampling.methods.registry import register_method
+from fastdiff.sampling.methods.sigma_space import sigma_multistep
+from fastdiff.sampling.core.stage import Stage
 
 FIXED = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
 

@@ -15,8 +15,8 @@ from dataclasses import replace
 
 import torch
 
-from fastdiff.sampling import churn
-from fastdiff.sampling.stage import Stage
+import fastdiff.sampling.methods.churn as churn
+from fastdiff.sampling.core.stage import Stage
 
 
 def split(record, options: dict) -> tuple[dict, dict]:

@@ -1,12 +1,12 @@
 """The stage tables of a sample() call: built on the host once per (method, path, prediction, grid, options)
 and cached; with per-sample options (churn per sample) one per distinct setting, merged into per-sample rows
-and times (fastdiff.sampling.per_sample)."""
+and times (fastdiff.sampling.features.per_sample)."""
 
 from __future__ import annotations
 
-from fastdiff.sampling import per_sample
-from fastdiff.sampling.scratch import StageCache
-from fastdiff.sampling.stage import Stage
+from fastdiff.sampling.features import per_sample
+from fastdiff.sampling.core.scratch import StageCache
+from fastdiff.sampling.core.stage import Stage
 
 STAGE_CACHE = StageCache()  # stage tables: ~1 ms to build for 50 steps (150 path conversions)
 

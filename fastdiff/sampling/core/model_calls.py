@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fastdiff.sampling.arguments import check_model_output
-from fastdiff.sampling.stage import Stage
+from fastdiff.sampling.core.arguments import check_model_output
+from fastdiff.sampling.core.stage import Stage
 
 
 class ModelCalls:

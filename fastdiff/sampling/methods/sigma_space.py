@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 from fastdiff.paths import VE, GaussianPath, affine_coefficients
-from fastdiff.sampling.stage import Stage
+from fastdiff.sampling.core.stage import Stage
 
 
 def noise_level(path: GaussianPath, t: float) -> float:

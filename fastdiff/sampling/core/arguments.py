@@ -10,7 +10,7 @@ import torch
 
 from fastdiff import _checks
 from fastdiff.paths import affine_coefficients
-from fastdiff.sampling.stage import Stage
+from fastdiff.sampling.core.stage import MAX_LANGEVIN_STEPS, Stage
 
 # First grid point where a prediction cannot be converted at t = 0 (e.g. eps or score models under
 # CondOT, whose alpha_0 = 0 makes x0 = (x - beta eps) / alpha undefined).
@@ -330,3 +330,17 @@ class FiniteFlags:
             if callable(step_noise):  # its normals enter the state unchecked (reading them would sync every step)
                 suspects += ", and step_noise (its normals are added to the state)"
             raise FloatingPointError(f"model output is not finite at step {st.step} (t={st.t:.6g}); check {suspects}")
+
+
+def langevin_steps(name: str, value) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 0 <= value <= MAX_LANGEVIN_STEPS:
+        raise ValueError(f"{name} must be an int in [0, {MAX_LANGEVIN_STEPS}], got {value!r}")
+    return int(value)
+
+
+def positive_number(name: str, value) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):  # '0.1' would fail inside a comparison
+        raise TypeError(f"{name} must be a finite number > 0, got {type(value).__name__} {value!r}")
+    if not 0.0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from fastdiff.sampling.sigma_space import noise_level, time_at
-from fastdiff.sampling.stage import Stage, draw_stream
+from fastdiff.sampling.methods.sigma_space import noise_level, time_at
+from fastdiff.sampling.core.stage import Stage, draw_stream
 
 OPTIONS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
 GAMMA_MAX = math.sqrt(2.0) - 1.0  # Karras et al.: beyond this the step adds more noise than it removes

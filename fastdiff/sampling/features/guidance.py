@@ -2,7 +2,7 @@
 
 - A schedule: ``cfg`` may be a callable t -> w, evaluated at each stage's time on the host (its rows are
   host numbers like the fixed scale's).
-- Dynamic thresholding: fastdiff.sampling.thresholding.
+- Dynamic thresholding: fastdiff.sampling.features.thresholding.
 - Rules (``guidance=``): ``"cfg"`` (the default), ``"cfg_zero_star"`` (CFG-Zero*: the unconditional
   branch scaled by a per-sample optimal factor, zero-init steps) and ``"cfg_pp"`` (CFG++: the guided
   prediction in the clean estimate only) and ``"apg"`` (adaptive projected guidance), each a record
@@ -29,8 +29,8 @@ import torch
 
 from fastdiff import _checks
 from fastdiff._checks import FLOAT32_MAX
-from fastdiff.sampling.arguments import is_number
-from fastdiff.sampling.thresholding import DynamicThresholding, get_thresholding, quantile_rows  # noqa: F401
+from fastdiff.sampling.core.arguments import is_number
+from fastdiff.sampling.features.thresholding import DynamicThresholding, get_thresholding, quantile_rows  # noqa: F401
 
 
 def scale_schedule(cfg, name: str = "cfg"):
@@ -253,7 +253,7 @@ def get_rule(guidance):
             raise ValueError(f"guidance must be one of {', '.join(map(repr, RULES))} or a rule object, got {guidance!r}")
         return RULES[guidance]()
     if not isinstance(guidance, tuple(RULES.values())):
-        raise TypeError(f"guidance must be a rule name or object (fastdiff.sampling.guidance.RULES), got "
+        raise TypeError(f"guidance must be a rule name or object (fastdiff.sampling.features.guidance.RULES), got "
                         f"{type(guidance).__name__}")
     return guidance
 

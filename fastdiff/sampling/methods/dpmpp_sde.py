@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fastdiff.sampling.coefficients import Stage, _conv, _lambda, check_s_noise, draw_stream
-from fastdiff.sampling.methods import register_method
+from fastdiff.sampling.methods.coefficients import Stage, _conv, _lambda, check_s_noise, draw_stream
+from fastdiff.sampling.methods.registry import register_method
 
 SOLVER_TYPES = ("midpoint", "heun")
 

@@ -9,16 +9,16 @@ corresponds to (beta chosen so that sigma(1e-3) = 0.002 and sigma(1) = 80, as Co
 integral is taken by 64-point Gauss-Legendre (ComfyUI sums 10 000 points, within ~1e-4 of it).
 ``mode="rhoab"``: tau = sigma itself, Adams-Bashforth in sigma (the integrals in closed form). The first
 step is Euler's; the step to sigma' = 0 returns D; a step from sigma = inf is DDIM's and the history starts
-after it (fastdiff.sampling.sigma_space.sigma_multistep, the stage table both build on).
+after it (fastdiff.sampling.methods.sigma_space.sigma_multistep, the stage table both build on).
 """
 
 from __future__ import annotations
 
 import math
 
-from fastdiff.sampling.coefficients import Stage
-from fastdiff.sampling.methods import register_method
-from fastdiff.sampling.sigma_space import sigma_multistep
+from fastdiff.sampling.methods.coefficients import Stage
+from fastdiff.sampling.methods.registry import register_method
+from fastdiff.sampling.methods.sigma_space import sigma_multistep
 
 MODES = ("tab", "rhoab")
 EPS_S, SIGMA_MIN, SIGMA_MAX = 1e-3, 0.002, 80.0  # ComfyUI's fixed VP-SDE fit of EDM's sigma range

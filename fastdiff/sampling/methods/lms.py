@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 
-from fastdiff.sampling.coefficients import Stage, _conv
-from fastdiff.sampling.methods import register_method
+from fastdiff.sampling.methods.coefficients import Stage, _conv
+from fastdiff.sampling.methods.registry import register_method
 
 
 def lms_coefficients(sigmas: list[float], i: int, order: int) -> list[float]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdiff.sampling.arguments import is_number
+from fastdiff.sampling.core.arguments import is_number
 
 
 @dataclass(frozen=True)

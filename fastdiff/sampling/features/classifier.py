@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 
 from fastdiff.paths import affine_coefficients
-from fastdiff.sampling.guidance import scale_schedule
+from fastdiff.sampling.features.guidance import scale_schedule
 
 BUFFER = "classifier_grad"  # the loop buffer holding ∇ log p(y | x) of the current evaluation
 

@@ -1,7 +1,7 @@
 """A Stage: one model evaluation and one fused-kernel call of a sampler (docs/design.md §2), and the
 noise stream ids of the draws (docs/design.md §3).
 
-A method's stage table is a list of these; ``fastdiff.sampling.loop`` runs it. The algebra of one
+A method's stage table is a list of these; ``fastdiff.sampling.sampler`` runs it. The algebra of one
 stage (fastdiff.ops.sampler_step with one draw and the history buffers ``extra`` + ``history``):
 
     out  = c_x x + c_pred g + c_extra extra + Σ c_h h + c_noise noise(seeds, stream) + Σ c_d noise(seeds, stream_d)
@@ -52,10 +52,10 @@ class Stage:
     # first stage only: the initial state becomes scale x + coefficient noise(seeds, draw_stream(0)) before
     # the model sees it (EDM churn at the first step; later steps' churn rides in the previous final stage)
     start_churn: tuple[float, float] | None = None
-    # step_noise="brownian" (fastdiff.sampling.brownian): the noise term as ((c, a, b), ...), c times the
+    # step_noise="brownian" (fastdiff.sampling.features.brownian): the noise term as ((c, a, b), ...), c times the
     # path's normalized increment over flow times [a, b]; empty: each draw is the increment over its step
     brownian_terms: tuple[tuple[float, float, float], ...] = ()
-    # guidance="cfg_pp" (fastdiff.sampling.guidance.CFGPP): the share of c_pred that reaches the output through
+    # guidance="cfg_pp" (fastdiff.sampling.features.guidance.CFGPP): the share of c_pred that reaches the output through
     # the clean estimate (x0); the rest re-noises and takes the unconditional prediction. None: the method
     # does not split its step that way
     cfg_pp: float | None = None
@@ -96,3 +96,14 @@ class Stage:
         row = [self.c_x, self.c_pred, *(c for c, _ in terms), *draws]
         side = [self.s_x, self.s_pred, *(s for _, s in terms), *([0.0] * len(draws))]
         return row + side
+
+
+LANGEVIN_BASE, LANGEVIN_STEP_BITS, MAX_LANGEVIN_STEPS = 1 << 29, 20, 1 << 9
+
+
+def langevin_stream(step: int, j: int) -> int:
+    """The stream id of Langevin step j at grid point ``step`` (annealed Langevin's steps at a level, the
+    corrector's before a step): 2^29 + (j << 20) + step (docs/design.md §3)."""
+    if not 0 <= step < 1 << LANGEVIN_STEP_BITS or not 0 <= j < MAX_LANGEVIN_STEPS:
+        raise ValueError(f"langevin_stream: step must be in [0, 2^20) and j in [0, 512), got step={step}, j={j}")
+    return LANGEVIN_BASE + (j << LANGEVIN_STEP_BITS) + step

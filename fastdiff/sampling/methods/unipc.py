@@ -24,8 +24,8 @@ import math
 from collections import defaultdict
 
 from fastdiff import _checks
-from fastdiff.sampling.coefficients import Stage, _conv, _lambda
-from fastdiff.sampling.methods import register_method
+from fastdiff.sampling.methods.coefficients import Stage, _conv, _lambda
+from fastdiff.sampling.methods.registry import register_method
 
 SOLVER_TYPES = ("bh1", "bh2")
 

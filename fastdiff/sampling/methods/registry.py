@@ -1,7 +1,7 @@
 """The registry of sampling methods: one record per method, registered where its stage builder is written.
 
 A method is a function ``(path, grid, prediction, **options) -> list[Stage]`` (the fused-kernel calls over
-an increasing grid of flow times, fastdiff.sampling.coefficients) plus what the rest of fastdiff needs to
+an increasing grid of flow times, fastdiff.sampling.methods.coefficients) plus what the rest of fastdiff needs to
 know about it: the sample() options it takes, its cost in model evaluations per step, the prediction
 conversions that must be finite at the grid's first point, and a one-line description. Adding a method::
 
@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastdiff import _checks
-from fastdiff.sampling import churn
+import fastdiff.sampling.methods.churn as churn
 
 # sample()'s per-method options and the value that means "not used". A builder receives the options it
 # takes as keywords: sigma as a function t -> sigma_t (or None for 0), eta as a float.
@@ -50,7 +50,7 @@ class Method:
     evals_per_step: int | str  # model evaluations per step (a 2B CFG call counts as one), or the option giving it
     conversions: Conversions  # prediction types needed finite at the grid start (see needed_conversions)
     description: str  # one line, for docs and the CLI help
-    churn_options: bool = False  # takes EDM's churn options (fastdiff.sampling.churn), applied around its builder
+    churn_options: bool = False  # takes EDM's churn options (fastdiff.sampling.methods.churn), applied around its builder
     inverts: bool = False  # runs on decreasing grids (inversion, fastdiff.invert), checked by a round trip test
 
     def needed_conversions(self, **options) -> tuple[str, ...]:
@@ -92,7 +92,7 @@ def register_method(name: str, *, options: tuple[str, ...] | dict = (), evals_pe
                     conversions: Conversions, description: str, churn_options: bool = False, inverts: bool = False):
     """Decorator: register the stage builder it decorates as method ``name`` (returns the builder).
     ``churn_options=True``: the method also takes EDM's s_churn, s_tmin, s_tmax and s_noise, applied around the
-    builder (fastdiff.sampling.churn: each step built from the raised noise level's time). ``inverts=True``: its
+    builder (fastdiff.sampling.methods.churn: each step built from the raised noise level's time). ``inverts=True``: its
     builder is also right on decreasing grids (data to noise: fastdiff.invert), as a round trip test checks."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"a method name must be an identifier, got {name!r}")

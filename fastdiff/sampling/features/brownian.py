@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from fastdiff.sampling.stage import DRAW_STRIDE
+from fastdiff.sampling.core.stage import DRAW_STRIDE
 
 DEPTH = 16  # dyadic levels: the path is exact at multiples of 2^-16 in t, linear in between
 STREAM_BASE = 1 << 30  # node n's normal is stream STREAM_BASE + n (steps' draws use ids below 2^26)
@@ -118,7 +118,7 @@ def kernel_calls(stages, noisy, grid, buffer, seeds, cache, key) -> list[list[tu
     more list for the churn draw of step 0 (Stage.start_churn). ``noisy[k]`` is None for a stage without
     draws. Chunks of four draws: out = c_x buffer + Σ c ξ, c_x = 0 in the first (the buffer is finite)."""
     from fastdiff.ops.sampler_step import KERNEL_ARGS, ROW_ARGS, prepare_tensors, with_rows
-    from fastdiff.sampling.stage import draw_stream
+    from fastdiff.sampling.core.stage import draw_stream
 
     if buffer is None:
         return [[] for _ in range(len(stages) + 1)]

@@ -2,7 +2,7 @@
 the grid points (Karras et al. 2022's DPM-Solver-2 variant; Lu et al. 2022's DPM-Solver++(2S) and its
 SDE form).
 
-All are written in k-diffusion's coordinates (fastdiff.sampling.sigma_space): noise level
+All are written in k-diffusion's coordinates (fastdiff.sampling.methods.sigma_space): noise level
 sigma = beta / alpha, scaled state x / alpha and x0 predictions D, so that on the VE path they are
 k-diffusion's steps and on any other path the same steps of the probability-flow ODE / SDE. Per step
 from sigma to sigma' (h = log(sigma / sigma'), alpha' = alpha(t')):
@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import math
 
-from fastdiff.sampling.coefficients import Stage, _conv, check_s_noise
-from fastdiff.sampling.methods import register_method
-from fastdiff.sampling.sigma_space import ancestral_step, noise_level, require_finite, time_at
-from fastdiff.sampling.stage import draw_stream
+from fastdiff.sampling.methods.coefficients import Stage, _conv, check_s_noise
+from fastdiff.sampling.methods.registry import register_method
+from fastdiff.sampling.methods.sigma_space import ancestral_step, noise_level, require_finite, time_at
+from fastdiff.sampling.core.stage import draw_stream
 
 
 class _Point:

@@ -11,25 +11,27 @@ from fastdiff import dispatch as _dispatch
 from fastdiff.ops.sampler_step import KERNEL_ARGS, ROW_ARGS, prepare, prepare_tensors, with_rows
 from fastdiff.ops.randn import randn
 from fastdiff.paths import check_prediction, get_path
-from fastdiff.sampling import graphs, per_sample
-from fastdiff.sampling.guidance import StageWeights, condition_branches, guidance_settings, scale_schedule
-from fastdiff.sampling.thresholding import threshold_conversions
-from fastdiff.sampling.classifier import BUFFER as CLASSIFIER_BUFFER, ClassifierGuidance, singular_at_zero
-from fastdiff.sampling.editing import check_direction, editing, strength_grid
-from fastdiff.sampling.brownian import kernel_calls as brownian_kernel_calls
-from fastdiff.sampling.arguments import (MAX_STEPS, T_MIN_SINGULAR, batch_shape_device,  # noqa: F401
+from fastdiff.sampling.core import graphs
+from fastdiff.sampling.features import per_sample
+from fastdiff.sampling.features.guidance import StageWeights, condition_branches, guidance_settings, scale_schedule
+from fastdiff.sampling.features.thresholding import threshold_conversions
+from fastdiff.sampling.features.classifier import BUFFER as CLASSIFIER_BUFFER, ClassifierGuidance, singular_at_zero
+from fastdiff.sampling.features.editing import check_direction, editing, strength_grid
+from fastdiff.sampling.features.brownian import kernel_calls as brownian_kernel_calls
+from fastdiff.sampling.core.arguments import (MAX_STEPS, T_MIN_SINGULAR, batch_shape_device,  # noqa: F401
                                          FiniteFlags, check_guided_labels, check_step_noise, check_step_noise_kind,
                                          batched_labels, guidance_interval_pair, is_number, loop_flags, null_labels,
                                          sample_seeds, sigma_function, time_grid)
-from fastdiff.sampling.stage import Stage, draw_stream
-from fastdiff.sampling.tables import STAGE_CACHE, ModelTimes, stage_tables
-from fastdiff.sampling.model_calls import ModelCalls
-from fastdiff.sampling.scratch import POOL, StageCache
+from fastdiff.sampling.core.stage import Stage, draw_stream
+from fastdiff.sampling.core.tables import STAGE_CACHE, ModelTimes, stage_tables
+from fastdiff.sampling.core.model_calls import ModelCalls
+from fastdiff.sampling.core.scratch import POOL, StageCache
 from fastdiff.sampling.methods import check_options, get_method
-from fastdiff.sampling.predictor_corrector import _langevin_steps, corrector_args, correctors
+from fastdiff.sampling.features.corrector import corrector_args, correctors
+from fastdiff.sampling.core.arguments import langevin_steps
 
 
-_STAGE_CACHE = STAGE_CACHE  # stage tables (fastdiff.sampling.tables)
+_STAGE_CACHE = STAGE_CACHE  # stage tables (fastdiff.sampling.core.tables)
 _kernel_args = operator.itemgetter(*KERNEL_ARGS)  # a prepared call's dict → the kernel's positional arguments
 # Per stage, the checked coefficient rows of its sampler_step call (with_rows' host half: weights,
 # coefficients, streams), keyed by the stage table and the guidance: ~30 us of checks per stage.
@@ -74,15 +76,15 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         guidance_interval: (t_lo, t_hi): guidance only for t_lo <= t <= t_hi, one pass elsewhere.
         guidance: the guidance rule: None or "cfg" (g = p_null + w (p_y - p_null)), "cfg_zero_star" (CFG-Zero*:
             the unconditional branch scaled by its per-sample optimal factor, zero prediction at the first
-            step), or a rule object of fastdiff.sampling.guidance (e.g. CFGZeroStar(zero_init_steps=2)).
+            step), or a rule object of fastdiff.sampling.features.guidance (e.g. CFGZeroStar(zero_init_steps=2)).
         guidance_rescale: CFG rescale phi in [0, 1] (diffusers' guidance_rescale; Lin et al. 2024): the blend
             is scaled toward the conditional prediction's standard deviation per sample, fused (one
-            per-sample reduction pass per guided evaluation, no host sync; fastdiff.sampling.guidance).
+            per-sample reduction pass per guided evaluation, no host sync; fastdiff.sampling.features.guidance).
         classifier, classifier_scale: classifier guidance: ``classifier(x, t)`` → logits [B, classes] of a
             noise-aware classifier; the score gets classifier_scale · ∇_x log softmax(logits)[y] (autograd, one
-            forward and backward per evaluation), fused into the step (fastdiff.sampling.classifier). y holds
+            forward and backward per evaluation), fused into the step (fastdiff.sampling.features.classifier). y holds
             the target classes (an unconditional model ignores it); the scale may be a callable of t.
-        init, strength, known_mask, resample: editing (fastdiff.sampling.editing; docs/guidance.md). ``init``
+        init, strength, known_mask, resample: editing (fastdiff.sampling.features.editing; docs/guidance.md). ``init``
             [B, *shape]: the data to start from. ``strength`` in (0, 1] (img2img / SDEdit): run the grid's last
             int(steps * strength) steps from init noised to their start. ``known_mask`` (bool, broadcast to the
             samples; true = known): inpainting, the known region re-imposed from init at each step's end time;
@@ -109,7 +111,7 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
         step_noise: the noise of the steps. None: independent in-kernel draws (docs/design.md §3).
             "brownian": increments of one Brownian path per sample over flow time, a pure function of
             (seed, element), so that a seed's samples converge as steps grow (k-diffusion's
-            BrownianTreeNoiseSampler; fastdiff.sampling.brownian, in the kernels). A callable: the caller's
+            BrownianTreeNoiseSampler; fastdiff.sampling.features.brownian, in the kernels). A callable: the caller's
             noise, ``step_noise(step, j)`` → a standard normal [B, *shape] for the j-th noisy stage of step
             ``step`` (one call per stage that adds noise; k-diffusion's ``noise_sampler`` through
             fastdiff.adapters.k_diffusion). The stage's whole noise term (its draws, e.g. dpmpp_sde's
@@ -148,7 +150,7 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, *, shape=None, y=Non
     if classifier is not None:
         classifier = ClassifierGuidance(classifier, classifier_scale, y, path, prediction, per_sample_values, device,
                                         check_finite)
-    correcting = _langevin_steps("corrector_steps", corrector_steps) > 0  # checked here: a tensor has no truth
+    correcting = langevin_steps("corrector_steps", corrector_steps) > 0  # checked here: a tensor has no truth
     needed = method_record.needed_conversions(**values) + (("score", "x0") if correcting else ())
     grid = strength_grid(time_grid(steps, timesteps, path, prediction, needed,
                                    start_late=classifier is not None and singular_at_zero(path, prediction)),

@@ -1,0 +1,7 @@
+"""Sampling methods: the registry (registry.py) and one module per family, each registering its stage builders
+(fastdiff.sampling.methods.registry.register_method). Importing this package registers them all."""
+
+from fastdiff.sampling.methods.registry import (OPTIONS, Method, check_options, get_method, method_names,  # noqa: F401
+                                                methods, methods_table, register_method, unregister_method)
+from fastdiff.sampling.methods import coefficients, deis, dpmpp_sde, ipndm, lms, two_stage, unipc  # noqa: F401,I001
+from fastdiff.sampling.methods import score_based  # noqa: F401,I001  (its methods after the solvers: registry order)
