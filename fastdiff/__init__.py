@@ -4,9 +4,8 @@ Fused CUDA, Triton and C++ kernels behind pure-PyTorch reference ops. Convention
 0 (noise) to 1 (data), x_t = alpha_t z + beta_t eps (see the README and docs/).
 """
 
-__version__ = "0.1.0"
-
 from fastdiff import _native
+from fastdiff._version import __version__
 
 _native.load()
 

@@ -45,15 +45,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from fastdiff.evaluation import digits_features, evaluate, inception_features
+    # the demo's digits and classifier: the command line brings them in, not fastdiff.evaluation
+    from fastdiff.demo import data
+    from fastdiff.evaluation import evaluate, inception_features
 
-    if args.ref == "digits":
-        from fastdiff.demo import data
-
-        reference = data.digits().tensors[0]
-    else:
-        reference = args.ref
-    features = {"digits": lambda: digits_features(), "inception": lambda: inception_features(args.device),
+    reference = data.digits().tensors[0] if args.ref == "digits" else args.ref
+    features = {"digits": lambda: data.digits_features(), "inception": lambda: inception_features(args.device),
                 "raw": lambda: None}[args.features]()
     with torch.no_grad():
         result = evaluate(args.dir, reference, features=features, k=args.k)

@@ -9,9 +9,10 @@ Kynkäänniemi et al. (2019).
   reference feature with the radius of its k-th nearest reference neighbour; recall: the fraction of
   reference features inside the generated manifold.
 
-Features: any callable ``images [B, ...] → [B, F]``. The digits demo uses its classifier's decision values
-(:func:`digits_features`); for images the standard choice is Inception-v3's 2048 pool features
-(:func:`inception_features`, through torch-fidelity, whose weights download on first use).
+Features: any callable ``images [B, ...] → [B, F]``, passed in by the caller. For images the standard choice is
+Inception-v3's 2048 pool features (:func:`inception_features`, through torch-fidelity, whose weights download
+on first use); the digits demo passes its classifier's decision values (``fastdiff.demo.data.digits_features``:
+the demo's, not the library's, which never imports the demo).
 """
 
 from __future__ import annotations
@@ -102,13 +103,6 @@ def evaluate(generated, reference, *, features=None, k: int = 3, batch_size: int
     precision, recall = precision_recall(g, r, k)
     return {"frechet_distance": frechet_distance(g, r), "precision": precision, "recall": recall, "k": k,
             "n_generated": len(g), "n_reference": len(r), "feature_dim": g.shape[1]}
-
-
-def digits_features(seed: int = 0):
-    """The demo's digit classifier's decision values (10 per image; images [N, 1, 8, 8] in [−1, 1])."""
-    from fastdiff.demo.data import digit_classifier
-
-    return digit_classifier(seed).features
 
 
 def inception_features(device="cpu"):

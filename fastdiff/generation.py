@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from fastdiff import _checks
+from fastdiff._version import __version__
 from fastdiff.folder_lock import FolderLock
 from fastdiff.generation_files import (  # noqa: F401  (the file format's names, public here as before)
     FORMAT, MANIFEST, VERSION, check_manifest, check_png_shape, checked_shard, file_sha256, png_name, read_manifest,
@@ -204,8 +205,6 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
                 "shape": list(shape), "labels": label_record,
                 "settings": {k: _jsonable(k, v) for k, v in sorted(sample_kwargs.items())},
                 "checkpoint_sha256": file_sha256(checkpoint) if checkpoint is not None else checkpoint_sha256}
-    from fastdiff import __version__
-
     manifest["fastdiff"] = __version__
     # every sampler setting checked before the folder is touched, so that a typo neither costs the set that
     # overwrite=True replaces nor leaves a manifest (sample() of no samples runs its checks and calls no model)

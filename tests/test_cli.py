@@ -194,3 +194,22 @@ def test_generate_then_evaluate(tmp_path, capsys, ring_checkpoint):
     assert cli.main(["evaluate", str(gen), "--ref", str(gen), "--features", "raw", "--json", str(metrics)]) == 0
     result = json.loads(metrics.read_text())
     assert abs(result["frechet_distance"]) < 1e-9 and result["precision"] == result["recall"] == 1.0
+
+
+def test_evaluate_against_the_digits_with_the_demo_classifier(tmp_path):
+    """fastdiff evaluate --ref digits (its default features: the demo classifier's, which the command line, not
+    fastdiff.evaluation, brings in) gives what evaluate() gives with fastdiff.demo.data.digits_features."""
+    pytest.importorskip("sklearn")
+    import json
+
+    import fastdiff
+    from fastdiff.demo import data
+    from fastdiff.evaluation import evaluate
+
+    gen, metrics = tmp_path / "gen", tmp_path / "metrics.json"
+    fastdiff.generate(lambda x, t, y=None: -x, 32, gen, shape=(1, 8, 8), steps=2, batch_size=32, progress=False)
+    assert cli.main(["evaluate", str(gen), "--ref", "digits", "--json", str(metrics)]) == 0
+    got = json.loads(metrics.read_text())
+    want = evaluate(gen, data.digits().tensors[0], features=data.digits_features())
+    assert got["features"] == "digits" and got["feature_dim"] == 10 and got["n_reference"] == 1797
+    assert got == pytest.approx({**want, "features": "digits"})

@@ -1,9 +1,9 @@
-"""Tests of fastdiff.demo.data (digits, mixture samples, digit classifier) and fastdiff.demo.images."""
+"""Tests of fastdiff.demo.data (digits, mixture samples, digit classifier and its features) and fastdiff.demo.images."""
 
 import pytest
 import torch
 
-from fastdiff.demo.data import DIGITS_NUM_CLASSES, digit_classifier, digits, mixture_dataset, to_pixels
+from fastdiff.demo.data import DIGITS_NUM_CLASSES, digit_classifier, digits, digits_features, mixture_dataset, to_pixels
 from fastdiff.mixtures import class_conditional_mixture, ring_mixture
 
 
@@ -57,6 +57,20 @@ def test_digit_classifier(digit_data):
     with pytest.raises(ValueError, match="8x8"):
         clf.predict(torch.zeros(3, 1, 4, 4))
 
+
+
+def test_digits_features_tell_real_from_noise(digit_data):
+    """The features `fastdiff evaluate --features digits` passes to fastdiff.evaluation (the demo brings them: the
+    library does not import the demo)."""
+    from fastdiff.evaluation import frechet_distance
+
+    features = digits_features()
+    real = digit_data.tensors[0]
+    f = features(real)
+    assert f.shape == (len(real), 10)
+    floor = frechet_distance(f[::2], f[1::2])
+    noise = frechet_distance(features(torch.rand(500, 1, 8, 8) * 2 - 1), f[1::2])
+    assert floor < 0.1 * noise
 
 def test_labelled_grid(tmp_path):
     PIL = pytest.importorskip("PIL.Image")

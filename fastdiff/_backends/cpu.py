@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from fastdiff import _native
-from fastdiff._backends import Backend, BackendStatus, native_ops, register_backend
+from fastdiff._backends import native_ops
+from fastdiff._backends.registry import Backend, BackendStatus, register_backend
 
 
 def status(device_type=None, index=None) -> BackendStatus:

@@ -7,7 +7,8 @@ import functools
 import torch
 
 from fastdiff import _native
-from fastdiff._backends import Backend, BackendStatus, native_ops, register_backend
+from fastdiff._backends import native_ops
+from fastdiff._backends.registry import Backend, BackendStatus, register_backend
 
 
 def has_cuda_kernels() -> bool:

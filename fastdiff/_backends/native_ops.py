@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff._backends import register_kernel
+from fastdiff._backends.registry import register_kernel
 
 OPS = ("philox4x32_10", "sampler_step", "sample_gram", "add_noise", "diffusion_loss", "diffusion_loss_backward")
 

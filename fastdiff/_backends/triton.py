@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from fastdiff._backends import Backend, BackendStatus, register_backend, register_kernel
+from fastdiff._backends.registry import Backend, BackendStatus, register_backend, register_kernel
 
 
 def interpreted() -> bool:

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 __all__ = ["DIGITS_NUM_CLASSES", "digits", "to_pixels", "mixture_dataset", "digit_classifier",
-           "DigitClassifier"]
+           "DigitClassifier", "digits_features"]
 
 DIGITS_NUM_CLASSES = 10
 _DIGITS_MAX = 16.0  # load_digits pixels are integers 0..16
@@ -105,7 +105,7 @@ class DigitClassifier:
 
     def features(self, x) -> torch.Tensor:
         """The classifier's one-vs-rest decision values, float64 [N, 10]: the features the demo's Fréchet
-        distance is computed on (fastdiff.evaluation)."""
+        distance is computed on (:func:`digits_features`, for fastdiff.evaluation)."""
         return torch.as_tensor(self.model.decision_function(_pixels(x)))
 
     def accuracy(self, x, y) -> float:
@@ -117,3 +117,9 @@ class DigitClassifier:
 def digit_classifier(seed: int = 0) -> DigitClassifier:
     """A :class:`DigitClassifier` trained on 3/4 of the real digits (split by ``seed``)."""
     return DigitClassifier(seed)
+
+
+def digits_features(seed: int = 0):
+    """The features ``fastdiff evaluate --features digits`` passes to :func:`fastdiff.evaluation.evaluate`: the
+    decision values of a :func:`digit_classifier` (10 per image; images [N, 1, 8, 8] in [−1, 1])."""
+    return digit_classifier(seed).features
