@@ -227,8 +227,10 @@ def run_cell(method: str, features: tuple[str, ...], backend: str = "cpu", devic
         kwargs = merge(kwargs, FEATURES[name](B, SHAPE, device))
         if isinstance(kwargs, str):
             return {**cell, "class": "n/a", "message": kwargs}
-    if "conditions" in kwargs:  # the conditions replace y
-        kwargs.pop("y")
+    if "conditions" in kwargs:  # the conditions replace y; a classifier's targets are then classifier_y
+        y = kwargs.pop("y")
+        if "classifier" in kwargs:
+            kwargs["classifier_y"] = y
     reason = not_applicable(method, kwargs)
     if reason is not None:
         return {**cell, "class": "n/a", "message": reason}

@@ -143,8 +143,5 @@ def test_errors_name_the_argument():
         fastdiff.sample(model, 4, y=torch.tensor([0, 7]), classifier=clf, **kw)
     with pytest.raises(ValueError, match="singular at t=0"):
         fastdiff.sample(model, None, timesteps=[0.0, 0.5, 1.0], y=torch.zeros(2, dtype=torch.long), classifier=clf, **kw)
-    with pytest.raises(ValueError, match="classifier guidance does not combine"):
-        fastdiff.sample(model, 4, y=torch.zeros(2, dtype=torch.long), classifier=clf, dynamic_thresholding=True, **kw)
-    with pytest.raises(ValueError, match="per-sample churn"):
-        fastdiff.sample(model, 4, y=torch.zeros(2, dtype=torch.long), classifier=clf, method="heun", s_churn=[0.0, 1.0],
-                        **kw)
+    with pytest.raises(ValueError, match="with conditions=: give classifier_y"):
+        fastdiff.sample(model, 4, 2.0, conditions=[torch.zeros(2, dtype=torch.long)] * 2, null_y=0, classifier=clf, **kw)

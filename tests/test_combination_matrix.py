@@ -1,7 +1,6 @@
 """The sampler combination matrix (tests/combination_matrix.py) held to today's refusals: no cell crashes or
-goes non-finite, the "not supported yet" refusals are exactly KNOWN_STRUCTURAL, and no cell that samples today
-is refused. The loop's redesign empties KNOWN_STRUCTURAL; each cell it makes combine fails
-test_known_structural_cells_are_still_refused until it is removed from the set (the list only shrinks)."""
+goes non-finite, no pair is refused as "not supported yet" (KNOWN_STRUCTURAL, emptied by the plan redesign), and
+the refusals are exactly the pairs without a meaning (KNOWN_REFUSED)."""
 
 import combination_matrix as matrix
 import pytest
@@ -13,54 +12,18 @@ def _pairs(methods, first: str, *others: str) -> set:
     return {(m, *sorted((first, other))) for m in methods for other in others}
 
 
-# Cells refused today as not supported yet (STRUCTURAL_PATTERNS), (method, feature, feature) as the matrix names
-# them (bench/results/amd-epyc-20261206-combinations-before.md). The redesign empties this set.
-KNOWN_STRUCTURAL = {
-    # several conditions take plain CFG weights for now: no guidance_rescale, other rule or guidance_interval
-    ("euler", "apg", "two_conditions"),
-    ("euler", "cfg_pp", "two_conditions"),
-    ("euler", "cfg_zero_star", "two_conditions"),
-    ("euler", "guidance_interval", "two_conditions"),
-    ("euler", "guidance_rescale", "two_conditions"),
-    ("euler_ancestral", "apg", "two_conditions"),
-    ("euler_ancestral", "cfg_pp", "two_conditions"),
-    ("euler_ancestral", "cfg_zero_star", "two_conditions"),
-    ("euler_ancestral", "guidance_interval", "two_conditions"),
-    ("euler_ancestral", "guidance_rescale", "two_conditions"),
-    # classifier guidance does not combine with conditions=, dynamic_thresholding (yet)
-    ("euler", "classifier", "two_conditions"),
-    ("euler", "classifier", "dynamic_thresholding"),
-    ("euler_ancestral", "classifier", "two_conditions"),
-    ("euler_ancestral", "classifier", "dynamic_thresholding"),
-    # dynamic_thresholding does not combine with guidance='cfg_pp' (yet)
-    ("euler", "cfg_pp", "dynamic_thresholding"),
-    ("euler_ancestral", "cfg_pp", "dynamic_thresholding"),
-    # corrector_steps does not combine with step_noise, classifier guidance, per-sample churn
-    ("euler", "brownian", "corrector"),
-    ("euler", "classifier", "corrector"),
-    ("euler_ancestral", "brownian", "corrector"),
-    ("euler_ancestral", "classifier", "corrector"),
-    # per-sample churn (only euler of the two takes churn) with classifier guidance, corrector, dynamic_thresholding
-    ("euler", "classifier", "per_sample_churn"),
-    ("euler", "corrector", "per_sample_churn"),
-    ("euler", "dynamic_thresholding", "per_sample_churn"),
-}
+# Cells refused as not supported yet (STRUCTURAL_PATTERNS). Before the plan redesign: 23 (the list, and the 11
+# limits worded as definitions, in bench/results/amd-epyc-20261206-combinations-before.md); now none.
+KNOWN_STRUCTURAL: set = set()
 
-# Cells refused today for other reasons (the message does not say "yet"): a cell may leave this set (it samples
-# now) but no cell may join it, so the redesign refuses nothing that samples today. Some are refusals by
-# definition (CFG++ on a method without a clean-estimate step, churn with an SDE's sigma); others are limits
-# of today's loop worded as definitions (RePaint on heun, dpm_2, dpmpp_sde or with classifier guidance: their
-# stages read a buffer within the step; a cfg schedule with conditions; CFG++ with the corrector's stages).
+# Cells refused because the pair has no meaning, exactly these (a refusal that goes or comes fails the test):
+# CFG++ on methods whose step no peer splits into a clean estimate and its re-noising (ComfyUI's dpmpp_2m_cfg_pp,
+# with its own history rule, is the new-samplers issue's); RePaint on a multistep method (a repeat would mix its
+# history); churn together with an SDE's sigma (two noises for one step).
 KNOWN_REFUSED = {
-    *((m, "cfg_pp") for m in matrix.METHODS if m not in ("ddim", "euler_ancestral")),
-    *((m, "repaint") for m in ("heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lms", "dpmpp_sde", "dpm_2")),
-    *_pairs(["euler"], "cfg_pp", "brownian", "callback", "cfg", "cfg_batch_false", "cfg_schedule", "classifier",
-            "corrector", "guidance_interval", "guidance_rescale", "img2img", "inpainting", "per_sample_churn",
-            "repaint", "sde_sigma"),
-    *_pairs(matrix.PAIR_METHODS, "two_conditions", "cfg_schedule"),
-    *_pairs(matrix.PAIR_METHODS, "repaint", "brownian", "classifier"),
-    *_pairs(["euler"], "per_sample_churn", "repaint", "sde_sigma"),
-    *_pairs(["euler_ancestral"], "cfg_pp", "corrector", "guidance_rescale"),
+    *((m, "cfg_pp") for m in ("heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lms", "dpmpp_sde", "dpm_2")),
+    *((m, "repaint") for m in ("dpmpp_2m", "dpmpp_2m_sde", "unipc", "lms")),
+    ("euler", "per_sample_churn", "sde_sigma"),
 }
 
 # Cells that crash or go non-finite today, {cell: message}; fastdiff's sampling owners fix them. None today.
@@ -107,10 +70,11 @@ def test_known_structural_cells_are_still_refused(cells):
                         f"{_listing(cells, changed)}"
 
 
-def test_no_new_refusals(cells):
+def test_refusals_are_exactly_the_meaningless_pairs(cells):
     refused = {key for key, c in cells.items() if c["class"] == "meaningful"}
-    new = refused - KNOWN_REFUSED
-    assert not new, f"refused, not in KNOWN_REFUSED (it sampled, or was structural, before):\n{_listing(cells, new)}"
+    new, gone = refused - KNOWN_REFUSED, KNOWN_REFUSED - refused
+    assert not new, f"refused, not in KNOWN_REFUSED:\n{_listing(cells, new)}"
+    assert not gone, f"no longer refused: remove from KNOWN_REFUSED:\n{_listing(cells, gone)}"
 
 
 def test_known_crashes_are_current(cells):
@@ -136,7 +100,7 @@ def test_cells_are_classified(model, klass):
 
 
 def test_refusals_and_not_applicable_are_classified():
-    assert matrix.run_cell("euler", ("cfg_pp",))["class"] == "meaningful"
+    assert matrix.run_cell("heun", ("cfg_pp",))["class"] == "meaningful"
     assert matrix.run_cell("heun", ("sde_sigma",))["class"] == "n/a"  # heun takes no sigma: not called
     assert matrix.run_cell("euler", ("apg", "cfg_pp"))["class"] == "n/a"  # two guidance rules
     assert matrix.STRUCTURAL_PATTERNS.search("dynamic_thresholding does not combine with x (yet)")

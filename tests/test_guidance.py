@@ -255,10 +255,11 @@ def test_several_conditions_in_two_stage_methods_and_callbacks():
     (dict(y=torch.tensor([0, 1]), conditions=[torch.tensor([0, 1])]), ValueError, "either as y .* or as conditions"),
     (dict(conditions=torch.tensor([0, 1])), TypeError, "conditions must be a non-empty sequence"),
     (dict(conditions=[torch.tensor([0, 1]), torch.tensor([1])]), ValueError, "one label per sample"),
-    (dict(conditions=[torch.tensor([0, 1])] * 2, cfg=[1.0, 2.0, 3.0]), ValueError, "cfg must be one number or 2"),
+    (dict(conditions=[torch.tensor([0, 1])] * 2, cfg=[1.0, 2.0, 3.0]), ValueError, "cfg must be one number or schedule, or 2"),
     (dict(conditions=[torch.tensor([0, 1])] * 2, cfg=[1.0, math.nan]), ValueError, r"cfg\[1\] must be a finite number"),
     (dict(conditions=[torch.tensor([0, 1])] * 8), ValueError, "at most 7"),
-    (dict(conditions=[torch.tensor([0, 1])] * 2, guidance_rescale=0.5), ValueError, "several conditions take plain CFG"),
+    (dict(conditions=[torch.tensor([0, 1])] * 2, cfg=[1.0, -1.0], guidance_rescale=0.5), ValueError,
+     "weights .* sum to 0"),
 ])
 def test_conditions_are_checked(kw, exc, match):
     kw = {"cfg": 3.0, **kw}
@@ -337,10 +338,8 @@ def test_cfg_pp_on_ve_is_comfyui_euler_cfg_pp():
 
 def test_cfg_pp_is_checked():
     kw = dict(shape=SHAPE, y=torch.tensor([0, 1]), null_y=3)
-    with pytest.raises(ValueError, match="guidance='cfg_pp' needs a method whose step is a clean estimate"):
+    with pytest.raises(ValueError, match=r"guidance='cfg_pp' is defined for .*\(euler, ddim, euler_ancestral\)"):
         fastdiff.sample(_model, 3, 2.0, method="heun", guidance="cfg_pp", **kw)
-    with pytest.raises(ValueError, match="guidance_rescale does not apply to guidance='cfg_pp'"):
-        fastdiff.sample(_model, 3, 2.0, method="ddim", guidance="cfg_pp", guidance_rescale=0.5, **kw)
     # without guidance it is the method's own step (cfg = 1: one branch)
     assert torch.equal(fastdiff.sample(_model, 3, 1.0, method="heun", guidance="cfg_pp", **kw),
                        fastdiff.sample(_model, 3, 1.0, method="heun", **kw))
@@ -424,9 +423,6 @@ def test_dynamic_thresholding_is_checked():
         fastdiff.sampling.features.guidance.DynamicThresholding(0.9, 0.5)
     with pytest.raises(TypeError, match="dynamic_thresholding must be True, a ratio"):
         fastdiff.sample(_model, 3, dynamic_thresholding="yes", **kw)
-    with pytest.raises(ValueError, match="dynamic_thresholding does not combine with guidance='cfg_pp'"):
-        fastdiff.sample(_model, 3, 2.0, y=torch.tensor([0, 1]), null_y=3, dynamic_thresholding=True,
-                        guidance="cfg_pp", shape=SHAPE, method="ddim")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -220,10 +220,6 @@ def test_errors_name_the_argument():
         fastdiff.sample(model, 4, corrector_steps=-1, **kw)
     with pytest.raises(ValueError, match="snr must be a finite number > 0"):
         fastdiff.sample(model, 4, corrector_steps=1, snr=0.0, **kw)
-    with pytest.raises(ValueError, match="does not combine with step_noise"):
-        fastdiff.sample(model, 4, corrector_steps=1, step_noise="brownian", **kw)
-    with pytest.raises(ValueError, match="does not combine with per-sample churn"):
-        fastdiff.sample(model, 4, method="heun", corrector_steps=1, s_churn=[0.0, 1.0], s_tmax=10.0, **kw)
     with pytest.raises(ValueError, match="n_steps_each must be an int in"):
         fastdiff.sample(model, 4, method="annealed_langevin", n_steps_each=1000, **kw)
     with pytest.raises(ValueError, match="step_lr must be a finite number > 0"):

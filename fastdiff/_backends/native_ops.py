@@ -15,6 +15,7 @@ def _call(name: str):
         return getattr(torch.ops.fastdiff, name)(*args)
 
     call.__name__ = name
+    call.direct = lambda: getattr(torch.ops.fastdiff, name).default  # the op overload, for callers that resolve once
     return call
 
 

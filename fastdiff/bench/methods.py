@@ -18,7 +18,7 @@ def _calls(method, n: int, device) -> tuple[list, int]:
     """The first 50 prepared sampler_step calls of ``method``'s 50-step table and the bytes they move."""
     from fastdiff.ops.sampler_step import prepare
     from fastdiff.paths import get_path
-    from fastdiff.sampling.sampler import _kernel_args
+    from fastdiff.sampling.core.calls import kernel_args as _kernel_args
 
     path = get_path("condot")
     grid = [i / STEPS for i in range(STEPS + 1)]

@@ -87,7 +87,7 @@ def unpack(packed: torch.Tensor, T: int, n: int) -> torch.Tensor:
     """The Gram matrices [B, T + 1, T + 1] of the kernels' packed rows [B, packed_size(T)]."""
     B = packed.shape[0]
     G = packed.new_empty((B, T + 1, T + 1))
-    G[:, 0, 0] = float(n)
+    G[:, 0, 0].fill_(float(n))  # a fill, not a tensor made from host data (capturable)
     G[:, 0, 1:] = packed[:, :T]
     G[:, 1:, 0] = packed[:, :T]
     rows, cols = torch.triu_indices(T, T, device=packed.device)

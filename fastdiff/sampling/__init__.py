@@ -3,13 +3,13 @@ float64), the features that plug into the plan (features/), and the other entry 
 likelihood)."""
 
 from fastdiff.sampling import methods  # noqa: F401  (registers the methods)
-from fastdiff.sampling.sampler import sample
+from fastdiff.sampling.sampler import Sampler, sample
 from fastdiff.sampling.invert import invert
 from fastdiff.sampling.langevin import langevin
 from fastdiff.sampling.likelihood import Likelihood, bits_per_dim, log_likelihood
 from fastdiff.sampling.methods import Method, get_method, methods, register_method  # noqa: F811
 
-__all__ = ["METHODS", "Likelihood", "Method", "bits_per_dim", "get_method", "invert", "langevin", "log_likelihood",
+__all__ = ["METHODS", "Likelihood", "Method", "Sampler", "bits_per_dim", "get_method", "invert", "langevin", "log_likelihood",
            "methods", "register_method", "sample"]
 
 

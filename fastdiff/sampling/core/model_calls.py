@@ -2,40 +2,80 @@
 
 from __future__ import annotations
 
-from fastdiff.sampling.core.arguments import check_model_output
+from types import SimpleNamespace
+
+import torch
+
+from fastdiff.sampling.core.arguments import batched_labels, check_model_output, concat_labels, null_labels
 from fastdiff.sampling.core.stage import Stage
+
+
+def labels_of(guidance, null_y, B: int, device, private: bool) -> SimpleNamespace:
+    """The labels the model calls read: ``conds`` (the K condition batches on the device), ``null``, ``batched``
+    (one guided call's: the conditions in order, then the null labels) and ``conditions_only`` (the K conditions
+    of a stage outside the guidance interval). ``private``: copies the caller never sees (a captured loop and a
+    reused plan refill them)."""
+    y = guidance.y
+    if isinstance(y, torch.Tensor) and y.device != device:
+        y = y.to(device)
+    null = null_labels(null_y, y, B) if guidance.guided else None
+    if private:
+        y = y.clone() if isinstance(y, torch.Tensor) else y
+        null = null.clone() if isinstance(null, torch.Tensor) else null
+    conds, batched = batched_labels(guidance.conditions or [y], null, device, guidance.guided)
+    if private and guidance.conditions:
+        conds = [c.clone() if isinstance(c, torch.Tensor) else c for c in conds]
+    conditions_only = None
+    if len(conds) > 1:
+        conditions_only = conds[0]
+        for c in conds[1:]:
+            conditions_only = concat_labels(conditions_only, c)
+    return SimpleNamespace(y=conds[0] if guidance.conditions else y, null=null, conds=conds, batched=batched,
+                           conditions_only=conditions_only)
 
 
 class ModelCalls:
     """Per stage, the model's inputs: one call of B (unguided stages), one batched call of branches · B whose
-    input is a kept pair buffer (no torch.cat), or one call per branch (cfg_batch=False). Made once: in the
-    loop, every Python operation after a memory-bound step runs on cold caches (~20 us each at 2^20 elements
-    on the CPU), so a step does as few as it can."""
+    input is a kept pair buffer (no torch.cat), or one call per branch (cfg_batch=False); outside the guidance
+    interval with K conditions, the K conditions alone. Made once: in the loop, every Python operation after a
+    memory-bound step runs on cold caches (~20 us each at 2^20 elements on the CPU), so a step does as few as it
+    can."""
 
     def __init__(self, stages: list[Stage], guided_at, cfg_batch: bool, buffers: dict, pairs: dict, t_tensor, B: int,
-                 shape: tuple, branches: int, labels: tuple, device):
-        y, y2, conds, null = labels
-        self.branches, self.device = branches, device
+                 shape: tuple, branches: int, labels: SimpleNamespace, device):
+        self.branches, self.device, self.stages = branches, device, stages
+        K = len(labels.conds)
         self.plans = []
         for k, st in enumerate(stages):
             xin = buffers[st.input]
             if not guided_at(st.t):
-                plan = "one", ((xin, t_tensor(k, B), y),)
+                if K == 1:
+                    plan = "one", ((xin, t_tensor(k, B), labels.y),), 1
+                elif cfg_batch:
+                    plan = "batched", ((pairs[st.input][:K].view(K * B, *shape), t_tensor(k, K * B),
+                                        labels.conditions_only),), K
+                else:
+                    plan = "conditions", tuple((xin, t_tensor(k, B), c) for c in labels.conds), K
             elif cfg_batch:
-                plan = "batched", ((pairs[st.input].view(branches * B, *shape), t_tensor(k, branches * B), y2),)
+                plan = "batched", ((pairs[st.input].view(branches * B, *shape), t_tensor(k, branches * B),
+                                    labels.batched),), branches
             else:
-                plan = "two", tuple((xin, t_tensor(k, B), c) for c in conds) + ((xin, t_tensor(k, B), null),)
+                plan = "two", tuple((xin, t_tensor(k, B), c) for c in labels.conds) + ((xin, t_tensor(k, B),
+                                                                                     labels.null),), branches
             self.plans.append(plan)
 
-    def evaluate(self, model, k: int, st: Stage) -> list:
-        """Stage k's predictions: [p] or [p_null, p_y] ([p_null, p_1, ..., p_K] with several conditions)."""
-        kind, inputs = self.plans[k]
+    def evaluate(self, model, k: int) -> list:
+        """Stage k's predictions: [p] or [p_null, p_y] ([p_null, p_1, ..., p_K] with several conditions; the
+        conditions alone outside the guidance interval: [p_1, ..., p_K])."""
+        kind, inputs, n = self.plans[k]
         outs = [model(*args) for args in inputs]
         for out, args in zip(outs, inputs):
-            check_model_output(out, args[0].shape, self.device, st)
+            if out.__class__ is not torch.Tensor or out.shape != args[0].shape or out.device != self.device or \
+                    out.dtype is not torch.float32:  # the common case in one test, the rest explained
+                check_model_output(out, args[0].shape, self.device, self.stages[k])
         if kind == "batched":
-            *cond, uncond = outs[0].contiguous().chunk(self.branches)  # views of one output (y first, null last)
-            return [uncond, *cond]
+            parts = outs[0].contiguous().chunk(n)  # views of one output (conditions first, null last)
+            return [parts[-1], *parts[:-1]] if n == self.branches else list(parts)
         if kind == "two":
             return [outs[-1].contiguous(), *(o.contiguous() for o in outs[:-1])]
-        return [outs[0].contiguous()]
+        return [o.contiguous() for o in outs]

@@ -59,9 +59,9 @@ class Stage:
     # the clean estimate (x0); the rest re-noises and takes the unconditional prediction. None: the method
     # does not split its step that way
     cfg_pp: float | None = None
-    # corrector_steps (fastdiff.sampling.predictor_corrector): a Langevin corrector step, (snr, a, b) with the
-    # score s = a x + b g; its coefficient rows are per sample, from the norms of s and of its draw
-    corrector: tuple[float, float, float] | None = None
+    # corrector_steps (fastdiff.sampling.features.corrector): a Langevin corrector step, (snr, a, b, h) with the
+    # score s = a x + b g + Σ h_j history_j; its coefficient rows are per sample, from the norms of s and its draw
+    corrector: tuple | None = None
 
     def history_buffers(self) -> tuple[str, ...]:
         """The buffers the kernel reads as history, in order: extra, then ``history``."""

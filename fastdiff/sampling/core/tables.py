@@ -1,10 +1,10 @@
 """The stage tables of a sample() call: built on the host once per (method, path, prediction, grid, options)
 and cached; with per-sample options (churn per sample) one per distinct setting, merged into per-sample rows
-and times (fastdiff.sampling.features.per_sample)."""
+and times (fastdiff.sampling.core.merged)."""
 
 from __future__ import annotations
 
-from fastdiff.sampling.features import per_sample
+from fastdiff.sampling.core.merged import Merged, groups
 from fastdiff.sampling.core.scratch import StageCache
 from fastdiff.sampling.core.stage import Stage
 
@@ -12,9 +12,11 @@ STAGE_CACHE = StageCache()  # stage tables: ~1 ms to build for 50 steps (150 pat
 
 
 def stage_tables(record, path, path_arg, prediction: str, grid: list[float], values: dict, per_sample_values: dict,
-                 B: int, sigma_at: dict | None) -> tuple[list[Stage], per_sample.Merged | None, tuple]:
+                 B: int, sigma_at: dict | None, transforms=()) -> tuple[list[Stage], Merged | None, tuple]:
     """(the stages the loop runs, the per-sample merge or None, a hashable key of both). ``values``: the
-    method's options (sigma as the tuple of its values on the grid, or None); ``sigma_at``: {t: sigma_t}."""
+    method's options (sigma as the tuple of its values on the grid, or None); ``sigma_at``: {t: sigma_t};
+    ``transforms``: the features' stage-table transforms (each ``transform(stages) -> stages`` with a ``key``),
+    applied to each setting's table before the tables merge."""
     path_key = path_arg if isinstance(path_arg, str) else path
 
     def build(settings: dict) -> list[Stage]:
@@ -37,13 +39,15 @@ def stage_tables(record, path, path_arg, prediction: str, grid: list[float], val
         return table
 
     # an empty batch has no per-sample values to group: one table of the method's values
-    settings, index = per_sample.groups(values, per_sample_values, B) if per_sample_values and B else ([values], [])
+    settings, index = groups(values, per_sample_values, B) if per_sample_values and B else ([values], [])
     tables = [build(v) for v in settings]
+    for transform in transforms:
+        tables = [transform(table) for table in tables]
     merged = None
     if len(tables) > 1:
-        merged = per_sample.Merged(tables, index, key=(tuple(tuple(v.items()) for v in settings), tuple(index)))
+        merged = Merged(tables, index, key=(tuple(tuple(v.items()) for v in settings), tuple(index)))
     key = (record.name, record.build, path_key, prediction, tuple(grid), tuple(values.items()),
-           merged.key if merged else None)
+           merged.key if merged else None, tuple(t.key for t in transforms))
     return (merged.stages if merged else tables[0]), merged, key
 
 

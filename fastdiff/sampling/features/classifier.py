@@ -34,30 +34,31 @@ class ClassifierGuidance:
     """The classifier term of one sample() call: stage tables with the gradient buffer as a history term, and
     the gradient of each evaluation."""
 
-    def __init__(self, classifier, scale, y, path, prediction: str, per_sample_values: dict, device,
-                 check_finite: bool = True):
-        if per_sample_values:
-            raise ValueError("classifier guidance does not combine with per-sample churn options (yet)")
+    BUFFER = BUFFER
+
+    def __init__(self, classifier, scale, y, path, prediction: str, device, check_finite: bool = True):
         if not callable(classifier):
             raise TypeError(f"classifier must be a callable classifier(x, t) -> logits [B, classes], got "
                             f"{type(classifier).__name__}")
         if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
-            raise ValueError("classifier guidance needs y: the target class of each sample, an integer tensor [B]")
+            raise ValueError("classifier guidance needs y (or classifier_y): the target class of each sample, an "
+                             "integer tensor [B]")
         self.y = y.to(device=device, dtype=torch.long)
         self.classifier, self.scale_at = classifier, scale_schedule(scale, "classifier_scale")[0]
         self.path, self.prediction = path, prediction
-        self.buffer = None  # set by the loop
+        self.buffer = None  # set by the plan
         self.labels_checked = False
-        self.coefficient = []  # per stage: lambda(t) s, the gradient's weight in the prediction
+        self.tables = []  # per transformed table (one per per-sample setting), per stage: lambda(t) s
+        self.coefficient = []  # per stage: lambda(t) s (numbers; [B, 1, ...] tensors where samples differ)
         # the first stage whose gradient is inf/NaN (-1: none), on the device: the step reads the gradient as a
         # history term, which its finiteness flags do not cover (a NaN would surface a step later, in the model's
         # output, or not at all after the last step)
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device) if check_finite else None
 
-    def transform(self, stages: list) -> list:
-        """The stages with the gradient as their last history term (before a caller's noise buffer)."""
-        out = []
-        self.coefficient = []
+    def __call__(self, stages: list) -> list:
+        """The stage-table transform: the stages with the gradient as their last history term (before a caller's
+        noise buffer); a corrector stage gets it in its score (Stage.corrector)."""
+        out, coefficients = [], []
         for st in stages:
             try:
                 lam = affine_coefficients(self.path, st.t, "score", self.prediction)[1]
@@ -65,18 +66,59 @@ class ClassifierGuidance:
                 raise ValueError(f"classifier guidance needs the score -> {self.prediction} conversion, which is "
                                  f"singular at t={st.t:.6g} on path {self.path!r}: start the grid after it") from None
             c = lam * self.scale_at(st.t)
-            self.coefficient.append(c)
-            out.append(replace(st, history=st.history + ((BUFFER, st.c_pred * c, st.s_pred * c),)))
+            coefficients.append(c)
+            if st.corrector is not None:  # the score s = a x + b g + Σ h_j buffer_j: the gradient's is b c
+                snr, a, b, h = st.corrector
+                out.append(replace(st, history=st.history + ((BUFFER, 0.0, 0.0),), corrector=(snr, a, b, h + (b * c,))))
+            else:
+                out.append(replace(st, history=st.history + ((BUFFER, st.c_pred * c, st.s_pred * c),)))
+        self.tables.append(coefficients)
         return out
 
     @property
     def key(self) -> tuple:
-        return ("classifier", tuple(self.coefficient))
+        return ("classifier", self.scale_at if self.tables == [] else tuple(map(tuple, self.tables)))
+
+    def bind(self, merged, B: int, device) -> None:
+        """After the tables merged: each stage's coefficient, per sample where the settings' tables differ."""
+        self.coefficient = []
+        for k in range(len(self.tables[0])):
+            values = [table[k] for table in self.tables]
+            if merged is None or len(set(values)) == 1:
+                self.coefficient.append(values[0])
+            else:
+                self.coefficient.append(torch.tensor(values, dtype=torch.float32)[torch.tensor(merged.index)].to(device))
+
+    def hook(self, plan, buffers: dict):
+        """The prediction transform that fills the gradient buffer for stage k's input (the step reads it)."""
+        stages, B = plan.stages, plan.x.shape[0]
+        t_of = plan.times
+
+        def fill(k: int, preds: list) -> list:
+            self.fill(k, buffers[stages[k].input], t_of(k, B))
+            return preds
+
+        return fill
+
+    def add_to(self, g: torch.Tensor, k: int) -> torch.Tensor:
+        """g + lambda s grad (the guided prediction whole, for thresholding); the buffer is then zeroed, so that
+        the step's history term adds nothing more."""
+        c = self._at(k, g)
+        out = g + c * self.buffer if not (isinstance(c, float) and c == 0.0) else g
+        self.buffer.zero_()
+        return out
+
+    def _at(self, k: int, like: torch.Tensor):
+        c = self.coefficient[k]
+        if isinstance(c, torch.Tensor):
+            return c.view((like.shape[0],) + (1,) * (like.dim() - 1))
+        return float(c)
 
     def fill(self, k: int, x: torch.Tensor, t: torch.Tensor) -> None:
         """The buffer = ∇_x log softmax(classifier(x, t))[y] for stage k's input x (autograd; zeros where the
         stage's coefficient is 0)."""
-        if self.coefficient[k] == 0.0:
+        c = self.coefficient[k]
+        if not isinstance(c, torch.Tensor) and c == 0.0:
             self.buffer.zero_()
             return
         with torch.enable_grad():
@@ -109,7 +151,12 @@ class ClassifierGuidance:
             raise FloatingPointError(f"classifier guidance: the gradient of log softmax(classifier(x, t))[y] is not "
                                      f"finite at step {st.step} (t={st.t:.6g}); check the classifier")
 
-    def x0_add(self, out: torch.Tensor, k: int, stage) -> None:
-        """Callbacks' x0 = a x + b g gets the gradient's share b lambda s grad."""
-        if self.coefficient[k]:
-            out.add_(self.buffer, alpha=stage.x0[1] * self.coefficient[k])
+    def x0_add(self, out: torch.Tensor, k: int, stage, b=None) -> None:
+        """Callbacks' x0 = a x + b g gets the gradient's share b lambda s grad (``b``: per-sample [B, 1, ...] with
+        churn per sample, else the stage's)."""
+        c = self._at(k, out)
+        if isinstance(c, float) and b is None:
+            if c:
+                out.add_(self.buffer, alpha=stage.x0[1] * c)
+            return
+        out.add_((stage.x0[1] if b is None else b) * c * self.buffer)

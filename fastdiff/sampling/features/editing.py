@@ -25,13 +25,12 @@ import torch
 
 from fastdiff import _checks
 
-from fastdiff.ops.sampler_step import KERNEL_ARGS, sampler_step
+from fastdiff.ops.sampler_step import sampler_step
 from fastdiff.sampling.core.arguments import is_number
 
 STREAM_BASE = 1 << 31
 MAX_RESAMPLE = 1024  # repeats * 8 + slot < 2^14 keeps the ids below 2^32 for steps < 2^17 (MAX_STEPS = 10^5)
 KNOWN_SLOT, BACK_SLOT = 4, 5
-_STREAMS = KERNEL_ARGS.index("streams")
 
 
 def edit_stream(step: int, repeat: int, slot: int) -> int:
@@ -127,16 +126,14 @@ class Editing:
         self.mask = None if known_mask is None else _mask(known_mask, tuple(x_shape), device)
         self.known = torch.empty_like(self.init) if self.mask is not None else None  # the known region at t'
 
-    def check(self, grid: list[float], stages, step_noise, merged, cuda_graph: bool) -> None:
+    def check(self, grid: list[float], stages) -> None:
         if grid[0] > grid[-1]:
             raise ValueError("init edits a sampling run (increasing grid); to invert data, use fastdiff.invert")
-        if cuda_graph:
-            raise ValueError("editing (init) does not combine with cuda_graph (yet)")
-        if self.resample > 1:
-            if any(st.history_buffers() for st in stages) or step_noise is not None or merged is not None:
-                raise ValueError("resample (RePaint) repeats single-step methods (euler, heun, ddim, euler_ancestral, "
-                                 "...) without step_noise or per-sample options: a multistep method's history would "
-                                 "mix the repeats")
+        if self.resample > 1 and multistep(stages):
+            raise ValueError("resample (RePaint) repeats each step from its start, but a multistep method (dpmpp_2m, "
+                             "unipc, lms, ...) also reads the earlier steps' predictions, which a repeat would mix "
+                             "with its own: use a method whose steps stand alone (euler, heun, ddim, dpm_2, "
+                             "euler_ancestral, dpmpp_sde, ...)")
 
     def _noised(self, t: float, path, seeds, stream: int, out: torch.Tensor, backend: str) -> torch.Tensor:
         """out = alpha_t init + beta_t xi(stream): one fused pass (init itself where beta_t = 0)."""
@@ -156,13 +153,29 @@ class Editing:
             x = torch.where(self.mask, x, z)
         return x
 
-    def repeat_calls(self, calls: list, stages, repeats: int) -> list:
-        """Per repeat r (>= 1) of a step, its stages' kernel arguments with their draws on the editing streams."""
+    def repeat_calls(self, calls: list, free: list, stages) -> list:
+        """Per repeat r (>= 1) of a step, its stages' kernel arguments (``free``: without a step-noise buffer)
+        with their draws on the editing streams."""
+        from fastdiff.sampling.core.calls import STREAMS, with_streams
+
         out = [calls]
-        for r in range(1, repeats):
-            out.append([args[:_STREAMS] + ([edit_stream(st.step, r, d) for d in range(len(args[_STREAMS]))],)
-                        + args[_STREAMS + 1:] for args, st in zip(calls, stages)])
+        for r in range(1, self.resample):
+            out.append([with_streams(args, [edit_stream(st.step, r, d) for d in range(len(args[STREAMS]))])
+                        for args, st in zip(free, stages)])
         return out
+
+    def plan(self, plan, path, backend: str, free_calls=None) -> None:
+        """RePaint's repeated calls, and the after-repeat hook: the known region re-imposed, the way back."""
+        stages, grid, last = plan.stages, plan.grid, len(plan.stages) - 1
+        if self.resample > 1:
+            plan.calls = self.repeat_calls(plan.calls[0], free_calls or plan.calls[0], stages)
+
+        def after_repeat(k: int, repeat: int) -> None:
+            i = stages[k].step
+            self.after_step(i, repeat, grid[i], grid[i + 1], path, plan.seeds, plan.result if k == last else plan.x,
+                            plan.x_outs, backend)
+
+        plan.add("after_repeat", after_repeat)
 
     def after_step(self, step: int, repeat: int, t: float, t1: float, path, seeds, src, x_outs, backend: str):
         """After step ``step`` (t -> t1) wrote ``src``: the known region re-imposed at t1 in every output, then,
@@ -179,4 +192,19 @@ class Editing:
                          streams=[edit_stream(step, repeat, BACK_SLOT)], outs=list(x_outs), backend=backend)
 
 
-__all__ = ["Editing", "edit_stream", "editing", "strength_grid"]
+def multistep(stages) -> bool:
+    """Whether a stage reads a buffer that no earlier stage of its own step wrote: a multistep history (the
+    buffers a feature refills at every stage, the classifier's gradient and the step noise, are not)."""
+    from fastdiff.sampling.features.classifier import BUFFER
+
+    written, step = set(), None
+    for st in stages:
+        if st.step != step:
+            written, step = set(), st.step
+        if any(h not in written and h not in ("x", BUFFER, "noise") for h in st.history_buffers()):
+            return True
+        written.update(b for b in (st.out, st.side) if b is not None)
+    return False
+
+
+__all__ = ["Editing", "edit_stream", "editing", "multistep", "strength_grid"]

@@ -49,87 +49,6 @@ def scale_schedule(cfg, name: str = "cfg"):
     return (lambda t: float(cfg)), cfg != 1.0
 
 
-MAX_CONDITIONS = 7  # K + 1 branches <= 8 (the step's limit)
-
-
-def condition_branches(y, conditions, cfg):
-    """(y, cfg, multi) of sample(y=..., conditions=..., cfg=...): without conditions, or with one, y and cfg
-    as given (one condition is y's path); with K > 1, multi = (the K condition batches, each one's weight)
-    and cfg a stand-in. Several conditions blend as g = p_null + Σ_k w_k (p_k - p_null) (compositional
-    conditions; a negative weight pushes away from its condition); ``cfg`` is one number for all or one
-    per condition."""
-    if conditions is None:
-        return y, cfg, None
-    if y is not None:
-        raise ValueError("give the conditioning either as y (one condition) or as conditions=[y_1, ..., y_K], not both")
-    if isinstance(conditions, (str, bytes, torch.Tensor)) or not hasattr(conditions, "__len__") or not conditions:
-        raise TypeError("conditions must be a non-empty sequence of label batches [y_1, ..., y_K]")
-    conditions = list(conditions)
-    if len(conditions) > MAX_CONDITIONS:
-        raise ValueError(f"conditions holds {len(conditions)} batches; at most {MAX_CONDITIONS} are supported")
-    check_condition_batches(conditions)
-    sizes = {len(c) for c in conditions}
-    if len(sizes) != 1:
-        raise ValueError(f"every condition must hold one label per sample; got batches of sizes {sorted(sizes)}")
-    if is_number(cfg):
-        weights = [float(cfg)] * len(conditions)
-    elif callable(cfg) or not hasattr(cfg, "__len__") or len(cfg) != len(conditions):
-        raise ValueError(f"with conditions, cfg must be one number or {len(conditions)} (one per condition), got {cfg!r}")
-    else:
-        weights = list(cfg)
-    for i, w in enumerate(weights):
-        if not is_number(w) or not math.isfinite(w):
-            raise ValueError(f"cfg[{i}] must be a finite number, got {w!r}")
-    if len(conditions) == 1:
-        return conditions[0], weights[0], None
-    return conditions[0], 2.0, (conditions, tuple(float(w) for w in weights))
-
-
-def check_condition_batches(conditions: list) -> None:
-    """Each condition is a label batch like the first: a tensor [B, ...] of the same dtype and per-sample shape (the
-    batched call concatenates them: torch.cat would silently promote int labels to float), or a list of B labels."""
-    first = conditions[0]
-    for i, c in enumerate(conditions):
-        if isinstance(c, torch.Tensor):
-            if c.dim() == 0:
-                raise ValueError(f"conditions[{i}] must hold one label per sample, got a 0-d tensor")
-        elif not isinstance(c, Sequence) or isinstance(c, (str, bytes)):
-            raise TypeError(f"conditions[{i}] must be a label batch (a tensor [B, ...] or a list of B labels), got "
-                            f"{type(c).__name__}")
-        if isinstance(c, torch.Tensor) != isinstance(first, torch.Tensor):
-            raise TypeError(f"conditions[{i}] is a {type(c).__name__} but conditions[0] is a "
-                            f"{type(first).__name__}: the conditions are one model call's labels, give all as tensors "
-                            "or all as lists")
-        if isinstance(c, torch.Tensor) and c.dtype != first.dtype:
-            raise TypeError(f"conditions[{i}] has dtype {c.dtype} but conditions[0] has {first.dtype}: the "
-                            "conditions are one model call's labels (give them one dtype, e.g. .long())")
-        if isinstance(c, torch.Tensor) and c.shape[1:] != first.shape[1:]:
-            raise ValueError(f"conditions[{i}] has per-sample shape {tuple(c.shape[1:])} but conditions[0] has "
-                             f"{tuple(first.shape[1:])}")
-
-
-def guidance_settings(guidance, guidance_rescale, dynamic_thresholding, guided: bool, multi, guidance_interval,
-                      cuda_graph: bool, classifier) -> tuple:
-    """(rescale phi, rule, thresholding) of sample()'s guidance arguments, refusing the combinations not
-    supported."""
-    rescale = check_rescale(guidance_rescale)
-    rule = get_rule(guidance)
-    if rescale and not guided:
-        raise ValueError("guidance_rescale applies to guided sampling: give cfg != 1 (or a schedule)")
-    if multi and (rescale or rule.name != "cfg" or guidance_interval is not None or cuda_graph):
-        raise ValueError("several conditions take plain CFG weights for now: not with guidance_rescale, another "
-                         "guidance rule, guidance_interval or cuda_graph")
-    thresholding = get_thresholding(dynamic_thresholding)
-    if thresholding and (rule.name == "cfg_pp" or cuda_graph):
-        raise ValueError("dynamic_thresholding does not combine with guidance='cfg_pp' or cuda_graph (yet)")
-    if rescale and rule.name == "cfg_pp":
-        raise ValueError("guidance_rescale does not apply to guidance='cfg_pp' (its blend feeds the clean estimate only)")
-    if classifier is not None and (multi or thresholding or cuda_graph):
-        raise ValueError("classifier guidance does not combine with conditions=, dynamic_thresholding or "
-                         "cuda_graph (yet)")
-    return rescale, rule, thresholding
-
-
 def check_rescale(phi) -> float:
     if not is_number(phi) or not 0.0 <= phi <= 1.0:
         raise ValueError(f"guidance_rescale must be in [0, 1], got {phi!r}")
@@ -184,9 +103,12 @@ class CFGPP(CFG):
 
     def stage_scale(self, w: float, stage) -> float:
         if stage.cfg_pp is None:
-            raise ValueError("guidance='cfg_pp' needs a method whose step is a clean estimate plus its re-noising "
-                             "(ddim, euler_ancestral)")
-        return w * stage.cfg_pp
+            from fastdiff.sampling.methods.registry import methods
+
+            takers = ", ".join(m.name for m in methods() if m.cfg_pp)
+            raise ValueError(f"guidance='cfg_pp' is defined for methods whose step is a clean estimate plus its "
+                             f"re-noising, as its peers define it ({takers}); this method's step is not")
+        return tuple(v * stage.cfg_pp for v in w) if isinstance(w, tuple) else w * stage.cfg_pp
 
 
 @dataclass(frozen=True)
@@ -309,89 +231,3 @@ def zero_star_reference(p_null: torch.Tensor, p_y: torch.Tensor, w: float, eps: 
     alpha = (flat_y * flat_null).sum(1) / ((flat_null * flat_null).sum(1) + eps)
     scaled = p_null * alpha.view(-1, *([1] * (p_null.dim() - 1)))
     return scaled + w * (p_y - scaled)
-
-
-class StageWeights:
-    """The branch weights of each stage of one sample() call: host numbers [1, w] (or [0, 0] at a rule's zero
-    steps), or one [B, n] device buffer rewritten before each guided step from a reduction pass (rescale,
-    CFG-Zero*, APG; APG with momentum adds its running average as a third branch). ``scales``: each stage's
-    guidance scale; ``zero``: whether each stage predicts zero."""
-
-    def __init__(self, rule, phi: float, scales: list, zero: list[bool], guided: bool, B: int, device,
-                 x0_scales: list | None = None):
-        from fastdiff.ops.sample_gram import sample_gram
-
-        self.rule, self.phi, self.scales, self.zero = rule, phi, scales, zero
-        self.x0_scales = scales if x0_scales is None else x0_scales  # the blend of the x0 estimate (CFG++: w)
-        self.per_sample = guided and (bool(phi) or rule.needs_gram)
-        self.extra = int(self.per_sample and getattr(rule, "running", False))  # branches beyond the model's
-        self.buffer = torch.ones((B, 2 + self.extra), dtype=torch.float32, device=device) if self.per_sample else None
-        self.running = None  # APG's running average (momentum), in the predictions' dtype, made at the first update
-        self.key = (tuple(scales), phi, rule)  # what the rows and a captured loop depend on
-        self._gram = sample_gram
-
-    def reset(self) -> None:
-        """At a loop's start: the running average starts at 0."""
-        if self.running is not None:
-            self.running.zero_()
-
-    def row(self, k: int, two_branch: bool):
-        """sampler_step's ``weights`` for stage k (None: the one-branch default). A stage's scale is a number,
-        or a tuple of one weight per condition (several conditions)."""
-        w = self.scales[k]
-        if self.zero[k]:
-            return [0.0] * ((1 + len(w) if isinstance(w, tuple) else 2 + self.extra) if two_branch else 1)
-        if not two_branch:
-            return None
-        if isinstance(w, tuple):
-            return [1.0, *w]
-        return self.buffer if self.per_sample else [1.0, w]
-
-    def update(self, k: int, preds: list, backend: str) -> list:
-        """Before stage k's step: its per-sample weights from one reduction pass over [p_null, p_y] (and the
-        running average, updated first: r = p_y - p_null + m r). Returns the step's predictions."""
-        if not (self.per_sample and len(preds) == 2):
-            return preds
-        if self.extra:
-            if self.running is None:
-                self.running = torch.zeros_like(preds[1])
-            torch.add(preds[1], self.running, alpha=self.rule.momentum, out=self.running).sub_(preds[0])
-            preds = [*preds, self.running]
-        if not self.zero[k]:
-            branch_weights(self._gram(preds, backend=backend), self.rule, self.scales[k], self.phi, self.buffer)
-        return preds
-
-    def host_blend(self, k: int, preds: list) -> bool:
-        """Whether stage k's blend is p_null + scales[k] (p_y - p_null) (or the one prediction)."""
-        return not self.zero[k] and not (self.per_sample and len(preds) >= 2) and len(preds) <= 2
-
-    def blend(self, k: int, preds: list) -> torch.Tensor:
-        """Stage k's blend g of its x0 estimate as a float32 tensor, by torch ops (callbacks, thresholding)."""
-        per = (preds[0].shape[0], *([1] * (preds[0].dim() - 1)))
-        if self.zero[k]:
-            return torch.zeros(preds[0].shape, dtype=torch.float32, device=preds[0].device)
-        if len(preds) == 1:
-            return preds[0].float()
-        if self.per_sample:  # w_0 p_0 + Σ w_j (p_j - p_0), the weights per sample
-            weights = [self.buffer[:, j].view(per) for j in range(len(preds))]
-        elif len(preds) > 2:  # several conditions: p_null + Σ w_k (p_k - p_null)
-            weights = [1.0, *self.x0_scales[k]]
-        else:
-            weights = [1.0, self.x0_scales[k]]
-        g = weights[0] * preds[0].float()
-        for wj, p in zip(weights[1:], preds[1:]):
-            g = g + wj * (p.float() - preds[0].float())
-        return g
-
-    def x0_into(self, out, x, preds, k: int, stage, merged, backend: str) -> None:
-        """out = the x0 estimate a x + b g of stage k (a step's first stage: Stage.x0, or per sample with churn
-        per sample): the fused two-branch op for a host blend, else torch ops (callbacks: not the hot path)."""
-        if merged is None and self.host_blend(k, preds):
-            from fastdiff.ops.guided_step import guided_step
-
-            guided_step(x, preds[-1], preds[0] if len(preds) == 2 else None, cfg=self.x0_scales[k],
-                        c_x=stage.x0[0], c_pred=stage.x0[1], out=out, backend=backend)
-            return
-        B = x.shape[0]
-        a, b = merged.x0_rows(k, x.device)[:, :2].view(B, 2, *([1] * (x.dim() - 1))).unbind(1) if merged else stage.x0
-        torch.add(a * x, b * self.blend(k, preds), out=out)

@@ -66,20 +66,68 @@ def quantile_rows(rows: torch.Tensor, q: float) -> torch.Tensor:
     return low + frac * (high - low)
 
 
-def threshold_conversions(stages, path, prediction: str, thresholding, merged) -> list:
-    """Per stage, the x0 conversion (a, b) of its evaluation (x0 = a input + b g) where dynamic thresholding
-    applies, else None (off, or b = 0 / not finite there)."""
-    if thresholding is None:
-        return [None] * len(stages)
-    if merged is not None:
-        raise ValueError("dynamic_thresholding does not combine with per-sample churn options (yet)")
+class Thresholds:
+    """Dynamic thresholding in one sampling call: per stage, the x0 conversion (a, b) of its evaluation
+    (x0 = a input + b g; numbers, or per-sample [B, 1, ...] tensors with churn per sample), None where it does not
+    apply (b = 0 or not finite there). The stage's kernel then reads one prediction: the one whose x0 is the
+    thresholded estimate of the guided prediction (with classifier guidance, its gradient term included; with
+    CFG++, only the share through the clean estimate: (1 - rho) p_null + rho g_thresholded)."""
+
+    def __init__(self, thresholding, conversions: list, stages, rule):
+        self.thresholding, self.conversions, self.stages, self.rule = thresholding, conversions, stages, rule
+        self.per_sample = any(isinstance(c, tuple) and isinstance(c[0], torch.Tensor) for c in conversions)
+        self.key = (thresholding, tuple(None if c is None else "per-sample" if self.per_sample else c
+                                        for c in conversions))
+
+    @classmethod
+    def plan(cls, thresholding, stages, merged, path, prediction: str, rule, weights, device) -> "Thresholds | None":
+        if thresholding is None:
+            return None
+        if merged is None:
+            return cls(thresholding, [_conversion(path, st.t, prediction) for st in stages], stages, rule)
+        conversions = []
+        for k in range(len(stages)):
+            per_table = [_conversion(path, table[k].t, prediction) for table in merged.tables]
+            if all(c is None for c in per_table):
+                conversions.append(None)
+                continue
+            rows = [[*(c if c is not None else (0.0, 0.0)), float(c is not None)] for c in per_table]
+            table = torch.tensor(rows, dtype=torch.float64)[torch.tensor(merged.index)].float().to(device)
+            conversions.append(tuple(table[:, j] for j in range(3)))
+        return cls(thresholding, conversions, stages, rule)
+
+    def at(self, k: int) -> bool:
+        return self.conversions[k] is not None
+
+    def hook(self, buffers: dict, weights, classifier):
+        """The prediction transform: stage k's predictions → [the thresholded one]."""
+        def threshold(k: int, preds: list) -> list:
+            conv = self.conversions[k]
+            if conv is None:
+                return preds
+            st = self.stages[k]
+            x = buffers[st.input]
+            g = weights.blend(k, preds)
+            if classifier is not None:  # the guided prediction includes the classifier's term: threshold it whole
+                g = classifier.add_to(g, k)
+            if len(conv) == 3:  # per sample: (a, b, valid) [B]
+                shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+                a, b, valid = (c.view(shape) for c in conv)
+                out = torch.where(valid > 0, self.thresholding.prediction((a, torch.where(valid > 0, b, 1.0)), x, g), g)
+            else:
+                out = self.thresholding.prediction(conv, x, g)
+            if self.rule.name == "cfg_pp" and st.cfg_pp is not None and len(preds) > 1 and weights.guided_at[k]:
+                out = (1.0 - st.cfg_pp) * preds[0].float() + st.cfg_pp * out  # CFG++: the re-noising stays p_null's
+            return [out]
+
+        return threshold
+
+
+def _conversion(path, t: float, prediction: str):
     from fastdiff.paths import affine_coefficients
 
-    out = []
-    for st in stages:
-        try:
-            a, b = affine_coefficients(path, st.t, prediction, "x0")
-        except ValueError:
-            a, b = math.nan, math.nan
-        out.append((a, b) if math.isfinite(a) and math.isfinite(b) and b != 0.0 else None)
-    return out
+    try:
+        a, b = affine_coefficients(path, t, prediction, "x0")
+    except ValueError:
+        return None
+    return (a, b) if math.isfinite(a) and math.isfinite(b) and b != 0.0 else None

@@ -61,9 +61,26 @@ def _singular(path: GaussianPath, t: float, prediction: str, to: str) -> bool:
     return not (math.isfinite(a) and math.isfinite(b))
 
 
+def clean_share(path, t: float, prediction: str, c_x: float, c_pred: float) -> float | None:
+    """CFG++'s share of a step's prediction coefficient that goes through the clean estimate (Stage.cfg_pp): the
+    step c_x x + c_pred g written as A x0(g) + K eps(g) (unique where x0 and eps are independent conversions),
+    rho = A b_x0 / c_pred; None where that split does not exist (a singular conversion)."""
+    if c_pred == 0.0:
+        return 1.0
+    try:
+        a0, b0 = _conv(path, t, prediction, "x0")
+        ae, be = _conv(path, t, prediction, "eps")
+    except ValueError:
+        return None
+    det = a0 * be - ae * b0
+    if not all(math.isfinite(v) for v in (a0, b0, ae, be)) or det == 0.0:
+        return None
+    return (c_x * be - ae * c_pred) / det * b0 / c_pred
+
+
 @register_method("euler", options=("sigma",), evals_per_step=1, churn_options=True,
                  conversions=lambda sigma=None, **_: ("velocity", "score", "x0") if sigma else ("velocity", "x0"),
-                 inverts=True,
+                 inverts=True, cfg_pp=True,
                  description="first order: the probability-flow ODE, Euler–Maruyama on the SDE when sigma > 0")
 def _euler(path, grid, prediction, sigma=None) -> list[Stage]:
     sigma = sigma or (lambda t: 0.0)
@@ -79,8 +96,11 @@ def _euler(path, grid, prediction, sigma=None) -> list[Stage]:
             c_x += h * 0.5 * s * s * a_s
             c_p += h * 0.5 * s * s * b_s
             c_n = s * math.sqrt(h)
+        # CFG++ (ComfyUI's euler_cfg_pp): x' = A x0(g) + K eps(p_null), the drift split into its clean estimate
+        # and re-noising
         stages.append(Stage(i, t, "x", "x", c_x, c_p, c_noise=c_n, stream=draw_stream(i),
-                            x0=_conv(path, t, prediction, "x0"), final=True))
+                            x0=_conv(path, t, prediction, "x0"), final=True,
+                            cfg_pp=clean_share(path, t, prediction, c_x, c_p)))
     return stages
 
 
@@ -107,7 +127,7 @@ def _heun(path, grid, prediction) -> list[Stage]:
 
 
 @register_method("ddim", options=("eta",), evals_per_step=1, conversions=("x0", "eps"),
-                 inverts=True,
+                 inverts=True, cfg_pp=True,
                  description="deterministic at eta = 0, the DDPM posterior (ancestral sampling) at eta = 1")
 def _ddim(path, grid, prediction, eta=0.0) -> list[Stage]:
     stages = []
@@ -182,6 +202,7 @@ def needed_conversions(method: str, stochastic: bool) -> tuple[str, ...]:
 
 
 @register_method("euler_ancestral", options={"eta": 1.0, "s_noise": 1.0}, evals_per_step=1, conversions=("x0", "eps"),
+                 cfg_pp=True,
                  description="k-diffusion's Euler ancestral: a step to sigma_down plus s_noise x sigma_up fresh noise")
 def _euler_ancestral(path, grid, prediction, eta=1.0, s_noise=1.0) -> list[Stage]:
     # In k-diffusion's sigma = beta / alpha, the step to sigma_down = sqrt(sigma'^2 - sigma_up^2) is DDIM's

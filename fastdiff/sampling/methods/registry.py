@@ -52,6 +52,7 @@ class Method:
     description: str  # one line, for docs and the CLI help
     churn_options: bool = False  # takes EDM's churn options (fastdiff.sampling.methods.churn), applied around its builder
     inverts: bool = False  # runs on decreasing grids (inversion, fastdiff.invert), checked by a round trip test
+    cfg_pp: bool = False  # its stages carry CFG++'s share through the clean estimate (Stage.cfg_pp)
 
     def needed_conversions(self, **options) -> tuple[str, ...]:
         """Prediction types this method converts to at the grid's first point, for these option values
@@ -89,7 +90,8 @@ def _takes(method: Method) -> str:
 
 
 def register_method(name: str, *, options: tuple[str, ...] | dict = (), evals_per_step: int | str,
-                    conversions: Conversions, description: str, churn_options: bool = False, inverts: bool = False):
+                    conversions: Conversions, description: str, churn_options: bool = False, inverts: bool = False,
+                    cfg_pp: bool = False):
     """Decorator: register the stage builder it decorates as method ``name`` (returns the builder).
     ``churn_options=True``: the method also takes EDM's s_churn, s_tmin, s_tmax and s_noise, applied around the
     builder (fastdiff.sampling.methods.churn: each step built from the raised noise level's time). ``inverts=True``: its
@@ -127,7 +129,7 @@ def register_method(name: str, *, options: tuple[str, ...] | dict = (), evals_pe
             if o not in OPTIONS:
                 OPTIONS[o] = defaults[o]
         _REGISTRY[name] = Method(name, build, options, defaults, evals_per_step, conversions, description, churn_options,
-                                 inverts)
+                                 inverts, _checks.flag("cfg_pp", cfg_pp))
         return build
 
     return decorate

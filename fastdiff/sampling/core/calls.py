@@ -1,0 +1,98 @@
+"""The kernel calls of a plan: one prepared sampler_step call per stage, its tensors checked once and its
+coefficient rows cached by the stage table (fastdiff.ops.sampler_step: ``prepare_tensors`` + ``with_rows``), and
+the initial state's write. A call is the kernel's positional arguments (KERNEL_ARGS); the run adds the
+predictions."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from fastdiff import dispatch as _dispatch
+from fastdiff.ops.randn import randn
+from fastdiff.ops.sampler_step import KERNEL_ARGS, ROW_ARGS, prepare, prepare_tensors, with_rows
+from fastdiff.sampling.core.scratch import StageCache
+from fastdiff.sampling.core.stage import draw_stream
+
+kernel_args = operator.itemgetter(*KERNEL_ARGS)  # a prepared call's dict → the kernel's positional arguments
+OUTS = KERNEL_ARGS.index("outs")
+STREAMS = KERNEL_ARGS.index("streams")
+SAMPLE_COEFFS = KERNEL_ARGS.index("sample_coeffs")
+# Per stage, the checked coefficient rows of its sampler_step call (with_rows' host half: weights,
+# coefficients, streams), keyed by the stage table and the guidance: ~30 us of checks per stage.
+ROW_CACHE = StageCache()
+
+
+class StageCalls:
+    """Builds each stage's call: ``tensors(k)`` names its buffers, ``rows(k)`` its coefficient rows (host lists
+    or per-sample tensors), both decided by the features when the plan is built."""
+
+    def __init__(self, buffers: dict, pairs: dict, result, seeds, finite, branches: int):
+        self.buffers, self.pairs, self.result, self.seeds = buffers, pairs, result, seeds
+        self.finite, self.branches = finite, branches
+        self.checked = {}  # the tensor half of a call, checked once per distinct set of buffers
+
+    def tensors(self, st, n_preds: int, history: tuple, last: bool) -> dict:
+        """The checked tensor half of a stage's call: its input, ``n_preds`` predictions (stand-ins: the run
+        passes the model's), its history buffers and its outputs (the returned samples for the last stage)."""
+        result = last and self.result is not None
+        key = (st.input, n_preds, history, result or st.out, st.side)
+        if key not in self.checked:
+            buffers = self.buffers
+            outs = [self.result] if result else list(self.pairs[st.out]) if st.out in self.pairs else \
+                [buffers[st.out]]
+            self.checked[key] = prepare_tensors(buffers[st.input], [buffers[st.input]] * n_preds,
+                                                [buffers[h] for h in history], self.seeds, outs,
+                                                buffers[st.side] if st.side else None, self.finite.row(0))
+        return self.checked[key]
+
+    def call(self, k: int, tensors: dict, weights, rows, streams, cached: dict | None) -> tuple:
+        """The kernel arguments of stage k: the rows checked (or taken from ``cached``) and its finiteness row."""
+        call = dict(tensors, **cached) if cached is not None else with_rows(tensors, weights, rows, streams)
+        if self.finite.enabled:  # the stage's own row of the table (rows are alike: checked with row 0)
+            call["finite"] = self.finite.row(k)
+        return kernel_args(call)
+
+
+def with_streams(args: tuple, streams: list) -> tuple:
+    """A call with other noise streams (RePaint's repeats draw on the editing streams)."""
+    return args[:STREAMS] + (streams,) + args[STREAMS + 1:]
+
+
+def with_outs(args: tuple, outs: list) -> tuple:
+    """A call writing other outputs (a reused plan's last stage writes each call's fresh samples)."""
+    return args[:OUTS] + (outs,) + args[OUTS + 1:]
+
+
+def cached_rows(call: tuple) -> dict:
+    """What ROW_CACHE keeps of a call: its checked rows."""
+    return {name: call[KERNEL_ARGS.index(name)] for name in ROW_ARGS}
+
+
+def initial_write(kernel, seeds, x_outs, beta0: float, z) -> None:
+    """x = beta0 z into the state and its twins in one pass (out = beta0 z + 0 g); ``z`` the initial noise."""
+    kernel(z, [z], [], seeds, [], [1.0], [beta0, 0.0, 0.0, 0.0], None, None, x_outs, None, None)
+
+
+def direct_kernel(backend: str, op: str):
+    """The backend's kernel of ``op`` as the plan calls it: the torch op overload itself for the native backends
+    (no Python wrapper and no overload resolution per call: ~1.5 us a call at batch 1)."""
+    kernel = _dispatch.kernel(backend, op)
+    direct = getattr(kernel, "direct", None)
+    return direct() if direct is not None else kernel
+
+
+def initial_noise(seeds, shape: tuple, device, backend: str):
+    """A drawer of the initial noise (stream 0) of ``seeds``, its arguments checked once (fastdiff.ops.randn)."""
+    randn(seeds, 0, (0,), device=device, backend=backend)  # the checks, on an empty draw
+    kernel, shape = _dispatch.kernel(backend, "randn"), tuple(shape)
+    return lambda: kernel(seeds, 0, shape, 0, torch.float32)
+
+
+def churn_write(kernel, x_0, c_0: float, start, start_rows, seeds, x_outs, history: list) -> None:
+    """EDM churn at the first step: x = scale x_0 + c xi_0 in one pass (the initial state and the draw; with
+    Brownian step noise the draw is the path's, summed into ``history``)."""
+    row = [c_0, 0.0, start[1], 0.0, 0.0, 0.0] if start_rows is None else start_rows
+    streams = [] if history else [draw_stream(0)]
+    kernel(*kernel_args(prepare(x_0, [x_0], [1.0], history, row, seeds, streams, x_outs, None, None)))

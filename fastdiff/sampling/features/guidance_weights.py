@@ -1,0 +1,155 @@
+"""The branch weights of each stage of a sampling call (fastdiff.ops.sampler_step's ``weights``): host numbers for
+a fixed blend, or one [B, n] device buffer rewritten before each guided step from a reduction pass (rescale,
+CFG-Zero*, APG, TCFG, ...: the rules of fastdiff.sampling.features.guidance).
+
+With K > 1 conditions (fastdiff.sampling.features.conditions) a rule acts on (p_null, p_c) with scale W = Σ w_k and
+p_c = Σ a_k p_k, a_k = w_k / W: the Gram matrix of (1, p_null, p_1..p_K[, r]) is projected to that of
+(1, p_null, p_c[, r]) (P G Pᵀ), the rule's weights v over (p_null, p_c[, r]) are spread back over the branches as
+v_c a_k. Stages outside the guidance interval take p_c alone: K branches, weights (1, a_2, ..., a_K) over p_1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdiff.sampling.features.guidance import branch_weights
+
+
+class StageWeights:
+    """Per stage: ``scales[k]`` (a number, or a tuple of K condition weights), ``zero[k]`` (a rule's zero-prediction
+    steps), ``guided_at[k]``; ``x0_scales``: the weights of the x0 estimate (CFG++ steps with a share of them)."""
+
+    def __init__(self, rule, phi: float, scales: list, zero: list[bool], guided: bool, B: int, device,
+                 x0_scales: list | None = None, guided_at: list[bool] | None = None, shares: list | None = None):
+        from fastdiff.ops.sample_gram import sample_gram
+
+        self.rule, self.phi, self.scales, self.zero = rule, phi, scales, zero
+        self.x0_scales = scales if x0_scales is None else x0_scales
+        self.guided_at = guided_at if guided_at is not None else [guided] * len(scales)
+        self.K = len(scales[0]) if scales and isinstance(scales[0], tuple) else 1
+        self.per_sample = guided and (bool(phi) or rule.needs_gram)
+        self.extra = int(self.per_sample and getattr(rule, "running", False))  # branches beyond the model's
+        n = 1 + self.K + self.extra
+        self.buffer = torch.ones((B, n), dtype=torch.float32, device=device) if self.per_sample else None
+        # CFG++ with per-sample weights (rescale): each stage's share rho through the clean estimate; the step reads
+        # (1 - rho) p_null + rho g, g the rescaled blend (``buffer``, also the x0 estimate's)
+        self.shares = shares if self.per_sample and shares and any(r is not None for r in shares) else None
+        self.step_buffer = torch.ones_like(self.buffer) if self.shares else None
+        self.running = None  # APG's running average (momentum), in the predictions' dtype, made at the first update
+        self.key = (tuple(scales), phi, rule)  # what the rows and a captured loop depend on
+        # K > 1 with per-sample weights: each stage's projection of the Gram matrix onto (1, p_null, p_c[, r]),
+        # made here (a captured loop may not copy host data)
+        self.projections = {}
+        if self.per_sample and self.K > 1:
+            for k, w in enumerate(self.x0_scales):
+                if not self.zero[k] and self.guided_at[k]:
+                    self.projections[w] = self._projection([wk / sum(w) for wk in w], device)
+        self._gram = sample_gram
+
+    def n_preds(self, k: int) -> int:
+        """The predictions stage k's kernel reads when guided: the branches and the running average."""
+        return 1 + self.K + self.extra
+
+    def reset(self) -> None:
+        """At a loop's start: the running average starts at 0."""
+        if self.running is not None:
+            self.running.zero_()
+
+    def row(self, k: int, two_branch: bool):
+        """sampler_step's ``weights`` for stage k (None: the one-branch default)."""
+        w = self.scales[k]
+        if not two_branch:
+            if self.K > 1 and not self.zero[k]:  # the conditions alone: their weighted mean, over p_1
+                return [1.0, *(wk / sum(w) for wk in w[1:])]
+            return [0.0] * self.K if self.zero[k] else None
+        if self.zero[k]:
+            return [0.0] * self.n_preds(k)
+        if self.per_sample:
+            return self.step_buffer if self.shares and self.shares[k] is not None else self.buffer
+        return [1.0, *w] if isinstance(w, tuple) else [1.0, w]
+
+    def update(self, k: int, preds: list, backend: str) -> list:
+        """Before guided stage k's step: its per-sample weights from one reduction pass over its predictions (and
+        the running average, updated first: r = p_c - p_null + m r). Returns the step's predictions."""
+        if not self.guided_at[k]:
+            return preds
+        w = self.x0_scales[k] if self.shares else self.scales[k]
+        mean = None if self.K == 1 else [wk / sum(w) for wk in w]  # p_c = Σ a_k p_k
+        if self.extra:
+            if self.running is None:
+                self.running = torch.zeros_like(preds[1])
+            if mean is None:
+                torch.add(preds[1], self.running, alpha=self.rule.momentum, out=self.running).sub_(preds[0])
+            else:
+                self.running.mul_(self.rule.momentum).sub_(preds[0])
+                for a_k, p in zip(mean, preds[1:]):
+                    self.running.add_(p, alpha=a_k)
+            preds = [*preds, self.running]
+        if not self.zero[k]:
+            gram = self._gram(preds, backend=backend)
+            if mean is None:
+                branch_weights(gram, self.rule, w, self.phi, self.buffer)
+            else:
+                self._spread(gram, mean, sum(w), w)
+            if self.shares and self.shares[k] is not None:  # CFG++: (1 - rho) p_null + rho g
+                rho = self.shares[k]
+                torch.mul(self.buffer, rho, out=self.step_buffer)
+                self.step_buffer[:, 0].add_(1.0 - rho)
+        return preds
+
+    def _projection(self, mean: list[float], device) -> torch.Tensor:
+        n = 2 + self.K + self.extra  # the Gram matrix of (1, p_null, p_1..p_K[, r])
+        P = torch.zeros((3 + self.extra, n), dtype=torch.float64)
+        P[0, 0] = P[1, 1] = 1.0
+        P[2, 2:2 + self.K] = torch.tensor(mean, dtype=torch.float64)
+        if self.extra:
+            P[3, n - 1] = 1.0
+        return P.to(device)
+
+    def _spread(self, gram: torch.Tensor, mean: list[float], W: float, w: tuple) -> None:
+        """The rule on (p_null, p_c[, r]) from the full Gram matrix, its weights spread over the K conditions."""
+        P = self.projections[w]
+        small = P @ gram.to(P.dtype) @ P.T
+        two = torch.empty((gram.shape[0], 2 + self.extra), dtype=torch.float32, device=gram.device)
+        branch_weights(small, self.rule, W, self.phi, two)  # (Σ v, v_c[, v_r]) over (p_null, p_c[, r])
+        self.buffer[:, 0].copy_(two[:, 0])
+        for j, a_k in enumerate(mean):
+            self.buffer[:, 1 + j].copy_(two[:, 1] * a_k)
+        if self.extra:
+            self.buffer[:, -1].copy_(two[:, 2])
+
+    def host_blend(self, k: int, preds: list) -> bool:
+        """Whether stage k's blend is p_null + scales[k] (p_y - p_null) (or the one prediction)."""
+        return not self.zero[k] and not (self.per_sample and self.guided_at[k]) and len(preds) <= 2 and self.K == 1
+
+    def blend(self, k: int, preds: list) -> torch.Tensor:
+        """Stage k's blend g of its x0 estimate as a float32 tensor, by torch ops (callbacks, thresholding)."""
+        per = (preds[0].shape[0], *([1] * (preds[0].dim() - 1)))
+        if self.zero[k]:
+            return torch.zeros(preds[0].shape, dtype=torch.float32, device=preds[0].device)
+        if len(preds) == 1:
+            return preds[0].float()
+        w = self.x0_scales[k]
+        if not self.guided_at[k]:  # the conditions alone
+            weights = [1.0, *(wk / sum(w) for wk in w[1:])]
+        elif self.per_sample:  # w_0 p_0 + Σ w_j (p_j - p_0), the weights per sample
+            weights = [self.buffer[:, j].view(per) for j in range(len(preds))]
+        else:
+            weights = [1.0, *w] if isinstance(w, tuple) else [1.0, w]
+        g = weights[0] * preds[0].float()
+        for wj, p in zip(weights[1:], preds[1:]):
+            g = g + wj * (p.float() - preds[0].float())
+        return g
+
+    def x0_into(self, out, x, preds, k: int, stage, merged, backend: str) -> None:
+        """out = the x0 estimate a x + b g of stage k (a step's first stage: Stage.x0, or per sample with churn
+        per sample): the fused two-branch op for a host blend, else torch ops (callbacks: not the hot path)."""
+        if merged is None and self.host_blend(k, preds):
+            from fastdiff.ops.guided_step import guided_step
+
+            guided_step(x, preds[-1], preds[0] if len(preds) == 2 else None, cfg=self.x0_scales[k],
+                        c_x=stage.x0[0], c_pred=stage.x0[1], out=out, backend=backend)
+            return
+        B = x.shape[0]
+        a, b = merged.x0_rows(k, x.device)[:, :2].view(B, 2, *([1] * (x.dim() - 1))).unbind(1) if merged else stage.x0
+        torch.add(a * x, b * self.blend(k, preds), out=out)
