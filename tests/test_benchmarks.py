@@ -204,3 +204,92 @@ def test_langevin_cases_run_the_same_chains():
     start = 0.0  # x0 ~ N(0, 1); each step moves the mean by h/2 (3 − mean)
     want = 3.0 - (3.0 - start) * (1 - 0.5 * 0.01) ** 20
     assert all(abs(m - want) < 0.02 for m in means.values()), (want, means)
+
+
+class _StandInSampler:
+    """fastdiff.Sampler's announced API on top of fastdiff.sample, so the latency op's Sampler subject runs
+    before (and whether or not) the class is in fastdiff: built once, ``sampler(seed=...)`` runs it."""
+
+    def __init__(self, model, steps, cfg=1.0, **settings):
+        self.model, self.steps, self.cfg, self.settings = model, steps, cfg, settings
+
+    def __call__(self, seed=0, noise=None, y=None, null_y=None):
+        given = {k: v for k, v in (("y", y), ("null_y", null_y)) if v is not None}
+        return fastdiff.sample(self.model, self.steps, self.cfg, **{**self.settings, **given}, seed=seed, noise=noise)
+
+
+def test_latency_report_rows_table_and_csv(tmp_path, monkeypatch):
+    """The latency op at its smallest setting (batch 1, steps 1 and 2, one round): a row per subject, batch and
+    cfg with the fixed and per-step figures, the peers' ratios and the targets; printed and in the CSV."""
+    from fastdiff.bench import latency
+
+    monkeypatch.setattr(fastdiff, "Sampler", _StandInSampler, raising=False)
+    lines = []
+    rows = bm.report(ops=("latency",), repeat=1, csv_dir=tmp_path, log=lines.append,
+                     latency={"batches": (1,), "steps": (1, 2), "min_time": 1e-3})
+    assert {r["op"] for r in rows} == {"latency"} and {(r["batch"], r["cfg"]) for r in rows} == {(1, 1.0), (1, 2.0)}
+    ours = {"fastdiff.sample", "fastdiff.Sampler", "torch_loop", "fk.sample_euler", "fk.sample_dpmpp_2m"}
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        ours |= {"FastDiffEulerScheduler", "DDIMScheduler", "lerobot:DDPMScheduler", "lerobot:FastDiffDDIM(eta=1)"}
+    for cfg in (1.0, 2.0):
+        names = {r["backend"] for r in rows if r["cfg"] == cfg}
+        assert ours <= names, ours - names
+    by_name = {r["backend"]: r for r in rows if r["cfg"] == 2.0}
+    for r in rows:
+        assert math.isfinite(r["fixed_us"]) and math.isfinite(r["per_step_us"]) and r["model_us"] > 0
+        assert r["exp_1000_us"] > 0  # the busy-cores probe of its case
+        assert r["steps"] == "1,2" and r["shape"] == "16x2" and r["N"] == 32
+        if r["peer"] is not None:
+            assert r["peer"] in by_name  # each ratio's peer is a row of the same case
+    assert by_name["fastdiff.sample"]["peer"] == "torch_loop"
+    assert by_name["fastdiff.Sampler"]["target"].startswith(f"fixed <= {latency.SAMPLER_FIXED_US:g}, step <= ")
+    assert by_name["fastdiff.sample"]["target"].startswith(f"fixed <= {latency.SAMPLE_FIXED_US:g}: ")
+    assert any(line.startswith("targets: fastdiff.Sampler reused <= 30") for line in lines)
+    assert any(line.startswith("free model: ") for line in lines)
+    assert any(line.startswith("fastdiff.Sampler ") for line in lines)
+    (path,) = tmp_path.glob("*.csv")
+    with open(path) as f:
+        read = list(csv.DictReader(f))
+    assert len(read) == len(rows) and {"fixed_us", "per_step_us", "x_peer_step", "target"} <= set(read[0])
+
+
+def test_latency_skips_an_absent_sampler_with_a_note(monkeypatch):
+    from fastdiff.bench import latency
+
+    monkeypatch.delattr(fastdiff, "Sampler", raising=False)
+    found, notes = latency.subjects(1, 1.0)
+    assert "fastdiff.Sampler" not in {s.name for s in found}
+    assert any(n.startswith("fastdiff.Sampler: skipped") for n in notes)
+
+
+def test_latency_line_fit_splits_fixed_and_per_step_costs():
+    from fastdiff.bench.latency import fit_line
+
+    # two rounds of 100 + 1 µs/step and 200 + 3 µs/step: the medians of their intercepts and slopes
+    rounds = {f"loop@{s}": [1e-4 + s * 1e-6, 2e-4 + s * 3e-6] for s in (10, 30, 50)}
+    fixed, per_step = fit_line([10, 30, 50], rounds, "loop")
+    assert fixed == pytest.approx(1.5e-4) and per_step == pytest.approx(2e-6)
+
+
+def test_ddim_with_eta_1_is_lerobots_ddpm_step():
+    """The latency op sets fastdiff's DDIM scheduler (eta = 1, use_clipped_model_output) against lerobot's
+    DDPMScheduler loop: with the same noise, diffusers' DDIM so configured takes DDPM's steps."""
+    diffusers = pytest.importorskip("diffusers")
+    from fastdiff.bench.latency import LEROBOT
+
+    ddpm, ddim = diffusers.DDPMScheduler(**LEROBOT), diffusers.DDIMScheduler(**LEROBOT)
+    ddpm.set_timesteps(100)
+    ddim.set_timesteps(100)
+    x = torch.randn(4, 16, 2, generator=torch.Generator().manual_seed(0)) * 3
+    x_ddpm, x_ddim = x.clone(), x.clone()
+    for t in ddpm.timesteps:
+        x_ddpm = ddpm.step(torch.sin(1.3 * x_ddpm), t, x_ddpm, generator=torch.Generator().manual_seed(int(t))
+                           ).prev_sample
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(t)))
+        x_ddim = ddim.step(torch.sin(1.3 * x_ddim), t, x_ddim, eta=1.0, use_clipped_model_output=True,
+                           variance_noise=noise).prev_sample
+    torch.testing.assert_close(x_ddim, x_ddpm, rtol=1e-4, atol=1e-4)

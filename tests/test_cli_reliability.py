@@ -125,6 +125,9 @@ HOSTILE = [
     (["bench", "--ops", "step_ode,foo"], "--ops", "'foo' (choose from step_sde"),
     (["bench", "--repeat", str(10**12)], "--repeat", "1000"),
     (["bench", "--threads", str(10**12)], "--threads", "1024"),
+    (["bench", "--latency-steps", "10,101"], "--latency-steps", "100"),
+    (["bench", "--latency-shape", "16,0"], "--latency-shape", ">= 1"),
+    (["bench", "--latency-batches", str(10**6)], "--latency-batches", "4096"),
 ]
 
 
@@ -149,6 +152,17 @@ def test_bench_sizes_beyond_the_memory_are_refused(capsys, monkeypatch):
     assert cli.main([*BENCH, "--sizes", "10,28"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastdiff bench: error: --sizes 28") and "GiB" in err and "Traceback" not in err
+
+
+def test_bench_latency_settings_that_cannot_run_are_refused(capsys):
+    """One step count gives no slope; a batch of millions is no latency case: refused before any work."""
+    assert cli.main(["bench", "--ops", "latency", "--latency-steps", "5,5", "--no-csv"]) == 2
+    assert cli.main(["bench", "--ops", "latency", "--latency-shape", "4096,65", "--no-csv"]) == 2
+    captured = capsys.readouterr()
+    first, second = captured.err.strip().splitlines()
+    assert first.startswith("fastdiff bench: error: --latency-steps 5,5: give two or more distinct step counts")
+    assert second.startswith("fastdiff bench: error: --latency-shape / --latency-batches: 17039360 elements")
+    assert captured.out == "" and "Traceback" not in captured.err
 
 
 def test_bench_runs_with_checked_arguments(capsys):

@@ -15,7 +15,9 @@ Cases (N elements of fp32 state; the guided cases take one [2B] prediction, cfg 
 - ``loop``: whole sampling loops against the peers' (fastdiff.bench.loops);
 - ``methods``: each registered method's fused step per model evaluation against Euler's
   (fastdiff.bench.methods);
-- ``langevin``: Langevin / MALA chains against the lectures' loop (fastdiff.bench.langevin).
+- ``langevin``: Langevin / MALA chains against the lectures' loop (fastdiff.bench.langevin);
+- ``latency``: sampling loops' per-call and per-step overhead on a free model, small batches, fastdiff and
+  its adapters against the peers' loops (fastdiff.bench.latency; its cases do not depend on N).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 
 from fastdiff.bench.case import BATCH, CFG, DT, SIGMA, T, Case, _dtype, _sde_coefficients  # noqa: F401 (tests)
 from fastdiff.bench.loops import (LOOP_PARTS, LOOP_SHAPE, LOOP_STEPS, PEERS, CheapModel,  # noqa: F401
-                                  condot_denoiser, loop_cases)
+                                  condot_denoiser, loop_cases, loop_split_rows)
 from fastdiff.bench.guidance import rescale_cases
 from fastdiff.bench.langevin import langevin_cases
 from fastdiff.bench.methods import method_cases
@@ -39,7 +41,7 @@ __all__ = ["OPS", "BASELINES", "Case", "CheapModel", "LOOP_SHAPE", "LOOP_STEPS",
            "copy_case", "device_name", "eager_loss", "eager_ode_step", "eager_sde_step", "gram_cases", "loop_cases",
            "loss_cases", "method_cases", "randn_cases", "report", "rescale_cases", "step_cases", "time_interleaved"]
 
-OPS = ("step_sde", "step_ode", "gram", "rescale", "apg", "loss", "randn", "loop", "methods", "langevin")
+OPS = ("step_sde", "step_ode", "gram", "rescale", "apg", "loss", "randn", "loop", "methods", "langevin", "latency")
 
 
 def eager_sde_step(x, out2b, *, cfg=CFG, t=T, dt=DT, sigma=SIGMA, noise_like=torch.randn_like):
@@ -200,6 +202,8 @@ def cases(op: str, n: int, dtype: str = "fp32", device="cpu", impls=None) -> lis
         return gram_cases(n, dtype, device, impls)
     if op in ("rescale", "apg"):
         return rescale_cases(n, dtype, device, impls, rule=op)
+    if op == "latency":
+        raise ValueError("latency's cases depend on the batch and cfg, not N: see fastdiff.bench.latency.subjects")
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
 
 
@@ -270,7 +274,8 @@ def peak_memory(fn: Callable, device) -> Optional[int]:
 # ---- the report: interleaved medians, ratios, CSV rows ------------------------------------------------
 
 BASELINES = {"step_sde": "eager", "step_ode": "eager", "gram": "eager", "rescale": "eager", "apg": "eager",
-             "loss": "eager", "randn": "torch", "loop": "diffusers", "methods": "euler", "langevin": "eager"}
+             "loss": "eager", "randn": "torch", "loop": "diffusers", "methods": "euler", "langevin": "eager",
+             "latency": "peer"}  # latency: each row against the peer it replaces (fastdiff.bench.latency)
 
 
 def device_name(device) -> str:
@@ -290,9 +295,11 @@ def device_name(device) -> str:
 
 
 def report(ops=OPS, log2_sizes=(22,), dtypes=("fp32",), device="cpu", repeat=15, compile: bool = True,
-           csv_dir=None, log=print) -> list[dict]:
+           csv_dir=None, log=print, latency: dict | None = None) -> list[dict]:
     """Time every case of ``ops`` at N = 2^k for k in ``log2_sizes``, print the comparison table, and
-    write the rows to ``csv_dir/<device>-<date>.csv`` (when given). Returns the rows."""
+    write the rows to ``csv_dir/<device>-<date>.csv`` (when given). Returns the rows. ``latency``: keyword
+    arguments of fastdiff.bench.latency.report (its device, threads, shape...; by default the CPU, 2 threads),
+    which runs once after the sized ops."""
     import csv
     import datetime
     import re
@@ -305,20 +312,21 @@ def report(ops=OPS, log2_sizes=(22,), dtypes=("fp32",), device="cpu", repeat=15,
     rows = []
     log(f"fastdiff {fastdiff.__version__}, torch {torch.__version__}, {name}, "
         f"{threads if device.type == 'cpu' else 'GPU'} threads; medians of {repeat} interleaved rounds")
+    sized = [op for op in ops if op != "latency"]
     header = f"{'op':9s} {'dtype':5s} {'N':>9s} {'impl':13s} {'median ms':>10s} {'GB/s':>7s}"
     header += f" {'% copy':>7s}" if device.type == "cuda" else ""
     header += f" {'peak MiB':>8s}" if device.type == "cuda" else ""
     header += f" {'x base':>7s} {'x compile':>9s} {'fastdiff x':>10s}"
-    log(header)
-    log("(x base: speed relative to eager PyTorch; for randn to torch.randn, for loop to diffusers, for methods to "
-        "euler's step. "
-        "fastdiff x: how many times faster fastdiff is than this row)")
-    for k in log2_sizes:
+    if sized:
+        log(header)
+        log("(x base: speed relative to eager PyTorch; for randn to torch.randn, for loop to diffusers, for methods "
+            "to euler's step. fastdiff x: how many times faster fastdiff is than this row)")
+    for k in (log2_sizes if sized else ()):
         n = 1 << k
         copy_s = None
         if device.type == "cuda":
             copy_s = time_interleaved([copy_case(n, device)], repeat, device=device)["torch"]
-        for op in ops:
+        for op in sized:
             for dtype in (dtypes if op not in ("randn", "loop", "methods", "langevin") else ("fp32",)):
                 impls = None if compile or op in ("loop", "methods") else ["fastdiff", "eager", "reference", "torch"]
                 group = cases(op, n, dtype, device, impls)
@@ -351,32 +359,11 @@ def report(ops=OPS, log2_sizes=(22,), dtypes=("fp32",), device="cpu", repeat=15,
                         line += f"  {c.note}"
                     log(line)
                 if op == "loop" and all(k in med for k in ("fastdiff", *LOOP_PARTS)):
-                    own = med["free_model"] / LOOP_STEPS
-                    step = med["step_only"] / LOOP_STEPS
-                    minus = (med["fastdiff"] - med["model_only"]) / LOOP_STEPS
-                    # the two run back to back in each round: the median of the rounds' ratios cancels the
-                    # machine's drift, which moves whole rounds by 10-40 % on a shared CPU
-                    ratio = statistics.median(a / b for a, b in zip(per_round["free_model"], per_round["step_only"]))
-                    # the per-step work: what a step adds to a call, over the rounds (setup cancels)
-                    work = statistics.median((a - b) / (LOOP_STEPS - 1)
-                                             for a, b in zip(per_round["free_model"], per_round["free_model_1"]))
-                    setup = med["free_model"] - LOOP_STEPS * work
-                    log(f"{'':9s} per step: the loop's own time (loop with a free model) {own * 1e3:.4g} ms, the fused "
-                        f"step alone {step * 1e3:.4g} ms: ratio {ratio:.2f} (median of the rounds' ratios; "
-                        f"{own / step:.2f} of the medians) = per-call setup {setup * 1e3:.3g} ms / {LOOP_STEPS} steps "
-                        f"+ per-step work {work * 1e3:.4g} ms ({work / step:.2f}x the step); loop minus the model "
-                        f"timed alone {minus * 1e3:.4g} ms")
-                    for impl, v, vs_step, note in (
-                            ("own_per_step", own, ratio, "the loop with a free model, per step (x: paired ratio)"),
-                            ("step_per_step", step, 1.0, "the fused step as the loop calls it"),
-                            ("work_per_step", work, work / step,
-                             "the loop's per-step work: (free_model - free_model_1) / (steps - 1)"),
-                            ("setup_per_call", setup, setup / step, "the loop's per-call setup: free_model - steps x work"),
-                            ("minus_model_per_step", minus, minus / step,
-                             "loop minus the model timed alone, per step")):
-                        rows.append({**rows[-1], "backend": impl, "median_ms": _sig(v * 1e3), "GB/s": None,
-                                     "pct_copy": None, "x_vs_baseline": None, "x_vs_compile": None,
-                                     "fastdiff_speedup": round(vs_step, 3), "peak_mib": None, "note": note})
+                    rows += loop_split_rows(med, per_round, rows[-1], log)
+    if "latency" in ops:
+        from fastdiff.bench import latency as latency_op
+
+        rows += latency_op.report(repeat=repeat, log=log, **(latency or {}))
     if csv_dir is not None and rows:
         from pathlib import Path
 
@@ -385,7 +372,8 @@ def report(ops=OPS, log2_sizes=(22,), dtypes=("fp32",), device="cpu", repeat=15,
         slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
         path = folder / f"{slug}-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv"
         with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            # latency's rows add their own columns (batch, cfg, fixed_us, ...): the union, in order
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
             w.writeheader()
             w.writerows(rows)
         log(f"wrote {path}")

@@ -230,3 +230,39 @@ def _loop_parts(model, B, y, y2, steps, sigma, cfg, device) -> dict:
             "step_only": (step_only, f"{steps} fused steps as the loop makes them"),
             "model_only": (model_only, f"{steps} model calls on the kept 2B input"),
             "free_model_1": (lambda: free_model(1), "the free-model loop for one step: the per-call setup + 1 step")}
+
+
+def loop_split_rows(med: dict, per_round: dict, group_row: dict, log) -> list[dict]:
+    """fastdiff's loop taken apart (LOOP_PARTS' medians ``med`` and per-round timings ``per_round``): its own
+    time per step next to the fused step's, split into a per-call setup and the per-step work; printed, and
+    returned as CSV rows with ``group_row``'s date, device, size (a row of the loop's group)."""
+    import statistics
+
+    rows = []
+    own = med["free_model"] / LOOP_STEPS
+    step = med["step_only"] / LOOP_STEPS
+    minus = (med["fastdiff"] - med["model_only"]) / LOOP_STEPS
+    # the two run back to back in each round: the median of the rounds' ratios cancels the
+    # machine's drift, which moves whole rounds by 10-40 % on a shared CPU
+    ratio = statistics.median(a / b for a, b in zip(per_round["free_model"], per_round["step_only"]))
+    # the per-step work: what a step adds to a call, over the rounds (setup cancels)
+    work = statistics.median((a - b) / (LOOP_STEPS - 1)
+                             for a, b in zip(per_round["free_model"], per_round["free_model_1"]))
+    setup = med["free_model"] - LOOP_STEPS * work
+    log(f"{'':9s} per step: the loop's own time (loop with a free model) {own * 1e3:.4g} ms, the fused "
+        f"step alone {step * 1e3:.4g} ms: ratio {ratio:.2f} (median of the rounds' ratios; "
+        f"{own / step:.2f} of the medians) = per-call setup {setup * 1e3:.3g} ms / {LOOP_STEPS} steps "
+        f"+ per-step work {work * 1e3:.4g} ms ({work / step:.2f}x the step); loop minus the model "
+        f"timed alone {minus * 1e3:.4g} ms")
+    for impl, v, vs_step, note in (
+            ("own_per_step", own, ratio, "the loop with a free model, per step (x: paired ratio)"),
+            ("step_per_step", step, 1.0, "the fused step as the loop calls it"),
+            ("work_per_step", work, work / step,
+             "the loop's per-step work: (free_model - free_model_1) / (steps - 1)"),
+            ("setup_per_call", setup, setup / step, "the loop's per-call setup: free_model - steps x work"),
+            ("minus_model_per_step", minus, minus / step,
+             "loop minus the model timed alone, per step")):
+        rows.append({**group_row, "backend": impl, "median_ms": float(f"{v * 1e3:.4g}"), "GB/s": None,
+                     "pct_copy": None, "x_vs_baseline": None, "x_vs_compile": None,
+                     "fastdiff_speedup": round(vs_step, 3), "peak_mib": None, "note": note})
+    return rows
