@@ -263,7 +263,7 @@ def report(device="cpu", threads: int = THREADS, shape=SHAPE, batches=BATCHES, c
 
     import fastdiff
     from fastdiff.bench.case import Case
-    from fastdiff.bench.harness import device_name, time_interleaved
+    from fastdiff.bench.timing import device_name, time_interleaved
 
     steps = sorted(set(steps))
     if len(steps) < 2:

@@ -20,6 +20,10 @@ from collections import OrderedDict
 
 import torch
 
+from fastdiff import _backends
+from fastdiff import dispatch as _dispatch
+from fastdiff.sampling.methods.registry import get_method
+
 MAX_ENTRIES = 8
 MAX_BYTES = 16 << 20  # buffers of a cached plan: state, guidance pairs and scratch, ~(branches + 4) copies
 REFILLED = ("seed", "noise", "y", "null_y")
@@ -57,10 +61,19 @@ def key_of(model, steps, cfg, kwargs: dict):
     try:
         _model_ref(model)
         model_id = (id(model.__self__), id(model.__func__)) if _bound(model) else id(model)
-        return (model_id, _value_key("steps", steps), _value_key("cfg", cfg),
+        # the method's record (a method registered again under its name plans anew; the cached plan keeps the old
+        # record alive, so its id is not reused) and the backend in force when none is given (use_backend)
+        method = get_method(kwargs.get("method", "euler"))
+        return (model_id, _value_key("steps", steps), _value_key("cfg", cfg), id(method),
+                _dispatch.current() if kwargs.get("backend") is None else None, _kernels(),
                 tuple(sorted((k, _value_key(k, v)) for k, v in kwargs.items())))
-    except TypeError:
+    except (TypeError, ValueError):  # not cacheable, or an argument error that planning will name
         return None
+
+
+def _kernels() -> tuple:
+    """The step kernels registered now (a plan holds the one it resolved: a kernel registered anew plans anew)."""
+    return tuple(id(_backends.get(name).kernels.get("sampler_step")) for name in _backends.names())
 
 
 def _small(kwargs: dict) -> bool:
@@ -88,21 +101,21 @@ def take(key, model):
     if entry is None:
         return None
     ref, sampler = entry
-    return sampler if ref() == model else None
+    return (ref, sampler) if ref() == model else None
 
 
-def give(key, model, sampler) -> None:
+def give(key, model, sampler, ref=None) -> None:
     """Keeps ``sampler`` for calls with ``key`` (least recently used out beyond MAX_ENTRIES); it holds the model
-    weakly: the entry goes with the model."""
+    weakly (``ref``: the entry's reference from :func:`take`): the entry goes with the model."""
     sampler._model = None
     sampler._a.model = None
+    if ref is None:
+        def drop(_ref, key=key):
+            with _lock:
+                if key in _entries and _entries[key][0] is _ref:
+                    del _entries[key]
 
-    def drop(_ref, key=key):
-        with _lock:
-            if key in _entries and _entries[key][0] is _ref:
-                del _entries[key]
-
-    ref = _model_ref(model, drop)
+        ref = _model_ref(model, drop)
     with _lock:
         _entries[key] = (ref, sampler)
         _entries.move_to_end(key)

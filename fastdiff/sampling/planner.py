@@ -162,6 +162,8 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
     start_rows = merged.start_rows(beta0, start_noise is not None, device) if merged and start else None
     noise_calls = noise_feature.kernel_calls(buffers.get("noise"), seeds, (stage_key, weights.key, "brownian"))
     inputs = SimpleNamespace(noise=start_noise, z=z)
+    zeros = torch.zeros(x_shape, device=device) if (not pooled or a.cuda_graph) and start is None and noise is None \
+        else None
     plan.inputs = inputs
     brownian = a.brownian  # the hooks hold no reference to ``a`` (nor so to the model: a captured loop is dropped with it)
 
@@ -178,8 +180,10 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
         elif inputs.noise is not None:
             for o in x_outs:
                 o.copy_(inputs.noise)
-        else:
-            _calls.initial_write(kernel, seeds, x_outs, beta0, inputs.z if inputs.z is not None else draw_initial())
+        elif inputs.z is not None:
+            _calls.initial_write(kernel, seeds, x_outs, beta0, inputs.z)
+        else:  # a reused plan: the draw rides in the write
+            _calls.initial_draw(kernel, zeros, seeds, x_outs, beta0)
         finite.reset()
         weights.reset()
 
@@ -195,14 +199,15 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
     if a.correcting:
         plan.add("before_step", _corrector.hook(stages, backend))
     noise_feature.add_hooks(plan, buffers, noise_calls, x)
-    plan.add("after_stage", lambda k: finite.after(k, last))
+    if finite.points:  # a table too small for every stage, or a captured loop: reductions during the run
+        plan.add("after_stage", finite.after_stage)
     if edit is not None:  # RePaint's repeats after the first draw in the kernel, on the editing streams
         free = None
         if edit.resample > 1 and a.step_noise is not None:
             free = _build_calls(stage_calls, stages, merged, weights, thresholds, _step_noise.plan(None, False, stages,
                                 grid), g, stage_key, device)
         edit.plan(plan, a.path, backend, free)
-    plan.keep += [noise_buf, start_rows, noise_calls]
+    plan.keep += [noise_buf, start_rows, noise_calls, zeros]
     ns.scratch, ns.noise_buf, ns.beta0, ns.merged, ns.backend = scratch, noise_buf, beta0, merged, backend
     return plan, ns
 

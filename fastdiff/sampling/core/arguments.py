@@ -297,6 +297,17 @@ class FiniteFlags:
         self.table = torch.ones((self.rows, B), dtype=torch.int32, device=device) if enabled else None
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         self._row_ids = torch.arange(self.rows, device=device)
+        self.dirty = False  # whether the table may hold cleared flags (a run began and was not settled)
+        last = n_stages - 1
+        # the stages after which the executor reduces (after_stage): a full table, and the end in a captured loop
+        self.points = {k for k in range(n_stages) if enabled and ((k % self.rows == self.rows - 1 and k != last)
+                                                                   or (k == last and reduce_at_end))}
+
+    def after_stage(self, k: int) -> None:
+        """The executor's hook (only where ``points`` is not empty)."""
+        if k in self.points:
+            self._reduce(k)
+            self.reduced = True
 
     def row(self, k: int):
         """Stage k's flags [B] (None when the check is off)."""
@@ -304,8 +315,9 @@ class FiniteFlags:
 
     def reset(self) -> None:
         self.reduced = False
-        if self.enabled:
+        if self.enabled and (self.dirty or self.reduce_at_end):  # a settled table is clean already
             self.table.fill_(1)
+        self.dirty = True
 
     def after(self, k: int, last: int) -> None:
         """After stage k: reduce the table into first_bad when it is full, or at the loop's end when the host
@@ -319,9 +331,10 @@ class FiniteFlags:
         case, is one reduction and one read: ~2 us at batch 1 instead of the ~15 us of a device-side reduction)."""
         if not self.enabled or self.reduce_at_end:
             return
-        if self.reduced or not bool(self.table[:last % self.rows + 1].all()):
+        if self.reduced or not bool(self.table.all()):  # rows not reached this run hold ones
             self._reduce(last)
             self.reduced = True  # first_bad may now be set: the caller reads it
+        self.dirty = False
 
     def _reduce(self, k: int) -> None:
         first = k - k % self.rows

@@ -75,6 +75,12 @@ def initial_write(kernel, seeds, x_outs, beta0: float, z) -> None:
     kernel(z, [z], [], seeds, [], [1.0], [beta0, 0.0, 0.0, 0.0], None, None, x_outs, None, None)
 
 
+def initial_draw(kernel, zeros, seeds, x_outs, beta0: float) -> None:
+    """x = beta0 xi(stream 0) drawn in the write itself (0 x + 0 g + beta0 xi over a kept zero buffer): the initial
+    noise without a randn op and its tensor, bit for bit the same values (one rounding of beta0 xi either way)."""
+    kernel(zeros, [zeros], [], seeds, [0], [1.0], [0.0, 0.0, beta0, 0.0, 0.0, 0.0], None, None, x_outs, None, None)
+
+
 def direct_kernel(backend: str, op: str):
     """The backend's kernel of ``op`` as the plan calls it: the torch op overload itself for the native backends
     (no Python wrapper and no overload resolution per call: ~1.5 us a call at batch 1)."""

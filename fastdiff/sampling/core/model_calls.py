@@ -68,14 +68,18 @@ class ModelCalls:
         """Stage k's predictions: [p] or [p_null, p_y] ([p_null, p_1, ..., p_K] with several conditions; the
         conditions alone outside the guidance interval: [p_1, ..., p_K])."""
         kind, inputs, n = self.plans[k]
-        outs = [model(*args) for args in inputs]
-        for out, args in zip(outs, inputs):
-            if out.__class__ is not torch.Tensor or out.shape != args[0].shape or out.device != self.device or \
-                    out.dtype is not torch.float32:  # the common case in one test, the rest explained
-                check_model_output(out, args[0].shape, self.device, self.stages[k])
-        if kind == "batched":
-            parts = outs[0].contiguous().chunk(n)  # views of one output (conditions first, null last)
-            return [parts[-1], *parts[:-1]] if n == self.branches else list(parts)
-        if kind == "two":
-            return [outs[-1].contiguous(), *(o.contiguous() for o in outs[:-1])]
-        return [o.contiguous() for o in outs]
+        if kind == "two" or kind == "conditions":
+            outs = [self._checked(model(*args), args, k).contiguous() for args in inputs]
+            return [outs[-1], *outs[:-1]] if kind == "two" else outs
+        args = inputs[0]
+        out = self._checked(model(*args), args, k).contiguous()
+        if kind == "one":
+            return [out]
+        parts = out.chunk(n)  # views of one output (conditions first, null last)
+        return [parts[-1], *parts[:-1]] if n == self.branches else list(parts)
+
+    def _checked(self, out, args: tuple, k: int):
+        if out.__class__ is not torch.Tensor or out.dtype is not torch.float32 or out.shape != args[0].shape or \
+                out.device != self.device:  # the common case in one test, the rest explained
+            check_model_output(out, args[0].shape, self.device, self.stages[k])
+        return out

@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -164,6 +163,20 @@ class APG:
 
 
 RULES = {rule.name: rule for rule in (CFG, CFGZeroStar, CFGPP, APG)}
+
+
+def register_rule(rule):
+    """Class decorator: a guidance rule usable as ``sample(guidance=rule.name)`` or as an object. A rule is a frozen
+    dataclass with ``name``; ``needs_gram`` (whether its blend reads the branches' per-sample Gram matrix, one
+    fused reduction pass per guided evaluation); ``zero_init_steps``; and ``blend(gram, w)`` -> the weights
+    (a, b[, c]) of g = a p_null + b p_y [+ c r], numbers or per-sample [B] float64 tensors, from the Gram matrices
+    [B, n+1, n+1] of (1, p_null, p_y[, r]) (docs/design.md, "Adding a guidance rule")."""
+    if not isinstance(getattr(rule, "name", None), str) or rule.name in RULES:
+        raise ValueError(f"a guidance rule needs a new name, got {getattr(rule, 'name', None)!r}")
+    if not callable(getattr(rule, "blend", None)):
+        raise TypeError(f"guidance rule {rule.name!r} needs blend(gram, w)")
+    RULES[rule.name] = rule
+    return rule
 
 
 def get_rule(guidance):

@@ -33,12 +33,9 @@ Langevin step j at grid point i draws the normal of stream langevin_stream(i, j)
 from __future__ import annotations
 
 import math
-import numbers
 
-import torch
 
 from fastdiff import _checks
-from fastdiff.ops.sample_gram import sample_gram
 from fastdiff.paths import affine_coefficients
 from fastdiff.sampling.core.arguments import langevin_steps, positive_number
 from fastdiff.sampling.core.stage import Stage, draw_stream, langevin_stream
