@@ -13,6 +13,80 @@ from fastdiff.sampling import plan_cache
 from fastdiff.sampling.core.scratch import POOL
 from fastdiff.sampling.planner import arguments, build
 
+ARGUMENTS = """Sample ``[B, *shape]`` from ``model(x, t, y)`` by integrating from t = 0 (noise) to t = 1 (data).
+
+    Args:
+        model: callable ``model(x, t, y)`` → prediction of type ``prediction`` (same shape as x); t is
+            a float32 tensor [B] in flow time.
+        steps: number of steps (grid of steps + 1 times, uniform in t unless ``timesteps`` is given).
+        cfg: classifier-free guidance scale w: p = p_null + w (p_y - p_null); 1 means one pass. A callable
+            t -> w is a schedule, evaluated at each model evaluation's time (two branches throughout).
+        shape: per-sample shape (taken from ``noise`` when given).
+        y, null_y: conditioning batch and the unconditional label (required when cfg != 1).
+        conditions: instead of y, K condition batches [y_1, ..., y_K] (K <= 7) blended as
+            g = p_null + Σ_k w_k (p_k - p_null) in one model call of (K+1) B; cfg is one weight for all
+            or one per condition (negative: away from it). K = 1 is y's path, bit for bit.
+        seed: int (sample b uses seed + b) or per-sample seeds (sequence or int64 tensor).
+        noise: explicit initial state [B, *shape] at the first grid point.
+        path: "condot", "vp", "vp-cosine" or a fastdiff.paths.GaussianPath.
+        prediction: what the model returns: "velocity", "eps", "score" or "x0".
+        method: "euler" (ODE; Euler–Maruyama when sigma > 0), "heun", "ddim" (with ``eta``), "dpmpp_2m",
+            or any method registered with fastdiff.sampling.register_method (``fastdiff.sampling.METHODS``).
+        sigma: diffusion coefficient (float or callable t → sigma_t) of the SDE (methods that take it: euler).
+        eta: the noise fraction in [0, 1] of the methods that take it (ddim: default 0, deterministic).
+        **options: further options of the chosen method (fastdiff.sampling.methods(); docs/sampling.md);
+            EDM's churn options (s_churn, s_tmin, s_tmax, s_noise of euler, heun, dpm_2) also per sample, as
+            a list or 1-D tensor of B values (per-sample model times and coefficient rows).
+        timesteps: explicit increasing grid in [0, 1] (steps + 1 times); a decreasing one integrates from data
+            to noise (inversion: fastdiff.invert) with a deterministic method registered with inverts=True.
+        guidance_interval: (t_lo, t_hi): guidance only for t_lo <= t <= t_hi, one pass elsewhere.
+        guidance: the guidance rule: None or "cfg" (g = p_null + w (p_y - p_null)), "cfg_zero_star" (CFG-Zero*:
+            the unconditional branch scaled by its per-sample optimal factor, zero prediction at the first
+            step), or a rule object of fastdiff.sampling.features.guidance (e.g. CFGZeroStar(zero_init_steps=2)).
+        guidance_rescale: CFG rescale phi in [0, 1] (diffusers' guidance_rescale; Lin et al. 2024): the blend
+            is scaled toward the conditional prediction's standard deviation per sample, fused (one
+            per-sample reduction pass per guided evaluation, no host sync; fastdiff.sampling.features.guidance).
+        classifier, classifier_scale, classifier_y: classifier guidance: ``classifier(x, t)`` → logits [B, classes] of a
+            noise-aware classifier; the score gets classifier_scale · ∇_x log softmax(logits)[y] (autograd, one
+            forward and backward per evaluation), fused into the step (fastdiff.sampling.features.classifier).
+            classifier_y (default: y) holds the target classes; the scale may be a callable of t.
+        init, strength, known_mask, resample: editing (fastdiff.sampling.features.editing; docs/guidance.md). ``init``
+            [B, *shape]: the data to start from. ``strength`` in (0, 1] (img2img / SDEdit): run the grid's last
+            int(steps * strength) steps from init noised to their start. ``known_mask`` (bool, broadcast to the
+            samples; true = known): inpainting, the known region re-imposed from init at each step's end time;
+            ``resample`` = r > 1 repeats each step r times (RePaint) so the rest agrees with it.
+        corrector_steps, snr: predictor-corrector sampling (score_sde): before each step, corrector_steps
+            Langevin steps at its start time, each sample's step size 2 (snr ‖ξ‖ / ‖score‖)² (docs/score_based.md).
+        dynamic_thresholding: Imagen's dynamic thresholding of each evaluation's x0 estimate (diffusers'
+            thresholding=True): True (ratio 0.995, max_value 1), a ratio, or a DynamicThresholding.
+        cfg_batch: run conditional and unconditional inputs as one batch of 2B (default) or two calls.
+        backend: "auto", "cuda", "triton", "cpu" or "reference" for the fused step; None (default): the one in
+            force (fastdiff.use_backend, else FASTDIFF_BACKEND, else "auto").
+        progress: show a tqdm progress bar.
+        callback: ``callback(step, t, x, x0)`` after each step (x = the new state, x0 = the model's
+            x0 prediction at that step's first evaluation); the tensors are reused buffers. An in-place edit of x
+            is the next step's start (k-diffusion's contract).
+        check_finite: fail with the step and t if the model returns inf/NaN (checked on the device,
+            read once at the end).
+        cuda_graph: capture the model and the loop in a CUDA graph (CUDA tensors only). Later calls
+            with the same model object and settings replay it (seeds, noise and labels are refilled).
+            Up to 4 loops stay cached with everything they read; fastdiff.clear_cuda_graphs()
+            frees them, and a model's loops are dropped when the model is garbage-collected. The
+            model's parameters must stay where they are (in-place updates are seen; ``.to()`` or
+            reassigned parameters need clear_cuda_graphs()).
+        step_noise: the noise of the steps. None: independent in-kernel draws (docs/design.md §3).
+            "brownian": increments of one Brownian path per sample over flow time, a pure function of
+            (seed, element), so that a seed's samples converge as steps grow (k-diffusion's
+            BrownianTreeNoiseSampler; fastdiff.sampling.features.brownian, in the kernels). A callable: the caller's
+            noise, ``step_noise(step, j)`` → a standard normal [B, *shape] for the j-th noisy stage of step
+            ``step`` (one call per stage that adds noise; k-diffusion's ``noise_sampler`` through
+            fastdiff.adapters.k_diffusion). The stage's whole noise term (its draws, e.g. dpmpp_sde's
+            Brownian combination) becomes its scale times that tensor.
+
+    On the CPU the loop's scratch buffers (not the returned samples) are kept for the next call, up to
+    256 MiB (fastdiff.clear_scratch() frees them). Runs under torch.no_grad().
+    """
+
 # sample()'s keyword arguments and their defaults (any other keyword is a method option)
 DEFAULTS = dict(shape=None, y=None, null_y=None, seed=0, noise=None, path="condot", prediction="velocity",
                 method="euler", sigma=0.0, eta=None, timesteps=None, guidance_interval=None, cfg_batch=True,
@@ -201,79 +275,6 @@ def _run_graph(plan, ns, a) -> tuple:
 
 @torch.no_grad()  # a sampler never backpropagates: model calls keep no activations for backward
 def sample(model, steps: int | None = 50, cfg: float = 1.0, **kwargs) -> torch.Tensor:
-    """Sample ``[B, *shape]`` from ``model(x, t, y)`` by integrating from t = 0 (noise) to t = 1 (data).
-
-    Args:
-        model: callable ``model(x, t, y)`` → prediction of type ``prediction`` (same shape as x); t is
-            a float32 tensor [B] in flow time.
-        steps: number of steps (grid of steps + 1 times, uniform in t unless ``timesteps`` is given).
-        cfg: classifier-free guidance scale w: p = p_null + w (p_y - p_null); 1 means one pass. A callable
-            t -> w is a schedule, evaluated at each model evaluation's time (two branches throughout).
-        shape: per-sample shape (taken from ``noise`` when given).
-        y, null_y: conditioning batch and the unconditional label (required when cfg != 1).
-        conditions: instead of y, K condition batches [y_1, ..., y_K] (K <= 7) blended as
-            g = p_null + Σ_k w_k (p_k - p_null) in one model call of (K+1) B; cfg is one weight for all
-            or one per condition (negative: away from it). K = 1 is y's path, bit for bit.
-        seed: int (sample b uses seed + b) or per-sample seeds (sequence or int64 tensor).
-        noise: explicit initial state [B, *shape] at the first grid point.
-        path: "condot", "vp", "vp-cosine" or a fastdiff.paths.GaussianPath.
-        prediction: what the model returns: "velocity", "eps", "score" or "x0".
-        method: "euler" (ODE; Euler–Maruyama when sigma > 0), "heun", "ddim" (with ``eta``), "dpmpp_2m",
-            or any method registered with fastdiff.sampling.register_method (``fastdiff.sampling.METHODS``).
-        sigma: diffusion coefficient (float or callable t → sigma_t) of the SDE (methods that take it: euler).
-        eta: the noise fraction in [0, 1] of the methods that take it (ddim: default 0, deterministic).
-        **options: further options of the chosen method (fastdiff.sampling.methods(); docs/sampling.md);
-            EDM's churn options (s_churn, s_tmin, s_tmax, s_noise of euler, heun, dpm_2) also per sample, as
-            a list or 1-D tensor of B values (per-sample model times and coefficient rows).
-        timesteps: explicit increasing grid in [0, 1] (steps + 1 times); a decreasing one integrates from data
-            to noise (inversion: fastdiff.invert) with a deterministic method registered with inverts=True.
-        guidance_interval: (t_lo, t_hi): guidance only for t_lo <= t <= t_hi, one pass elsewhere.
-        guidance: the guidance rule: None or "cfg" (g = p_null + w (p_y - p_null)), "cfg_zero_star" (CFG-Zero*:
-            the unconditional branch scaled by its per-sample optimal factor, zero prediction at the first
-            step), or a rule object of fastdiff.sampling.features.guidance (e.g. CFGZeroStar(zero_init_steps=2)).
-        guidance_rescale: CFG rescale phi in [0, 1] (diffusers' guidance_rescale; Lin et al. 2024): the blend
-            is scaled toward the conditional prediction's standard deviation per sample, fused (one
-            per-sample reduction pass per guided evaluation, no host sync; fastdiff.sampling.features.guidance).
-        classifier, classifier_scale, classifier_y: classifier guidance: ``classifier(x, t)`` → logits [B, classes] of a
-            noise-aware classifier; the score gets classifier_scale · ∇_x log softmax(logits)[y] (autograd, one
-            forward and backward per evaluation), fused into the step (fastdiff.sampling.features.classifier).
-            classifier_y (default: y) holds the target classes; the scale may be a callable of t.
-        init, strength, known_mask, resample: editing (fastdiff.sampling.features.editing; docs/guidance.md). ``init``
-            [B, *shape]: the data to start from. ``strength`` in (0, 1] (img2img / SDEdit): run the grid's last
-            int(steps * strength) steps from init noised to their start. ``known_mask`` (bool, broadcast to the
-            samples; true = known): inpainting, the known region re-imposed from init at each step's end time;
-            ``resample`` = r > 1 repeats each step r times (RePaint) so the rest agrees with it.
-        corrector_steps, snr: predictor-corrector sampling (score_sde): before each step, corrector_steps
-            Langevin steps at its start time, each sample's step size 2 (snr ‖ξ‖ / ‖score‖)² (docs/score_based.md).
-        dynamic_thresholding: Imagen's dynamic thresholding of each evaluation's x0 estimate (diffusers'
-            thresholding=True): True (ratio 0.995, max_value 1), a ratio, or a DynamicThresholding.
-        cfg_batch: run conditional and unconditional inputs as one batch of 2B (default) or two calls.
-        backend: "auto", "cuda", "triton", "cpu" or "reference" for the fused step; None (default): the one in
-            force (fastdiff.use_backend, else FASTDIFF_BACKEND, else "auto").
-        progress: show a tqdm progress bar.
-        callback: ``callback(step, t, x, x0)`` after each step (x = the new state, x0 = the model's
-            x0 prediction at that step's first evaluation); the tensors are reused buffers. An in-place edit of x
-            is the next step's start (k-diffusion's contract).
-        check_finite: fail with the step and t if the model returns inf/NaN (checked on the device,
-            read once at the end).
-        cuda_graph: capture the model and the loop in a CUDA graph (CUDA tensors only). Later calls
-            with the same model object and settings replay it (seeds, noise and labels are refilled).
-            Up to 4 loops stay cached with everything they read; fastdiff.clear_cuda_graphs()
-            frees them, and a model's loops are dropped when the model is garbage-collected. The
-            model's parameters must stay where they are (in-place updates are seen; ``.to()`` or
-            reassigned parameters need clear_cuda_graphs()).
-        step_noise: the noise of the steps. None: independent in-kernel draws (docs/design.md §3).
-            "brownian": increments of one Brownian path per sample over flow time, a pure function of
-            (seed, element), so that a seed's samples converge as steps grow (k-diffusion's
-            BrownianTreeNoiseSampler; fastdiff.sampling.features.brownian, in the kernels). A callable: the caller's
-            noise, ``step_noise(step, j)`` → a standard normal [B, *shape] for the j-th noisy stage of step
-            ``step`` (one call per stage that adds noise; k-diffusion's ``noise_sampler`` through
-            fastdiff.adapters.k_diffusion). The stage's whole noise term (its draws, e.g. dpmpp_sde's
-            Brownian combination) becomes its scale times that tensor.
-
-    On the CPU the loop's scratch buffers (not the returned samples) are kept for the next call, up to
-    256 MiB (fastdiff.clear_scratch() frees them). Runs under torch.no_grad().
-    """
     key = plan_cache.key_of(model, steps, cfg, kwargs)
     if key is not None:  # a small call: its plan is kept and reused by the next one like it (plan_cache)
         entry = plan_cache.take(key, model)
@@ -306,5 +307,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, **kwargs) -> torch.T
     _raise_first_bad(plan, ns, a)
     return plan.result
 
+
+sample.__doc__ = ARGUMENTS  # the arguments' documentation, shared with Sampler
+Sampler.__doc__ += "\n\n" + ARGUMENTS
 
 __all__ = ["DEFAULTS", "OUTS", "Sampler", "clear_scratch", "sample"]
