@@ -9,8 +9,8 @@ from fastdiff.sampling.langevin import langevin
 from fastdiff.sampling.likelihood import Likelihood, bits_per_dim, log_likelihood
 from fastdiff.sampling.methods import Method, get_method, methods, register_method  # noqa: F811
 
-__all__ = ["METHODS", "Likelihood", "Method", "Sampler", "bits_per_dim", "get_method", "invert", "langevin", "log_likelihood",
-           "methods", "register_method", "sample"]
+__all__ = ["METHODS", "Likelihood", "Method", "Sampler", "bits_per_dim", "get_method", "invert", "langevin",
+           "log_likelihood", "methods", "register_method", "sample"]
 
 
 def __getattr__(name):

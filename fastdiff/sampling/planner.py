@@ -83,7 +83,7 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
         classifier.bind(merged, B, device)
     if edit is not None:
         edit.check(grid, stages)
-    weights = g.stage_weights(stages, B, device)
+    weights = g.stage_weights(stages, B, device, merged)
     seeds = sample_seeds(a.seed, B, device)
     backend = _dispatch.resolve(device, a.backend)  # None: use_backend / FASTDIFF_BACKEND, else auto
     noise = a.noise
@@ -165,7 +165,7 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
     zeros = torch.zeros(x_shape, device=device) if (not pooled or a.cuda_graph) and start is None and noise is None \
         else None
     plan.inputs = inputs
-    brownian = a.brownian  # the hooks hold no reference to ``a`` (nor so to the model: a captured loop is dropped with it)
+    brownian = a.brownian  # hooks hold no reference to ``a`` (so none to the model: a captured loop dies with it)
 
     def write_start():
         if start is not None:  # x = scale x_0 + c xi_0: the initial state (given or beta0 z) and the draw in one pass

@@ -165,6 +165,8 @@ class Sampler:
             labels.y.copy_(y)  # (the same tensor, unchanged since the last call, is there already)
             if labels.batched is not None:
                 labels.batched[:a.B].copy_(y)
+            if self._ns.classifier is not None and self._kw["classifier_y"] is None:  # its targets are y too
+                self._ns.classifier.y.copy_(y)
             self._last_y, self._last_y_version = y, y._version
         if null_y is not None and isinstance(labels.null, torch.Tensor):
             _refill_null(labels, null_y, a.B)

@@ -87,7 +87,8 @@ class ClassifierGuidance:
             if merged is None or len(set(values)) == 1:
                 self.coefficient.append(values[0])
             else:
-                self.coefficient.append(torch.tensor(values, dtype=torch.float32)[torch.tensor(merged.index)].to(device))
+                per = torch.tensor(values, dtype=torch.float32)[torch.tensor(merged.index)]
+                self.coefficient.append(per.to(device))
 
     def hook(self, plan, buffers: dict):
         """The prediction transform that fills the gradient buffer for stage k's input (the step reads it)."""

@@ -119,7 +119,7 @@ class Guidance:
                              "of each sample (the conditions are the model's)")
         return self.y
 
-    def stage_weights(self, stages, B: int, device) -> StageWeights:
+    def stage_weights(self, stages, B: int, device, merged=None) -> StageWeights:
         """Each stage's branch weights: its scale(s), CFG++'s share through the clean estimate, the rule's zero
         steps, per-sample weights (rescale, rules) from a reduction pass."""
         scales = [self.scale_at(st.t) for st in stages]
@@ -132,12 +132,34 @@ class Guidance:
                                      "which needs a non-zero sum")
         step_scales, shares = scales, None
         if self.guided and self.rule.name == "cfg_pp":
-            shares = [None if st.corrector is not None else st.cfg_pp for st in stages]  # the blend's weight times the share through the clean estimate
-            step_scales = [w if st.corrector is not None else self.rule.stage_scale(w, st)  # a corrector: the score
+            # the blend's weight times its share through the clean estimate (a corrector's stage: the whole score)
+            shares = [None if st.corrector is not None else st.cfg_pp for st in stages]
+            step_scales = [w if st.corrector is not None else self.rule.stage_scale(w, st)
                            for w, st in zip(scales, stages)]
-        return StageWeights(self.rule, self.rescale, step_scales, [st.step < self.rule.zero_init_steps for st in stages],
-                            self.guided, B, device, x0_scales=scales, guided_at=[self.guided_at(st.t) for st in stages],
-                            shares=shares)
+        zero = [st.step < self.rule.zero_init_steps for st in stages]
+        return StageWeights(self.rule, self.rescale, step_scales, zero, self.guided, B, device, x0_scales=scales,
+                            guided_at=[self.guided_at(st.t) for st in stages], shares=shares,
+                            per_sample_values=self._per_sample(merged))
+
+    def _per_sample(self, merged) -> dict | None:
+        """With per-sample churn: the stages where the samples' own times give them other weights (a schedule's
+        scale, CFG++'s share), {stage: (step scales, x0 scales, shares) per sample}."""
+        if merged is None or not self.guided:
+            return None
+        cfg_pp = self.rule.name == "cfg_pp"
+        out = {}
+        for k in range(len(merged.tables[0])):
+            per_table = []
+            for table in merged.tables:
+                st = table[k]
+                w = self.scale_at(st.t)
+                rho = st.cfg_pp if cfg_pp and st.corrector is None else None
+                step = w if rho is None else (tuple(v * rho for v in w) if isinstance(w, tuple) else w * rho)
+                per_table.append((step, w, rho))
+            if len(set(per_table)) > 1:
+                values = [per_table[g] for g in merged.index]
+                out[k] = tuple(list(v) for v in zip(*values))
+        return out or None
 
 
 def guidance_arguments(a) -> Guidance:

@@ -20,8 +20,18 @@ class StageWeights:
     steps), ``guided_at[k]``; ``x0_scales``: the weights of the x0 estimate (CFG++ steps with a share of them)."""
 
     def __init__(self, rule, phi: float, scales: list, zero: list[bool], guided: bool, B: int, device,
-                 x0_scales: list | None = None, guided_at: list[bool] | None = None, shares: list | None = None):
+                 x0_scales: list | None = None, guided_at: list[bool] | None = None, shares: list | None = None,
+                 per_sample_values: dict | None = None):
+        """``per_sample_values``: {stage: (each sample's step scale, x0 scale, share)} where the samples' own
+        times (churn per sample) give them different values (a schedule's, CFG++'s share); else the stage's."""
         from fastdiff.ops.sample_gram import sample_gram
+
+        self.B, self.device = B, device
+        self.sample_values = {}  # stage -> (step rows [B, n] float32, x0 weights [B, n], shares [B] float64)
+        for k, (steps, x0s, rhos) in (per_sample_values or {}).items():
+            self.sample_values[k] = (self._rows(steps, device), self._rows(x0s, device),
+                                     None if rhos[0] is None else torch.tensor(rhos, dtype=torch.float64,
+                                                                                device=device))
 
         self.rule, self.phi, self.scales, self.zero = rule, phi, scales, zero
         self.x0_scales = scales if x0_scales is None else x0_scales
@@ -46,6 +56,19 @@ class StageWeights:
                     self.projections[w] = self._projection([wk / sum(w) for wk in w], device)
         self._gram = sample_gram
 
+    @staticmethod
+    def _rows(values: list, device) -> torch.Tensor:
+        """Each sample's kernel weights [1, w_1, ...] as a float32 [B, n] tensor."""
+        return torch.tensor([[1.0, *(w if isinstance(w, tuple) else (w,))] for w in values], dtype=torch.float32,
+                            device=device)
+
+    def share(self, k: int, stage, like: torch.Tensor):
+        """CFG++'s share rho of stage k: the stage's, or each sample's as [B, 1, ...]."""
+        values = self.sample_values.get(k)
+        if values is not None and values[2] is not None:
+            return values[2].to(like.dtype).view((like.shape[0],) + (1,) * (like.dim() - 1))
+        return stage.cfg_pp
+
     def n_preds(self, k: int) -> int:
         """The predictions stage k's kernel reads when guided: the branches and the running average."""
         return 1 + self.K + self.extra
@@ -66,6 +89,8 @@ class StageWeights:
             return [0.0] * self.n_preds(k)
         if self.per_sample:
             return self.step_buffer if self.shares and self.shares[k] is not None else self.buffer
+        if k in self.sample_values:  # each sample's own (its time under per-sample churn)
+            return self.sample_values[k][0]
         return [1.0, *w] if isinstance(w, tuple) else [1.0, w]
 
     def update(self, k: int, preds: list, backend: str) -> list:
@@ -74,6 +99,8 @@ class StageWeights:
         if not self.guided_at[k]:
             return preds
         w = self.x0_scales[k] if self.shares else self.scales[k]
+        if k in self.sample_values and self.K == 1:  # each sample's scale, a [B] tensor the rule reads elementwise
+            w = self.sample_values[k][1][:, 1].to(torch.float64)
         mean = None if self.K == 1 else [wk / sum(w) for wk in w]  # p_c = Σ a_k p_k
         if self.extra:
             if self.running is None:
@@ -93,8 +120,11 @@ class StageWeights:
                 self._spread(gram, mean, sum(w), w)
             if self.shares and self.shares[k] is not None:  # CFG++: (1 - rho) p_null + rho g
                 rho = self.shares[k]
+                values = self.sample_values.get(k)
+                if values is not None and values[2] is not None:
+                    rho = values[2].view(-1, 1).to(self.buffer.dtype)
                 torch.mul(self.buffer, rho, out=self.step_buffer)
-                self.step_buffer[:, 0].add_(1.0 - rho)
+                self.step_buffer[:, 0].add_(1.0 - rho[:, 0] if isinstance(rho, torch.Tensor) else 1.0 - rho)
         return preds
 
     def _projection(self, mean: list[float], device) -> torch.Tensor:
@@ -120,7 +150,8 @@ class StageWeights:
 
     def host_blend(self, k: int, preds: list) -> bool:
         """Whether stage k's blend is p_null + scales[k] (p_y - p_null) (or the one prediction)."""
-        return not self.zero[k] and not (self.per_sample and self.guided_at[k]) and len(preds) <= 2 and self.K == 1
+        return not self.zero[k] and not (self.per_sample and self.guided_at[k]) and len(preds) <= 2 and self.K == 1 \
+            and k not in self.sample_values
 
     def blend(self, k: int, preds: list) -> torch.Tensor:
         """Stage k's blend g of its x0 estimate as a float32 tensor, by torch ops (callbacks, thresholding)."""
@@ -130,6 +161,13 @@ class StageWeights:
         if len(preds) == 1:
             return preds[0].float()
         w = self.x0_scales[k]
+        if k in self.sample_values and not (self.per_sample and self.guided_at[k]) and self.guided_at[k]:
+            rows = self.sample_values[k][1]  # each sample's x0 weights
+            weights = [rows[:, j].view(per) for j in range(rows.shape[1])]
+            g = weights[0] * preds[0].float()
+            for wj, p in zip(weights[1:], preds[1:]):
+                g = g + wj * (p.float() - preds[0].float())
+            return g
         if not self.guided_at[k]:  # the conditions alone
             weights = [1.0, *(wk / sum(w) for wk in w[1:])]
         elif self.per_sample:  # w_0 p_0 + Σ w_j (p_j - p_0), the weights per sample

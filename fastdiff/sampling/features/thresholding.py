@@ -117,7 +117,8 @@ class Thresholds:
             else:
                 out = self.thresholding.prediction(conv, x, g)
             if self.rule.name == "cfg_pp" and st.cfg_pp is not None and len(preds) > 1 and weights.guided_at[k]:
-                out = (1.0 - st.cfg_pp) * preds[0].float() + st.cfg_pp * out  # CFG++: the re-noising stays p_null's
+                rho = weights.share(k, st, out)
+                out = (1.0 - rho) * preds[0].float() + rho * out  # CFG++: the re-noising stays p_null's
             return [out]
 
         return threshold
