@@ -56,7 +56,7 @@ def _value_key(name: str, v):
 
 def key_of(model, steps, cfg, kwargs: dict):
     """The cache key of a sample() call, or None when it is not cacheable (module docstring)."""
-    if kwargs.get("cuda_graph") or not _small(kwargs):
+    if kwargs.get("cuda_graph", False) is not False or not _small(kwargs):  # a graph's own cache; or a bad flag
         return None
     try:
         _model_ref(model)
