@@ -447,7 +447,8 @@ def test_stochastic_schedulers_sample_the_mixture(name, config):
 
 @pytest.mark.parametrize("config,churn", [
     (dict(prediction_type="epsilon"), dict(s_churn=2.0)),
-    (dict(prediction_type="v_prediction", use_karras_sigmas=True), dict(s_churn=3.0, s_tmin=0.1, s_tmax=8.0, s_noise=1.003)),
+    (dict(prediction_type="v_prediction", use_karras_sigmas=True),
+     dict(s_churn=3.0, s_tmin=0.1, s_tmax=8.0, s_noise=1.003)),
     (dict(prediction_type="epsilon"), dict(s_churn=40.0, s_tmax=2.0))])
 def test_euler_churn_matches_diffusers_on_the_same_noise(unet, monkeypatch, config, churn):
     """FastDiffEulerScheduler.step with diffusers' churn arguments: the raise to sigma_hat (s_noise x
@@ -477,3 +478,49 @@ def test_euler_churn_matches_diffusers_on_the_same_noise(unet, monkeypatch, conf
     index["sched"] = EulerDiscreteScheduler(**config)
     theirs = loop(index["sched"])
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
+
+
+@pytest.mark.parametrize("name,config,step_kw", [
+    ("FastDiffEulerScheduler", {}, {}),
+    ("FastDiffEulerScheduler", dict(prediction_type="v_prediction"), dict(s_churn=2.0)),
+    ("FastDiffDDIMScheduler", {}, dict(eta=0.5)), ("FastDiffDDIMScheduler", dict(clip_sample=False), {}),
+    ("FastDiffDPMSolverMultistepScheduler", dict(solver_order=3), {}),
+    ("FastDiffDPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), {}),
+    ("FastDiffUniPCMultistepScheduler", {}, {}), ("FastDiffEulerAncestralScheduler", {}, {}),
+    ("FastDiffFlowMatchEulerScheduler", dict(stochastic_sampling=True), {})])
+def test_steps_are_the_general_path_bit_for_bit(monkeypatch, name, config, step_kw):
+    """A step calls the kernel directly with the rows kept for its schedule (fastdiff.adapters.diffusers._fused):
+    the samples are those of the general, fully checked sampler_step call bit for bit, on a run's first pass and
+    on a second run that reuses the kept rows; a batch of another size takes its own seeds."""
+    import fastdiff.adapters.diffusers as fd
+    from fastdiff.adapters.diffusers._fused import _FusedStep
+
+    def loop(sched, batch):
+        sched.set_timesteps(8)
+        x = torch.randn(batch, 3, 4, 4, generator=torch.Generator().manual_seed(batch))
+        for t in sched.timesteps:
+            scaled = sched.scale_model_input(x, t) if hasattr(type(sched), "scale_model_input") else x
+            x = sched.step((scaled * 0.7).sin(), t, x, **step_kw).prev_sample
+        return x
+
+    sched = getattr(fd, name)(**config)
+    sched.set_seeds(5)
+    fast = [loop(sched, 2), loop(sched, 2), loop(sched, 3)]
+    resolve = _FusedStep._resolve
+    monkeypatch.setattr(_FusedStep, "_resolve", lambda self, x: (*resolve(self, x)[:2], None,
+                                                                 *resolve(self, x)[3:]))  # no kernel: general path
+    general = getattr(fd, name)(**config)
+    general.set_seeds(5)
+    for got, want in zip(fast, [loop(general, 2), loop(general, 2), loop(general, 3)]):
+        assert torch.equal(got, want)
+    assert torch.equal(fast[0], fast[1])
+
+
+def test_a_fused_step_refuses_inputs_that_require_grad():
+    """The kernels write in place: with grad enabled, inputs that require grad take the general path, whose error
+    says so."""
+    sched = FastDiffEulerScheduler()
+    sched.set_timesteps(4)
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="requires grad"):
+        sched.step(torch.randn(1, 3, 4, 4, requires_grad=True), sched.timesteps[0], x)

@@ -207,3 +207,49 @@ def test_every_fixed_grid_sampler_of_k_diffusion_has_a_counterpart_with_its_keyw
         for p in inspect.signature(f).parameters.values():
             assert p.name in ours, f"{name}: {p.name}"
             assert ours[p.name].default == p.default, f"{name}: {p.name} = {ours[p.name].default} vs {p.default}"
+
+
+def test_a_schedule_is_planned_once_and_holds_no_denoiser():
+    """A call's plan (noise levels, stage table, fastdiff.Sampler) is kept for the next call with the same schedule,
+    method, options and x layout: the same samples bit for bit with this call's extra_args, callback and seed; the
+    denoiser is held weakly (its plan goes with it)."""
+    import gc
+    import weakref
+
+    from fastdiff.adapters import k_diffusion_plans as plans
+
+    plans.clear_plans()
+    den = Denoiser()
+    sigmas = schedules.karras_sigmas(6, 0.02, 30.0)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(5)) * sigmas[0]
+    seen = []
+    first = fk.sample_euler_ancestral(den, x, sigmas, extra_args={"cond": torch.tensor([0.1, 0.2])}, disable=True,
+                                      seed=3, callback=lambda d: seen.append(d["i"]))
+    assert len(plans._plans) == 1 and seen == list(range(6))
+    again = fk.sample_euler_ancestral(den, x, sigmas, extra_args={"cond": torch.tensor([0.1, 0.2])}, disable=True,
+                                      seed=3, callback=lambda d: seen.append(-d["i"]))
+    assert torch.equal(first, again) and len(plans._plans) == 1 and seen[6:] == [-i for i in range(6)]
+    other = fk.sample_euler_ancestral(den, x, sigmas, extra_args={"cond": torch.tensor([0.5, 0.2])}, disable=True,
+                                      seed=4)
+    assert not torch.equal(first, other)
+    plans.clear_plans()
+    fresh = fk.sample_euler_ancestral(den, x, sigmas, extra_args={"cond": torch.tensor([0.5, 0.2])}, disable=True,
+                                      seed=4)
+    assert torch.equal(other, fresh)
+    ref = weakref.ref(den)
+    del den
+    gc.collect()
+    assert ref() is None and not plans._plans
+
+
+def test_noise_levels_of_a_time_tensor_are_remembered_by_identity_and_version():
+    model = fk.DenoiserModel(Denoiser(), schedules.karras_sigmas(10, 0.002, 80.0))
+    t = torch.tensor([0.5, model.timesteps[3]], dtype=torch.float32)
+    s = model.sigma(t)
+    assert model.sigma(t) is s
+    t[0] = model.timesteps[2]  # an in-place change: looked up again
+    s2 = model.sigma(t)
+    assert s2 is not s and s2[0].item() == pytest.approx(model._sigmas64[2], rel=1e-6)
+    with torch.inference_mode():  # no version counter: looked up every time
+        u = torch.tensor([0.25])
+        assert model.sigma(u).item() == pytest.approx(60.0)

@@ -11,8 +11,10 @@ Each class subclasses the diffusers scheduler it replaces, so ``from_config``, `
 timestep spacing, Karras / exponential sigmas, ...), ``scale_model_input``, ``add_noise``,
 ``init_noise_sigma``, ``order`` and the config are diffusers' own; only ``step`` changes. A step is
 affine in (sample, model_output) for every prediction type (epsilon, v_prediction, sample), so its
-coefficients are computed on the host in float64 and the update, the x0 side output and the noise
-run in one :func:`fastdiff.ops.guided_step` (two, plus a clamp, with ``clip_sample``).
+coefficients are computed on the host in float64, once per schedule, and the update, the x0 side output
+and the noise run in one call of fastdiff's fused step kernel (fastdiff.ops.sampler_step; two, plus a
+clamp, with ``clip_sample``), called directly with the prepared rows where the inputs are what it takes
+(fastdiff.adapters.diffusers._fused).
 
 Noise (DDIM with eta > 0) comes from fastdiff's stream instead of ``torch.randn``: sample b of the
 batch uses seed ``seeds[b]`` (``scheduler.set_seeds(...)``; default 0 + b) and step i stream 1 + i, so

@@ -9,9 +9,10 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
-from fastdiff.adapters.diffusers._fused import _FusedStep
-from fastdiff.ops.guided_step import guided_step
+from fastdiff.adapters.diffusers._fused import _FusedStep, checked_rows
 from fastdiff.sampling.features.thresholding import DynamicThresholding
+
+MAX_KEPT_ROWS = 1024
 
 
 class FastDiffDDIMScheduler(_FusedStep, DDIMScheduler):
@@ -22,21 +23,27 @@ class FastDiffDDIMScheduler(_FusedStep, DDIMScheduler):
         super().set_timesteps(num_inference_steps, device)
         self._fd_timesteps = None
 
-    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, eta: float = 0.0,
-             use_clipped_model_output: bool = False, generator: Optional[torch.Generator] = None,
-             variance_noise: Optional[torch.Tensor] = None, return_dict: bool = True):
-        if self.num_inference_steps is None:
-            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating the "
-                             "scheduler")
-        if variance_noise is not None:
-            raise NotImplementedError("variance_noise: fastdiff draws the noise from per-sample seeds "
-                                      "(scheduler.set_seeds); pass no variance_noise")
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta must be in [0, 1], got {eta}")
-        t = int(timestep)
-        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
-        a_t = float(self.alphas_cumprod[t].double())
-        a_prev = float(self.alphas_cumprod[prev_t].double()) if prev_t >= 0 else float(self.final_alpha_cumprod)
+    def _rows(self, t: int, prev_t: int, eta: float, use_clipped_model_output: bool) -> tuple:
+        """(std, rows of the one pass or of the two passes, whether they passed the kernel's check) of the step from
+        training timestep t to prev_t, from the float64 alphas_cumprod (read once per scheduler: 3 torch ops per
+        number otherwise)."""
+        alphas_cumprod, final, config = self.alphas_cumprod, self.final_alpha_cumprod, self.config
+        memo = self.__dict__.get("_fd_rows")
+        if memo is None or memo[0] is not alphas_cumprod or memo[1] != alphas_cumprod._version or \
+                memo[2] is not final or memo[3] is not config:
+            memo = self._fd_rows = (alphas_cumprod, alphas_cumprod._version, final, config,
+                                    alphas_cumprod.double().tolist(), {})
+        key = (t, prev_t, eta, use_clipped_model_output)
+        rows = memo[5].get(key)
+        if rows is None:
+            if len(memo[5]) >= MAX_KEPT_ROWS:  # (an eta varied from call to call)
+                memo[5].clear()
+            rows = memo[5][key] = self._step_rows(memo[4], t, prev_t, eta, use_clipped_model_output)
+        return rows
+
+    def _step_rows(self, alphas: list, t: int, prev_t: int, eta: float, use_clipped_model_output: bool) -> tuple:
+        a_t = alphas[t]
+        a_prev = alphas[prev_t] if prev_t >= 0 else float(self.final_alpha_cumprod)
         al, be, al1 = math.sqrt(a_t), math.sqrt(1.0 - a_t), math.sqrt(a_prev)
         ptype = self.config.prediction_type
         if ptype == "epsilon":  # x0 = ax x + ag g, eps = ex x + eg g
@@ -51,29 +58,49 @@ class FastDiffDDIMScheduler(_FusedStep, DDIMScheduler):
         var = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
         std = eta * math.sqrt(max(var, 0.0))
         k = math.sqrt(max(1.0 - a_prev - std * std, 0.0))
+        noise = [std] if std != 0 else []
+        if self.config.thresholding or self.config.clip_sample:
+            # x0 first (x0 = ax x + ag g), thresholded or clamped (diffusers' order), then the update with it as
+            # the extra input
+            if use_clipped_model_output:  # eps recomputed from the clamped x0
+                c_x, c_p, c_e = k / be, 0.0, al1 - k * al / be
+            else:
+                c_x, c_p, c_e = k * ex, k * eg, al1
+            rows = ([ax, ag, 0.0, 0.0], [c_x, c_p, c_e, *noise, 0.0, 0.0, 0.0, *[0.0] * len(noise)])
+        else:
+            rows = ([al1 * ax + k * ex, al1 * ag + k * eg, *noise, ax, ag, *[0.0] * len(noise)],)
+        return std, rows, all(checked_rows(r) for r in rows)
+
+    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, eta: float = 0.0,
+             use_clipped_model_output: bool = False, generator: Optional[torch.Generator] = None,
+             variance_noise: Optional[torch.Tensor] = None, return_dict: bool = True):
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating the "
+                             "scheduler")
+        if variance_noise is not None:
+            raise NotImplementedError("variance_noise: fastdiff draws the noise from per-sample seeds "
+                                      "(scheduler.set_seeds); pass no variance_noise")
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        t = int(timestep)
+        std, rows, checked = self._rows(t, t - self.config.num_train_timesteps // self.num_inference_steps, eta,
+                                        use_clipped_model_output)
         x, g = self._inputs(model_output, sample)
         seeds = self._seeds_for(x.shape[0], x.device) if std > 0 else None
-        stream = self._stream(timestep) if std > 0 else 0
-        prev = torch.empty_like(x)
-        x0 = torch.empty_like(x)
-        if self.config.thresholding or self.config.clip_sample:
-            # x0 first, thresholded or clamped (diffusers' order), then the update with it as the extra input
-            guided_step(x, g, c_x=ax, c_pred=ag, out=x0)
+        streams = [self._stream(timestep)] if std > 0 else []
+        if len(rows) == 2:  # clip_sample or thresholding: x0, then the step from it
+            x0 = self._fused_step(x, g, rows[0], checked)
             if self.config.thresholding:
                 x0.copy_(DynamicThresholding(self.config.dynamic_thresholding_ratio,
                                              self.config.sample_max_value).apply(x0))
             else:
                 x0.clamp_(-self.config.clip_sample_range, self.config.clip_sample_range)
-            if use_clipped_model_output:  # eps recomputed from the clamped x0
-                c_x, c_p, c_e = k / be, 0.0, al1 - k * al / be
-            else:
-                c_x, c_p, c_e = k * ex, k * eg, al1
-            guided_step(x, g, extra=x0, seeds=seeds, stream=stream, c_x=c_x, c_pred=c_p, c_extra=c_e, c_noise=std,
-                        out=prev)
+            prev = self._fused_step(x, g, rows[1], checked, history=[x0], seeds=seeds, streams=streams)
         else:
-            guided_step(x, g, seeds=seeds, stream=stream, c_x=al1 * ax + k * ex, c_pred=al1 * ag + k * eg,
-                        c_noise=std, s_x=ax, s_pred=ag, out=prev, side=x0)
-        prev = prev.to(sample.dtype)
+            x0 = torch.empty_like(x)
+            prev = self._fused_step(x, g, rows[0], checked, seeds=seeds, streams=streams, side=x0)
+        if prev.dtype is not sample.dtype:
+            prev = prev.to(sample.dtype)
         if not return_dict:
             return prev, x0
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

@@ -21,8 +21,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from fastdiff.adapters.diffusers._fused import _FusedStep
-from fastdiff.ops.sampler_step import sampler_step
+from fastdiff.adapters.diffusers._fused import _FusedStep, checked_rows
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 
@@ -83,15 +82,11 @@ class FastDiffDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepSchedule
     per-sample stream (``set_seeds``; stream 1 + step index) unless ``variance_noise`` is given.
     ``thresholding`` (not affine in the model output) is refused."""
 
-    def _alpha_sigma(self, index: int) -> tuple[float, float]:
-        a, s = self._sigma_to_alpha_sigma_t(self.sigmas[index].double())
-        return float(a), float(s)
-
-    def _conversion(self, al: float, sg: float) -> tuple[float, float]:
+    def _conversion(self, al: float, sg: float, sigma: float) -> tuple[float, float]:
         """(a, b): the converted output m = a x + b g diffusers keeps (x0 for ++, else eps)."""
         ptype, plus = self.config.prediction_type, self.config.algorithm_type.endswith("++")
         if plus:
-            ab = self._data_conversion(al, sg, float(self.sigmas[self.step_index].double()))
+            ab = self._data_conversion(al, sg, sigma)
             takes = "epsilon, sample, v_prediction, flow_prediction"
         else:
             ab = {"epsilon": (0.0, 1.0), "sample": (1.0 / sg, -al / sg), "v_prediction": (sg, al)}.get(ptype)
@@ -100,6 +95,64 @@ class FastDiffDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepSchedule
             raise ValueError(f"prediction_type={ptype!r} is not supported with algorithm_type="
                              f"{self.config.algorithm_type!r}; take one of {takes}")
         return ab
+
+    def _rows(self, i: int, n: int) -> tuple:
+        """(order, the coefficient rows, whether they passed the kernel's check, whether the step adds noise, whether
+        the model output's mean part is taken) of step i of n at this point of the warm-up, computed once per
+        schedule."""
+        schedule = self._sigma_schedule()
+        key = (i, n, self.lower_order_nums)
+        entry = schedule.rows.get(key)
+        if entry is None:
+            entry = schedule.rows[key] = self._step_rows(schedule, i, n)
+        return entry
+
+    def _step_rows(self, schedule, i: int, n: int) -> tuple:
+        algo = self.config.algorithm_type
+        lower_order_final = i == n - 1 and (self.config.euler_at_final or (self.config.lower_order_final and n < 15)
+                                            or self.config.final_sigmas_type == "zero")
+        lower_order_second = i == n - 2 and self.config.lower_order_final and n < 15
+        if self.config.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
+            order = 1
+        elif self.config.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
+            order = 2
+        else:
+            order = 3
+        if order == 3 and algo == "sde-dpmsolver":
+            raise ValueError("solver_order=3 is not defined for algorithm_type='sde-dpmsolver' (as in diffusers)")
+        mean_part = self.config.variance_type in ("learned", "learned_range") and \
+            self.config.prediction_type == "epsilon"
+        alpha_sigma = schedule.__dict__.setdefault("alpha_sigma", {})
+
+        def alpha_sigma_at(index: int) -> tuple[float, float]:  # diffusers' conversion of one float64 sigma
+            if index not in alpha_sigma:
+                a, s = self._sigma_to_alpha_sigma_t(self.sigmas[index].double())
+                alpha_sigma[index] = float(a), float(s)
+            return alpha_sigma[index]
+
+        al, sg = alpha_sigma_at(i + 1)
+        al0, sg0 = alpha_sigma_at(i)
+        a, b = self._conversion(al0, sg0, schedule.sigmas[i])
+        c_s, k, c_n = _first_order(algo, al, sg, al0, sg0)
+        c = k  # weights of m_0, m_1, m_2
+        if order > 1:
+            lam = [math.log(u) - math.log(v) for u, v in (alpha_sigma_at(j) for j in range(i - order + 1, i + 1))]
+            h = (math.log(al) - math.log(sg)) - lam[-1]
+            ks = _weights(algo, self.config.solver_type, order, h, al, sg)
+            r0 = (lam[-1] - lam[-2]) / h
+            if order == 2:  # D1 = (m0 - m1) / r0
+                c = [ks[0] + ks[1] / r0, -ks[1] / r0]
+            else:  # D1 = (1 + q) D1_0 - q D1_1, D2 = (D1_0 - D1_1) / (r0 + r1), D1_j divided differences
+                r1 = (lam[-2] - lam[-3]) / h
+                q = r0 / (r0 + r1)
+                u = ks[1] * (1.0 + q) + ks[2] / (r0 + r1)  # on D1_0 = (m0 - m1) / r0
+                v = -ks[1] * q - ks[2] / (r0 + r1)  # on D1_1 = (m1 - m2) / r1
+                c = [ks[0] + u / r0, -u / r0 + v / r1, -v / r1]
+        rows = [c_s + c[0] * a, c[0] * b, *c[1:]]
+        if c_n != 0.0:
+            rows.append(c_n)
+        rows += [a, b] + [0.0] * (len(rows) - 2)  # the side row: m_0
+        return order, rows, checked_rows(rows), c_n != 0.0, mean_part
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
              generator: Optional[torch.Generator] = None, variance_noise: Optional[torch.Tensor] = None,
@@ -116,60 +169,32 @@ class FastDiffDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepSchedule
                                       "DPM-Solver step; use diffusers' scheduler or thresholding=False")
         if self.step_index is None:
             self._init_step_index(timestep)
-        i, n = self.step_index, len(self.timesteps)
-        lower_order_final = i == n - 1 and (self.config.euler_at_final or (self.config.lower_order_final and n < 15)
-                                            or self.config.final_sigmas_type == "zero")
-        lower_order_second = i == n - 2 and self.config.lower_order_final and n < 15
-        if self.config.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
-            order = 1
-        elif self.config.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
-            order = 2
-        else:
-            order = 3
-        if order == 3 and algo == "sde-dpmsolver":
-            raise ValueError("solver_order=3 is not defined for algorithm_type='sde-dpmsolver' (as in diffusers)")
-        if self.config.variance_type in ("learned", "learned_range") and self.config.prediction_type == "epsilon":
+        i = self.step_index
+        order, rows, checked, noisy, mean_part = self._rows(i, len(self.timesteps))
+        if mean_part:
             model_output = model_output[:, :3]  # the mean part, as diffusers
-        al, sg = self._alpha_sigma(i + 1)
-        al0, sg0 = self._alpha_sigma(i)
-        a, b = self._conversion(al0, sg0)
-        c_s, k, c_n = _first_order(algo, al, sg, al0, sg0)
-        c = k  # weights of m_0, m_1, m_2
-        if order > 1:
-            lam = [math.log(u) - math.log(v) for u, v in (self._alpha_sigma(j) for j in range(i - order + 1, i + 1))]
-            h = (math.log(al) - math.log(sg)) - lam[-1]
-            ks = _weights(algo, self.config.solver_type, order, h, al, sg)
-            r0 = (lam[-1] - lam[-2]) / h
-            if order == 2:  # D1 = (m0 - m1) / r0
-                c = [ks[0] + ks[1] / r0, -ks[1] / r0]
-            else:  # D1 = (1 + q) D1_0 - q D1_1, D2 = (D1_0 - D1_1) / (r0 + r1), D1_j divided differences
-                r1 = (lam[-2] - lam[-3]) / h
-                q = r0 / (r0 + r1)
-                u = ks[1] * (1.0 + q) + ks[2] / (r0 + r1)  # on D1_0 = (m0 - m1) / r0
-                v = -ks[1] * q - ks[2] / (r0 + r1)  # on D1_1 = (m1 - m2) / r1
-                c = [ks[0] + u / r0, -u / r0 + v / r1, -v / r1]
         x, g = self._inputs(model_output, sample)
-        history = [self.model_outputs[-1 - j].to(torch.float32).contiguous() for j in range(order - 1)]
-        rows = [c_s + c[0] * a, c[0] * b, *c[1:]]
+        history = [_float32(self.model_outputs[-1 - j]) for j in range(order - 1)]
         streams, seeds = [], None
-        if c_n != 0.0 and variance_noise is not None:
+        if noisy and variance_noise is not None:
             _check_noise(variance_noise, sample)
             history.append(variance_noise.to(device=x.device, dtype=torch.float32).contiguous())
-            rows.append(c_n)
-        elif c_n != 0.0:
+        elif noisy:
             seeds, streams = self._seeds_for(x.shape[0], x.device), [1 + i]
-            rows.append(c_n)
-        side_row = [a, b] + [0.0] * (len(rows) - 2)
-        prev, m0 = torch.empty_like(x), torch.empty_like(x)
-        sampler_step(x, [g], history=history, coeffs=rows + side_row, seeds=seeds, streams=streams, outs=[prev],
-                     side=m0)
+        m0 = torch.empty_like(x)
+        prev = self._fused_step(x, g, rows, checked, history=history, seeds=seeds, streams=streams, side=m0)
         for j in range(self.config.solver_order - 1):
             self.model_outputs[j] = self.model_outputs[j + 1]
         self.model_outputs[-1] = m0
         if self.lower_order_nums < self.config.solver_order:
             self.lower_order_nums += 1
-        prev = prev.to(model_output.dtype)
+        if prev.dtype is not model_output.dtype:
+            prev = prev.to(model_output.dtype)
         self._step_index += 1
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype is torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
