@@ -28,6 +28,7 @@ from fastdiff import _backends
 from fastdiff import dispatch as _dispatch
 from fastdiff.paths import VE
 from fastdiff.sampling.methods import get_method
+from fastdiff.sampling import plan_cache
 from fastdiff.sampling.methods.churn import GAMMA_MAX
 from fastdiff.sampling.sampler import Sampler
 from fastdiff.schedules import ve_grid, ve_timesteps
@@ -255,9 +256,12 @@ def _give(key, denoiser, plan) -> None:
 
 
 def clear_plans() -> None:
-    """Drop every kept plan."""
+    """Drop every kept plan (also done by fastdiff.clear_scratch())."""
     with _lock:
         _plans.clear()
+
+
+plan_cache.CLEARERS.append(clear_plans)
 
 
 def _step_noise(noise_sampler, sigmas, shape, method: str, r: float = 0.5):

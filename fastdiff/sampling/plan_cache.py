@@ -132,7 +132,12 @@ def _model_ref(model, callback=None):
     return weakref.WeakMethod(model, callback) if _bound(model) else weakref.ref(model, callback)
 
 
+CLEARERS: list = []  # other plan caches cleared with this one (the k-diffusion adapter's registers itself)
+
+
 def clear() -> None:
-    """Drop every cached plan (fastdiff.clear_scratch)."""
+    """Drop every cached plan (fastdiff.clear_scratch), and the other caches in CLEARERS."""
     with _lock:
         _entries.clear()
+    for clear_other in CLEARERS:
+        clear_other()
