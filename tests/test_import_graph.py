@@ -221,3 +221,13 @@ def test_no_upward_imports(capsys):
     assert not bad, "upward imports:\n" + "\n".join(bad)
     stale = UPWARD_ALLOWANCE - {(m, t) for m, t, _ in upward}
     assert not stale, f"UPWARD_ALLOWANCE lists imports that are gone (remove them from it): {sorted(stale)}"
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists the packages explicitly: a new folder missing there installs without its modules."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert found == listed, f"packages not in pyproject.toml: {sorted(found - listed)}; listed but gone: " \
+                            f"{sorted(listed - found)}"
