@@ -63,3 +63,17 @@ def generation_reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("generation-reference")
     fastdiff.generate(job.model(), job.N, out, batch_size=job.SHARD, **job.KW)
     return fastdiff.load_generated(out)
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    """The CUDA-graph capture and replay replaced by the recording stand-in (tests/graph_recorder.py), with an empty
+    cache of captured loops."""
+    from graph_recorder import RecordingCapture
+
+    from fastdiff.sampling.core import graphs
+
+    rec = RecordingCapture()
+    monkeypatch.setattr(graphs, "CAPTURE", rec)
+    monkeypatch.setattr(graphs, "CACHE", graphs.GraphCache())
+    return rec

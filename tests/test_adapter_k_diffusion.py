@@ -239,7 +239,7 @@ def test_a_schedule_is_planned_once_and_holds_no_denoiser():
     ref = weakref.ref(den)
     del den
     gc.collect()
-    assert ref() is None and not plans._plans
+    assert ref() is None and not len(plans._plans)
 
 
 def test_noise_levels_of_a_time_tensor_are_remembered_by_identity_and_version():

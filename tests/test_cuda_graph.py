@@ -14,7 +14,7 @@ import torch
 import fastdiff
 from fastdiff import paths
 from fastdiff.sampling.core import graphs
-from graph_recorder import CaptureViolation, RecordingCapture, ReplayOfFreedMemory, empty_cache
+from graph_recorder import CaptureViolation, ReplayOfFreedMemory, empty_cache
 
 METHODS = [("euler", {"sigma": 0.5}), ("heun", {}), ("dpmpp_2m", {}), ("ddim", {"eta": 0.7}),
            ("dpmpp_3m_sde", {"eta": 0.8}),  # two history buffers and a draw per step
@@ -38,14 +38,6 @@ class TimeModel(torch.nn.Module):
         if y is not None:
             out = out + self.emb(y)
         return out
-
-
-@pytest.fixture
-def recorder(monkeypatch):
-    rec = RecordingCapture()
-    monkeypatch.setattr(graphs, "CAPTURE", rec)
-    monkeypatch.setattr(graphs, "CACHE", graphs.GraphCache())
-    return rec
 
 
 def _kw(method, extra, **more):

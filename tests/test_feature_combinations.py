@@ -261,18 +261,7 @@ def test_img2img_at_strength_one_is_sampling_from_noise(backend, feature):
         assert torch.equal(a, b)
 
 
-# ---- under cuda_graph, on the recorder ------------------------------------------------------------------------
-
-@pytest.fixture
-def recorder(monkeypatch):
-    from fastdiff.sampling.core import graphs
-    from graph_recorder import RecordingCapture
-
-    rec = RecordingCapture()
-    monkeypatch.setattr(graphs, "CAPTURE", rec)
-    monkeypatch.setattr(graphs, "CACHE", graphs.GraphCache())
-    return rec
-
+# ---- under cuda_graph, on the recorder (the ``recorder`` fixture: tests/conftest.py) ---------------------------
 
 class CaptureModel(torch.nn.Module):
     """Reads x, t and y with device ops only (a capture allows no host reads): a linear map and a label embedding."""

@@ -77,12 +77,12 @@ def test_sample_reuses_its_plan_and_lets_go_of_the_model():
     m = Model()
     kw = dict(shape=SHAPE, y=Y, cfg=2.0, null_y=3)
     outs = [fastdiff.sample(m, 4, seed=s, **kw) for s in (0, 1, 0)]
-    assert len(plan_cache._entries) == 1
+    assert len(plan_cache._CACHE) == 1
     assert torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], outs[1])
     assert torch.equal(outs[1], fastdiff.Sampler(m, 4, **kw)(seed=1))
     del m
     gc.collect()
-    assert len(plan_cache._entries) == 0  # the plan went with its model
+    assert len(plan_cache._CACHE) == 0  # the plan went with its model
 
 
 def test_calls_that_carry_data_plan_anew():
@@ -90,7 +90,7 @@ def test_calls_that_carry_data_plan_anew():
     init = torch.zeros(3, *SHAPE)
     fastdiff.sample(model, 4, shape=SHAPE, y=Y, init=init, strength=0.5)
     fastdiff.sample(model, 4, shape=SHAPE, y=[0, 1, 2])
-    assert len(plan_cache._entries) == 0
+    assert len(plan_cache._CACHE) == 0
 
 
 def test_concurrent_calls_never_share_a_plan():

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import math
 import sys
-import threading
 import weakref
-from collections import OrderedDict
 
 import torch
 
@@ -38,8 +36,7 @@ MAX_PLANS = 4
 # runs take fastdiff.sample's pooled scratch, their planning being a negligible part of a call
 MAX_SAMPLER_ELEMENTS = 1 << 19
 
-_plans: OrderedDict = OrderedDict()
-_lock = threading.Lock()
+_plans = plan_cache.ModelKeyedCache(MAX_PLANS)
 
 
 class NoiseLevels:
@@ -188,7 +185,8 @@ def run(method: str, denoiser, x, sigmas, extra_args, callback, disable, *, eta=
     # disable=None: a bar on a terminal only, as tqdm's disable=None does
     progress = (not disable) if disable is not None else sys.stderr.isatty()
     values, key = _key(method, denoiser, x, sigmas, eta, noise_sampler, callback, progress, options)
-    plan = _take(key, denoiser) if key is not None else None
+    entry = _plans.take(key, denoiser) if key is not None else None
+    plan = entry[1] if entry is not None else None
     if plan is None:
         plan = SchedulePlan(method, values if values is not None else sigmas, x, eta, seed, noise_sampler,
                             callback is not None, progress, key is not None and x.numel() <= MAX_SAMPLER_ELEMENTS,
@@ -197,14 +195,14 @@ def run(method: str, denoiser, x, sigmas, extra_args, callback, disable, *, eta=
         return plan.run(denoiser, x, sigmas, extra_args, callback, seed, noise_sampler)
     finally:
         if key is not None:
-            _give(key, denoiser, plan)
+            _plans.give(key, denoiser, plan, entry[0] if entry is not None else None)
 
 
 def _key(method, denoiser, x, sigmas, eta, noise_sampler, callback, progress, options) -> tuple:
     """(the sigmas' values, the plan's cache key), or (None, None) when the call cannot be keyed."""
     try:
         values = tuple(sigmas.tolist() if isinstance(sigmas, torch.Tensor) else (float(v) for v in sigmas))
-        _model_ref(denoiser)  # TypeError: no weak reference
+        plan_cache.model_ref(denoiser)  # TypeError: no weak reference
         model_id = (id(denoiser.__self__), id(denoiser.__func__)) if _bound(denoiser) else id(denoiser)
         kind = noise_sampler if noise_sampler is None or isinstance(noise_sampler, str) else "callable"
         # the method's record (a method registered again plans anew) and the step kernels in force (a plan holds
@@ -227,38 +225,9 @@ def _bound(f) -> bool:
     return hasattr(f, "__self__") and hasattr(f, "__func__")
 
 
-def _model_ref(denoiser, callback=None):
-    return weakref.WeakMethod(denoiser, callback) if _bound(denoiser) else weakref.ref(denoiser, callback)
-
-
-def _take(key, denoiser):
-    """The plan of ``key`` for this denoiser, out of the cache while it runs (concurrent calls never share one)."""
-    with _lock:
-        entry = _plans.pop(key, None)
-    if entry is None:
-        return None
-    ref, plan = entry
-    return plan if ref() == denoiser else None
-
-
-def _give(key, denoiser, plan) -> None:
-    def drop(ref, key=key):
-        with _lock:
-            if key in _plans and _plans[key][0] is ref:
-                del _plans[key]
-
-    ref = _model_ref(denoiser, drop)
-    with _lock:
-        _plans[key] = (ref, plan)
-        _plans.move_to_end(key)
-        while len(_plans) > MAX_PLANS:
-            _plans.popitem(last=False)
-
-
 def clear_plans() -> None:
     """Drop every kept plan (also done by fastdiff.clear_scratch())."""
-    with _lock:
-        _plans.clear()
+    _plans.clear()
 
 
 plan_cache.CLEARERS.append(clear_plans)

@@ -28,8 +28,6 @@ MAX_ENTRIES = 8
 MAX_BYTES = 16 << 20  # buffers of a cached plan: state, guidance pairs and scratch, ~(branches + 4) copies
 REFILLED = ("seed", "noise", "y", "null_y")
 
-_entries: OrderedDict = OrderedDict()
-_lock = threading.Lock()
 
 
 def _value_key(name: str, v):
@@ -59,7 +57,7 @@ def key_of(model, steps, cfg, kwargs: dict):
     if kwargs.get("cuda_graph", False) is not False or not _small(kwargs):  # a graph's own cache; or a bad flag
         return None
     try:
-        _model_ref(model)
+        model_ref(model)
         model_id = (id(model.__self__), id(model.__func__)) if _bound(model) else id(model)
         # the method's record (a method registered again under its name plans anew; the cached plan keeps the old
         # record alive, so its id is not reused) and the backend in force when none is given (use_backend)
@@ -93,41 +91,64 @@ def _small(kwargs: dict) -> bool:
     return 4 * n * (branches + 4) <= MAX_BYTES
 
 
+class ModelKeyedCache:
+    """A small LRU of values planned for a model, each entry holding the model weakly (it goes with the model).
+    ``take`` removes the entry while a call runs (concurrent calls never share one); ``give`` puts it back."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def take(self, key, model):
+        """(the model's weak reference, the value) of ``key`` for ``model``, or None."""
+        with self._lock:
+            entry = self._entries.pop(key, None)
+        return entry if entry is not None and entry[0]() == model else None
+
+    def give(self, key, model, value, ref=None) -> None:
+        """Keeps ``value`` for ``key`` (``ref``: the entry's reference from :meth:`take`, else a new one)."""
+        if ref is None:
+            def drop(_ref, key=key):
+                with self._lock:
+                    if key in self._entries and self._entries[key][0] is _ref:
+                        del self._entries[key]
+
+            ref = model_ref(model, drop)
+        with self._lock:
+            self._entries[key] = (ref, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+_CACHE = ModelKeyedCache(MAX_ENTRIES)
+
+
 def take(key, model):
-    """The cached sampler of ``key`` for ``model`` (out of the cache while it runs: concurrent calls never share
-    one), or None."""
-    with _lock:
-        entry = _entries.pop(key, None)
-    if entry is None:
-        return None
-    ref, sampler = entry
-    return (ref, sampler) if ref() == model else None
+    """The cached (reference, sampler) of ``key`` for ``model``, or None."""
+    return _CACHE.take(key, model)
 
 
 def give(key, model, sampler, ref=None) -> None:
-    """Keeps ``sampler`` for calls with ``key`` (least recently used out beyond MAX_ENTRIES); it holds the model
-    weakly (``ref``: the entry's reference from :func:`take`): the entry goes with the model."""
+    """Keeps ``sampler`` for calls with ``key``; it holds the model weakly (only the plan cache's reference)."""
     sampler._model = None
     sampler._a.model = None
-    if ref is None:
-        def drop(_ref, key=key):
-            with _lock:
-                if key in _entries and _entries[key][0] is _ref:
-                    del _entries[key]
-
-        ref = _model_ref(model, drop)
-    with _lock:
-        _entries[key] = (ref, sampler)
-        _entries.move_to_end(key)
-        while len(_entries) > MAX_ENTRIES:
-            _entries.popitem(last=False)
+    _CACHE.give(key, model, sampler, ref)
 
 
 def _bound(model) -> bool:
     return hasattr(model, "__self__") and hasattr(model, "__func__")
 
 
-def _model_ref(model, callback=None):
+def model_ref(model, callback=None):
     """A weak reference to the model (TypeError for objects that take none): bound methods through WeakMethod."""
     return weakref.WeakMethod(model, callback) if _bound(model) else weakref.ref(model, callback)
 
@@ -137,7 +158,6 @@ CLEARERS: list = []  # other plan caches cleared with this one (the k-diffusion 
 
 def clear() -> None:
     """Drop every cached plan (fastdiff.clear_scratch), and the other caches in CLEARERS."""
-    with _lock:
-        _entries.clear()
+    _CACHE.clear()
     for clear_other in CLEARERS:
         clear_other()
