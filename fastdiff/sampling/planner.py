@@ -89,7 +89,7 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
     noise = a.noise
     if edit is not None and B and math.prod(shape):  # the initial state: init noised through the path
         noise = edit.start(a.path, grid[0], seeds, backend)
-    ns = SimpleNamespace(stages=stages, first_bad=None, given={"init": a.init, "noise": a.noise}, classifier=classifier)
+    ns = SimpleNamespace(stages=stages, given={"init": a.init, "noise": a.noise}, classifier=classifier)
     if B == 0 or math.prod(shape) == 0:  # nothing to sample: no model call, no kernel
         ns.empty = torch.empty((B, *shape), dtype=torch.float32, device=device)
         return None, ns

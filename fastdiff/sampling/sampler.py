@@ -8,7 +8,7 @@ import torch
 
 from fastdiff.sampling.core import executor, graphs
 from fastdiff.sampling.core.arguments import MAX_STEPS, T_MIN_SINGULAR, sample_seeds  # noqa: F401
-from fastdiff.sampling.core.calls import OUTS, with_outs
+from fastdiff.sampling.core.calls import with_outs
 from fastdiff.sampling import plan_cache
 from fastdiff.sampling.core.scratch import POOL
 from fastdiff.sampling.planner import arguments, build
@@ -313,4 +313,4 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, **kwargs) -> torch.T
 sample.__doc__ = ARGUMENTS  # the arguments' documentation, shared with Sampler
 Sampler.__doc__ += "\n\n" + ARGUMENTS
 
-__all__ = ["DEFAULTS", "OUTS", "Sampler", "clear_scratch", "sample"]
+__all__ = ["DEFAULTS", "Sampler", "clear_scratch", "sample"]
