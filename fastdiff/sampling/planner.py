@@ -138,7 +138,7 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
     # 16 MB per call at 2^20 elements: +8 % loop time).
     last = len(stages) - 1
     draw_initial = _calls.initial_noise(seeds, shape, device, backend)
-    z = draw_initial() if noise is None and not a.cuda_graph else None
+    z = draw_initial() if noise is None and not a.cuda_graph and pooled else None  # a kept plan draws in its write
     x = buffers["x"]
     result = (z if z is not None else torch.empty_like(x)) if stages[last].out == "x" and "x" in pairs else None
     x_outs = list(pairs["x"]) if "x" in pairs else [x]

@@ -106,10 +106,11 @@ class Sampler:
         self._kw = {**DEFAULTS, **{k: v for k, v in kwargs.items() if k in DEFAULTS}}
         self._kw["options"] = {k: v for k, v in kwargs.items() if k not in DEFAULTS}
         self._model, self._steps, self._cfg = model, steps, cfg
-        self._a = arguments(model, steps, cfg, dict(self._kw))
         self._plan = self._ns = self._signature = None
         self._graph = self._last_y = self._last_y_version = None
-        if not kwargs.get("cuda_graph"):  # planned now: its errors are the constructor's (a graph plans on a call)
+        if kwargs.get("cuda_graph", False) is True:  # a graph plans on its first call; the checks run now
+            self._a = arguments(model, steps, cfg, dict(self._kw))
+        else:  # planned now (the checks included): its errors are the constructor's
             self._plan_for(model, {})
 
     def _plan_for(self, model, changes: dict) -> None:
