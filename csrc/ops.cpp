@@ -1,17 +1,8 @@
 // Op schemas of the fastdiff library. Backends register implementations in csrc/cpu and csrc/cuda
 // with TORCH_LIBRARY_IMPL; fastdiff/ops/*.py registers the fake (meta) kernels for torch.compile.
-#include <Python.h>
 #include <torch/library.h>
 
-// `import fastdiff._C` loads this library, which runs the registrations below. The module itself
-// has no Python functions: the ops live under torch.ops.fastdiff.
-extern "C" {
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
-
+// The Python module fastdiff._C (which loads this library) is csrc/python/module.cpp.
 TORCH_LIBRARY(fastdiff, m) {
   // Philox4x32-10 words. counter: int64 [N, 4], key: int64 [N, 2], values in [0, 2^32).
   // Returns int64 [N, 4]. Exposed so every backend's words can be checked exactly.

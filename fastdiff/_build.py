@@ -90,11 +90,13 @@ def _rel(paths: list[str], root: str) -> list[str]:
 
 def sources(root: str, cuda: bool) -> dict[str, list[str]]:
     """Source files relative to ``root`` (the repository): 'cpp', 'avx2', 'avx512' and 'cuda' lists
-    (csrc/cpu/<level>/*.cpp are compiled with SIMD_FLAGS[level])."""
+    (csrc/cpu/<level>/*.cpp are compiled with SIMD_FLAGS[level]; csrc/python/*.cpp is the Python module's own,
+    which the CMake library leaves out)."""
     csrc = os.path.join(root, "csrc")
-    cpp = glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp"))
+    cpp = [p for folder in ("", "cpu", "python") for p in glob.glob(os.path.join(csrc, folder, "*.cpp"))]
     isas = cpu_isas()
-    simd = {level: glob.glob(os.path.join(csrc, "cpu", level, "*.cpp")) if level in isas else [] for level in SIMD_FLAGS}
+    simd = {level: glob.glob(os.path.join(csrc, "cpu", level, "*.cpp")) if level in isas else []
+            for level in SIMD_FLAGS}
     cu = glob.glob(os.path.join(csrc, "cuda", "*.cu")) + glob.glob(os.path.join(csrc, "cuda", "*.cpp")) if cuda else []
     return {"cpp": _rel(cpp, root), **{k: _rel(v, root) for k, v in simd.items()}, "cuda": _rel(cu, root)}
 

@@ -105,6 +105,19 @@ def jit_build(verbose: bool = False) -> None:
         is_python_module=False,
         verbose=verbose,
     )
+    # the same library as the module fastdiff._C (csrc/python/module.cpp: PreparedStep), as the built one is;
+    # without it the sampling plans call the ops (fastdiff.ops.step_call), only slower at small sizes
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        libs = glob.glob(os.path.join(_get_build_directory("fastdiff_jit", verbose), "fastdiff_jit*.so"))
+        spec = importlib.util.spec_from_file_location("fastdiff._C", libs[0])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["fastdiff._C"] = module
+    except (ImportError, AttributeError, IndexError, OSError) as exc:
+        warnings.warn(f"fastdiff: the JIT build's library did not load as fastdiff._C ({exc}); the sampling plans "
+                      "call the ops instead of prepared calls", RuntimeWarning, stacklevel=2)
     status.build = {"torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
                     "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST") if cuda else None, "avx2": False,
                     "avx512": False, "jit": True}

@@ -9,6 +9,7 @@
 #include "../checks.h"
 #include "../dispatch.h"
 #include "../sampler_step_args.h"
+#include "../step_call.h"
 #include "fastdiff/sampler_step.h"
 #include "sampler_step_block.h"
 #include "simd.h"
@@ -19,6 +20,17 @@ namespace cpu {
 FASTDIFF_DEFINE_SAMPLER_STEP_LOOPS(portable)
 
 namespace {
+
+PredType pred_type_of(at::ScalarType t) {
+  return t == at::kFloat ? PredType::kFloat : t == at::kHalf ? PredType::kHalf : PredType::kBFloat16;
+}
+
+void run_cpu(const StepBuffers& a, at::ScalarType pred_type, at::Device) {
+  FASTDIFF_SIMD_CALL(sampler_step, a, pred_type_of(pred_type));
+}
+
+// the runner of fastdiff::PreparedStep (csrc/step_call.h) for this device
+[[maybe_unused]] const bool registered = (register_step_runner(at::kCPU, &run_cpu), true);
 
 void sampler_step_cpu(const at::Tensor& x, at::TensorList preds, at::TensorList history, const at::Tensor& seeds_in,
                       at::IntArrayRef streams, at::ArrayRef<double> weights, at::ArrayRef<double> coeffs,
@@ -31,9 +43,7 @@ void sampler_step_cpu(const at::Tensor& x, at::TensorList preds, at::TensorList 
   const at::Tensor seeds = seeds_in.contiguous();
   const StepBuffers a = step_buffers(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs,
                                      outs, side, finite);
-  const at::ScalarType t = preds[0].scalar_type();
-  const PredType pred_type = t == at::kFloat ? PredType::kFloat : t == at::kHalf ? PredType::kHalf : PredType::kBFloat16;
-  FASTDIFF_SIMD_CALL(sampler_step, a, pred_type);
+  run_cpu(a, preds[0].scalar_type(), x.device());
 }
 
 }  // namespace

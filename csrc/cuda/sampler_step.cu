@@ -56,6 +56,7 @@
 #include "fastdiff/philox.h"
 #include "fastdiff/sampler_step.h"
 #include "sampler_step_args.h"
+#include "step_call.h"
 
 namespace fastdiff {
 namespace {
@@ -289,6 +290,14 @@ void launch_sampler_step(const StepBuffers& p) {
   });
 }
 
+void run_cuda(const StepBuffers& p, at::ScalarType pred_type, at::Device device) {
+  c10::cuda::CUDAGuard guard(device);
+  with_data_type(pred_type, [&](auto tag) { launch_sampler_step<decltype(tag)>(p); });
+}
+
+// the runner of fastdiff::PreparedStep (csrc/step_call.h) for this device
+[[maybe_unused]] const bool registered = (register_step_runner(at::kCUDA, &run_cuda), true);
+
 void sampler_step_cuda(const at::Tensor& x, at::TensorList preds, at::TensorList history, const at::Tensor& seeds_in,
                        at::IntArrayRef streams, at::ArrayRef<double> weights, at::ArrayRef<double> coeffs,
                        const std::optional<at::Tensor>& sample_weights, const std::optional<at::Tensor>& sample_coeffs,
@@ -298,11 +307,11 @@ void sampler_step_cuda(const at::Tensor& x, at::TensorList preds, at::TensorList
                           side, finite);
   TORCH_CHECK(x.is_cuda(), "fastdiff::sampler_step (CUDA): x must be a CUDA tensor, got ", x.device());
   if (x.numel() == 0) return;  // B = 0 or n = 0
-  c10::cuda::CUDAGuard guard(x.device());
+  c10::cuda::CUDAGuard guard(x.device());  // for seeds' copy
   const at::Tensor seeds = seeds_in.contiguous();  // the kernel indexes seeds[b] directly
   const StepBuffers p = step_buffers(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs,
                                      outs, side, finite);
-  with_data_type(preds[0].scalar_type(), [&](auto tag) { launch_sampler_step<decltype(tag)>(p); });
+  run_cuda(p, preds[0].scalar_type(), x.device());
 }
 
 }  // namespace

@@ -92,6 +92,7 @@ def _brownian_calls(n: int, device) -> tuple[list, int]:
     stages = get_method("euler").stages(get_path("condot"), grid, "velocity", sigma=lambda t: 1.0)
     buffer = torch.zeros(BATCH, n // BATCH, device=device)
     seeds = torch.arange(BATCH, device=device)
-    per_stage = kernel_calls(stages, [0] * len(stages), grid, buffer, seeds, StageCache(), "bench")
-    calls = [args for stage_calls in per_stage for args in stage_calls]
+    per_stage = kernel_calls(stages, [0] * len(stages), grid, buffer, seeds, StageCache(), "bench", "reference",
+                             False)
+    calls = [call.args for stage_calls in per_stage for call in stage_calls]  # run through the op, as the others
     return calls, 12 * buffer.numel() * len(calls)

@@ -142,13 +142,15 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
     x = buffers["x"]
     result = (z if z is not None else torch.empty_like(x)) if stages[last].out == "x" and "x" in pairs else None
     x_outs = list(pairs["x"]) if "x" in pairs else [x]
-    stage_calls = _calls.StageCalls(buffers, pairs, result, seeds, finite, branches)
+    native = not a.cuda_graph  # a captured plan calls the op: its replay runs no host code (fastdiff.ops.step_call)
+    stage_calls = _calls.StageCalls(buffers, pairs, result, seeds, finite, branches, backend, native)
     thresholds = Thresholds.plan(g.thresholding, stages, merged, a.path, a.prediction, g.rule, weights, device)
-    calls = _build_calls(stage_calls, stages, merged, weights, thresholds, noise_feature, g, stage_key, device)
+    model_calls = ModelCalls(stages, g.guided_at, a.cfg_batch, buffers, pairs, times, B, shape, branches, labels,
+                             device)
+    calls = _build_calls(stage_calls, model_calls, stages, merged, weights, thresholds, noise_feature, g, stage_key,
+                         device)
     spans = _spans(stages)
-    plan = Plan(stages=stages, grid=grid, kernel=kernel, calls=[calls], spans=spans,
-                model_calls=ModelCalls(stages, g.guided_at, a.cfg_batch, buffers, pairs, times, B, shape, branches,
-                                       labels, device),
+    plan = Plan(stages=stages, grid=grid, kernel=kernel, calls=[calls], spans=spans, model_calls=model_calls,
                 times=times, x=x, x_outs=x_outs, result=result if result is not None else x, seeds=seeds,
                 finite=finite)
     plan.keep += [buffers, pairs, z]
@@ -160,10 +162,13 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
     start_noise = noise_buf.to(device=device, dtype=torch.float32).contiguous() if start and noise_buf is not None \
         else noise_buf
     start_rows = merged.start_rows(beta0, start_noise is not None, device) if merged and start else None
-    noise_calls = noise_feature.kernel_calls(buffers.get("noise"), seeds, (stage_key, weights.key, "brownian"))
+    noise_calls = noise_feature.kernel_calls(buffers.get("noise"), seeds, (stage_key, weights.key, "brownian"),
+                                             backend, native)
     inputs = SimpleNamespace(noise=start_noise, z=z)
     zeros = torch.zeros(x_shape, device=device) if (not pooled or a.cuda_graph) and start is None and noise is None \
         else None
+    draw_call = _calls.initial_draw(backend, zeros, seeds, x_outs, beta0, native) if zeros is not None else None
+    zeros_preds = [zeros]
     plan.inputs = inputs
     brownian = a.brownian  # hooks hold no reference to ``a`` (so none to the model: a captured loop dies with it)
 
@@ -172,8 +177,8 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
             x_0 = inputs.noise if inputs.noise is not None else inputs.z if inputs.z is not None else draw_initial()
             history = []
             if brownian:  # the churn draw of step 0 from the path: the sum in "noise", read as a history term
-                for args in noise_calls[-1]:
-                    kernel(*args)
+                for call in noise_calls[-1]:
+                    call([buffers["noise"]])
                 history = [buffers["noise"]]
             _calls.churn_write(kernel, x_0, start[0] * (1.0 if inputs.noise is not None else beta0), start,
                                start_rows, seeds, x_outs, history)
@@ -183,7 +188,7 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
         elif inputs.z is not None:
             _calls.initial_write(kernel, seeds, x_outs, beta0, inputs.z)
         else:  # a reused plan: the draw rides in the write
-            _calls.initial_draw(kernel, zeros, seeds, x_outs, beta0)
+            draw_call(zeros_preds)
         finite.reset()
         weights.reset()
 
@@ -204,16 +209,18 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
     if edit is not None:  # RePaint's repeats after the first draw in the kernel, on the editing streams
         free = None
         if edit.resample > 1 and a.step_noise is not None:
-            free = _build_calls(stage_calls, stages, merged, weights, thresholds, _step_noise.plan(None, False, stages,
-                                grid), g, stage_key, device)
+            no_noise = _step_noise.plan(None, False, stages, grid)
+            free = _build_calls(stage_calls, model_calls, stages, merged, weights, thresholds, no_noise, g, stage_key,
+                                device)
         edit.plan(plan, a.path, backend, free)
     plan.keep += [noise_buf, start_rows, noise_calls, zeros]
     ns.scratch, ns.noise_buf, ns.beta0, ns.merged, ns.backend = scratch, noise_buf, beta0, merged, backend
     return plan, ns
 
 
-def _build_calls(stage_calls, stages, merged, weights, thresholds, noise_feature, g, stage_key, device) -> list:
-    """One kernel call per stage, its rows from ROW_CACHE when nothing in them is per sample."""
+def _build_calls(stage_calls, model_calls, stages, merged, weights, thresholds, noise_feature, g, stage_key,
+                 device) -> list:
+    """One prepared kernel call per stage, its rows from ROW_CACHE when nothing in them is per sample."""
     row_key = (stage_key, weights.key, g.interval, noise_feature.key, thresholds.key if thresholds else None)
     cache_rows = merged is None and not weights.per_sample and not (thresholds and thresholds.per_sample)
     stage_rows = _calls.ROW_CACHE.get(row_key) if cache_rows else None
@@ -227,8 +234,9 @@ def _build_calls(stage_calls, stages, merged, weights, thresholds, noise_feature
         history = st.history_buffers() + (("noise",) if host_noise else ())
         n_preds = weights.n_preds(k) if two_branch else 1 if one_pred else weights.K  # K: the conditions alone
         tensors = stage_calls.tensors(st, n_preds, history, k == last)
+        parts = model_calls.parts(k, n_preds)
         if stage_rows is not None:
-            calls.append(stage_calls.call(k, tensors, None, None, None, stage_rows[k]))
+            calls.append(stage_calls.call(k, tensors, None, None, None, stage_rows[k], parts))
             continue
         stage_weights = weights.row(k, two_branch) if not one_pred else None
         if merged is not None:  # per-sample rows (churn per sample)
@@ -237,7 +245,7 @@ def _build_calls(stage_calls, stages, merged, weights, thresholds, noise_feature
             rows, streams = st.host_noise_rows(), []
         else:
             rows, streams = st.kernel_rows(), st.streams()
-        calls.append(stage_calls.call(k, tensors, stage_weights, rows, streams, None))
+        calls.append(stage_calls.call(k, tensors, stage_weights, rows, streams, None, parts))
         if new_rows is not None:
             new_rows.append(_calls.cached_rows(calls[-1]))
     if new_rows is not None:

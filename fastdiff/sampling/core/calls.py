@@ -1,7 +1,6 @@
-"""The kernel calls of a plan: one prepared sampler_step call per stage, its tensors checked once and its
-coefficient rows cached by the stage table (fastdiff.ops.sampler_step: ``prepare_tensors`` + ``with_rows``), and
-the initial state's write. A call is the kernel's positional arguments (KERNEL_ARGS); the run adds the
-predictions."""
+"""The kernel calls of a plan: one prepared sampler_step call per stage (fastdiff.ops.step_call: its tensors
+checked once, its coefficient rows cached by the stage table; a run passes the predictions), and the initial
+state's write."""
 
 from __future__ import annotations
 
@@ -12,13 +11,12 @@ import torch
 from fastdiff import dispatch as _dispatch
 from fastdiff.ops.randn import randn
 from fastdiff.ops.sampler_step import KERNEL_ARGS, ROW_ARGS, prepare, prepare_tensors, with_rows
+from fastdiff.ops.step_call import replaced, step_call
 from fastdiff.sampling.core.scratch import StageCache
 from fastdiff.sampling.core.stage import draw_stream
 
 kernel_args = operator.itemgetter(*KERNEL_ARGS)  # a prepared call's dict → the kernel's positional arguments
-OUTS = KERNEL_ARGS.index("outs")
 STREAMS = KERNEL_ARGS.index("streams")
-SAMPLE_COEFFS = KERNEL_ARGS.index("sample_coeffs")
 # Per stage, the checked coefficient rows of its sampler_step call (with_rows' host half: weights,
 # coefficients, streams), keyed by the stage table and the guidance: ~30 us of checks per stage.
 ROW_CACHE = StageCache()
@@ -28,9 +26,9 @@ class StageCalls:
     """Builds each stage's call: ``tensors(k)`` names its buffers, ``rows(k)`` its coefficient rows (host lists
     or per-sample tensors), both decided by the features when the plan is built."""
 
-    def __init__(self, buffers: dict, pairs: dict, result, seeds, finite, branches: int):
+    def __init__(self, buffers: dict, pairs: dict, result, seeds, finite, branches: int, backend: str, native: bool):
         self.buffers, self.pairs, self.result, self.seeds = buffers, pairs, result, seeds
-        self.finite, self.branches = finite, branches
+        self.finite, self.branches, self.backend, self.native = finite, branches, backend, native
         self.checked = {}  # the tensor half of a call, checked once per distinct set of buffers
 
     def tensors(self, st, n_preds: int, history: tuple, last: bool) -> dict:
@@ -47,27 +45,28 @@ class StageCalls:
                                                 buffers[st.side] if st.side else None, self.finite.row(0))
         return self.checked[key]
 
-    def call(self, k: int, tensors: dict, weights, rows, streams, cached: dict | None) -> tuple:
-        """The kernel arguments of stage k: the rows checked (or taken from ``cached``) and its finiteness row."""
+    def call(self, k: int, tensors: dict, weights, rows, streams, cached: dict | None, parts):
+        """The prepared call of stage k: the rows checked (or taken from ``cached``), its finiteness row, and
+        ``parts`` (fastdiff.ops.step_call: which part of the model's batched output is each prediction)."""
         call = dict(tensors, **cached) if cached is not None else with_rows(tensors, weights, rows, streams)
         if self.finite.enabled:  # the stage's own row of the table (rows are alike: checked with row 0)
             call["finite"] = self.finite.row(k)
-        return kernel_args(call)
+        return step_call(self.backend, kernel_args(call), parts, self.native)
 
 
-def with_streams(args: tuple, streams: list) -> tuple:
+def with_streams(call, streams: list):
     """A call with other noise streams (RePaint's repeats draw on the editing streams)."""
-    return args[:STREAMS] + (streams,) + args[STREAMS + 1:]
+    return replaced(call, streams=streams)
 
 
-def with_outs(args: tuple, outs: list) -> tuple:
+def with_outs(call, outs: list):
     """A call writing other outputs (a reused plan's last stage writes each call's fresh samples)."""
-    return args[:OUTS] + (outs,) + args[OUTS + 1:]
+    return replaced(call, outs=outs)
 
 
-def cached_rows(call: tuple) -> dict:
+def cached_rows(call) -> dict:
     """What ROW_CACHE keeps of a call: its checked rows."""
-    return {name: call[KERNEL_ARGS.index(name)] for name in ROW_ARGS}
+    return {name: call.args[KERNEL_ARGS.index(name)] for name in ROW_ARGS}
 
 
 def initial_write(kernel, seeds, x_outs, beta0: float, z) -> None:
@@ -75,10 +74,12 @@ def initial_write(kernel, seeds, x_outs, beta0: float, z) -> None:
     kernel(z, [z], [], seeds, [], [1.0], [beta0, 0.0, 0.0, 0.0], None, None, x_outs, None, None)
 
 
-def initial_draw(kernel, zeros, seeds, x_outs, beta0: float) -> None:
-    """x = beta0 xi(stream 0) drawn in the write itself (0 x + 0 g + beta0 xi over a kept zero buffer): the initial
-    noise without a randn op and its tensor, bit for bit the same values (one rounding of beta0 xi either way)."""
-    kernel(zeros, [zeros], [], seeds, [0], [1.0], [0.0, 0.0, beta0, 0.0, 0.0, 0.0], None, None, x_outs, None, None)
+def initial_draw(backend: str, zeros, seeds, x_outs, beta0: float, native: bool):
+    """The call x = beta0 xi(stream 0), drawn in the write itself (0 x + 0 g + beta0 xi over a kept zero buffer;
+    run as ``call([zeros])``): the initial noise without a randn op and its tensor, bit for bit the same values
+    (one rounding of beta0 xi either way)."""
+    return step_call(backend, (zeros, [zeros], [], seeds, [0], [1.0], [0.0, 0.0, beta0, 0.0, 0.0, 0.0], None, None,
+                               x_outs, None, None), None, native)
 
 
 def direct_kernel(backend: str, op: str):

@@ -63,6 +63,23 @@ class ModelCalls:
                 plan = "two", tuple((xin, t_tensor(k, B), c) for c in labels.conds) + ((xin, t_tensor(k, B),
                                                                                      labels.null),), branches
             self.plans.append(plan)
+        self.whole = [False] * len(stages)  # stage k's call reads the one model output itself (parts)
+
+    def parts(self, k: int, n_preds: int) -> list[int] | None:
+        """For stage k's call of ``n_preds`` predictions, which part of its one model output is each (the null
+        branch is prediction 0 and the output's last part); None where the call needs them one by one."""
+        kind, _, n = self.plans[k]
+        self.whole[k] = kind in ("one", "batched") and n == n_preds
+        if not self.whole[k]:
+            return None
+        return [n - 1, *range(n - 1)] if kind == "batched" and n == self.branches else list(range(n))
+
+    def evaluate_whole(self, model, k: int):
+        """Stage k's model output as its call reads it: the one (batched) output itself where it can."""
+        if not self.whole[k]:
+            return self.evaluate(model, k)
+        args = self.plans[k][1][0]
+        return self._checked(model(*args), args, k).contiguous()
 
     def evaluate(self, model, k: int) -> list:
         """Stage k's predictions: [p] or [p_null, p_y] ([p_null, p_1, ..., p_K] with several conditions; the

@@ -10,8 +10,8 @@ The points, in the order a run meets them:
 - ``start()``: the initial state is written (from noise, init, or with EDM churn at the first step);
 - ``predictions(k, preds) -> preds``: after stage k's model call, transforms of its predictions (per-sample
   guidance weights from a reduction pass, thresholding, classifier gradients, a callback's x0);
-- ``before_step(k, preds, args) -> args``: the stage's kernel arguments for this run (a corrector's per-sample
-  rows, the caller's or the Brownian noise into its buffer);
+- ``before_step(k, preds, call) -> call``: the stage's prepared kernel call for this run (fastdiff.ops.step_call;
+  a corrector's per-sample rows via ``replaced``; the caller's or the Brownian noise into its buffer);
 - ``after_stage(k)``: after stage k's kernel (the finiteness flags);
 - ``after_repeat(k, repeat)``: after the last stage k of a step's repeat (inpainting, RePaint's way back);
 - ``after_step(k)``: after the last stage k of a step and its repeats (a callback, a progress bar).
@@ -45,8 +45,8 @@ class Plan:
 
     stages: list  # the Stage table the calls come from
     grid: list[float]  # flow times t_0 .. t_steps
-    kernel: object  # the backend's sampler_step
-    calls: list[list[tuple]]  # per repeat (RePaint), per stage: the kernel's positional arguments
+    kernel: object  # the backend's sampler_step op (the one-off writes: the initial state, churn)
+    calls: list[list]  # per repeat (RePaint), per stage: its prepared kernel call (fastdiff.ops.step_call)
     spans: list[tuple[int, int]]  # per step, its stages [first, end)
     model_calls: object  # fastdiff.sampling.core.model_calls.ModelCalls
     times: object  # fastdiff.sampling.core.tables.ModelTimes: times(k, n), stage k's model times for n samples

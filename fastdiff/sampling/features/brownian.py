@@ -112,12 +112,13 @@ def brownian_increment(seeds, shape, a: float, b: float, *, device=None, backend
     return out.float()
 
 
-def kernel_calls(stages, noisy, grid, buffer, seeds, cache, key) -> list[list[tuple]] | None:
-    """The sampler_step calls (positional kernel arguments) that write each noisy stage's noise into
-    ``buffer`` (a standard normal: the stage reads it with coefficient noise_scale()): per stage, then one
-    more list for the churn draw of step 0 (Stage.start_churn). ``noisy[k]`` is None for a stage without
+def kernel_calls(stages, noisy, grid, buffer, seeds, cache, key, backend: str, native: bool) -> list[list] | None:
+    """The prepared sampler_step calls (fastdiff.ops.step_call; run as call([buffer])) that write each noisy
+    stage's noise into ``buffer`` (a standard normal: the stage reads it with coefficient noise_scale()): per
+    stage, then one more list for the churn draw of step 0 (Stage.start_churn). ``noisy[k]`` is None for a stage without
     draws. Chunks of four draws: out = c_x buffer + Σ c ξ, c_x = 0 in the first (the buffer is finite)."""
     from fastdiff.ops.sampler_step import KERNEL_ARGS, ROW_ARGS, prepare_tensors, with_rows
+    from fastdiff.ops.step_call import step_call
     from fastdiff.sampling.core.stage import draw_stream
 
     if buffer is None:
@@ -137,4 +138,6 @@ def kernel_calls(stages, noisy, grid, buffer, seeds, cache, key) -> list[list[tu
         rows = [chunk_rows(stage_nodes(st, grid)) if noisy[k] is not None else [] for k, st in enumerate(stages)]
         rows.append(chunk_rows(normalized(*stream_interval(draw_stream(0), grid))) if stages[0].start_churn else [])
         cache.put(key, rows)
-    return [[tuple(dict(tensors, **r)[name] for name in KERNEL_ARGS) for r in stage_rows] for stage_rows in rows]
+    return [[step_call(backend, tuple(dict(tensors, **r)[name] for name in KERNEL_ARGS), None, native)
+             for r in stage_rows]
+            for stage_rows in rows]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastdiff.ops.sample_gram import sample_gram
+from fastdiff.ops.step_call import replaced
 from fastdiff.paths import affine_coefficients
 from fastdiff.sampling.core.arguments import langevin_steps, positive_number
 from fastdiff.sampling.core.stage import Stage, langevin_stream
@@ -48,17 +49,19 @@ def transform(corrector_steps, snr, path, grid, prediction) -> Correctors | None
 
 
 def hook(stages: list[Stage], backend: str):
-    """The before-step hook: a corrector stage's kernel arguments get its per-sample rows."""
-    def rows(k: int, preds: list, args: tuple) -> tuple:
+    """The before-step hook: a corrector stage's call gets its per-sample rows."""
+    def rows(k: int, preds: list, call):
         st = stages[k]
-        return corrector_args(args, preds, st, backend) if st.corrector is not None else args
+        if st.corrector is None:
+            return call
+        return replaced(call, sample_coeffs=corrector_rows(call.args, preds, st, backend))
 
     return rows
 
 
-def corrector_args(args: tuple, preds: list, st: Stage, backend: str) -> tuple:
-    """A corrector stage's kernel arguments (fastdiff.ops.sampler_step.KERNEL_ARGS) with its per-sample rows
-    [B, 2M]: out = (1 + ε a) x + ε b g + Σ ε h_j buffer_j + sqrt(2 ε) ξ, g the blend of ``preds``,
+def corrector_rows(args: tuple, preds: list, st: Stage, backend: str) -> torch.Tensor:
+    """A corrector stage's per-sample rows [B, 2M] (``args``: its call's KERNEL_ARGS):
+    out = (1 + ε a) x + ε b g + Σ ε h_j buffer_j + sqrt(2 ε) ξ, g the blend of ``preds``,
     s = a x + b g + Σ h_j buffer_j, ε from the norms of s and ξ."""
     x, history, seeds, streams, host_w, sample_w = args[0], args[2], args[3], args[4], args[5], args[7]
     snr, a, b, h = st.corrector
@@ -86,4 +89,4 @@ def corrector_args(args: tuple, preds: list, st: Stage, backend: str) -> tuple:
     zero = torch.zeros_like(eps)
     out_row = [1.0 + eps * a, eps * b, *(eps * c for c in h), (2.0 * eps).sqrt()]
     rows = torch.stack(out_row + [zero] * len(out_row), 1).to(torch.float32)
-    return (*args[:8], rows, *args[9:])
+    return rows

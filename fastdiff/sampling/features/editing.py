@@ -154,14 +154,14 @@ class Editing:
         return x
 
     def repeat_calls(self, calls: list, free: list, stages) -> list:
-        """Per repeat r (>= 1) of a step, its stages' kernel arguments (``free``: without a step-noise buffer)
+        """Per repeat r (>= 1) of a step, its stages' prepared calls (``free``: without a step-noise buffer)
         with their draws on the editing streams."""
         from fastdiff.sampling.core.calls import STREAMS, with_streams
 
         out = [calls]
         for r in range(1, self.resample):
-            out.append([with_streams(args, [edit_stream(st.step, r, d) for d in range(len(args[STREAMS]))])
-                        for args, st in zip(free, stages)])
+            out.append([with_streams(call, [edit_stream(st.step, r, d) for d in range(len(call.args[STREAMS]))])
+                        for call, st in zip(free, stages)])
         return out
 
     def plan(self, plan, path, backend: str, free_calls=None) -> None:

@@ -33,29 +33,32 @@ class StepNoise:
     def reads_buffer(self, k: int) -> bool:
         return self.host[k] is not None
 
-    def kernel_calls(self, buffer, seeds, key):
+    def kernel_calls(self, buffer, seeds, key, backend: str, native: bool):
         """With "brownian": per noisy stage (then the churn draw of step 0), the calls that sum its draws."""
         if not self.brownian:
             return None
-        return _brownian.kernel_calls(self.stages, self.host, self.grid, buffer, seeds, _calls.ROW_CACHE, key)
+        return _brownian.kernel_calls(self.stages, self.host, self.grid, buffer, seeds, _calls.ROW_CACHE, key,
+                                      backend, native)
 
     def add_hooks(self, plan, buffers: dict, noise_calls, x) -> None:
         if self.step_noise is None:
             return
-        kernel, host, stages, step_noise = plan.kernel, self.host, self.stages, self.step_noise
+        host, stages, step_noise = self.host, self.stages, self.step_noise
         if noise_calls is not None:
-            def sum_brownian(k: int, preds: list, args: tuple) -> tuple:
+            buffer = [buffers.get("noise")]  # None where no stage draws (no calls)
+
+            def sum_brownian(k: int, preds: list, call):
                 if plan.repeat == 0:
-                    for noise_args in noise_calls[k]:
-                        kernel(*noise_args)
-                return args
+                    for noise_call in noise_calls[k]:
+                        noise_call(buffer)
+                return call
 
             plan.add("before_step", sum_brownian)
         else:
-            def copy_callers(k: int, preds: list, args: tuple) -> tuple:
+            def copy_callers(k: int, preds: list, call):
                 if host[k] is not None and plan.repeat == 0:
                     buffers["noise"].copy_(check_step_noise(step_noise(stages[k].step, host[k]), x, stages[k]))
-                return args
+                return call
 
             plan.add("before_step", copy_callers)
 
