@@ -281,3 +281,30 @@ def test_cuda_graph_replay_with_new_seeds():
     torch.cuda.synchronize()
     assert torch.equal(out.cpu(), ops.randn([7, 8, 9], 5, (1000,), backend="cpu" if fastdiff.backends()["cpu"] else "reference")) or \
         torch.allclose(out.cpu(), ops.randn_reference([7, 8, 9], 5, (1000,)), atol=1e-5, rtol=0)
+
+
+_RANDN_SM90 = r'''
+import re
+from fastdiff.kernels import randn as module
+
+kernel = module._randn_kernel
+module._randn_kernel = Record("randn")
+for B, n, offset, dtype in [(3, 1024, 0, torch.float32), (2, 1, 1, torch.float32), (2, 67, 3, torch.bfloat16),
+                            (1, 4096, 2, torch.float16)]:
+    calls.clear()
+    module.randn(torch.arange(B), 7, (n,), offset, dtype)
+    ptx = compile_sm90(kernel, calls[0][1], calls[0][2], "ptx")
+    print(n, offset, str(dtype), len(re.findall(r"st\.global\.v4", ptx)), len(re.findall(r"bar\.sync", ptx)))
+'''
+
+
+def test_triton_randn_stores_vectors_on_sm90(tmp_path):
+    """lane0 and n are specialized, so the aligned fp32 draw (offset 0, n % 16 == 0) stores 16-byte vectors with
+    no shared-memory shuffle in the sm_90 PTX (unspecialized: 8 scalar stores and 15 bar.sync per thread); the
+    other launches (n = 1 and lane0 = 1 become constexprs; odd n and offsets; 16-bit outputs) compile."""
+    from triton_testing import run_script
+
+    lines = [line.split() for line in run_script(_RANDN_SM90, tmp_path).splitlines() if line[:1].isdigit()]
+    assert len(lines) == 4
+    n, offset, dtype, vectors, barriers = lines[0]
+    assert int(vectors) >= 1 and int(barriers) == 0, lines[0]

@@ -46,8 +46,9 @@ class Record:  # stands in for a kernel: records the wrapper's launch arguments
         return lambda *args, **kwargs: calls.append((self.name, args, kwargs))
 
 
-def compile_sm90(kernel, args, kwargs):
-    """The cubin of one recorded launch of ``kernel`` (the JITFunction itself, not the recorder)."""
+def compile_sm90(kernel, args, kwargs, kind="cubin"):
+    """The cubin (or ``kind``: "ptx", "ttgir", ...) of one recorded launch of ``kernel`` (the JITFunction itself,
+    not the recorder)."""
     if not hasattr(kernel, "_pack_args"):
         print("skip: JITFunction._pack_args is gone")
         sys.exit(77)
@@ -56,7 +57,7 @@ def compile_sm90(kernel, args, kwargs):
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
     compiled = compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
     assert compiled.asm["cubin"]
-    return compiled.asm["cubin"]
+    return compiled.asm[kind]
 '''
 
 

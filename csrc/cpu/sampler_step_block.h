@@ -285,7 +285,7 @@ void sampler_step_rows(const StepBuffers& a, const Shape s, const PredType pred_
           if (a.sample_coeffs != nullptr) {
             const int m = s.terms();
             for (int r = 0; r < 2; ++r)
-              for (int j = 0; j < m; ++j) k.c[r][j] = a.sample_coeffs[b * 2 * m + r * m + j];
+              for (int j = 0; j < m; ++j) k.c[r][coeff_column(s.history, j)] = a.sample_coeffs[b * 2 * m + r * m + j];
           }
           loaded = b;
         }
@@ -303,7 +303,7 @@ void sampler_step_rows(const StepBuffers& a, const Shape s, const PredType pred_
       for (int r = 0; r < s.history; ++r) run.history[r] = a.history[r] + row;
       for (int r = 0; r < a.n_outs; ++r) run.outs[r] = a.outs[r] + row;
       bool common = ShapeCaps<Shape>::kFixed && a.n_outs == 1 && k.w[0] == 1.0f;
-      for (int d = 0; d < s.draws; ++d) common = common && k.c[0][2 + s.history + d] != 0.0f;
+      for (int d = 0; d < s.draws; ++d) common = common && k.c[0][kDrawColumn + d] != 0.0f;
       with_bool(check_finite, [&](auto check) {
         if constexpr (ShapeCaps<Shape>::kFixed) {
           if (common) {

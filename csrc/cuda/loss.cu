@@ -201,8 +201,9 @@ loss_finish_kernel(const double* partial, const float* weight, float* loss, int6
   }
 }
 
-// Blocks for `items` block-sized work items, capped as grid_size caps threads.
-int64_t item_blocks(int64_t items) { return grid_size(items * kBlock); }
+// Blocks of `kernel` for `items` block-sized work items, capped as grid_size caps threads.
+template <typename Kernel>
+int64_t item_blocks(int64_t items, Kernel kernel) { return grid_size(items * kBlock, kernel); }
 
 at::Tensor add_noise_cuda(const at::Tensor& z, const at::Tensor& alpha_in, const at::Tensor& beta_in,
                           const at::Tensor& seeds_in, int64_t stream) {
@@ -221,7 +222,8 @@ at::Tensor add_noise_cuda(const at::Tensor& z, const at::Tensor& alpha_in, const
     float* op = out.mutable_data_ptr<float>();
     const bool vec = n % 4 == 0 && aligned(zp, 4 * sizeof(z_t)) && aligned(op, 16);
     with_bool(vec, [&](auto V) {
-      add_noise_kernel<z_t, decltype(V)::value><<<grid_size(total), kBlock, 0, cuda_stream>>>(
+      auto kernel = add_noise_kernel<z_t, decltype(V)::value>;
+      kernel<<<grid_size(total, kernel), kBlock, 0, cuda_stream>>>(
           zp, alpha.const_data_ptr<float>(), beta.const_data_ptr<float>(), seeds.const_data_ptr<int64_t>(), op, n,
           groups, total, static_cast<uint32_t>(stream));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -255,7 +257,8 @@ at::Tensor diffusion_loss_cuda(const at::Tensor& pred, const at::Tensor& z, cons
         const z_t* zp = z.const_data_ptr<z_t>();
         const bool vec = n % 4 == 0 && aligned(pp, 4 * sizeof(pred_t)) && aligned(zp, 4 * sizeof(z_t));
         with_bool(vec, [&](auto V) {
-          loss_partial_kernel<pred_t, z_t, decltype(V)::value><<<item_blocks(items), kBlock, 0, cuda_stream>>>(
+          auto kernel = loss_partial_kernel<pred_t, z_t, decltype(V)::value>;
+          kernel<<<item_blocks(items, kernel), kBlock, 0, cuda_stream>>>(
               pp, zp, coef_z.const_data_ptr<float>(), coef_eps.const_data_ptr<float>(),
               seeds.const_data_ptr<int64_t>(), partial.mutable_data_ptr<double>(), n, groups, chunks, items,
               static_cast<uint32_t>(stream));
@@ -264,7 +267,7 @@ at::Tensor diffusion_loss_cuda(const at::Tensor& pred, const at::Tensor& z, cons
       });
     });
   }
-  loss_finish_kernel<<<item_blocks(B), kBlock, 0, cuda_stream>>>(
+  loss_finish_kernel<<<item_blocks(B, loss_finish_kernel), kBlock, 0, cuda_stream>>>(
       partial.const_data_ptr<double>(), weight.const_data_ptr<float>(), loss.mutable_data_ptr<float>(), B, n, chunks);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return loss;
@@ -296,7 +299,8 @@ at::Tensor diffusion_loss_backward_cuda(const at::Tensor& grad_loss_in, const at
       const bool vec = n % 4 == 0 && aligned(pp, 4 * sizeof(pred_t)) && aligned(zp, 4 * sizeof(z_t)) &&
                        aligned(gp, 4 * sizeof(pred_t));
       with_bool(vec, [&](auto V) {
-        loss_backward_kernel<pred_t, z_t, decltype(V)::value><<<grid_size(total), kBlock, 0, cuda_stream>>>(
+        auto kernel = loss_backward_kernel<pred_t, z_t, decltype(V)::value>;
+        kernel<<<grid_size(total, kernel), kBlock, 0, cuda_stream>>>(
             grad_loss.const_data_ptr<float>(), pp, zp, coef_z.const_data_ptr<float>(), coef_eps.const_data_ptr<float>(),
             weight.const_data_ptr<float>(), seeds.const_data_ptr<int64_t>(), gp, n, groups, total,
             static_cast<uint32_t>(stream));

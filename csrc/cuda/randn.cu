@@ -87,16 +87,15 @@ randn_kernel(const int64_t* __restrict__ seeds,  // [B]
 template <typename scalar_t, bool kAligned>
 void launch_randn(const at::Tensor& seeds, at::Tensor& out, int64_t n, int64_t offset,
                   uint32_t stream, int64_t groups, int64_t total) {
-  const int64_t blocks = grid_size(total);
   cudaStream_t cuda_stream = at::cuda::getCurrentCUDAStream();
   const int64_t* seeds_ptr = seeds.const_data_ptr<int64_t>();
   scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
   if (total <= static_cast<int64_t>(std::numeric_limits<uint32_t>::max())) {
-    randn_kernel<scalar_t, uint32_t, kAligned><<<blocks, kBlock, 0, cuda_stream>>>(
-        seeds_ptr, out_ptr, n, offset, stream, groups, total);
+    auto kernel = randn_kernel<scalar_t, uint32_t, kAligned>;
+    kernel<<<grid_size(total, kernel), kBlock, 0, cuda_stream>>>(seeds_ptr, out_ptr, n, offset, stream, groups, total);
   } else {
-    randn_kernel<scalar_t, uint64_t, kAligned><<<blocks, kBlock, 0, cuda_stream>>>(
-        seeds_ptr, out_ptr, n, offset, stream, groups, total);
+    auto kernel = randn_kernel<scalar_t, uint64_t, kAligned>;
+    kernel<<<grid_size(total, kernel), kBlock, 0, cuda_stream>>>(seeds_ptr, out_ptr, n, offset, stream, groups, total);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -164,7 +163,7 @@ at::Tensor philox4x32_10_cuda(const at::Tensor& counter_in, const at::Tensor& ke
   at::Tensor out = at::empty({N, 4}, counter.options());  // [N, 4]
   if (N == 0) return out;
 
-  philox_kernel<<<grid_size(N), kBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
+  philox_kernel<<<grid_size(N, philox_kernel), kBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
       counter.const_data_ptr<int64_t>(), key.const_data_ptr<int64_t>(),
       out.mutable_data_ptr<int64_t>(), N);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -136,7 +136,8 @@ sample_gram_finish_kernel(const double* partial, double* out, int64_t B, int64_t
 template <typename term_t, int T>
 void launch_partial(const GramInputs<term_t>& in, const int64_t* seeds, double* partial, int64_t n, int64_t groups,
                     int64_t chunks, int64_t items, int K, bool vec, cudaStream_t stream) {
-  sample_gram_partial_kernel<term_t, T><<<grid_size(items * kBlock), kBlock, 0, stream>>>(
+  auto kernel = sample_gram_partial_kernel<term_t, T>;
+  kernel<<<grid_size(items * kBlock, kernel), kBlock, 0, stream>>>(
       in, seeds, partial, n, groups, chunks, items, K, vec);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -181,8 +182,8 @@ at::Tensor sample_gram_cuda(at::TensorList terms, const at::Tensor& seeds_in, at
     }
   });
   static_assert(kMaxGramTerms == 8, "the switch above instantiates T = 1..8");
-  sample_gram_finish_kernel<<<grid_size(B * P), kBlock, 0, cuda_stream>>>(partial.const_data_ptr<double>(),
-                                                                          out.mutable_data_ptr<double>(), B, chunks, P);
+  sample_gram_finish_kernel<<<grid_size(B * P, sample_gram_finish_kernel), kBlock, 0, cuda_stream>>>(
+      partial.const_data_ptr<double>(), out.mutable_data_ptr<double>(), B, chunks, P);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

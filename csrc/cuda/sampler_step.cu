@@ -110,8 +110,26 @@ __device__ __forceinline__ Shape shape_of(const StepBuffers& p) {
   }
 }
 
+// Row r of a coefficient source into k's columns (SampleCoeffs: x, g, history, then draws at kDrawColumn):
+// `at(j)` reads compact index j. Loops to the shape's caps, so every column of k is a constant index and k's
+// used entries are registers for every shape (the runtime-shape kernel too: no stack frame).
+template <typename Shape, typename At>
+__device__ __forceinline__ void load_row(const Shape& s, int r, SampleCoeffs& k, At at) {
+  using Caps = ShapeCaps<Shape>;
+  k.c[r][0] = at(0);
+  k.c[r][1] = at(1);
+#pragma unroll
+  for (int j = 0; j < Caps::kHistory; ++j) {
+    if (j < s.history) k.c[r][2 + j] = at(2 + j);
+  }
+#pragma unroll
+  for (int d = 0; d < Caps::kDraws; ++d) {
+    if (d < s.draws) k.c[r][kDrawColumn + d] = at(2 + s.history + d);
+  }
+}
+
 // The used entries of the host coefficients into k: the weights and the out row (and the side row
-// when kSide). Fixed shapes: constant indices, so k's used entries are registers.
+// when kSide).
 template <bool kSide, typename Shape>
 __device__ __forceinline__ void load_host_coeffs(const Shape& s, const SampleCoeffs& host, SampleCoeffs& k) {
   using Caps = ShapeCaps<Shape>;
@@ -119,13 +137,9 @@ __device__ __forceinline__ void load_host_coeffs(const Shape& s, const SampleCoe
   for (int i = 0; i < Caps::kBranches; ++i) {
     if (i < s.branches) k.w[i] = host.w[i];
   }
-  const int m = s.terms();
 #pragma unroll
   for (int r = 0; r < (kSide ? 2 : 1); ++r) {
-#pragma unroll
-    for (int j = 0; j < Caps::kTerms; ++j) {
-      if (j < m) k.c[r][j] = host.c[r][j];
-    }
+    load_row(s, r, k, [&](int j) { return host.c[r][coeff_column(s.history, j)]; });
   }
 }
 
@@ -146,10 +160,7 @@ __device__ __forceinline__ void load_sample_rows(const StepBuffers& p, const Sha
     const float* c = p.sample_coeffs + b * 2 * m;
 #pragma unroll
     for (int r = 0; r < (kSide ? 2 : 1); ++r) {
-#pragma unroll
-      for (int j = 0; j < Caps::kTerms; ++j) {
-        if (j < m) k.c[r][j] = c[r * m + j];
-      }
+      load_row(s, r, k, [&](int j) { return c[r * m + j]; });
     }
   }
 }
@@ -243,9 +254,26 @@ __global__ void __launch_bounds__(kBlock) sampler_step_kernel(const StepBuffers 
             normal4<float>(seed, static_cast<uint64_t>(g), p.streams[d], zv[d].v);
         }
       } else {
-#pragma unroll 1  // one Philox + Box-Muller body: compute-bound, nothing to gain from copies of it
+        // One Philox + Box-Muller body (compute-bound: nothing to gain from copies of it) whose draw lands in
+        // zv by constant indices, and draw_used read by constant indices too: a runtime index into zv or k
+        // would put them in a stack frame (176 bytes and the local loads and stores with them, sm_90).
+        unsigned used = 0;
+#pragma unroll
+        for (int d = 0; d < Caps::kDraws; ++d) {
+          if (d < s.draws && draw_used(s, k, d, kSide)) used |= 1u << d;
+        }
+#pragma unroll 1
         for (int d = 0; d < s.draws; ++d) {
-          if (draw_used(s, k, d, kSide)) normal4<float>(seed, static_cast<uint64_t>(g), p.streams[d], zv[d].v);
+          if (!((used >> d) & 1u)) continue;
+          float z[4];
+          normal4<float>(seed, static_cast<uint64_t>(g), p.streams[d], z);
+#pragma unroll
+          for (int e = 0; e < Caps::kDraws; ++e) {
+            if (e == d) {
+#pragma unroll
+              for (int j = 0; j < 4; ++j) zv[e].v[j] = z[j];
+            }
+          }
         }
       }
     }
@@ -263,8 +291,8 @@ __global__ void __launch_bounds__(kBlock) sampler_step_kernel(const StepBuffers 
 
 template <typename pred_t, bool kSide, bool kVec, typename Shape>
 void launch_shape(const StepBuffers& p) {
-  sampler_step_kernel<pred_t, kSide, kVec, Shape>
-      <<<grid_size(p.B * ((p.n + 3) / 4)), kBlock, 0, at::cuda::getCurrentCUDAStream()>>>(p);
+  auto kernel = sampler_step_kernel<pred_t, kSide, kVec, Shape>;
+  kernel<<<grid_size(p.B * ((p.n + 3) / 4), kernel), kBlock, 0, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -230,7 +230,7 @@ Result expected(const Case& k, const Inputs& in, const std::vector<at::Tensor>* 
       for (int row = 0; row < 2; ++row) {
         double m = std::fabs(static_cast<double>(kc.c[row][0]) * xv) + std::fabs(kc.c[row][1]) * gm;
         for (int q = 0; q < k.H; ++q) m += std::fabs(static_cast<double>(kc.c[row][2 + q]) * hv[q]);
-        for (int d = 0; d < k.D; ++d) m += std::fabs(kc.c[row][2 + k.H + d]) * 6.0;
+        for (int d = 0; d < k.D; ++d) m += std::fabs(kc.c[row][fastdiff::kDrawColumn + d]) * 6.0;
         (row ? r.mag_side : r.mag_out).data_ptr<double>()[j] = m;
       }
     }

@@ -214,10 +214,10 @@ BASELINES = {"step_sde": "eager", "step_ode": "eager", "gram": "eager", "rescale
 def report(ops=OPS, log2_sizes=(22,), dtypes=("fp32",), device="cpu", repeat=15, compile: bool = True,
            csv_dir=None, log=print, latency: dict | None = None) -> list[dict]:
     """Time every case of ``ops`` at N = 2^k for k in ``log2_sizes``, print the comparison table, and
-    write the rows to ``csv_dir/<device>-<date>.csv`` (when given). Returns the rows. ``latency``: keyword
-    arguments of fastdiff.bench.latency.report (its device, threads, shape...; by default the CPU, 2 threads),
-    which runs once after the sized ops."""
-    import csv
+    write the rows to ``csv_dir/<device>-<date>.csv`` (when given) as they come: the file is rewritten after
+    each group of cases, so a run stopped by a time limit leaves every row it measured. Returns the rows.
+    ``latency``: keyword arguments of fastdiff.bench.latency.report (its device, threads, shape...; by default
+    the CPU, 2 threads), which runs once after the sized ops."""
     import datetime
     import re
 
@@ -227,6 +227,12 @@ def report(ops=OPS, log2_sizes=(22,), dtypes=("fp32",), device="cpu", repeat=15,
     name = device_name(device)
     threads = torch.get_num_threads()
     rows = []
+    path = None
+    if csv_dir is not None:
+        from pathlib import Path
+
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+        path = Path(csv_dir) / f"{slug}-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv"
     log(f"fastdiff {fastdiff.__version__}, torch {torch.__version__}, {name}, "
         f"{threads if device.type == 'cpu' else 'GPU'} threads; medians of {repeat} interleaved rounds")
     sized = [op for op in ops if op != "latency"]
@@ -277,24 +283,33 @@ def report(ops=OPS, log2_sizes=(22,), dtypes=("fp32",), device="cpu", repeat=15,
                     log(line)
                 if op == "loop" and all(k in med for k in ("fastdiff", *LOOP_PARTS)):
                     rows += loop_split_rows(med, per_round, rows[-1], log)
+                write_rows(path, rows)
     if "latency" in ops:
         from fastdiff.bench import latency as latency_op
 
         rows += latency_op.report(repeat=repeat, log=log, **(latency or {}))
-    if csv_dir is not None and rows:
-        from pathlib import Path
-
-        folder = Path(csv_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
-        path = folder / f"{slug}-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv"
-        with open(path, "w", newline="") as f:
-            # latency's rows add their own columns (batch, cfg, fixed_us, ...): the union, in order
-            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-            w.writeheader()
-            w.writerows(rows)
+        write_rows(path, rows)
+    if path is not None and rows:
         log(f"wrote {path}")
     return rows
+
+
+def write_rows(path, rows: list[dict]) -> None:
+    """The CSV of ``rows`` at ``path`` (None: nowhere), written whole to a temporary file and moved into place, so
+    the file is always a complete table. Latency's rows add their own columns (batch, cfg, fixed_us, ...): the
+    union, in order."""
+    import csv
+    import os
+
+    if path is None or not rows:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
 
 
 def _sig(v: float, digits: int = 4) -> float:

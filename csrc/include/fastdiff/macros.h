@@ -4,6 +4,8 @@
 
 #ifdef __CUDACC__
 #define FASTDIFF_HD __host__ __device__ __forceinline__
+#define FASTDIFF_UNROLL _Pragma("unroll")
 #else
 #define FASTDIFF_HD inline
+#define FASTDIFF_UNROLL
 #endif

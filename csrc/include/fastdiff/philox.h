@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <math.h>
+#include <type_traits>
 
 #include "fastdiff/macros.h"
 
@@ -94,8 +95,12 @@ FASTDIFF_HD T log_uniform(uint32_t w) {
     return fd_log(static_cast<T>(2u * m + 1u) * static_cast<T>(2.98023223876953125e-08));  // 2^-25
   }
   // u >= 1/2: ln u = log1p(-(1 - u)), 1 - u = (2 (2^24 - 1 - m) + 1) 2^-25.
-  return log1p_from_log<T>(-static_cast<T>(2u * ((1u << 24) - 1u - m) + 1u) *
-                           static_cast<T>(2.98023223876953125e-08));
+  const T x = -static_cast<T>(2u * ((1u << 24) - 1u - m) + 1u) * static_cast<T>(2.98023223876953125e-08);
+#if defined(__CUDA_ARCH__)
+  // the device's own log1pf: no second log and IEEE division beside the first branch's log in a diverged warp
+  if constexpr (std::is_same_v<T, float>) return log1pf(x);
+#endif
+  return log1p_from_log<T>(x);
 }
 
 // u(w) - 1/2 = (2m + 1 - 2^24) 2^-25, exact in float (|2m + 1 - 2^24| < 2^24). With v = u - 1/2,
@@ -106,14 +111,29 @@ FASTDIFF_HD T centered_uniform(uint32_t w) {
   return static_cast<T>(2 * m + 1 - (1 << 24)) * static_cast<T>(2.98023223876953125e-08);
 }
 
+// sin and cos of 2 pi v, v = u - 1/2 in (-1/2, 1/2).
+template <typename T>
+FASTDIFF_HD void sin_cos_two_pi(T v, T* s, T* c) {
+#if defined(__CUDA_ARCH__)
+  // sincospif(2 v): 2 v is exact and needs no general argument reduction, where accurate sinf / cosf of
+  // theta = 2 pi v take their slow path with a stack frame (sm_90 SASS of the aligned fp32 randn kernel: 1000
+  // instructions with sinf / cosf and the log1p below; .ci/cuda_guards.py holds it under its budget)
+  if constexpr (std::is_same_v<T, float>) {
+    sincospif(2.0f * v, s, c);
+    return;
+  }
+#endif
+  const T theta = static_cast<T>(6.283185307179586476925286766559) * v;
+  *s = fd_sin(theta);
+  *c = fd_cos(theta);
+}
+
 // One Box–Muller pair from words (a, b): (r cos theta, r sin theta).
 template <typename T>
 FASTDIFF_HD void box_muller(uint32_t a, uint32_t b, T* x, T* y) {
   const T r = fd_sqrt(static_cast<T>(-2) * log_uniform<T>(a));
-  const T theta = static_cast<T>(6.283185307179586476925286766559) * centered_uniform<T>(b);
   T s, c;
-  s = fd_sin(theta);
-  c = fd_cos(theta);
+  sin_cos_two_pi<T>(centered_uniform<T>(b), &s, &c);
   *x = -r * c;
   *y = -r * s;
 }

@@ -65,10 +65,18 @@ struct ShapeCaps<FixedStepShape<K1, H, D>> {
   static constexpr int kBranches = K1, kHistory = H > 0 ? H : 1, kDraws = D > 0 ? D : 1, kTerms = 2 + H + D;
 };
 
+// Columns of SampleCoeffs::c: 0 x, 1 g, 2 + j h_j, kDrawColumn + d z_d: the same for every shape, so that a
+// loop unrolled to the shape's caps indexes the coefficients at compile time (the runtime-shape CUDA kernel kept
+// them in a 368-byte stack frame, with 151 local loads, while draws sat at the runtime column 2 + H + d).
+constexpr int kDrawColumn = 2 + kMaxHistory;
+
+// The column of compact index j of a coefficient row (x, g, H history terms, then the draws: the op's layout).
+FASTDIFF_HD int coeff_column(int history, int j) { return j < 2 + history ? j : kDrawColumn + (j - 2 - history); }
+
 // The coefficients of one sample: guidance weights and the out / side rows, float32.
 struct SampleCoeffs {
   float w[kMaxBranches];
-  float c[2][kMaxTerms];  // [row][column]: row 0 out, row 1 side; column 0 x, 1 g, 2 + j h_j, 2 + H + d z_d
+  float c[2][kMaxTerms];  // [row][column]: row 0 out, row 1 side; columns as kDrawColumn says
 };
 
 // The buffers and numbers of one call: filled on the host from the op's arguments (step_buffers in
@@ -104,7 +112,7 @@ FASTDIFF_HD void load_sample_coeffs(const StepShape& s, const float* weights, co
   for (int i = 0; i < s.branches; ++i) k.w[i] = weights[i];
   const int m = s.terms();
   for (int r = 0; r < 2; ++r)
-    for (int j = 0; j < m; ++j) k.c[r][j] = coeffs[r * m + j];
+    for (int j = 0; j < m; ++j) k.c[r][coeff_column(s.history, j)] = coeffs[r * m + j];
 }
 
 // g of one element (or vector): p[0 .. K1) are the branch predictions as float.
@@ -113,7 +121,10 @@ FASTDIFF_HD void load_sample_coeffs(const StepShape& s, const float* weights, co
 template <typename T, bool kUnitW0 = false, typename Shape>
 FASTDIFF_HD T blend(const Shape& s, const SampleCoeffs& k, const T* p) {
   T g = kUnitW0 ? p[0] : T(k.w[0]) * p[0];  // exact for w0 = 1: a multiply is cheaper than a test in the vector loop
-  for (int i = 1; i < s.branches; ++i) g = fmadd(T(k.w[i]), p[i] - p[0], g);
+  FASTDIFF_UNROLL  // to the shape's caps: compile-time indices (registers, not a stack frame, on the GPU)
+  for (int i = 1; i < ShapeCaps<Shape>::kBranches; ++i) {
+    if (i < s.branches) g = fmadd(T(k.w[i]), p[i] - p[0], g);
+  }
   return g;
 }
 
@@ -125,9 +136,14 @@ FASTDIFF_HD T combine(const Shape& s, const SampleCoeffs& k, int row, const T& x
                       const T* z) {
   const float* c = k.c[row];
   T v = fmadd(T(c[1]), g, T(c[0]) * x);
-  for (int j = 0; j < s.history; ++j) v = fmadd(T(c[2 + j]), h[j], v);
-  for (int d = 0; d < s.draws; ++d) {
-    const float cz = c[2 + s.history + d];
+  FASTDIFF_UNROLL
+  for (int j = 0; j < ShapeCaps<Shape>::kHistory; ++j) {
+    if (j < s.history) v = fmadd(T(c[2 + j]), h[j], v);
+  }
+  FASTDIFF_UNROLL
+  for (int d = 0; d < ShapeCaps<Shape>::kDraws; ++d) {
+    if (d >= s.draws) continue;
+    const float cz = c[kDrawColumn + d];
     if (kDrawsNonZero || cz != 0.0f) v = fmadd(T(cz), z[d], v);
   }
   return v;
@@ -136,7 +152,7 @@ FASTDIFF_HD T combine(const Shape& s, const SampleCoeffs& k, int row, const T& x
 // Whether draw d is needed by a sample: a non-zero coefficient in either row.
 template <typename Shape>
 FASTDIFF_HD bool draw_used(const Shape& s, const SampleCoeffs& k, int d, bool side) {
-  const int j = 2 + s.history + d;
+  const int j = kDrawColumn + d;
   return k.c[0][j] != 0.0f || (side && k.c[1][j] != 0.0f);
 }
 
