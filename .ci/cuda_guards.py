@@ -44,30 +44,32 @@ def find_cuobjdump(given: str | None) -> str:
     sys.exit("cuda_guards: no cuobjdump (the CUDA toolkit's, or Triton's backends/nvidia/bin/cuobjdump)")
 
 
-def resources(cuobjdump: str, lib: str) -> dict[str, dict[str, int]]:
-    out = subprocess.run([cuobjdump, "-res-usage", lib], capture_output=True, text=True, check=True).stdout
-    table, name = {}, None
+def _by_function(cuobjdump: str, flag: str, lib: str, header: str):
+    """(function, line) for every line of ``cuobjdump flag lib`` under a function header (regex ``header``)."""
+    out = subprocess.run([cuobjdump, flag, lib], capture_output=True, text=True, check=True).stdout
+    name = None
     for line in out.splitlines():
-        m = re.match(r"\s*Function (\S+):", line)
+        m = re.match(header, line)
         if m:
             name = m.group(1)
-            continue
-        if name is not None and "REG:" in line:
-            table[name] = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
-            name = None
-    return table
+            yield name, None
+        elif name is not None:
+            yield name, line
+
+
+def resources(cuobjdump: str, lib: str) -> dict[str, dict[str, int]]:
+    """Per kernel: REG, STACK, SHARED, LOCAL, ... (cuobjdump -res-usage)."""
+    return {name: {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
+            for name, line in _by_function(cuobjdump, "-res-usage", lib, r"\s*Function (\S+):")
+            if line is not None and "REG:" in line}
 
 
 def instructions(cuobjdump: str, lib: str) -> dict[str, int]:
-    out = subprocess.run([cuobjdump, "-sass", lib], capture_output=True, text=True, check=True).stdout
-    counts, name = {}, None
-    for line in out.splitlines():
-        m = re.match(r"\s*Function : (\S+)", line)
-        if m:
-            name = m.group(1)
-            counts[name] = 0
-        elif name is not None and re.match(r"\s*/\*[0-9a-f]{4}\*/\s+\S", line):
-            counts[name] += 1
+    """Per kernel: its SASS instructions (cuobjdump -sass)."""
+    counts: dict[str, int] = {}
+    instruction = re.compile(r"\s*/\*[0-9a-f]{4}\*/\s+\S")  # "/*0a40*/  FFMA R3, ..."
+    for name, line in _by_function(cuobjdump, "-sass", lib, r"\s*Function : (\S+)"):
+        counts[name] = counts.get(name, 0) + (line is not None and instruction.match(line) is not None)
     return counts
 
 

@@ -136,13 +136,22 @@ for B, n, dtype, K, D in [(2, 4096, torch.float16, 2, 1), (3, 9000, torch.float3
     assert [c[0] for c in calls] == ["chunk", "total"], calls
     for name, args, kwargs in calls:
         print("compiled", name, (K, D, str(dtype)), len(compile_sm90(kernels[name], args, kwargs)))
+        if name == "chunk":  # the step loop's body: from the scf.for to its scf.yield
+            ttgir = compile_sm90(kernels[name], args, kwargs, "ttgir")
+            loop = ttgir[ttgir.index("scf.for"):ttgir.index("scf.yield")]
+            print("reductions", loop.count('"tt.reduce"'), ttgir.count('"tt.reduce"'))
 '''
 
 
 def test_compiles_for_sm90(tmp_path):
     """Both kernels of the launches the wrapper makes (a common case, T = 8 with 4 draws, 8 terms) compile
-    to sm_90 cubins through Triton's own argument binder, without a GPU (tests/triton_testing.py)."""
-    assert run_script(_SM90_SCRIPT, tmp_path).count("compiled") == 6
+    to sm_90 cubins through Triton's own argument binder, without a GPU (tests/triton_testing.py), and the
+    chunk kernel reduces nothing inside its step loop (each of its P sums once, after it: it had 2 P
+    reductions, with their shuffles and barriers, in every step)."""
+    out = run_script(_SM90_SCRIPT, tmp_path)
+    assert out.count("compiled") == 6
+    reductions = [line.split()[1:] for line in out.splitlines() if line.startswith("reductions")]
+    assert len(reductions) == 3 and all(inside == "0" and int(total) > 0 for inside, total in reductions), out
 
 
 def test_chunk_and_limits_are_the_specifications():

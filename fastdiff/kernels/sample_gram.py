@@ -8,8 +8,8 @@ z_d the spec-v1 normal of (seeds[b], streams[d], element e, offset 0), every val
 
     _chunk_kernel  one program per (chunk, sample), a chunk being CHUNK (4096) elements: walks its
                    chunk in blocks of BLOCK groups of 4 elements (ascending, up to the sample's last
-                   element), each block's P sums formed with tl.sum in float64 and added to the
-                   chunk's; writes partial[b, c, :]
+                   element), adding each block's P float64 tiles of values and products element by
+                   element, then sums each tile once (lanes, then groups); writes partial[b, c, :]
     _total_kernel  one program per sample: total = partial[b, 0] + partial[b, 1] + … in index order
 
 The chunk sums depend only on n and on the backend (the interpreter takes a chunk in one block), never
@@ -68,10 +68,6 @@ def _pick(i: tl.constexpr, K: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7, z0, 
     return r
 
 
-@triton.jit
-def _add(acc, slot, p: tl.constexpr, v):
-    """acc[p] += Σ v (a [BLOCK, 4] float64 tile: lanes, then groups; a fixed order)."""
-    return tl.where(slot == p, acc + tl.sum(tl.sum(v, axis=1), axis=0), acc)
 
 
 @triton.jit
@@ -103,7 +99,13 @@ def _chunk_kernel(
     if D > 0:
         k0, k1 = seed_key(tl.load(seeds_ptr + b))
     slot = tl.arange(0, PP)
-    acc = tl.zeros([PP], dtype=tl.float64)
+    # One [BLOCK, 4] float64 accumulator per sum (a tuple carried through the loop): each step adds its tile
+    # element by element, and each sum is reduced once, after the loop (lanes, then groups: for one step the
+    # order the kernel always had). Reducing in every step put 2 P reductions, with their shuffles and
+    # barriers, inside the loop (sm_90, T = 8: 88 reductions per step).
+    accs = ()
+    for p in tl.static_range(P):
+        accs = accs + (tl.zeros([BLOCK, 4], dtype=tl.float64),)
     steps = tl.cdiv(tl.minimum(n - c * (4 * G), 4 * G), 4 * BLOCK)  # blocks of this chunk holding elements
     for step in range(steps):  # in ascending element order
         q = c * G + step * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -135,12 +137,19 @@ def _chunk_kernel(
             z2 = _draw(k0, k1, q, mask, stream2)
         if D > 3:
             z3 = _draw(k0, k1, q, mask, stream3)
+        new = ()  # slot order: the T sums, then the products row-major (i <= j)
         for i in tl.static_range(T):
             ui = _pick(i, K, a0, a1, a2, a3, a4, a5, a6, a7, z0, z1, z2, z3)
-            acc = _add(acc, slot, i, ui)
+            new = new + (accs[i] + ui,)
+        for i in tl.static_range(T):
+            ui = _pick(i, K, a0, a1, a2, a3, a4, a5, a6, a7, z0, z1, z2, z3)
             for j in tl.static_range(i, T):
                 uj = _pick(j, K, a0, a1, a2, a3, a4, a5, a6, a7, z0, z1, z2, z3)
-                acc = _add(acc, slot, T + i * T - i * (i - 1) // 2 + (j - i), ui * uj)
+                new = new + (accs[len(new)] + ui * uj,)
+        accs = new
+    acc = tl.zeros([PP], dtype=tl.float64)
+    for p in tl.static_range(P):
+        acc = tl.where(slot == p, tl.sum(tl.sum(accs[p], axis=1), axis=0), acc)
     tl.store(partial_ptr + (b * tl.num_programs(0) + c) * P + slot, acc, mask=slot < P)
 
 
@@ -170,8 +179,8 @@ def _i32(stream: int) -> int:
 
 def _block_max() -> int:
     # The CPU interpreter pays per operation, not per element: a whole chunk (1024 groups) per step.
-    # On a GPU, 128 groups: T = 8 float64 tiles of 4 elements a thread (4 warps).
-    return CHUNK // 4 if os.environ.get("TRITON_INTERPRET") == "1" else 128
+    # On a GPU, 32 groups: one element a thread (4 warps) in each of the P float64 accumulators (T = 8: 44).
+    return CHUNK // 4 if os.environ.get("TRITON_INTERPRET") == "1" else 32
 
 
 def sample_gram(terms, seeds, streams) -> torch.Tensor:
