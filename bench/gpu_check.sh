@@ -65,8 +65,8 @@ if [ "$DRY" = 1 ]; then
 else
   ARCH=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
   say "build for TORCH_CUDA_ARCH_LIST=$ARCH"
-  if ! FASTDIFF_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=$(nproc) stage build "${BUILD_S:-200}" \
-      "$OUT/build.log" $PY -m pip install --no-build-isolation --no-deps .; then
+  export FASTDIFF_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=$(nproc)
+  if ! stage build "${BUILD_S:-200}" "$OUT/build.log" $PY -m pip install --no-build-isolation --no-deps .; then
     tail -40 "$OUT/build.log"
     exit 1
   fi
