@@ -27,7 +27,8 @@ TORCH_LIBRARY(fastdiff, m) {
   // z_0..z_D) (z_d the spec-v1 normal of (seeds[b], streams[d], element e)), T = K + D <= 8, D <= 4, returns
   // float64 [B, T + T (T + 1) / 2]: row b holds sum_e u_i (i < T), then sum_e u_i u_j (i <= j, row-major). Each
   // sample is cut into chunks of kGramChunk (4096) elements; a chunk's sums accumulate in float64 and the chunks
-  // are added in index order (no atomics: the bits do not depend on the batch size or the thread count).
+  // are added in an order fixed by their number (index order; CUDA past 64 chunks: per thread in index order,
+  // then a fixed tree) — no atomics: the bits do not depend on the batch size or the thread count.
   // terms float32/float16/bfloat16 (one dtype), contiguous [B, ...]; seeds int64 [B]; one device.
   m.def("sample_gram(Tensor[] terms, Tensor seeds, int[] streams) -> Tensor");
   // Noising and the fused training loss (docs/design.md §4; spec: fastdiff/ops/diffusion_loss.py), with

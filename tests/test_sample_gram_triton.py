@@ -106,6 +106,20 @@ def test_sample_does_not_depend_on_batch():
         assert torch.equal(batch[b], alone[0]), b
 
 
+def test_many_chunks_are_added_by_tiles():
+    """More than SERIAL_CHUNKS chunks (74 here): the finish adds tiles of 64 chunks, each as a tree; the result
+    stays the reference's (within float64 rounding) and each sample's does not depend on the batch."""
+    from fastdiff.kernels.sample_gram import SERIAL_CHUNKS
+
+    B, n = 2, 74 * 4096 - 5
+    assert -(-n // 4096) > SERIAL_CHUNKS
+    terms, seeds = _terms(B, n, 1, torch.float32, seed=9), _seeds(B)
+    batch = _check(terms, seeds, STREAMS[:1])
+    for b in range(B):
+        alone = sample_gram([t[b:b + 1] for t in terms], seeds=seeds[b:b + 1], streams=STREAMS[:1], backend="triton")
+        assert torch.equal(batch[b], alone[0]), b
+
+
 def test_blocked_chunks_and_grid_chunks(monkeypatch):
     """Several blocks per chunk (the GPU's walk, 256 groups a block here), and a batch launched in
     pieces of 2 samples (the grid-y limit): the same sums."""
@@ -130,7 +144,7 @@ from fastdiff.kernels import sample_gram as module
 kernels = {"chunk": module._chunk_kernel, "total": module._total_kernel}
 module._chunk_kernel, module._total_kernel = Record("chunk"), Record("total")
 for B, n, dtype, K, D in [(2, 4096, torch.float16, 2, 1), (3, 9000, torch.float32, 4, 4),
-                          (3, 67, torch.bfloat16, 8, 0)]:
+                          (3, 67, torch.bfloat16, 8, 0), (1, 65 * 4096, torch.float32, 1, 0)]:
     calls.clear()
     module.sample_gram([torch.randn(B, n).to(dtype) for _ in range(K)], torch.arange(B), [3, 2**32 - 1, 5, 6][:D])
     assert [c[0] for c in calls] == ["chunk", "total"], calls
@@ -144,14 +158,14 @@ for B, n, dtype, K, D in [(2, 4096, torch.float16, 2, 1), (3, 9000, torch.float3
 
 
 def test_compiles_for_sm90(tmp_path):
-    """Both kernels of the launches the wrapper makes (a common case, T = 8 with 4 draws, 8 terms) compile
+    """Both kernels of the launches the wrapper makes (a common case, T = 8 with 4 draws, 8 terms, 65 chunks) compile
     to sm_90 cubins through Triton's own argument binder, without a GPU (tests/triton_testing.py), and the
     chunk kernel reduces nothing inside its step loop (each of its P sums once, after it: it had 2 P
     reductions, with their shuffles and barriers, in every step)."""
     out = run_script(_SM90_SCRIPT, tmp_path)
-    assert out.count("compiled") == 6
+    assert out.count("compiled") == 8  # the last launch's finish adds tiles of chunks
     reductions = [line.split()[1:] for line in out.splitlines() if line.startswith("reductions")]
-    assert len(reductions) == 3 and all(inside == "0" and int(total) > 0 for inside, total in reductions), out
+    assert len(reductions) == 4 and all(inside == "0" and int(total) > 0 for inside, total in reductions), out
 
 
 def test_chunk_and_limits_are_the_specifications():

@@ -10,7 +10,8 @@ z_d the spec-v1 normal of (seeds[b], streams[d], element e, offset 0), every val
                    chunk in blocks of BLOCK groups of 4 elements (ascending, up to the sample's last
                    element), adding each block's P float64 tiles of values and products element by
                    element, then sums each tile once (lanes, then groups); writes partial[b, c, :]
-    _total_kernel  one program per sample: total = partial[b, 0] + partial[b, 1] + … in index order
+    _total_kernel  one program per sample: total = partial[b, 0] + partial[b, 1] + … in index order (more
+                   than SERIAL_CHUNKS chunks: tiles of 64 chunks, each summed as a tree, in index order)
 
 The chunk sums depend only on n and on the backend (the interpreter takes a chunk in one block), never
 on the batch. Triton cannot index a list of pointers at run time, so the terms come as fixed pointer
@@ -153,21 +154,34 @@ def _chunk_kernel(
     tl.store(partial_ptr + (b * tl.num_programs(0) + c) * P + slot, acc, mask=slot < P)
 
 
+SERIAL_CHUNKS = 64  # up to this many chunks a sample's are added in index order; beyond, by tiles (TILE_CHUNKS)
+
+
 @triton.jit
 def _total_kernel(
     partial_ptr,  # [B, C, P] float64
     out_ptr,  # [B, P] float64
     C,  # chunks per sample
     P: tl.constexpr, PP: tl.constexpr,
+    TILED: tl.constexpr,  # C > SERIAL_CHUNKS: a function of n, never of B
 ):
     b = tl.program_id(0).to(tl.int64)
     slot = tl.arange(0, PP)
     m = slot < P
     row = partial_ptr + b * C * P
-    total = tl.load(row + slot, mask=m, other=0.0)
-    for _ in range(1, C):  # chunk 1, 2, … in index order
-        row += P
-        total += tl.load(row + slot, mask=m, other=0.0)
+    if TILED:  # tiles of 64 chunks, each summed by tl.sum (a fixed tree), the tiles in index order: C / 64
+        # dependent steps where adding one chunk at a time took C (~1000 at n = 2^24 on a GPU)
+        chunk = tl.arange(0, 64)
+        total = tl.zeros([PP], dtype=tl.float64)
+        for first in range(0, C, 64):
+            tile = tl.load(row + (first + chunk)[:, None] * P + slot[None, :],
+                           mask=((first + chunk)[:, None] < C) & m[None, :], other=0.0)
+            total += tl.sum(tile, axis=0)
+    else:
+        total = tl.load(row + slot, mask=m, other=0.0)
+        for _ in range(1, C):  # chunk 1, 2, … in index order
+            row += P
+            total += tl.load(row + slot, mask=m, other=0.0)
     tl.store(out_ptr + b * P + slot, total, mask=m)
 
 
@@ -213,5 +227,5 @@ def sample_gram(terms, seeds, streams) -> torch.Tensor:
                 partial[start:stop], n, *stream_args,
                 K=K, D=D, PP=PP, BLOCK=BLOCK,
             )
-        _total_kernel[(B,)](partial, out, C, P=P, PP=PP)
+        _total_kernel[(B,)](partial, out, C, P=P, PP=PP, TILED=C > SERIAL_CHUNKS)
     return out

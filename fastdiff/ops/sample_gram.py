@@ -13,8 +13,9 @@ numbers a sampler_step draw with that stream adds.
 
 Arithmetic: each product of two float32 values is exact in float64. A sample's elements are cut into
 chunks of CHUNK (4096) elements; a chunk's sums are accumulated in float64 (in an order each backend
-fixes), and the chunks' sums are added in index order. The result does not depend on the batch size or
-the thread count; backends agree to float64 rounding (~1e-15 relative to the sums of |products|).
+fixes), and the chunks' sums are added in index order (the GPU backends, past 64 chunks a sample: by tiles
+or blocks of chunks, each summed as a fixed tree, in index order). The result does not depend on the batch
+size or the thread count; backends agree to float64 rounding (~1e-15 relative to the sums of |products|).
 
 Tensors: terms [B, *S] float32, float16 or bfloat16 (one dtype), contiguous, on one device; seeds
 int64 [B] (required when streams are given). Limits: T = K + D ≤ MAX_TERMS (8), D ≤ 4.
