@@ -111,20 +111,20 @@ __device__ __forceinline__ Shape shape_of(const StepBuffers& p) {
 }
 
 // Row r of a coefficient source into k's columns (SampleCoeffs: x, g, history, then draws at kDrawColumn):
-// `at(j)` reads compact index j. Loops to the shape's caps, so every column of k is a constant index and k's
+// `at(column, j)` reads the entry of k's column `column`, compact index j (the op's rows). Loops to the shape's caps, so every column of k is a constant index and k's
 // used entries are registers for every shape (the runtime-shape kernel too: no stack frame).
 template <typename Shape, typename At>
 __device__ __forceinline__ void load_row(const Shape& s, int r, SampleCoeffs& k, At at) {
   using Caps = ShapeCaps<Shape>;
-  k.c[r][0] = at(0);
-  k.c[r][1] = at(1);
+  k.c[r][0] = at(0, 0);
+  k.c[r][1] = at(1, 1);
 #pragma unroll
   for (int j = 0; j < Caps::kHistory; ++j) {
-    if (j < s.history) k.c[r][2 + j] = at(2 + j);
+    if (j < s.history) k.c[r][2 + j] = at(2 + j, 2 + j);
   }
 #pragma unroll
   for (int d = 0; d < Caps::kDraws; ++d) {
-    if (d < s.draws) k.c[r][kDrawColumn + d] = at(2 + s.history + d);
+    if (d < s.draws) k.c[r][kDrawColumn + d] = at(kDrawColumn + d, 2 + s.history + d);
   }
 }
 
@@ -139,7 +139,7 @@ __device__ __forceinline__ void load_host_coeffs(const Shape& s, const SampleCoe
   }
 #pragma unroll
   for (int r = 0; r < (kSide ? 2 : 1); ++r) {
-    load_row(s, r, k, [&](int j) { return host.c[r][coeff_column(s.history, j)]; });
+    load_row(s, r, k, [&](int column, int) { return host.c[r][column]; });  // host is in k's layout
   }
 }
 
@@ -160,7 +160,7 @@ __device__ __forceinline__ void load_sample_rows(const StepBuffers& p, const Sha
     const float* c = p.sample_coeffs + b * 2 * m;
 #pragma unroll
     for (int r = 0; r < (kSide ? 2 : 1); ++r) {
-      load_row(s, r, k, [&](int j) { return c[r * m + j]; });
+      load_row(s, r, k, [&](int, int j) { return c[r * m + j]; });
     }
   }
 }
