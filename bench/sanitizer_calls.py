@@ -65,20 +65,22 @@ def run(device: str) -> bool:
                                backend="reference")
             # sums of n products of normals that agree to ~1e-6 relative
             ok &= _close(f"{backend} sample_gram B={B} n={n} K={K} D={D}", got.cpu(), want, 2e-5 * n)
-        z = torch.randn(4, 3001, generator=g).to(dev)
-        t = torch.rand(4, generator=g).to(dev)
-        seeds = torch.arange(4, device=dev)
-        pred = torch.randn(4, 3001, generator=g).to(dev)
+        # the loss at times (coefficients in the kernels): blocks per chunk, and a warp per sample up to 512
+        for B, n, path in ((4, 3001, "condot"), (37, 6, "vp"), (3, 512, "vp-cosine")):
+            z = torch.randn(B, n, generator=g).to(dev)
+            t = torch.rand(B, generator=g).to(dev)
+            seeds = torch.arange(B, device=dev)
+            pred = torch.randn(B, n, generator=g).to(dev)
 
-        def loss_outputs(be):
-            p = pred.clone().requires_grad_()
-            loss = diffusion_loss(p, z, t, seeds, 5, backend=be)
-            loss.backward()
-            return {"xt": add_noise(z, t, seeds, 5, backend=be), "loss": loss.detach(), "grad": p.grad}
+            def loss_outputs(be):
+                p = pred.clone().requires_grad_()
+                loss = diffusion_loss(p, z, t, seeds, 5, path, backend=be)
+                loss.backward()
+                return {"xt": add_noise(z, t, seeds, 5, path, backend=be), "loss": loss.detach(), "grad": p.grad}
 
-        mine, ref = loss_outputs(backend), loss_outputs("reference")
-        for key in ("xt", "loss", "grad"):
-            ok &= _close(f"{backend} loss {key}", mine[key], ref[key], 1e-5)
+            mine, ref = loss_outputs(backend), loss_outputs("reference")
+            for key in ("xt", "loss", "grad"):
+                ok &= _close(f"{backend} loss {key} B={B} n={n} {path}", mine[key], ref[key], 1e-5)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     return ok

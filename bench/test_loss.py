@@ -1,4 +1,5 @@
-"""Noising + loss forward + backward: fused vs eager (stored ε from randn_like), compile, reference."""
+"""Noising + loss forward + backward: fused (the ops at times; and with the coefficients computed in Python, the
+route of a user path) vs eager (stored ε from randn_like), compile, reference."""
 
 import pytest
 
@@ -6,7 +7,7 @@ from conftest import DEVICE, SIZES
 from fastdiff.bench.harness import loss_cases
 
 
-@pytest.mark.parametrize("impl", ["fastdiff", "eager", "compile", "reference"])
+@pytest.mark.parametrize("impl", ["fastdiff", "fastdiff-coefficients", "eager", "compile", "reference"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("log2n", SIZES)
 def test_loss(run_case, log2n, dtype, impl):

@@ -6,10 +6,12 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "fastdiff/gaussian_path.h"
 #include "fastdiff/sample_gram.h"
 #include "fastdiff/sampler_step.h"
 
@@ -217,6 +219,31 @@ inline void check_diffusion_loss_args(const char* op, const at::Tensor* grad_los
   check_per_sample(op, coef_eps, "coef_eps", B, pred, "pred");
   check_per_sample(op, weight, "weight", B, pred, "pred");
   check_loss_seeds(op, seeds, stream, B, pred, "pred");
+}
+
+// The *_at ops' time and path (fastdiff/gaussian_path.h): t float32 or float64 [B] on `like`'s device; path a
+// PathKind with its parameters (VP: beta_min, beta_max; VPCosine: s; VE: sigma_max); pair a PairKind.
+inline PathSpec check_path_args(const char* op, const at::Tensor& t, int64_t B, const at::Tensor& like,
+                                const char* like_name, int64_t path, at::ArrayRef<double> params, int64_t pair) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == B, op, "t must be [B] = [", B, "] (one time per sample), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op,
+              "t must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), op, "t is on ", t.device(), " but ", like_name, " is on ", like.device());
+  TORCH_CHECK(path >= 0 && path < kPathKinds, op, "path must be a path code in [0, ", int64_t{kPathKinds}, "), got ",
+              path);
+  static constexpr size_t kParams[kPathKinds] = {0, 2, 1, 1};  // CondOT, VP, VPCosine, VE
+  TORCH_CHECK(params.size() == kParams[path], op, "path ", path, " takes ", kParams[path],
+              " parameters (path_params), got ", params.size());
+  TORCH_CHECK(pair >= 0 && pair < kPairKinds, op, "the coefficient kind must be in [0, ", int64_t{kPairKinds},
+              "), got ", pair);
+  PathSpec spec{static_cast<int32_t>(path), static_cast<int32_t>(pair), {0.0, 0.0}};
+  for (size_t i = 0; i < params.size(); ++i) spec.param[i] = params[i];
+  return spec;
+}
+
+inline void check_optional_weight(const char* op, const std::optional<at::Tensor>& weight, int64_t B,
+                                  const at::Tensor& like) {
+  if (weight.has_value()) check_per_sample(op, *weight, "weight", B, like, "pred");
 }
 
 inline at::Tensor randn_output(const at::Tensor& seeds, at::IntArrayRef shape, at::ScalarType dtype) {

@@ -62,6 +62,17 @@ class GaussianPath:
         """``(alpha_t, beta_t, d alpha_t/dt, d beta_t/dt)`` at flow time ``t``."""
         return self._coefficients(_check_t(t))
 
+    def kernel_path(self) -> Optional[Tuple[int, Tuple[float, ...]]]:
+        """(code, parameters) of a built-in path, whose coefficients the kernels compute from t themselves
+        (csrc/include/fastdiff/gaussian_path.h: the same float64 formulas); None for any other path, a
+        subclass included, whose coefficients the caller computes."""
+        if type(self) not in _KERNEL_CODES:
+            return None
+        return _KERNEL_CODES[type(self)], self._kernel_parameters()
+
+    def _kernel_parameters(self) -> Tuple[float, ...]:
+        return ()
+
     def alpha(self, t: Time) -> Time:
         """Signal coefficient alpha_t."""
         return self.coefficients(t)[0]
@@ -124,6 +135,9 @@ class VP(GaussianPath):
         d_alpha = 0.5 * d_big_b * alpha
         return alpha, beta, d_alpha, _d_beta_from_alpha(alpha, d_alpha, beta)
 
+    def _kernel_parameters(self):
+        return self.beta_min, self.beta_max
+
     def __repr__(self) -> str:
         return f"VP(beta_min={self.beta_min}, beta_max={self.beta_max})"
 
@@ -155,6 +169,9 @@ class VPCosine(GaussianPath):
         d_alpha = w * m.cos(w * t) / norm
         return alpha, beta, d_alpha, _d_beta_from_alpha(alpha, d_alpha, beta)
 
+    def _kernel_parameters(self):
+        return (self.s,)
+
     def __repr__(self) -> str:
         return f"VPCosine(s={self.s})"
 
@@ -179,6 +196,9 @@ class VE(GaussianPath):
 
     def _coefficients(self, t):
         return _const(1.0, t), self.sigma_max * (1.0 - t), _const(0.0, t), _const(-self.sigma_max, t)
+
+    def _kernel_parameters(self):
+        return (self.sigma_max,)
 
     def sigma(self, t: Time) -> Time:
         """The noise level sigma_t = beta_t."""
@@ -325,6 +345,8 @@ class UserPath(GaussianPath):
 
 
 _PATHS = {"condot": CondOT, "vp": VP, "vp-cosine": VPCosine, "ve": VE}
+# The kernels' path codes (PathKind in csrc/include/fastdiff/gaussian_path.h).
+_KERNEL_CODES = {CondOT: 0, VP: 1, VPCosine: 2, VE: 3}
 PATH_NAMES = tuple(_PATHS)
 
 
@@ -346,6 +368,12 @@ def _from_repr(text: str) -> Optional[GaussianPath]:
         return classes[match.group(1)](**kwargs)
     except TypeError:
         return None
+
+
+def path_from_kernel(code: int, params) -> GaussianPath:
+    """The built-in path of a kernel path code and its parameters (the inverse of GaussianPath.kernel_path)."""
+    cls = {value: key for key, value in _KERNEL_CODES.items()}[int(code)]
+    return cls(*params)
 
 
 def get_path(name_or_path: Union[str, GaussianPath]) -> GaussianPath:

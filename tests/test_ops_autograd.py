@@ -113,7 +113,7 @@ def test_loss_gradgradcheck_reference_float64():
 def test_loss_backward_formula_gradgradcheck_float64():
     """The differentiable backward the kernels use under create_graph, in float64 (the noise from the
     CPU randn): its own derivatives by finite differences."""
-    from fastdiff.ops.diffusion_loss import _loss_grads as grads
+    from fastdiff.ops.loss_gradients import loss_grads as grads
 
     z, p, _, w = _batch(B=2, n=6, seed=4)
     cz = torch.tensor([0.7, -0.4], dtype=torch.float64, requires_grad=True)

@@ -175,7 +175,7 @@ def test_reference_kernel_registered_for_the_reference_backend():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [1, 6, CHUNK + 1, 3 * CHUNK + 2])
+@pytest.mark.parametrize("n", [1, 6, 512, 513, CHUNK + 1, 3 * CHUNK + 2])  # a warp per sample up to 512
 def test_cuda_kernel_equals_reference_and_is_batch_independent(n, dtype):
     if not fastdiff.backends()["cuda"].available:
         pytest.skip(f"cuda: {fastdiff.backends()['cuda'].reason}")

@@ -14,9 +14,15 @@
 // elements; one block of kBlock threads owns a chunk (thread t takes groups t, t + kBlock, ... of it),
 // sums its squared residuals in float, and the block adds the threads' sums in float64 in a fixed
 // tree (warp shuffles, then the warps in order) into partial[b, chunk]. A second kernel, one block per
-// sample, adds the chunks the same fixed way and writes loss[b]. Same inputs, same bits, every run.
+// sample, adds the chunks the same fixed way and writes loss[b]. Samples of at most 512 elements take a warp
+// each instead (loss_warp_kernel), one launch. Same inputs, same bits, every run.
 //
-// CUDA-graph safety: seeds and every coefficient are read from device memory inside the kernels,
+// The coefficients come per sample either as float32 arrays (add_noise, diffusion_loss*: any path, computed
+// by the caller) or, in the *_at ops, from t and a built-in path inside the kernels (fastdiff/gaussian_path.h,
+// float64, once per block or when a thread's item moves to another sample): no launch and no host work per
+// coefficient, and a t outside [0, 1] gives NaN for its sample.
+//
+// CUDA-graph safety: seeds, times and every coefficient are read from device memory inside the kernels,
 // nothing is read back to the host, and the launches go to the current stream.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -29,12 +35,15 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <type_traits>
+#include <vector>
 
 #include "checks.h"
 #include "dispatch.h"
 #include "cuda/launch.h"
 #include "cuda/vec4.h"
+#include "fastdiff/gaussian_path.h"
 #include "fastdiff/loss.h"
 #include "fastdiff/philox.h"
 
@@ -43,6 +52,7 @@ namespace {
 
 constexpr int kWarps = kBlock / 32;
 constexpr int64_t kChunkGroups = kLossChunk / 4;  // groups of 4 elements per loss chunk
+constexpr int64_t kWarpLossElems = 512;           // a warp per sample up to here (4 groups per lane)
 static_assert(kLossChunk % 4 == 0, "a loss chunk holds whole groups");
 
 // (sample b, group g) of work item idx, g fastest; 32-bit division where every index fits.
@@ -65,16 +75,31 @@ __device__ __forceinline__ void group_noise(float coef, const int64_t* seeds, in
   if (coef != 0.0f) normal4<float>(static_cast<uint64_t>(seeds[b]), static_cast<uint64_t>(g), stream, eps);
 }
 
+// The sample's coefficient pair, recomputed only when a thread's item moves to another sample (the in-kernel
+// path maths of the *_at ops is float64; a grid-stride thread mostly stays within one sample).
+struct CachedPair {
+  int64_t b = -1;
+  float c0 = 0.0f, c1 = 0.0f;
+  __device__ __forceinline__ void load(const SamplePairs& pairs, int64_t sample) {
+    if (sample != b) {
+      pairs.at(sample, &c0, &c1);
+      b = sample;
+    }
+  }
+};
+
 // kVec: n % 4 == 0 and the pointers aligned for load4/store4; then item idx is flattened group idx.
 template <typename z_t, bool kVec>
 __global__ void __launch_bounds__(kBlock)
-add_noise_kernel(const z_t* z, const float* alpha, const float* beta, const int64_t* seeds, float* out, int64_t n,
-                 int64_t groups, int64_t total, uint32_t stream) {
+add_noise_kernel(const z_t* z, SamplePairs pairs, const int64_t* seeds, float* out, int64_t n, int64_t groups,
+                 int64_t total, uint32_t stream) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  CachedPair pair;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += step) {
     int64_t b, g;
     split_item(idx, groups, total, &b, &g);
-    const float a = alpha[b], s = beta[b];
+    pair.load(pairs, b);
+    const float a = pair.c0, s = pair.c1;
     float eps[4];
     group_noise(s, seeds, b, g, stream, eps);
     if constexpr (kVec) {
@@ -96,17 +121,19 @@ add_noise_kernel(const z_t* z, const float* alpha, const float* beta, const int6
   }
 }
 
+// grad_loss is read with its stride (the expanded gradient of a mean has stride 0).
 template <typename pred_t, typename z_t, bool kVec>
 __global__ void __launch_bounds__(kBlock)
-loss_backward_kernel(const float* grad_loss, const pred_t* pred, const z_t* z, const float* coef_z,
-                     const float* coef_eps, const float* weight, const int64_t* seeds, pred_t* grad, int64_t n,
-                     int64_t groups, int64_t total, uint32_t stream) {
+loss_backward_kernel(const float* grad_loss, int64_t grad_stride, const pred_t* pred, const z_t* z, SamplePairs pairs,
+                     const int64_t* seeds, pred_t* grad, int64_t n, int64_t groups, int64_t total, uint32_t stream) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  CachedPair pair;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += step) {
     int64_t b, g;
     split_item(idx, groups, total, &b, &g);
-    const float scale = loss_grad_scale(grad_loss[b], weight[b], n);
-    const float cz = coef_z[b], ce = coef_eps[b];
+    pair.load(pairs, b);
+    const float scale = loss_grad_scale(grad_loss[b * grad_stride], pairs.weight_at(b), n);
+    const float cz = pair.c0, ce = pair.c1;
     float eps[4];
     group_noise(ce, seeds, b, g, stream, eps);
     if constexpr (kVec) {
@@ -147,49 +174,80 @@ __device__ __forceinline__ double block_sum(double v, double* shared) {
   return total;
 }
 
+// The float32 sum of squared residuals of groups g0, g0 + stride, ... < g_end of sample b (one thread's share).
+template <typename pred_t, typename z_t, bool kVec>
+__device__ __forceinline__ float squared_residuals(const pred_t* pred, const z_t* z, float cz, float ce,
+                                                   const int64_t* seeds, int64_t b, int64_t g0, int64_t g_end,
+                                                   int stride, int64_t n, int64_t groups, uint32_t stream) {
+  float sum = 0.0f;
+  for (int64_t g = g0; g < g_end; g += stride) {
+    float eps[4];
+    group_noise(ce, seeds, b, g, stream, eps);
+    if constexpr (kVec) {
+      float pv[4], zv[4];
+      load4(pred, b * groups + g, pv);
+      load4(z, b * groups + g, zv);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float r = loss_residual(pv[j], cz, ce, zv[j], eps[j]);
+        sum += r * r;
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t e = 4 * g + j;
+        if (e < n) {
+          const int64_t i = b * n + e;
+          const float r = loss_residual(static_cast<float>(pred[i]), cz, ce, static_cast<float>(z[i]), eps[j]);
+          sum += r * r;
+        }
+      }
+    }
+  }
+  return sum;
+}
+
 // partial[b, c] = sum of squared residuals of chunk c of sample b; one block per chunk (grid-stride).
 template <typename pred_t, typename z_t, bool kVec>
 __global__ void __launch_bounds__(kBlock)
-loss_partial_kernel(const pred_t* pred, const z_t* z, const float* coef_z, const float* coef_eps,
-                    const int64_t* seeds, double* partial, int64_t n, int64_t groups, int64_t chunks, int64_t items,
-                    uint32_t stream) {
+loss_partial_kernel(const pred_t* pred, const z_t* z, SamplePairs pairs, const int64_t* seeds, double* partial,
+                    int64_t n, int64_t groups, int64_t chunks, int64_t items, uint32_t stream) {
   __shared__ double shared[kWarps];
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {  // uniform across the block
     const int64_t b = item / chunks;
     const int64_t c = item - b * chunks;
-    const float cz = coef_z[b], ce = coef_eps[b];
+    float cz, ce;
+    pairs.at(b, &cz, &ce);  // the same for the whole block
     const int64_t g_end = std::min<int64_t>(groups, (c + 1) * kChunkGroups);
-    float sum = 0.0f;
-    for (int64_t g = c * kChunkGroups + threadIdx.x; g < g_end; g += kBlock) {
-      float eps[4];
-      group_noise(ce, seeds, b, g, stream, eps);
-      if constexpr (kVec) {
-        float pv[4], zv[4];
-        load4(pred, b * groups + g, pv);
-        load4(z, b * groups + g, zv);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float r = loss_residual(pv[j], cz, ce, zv[j], eps[j]);
-          sum += r * r;
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int64_t e = 4 * g + j;
-          if (e < n) {
-            const int64_t i = b * n + e;
-            const float r = loss_residual(static_cast<float>(pred[i]), cz, ce, static_cast<float>(z[i]), eps[j]);
-            sum += r * r;
-          }
-        }
-      }
-    }
+    const float sum = squared_residuals<pred_t, z_t, kVec>(pred, z, cz, ce, seeds, b, c * kChunkGroups + threadIdx.x,
+                                                           g_end, kBlock, n, groups, stream);
     const double total = block_sum(static_cast<double>(sum), shared);
     if (threadIdx.x == 0) partial[item] = total;
   }
 }
 
-// loss[b] = weight[b] / n * sum_c partial[b, c]; one block per sample (grid-stride).
+// Small samples (n <= kWarpLossElems: Langevin chains of dimension 2, toy data): a warp per sample instead of a
+// block per chunk, which would keep one thread of 256 busy and pay two barriers and a float64 tree per sample.
+// Lane l takes groups l, l + 32, ... (at most 4: the same 16-square float runs as a block's thread), the warp
+// adds the lanes in a fixed shuffle tree, and lane 0 writes loss[b] itself: one launch, no partial array, no
+// barrier. The kernel is chosen by n alone, so the bits still do not depend on B.
+template <typename pred_t, typename z_t, bool kVec>
+__global__ void __launch_bounds__(kBlock)
+loss_warp_kernel(const pred_t* pred, const z_t* z, SamplePairs pairs, const int64_t* seeds, float* loss, int64_t B,
+                 int64_t n, int64_t groups, uint32_t stream) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); b < B; b += warps) {
+    float cz, ce;  // b is uniform across the warp
+    pairs.at(b, &cz, &ce);
+    double v = squared_residuals<pred_t, z_t, kVec>(pred, z, cz, ce, seeds, b, lane, groups, 32, n, groups, stream);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xFFFFFFFFu, v, offset);
+    if (lane == 0) loss[b] = loss_from_sum(v, pairs.weight_at(b), n);
+  }
+}
+
+// loss[b] = weight[b] / n * sum_c partial[b, c] (weight null: 1); one block per sample (grid-stride).
 __global__ void __launch_bounds__(kBlock)
 loss_finish_kernel(const double* partial, const float* weight, float* loss, int64_t B, int64_t n, int64_t chunks) {
   __shared__ double shared[kWarps];
@@ -197,7 +255,7 @@ loss_finish_kernel(const double* partial, const float* weight, float* loss, int6
     double sum = 0.0;
     for (int64_t c = threadIdx.x; c < chunks; c += kBlock) sum += partial[b * chunks + c];
     const double total = block_sum(sum, shared);
-    if (threadIdx.x == 0) loss[b] = loss_from_sum(total, weight[b], n);
+    if (threadIdx.x == 0) loss[b] = loss_from_sum(total, weight != nullptr ? weight[b] : 1.0f, n);
   }
 }
 
@@ -205,14 +263,45 @@ loss_finish_kernel(const double* partial, const float* weight, float* loss, int6
 template <typename Kernel>
 int64_t item_blocks(int64_t items, Kernel kernel) { return grid_size(items * kBlock, kernel); }
 
-at::Tensor add_noise_cuda(const at::Tensor& z, const at::Tensor& alpha_in, const at::Tensor& beta_in,
-                          const at::Tensor& seeds_in, int64_t stream) {
-  check_add_noise_args(z, alpha_in, beta_in, seeds_in, stream);
-  TORCH_CHECK(z.is_cuda(), "fastdiff::add_noise (CUDA): z must be a CUDA tensor, got ", z.device());
+// Per-sample pairs from float32 arrays [B] (made contiguous; kept alive by `keep`).
+SamplePairs array_pairs(const at::Tensor& c0, const at::Tensor& c1, const at::Tensor* weight,
+                        std::vector<at::Tensor>* keep) {
+  SamplePairs pairs{nullptr, nullptr, nullptr, nullptr, nullptr, PathSpec{}};
+  keep->push_back(c0.contiguous());
+  pairs.c0 = keep->back().const_data_ptr<float>();
+  keep->push_back(c1.contiguous());
+  pairs.c1 = keep->back().const_data_ptr<float>();
+  if (weight != nullptr) {
+    keep->push_back(weight->contiguous());
+    pairs.weight = keep->back().const_data_ptr<float>();
+  }
+  return pairs;
+}
+
+// Per-sample pairs computed in the kernels from t and the path.
+SamplePairs time_pairs(const at::Tensor& t_in, const std::optional<at::Tensor>& weight, const PathSpec& spec,
+                       std::vector<at::Tensor>* keep) {
+  keep->push_back(t_in.contiguous());
+  const at::Tensor& t = keep->back();
+  SamplePairs pairs{nullptr, nullptr, nullptr, nullptr, nullptr, spec};
+  if (t.scalar_type() == at::kDouble) {
+    pairs.t64 = t.const_data_ptr<double>();
+  } else {
+    pairs.t32 = t.const_data_ptr<float>();
+  }
+  if (weight.has_value()) {
+    keep->push_back(weight->contiguous());
+    pairs.weight = keep->back().const_data_ptr<float>();
+  }
+  return pairs;
+}
+
+at::Tensor launch_add_noise(const at::Tensor& z, const SamplePairs& pairs, const at::Tensor& seeds_in,
+                            int64_t stream) {
   c10::cuda::CUDAGuard guard(z.device());
   at::Tensor out = at::empty(z.sizes(), z.options().dtype(at::kFloat));
   if (z.numel() == 0) return out;
-  const at::Tensor alpha = alpha_in.contiguous(), beta = beta_in.contiguous(), seeds = seeds_in.contiguous();
+  const at::Tensor seeds = seeds_in.contiguous();
   const int64_t B = z.size(0), n = z.numel() / B;
   const int64_t groups = (n + 3) / 4, total = B * groups;
   cudaStream_t cuda_stream = at::cuda::getCurrentCUDAStream();
@@ -223,69 +312,64 @@ at::Tensor add_noise_cuda(const at::Tensor& z, const at::Tensor& alpha_in, const
     const bool vec = n % 4 == 0 && aligned(zp, 4 * sizeof(z_t)) && aligned(op, 16);
     with_bool(vec, [&](auto V) {
       auto kernel = add_noise_kernel<z_t, decltype(V)::value>;
-      kernel<<<grid_size(total, kernel), kBlock, 0, cuda_stream>>>(
-          zp, alpha.const_data_ptr<float>(), beta.const_data_ptr<float>(), seeds.const_data_ptr<int64_t>(), op, n,
-          groups, total, static_cast<uint32_t>(stream));
+      kernel<<<grid_size(total, kernel), kBlock, 0, cuda_stream>>>(zp, pairs, seeds.const_data_ptr<int64_t>(), op, n,
+                                                                    groups, total, static_cast<uint32_t>(stream));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return out;
 }
 
-at::Tensor diffusion_loss_cuda(const at::Tensor& pred, const at::Tensor& z, const at::Tensor& coef_z_in,
-                               const at::Tensor& coef_eps_in, const at::Tensor& weight_in, const at::Tensor& seeds_in,
-                               int64_t stream) {
-  check_diffusion_loss_args("fastdiff::diffusion_loss: ", nullptr, pred, z, coef_z_in, coef_eps_in, weight_in,
-                            seeds_in, stream);
-  TORCH_CHECK(pred.is_cuda(), "fastdiff::diffusion_loss (CUDA): pred must be a CUDA tensor, got ", pred.device());
+at::Tensor launch_loss(const at::Tensor& pred, const at::Tensor& z, const SamplePairs& pairs,
+                       const at::Tensor& seeds_in, int64_t stream) {
   c10::cuda::CUDAGuard guard(pred.device());
   const int64_t B = pred.size(0);
   at::Tensor loss = at::empty({B}, pred.options().dtype(at::kFloat));
   if (B == 0) return loss;
-  const at::Tensor coef_z = coef_z_in.contiguous(), coef_eps = coef_eps_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous(), seeds = seeds_in.contiguous();
+  const at::Tensor seeds = seeds_in.contiguous();
   const int64_t n = pred.numel() / B;
   const int64_t groups = (n + 3) / 4, chunks = loss_chunks(n), items = B * chunks;
-  at::Tensor partial = at::empty({B, chunks}, pred.options().dtype(at::kDouble));
   cudaStream_t cuda_stream = at::cuda::getCurrentCUDAStream();
-  if (items > 0) {
-    with_data_type(pred.scalar_type(), [&](auto pt) {
-      with_data_type(z.scalar_type(), [&](auto zt) {
-        using pred_t = decltype(pt);
-        using z_t = decltype(zt);
-        const pred_t* pp = pred.const_data_ptr<pred_t>();
-        const z_t* zp = z.const_data_ptr<z_t>();
-        const bool vec = n % 4 == 0 && aligned(pp, 4 * sizeof(pred_t)) && aligned(zp, 4 * sizeof(z_t));
-        with_bool(vec, [&](auto V) {
-          auto kernel = loss_partial_kernel<pred_t, z_t, decltype(V)::value>;
+  const bool per_warp = n <= kWarpLossElems;  // n = 0 included: NaN, the mean over nothing
+  at::Tensor partial = per_warp ? at::Tensor() : at::empty({B, chunks}, pred.options().dtype(at::kDouble));
+  with_data_type(pred.scalar_type(), [&](auto pt) {
+    with_data_type(z.scalar_type(), [&](auto zt) {
+      using pred_t = decltype(pt);
+      using z_t = decltype(zt);
+      const pred_t* pp = pred.const_data_ptr<pred_t>();
+      const z_t* zp = z.const_data_ptr<z_t>();
+      const int64_t* sp = seeds.const_data_ptr<int64_t>();
+      const bool vec = n % 4 == 0 && aligned(pp, 4 * sizeof(pred_t)) && aligned(zp, 4 * sizeof(z_t));
+      with_bool(vec, [&](auto V) {
+        constexpr bool kVec = decltype(V)::value;
+        if (per_warp) {
+          auto kernel = loss_warp_kernel<pred_t, z_t, kVec>;
+          kernel<<<grid_size(B * 32, kernel), kBlock, 0, cuda_stream>>>(
+              pp, zp, pairs, sp, loss.mutable_data_ptr<float>(), B, n, groups, static_cast<uint32_t>(stream));
+        } else {
+          auto kernel = loss_partial_kernel<pred_t, z_t, kVec>;
           kernel<<<item_blocks(items, kernel), kBlock, 0, cuda_stream>>>(
-              pp, zp, coef_z.const_data_ptr<float>(), coef_eps.const_data_ptr<float>(),
-              seeds.const_data_ptr<int64_t>(), partial.mutable_data_ptr<double>(), n, groups, chunks, items,
+              pp, zp, pairs, sp, partial.mutable_data_ptr<double>(), n, groups, chunks, items,
               static_cast<uint32_t>(stream));
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
+  });
+  if (!per_warp) {
+    loss_finish_kernel<<<item_blocks(B, loss_finish_kernel), kBlock, 0, cuda_stream>>>(
+        partial.const_data_ptr<double>(), pairs.weight, loss.mutable_data_ptr<float>(), B, n, chunks);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  loss_finish_kernel<<<item_blocks(B, loss_finish_kernel), kBlock, 0, cuda_stream>>>(
-      partial.const_data_ptr<double>(), weight.const_data_ptr<float>(), loss.mutable_data_ptr<float>(), B, n, chunks);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return loss;
 }
 
-at::Tensor diffusion_loss_backward_cuda(const at::Tensor& grad_loss_in, const at::Tensor& pred, const at::Tensor& z,
-                                        const at::Tensor& coef_z_in, const at::Tensor& coef_eps_in,
-                                        const at::Tensor& weight_in, const at::Tensor& seeds_in, int64_t stream) {
-  check_diffusion_loss_args("fastdiff::diffusion_loss_backward: ", &grad_loss_in, pred, z, coef_z_in, coef_eps_in,
-                            weight_in, seeds_in, stream);
-  TORCH_CHECK(pred.is_cuda(), "fastdiff::diffusion_loss_backward (CUDA): pred must be a CUDA tensor, got ",
-              pred.device());
+at::Tensor launch_loss_backward(const at::Tensor& grad_loss, const at::Tensor& pred, const at::Tensor& z,
+                                const SamplePairs& pairs, const at::Tensor& seeds_in, int64_t stream) {
   c10::cuda::CUDAGuard guard(pred.device());
   at::Tensor grad = at::empty(pred.sizes(), pred.options());
   if (pred.numel() == 0) return grad;
-  const at::Tensor grad_loss = grad_loss_in.contiguous();
-  const at::Tensor coef_z = coef_z_in.contiguous(), coef_eps = coef_eps_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous(), seeds = seeds_in.contiguous();
+  const at::Tensor seeds = seeds_in.contiguous();
   const int64_t B = pred.size(0), n = pred.numel() / B;
   const int64_t groups = (n + 3) / 4, total = B * groups;
   cudaStream_t cuda_stream = at::cuda::getCurrentCUDAStream();
@@ -301,14 +385,93 @@ at::Tensor diffusion_loss_backward_cuda(const at::Tensor& grad_loss_in, const at
       with_bool(vec, [&](auto V) {
         auto kernel = loss_backward_kernel<pred_t, z_t, decltype(V)::value>;
         kernel<<<grid_size(total, kernel), kBlock, 0, cuda_stream>>>(
-            grad_loss.const_data_ptr<float>(), pp, zp, coef_z.const_data_ptr<float>(), coef_eps.const_data_ptr<float>(),
-            weight.const_data_ptr<float>(), seeds.const_data_ptr<int64_t>(), gp, n, groups, total,
-            static_cast<uint32_t>(stream));
+            grad_loss.const_data_ptr<float>(), grad_loss.stride(0), pp, zp, pairs, seeds.const_data_ptr<int64_t>(), gp,
+            n, groups, total, static_cast<uint32_t>(stream));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   });
   return grad;
+}
+
+void check_on_cuda(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, name, " must be a CUDA tensor, got ", t.device());
+}
+
+at::Tensor add_noise_cuda(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
+                          const at::Tensor& seeds, int64_t stream) {
+  check_add_noise_args(z, alpha, beta, seeds, stream);
+  check_on_cuda("fastdiff::add_noise (CUDA): ", z, "z");
+  std::vector<at::Tensor> keep;
+  return launch_add_noise(z, array_pairs(alpha, beta, nullptr, &keep), seeds, stream);
+}
+
+at::Tensor diffusion_loss_cuda(const at::Tensor& pred, const at::Tensor& z, const at::Tensor& coef_z,
+                               const at::Tensor& coef_eps, const at::Tensor& weight, const at::Tensor& seeds,
+                               int64_t stream) {
+  check_diffusion_loss_args("fastdiff::diffusion_loss: ", nullptr, pred, z, coef_z, coef_eps, weight, seeds, stream);
+  check_on_cuda("fastdiff::diffusion_loss (CUDA): ", pred, "pred");
+  std::vector<at::Tensor> keep;
+  return launch_loss(pred, z, array_pairs(coef_z, coef_eps, &weight, &keep), seeds, stream);
+}
+
+at::Tensor diffusion_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& pred, const at::Tensor& z,
+                                        const at::Tensor& coef_z, const at::Tensor& coef_eps,
+                                        const at::Tensor& weight, const at::Tensor& seeds, int64_t stream) {
+  check_diffusion_loss_args("fastdiff::diffusion_loss_backward: ", &grad_loss, pred, z, coef_z, coef_eps, weight,
+                            seeds, stream);
+  check_on_cuda("fastdiff::diffusion_loss_backward (CUDA): ", pred, "pred");
+  std::vector<at::Tensor> keep;
+  return launch_loss_backward(grad_loss, pred, z, array_pairs(coef_z, coef_eps, &weight, &keep), seeds, stream);
+}
+
+// ---- at flow times: the coefficients computed in the kernels; a t outside [0, 1] gives NaN there ----------
+
+at::Tensor add_noise_at_cuda(const at::Tensor& z, const at::Tensor& t, const at::Tensor& seeds, int64_t stream,
+                             int64_t path, at::ArrayRef<double> path_params) {
+  constexpr const char* op = "fastdiff::add_noise_at: ";
+  check_loss_data(op, z, "z");
+  const PathSpec spec = check_path_args(op, t, z.size(0), z, "z", path, path_params, kPairNoising);
+  check_loss_seeds(op, seeds, stream, z.size(0), z, "z");
+  check_on_cuda("fastdiff::add_noise_at (CUDA): ", z, "z");
+  std::vector<at::Tensor> keep;
+  return launch_add_noise(z, time_pairs(t, std::nullopt, spec, &keep), seeds, stream);
+}
+
+PathSpec check_loss_at_args(const char* op, const at::Tensor* grad_loss, const at::Tensor& pred, const at::Tensor& z,
+                            const at::Tensor& t, const std::optional<at::Tensor>& weight, const at::Tensor& seeds,
+                            int64_t stream, int64_t path, at::ArrayRef<double> path_params, int64_t prediction) {
+  check_loss_data(op, pred, "pred");
+  TORCH_CHECK(z.sizes() == pred.sizes(), op, "z must have pred's shape ", pred.sizes(), ", got ", z.sizes());
+  TORCH_CHECK(z.device() == pred.device(), op, "z is on ", z.device(), " but pred is on ", pred.device());
+  check_loss_data(op, z, "z");
+  TORCH_CHECK(prediction >= kPairVelocity && prediction < kPairKinds, op,
+              "prediction must be a target code in [1, 5), got ", prediction);
+  const int64_t B = pred.size(0);
+  if (grad_loss != nullptr) check_per_sample(op, *grad_loss, "grad_loss", B, pred, "pred");
+  check_optional_weight(op, weight, B, pred);
+  check_loss_seeds(op, seeds, stream, B, pred, "pred");
+  check_on_cuda(op, pred, "pred");
+  return check_path_args(op, t, B, pred, "pred", path, path_params, prediction);
+}
+
+at::Tensor diffusion_loss_at_cuda(const at::Tensor& pred, const at::Tensor& z, const at::Tensor& t,
+                                  const std::optional<at::Tensor>& weight, const at::Tensor& seeds, int64_t stream,
+                                  int64_t path, at::ArrayRef<double> path_params, int64_t prediction) {
+  const PathSpec spec = check_loss_at_args("fastdiff::diffusion_loss_at: ", nullptr, pred, z, t, weight, seeds, stream,
+                                           path, path_params, prediction);
+  std::vector<at::Tensor> keep;
+  return launch_loss(pred, z, time_pairs(t, weight, spec, &keep), seeds, stream);
+}
+
+at::Tensor diffusion_loss_at_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& pred, const at::Tensor& z,
+                                           const at::Tensor& t, const std::optional<at::Tensor>& weight,
+                                           const at::Tensor& seeds, int64_t stream, int64_t path,
+                                           at::ArrayRef<double> path_params, int64_t prediction) {
+  const PathSpec spec = check_loss_at_args("fastdiff::diffusion_loss_at_backward: ", &grad_loss, pred, z, t, weight,
+                                           seeds, stream, path, path_params, prediction);
+  std::vector<at::Tensor> keep;
+  return launch_loss_backward(grad_loss, pred, z, time_pairs(t, weight, spec, &keep), seeds, stream);
 }
 
 }  // namespace
@@ -318,4 +481,7 @@ TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) {
   m.impl("add_noise", &fastdiff::add_noise_cuda);
   m.impl("diffusion_loss", &fastdiff::diffusion_loss_cuda);
   m.impl("diffusion_loss_backward", &fastdiff::diffusion_loss_backward_cuda);
+  m.impl("add_noise_at", &fastdiff::add_noise_at_cuda);
+  m.impl("diffusion_loss_at", &fastdiff::diffusion_loss_at_cuda);
+  m.impl("diffusion_loss_at_backward", &fastdiff::diffusion_loss_at_backward_cuda);
 }

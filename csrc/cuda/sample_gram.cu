@@ -9,7 +9,8 @@
 // in order). Each product of two floats is exact in float64, so every thread accumulates all P sums in
 // float64; the block then adds the threads' sums in a fixed tree (warp shuffles, then the warps in order)
 // into partial[b, chunk, :]. A second kernel, one thread per (b, p), adds the chunks in index order, as
-// the specification does. Same inputs, same bits, whatever the batch size or the grid.
+// the specification does. Samples of at most 512 elements take a warp each instead (sample_gram_warp_kernel),
+// one launch. Same inputs, same bits, whatever the batch size or the grid.
 //
 // Registers: the kernel is templated on T = K + D (1..8), so the P = T + T (T + 1) / 2 float64
 // accumulators and the group's T x 4 values are register arrays with compile-time indices; whether vector
@@ -54,14 +55,48 @@ struct GramInputs {
   uint32_t streams[kMaxGramTerms];
 };
 
-// partial[b, c, :] = the packed sums of chunk c of sample b; one block per chunk (grid-stride).
+// Adds groups g0, g0 + stride, ... < g_end of sample b into the thread's P float64 sums.
 // vec (uniform): n % 4 == 0 and every term aligned for load4, so group g of sample b is flat group b groups + g.
+template <typename term_t, int T>
+__device__ __forceinline__ void accumulate_groups(const GramInputs<term_t>& in, uint64_t seed, int64_t b, int64_t g0,
+                                                  int64_t g_end, int stride, int64_t n, int64_t groups, int K,
+                                                  bool vec, double* acc) {
+  constexpr int kFirstDraw = T - kMaxGramDraws > 1 ? T - kMaxGramDraws : 1;  // D <= 4 and K >= 1
+  for (int64_t g = g0; g < g_end; g += stride) {
+    const int64_t base = b * n + 4 * g;  // scalar path
+    const int valid = n - 4 * g < 4 ? static_cast<int>(n - 4 * g) : 4;
+    float v[T][4];
+#pragma unroll
+    for (int i = 0; i < T; ++i) {
+      if (i < K) {
+        if (vec) {
+          load4(in.terms[i], b * groups + g, v[i]);
+        } else {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) v[i][j] = j < valid ? static_cast<float>(in.terms[i][base + j]) : 0.0f;
+        }
+      } else if (i >= kFirstDraw) {  // folded away where no draw can sit
+        normal4<float>(seed, static_cast<uint64_t>(g), in.streams[i], v[i]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (j < valid) {  // elements past n contribute nothing
+        double u[T];
+#pragma unroll
+        for (int i = 0; i < T; ++i) u[i] = static_cast<double>(v[i][j]);
+        gram_accumulate<T, double>(acc, u);
+      }
+    }
+  }
+}
+
+// partial[b, c, :] = the packed sums of chunk c of sample b; one block per chunk (grid-stride).
 template <typename term_t, int T>
 __global__ void __launch_bounds__(kBlock)
 sample_gram_partial_kernel(const GramInputs<term_t> in, const int64_t* seeds, double* partial, int64_t n,
                            int64_t groups, int64_t chunks, int64_t items, int K, bool vec) {
   constexpr int P = gram_packed_size(T);
-  constexpr int kFirstDraw = T - kMaxGramDraws > 1 ? T - kMaxGramDraws : 1;  // D <= 4 and K >= 1
   __shared__ double shared[kWarps][P];
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {  // uniform across the block
     const int64_t b = item / chunks;
@@ -72,33 +107,7 @@ sample_gram_partial_kernel(const GramInputs<term_t> in, const int64_t* seeds, do
     double acc[P];
 #pragma unroll
     for (int p = 0; p < P; ++p) acc[p] = 0.0;
-    for (int64_t g = c * kChunkGroups + threadIdx.x; g < g_end; g += kBlock) {
-      const int64_t base = b * n + 4 * g;  // scalar path
-      const int valid = n - 4 * g < 4 ? static_cast<int>(n - 4 * g) : 4;
-      float v[T][4];
-#pragma unroll
-      for (int i = 0; i < T; ++i) {
-        if (i < K) {
-          if (vec) {
-            load4(in.terms[i], b * groups + g, v[i]);
-          } else {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) v[i][j] = j < valid ? static_cast<float>(in.terms[i][base + j]) : 0.0f;
-          }
-        } else if (i >= kFirstDraw) {  // folded away where no draw can sit
-          normal4<float>(seed, static_cast<uint64_t>(g), in.streams[i], v[i]);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (j < valid) {  // elements past n contribute nothing
-          double u[T];
-#pragma unroll
-          for (int i = 0; i < T; ++i) u[i] = static_cast<double>(v[i][j]);
-          gram_accumulate<T, double>(acc, u);
-        }
-      }
-    }
+    accumulate_groups<term_t, T>(in, seed, b, c * kChunkGroups + threadIdx.x, g_end, kBlock, n, groups, K, vec, acc);
     // Fixed tree: a shuffle tree within each warp, then the warps in order (thread p adds sum p).
 #pragma unroll
     for (int p = 0; p < P; ++p) {
@@ -115,6 +124,36 @@ sample_gram_partial_kernel(const GramInputs<term_t> in, const int64_t* seeds, do
       partial[item * P + threadIdx.x] = total;
     }
     __syncthreads();  // shared is reused by the next item
+  }
+}
+
+// Small samples (n <= kWarpGramElems: Langevin chains of dimension 2, toy data): a warp per sample instead of a
+// block per chunk, which would keep one thread of 256 busy and pay two barriers and P float64 trees per sample.
+// Lane l takes groups l, l + 32, ..., the warp adds the lanes by an xor butterfly (every lane ends with the same
+// bits: each level adds the same two values, x + y = y + x exactly), and lane p % 32 writes out[b, p]: one
+// launch, no partial array, no barrier. Chosen by n alone, so the bits still do not depend on B.
+constexpr int64_t kWarpGramElems = 512;
+
+template <typename term_t, int T>
+__global__ void __launch_bounds__(kBlock)
+sample_gram_warp_kernel(const GramInputs<term_t> in, const int64_t* seeds, double* out, int64_t B, int64_t n,
+                        int64_t groups, int K, bool vec) {
+  constexpr int P = gram_packed_size(T);
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); b < B; b += warps) {
+    const uint64_t seed = K < T ? static_cast<uint64_t>(seeds[b]) : 0u;  // b is uniform across the warp
+    double acc[P];
+#pragma unroll
+    for (int p = 0; p < P; ++p) acc[p] = 0.0;
+    accumulate_groups<term_t, T>(in, seed, b, lane, groups, 32, n, groups, K, vec, acc);
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      double s = acc[p];
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, offset);
+      if (lane == (p & 31)) out[b * P + p] = s;
+    }
   }
 }
 
@@ -162,12 +201,18 @@ sample_gram_tree_finish_kernel(const double* partial, double* out, int64_t B, in
   }
 }
 
+// The partial sums, or for small samples (partial null) the whole answer into out.
 template <typename term_t, int T>
-void launch_partial(const GramInputs<term_t>& in, const int64_t* seeds, double* partial, int64_t n, int64_t groups,
-                    int64_t chunks, int64_t items, int K, bool vec, cudaStream_t stream) {
-  auto kernel = sample_gram_partial_kernel<term_t, T>;
-  kernel<<<grid_size(items * kBlock, kernel), kBlock, 0, stream>>>(
-      in, seeds, partial, n, groups, chunks, items, K, vec);
+void launch_partial(const GramInputs<term_t>& in, const int64_t* seeds, double* partial, double* out, int64_t B,
+                    int64_t n, int64_t groups, int64_t chunks, int64_t items, int K, bool vec, cudaStream_t stream) {
+  if (partial == nullptr) {
+    auto kernel = sample_gram_warp_kernel<term_t, T>;
+    kernel<<<grid_size(B * 32, kernel), kBlock, 0, stream>>>(in, seeds, out, B, n, groups, K, vec);
+  } else {
+    auto kernel = sample_gram_partial_kernel<term_t, T>;
+    kernel<<<grid_size(items * kBlock, kernel), kBlock, 0, stream>>>(
+        in, seeds, partial, n, groups, chunks, items, K, vec);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -184,7 +229,8 @@ at::Tensor sample_gram_cuda(at::TensorList terms, const at::Tensor& seeds_in, at
   const int64_t n = first.numel() / B;
   const int64_t groups = (n + 3) / 4, chunks = gram_chunks(n), items = B * chunks;
   const at::Tensor seeds = seeds_in.contiguous();  // the kernel indexes seeds[b] directly
-  at::Tensor partial = at::empty({B, chunks, P}, first.options().dtype(at::kDouble));
+  const bool per_warp = n <= kWarpGramElems;
+  at::Tensor partial = per_warp ? at::Tensor() : at::empty({B, chunks, P}, first.options().dtype(at::kDouble));
   at::Tensor out = at::empty({B, P}, first.options().dtype(at::kDouble));
   cudaStream_t cuda_stream = at::cuda::getCurrentCUDAStream();
   with_data_type(first.scalar_type(), [&](auto tag) {
@@ -197,20 +243,22 @@ at::Tensor sample_gram_cuda(at::TensorList terms, const at::Tensor& seeds_in, at
     }
     for (int d = 0; d < T - K; ++d) in.streams[K + d] = static_cast<uint32_t>(streams[d]);
     const int64_t* sp = seeds.const_data_ptr<int64_t>();
-    double* pp = partial.mutable_data_ptr<double>();
+    double* pp = per_warp ? nullptr : partial.mutable_data_ptr<double>();
+    double* op = out.mutable_data_ptr<double>();
     switch (T) {  // checked: 1 <= T <= kMaxGramTerms
-      case 1: return launch_partial<term_t, 1>(in, sp, pp, n, groups, chunks, items, K, vec, cuda_stream);
-      case 2: return launch_partial<term_t, 2>(in, sp, pp, n, groups, chunks, items, K, vec, cuda_stream);
-      case 3: return launch_partial<term_t, 3>(in, sp, pp, n, groups, chunks, items, K, vec, cuda_stream);
-      case 4: return launch_partial<term_t, 4>(in, sp, pp, n, groups, chunks, items, K, vec, cuda_stream);
-      case 5: return launch_partial<term_t, 5>(in, sp, pp, n, groups, chunks, items, K, vec, cuda_stream);
-      case 6: return launch_partial<term_t, 6>(in, sp, pp, n, groups, chunks, items, K, vec, cuda_stream);
-      case 7: return launch_partial<term_t, 7>(in, sp, pp, n, groups, chunks, items, K, vec, cuda_stream);
-      case 8: return launch_partial<term_t, 8>(in, sp, pp, n, groups, chunks, items, K, vec, cuda_stream);
+      case 1: return launch_partial<term_t, 1>(in, sp, pp, op, B, n, groups, chunks, items, K, vec, cuda_stream);
+      case 2: return launch_partial<term_t, 2>(in, sp, pp, op, B, n, groups, chunks, items, K, vec, cuda_stream);
+      case 3: return launch_partial<term_t, 3>(in, sp, pp, op, B, n, groups, chunks, items, K, vec, cuda_stream);
+      case 4: return launch_partial<term_t, 4>(in, sp, pp, op, B, n, groups, chunks, items, K, vec, cuda_stream);
+      case 5: return launch_partial<term_t, 5>(in, sp, pp, op, B, n, groups, chunks, items, K, vec, cuda_stream);
+      case 6: return launch_partial<term_t, 6>(in, sp, pp, op, B, n, groups, chunks, items, K, vec, cuda_stream);
+      case 7: return launch_partial<term_t, 7>(in, sp, pp, op, B, n, groups, chunks, items, K, vec, cuda_stream);
+      case 8: return launch_partial<term_t, 8>(in, sp, pp, op, B, n, groups, chunks, items, K, vec, cuda_stream);
       default: TORCH_CHECK(false, "fastdiff::sample_gram (CUDA): unreachable T = ", T);
     }
   });
   static_assert(kMaxGramTerms == 8, "the switch above instantiates T = 1..8");
+  if (per_warp) return out;
   if (chunks <= kSerialChunks) {
     sample_gram_finish_kernel<<<grid_size(B * P, sample_gram_finish_kernel), kBlock, 0, cuda_stream>>>(
         partial.const_data_ptr<double>(), out.mutable_data_ptr<double>(), B, chunks, P);

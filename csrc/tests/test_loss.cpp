@@ -4,12 +4,14 @@
 // (partial noise blocks), sizes spanning several loss chunks, batches, every pred / z dtype pair,
 // samples whose noise coefficient is 0; bitwise equal results for 1 and 2 threads; the AVX2 loops
 // against the portable ones (FASTDIFF_CPU_SIMD=portable); and the argument checks.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -18,6 +20,7 @@
 #include <c10/util/Exception.h>
 
 #include "check.h"
+#include "fastdiff/gaussian_path.h"
 #include "fastdiff/loss.h"
 #include "fastdiff/philox.h"
 
@@ -333,6 +336,54 @@ int main() {
       std::printf("  strided weight raised: %s\n", err.what_without_backtrace());
     }
     c.expect(!threw, "strided per-sample vectors are accepted");
+    status |= c.report();
+  }
+
+  // 6. fastdiff/gaussian_path.h against closed forms of each path, and NaN outside [0, 1].
+  {
+    Checker c("gaussian_path.h pairs vs closed forms");
+    using fastdiff::PathSpec;
+    auto pair = [](PathSpec s, int32_t kind, double t) {
+      s.pair = kind;
+      float a = 0.0f, b = 0.0f;
+      fastdiff::pair_at(s, t, &a, &b);
+      return std::make_pair(static_cast<double>(a), static_cast<double>(b));
+    };
+    const PathSpec condot{fastdiff::kPathCondOT, 0, {0.0, 0.0}}, vp{fastdiff::kPathVP, 0, {0.1, 20.0}};
+    const PathSpec cosine{fastdiff::kPathVPCosine, 0, {0.008, 0.0}}, ve{fastdiff::kPathVE, 0, {80.0, 0.0}};
+    const double f = 0x1p-23;  // float32 rounding, relative
+    for (double t : {0.0, 0.3, 0.5, 1.0}) {
+      auto [a, b] = pair(condot, fastdiff::kPairNoising, t);
+      c.near(a, t, f * t, "condot alpha(%g)", t);
+      c.near(b, 1.0 - t, f, "condot beta(%g)", t);
+      auto [va, vb] = pair(condot, fastdiff::kPairVelocity, t);
+      c.expect(va == 1.0 && vb == -1.0, "condot velocity target (1, -1)");
+      auto [ea, eb] = pair(ve, fastdiff::kPairNoising, t);
+      c.expect(ea == 1.0, "ve alpha = 1");
+      c.near(eb, 80.0 * (1.0 - t), f * 80.0, "ve beta(%g)", t);
+      // VP: B(s) = 0.1 s + 9.95 s^2 at s = 1 - t; alpha = exp(-B/2), beta = sqrt(1 - alpha^2)
+      const double s = 1.0 - t, big_b = 0.1 * s + 9.95 * s * s, alpha = std::exp(-0.5 * big_b);
+      auto [pa, pb] = pair(vp, fastdiff::kPairNoising, t);
+      c.near(pa, alpha, f * alpha, "vp alpha(%g)", t);
+      c.near(pb, std::sqrt(1.0 - alpha * alpha), 2 * f, "vp beta(%g)", t);
+      // VPCosine: alpha = sin(w t) / sin(w), w = pi / (2 (1 + s)); alpha^2 + beta^2 = 1
+      const double w = M_PI / (2.0 * 1.008), ca = std::sin(w * t) / std::sin(w);
+      auto [qa, qb] = pair(cosine, fastdiff::kPairNoising, t);
+      c.near(qa, ca, 2 * f, "vp-cosine alpha(%g)", t);
+      c.near(qb, std::sqrt(std::max(0.0, 1.0 - ca * ca)), 4 * f + (t == 1.0 ? 0.0 : 1e-6), "vp-cosine beta(%g)", t);
+    }
+    auto [sa, sb] = pair(condot, fastdiff::kPairScore, 0.5);
+    c.expect(sa == 0.0 && sb == -2.0, "condot score target at 0.5: (0, -1 / beta) = (0, -2)");
+    auto [xa, xb] = pair(vp, fastdiff::kPairX0, 0.7);
+    auto [na, nb] = pair(vp, fastdiff::kPairEps, 0.7);
+    c.expect(xa == 1.0 && xb == 0.0 && na == 0.0 && nb == 1.0, "x0 (1, 0) and eps (0, 1) targets");
+    auto [ia, ib] = pair(vp, fastdiff::kPairVelocity, 1.0);
+    c.expect(std::isinf(ib) && ib < 0, "vp velocity at t = 1: d beta = -inf (beta = 0)");
+    for (double t : {-0.1, 1.5, static_cast<double>(NAN)}) {
+      auto [ba, bb] = pair(vp, fastdiff::kPairNoising, t);
+      c.expect(std::isnan(ba) && std::isnan(bb), "a time outside [0, 1] gives NaN");
+    }
+    (void)ia;
     status |= c.report();
   }
 

@@ -8,6 +8,9 @@ import torch
 from fastdiff._backends.registry import register_kernel
 
 OPS = ("philox4x32_10", "sampler_step", "sample_gram", "add_noise", "diffusion_loss", "diffusion_loss_backward")
+# At flow times, the coefficients computed in the kernel (fastdiff/ops/loss_at_times.py); a library built
+# before them has none, and the ops then take the coefficient kernels above.
+AT_TIMES_OPS = ("add_noise_at", "diffusion_loss_at")
 
 
 def _call(name: str):
@@ -24,5 +27,8 @@ def register(backend: str, *, residual: bool = False) -> None:
     for a backward without a second pass over the noise (worth it where the normals are costly: CPU)."""
     for name in OPS + (("diffusion_loss_residual",) if residual else ()):
         register_kernel(backend, name)(_call(name))
+    if all(hasattr(torch.ops.fastdiff, name) for name in AT_TIMES_OPS):
+        for name in AT_TIMES_OPS + (("diffusion_loss_at_residual",) if residual else ()):
+            register_kernel(backend, name)(_call(name))
     register_kernel(backend, "randn")(
         lambda seeds, stream, shape, offset, dtype: torch.ops.fastdiff.randn(seeds, stream, list(shape), offset, dtype))

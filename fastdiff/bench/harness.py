@@ -120,12 +120,16 @@ def loss_cases(n: int, dtype: str = "fp32", device="cpu", impls=None) -> list[Ca
     t = torch.rand(BATCH, generator=g, dtype=torch.float64).to(device)
     seeds = torch.arange(BATCH, dtype=torch.int64, device=device)
 
-    def fused(backend=None):
+    def fused(backend=None, path="condot"):
         pred.grad = None
-        x_t = fastdiff.ops.add_noise(z, t, seeds, 0, "condot", backend=backend)
-        loss = fastdiff.ops.diffusion_loss(pred, z, t, seeds, 0, "condot", "velocity", backend=backend)
+        x_t = fastdiff.ops.add_noise(z, t, seeds, 0, path, backend=backend)
+        loss = fastdiff.ops.diffusion_loss(pred, z, t, seeds, 0, path, "velocity", backend=backend)
         loss.backward()
         return x_t, loss
+
+    class CoefficientCondOT(fastdiff.paths.CondOT):
+        """CondOT without a kernel path: the coefficients computed in Python around the kernels (the route
+        before the ops at times; what a user path still takes)."""
 
     def eager(fn=eager_loss):
         pred.grad = None
@@ -135,7 +139,8 @@ def loss_cases(n: int, dtype: str = "fp32", device="cpu", impls=None) -> list[Ca
 
     # add_noise: read z, write x_t; loss: read pred, z; backward: read pred, z, write grad
     nbytes = n * (4 + 4 + dt_.itemsize + 4 + dt_.itemsize + 4 + dt_.itemsize)
-    cases = {"fastdiff": fused, "eager": eager, "reference": lambda: fused("reference")}
+    cases = {"fastdiff": fused, "fastdiff-coefficients": lambda: fused(path=CoefficientCondOT()), "eager": eager,
+             "reference": lambda: fused("reference")}
     if impls is None or "compile" in impls:
         compiled = _compiled(eager_loss)
         cases["compile"] = lambda: eager(compiled)

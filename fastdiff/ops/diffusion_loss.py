@@ -32,6 +32,8 @@ import torch
 
 from fastdiff import _checks, _native
 from fastdiff import dispatch as _dispatch
+from fastdiff.ops import loss_at_times as _loss_at_times
+from fastdiff.ops.loss_gradients import add_noise_grads, loss_grads, native_backend, target_coefficients  # noqa: F401
 from fastdiff.ops.diffusion_loss_reference import (_compute_dtype, _per_sample, _sample_numel,  # noqa: F401
                                                    add_noise_reference, diffusion_loss_backward_reference,
                                                    diffusion_loss_reference, diffusion_loss_residual_reference,
@@ -82,23 +84,46 @@ def _check_time_range(t):
     return t
 
 
+def _route_at_times(path, t, B, device, backend, dtypes, prediction=None):
+    """(t [B] for the ops at times, the kernel path, the backend) when the op can compute its coefficients from t itself
+    (loss_at_times.py: a built-in path on a native backend, kernel dtypes, no gradient wanted in t); else
+    None. A float t is checked here, on the host, as the coefficient path checks it."""
+    kernel_path = path.kernel_path()
+    backend = _dispatch.resolve(device, backend)
+    if kernel_path is None or not _loss_at_times.available(backend):
+        return None
+    if any(dtype not in PRED_DTYPES for dtype in dtypes):
+        return None
+    if isinstance(t, torch.Tensor):
+        if not t.is_floating_point() or t.shape != (B,) or t.device != device:
+            return None  # the coefficient path names the problem
+        if t.requires_grad and torch.is_grad_enabled():
+            return None  # differentiable in t through the path's coefficients
+        return (t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float64)), kernel_path, backend
+    if not isinstance(t, numbers.Real) or isinstance(t, bool) or not 0.0 <= float(t) <= 1.0:
+        return None
+    if prediction is not None:
+        _check_float_target(path, float(t), prediction)
+    return torch.full((B,), float(t), dtype=torch.float64, device=device), kernel_path, backend
+
+
+def _check_float_target(path, t, prediction):
+    """_check_target for one float time, in Python floats (no tensor per call)."""
+    al, be, dal, dbe = path.coefficients(t)
+    pair = {"velocity": (dal, dbe), "eps": (0.0, 1.0), "x0": (1.0, 0.0)}.get(prediction)
+    if pair is None:
+        pair = (0.0, -1.0 / be if be != 0.0 else -math.inf)
+    if not all(math.isfinite(c) for c in pair):
+        raise ValueError(f"the {prediction!r} target is singular at t = {t} (t[0]) on path {path!r} "
+                         "(not finite there: e.g. the score −ε/β_t where β_t = 0); train "
+                         f"prediction={prediction!r} at times where the path has noise")
+
+
 def _seeds_and_stream(seeds, stream, B, device):
     seeds = _checks.seeds_tensor(seeds, device)
     if seeds.shape != (B,):
         raise ValueError(f"seeds must hold one seed per sample ({B}), got shape {tuple(seeds.shape)}")
     return seeds, _checks.stream_id(stream)
-
-
-def target_coefficients(path, t, prediction):
-    """(coef_z, coef_eps) [B] float64 with target = coef_z z + coef_eps ε for each prediction type."""
-    al, be, dal, dbe = path.coefficients(t)
-    if prediction == "velocity":
-        return dal, dbe
-    if prediction == "eps":
-        return torch.zeros_like(t), torch.ones_like(t)
-    if prediction == "x0":
-        return torch.ones_like(t), torch.zeros_like(t)
-    return torch.zeros_like(t), -1.0 / be  # score: -ε / β (infinite where β = 0)
 
 
 def _check_target(path, prediction, t_arg, t, cz, ce):
@@ -141,30 +166,6 @@ def _kernel_args(pred, z, t, seeds, stream, path, prediction, weight):
     return cz, ce, w, seeds, stream  # cz, ce float64: float32 for the kernels, the compute dtype for the reference
 
 
-def _native_backend(t: torch.Tensor) -> str:
-    """The backend whose torch.ops.fastdiff kernel ran on ``t`` (the dispatcher chose it by device)."""
-    return "cuda" if t.device.type == "cuda" else "cpu"
-
-
-def _noise_of(backend, seeds, stream, shape):
-    """ε [B, *shape] float32 of the noise stream on ``backend``'s randn (constant: no autograd)."""
-    return _dispatch.kernel(backend, "randn")(seeds, stream, tuple(shape), 0, torch.float32)
-
-
-def _add_noise_grads(needs, grad, z, alpha, beta, seeds, stream, backend):
-    """(grad_z, grad_alpha, grad_beta) of x_t = alpha z + beta ε, as the reference's autograd; torch ops,
-    hence differentiable again under create_graph."""
-    B, n, f = z.shape[0], _sample_numel(z), _compute_dtype(z, alpha)
-    shape = (B, *([1] * (z.dim() - 1)))
-    grad = grad.to(f)
-    grad_z = (alpha.view(shape) * grad).to(z.dtype) if needs[0] else None
-    grad_alpha = (grad * z.to(f)).reshape(B, n).sum(dim=1) if needs[1] else None
-    grad_beta = None
-    if needs[2]:
-        grad_beta = (grad * _noise_of(backend, seeds, stream, z.shape[1:]).to(f)).reshape(B, n).sum(dim=1)
-    return grad_z, grad_alpha, grad_beta
-
-
 class _KernelAddNoise(torch.autograd.Function):
     """add_noise on a backend whose kernels carry no autograd of their own (Triton)."""
 
@@ -177,7 +178,7 @@ class _KernelAddNoise(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         z, alpha, beta, seeds = ctx.saved_tensors
-        return (*_add_noise_grads(ctx.needs_input_grad, grad, z, alpha, beta, seeds, ctx.stream, ctx.backend),
+        return (*add_noise_grads(ctx.needs_input_grad, grad, z, alpha, beta, seeds, ctx.stream, ctx.backend),
                 None, None, None)
 
 
@@ -187,10 +188,15 @@ def add_noise(z, t, seeds, stream, path="condot", *, backend=None) -> torch.Tens
     from fastdiff.paths import get_path
 
     _check_data("z", z)
-    B = z.shape[0]
+    B, path = z.shape[0], get_path(path)
+    route = _route_at_times(path, t, B, z.device, backend, (z.dtype,))
+    if route is not None:
+        seeds, stream = _seeds_and_stream(seeds, stream, B, z.device)
+        t, kernel_path, name = route
+        return _loss_at_times.add_noise_at(z.contiguous(), t, seeds, stream, kernel_path, name)
     t = _times(t, B, z.device)
     seeds, stream = _seeds_and_stream(seeds, stream, B, z.device)
-    al, be = get_path(path).coefficients(t)[:2]  # float64; the reference casts to its compute dtype
+    al, be = path.coefficients(t)[:2]  # float64; the reference casts to its compute dtype
     name = _dispatch.resolve(z.device, backend)
     if name == "reference" or z.dtype == torch.float64:
         return add_noise_reference(z, al, be, seeds, stream)
@@ -213,43 +219,12 @@ if _native.status.loaded and hasattr(torch.ops.fastdiff, "add_noise"):
 
     def _add_noise_backward(ctx, grad):
         z, alpha, beta, seeds = ctx.saved_tensors
-        return (*_add_noise_grads(ctx.needs_input_grad, grad, z, alpha, beta, seeds, ctx.stream, _native_backend(z)),
+        return (*add_noise_grads(ctx.needs_input_grad, grad, z, alpha, beta, seeds, ctx.stream, native_backend(z)),
                 None, None)
 
     # an encoder upstream of z, or a learned t, gets its gradient (grad_z = alpha grad, as the reference)
     torch.library.register_autograd("fastdiff::add_noise", _add_noise_backward,
                                     setup_context=_add_noise_setup_context)
-
-
-def _loss_grads(needs, grad, pred, z, cz, ce, w, seeds, stream, backend, residual=None):
-    """(grad_pred, grad_z, grad_coef_z, grad_coef_eps) of Σ_b grad[b] loss[b].
-
-    A first-order gradient of pred alone runs the fused backward kernel (or scales the CPU's stored
-    residual). A double backward (grad mode on here: create_graph) or a gradient wrt z or the
-    coefficients (t) uses differentiable torch ops on ε regenerated by the backend's randn, so that the
-    second-order terms of a gradient penalty are not lost.
-    """
-    if not any(needs[:4]):
-        return None, None, None, None
-    B, n, f = pred.shape[0], _sample_numel(pred), _compute_dtype(pred, z)  # float32 on the kernels
-    if pred.numel() == 0:  # empty samples: zero gradients (the loss is a mean over nothing)
-        return tuple(torch.zeros_like(v) if need else None for v, need in zip((pred, z, cz, ce), needs))
-    if not torch.is_grad_enabled() and not any(needs[1:4]):
-        if residual is not None:
-            grad_pred = grad_from_residual(grad, residual, w, pred.dtype)
-        else:
-            grad_pred = _dispatch.kernel(backend, "diffusion_loss_backward")(grad.contiguous(), pred, z, cz, ce, w,
-                                                                              seeds, stream)
-        return grad_pred, None, None, None
-    shape = (B, *([1] * (pred.dim() - 1)))
-    eps = _noise_of(backend, seeds, stream, pred.shape[1:]).to(f)
-    czv, cev = cz.view(shape), ce.view(shape)
-    residual = pred.to(f) - (czv * z.to(f) + cev * eps)
-    g = (grad.to(f) * w * (2.0 / n)).view(shape) * residual  # ∂/∂residual, the fused kernel's formula
-    return (g.to(pred.dtype) if needs[0] else None,
-            (-(czv * g)).to(z.dtype) if needs[1] else None,
-            -(g * z.to(f)).reshape(B, n).sum(dim=1) if needs[2] else None,
-            -(g * eps).reshape(B, n).sum(dim=1) if needs[3] else None)
 
 
 class _KernelLoss(torch.autograd.Function):
@@ -274,7 +249,7 @@ class _KernelLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         pred, z, cz, ce, w, seeds, residual = ctx.saved_tensors
-        return (*_loss_grads(ctx.needs_input_grad, grad, pred, z, cz, ce, w, seeds, ctx.stream, ctx.backend, residual),
+        return (*loss_grads(ctx.needs_input_grad, grad, pred, z, cz, ce, w, seeds, ctx.stream, ctx.backend, residual),
                 None, None, None, None)
 
 
@@ -289,6 +264,40 @@ def diffusion_loss(pred, z, t, seeds, stream, path="condot", prediction="velocit
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    per_sample = _loss_at_times_or_none(pred, z, t, seeds, stream, path, prediction, weight, backend)
+    if per_sample is None:
+        per_sample = _loss_on_coefficients(pred, z, t, seeds, stream, path, prediction, weight, backend)
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample
+
+
+def _loss_at_times_or_none(pred, z, t, seeds, stream, path, prediction, weight, backend):
+    """The per-sample loss by the op at times (one op; the CPU op checks t), or None where it does not apply."""
+    from fastdiff.paths import check_prediction, get_path
+
+    path, prediction = get_path(path), check_prediction(prediction)
+    _check_data("pred", pred)
+    _check_data("z", z, pred.shape[0])
+    if z.shape != pred.shape or z.device != pred.device or (z.requires_grad and torch.is_grad_enabled()):
+        return None  # the coefficient path names a mismatch and differentiates z
+    B, device = pred.shape[0], pred.device
+    route = _route_at_times(path, t, B, device, backend, (pred.dtype, z.dtype), prediction)
+    if route is None:
+        return None
+    seeds, stream = _seeds_and_stream(seeds, stream, B, device)
+    w = None if weight is None else _per_sample(weight, B, "weight", device)
+    w = w.detach() if w is not None and w.requires_grad else w  # weights are not differentiated (no op if none)
+    t, kernel_path, backend = route
+    return _loss_at_times.diffusion_loss_at(pred.contiguous(), z.contiguous(), t, w, seeds, stream, kernel_path,
+                                            prediction, backend)
+
+
+def _loss_on_coefficients(pred, z, t, seeds, stream, path, prediction, weight, backend):
+    """The per-sample loss with the coefficients computed here from t by the path (any path, any backend;
+    differentiable in t)."""
     cz, ce, w, seeds, stream = _kernel_args(pred, z, t, seeds, stream, path, prediction, weight)
     name = _dispatch.resolve(pred.device, backend)
     if name == "reference" or pred.dtype == torch.float64 or z.dtype == torch.float64:
@@ -301,10 +310,6 @@ def diffusion_loss(pred, z, t, seeds, stream, path="condot", prediction="velocit
             per_sample = _KernelLoss.apply(pred, z, cz, ce, w, seeds, stream, name)
         else:
             per_sample = _dispatch.kernel(name, "diffusion_loss")(pred, z, cz, ce, w, seeds, stream)
-    if reduction == "mean":
-        return per_sample.mean()
-    if reduction == "sum":
-        return per_sample.sum()
     return per_sample
 
 
@@ -325,8 +330,8 @@ if _native.status.loaded and hasattr(torch.ops.fastdiff, "diffusion_loss"):
 
     def _loss_backward(ctx, grad):
         pred, z, coef_z, coef_eps, weight, seeds = ctx.saved_tensors
-        return (*_loss_grads(ctx.needs_input_grad, grad, pred, z, coef_z, coef_eps, weight, seeds, ctx.stream,
-                             _native_backend(pred)), None, None, None)
+        return (*loss_grads(ctx.needs_input_grad, grad, pred, z, coef_z, coef_eps, weight, seeds, ctx.stream,
+                             native_backend(pred)), None, None, None)
 
     if hasattr(torch.ops.fastdiff, "diffusion_loss_residual"):
 

@@ -14,8 +14,9 @@
 // r^2 is float32 only over short fixed runs of at most 16 squares, and float64 beyond:
 //   CPU:    a vector lane's squares within one noise block (kBlockElems / Vectorized<float>::size()
 //           = 8 squares) in float32; the lanes and blocks of a chunk in float64 (loss_block.h);
-//   CUDA:   a thread's squares within a chunk (kLossChunk / 4 / kBlock groups = 16 squares) in
-//           float32; the threads (fixed shuffle tree) in float64 (cuda/loss.cu);
+//   CUDA:   a thread's squares within a chunk (kLossChunk / 4 / kBlock groups = 16 squares; a warp's lane
+//           for samples of at most 512 elements, also 16) in float32; the threads (fixed shuffle tree)
+//           in float64 (cuda/loss.cu);
 //   Triton: a group's 4 squares in float32; the groups, blocks and partials in float64 (kernels/loss.py).
 // The order is fixed: each sample is cut into chunks of kLossChunk elements (Triton: blocks), each
 // chunk's partial sum is formed by one thread (CPU) or one block (CUDA) in an order fixed by the
