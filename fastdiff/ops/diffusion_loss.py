@@ -9,7 +9,9 @@ Kernel contract, with per-sample float32 coefficient vectors [B] computed from t
     …_backward:           grad[b, i] = grad_loss[b] · weight[b] · 2 / n · (pred[b, i] − target[b, i])
     …_residual (CPU):     (loss, pred − target in float32), one pass; the backward is then a scaled copy
 
-(n = elements per sample). Every prediction type's target is affine in (z, ε): velocity
+(n = elements per sample). On the native backends, a built-in path and a t that needs no gradient take the
+ops at times instead (loss_at_times.py): the same kernels with the coefficients computed from t inside
+them, one op per direction. Every prediction type's target is affine in (z, ε): velocity
 α̇ z + β̇ ε, eps ε, x0 z, score −ε/β. ``*_reference`` (diffusion_loss_reference.py) are the pure-PyTorch
 specifications.
 
@@ -85,7 +87,7 @@ def _check_time_range(t):
 
 
 def _route_at_times(path, t, B, device, backend, dtypes, prediction=None):
-    """(t [B] for the ops at times, the kernel path, the backend) when the op can compute its coefficients from t itself
+    """(t [B], the kernel path, the backend) when the op at times can compute the coefficients from t itself
     (loss_at_times.py: a built-in path on a native backend, kernel dtypes, no gradient wanted in t); else
     None. A float t is checked here, on the host, as the coefficient path checks it."""
     kernel_path = path.kernel_path()

@@ -5,9 +5,9 @@ parameters (:meth:`GaussianPath.kernel_path`) and compute α_t, β_t and the tar
 kernel (csrc/include/fastdiff/gaussian_path.h, the float64 formulas of fastdiff/gaussian_paths.py).
 
 :func:`fastdiff.ops.add_noise` and :func:`fastdiff.ops.diffusion_loss` take this route on the native backends
-whenever t needs no gradient: add_noise + loss forward + backward went from 85 ATen ops (VP; three of them host
-reads of t) to 8 with no host read (tests/test_loss_at_times.py counts them). A bad t is refused by the CPU op before any
-work and becomes NaN for its sample on the GPU (no host sync), as on the coefficient path.
+whenever t needs no gradient: add_noise + loss forward + backward went from 85 ATen ops (VP; three of them
+host reads of t) to 8 with no host read (tests/test_loss_at_times.py counts them). A bad t is refused by the
+CPU op before any work and becomes NaN for its sample on the GPU (no host sync), as on the coefficient path.
 
 Autograd: the loss in pred by the fused backward (CPU: the stored residual, scaled); a double backward or a
 gradient in z regenerates ε with torch ops on the coefficients computed in Python, as the coefficient path
