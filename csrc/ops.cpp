@@ -50,7 +50,7 @@ TORCH_LIBRARY(fastdiff, m) {
   m.def("diffusion_loss_backward(Tensor grad_loss, Tensor pred, Tensor z, Tensor coef_z, Tensor coef_eps, "
         "Tensor weight, Tensor seeds, int stream) -> Tensor");
   // The same ops at per-sample flow times t (float32/float64 [B]) on a built-in path, the coefficients computed
-  // in the kernel (fastdiff/gaussian_path.h): path a PathKind with its path_params, prediction a PairKind of a
+  // by the op (fastdiff/gaussian_path.h; on the device for CUDA tensors): path a PathKind with its path_params, prediction a PairKind of a
   // target (1 velocity, 2 eps, 3 x0, 4 score); weight None is 1. A t outside [0, 1] gives NaN for that sample
   // on the GPU; on the CPU it is refused before any work, as is a target that is infinite at t (the score
   // where beta_t = 0). grad_loss may be strided (the expanded gradient of a mean).

@@ -1,5 +1,5 @@
 """Noising and the loss at flow times (fastdiff/ops/loss_at_times.py): one op per direction computing the path's
-coefficients from t in the kernel. Against the coefficient ops bit for bit, its errors, its autograd, and the
+coefficients from t in the op. Against the coefficient ops bit for bit, its errors, its autograd, and the
 number of ATen ops a training step dispatches (issue 31: ≤ 8, no host read)."""
 
 import collections

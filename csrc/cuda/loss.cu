@@ -17,10 +17,10 @@
 // sample, adds the chunks the same fixed way and writes loss[b]. Samples of at most 512 elements take a warp
 // each instead (loss_warp_kernel), one launch. Same inputs, same bits, every run.
 //
-// The coefficients come per sample either as float32 arrays (add_noise, diffusion_loss*: any path, computed
-// by the caller) or, in the *_at ops, from t and a built-in path inside the kernels (fastdiff/gaussian_path.h,
-// float64, once per block or when a thread's item moves to another sample): no launch and no host work per
-// coefficient, and a t outside [0, 1] gives NaN for its sample.
+// The coefficients come per sample as float32 arrays: given (add_noise, diffusion_loss*: any path, computed by
+// the caller), or in the *_at ops computed on the device from t and a built-in path by path_pairs_kernel
+// (fastdiff/gaussian_path.h, float64, a thread per sample) before the streaming kernel: no host work and no
+// ATen op per coefficient, and a t outside [0, 1] gives NaN for its sample.
 //
 // CUDA-graph safety: seeds, times and every coefficient are read from device memory inside the kernels,
 // nothing is read back to the host, and the launches go to the current stream.
@@ -75,31 +75,34 @@ __device__ __forceinline__ void group_noise(float coef, const int64_t* seeds, in
   if (coef != 0.0f) normal4<float>(static_cast<uint64_t>(seeds[b]), static_cast<uint64_t>(g), stream, eps);
 }
 
-// The sample's coefficient pair, recomputed only when a thread's item moves to another sample (the in-kernel
-// path maths of the *_at ops is float64; a grid-stride thread mostly stays within one sample).
-struct CachedPair {
-  int64_t b = -1;
-  float c0 = 0.0f, c1 = 0.0f;
-  __device__ __forceinline__ void load(const SamplePairs& pairs, int64_t sample) {
-    if (sample != b) {
-      pairs.at(sample, &c0, &c1);
-      b = sample;
-    }
-  }
+// Per-sample coefficient pairs and weights (weight null: 1), float32 arrays [B] in device memory.
+struct Pairs {
+  const float* c0;
+  const float* c1;
+  const float* weight;
+  __device__ __forceinline__ float weight_at(int64_t b) const { return weight != nullptr ? weight[b] : 1.0f; }
 };
+
+// The ops at times: every sample's pair from its t and the path (fastdiff/gaussian_path.h, float64), one thread
+// per sample, into c0 = pairs[0:B], c1 = pairs[B:2B]. A kernel of its own so that the streaming kernels keep
+// their registers: the path maths inlined into them raised add_noise from 23-28 to 40, the backward from 28-30
+// to 54 and the loss pass from 31-32 to 42-54 (sm_90; 8 -> 4 resident blocks per SM).
+__global__ void __launch_bounds__(kBlock)
+path_pairs_kernel(const float* t32, const double* t64, PathSpec spec, float* pairs, int64_t B) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b < B) pair_at(spec, t64 != nullptr ? t64[b] : static_cast<double>(t32[b]), &pairs[b], &pairs[B + b]);
+}
 
 // kVec: n % 4 == 0 and the pointers aligned for load4/store4; then item idx is flattened group idx.
 template <typename z_t, bool kVec>
 __global__ void __launch_bounds__(kBlock)
-add_noise_kernel(const z_t* z, SamplePairs pairs, const int64_t* seeds, float* out, int64_t n, int64_t groups,
+add_noise_kernel(const z_t* z, Pairs pairs, const int64_t* seeds, float* out, int64_t n, int64_t groups,
                  int64_t total, uint32_t stream) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  CachedPair pair;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += step) {
     int64_t b, g;
     split_item(idx, groups, total, &b, &g);
-    pair.load(pairs, b);
-    const float a = pair.c0, s = pair.c1;
+    const float a = pairs.c0[b], s = pairs.c1[b];
     float eps[4];
     group_noise(s, seeds, b, g, stream, eps);
     if constexpr (kVec) {
@@ -124,16 +127,14 @@ add_noise_kernel(const z_t* z, SamplePairs pairs, const int64_t* seeds, float* o
 // grad_loss is read with its stride (the expanded gradient of a mean has stride 0).
 template <typename pred_t, typename z_t, bool kVec>
 __global__ void __launch_bounds__(kBlock)
-loss_backward_kernel(const float* grad_loss, int64_t grad_stride, const pred_t* pred, const z_t* z, SamplePairs pairs,
+loss_backward_kernel(const float* grad_loss, int64_t grad_stride, const pred_t* pred, const z_t* z, Pairs pairs,
                      const int64_t* seeds, pred_t* grad, int64_t n, int64_t groups, int64_t total, uint32_t stream) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  CachedPair pair;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += step) {
     int64_t b, g;
     split_item(idx, groups, total, &b, &g);
-    pair.load(pairs, b);
     const float scale = loss_grad_scale(grad_loss[b * grad_stride], pairs.weight_at(b), n);
-    const float cz = pair.c0, ce = pair.c1;
+    const float cz = pairs.c0[b], ce = pairs.c1[b];
     float eps[4];
     group_noise(ce, seeds, b, g, stream, eps);
     if constexpr (kVec) {
@@ -210,14 +211,13 @@ __device__ __forceinline__ float squared_residuals(const pred_t* pred, const z_t
 // partial[b, c] = sum of squared residuals of chunk c of sample b; one block per chunk (grid-stride).
 template <typename pred_t, typename z_t, bool kVec>
 __global__ void __launch_bounds__(kBlock)
-loss_partial_kernel(const pred_t* pred, const z_t* z, SamplePairs pairs, const int64_t* seeds, double* partial,
+loss_partial_kernel(const pred_t* pred, const z_t* z, Pairs pairs, const int64_t* seeds, double* partial,
                     int64_t n, int64_t groups, int64_t chunks, int64_t items, uint32_t stream) {
   __shared__ double shared[kWarps];
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {  // uniform across the block
     const int64_t b = item / chunks;
     const int64_t c = item - b * chunks;
-    float cz, ce;
-    pairs.at(b, &cz, &ce);  // the same for the whole block
+    const float cz = pairs.c0[b], ce = pairs.c1[b];
     const int64_t g_end = std::min<int64_t>(groups, (c + 1) * kChunkGroups);
     const float sum = squared_residuals<pred_t, z_t, kVec>(pred, z, cz, ce, seeds, b, c * kChunkGroups + threadIdx.x,
                                                            g_end, kBlock, n, groups, stream);
@@ -233,13 +233,12 @@ loss_partial_kernel(const pred_t* pred, const z_t* z, SamplePairs pairs, const i
 // barrier. The kernel is chosen by n alone, so the bits still do not depend on B.
 template <typename pred_t, typename z_t, bool kVec>
 __global__ void __launch_bounds__(kBlock)
-loss_warp_kernel(const pred_t* pred, const z_t* z, SamplePairs pairs, const int64_t* seeds, float* loss, int64_t B,
+loss_warp_kernel(const pred_t* pred, const z_t* z, Pairs pairs, const int64_t* seeds, float* loss, int64_t B,
                  int64_t n, int64_t groups, uint32_t stream) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); b < B; b += warps) {
-    float cz, ce;  // b is uniform across the warp
-    pairs.at(b, &cz, &ce);
+    const float cz = pairs.c0[b], ce = pairs.c1[b];  // b is uniform across the warp
     double v = squared_residuals<pred_t, z_t, kVec>(pred, z, cz, ce, seeds, b, lane, groups, 32, n, groups, stream);
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xFFFFFFFFu, v, offset);
@@ -264,9 +263,8 @@ template <typename Kernel>
 int64_t item_blocks(int64_t items, Kernel kernel) { return grid_size(items * kBlock, kernel); }
 
 // Per-sample pairs from float32 arrays [B] (made contiguous; kept alive by `keep`).
-SamplePairs array_pairs(const at::Tensor& c0, const at::Tensor& c1, const at::Tensor* weight,
-                        std::vector<at::Tensor>* keep) {
-  SamplePairs pairs{nullptr, nullptr, nullptr, nullptr, nullptr, PathSpec{}};
+Pairs array_pairs(const at::Tensor& c0, const at::Tensor& c1, const at::Tensor* weight, std::vector<at::Tensor>* keep) {
+  Pairs pairs{nullptr, nullptr, nullptr};
   keep->push_back(c0.contiguous());
   pairs.c0 = keep->back().const_data_ptr<float>();
   keep->push_back(c1.contiguous());
@@ -278,16 +276,23 @@ SamplePairs array_pairs(const at::Tensor& c0, const at::Tensor& c1, const at::Te
   return pairs;
 }
 
-// Per-sample pairs computed in the kernels from t and the path.
-SamplePairs time_pairs(const at::Tensor& t_in, const std::optional<at::Tensor>& weight, const PathSpec& spec,
-                       std::vector<at::Tensor>* keep) {
+// Per-sample pairs computed on the device from t and the path (path_pairs_kernel, on the current stream).
+Pairs time_pairs(const at::Tensor& t_in, const std::optional<at::Tensor>& weight, const PathSpec& spec,
+                 std::vector<at::Tensor>* keep) {
+  c10::cuda::CUDAGuard guard(t_in.device());
+  const int64_t B = t_in.size(0);
   keep->push_back(t_in.contiguous());
   const at::Tensor& t = keep->back();
-  SamplePairs pairs{nullptr, nullptr, nullptr, nullptr, nullptr, spec};
-  if (t.scalar_type() == at::kDouble) {
-    pairs.t64 = t.const_data_ptr<double>();
-  } else {
-    pairs.t32 = t.const_data_ptr<float>();
+  const bool t64 = t.scalar_type() == at::kDouble;
+  const float* t32_ptr = t64 ? nullptr : t.const_data_ptr<float>();
+  const double* t64_ptr = t64 ? t.const_data_ptr<double>() : nullptr;
+  keep->push_back(at::empty({2, B}, t.options().dtype(at::kFloat)));
+  float* out = keep->back().mutable_data_ptr<float>();
+  Pairs pairs{out, out + B, nullptr};
+  if (B > 0) {
+    path_pairs_kernel<<<(B + kBlock - 1) / kBlock, kBlock, 0, at::cuda::getCurrentCUDAStream()>>>(t32_ptr, t64_ptr,
+                                                                                                    spec, out, B);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (weight.has_value()) {
     keep->push_back(weight->contiguous());
@@ -296,7 +301,7 @@ SamplePairs time_pairs(const at::Tensor& t_in, const std::optional<at::Tensor>& 
   return pairs;
 }
 
-at::Tensor launch_add_noise(const at::Tensor& z, const SamplePairs& pairs, const at::Tensor& seeds_in,
+at::Tensor launch_add_noise(const at::Tensor& z, const Pairs& pairs, const at::Tensor& seeds_in,
                             int64_t stream) {
   c10::cuda::CUDAGuard guard(z.device());
   at::Tensor out = at::empty(z.sizes(), z.options().dtype(at::kFloat));
@@ -320,7 +325,7 @@ at::Tensor launch_add_noise(const at::Tensor& z, const SamplePairs& pairs, const
   return out;
 }
 
-at::Tensor launch_loss(const at::Tensor& pred, const at::Tensor& z, const SamplePairs& pairs,
+at::Tensor launch_loss(const at::Tensor& pred, const at::Tensor& z, const Pairs& pairs,
                        const at::Tensor& seeds_in, int64_t stream) {
   c10::cuda::CUDAGuard guard(pred.device());
   const int64_t B = pred.size(0);
@@ -365,7 +370,7 @@ at::Tensor launch_loss(const at::Tensor& pred, const at::Tensor& z, const Sample
 }
 
 at::Tensor launch_loss_backward(const at::Tensor& grad_loss, const at::Tensor& pred, const at::Tensor& z,
-                                const SamplePairs& pairs, const at::Tensor& seeds_in, int64_t stream) {
+                                const Pairs& pairs, const at::Tensor& seeds_in, int64_t stream) {
   c10::cuda::CUDAGuard guard(pred.device());
   at::Tensor grad = at::empty(pred.sizes(), pred.options());
   if (pred.numel() == 0) return grad;
@@ -425,7 +430,7 @@ at::Tensor diffusion_loss_backward_cuda(const at::Tensor& grad_loss, const at::T
   return launch_loss_backward(grad_loss, pred, z, array_pairs(coef_z, coef_eps, &weight, &keep), seeds, stream);
 }
 
-// ---- at flow times: the coefficients computed in the kernels; a t outside [0, 1] gives NaN there ----------
+// ---- at flow times: the coefficients computed on the device (path_pairs_kernel); a bad t gives NaN there ------
 
 at::Tensor add_noise_at_cuda(const at::Tensor& z, const at::Tensor& t, const at::Tensor& seeds, int64_t stream,
                              int64_t path, at::ArrayRef<double> path_params) {

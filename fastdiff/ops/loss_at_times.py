@@ -1,8 +1,9 @@
 """Noising and the fused loss at per-sample flow times on a built-in path, one op per direction
 (docs/design.md §4): ``torch.ops.fastdiff.add_noise_at``, ``diffusion_loss_at`` (CPU: ``…_residual``) and
 ``diffusion_loss_at_backward`` (CPU: ``diffusion_loss_residual_backward``) take t [B] and the path's code and
-parameters (:meth:`GaussianPath.kernel_path`) and compute α_t, β_t and the target's coefficients inside the
-kernel (csrc/include/fastdiff/gaussian_path.h, the float64 formulas of fastdiff/gaussian_paths.py).
+parameters (:meth:`GaussianPath.kernel_path`) and compute α_t, β_t and the target's coefficients themselves
+(csrc/include/fastdiff/gaussian_path.h, the float64 formulas of fastdiff/gaussian_paths.py): on the host in
+the CPU op, on the device in a kernel of a thread per sample ahead of the streaming kernel on CUDA.
 
 :func:`fastdiff.ops.add_noise` and :func:`fastdiff.ops.diffusion_loss` take this route on the native backends
 whenever t needs no gradient: add_noise + loss forward + backward went from 85 ATen ops (VP; three of them
@@ -165,7 +166,7 @@ if _native.status.loaded and hasattr(torch.ops.fastdiff, "add_noise_at"):
         _refuse_time_gradient(needs[2], "diffusion_loss_at")
         if torch.is_grad_enabled() or needs[1]:
             grads = _loss_grads_at(needs, grad, pred, z, t, weight, seeds, *ctx.args, native_backend(pred))
-        elif needs[0]:  # the fused backward: one op, the coefficients again from t in the kernel
+        elif needs[0]:  # the fused backward: one op, the coefficients again from t in the op
             grads = (torch.ops.fastdiff.diffusion_loss_at_backward(grad, pred, z, t, weight, seeds, *ctx.args), None)
         else:
             grads = (None, None)

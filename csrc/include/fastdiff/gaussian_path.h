@@ -139,25 +139,4 @@ FASTDIFF_HD void pair_at(const PathSpec& s, double t, float* c0, float* c1) {
   *c1 = static_cast<float>(add_rn(b, 0.0));
 }
 
-// A sample's coefficient pair, from per-sample float32 arrays (c0, c1 given) or from its time and the path;
-// weight is 1 where none is given. Kernels take this by value; the branch is uniform.
-struct SamplePairs {
-  const float* c0;      // [B] or null: from t
-  const float* c1;      // [B]
-  const float* t32;     // [B] float32 t, or
-  const double* t64;    // [B] float64 t
-  const float* weight;  // [B] or null: 1
-  PathSpec path;
-
-  FASTDIFF_HD void at(int64_t b, float* a0, float* a1) const {
-    if (c0 != nullptr) {
-      *a0 = c0[b];
-      *a1 = c1[b];
-      return;
-    }
-    pair_at(path, t64 != nullptr ? t64[b] : static_cast<double>(t32[b]), a0, a1);
-  }
-  FASTDIFF_HD float weight_at(int64_t b) const { return weight != nullptr ? weight[b] : 1.0f; }
-};
-
 }  // namespace fastdiff
