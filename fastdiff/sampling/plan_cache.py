@@ -5,7 +5,8 @@ lookup, the buffers, the prepared kernel calls); reusing it, ~20 us.
 
 What makes a call cacheable: every argument is a number, string, bool, None, a tuple of those, a hashable record
 (a path, a rule), a callable (kept by identity: the cached plan holds it, so its id is not reused), or, for y,
-null_y, noise and seed, a tensor (refilled: its shape, dtype and device are the key). Any other tensor argument
+null_y, noise and seed, a tensor (refilled: its shape, dtype and device are the key; y and null_y also as a dict /
+tuple of tensors, refilled leaf by leaf). Any other tensor argument
 (init, known_mask, conditions, per-sample options, timesteps as a tensor) is the caller's data: such calls plan
 anew. A plan holds the model only weakly (it is handed the model per call), and is cached only when its buffers
 are small (MAX_BYTES): at large sizes planning is a negligible part of a call, and scratch.POOL keeps the buffers.
@@ -22,6 +23,7 @@ import torch
 
 from fastdiff import _backends
 from fastdiff import dispatch as _dispatch
+from fastdiff.sampling.core import labels
 from fastdiff.sampling.methods.registry import get_method
 
 MAX_ENTRIES = 8
@@ -40,6 +42,8 @@ def _value_key(name: str, v):
         if name in REFILLED:
             return ("tensor", tuple(v.shape), v.dtype, v.device)
         raise TypeError(name)
+    if name in ("y", "null_y") and labels.is_tree(v):  # refilled leaf by leaf: its layout is the key
+        return labels.signature(v)
     if isinstance(v, tuple):
         return tuple(_value_key(name, item) for item in v)
     if isinstance(v, dict):
@@ -83,6 +87,8 @@ def _small(kwargs: dict) -> bool:
         B = kwargs.get("batch_size")
         if B is None and isinstance(y, torch.Tensor) and y.dim() > 0:
             B = y.shape[0]
+        elif B is None and labels.is_tree(y):
+            B = labels.batch_of("y", y) or 1
         if not isinstance(B, int) or not isinstance(shape, (tuple, list)) or \
                 not all(isinstance(s, int) for s in shape):
             return False

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from fastdiff.sampling.core import executor, graphs
+from fastdiff.sampling.core import labels as label_trees
 from fastdiff.sampling.core.arguments import MAX_STEPS, T_MIN_SINGULAR, sample_seeds  # noqa: F401
 from fastdiff.sampling.core.calls import with_outs
 from fastdiff.sampling import plan_cache
@@ -169,7 +170,11 @@ class Sampler:
             if self._ns.classifier is not None and self._kw["classifier_y"] is None:  # its targets are y too
                 self._ns.classifier.y.copy_(y)
             self._last_y, self._last_y_version = y, y._version
-        if null_y is not None and isinstance(labels.null, torch.Tensor):
+        elif label_trees.is_tree(y):  # leaf by leaf (a batch-1 leaf broadcast)
+            label_trees.copy_into(labels.y, y)
+            if labels.batched is not None:
+                label_trees.copy_into(labels.batched, y, slice(0, a.B))
+        if null_y is not None and (isinstance(labels.null, torch.Tensor) or label_trees.is_tree(labels.null)):
             _refill_null(labels, null_y, a.B)
         plan.inputs.z = None  # the start draws each call's initial noise
         self._fresh_result()
@@ -208,6 +213,8 @@ def clear_scratch() -> None:
 def _signature(kw: dict) -> tuple:
     """What a plan depends on beyond the refilled values: the batch size, the device, the label layout."""
     def describe(v):
+        if label_trees.is_tree(v):
+            return label_trees.signature(v)
         if isinstance(v, torch.Tensor):
             return ("tensor", tuple(v.shape), v.dtype, str(v.device))
         if isinstance(v, (list, tuple)):
@@ -217,6 +224,11 @@ def _signature(kw: dict) -> tuple:
 
 
 def _refill_null(labels, null_y, B: int) -> None:
+    if label_trees.is_tree(labels.null):
+        label_trees.copy_into(labels.null, label_trees.null_like(null_y, labels.null, B))
+        if labels.batched is not None:
+            label_trees.copy_into(labels.batched, labels.null, slice(-B, None))
+        return
     null = torch.as_tensor(null_y, device=labels.null.device).to(labels.null.dtype)
     labels.null.copy_(null.expand(labels.null.shape))
     if labels.batched is not None:
@@ -253,7 +265,7 @@ def _run_graph(plan, ns, a) -> tuple:
     """sample(cuda_graph=True): capture the plan's run, or replay the cached capture of the same settings."""
     g = a.guidance
     labels = plan.labels
-    signature = tuple(graphs.label_signature(v) if isinstance(v, torch.Tensor) or v is None else ("list", len(v))
+    signature = tuple(None if v is None else label_trees.signature(v)
                       for v in (labels.y, labels.null, labels.batched, *labels.conds))
     key = graphs.key(a.model, stages=plan.stages, beta0=ns.beta0, batch=a.B, shape=a.shape, device=a.device,
                      cfg=plan.weights.key, cfg_batch=a.cfg_batch, guidance_interval=g.interval,
@@ -286,7 +298,8 @@ def sample(model, steps: int | None = 50, cfg: float = 1.0, **kwargs) -> torch.T
         else:  # the key holds null_y's value when it is a number: only tensors are refilled
             ref, sampler = entry
             refills = {"seed": kwargs.get("seed", 0), **{k: kwargs[k] for k in ("noise", "y", "null_y")
-                                                          if isinstance(kwargs.get(k), torch.Tensor)}}
+                                                          if isinstance(kwargs.get(k), torch.Tensor)
+                                                          or label_trees.is_tree(kwargs.get(k))}}
         try:
             return sampler._call(model, trusted=True, **refills)
         finally:

@@ -85,6 +85,12 @@ def check_trainer_args(model, *, steps, warmup, checkpoint_every, keep, log_ever
         raise ValueError(f"betas must be two floats, got {betas!r}")
     for i, b in enumerate(betas):
         _check_float(f"betas[{i}]", b, low=0.0, high=1.0)
+    # Adam's first step size is lr / (1 - beta1), a float32 scalar in torch's update: past float32's range (3.4e38,
+    # a little under its maximum: 1 - beta1 is rounded) the optimizer failed inside torch with "value cannot be
+    # converted to type float without overflow" (lr = 3.4e37, found by tests/test_argument_properties.py)
+    if betas[0] < 1.0 and lr / (1.0 - betas[0]) > 3.4e38:
+        raise ValueError(f"lr = {lr:g} is too large: Adam's step size lr / (1 - betas[0]) = {lr / (1.0 - betas[0]):g} "
+                         "overflows float32")
     if on_nonfinite not in ON_NONFINITE:
         raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
     if checkpoint_every and out_dir is None:

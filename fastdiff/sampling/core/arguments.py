@@ -10,6 +10,7 @@ import torch
 
 from fastdiff import _checks
 from fastdiff.paths import affine_coefficients
+from fastdiff.sampling.core import labels
 from fastdiff.sampling.core.stage import MAX_LANGEVIN_STEPS, Stage
 
 # First grid point where a prediction cannot be converted at t = 0 (e.g. eps or score models under
@@ -113,9 +114,13 @@ def batch_size_of(y, noise, batch_size, noise_name: str = "noise") -> int:
         if isinstance(y, torch.Tensor) and y.dim() == 0:
             raise ValueError("y must hold one label per sample (a batch [B, ...]), got a 0-d tensor; "
                              "write y.reshape(1) for one sample")
-        if not isinstance(y, torch.Tensor) and (not isinstance(y, Sequence) or isinstance(y, (str, bytes))):
-            raise TypeError(f"y must be a tensor [B, ...] or a sequence of B labels, got {type(y).__name__}")
-        sizes["y"] = len(y)
+        if not isinstance(y, torch.Tensor) and not labels.is_tree(y) and \
+                (not isinstance(y, Sequence) or isinstance(y, (str, bytes))):
+            raise TypeError(f"y must be a tensor [B, ...], a sequence of B labels or a dict / tuple of label batches, "
+                            f"got {type(y).__name__}")
+        y_batch = labels.batch_of("y", y)
+        if y_batch is not None:
+            sizes["y"] = y_batch
     if noise is not None:
         if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.dim() < 1:
             raise TypeError(f"{noise_name} must be a floating-point tensor [B, *shape], got "
@@ -127,6 +132,8 @@ def batch_size_of(y, noise, batch_size, noise_name: str = "noise") -> int:
         if batch_size < 0:
             raise ValueError(f"batch_size must be >= 0, got {batch_size}")
         sizes["batch_size"] = int(batch_size)
+    if not sizes and y is not None:  # a tree whose leaves all have batch 1
+        return 1
     if not sizes:
         raise ValueError("the batch size comes from y, noise or batch_size; pass one of them")
     if len(set(sizes.values())) > 1:
@@ -151,7 +158,8 @@ def batch_shape_device(y, noise, init, batch_size, shape, device) -> tuple:
         raise ValueError("shape (the per-sample shape) is required unless noise or init is given")
     shape = _checks.shape_tuple(shape)
     if device is None:
-        device = sampling_device(y.device, "y's device") if isinstance(y, torch.Tensor) else torch.device("cpu")
+        y_device = labels.device_of(y)
+        device = sampling_device(y_device, "y's device") if y_device is not None else torch.device("cpu")
     if start is None:  # state, model input (two CFG branches), predictions, x0 and scratch: ~6 float32 copies
         # (a 10^9 x 2 batch peaked at 24 GB, 3x its state, before its first model output)
         _checks.check_memory(f"batch_size = {B} samples of shape = {shape}", 24 * B * math.prod(shape), device)
@@ -192,7 +200,10 @@ def check_guided_labels(guided: bool, y, null_y) -> None:
 
 
 def null_labels(null_y, y, batch: int):
-    """null_y for every sample: a tensor like y (a scalar label is broadcast), or a list of B labels."""
+    """null_y for every sample: a tensor like y (a scalar label is broadcast), a list of B labels, or a tree
+    like y's (fastdiff/sampling/core/labels.py)."""
+    if labels.is_tree(y):
+        return labels.null_like(null_y, y, batch)
     if isinstance(y, torch.Tensor):
         try:  # a string would reach torch as "new(): invalid data type 'str'"
             null = None if isinstance(null_y, (str, bytes)) else torch.as_tensor(null_y, device=y.device)
@@ -204,8 +215,8 @@ def null_labels(null_y, y, batch: int):
         if null.is_floating_point() and not y.is_floating_point():
             raise TypeError(f"null_y must be a label of y's kind ({y.dtype}), got a float {null_y!r}")
         null = null.to(y.dtype)
-        if null.dim() == 0 or null.shape == y.shape[1:]:
-            null = null.expand(y.shape).contiguous()
+        if null.dim() == 0 or null.shape == y.shape[1:] or (null.shape[:1] == (1,) and null.shape[1:] == y.shape[1:]):
+            null = null.expand(y.shape).contiguous()  # one label, or one per-sample value of batch 1
         if null.shape != y.shape:
             raise ValueError(f"null_y must be one label or a batch like y {tuple(y.shape)}, got {tuple(null.shape)}")
         return null
@@ -229,21 +240,19 @@ def guidance_interval_pair(guidance_interval):
 
 
 def concat_labels(y, null):
-    if isinstance(y, torch.Tensor):
-        return torch.cat([y, null])
-    return list(y) + list(null)
+    return labels.concat(y, null)
 
 
 def batched_labels(conds: list, null, device, batched: bool):
     """(the condition batches on ``device``, the labels of one batched guided call: the conditions in order,
     then the null labels — None when not ``batched``)."""
-    conds = [c.to(device) if isinstance(c, torch.Tensor) else c for c in conds]
+    conds = [labels.to_device(c, device) for c in conds]
     if not batched:
         return conds, None
-    labels = conds[0]
+    joined = conds[0]
     for c in conds[1:] + [null]:
-        labels = concat_labels(labels, c)
-    return conds, labels
+        joined = concat_labels(joined, c)
+    return conds, joined
 
 
 def check_model_output(out, shape, device, stage: Stage):

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastdiff.sampling.core import labels
+
 
 class CudaCapture:
     """Capture and replay with the CUDA driver, on the sampling device's own streams (not the current
@@ -92,8 +94,9 @@ def check_arguments(cuda_graph: bool, device, callback, step_noise, brownian: bo
         raise ValueError("cuda_graph=True cannot call a Python callback inside the captured loop; pass callback=None")
     if cuda_graph and step_noise is not None and not brownian:
         raise ValueError("cuda_graph=True cannot call step_noise inside the captured loop; pass step_noise=None")
-    if cuda_graph and y is not None and not isinstance(y, torch.Tensor):
-        raise TypeError("cuda_graph=True needs y as a tensor (its values are refilled between replays)")
+    if cuda_graph and y is not None and not isinstance(y, torch.Tensor) and not labels.is_tree(y):
+        raise TypeError("cuda_graph=True needs y as a tensor or a dict / tuple of tensors (their values are refilled "
+                        "between replays)")
     return bool(cuda_graph)
 
 
@@ -174,5 +177,5 @@ def clear_cuda_graphs() -> None:
 def refill(entry: CapturedLoop, **values):
     """Copy this call's inputs into the tensors a captured loop reads."""
     for name, value in values.items():
-        if isinstance(value, torch.Tensor):
-            entry.statics[name].copy_(value)
+        if isinstance(value, torch.Tensor) or labels.is_tree(value):  # a tree leaf by leaf
+            labels.copy_into(entry.statics[name], value)

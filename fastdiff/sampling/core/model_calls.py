@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
+from fastdiff.sampling.core import labels as labels_module
 from fastdiff.sampling.core.arguments import batched_labels, check_model_output, concat_labels, null_labels
 from fastdiff.sampling.core.stage import Stage
 
@@ -15,22 +16,20 @@ def labels_of(guidance, null_y, B: int, device, private: bool) -> SimpleNamespac
     (one guided call's: the conditions in order, then the null labels) and ``conditions_only`` (the K conditions
     of a stage outside the guidance interval). ``private``: copies the caller never sees (a captured loop and a
     reused plan refill them)."""
-    y = guidance.y
-    if isinstance(y, torch.Tensor) and y.device != device:
-        y = y.to(device)
+    y = labels_module.expanded(labels_module.to_device(guidance.y, device), B)  # a tree's batch-1 leaves: B rows
     null = null_labels(null_y, y, B) if guidance.guided else None
     if private:
-        y = y.clone() if isinstance(y, torch.Tensor) else y
-        null = null.clone() if isinstance(null, torch.Tensor) else null
-    conds, batched = batched_labels(guidance.conditions or [y], null, device, guidance.guided)
-    if private and guidance.conditions:
-        conds = [c.clone() if isinstance(c, torch.Tensor) else c for c in conds]
+        y, null = labels_module.cloned(y), labels_module.cloned(null)
+    conditions = [labels_module.expanded(c, B) for c in guidance.conditions] if guidance.conditions else None
+    conds, batched = batched_labels(conditions or [y], null, device, guidance.guided)
+    if private and conditions:
+        conds = [labels_module.cloned(c) for c in conds]
     conditions_only = None
     if len(conds) > 1:
         conditions_only = conds[0]
         for c in conds[1:]:
             conditions_only = concat_labels(conditions_only, c)
-    return SimpleNamespace(y=conds[0] if guidance.conditions else y, null=null, conds=conds, batched=batched,
+    return SimpleNamespace(y=conds[0] if conditions else y, null=null, conds=conds, batched=batched,
                            conditions_only=conditions_only)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fastdiff.sampling.core import labels
 from fastdiff.sampling.core.arguments import is_number
 from fastdiff.sampling.features.guidance import check_rescale, get_rule, get_thresholding, scale_schedule
 from fastdiff.sampling.features.guidance_weights import StageWeights
@@ -39,8 +40,8 @@ def condition_branches(y, conditions, cfg):
     if len(conditions) > MAX_CONDITIONS:
         raise ValueError(f"conditions holds {len(conditions)} batches; at most {MAX_CONDITIONS} are supported")
     check_condition_batches(conditions)
-    sizes = {len(c) for c in conditions}
-    if len(sizes) != 1:
+    sizes = {labels.batch_of(f"conditions[{i}]", c) for i, c in enumerate(conditions)} - {None}
+    if len(sizes) > 1:
         raise ValueError(f"every condition must hold one label per sample; got batches of sizes {sorted(sizes)}")
     if is_number(cfg) or callable(cfg):  # one weight (or schedule) for every condition
         weights = [cfg] * len(conditions)
@@ -61,6 +62,13 @@ def check_condition_batches(conditions: list) -> None:
     """Each condition is a label batch like the first: a tensor [B, ...] of the same dtype and per-sample shape (the
     batched call concatenates them: torch.cat would silently promote int labels to float), or a list of B labels."""
     first = conditions[0]
+    if labels.is_tree(first) or any(labels.is_tree(c) for c in conditions):
+        signatures = [labels.structure(c) for c in conditions]
+        for i, sig in enumerate(signatures):
+            if sig != signatures[0]:
+                raise ValueError(f"conditions[{i}] must have conditions[0]'s structure and leaf dtypes (they are one "
+                                 f"model call's labels): {sig} vs {signatures[0]}")
+        return
     for i, c in enumerate(conditions):
         if isinstance(c, torch.Tensor):
             if c.dim() == 0:
@@ -114,6 +122,9 @@ class Guidance:
         """The classifier's target classes: ``classifier_y``, else y (one condition)."""
         if classifier_y is not None:
             return classifier_y
+        if labels.is_tree(self.y):
+            raise ValueError("classifier guidance with a dict / tuple y: give classifier_y, the classifier's target "
+                             "class of each sample (y is the model's conditioning)")
         if self.conditions is not None:
             raise ValueError("classifier guidance with conditions=: give classifier_y, the classifier's target class "
                              "of each sample (the conditions are the model's)")
