@@ -18,8 +18,8 @@ from fastdiff.sampling.methods.coefficients import Stage, build_stages, needed_c
 from fastdiff.sampling.methods import Method, get_method, method_names, methods, register_method, unregister_method
 
 
-BUILTIN = ("euler", "heun", "ddim", "dpmpp_2m", "euler_ancestral", "deis", "dpmpp_2m_sde", "dpmpp_3m_sde", "ipndm",
-           "ipndm_v", "lms", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "unipc",
+BUILTIN = ("euler", "heun", "ddim", "ddpm", "dpmpp_2m", "euler_ancestral", "deis", "dpmpp_2m_sde", "dpmpp_3m_sde",
+           "ipndm", "ipndm_v", "lms", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "unipc",
            "annealed_langevin", "reverse_diffusion")  # registration order
 CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 LAST_STEP_EULER = ("dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde")  # one evaluation to sigma = 0
@@ -34,14 +34,14 @@ def test_registry_lists_the_builtin_methods_in_order():
     assert fastdiff.sampling.METHODS == coefficients.METHODS == method_names() == BUILTIN
     records = {m.name: m for m in methods()}
     assert all(isinstance(m, Method) for m in records.values())
-    evals = {"euler": 1, "heun": 2, "ddim": 1, "dpmpp_2m": 1, "euler_ancestral": 1, "dpmpp_2m_sde": 1,
+    evals = {"euler": 1, "heun": 2, "ddim": 1, "ddpm": 1, "dpmpp_2m": 1, "euler_ancestral": 1, "dpmpp_2m_sde": 1,
              "dpmpp_3m_sde": 1, "lms": 1, "dpm_2": 2, "dpm_2_ancestral": 2, "dpmpp_2s_ancestral": 2, "dpmpp_sde": 2,
              "ipndm": 1, "ipndm_v": 1, "unipc": 1, "deis": 1, "annealed_langevin": "n_steps_each",
              "reverse_diffusion": 1}
     assert {n: m.evals_per_step for n, m in records.items()} == evals
     assert coefficients.EVALS_PER_STEP == evals
     assert {n: m.options for n, m in records.items()} == {"euler": ("sigma", *CHURN), "heun": CHURN, "ddim": ("eta",),
-                                                         "dpmpp_2m": (), "euler_ancestral": ("eta", "s_noise"),
+                                                         "ddpm": ("variance_type",), "dpmpp_2m": (), "euler_ancestral": ("eta", "s_noise"),
                                                          "dpmpp_2m_sde": ("eta", "s_noise", "solver_type"),
                                                          "dpmpp_3m_sde": ("eta", "s_noise"), "lms": ("order",),
                                                          "dpm_2": CHURN, "dpm_2_ancestral": ("eta", "s_noise"),
@@ -53,6 +53,7 @@ def test_registry_lists_the_builtin_methods_in_order():
                                                          "annealed_langevin": ("n_steps_each", "step_lr", "denoise"),
                                                          "reverse_diffusion": ()}
     assert records["euler_ancestral"].defaults == {"eta": 1.0, "s_noise": 1.0}
+    assert records["ddpm"].defaults == {"variance_type": "fixed_small"}
     assert records["dpmpp_2m_sde"].defaults == {"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint"}
     for m in records.values():
         assert m.description and "\n" not in m.description
@@ -62,7 +63,7 @@ def test_registry_lists_the_builtin_methods_in_order():
 
 
 def test_get_method_names_the_choices():
-    with pytest.raises(ValueError, match=r"method='rk4' is not a sampler; choose one of euler, heun, ddim, dpmpp_2m, euler_ancestral"):
+    with pytest.raises(ValueError, match=r"method='rk4' is not a sampler; choose one of euler, heun, ddim, ddpm, dpmpp_2m, euler_ancestral"):
         get_method("rk4")
     with pytest.raises(ValueError, match="not a sampler"):
         build_stages("rk4", get_path("condot"), [0.0, 1.0], "velocity")

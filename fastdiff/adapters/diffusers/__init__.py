@@ -16,7 +16,7 @@ and the noise run in one call of fastdiff's fused step kernel (fastdiff.ops.samp
 clamp, with ``clip_sample``), called directly with the prepared rows where the inputs are what it takes
 (fastdiff.adapters.diffusers._fused).
 
-Noise (DDIM with eta > 0) comes from fastdiff's stream instead of ``torch.randn``: sample b of the
+Noise (DDPM; DDIM with eta > 0) comes from fastdiff's stream instead of ``torch.randn``: sample b of the
 batch uses seed ``seeds[b]`` (``scheduler.set_seeds(...)``; default 0 + b) and step i stream 1 + i, so
 image b of a batch equals image b generated alone with the same seed. ``generator`` is accepted and
 ignored by ``step`` (the pipelines still use it for the initial noise).
@@ -30,6 +30,7 @@ if importlib.util.find_spec("diffusers") is None:  # pragma: no cover - exercise
     raise ImportError("fastdiff.adapters.diffusers needs diffusers (pip install diffusers)")
 
 from fastdiff.adapters.diffusers.ddim import FastDiffDDIMScheduler
+from fastdiff.adapters.diffusers.ddpm import FastDiffDDPMScheduler
 from fastdiff.adapters.diffusers.dpm_solver_multistep import FastDiffDPMSolverMultistepScheduler
 from fastdiff.adapters.diffusers.euler import FastDiffEulerScheduler
 from fastdiff.adapters.diffusers.euler_ancestral import FastDiffEulerAncestralScheduler
@@ -37,6 +38,6 @@ from fastdiff.adapters.diffusers.flow_match_euler import FastDiffFlowMatchEulerS
 from fastdiff.adapters.diffusers.model import DiffusersModel
 from fastdiff.adapters.diffusers.unipc_multistep import FastDiffUniPCMultistepScheduler
 
-__all__ = ["DiffusersModel", "FastDiffDDIMScheduler", "FastDiffDPMSolverMultistepScheduler",
+__all__ = ["DiffusersModel", "FastDiffDDIMScheduler", "FastDiffDDPMScheduler", "FastDiffDPMSolverMultistepScheduler",
            "FastDiffEulerAncestralScheduler", "FastDiffEulerScheduler", "FastDiffFlowMatchEulerScheduler",
            "FastDiffUniPCMultistepScheduler"]

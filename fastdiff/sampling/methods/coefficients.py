@@ -151,6 +151,39 @@ def _ddim(path, grid, prediction, eta=0.0) -> list[Stage]:
     return stages
 
 
+DDPM_VARIANCES = ("fixed_small", "fixed_large")
+
+
+@register_method("ddpm", options={"variance_type": "fixed_small"}, evals_per_step=1, conversions=("x0",),
+                 description="DDPM ancestral sampling: the posterior of x0's estimate, variance fixed_small or "
+                             "fixed_large (diffusers' DDPMScheduler)")
+def _ddpm(path, grid, prediction, variance_type="fixed_small") -> list[Stage]:
+    """The Gaussian posterior q(x_s | x_t, x0) of any path x_t = α_t x0 + β_t ε, from t to the next time s: with
+    r = α_t / α_s and σ² = β_t² − r² β_s² (the transition's variance), mean (α_s σ² x0 + r β_s² x_t) / β_t² and
+    variance σ² β_s² / β_t² (fixed_small: DDIM at eta = 1, the same numbers) or σ² (fixed_large, the DDPM paper's
+    β_t). On a VP path these are diffusers' DDPMScheduler coefficients; as there, the last step adds no noise."""
+    if variance_type not in DDPM_VARIANCES:
+        raise ValueError(f"variance_type must be one of {', '.join(map(repr, DDPM_VARIANCES))} for method='ddpm' "
+                         f"(a learned variance needs the model's variance output), got {variance_type!r}")
+    stages = []
+    for i in range(len(grid) - 1):
+        t, t1 = grid[i], grid[i + 1]
+        al, be = path.coefficients(t)[:2]
+        al1, be1 = path.coefficients(t1)[:2]
+        if al1 == 0.0 or be == 0.0:
+            raise ValueError(f"method='ddpm' steps from a noisy time to a less noisy one; got t={t:g} -> {t1:g}")
+        a_z, b_z = _conv(path, t, prediction, "x0")
+        r = al / al1
+        transition = max(0.0, be * be - r * r * be1 * be1)
+        c_x0, c_x = al1 * transition / (be * be), r * be1 * be1 / (be * be)
+        last = i == len(grid) - 2
+        variance = transition * be1 * be1 / (be * be) if variance_type == "fixed_small" else transition
+        std = 0.0 if last else math.sqrt(variance)
+        stages.append(Stage(i, t, "x", "x", c_x + c_x0 * a_z, c_x0 * b_z, c_noise=std, stream=draw_stream(i),
+                            x0=(a_z, b_z), final=True))
+    return stages
+
+
 def _lambda(al: float, be: float) -> float:
     if al == 0.0:
         return -math.inf

@@ -1,0 +1,115 @@
+"""``FastDiffDDPMScheduler``: diffusers' DDPMScheduler with a fused step (DDPMPipeline, lerobot's DiffusionPolicy)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+
+from fastdiff.adapters.diffusers._fused import _FusedStep, checked_rows
+from fastdiff.sampling.features.thresholding import DynamicThresholding
+
+MAX_KEPT_ROWS = 4096
+# diffusers' fixed_large_log takes (log beta_t) ** 0.5 as the standard deviation: NaN for every beta_t < 1
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
+
+
+class FastDiffDDPMScheduler(_FusedStep, DDPMScheduler):
+    """diffusers' ``DDPMScheduler`` with a fused ``step``: the posterior mean of the x0 estimate and the sample plus
+    the variance type's noise (fixed_small, fixed_small_log, fixed_large) in one kernel call; with clip_sample or
+    thresholding, x0 first, clamped, then the step from it (two calls). The noise is fastdiff's stream of the
+    per-sample seeds (``set_seeds``), added at every step but the last (t = 0), as diffusers does. A learned
+    variance (the model's extra channels) is refused: the step would need the model's variance output."""
+
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
+        super().set_timesteps(num_inference_steps, device, timesteps)
+        self._fd_timesteps = self._fd_previous = None
+
+    def _previous(self, t: int) -> int:
+        """diffusers' previous_timestep (the next entry of timesteps, -1 after the last) without its tensor ops."""
+        if not (self.custom_timesteps or self.num_inference_steps):
+            return t - 1
+        prev = self.__dict__.get("_fd_previous")
+        if prev is None:
+            ts = [int(v) for v in self.timesteps.tolist()]
+            prev = self._fd_previous = {a: b for a, b in zip(ts, ts[1:] + [-1])}
+        if t not in prev:
+            raise ValueError(f"timestep {t} is not one of scheduler.timesteps (call set_timesteps first)")
+        return prev[t]
+
+    def _rows(self, t: int) -> tuple:
+        """(std, rows, checked) of the step from training timestep t, from the float64 alphas_cumprod (once per
+        scheduler and timestep)."""
+        alphas_cumprod, config = self.alphas_cumprod, self.config
+        memo = self.__dict__.get("_fd_rows")
+        if memo is None or memo[0] is not alphas_cumprod or memo[1] != alphas_cumprod._version or memo[2] is not config:
+            memo = self._fd_rows = (alphas_cumprod, alphas_cumprod._version, config, alphas_cumprod.double().tolist(),
+                                    {})
+        prev_t = self._previous(t)
+        rows = memo[4].get((t, prev_t))
+        if rows is None:
+            if len(memo[4]) >= MAX_KEPT_ROWS:
+                memo[4].clear()
+            rows = memo[4][(t, prev_t)] = self._step_rows(memo[3], t, prev_t)
+        return rows
+
+    def _step_rows(self, alphas: list, t: int, prev_t: int) -> tuple:
+        a_t = alphas[t]
+        a_prev = alphas[prev_t] if prev_t >= 0 else 1.0  # diffusers' self.one
+        al, be = math.sqrt(a_t), math.sqrt(1.0 - a_t)
+        ptype = self.config.prediction_type
+        if ptype == "epsilon":  # x0 = ax x + ag g
+            ax, ag = 1.0 / al, -be / al
+        elif ptype == "sample":
+            ax, ag = 0.0, 1.0
+        elif ptype == "v_prediction":
+            ax, ag = al, -be
+        else:
+            raise ValueError(f"prediction_type={ptype!r} is not supported; fastdiff's DDPM step takes epsilon, "
+                             "sample or v_prediction")
+        current_alpha = a_t / a_prev
+        current_beta = 1.0 - current_alpha
+        c_x0 = math.sqrt(a_prev) * current_beta / (1.0 - a_t)  # the posterior mean: c_x0 x0 + c_x x
+        c_x = math.sqrt(current_alpha) * (1.0 - a_prev) / (1.0 - a_t)
+        std = 0.0
+        if t > 0:
+            small = max((1.0 - a_prev) / (1.0 - a_t) * current_beta, 1e-20)
+            std = math.sqrt(current_beta) if self.config.variance_type == "fixed_large" else math.sqrt(small)
+        noise = [std] if std != 0 else []
+        if self.config.thresholding or self.config.clip_sample:
+            # x0 first (x0 = ax x + ag g), thresholded or clamped (diffusers' order), then the mean from it
+            rows = ([ax, ag, 0.0, 0.0], [c_x, 0.0, c_x0, *noise, 0.0, 0.0, 0.0, *[0.0] * len(noise)])
+        else:
+            rows = ([c_x + c_x0 * ax, c_x0 * ag, *noise, ax, ag, *[0.0] * len(noise)],)
+        return std, rows, all(checked_rows(r) for r in rows)
+
+    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor,
+             generator: Optional[torch.Generator] = None, return_dict: bool = True):
+        if self.config.variance_type not in VARIANCE_TYPES:
+            raise ValueError(f"variance_type={self.config.variance_type!r} is not supported by FastDiffDDPMScheduler "
+                             f"(it takes {', '.join(VARIANCE_TYPES)}; learned variances need the model's variance "
+                             "channels, and diffusers' fixed_large_log gives NaN)")
+        t = int(timestep)
+        std, rows, checked = self._rows(t)
+        x, g = self._inputs(model_output, sample)
+        seeds = self._seeds_for(x.shape[0], x.device) if std > 0 else None
+        streams = [self._stream(timestep)] if std > 0 else []
+        if len(rows) == 2:  # clip_sample or thresholding: x0, then the step from it
+            x0 = self._fused_step(x, g, rows[0], checked)
+            if self.config.thresholding:
+                x0.copy_(DynamicThresholding(self.config.dynamic_thresholding_ratio,
+                                             self.config.sample_max_value).apply(x0))
+            else:
+                x0.clamp_(-self.config.clip_sample_range, self.config.clip_sample_range)
+            prev = self._fused_step(x, g, rows[1], checked, history=[x0], seeds=seeds, streams=streams)
+        else:
+            x0 = torch.empty_like(x)
+            prev = self._fused_step(x, g, rows[0], checked, seeds=seeds, streams=streams, side=x0)
+        if prev.dtype is not sample.dtype:
+            prev = prev.to(sample.dtype)
+        if not return_dict:
+            return prev, x0
+        return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

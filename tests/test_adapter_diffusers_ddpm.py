@@ -1,0 +1,154 @@
+"""FastDiffDDPMScheduler against diffusers' DDPMScheduler fed the same noise (fastdiff's stream of the per-sample
+seeds, through diffusers' randn_tensor): every prediction type, each fixed variance type, clip_sample on and off,
+lerobot's DiffusionPolicy schedule (squaredcos_cap_v2, 100 train steps, epsilon, clip_sample) and DDPMPipeline."""
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers.schedulers import scheduling_ddpm  # noqa: E402
+
+import fastdiff  # noqa: E402
+from fastdiff.adapters.diffusers import FastDiffDDPMScheduler  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    model = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                        norm_num_groups=4)
+    return model.eval()
+
+
+def _fastdiff_noise(monkeypatch, sched, seeds):
+    """diffusers' DDPM step draws fastdiff's noise of the step: stream 1 + the timestep's index."""
+    def randn_tensor(shape, generator=None, device=None, dtype=None, **kw):
+        t = randn_tensor.timestep
+        stream = 1 + [int(v) for v in sched.timesteps].index(int(t))
+        return fastdiff.ops.randn(seeds, stream, tuple(shape[1:])).to(dtype)
+    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", randn_tensor)
+    return randn_tensor
+
+
+def _loop(model, sched, x, steps, hook=None):
+    sched.set_timesteps(steps)
+    x0s = []
+    with torch.no_grad():
+        for t in sched.timesteps:
+            if hook is not None:
+                hook.timestep = t
+            res = sched.step(model(x, t), t, x)
+            x = res.prev_sample
+            x0s.append(res.pred_original_sample)
+    return x, x0s
+
+
+def _policy_model(x, t):
+    """A stand-in denoiser of a diffusion policy's action chunk [B, horizon, action_dim]."""
+    return torch.tanh(0.7 * x + 0.001 * t.float()) * 0.9
+
+
+@pytest.mark.parametrize("steps", [100, 10])
+@pytest.mark.parametrize("clip_sample", [True, False])
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log", "fixed_large"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_ddpm_loop_matches_diffusers_on_the_same_noise(monkeypatch, prediction_type, variance_type, clip_sample,
+                                                       steps):
+    config = dict(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type,
+                  variance_type=variance_type, clip_sample=clip_sample, clip_sample_range=1.0)
+    seeds = [3, 4]
+    x = torch.randn(2, 16, 2, generator=torch.Generator().manual_seed(1))
+    ours = FastDiffDDPMScheduler(**config)
+    ours.set_seeds(seeds)
+    got, got_x0 = _loop(_policy_model, ours, x, steps)
+    theirs = DDPMScheduler(**config)
+    want, want_x0 = _loop(_policy_model, theirs, x, steps, hook=_fastdiff_noise(monkeypatch, theirs, seeds))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for a, b in zip(got_x0, want_x0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_ddpm_pipeline_same_images(monkeypatch, unet):
+    """DDPMPipeline (linear betas, 1000 train steps, 20 inference steps) with the fused scheduler equals the
+    pipeline with diffusers' scheduler fed the same noise; sample b alone with seed b equals sample b of the
+    batch."""
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    pipe = DDPMPipeline(unet=unet, scheduler=sched).to("cpu")
+    pipe.set_progress_bar_config(disable=True)
+    hook = _fastdiff_noise(monkeypatch, pipe.scheduler, [0, 1])
+    original_step = DDPMScheduler.step
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        hook.timestep = timestep
+        return original_step(self, model_output, timestep, sample, generator=generator, return_dict=return_dict)
+
+    monkeypatch.setattr(DDPMScheduler, "step", step)
+    with torch.no_grad():
+        want = pipe(batch_size=2, num_inference_steps=20, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+    monkeypatch.undo()
+    pipe.scheduler = FastDiffDDPMScheduler.from_config(pipe.scheduler.config)
+    assert isinstance(pipe.scheduler, FastDiffDDPMScheduler)
+    with torch.no_grad():
+        got = pipe(batch_size=2, num_inference_steps=20, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), rtol=1e-4, atol=1e-4)
+
+
+def test_a_reused_scheduler_gives_each_sample_its_own_seed():
+    config = dict(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", clip_sample=True)
+    x = torch.randn(3, 16, 2, generator=torch.Generator().manual_seed(2))
+    batch = FastDiffDDPMScheduler(**config)
+    batch.set_seeds([7, 8, 9])
+    got, _ = _loop(_policy_model, batch, x, 100)
+    alone = FastDiffDDPMScheduler(**config)
+    alone.set_seeds([8])
+    assert torch.equal(_loop(_policy_model, alone, x[1:2], 100)[0], got[1:2])
+    again, _ = _loop(_policy_model, batch, x, 100)  # the kept rows of the schedule: the same numbers
+    assert torch.equal(again, got)
+
+
+@pytest.mark.parametrize("variance_type", ["learned", "learned_range", "fixed_large_log"])
+def test_unsupported_variance_types_are_refused_naming_them(variance_type):
+    sched = FastDiffDDPMScheduler(num_train_timesteps=10, variance_type=variance_type)
+    sched.set_timesteps(10)
+    x = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match=f"variance_type={variance_type!r} is not supported"):
+        sched.step(x, sched.timesteps[0], x)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_sample_method_ddpm_matches_diffusers_ddpm_on_the_same_noise(monkeypatch, unet, prediction_type,
+                                                                     variance_type):
+    """fastdiff.sample(method="ddpm") through DiffusersModel on diffusers' grid = diffusers' DDPMScheduler loop fed
+    the same noise (fastdiff's stream: seed + b, step i stream 1 + i)."""
+    from fastdiff.adapters.diffusers import DiffusersModel
+
+    config = dict(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type,
+                  variance_type=variance_type, clip_sample=False)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    theirs = DDPMScheduler(**config)
+    hook = _fastdiff_noise(monkeypatch, theirs, [0, 1])
+    want, _ = _loop(lambda v, t: unet(v, t).sample, theirs, x, 25, hook=hook)
+    model = DiffusersModel(unet, theirs.config)
+    with torch.no_grad():
+        got = fastdiff.sample(model, None, noise=x, path=model.path, prediction=model.prediction, method="ddpm",
+                              variance_type=variance_type, timesteps=model.ddim_timesteps(25))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_method_ddpm_fixed_small_is_ddim_at_eta_one():
+    """The analytic identity: DDPM's posterior with fixed_small variance is DDIM at eta = 1, on any path."""
+    def model(x, t, y=None):
+        return torch.tanh(0.7 * x) * 0.9
+
+    for path, prediction in (("vp", "x0"), ("vp-cosine", "eps"), ("condot", "velocity")):
+        kw = dict(shape=(16, 2), batch_size=3, seed=3, path=path, prediction=prediction)
+        a = fastdiff.sample(model, 20, method="ddpm", **kw)
+        b = fastdiff.sample(model, 20, method="ddim", eta=1.0, **kw)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="variance_type must be one of 'fixed_small', 'fixed_large'"):
+        fastdiff.sample(model, 5, method="ddpm", variance_type="learned", shape=(2,), batch_size=1)
