@@ -162,3 +162,44 @@ def test_lists_stay_per_sample_labels_and_tuples_of_numbers_too():
 
     fastdiff.sample(model, steps=2, y=(3, 1), shape=(2,))
     assert seen and seen[0] == (3, 1)
+
+
+def test_an_sdxl_unet_with_added_cond_kwargs_through_diffusers_model():
+    """A tiny SDXL-style UNet2DConditionModel (text_time additional embeddings) called through DiffusersModel with a
+    dict y: fastdiff.sample's DDIM with CFG equals the SDXL pipeline's loop (2B batch of [negative, positive],
+    diffusers' DDIMScheduler) on the same initial latents; the negative embeddings come as one row [1, ...]."""
+    diffusers = pytest.importorskip("diffusers")
+    from fastdiff.adapters.diffusers import DiffusersModel
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4, cross_attention_dim=16,
+        norm_num_groups=4).eval()
+    g = torch.Generator().manual_seed(1)
+    n, steps, scale = 2, 10, 5.0
+    prompt, pooled = torch.randn(n, 7, 16, generator=g), torch.randn(n, 8, generator=g)
+    neg, neg_pooled = torch.randn(1, 7, 16, generator=g), torch.randn(1, 8, generator=g)
+    ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+    latents = torch.randn(n, 4, 8, 8, generator=g)
+    sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
+    sched.set_timesteps(steps)
+    x = latents * sched.init_noise_sigma
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([neg.expand(n, 7, 16), prompt]),
+                       added_cond_kwargs={"text_embeds": torch.cat([neg_pooled.expand(n, 8), pooled]),
+                                          "time_ids": ids.expand(2 * n, 6)}).sample
+            uncond, cond = out.chunk(2)
+            x = sched.step(uncond + scale * (cond - uncond), t, x).prev_sample
+    model = DiffusersModel(unet, sched.config)
+    y = {"encoder_hidden_states": prompt, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
+    null_y = {"encoder_hidden_states": neg, "added_cond_kwargs": {"text_embeds": neg_pooled, "time_ids": ids}}
+    with torch.no_grad():
+        got = fastdiff.sample(model, None, cfg=scale, y=y, null_y=null_y, noise=latents, path=model.path,
+                              prediction=model.prediction, method="ddim", timesteps=model.ddim_timesteps(steps))
+    torch.testing.assert_close(got, x, rtol=1e-4, atol=1e-4 * float(x.abs().max()))
+    with pytest.raises(ValueError, match=r"y's keys \['prompt'\] are not conditioning parameters"):
+        fastdiff.sample(model, 2, y={"prompt": prompt}, noise=latents, path=model.path, prediction=model.prediction)

@@ -24,7 +24,10 @@ class DiffusersModel(torch.nn.Module):
       sigma T; it is a ``"velocity"`` model u = z - eps. Shifted grids: ``fastdiff.schedules.shifted_timesteps``.
 
     ``y`` goes to the denoiser's conditioning argument: ``encoder_hidden_states`` where its forward
-    takes one, else ``class_labels``; or name it with ``cond_arg``. The sample is passed as the first
+    takes one, else ``class_labels``; or name it with ``cond_arg``. A dict ``y`` is the forward's keyword
+    arguments themselves (SDXL: ``{"encoder_hidden_states": ..., "added_cond_kwargs": {"text_embeds": ...,
+    "time_ids": ...}}``; Flux: ``pooled_projections``, ``txt_ids``, ...), each key a parameter of the forward;
+    fastdiff.sample batches and guides it leaf by leaf (docs/sampling.md, Conventions). The sample is passed as the first
     parameter of the denoiser's forward (``sample``, ``hidden_states``) and the timestep as ``timestep``.
     """
 
@@ -63,6 +66,7 @@ class DiffusersModel(torch.nn.Module):
         elif cond_arg not in params:
             raise ValueError(f"cond_arg={cond_arg!r} is not a parameter of the denoiser's forward {params}")
         self.cond_arg = cond_arg
+        self._params = params
         self._return_dict = "return_dict" in params
 
     def timestep(self, t: torch.Tensor) -> torch.Tensor:
@@ -86,12 +90,21 @@ class DiffusersModel(torch.nn.Module):
         if any(b != a - stride for a, b in zip(taus, taus[1:])):
             raise ValueError(f"timestep_spacing={sched.config.timestep_spacing!r} gives timesteps that DDIM does not "
                              f"step between (diffusers steps by T // steps = {stride}); use 'leading'")
+        grid = [self.path.time(float(v)) for v in taus]
         end = 1.0 if sched.config.set_alpha_to_one else self.path.time(0.0)
-        return [self.path.time(float(v)) for v in taus] + [end]
+        # without set_alpha_to_one, a grid ending at tau = 0 steps to alpha_bar[0] again: diffusers' last step is
+        # then the identity (x0 and eps re-combined at the same noise level), and the grid ends there
+        return grid + [end] if end > grid[-1] else grid
 
     def forward(self, x, t, y=None):
         kwargs = {self._sample_arg: x, "timestep": self.timestep(t).to(x.device)}
-        if y is not None:
+        if isinstance(y, dict):
+            unknown = [k for k in y if k not in self._params or k in kwargs]
+            if unknown:
+                raise ValueError(f"y's keys {unknown} are not conditioning parameters of the denoiser's forward "
+                                 f"{self._params}")
+            kwargs.update(y)
+        elif y is not None:
             if self.cond_arg is None:
                 raise ValueError("y was given but the denoiser has no conditioning argument; pass cond_arg")
             kwargs[self.cond_arg] = y
