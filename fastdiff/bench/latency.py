@@ -14,8 +14,8 @@ Subjects, each next to the peer it replaces (x peer: the peer's time over the su
   CFG denoiser and Karras sigmas;
 - fastdiff's diffusers schedulers against diffusers' in the same loop (``scale_model_input``, model, ``step``);
 - lerobot's DiffusionPolicy loop (DDPMScheduler: 100 training timesteps, squaredcos_cap_v2, clip_sample,
-  epsilon; 100 steps; and DDIMScheduler with the same settings, 10 steps), with fastdiff's DDIM scheduler in
-  its place (for DDPM: eta = 1 and use_clipped_model_output, which is DDPM's update; tests/test_benchmarks.py).
+  epsilon; 100 steps; and DDIMScheduler with the same settings, 10 steps), with fastdiff's DDPM and DDIM
+  schedulers in their place (tests/test_adapter_diffusers_ddpm.py: the same numbers on the same noise).
 
 cfg 2 runs the guided batch the way each library's users write it: one model call on the 2B batch (fastdiff:
 its own cfg; the others: ``uncond + cfg (cond - uncond)`` in the loop or the denoiser).
@@ -180,9 +180,8 @@ def _diffusers_subjects(batch, cfg, shape, y, device, notes) -> list[Subject]:
                          ("DPMSolverMultistepScheduler", "FastDiffDPMSolverMultistepScheduler")):
         out.append(Subject(ours, pipeline_loop(getattr(fd, ours), {}), theirs, "diffusers' default config"))
         out.append(Subject(theirs, pipeline_loop(getattr(diffusers, theirs), {}), None, "diffusers' default config"))
-    ddpm_as_ddim = {"eta": 1.0, "use_clipped_model_output": True}  # DDPM's update, as DDIM with eta 1
-    out += [Subject("lerobot:FastDiffDDIM(eta=1)", lerobot_loop(fd.FastDiffDDIMScheduler, ddpm_as_ddim),
-                    "lerobot:DDPMScheduler", "DDPM's update in lerobot's loop", 100),
+    out += [Subject("lerobot:FastDiffDDPMScheduler", lerobot_loop(fd.FastDiffDDPMScheduler, {}),
+                    "lerobot:DDPMScheduler", "lerobot's settings and loop, 100 steps", 100),
             Subject("lerobot:DDPMScheduler", lerobot_loop(diffusers.DDPMScheduler, {}), None,
                     "lerobot's DiffusionPolicy loop, 100 steps", 100),
             Subject("lerobot:FastDiffDDIMScheduler", lerobot_loop(fd.FastDiffDDIMScheduler, {}),
