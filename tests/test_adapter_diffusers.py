@@ -11,13 +11,18 @@ import fastdiff  # noqa: E402
 from fastdiff.adapters.diffusers import FastDiffDDIMScheduler, FastDiffEulerScheduler  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def unet():
+def tiny_unet():
+    """A tiny randomly initialised UNet2DModel (3 x 8 x 8), the same for every test file that uses it."""
     torch.manual_seed(0)
     model = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
                         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                         norm_num_groups=4)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_unet()
 
 
 def _images(pipe, **kw):

@@ -6,20 +6,17 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers import DDPMPipeline, DDPMScheduler  # noqa: E402
 from diffusers.schedulers import scheduling_ddpm  # noqa: E402
 
 import fastdiff  # noqa: E402
 from fastdiff.adapters.diffusers import FastDiffDDPMScheduler  # noqa: E402
+from test_adapter_diffusers import tiny_unet  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    model = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                        norm_num_groups=4)
-    return model.eval()
+    return tiny_unet()
 
 
 def _fastdiff_noise(monkeypatch, sched, seeds):

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <type_traits>
 
 #include <ATen/ATen.h>
@@ -226,16 +227,24 @@ at::Tensor add_noise_at_cpu(const at::Tensor& z, const at::Tensor& t, const at::
   return add_noise_cpu(z, alpha, beta, seeds, stream);
 }
 
-at::Tensor loss_at_forward(const char* op, const at::Tensor& pred, const at::Tensor& z, const at::Tensor& t,
-                           const std::optional<at::Tensor>& weight, const at::Tensor& seeds, int64_t stream,
-                           int64_t path, at::ArrayRef<double> path_params, int64_t prediction, at::Tensor* residual) {
+// The target's (coef_z, coef_eps, weight) of the loss ops at times, their arguments checked.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_at_pairs(const char* op, const at::Tensor& pred, const at::Tensor& t,
+                                                             const std::optional<at::Tensor>& weight, int64_t path,
+                                                             at::ArrayRef<double> path_params, int64_t prediction) {
   check_loss_data(op, pred, "pred");
   TORCH_CHECK(prediction >= kPairVelocity && prediction < kPairKinds, op,
               "prediction must be a target code in [1, 5), got ", prediction);
   const PathSpec spec = check_path_args(op, t, pred.size(0), pred, "pred", path, path_params, prediction);
   check_optional_weight(op, weight, pred.size(0), pred);
   auto [coef_z, coef_eps] = host_pairs(t, spec);
-  return loss_forward(op, pred, z, coef_z, coef_eps, weight_or_ones(weight, pred), seeds, stream, residual);
+  return {coef_z, coef_eps, weight_or_ones(weight, pred)};
+}
+
+at::Tensor loss_at_forward(const char* op, const at::Tensor& pred, const at::Tensor& z, const at::Tensor& t,
+                           const std::optional<at::Tensor>& weight, const at::Tensor& seeds, int64_t stream,
+                           int64_t path, at::ArrayRef<double> path_params, int64_t prediction, at::Tensor* residual) {
+  auto [coef_z, coef_eps, w] = loss_at_pairs(op, pred, t, weight, path, path_params, prediction);
+  return loss_forward(op, pred, z, coef_z, coef_eps, w, seeds, stream, residual);
 }
 
 at::Tensor diffusion_loss_at_cpu(const at::Tensor& pred, const at::Tensor& z, const at::Tensor& t,
@@ -258,15 +267,9 @@ at::Tensor diffusion_loss_at_backward_cpu(const at::Tensor& grad_loss, const at:
                                           const at::Tensor& t, const std::optional<at::Tensor>& weight,
                                           const at::Tensor& seeds, int64_t stream, int64_t path,
                                           at::ArrayRef<double> path_params, int64_t prediction) {
-  constexpr const char* op = "fastdiff::diffusion_loss_at_backward: ";
-  check_loss_data(op, pred, "pred");
-  TORCH_CHECK(prediction >= kPairVelocity && prediction < kPairKinds, op,
-              "prediction must be a target code in [1, 5), got ", prediction);
-  const PathSpec spec = check_path_args(op, t, pred.size(0), pred, "pred", path, path_params, prediction);
-  check_optional_weight(op, weight, pred.size(0), pred);
-  auto [coef_z, coef_eps] = host_pairs(t, spec);
-  return diffusion_loss_backward_cpu(grad_loss, pred, z, coef_z, coef_eps, weight_or_ones(weight, pred), seeds,
-                                     stream);
+  auto [coef_z, coef_eps, w] = loss_at_pairs("fastdiff::diffusion_loss_at_backward: ", pred, t, weight, path,
+                                             path_params, prediction);
+  return diffusion_loss_backward_cpu(grad_loss, pred, z, coef_z, coef_eps, w, seeds, stream);
 }
 
 template <typename out_t>

@@ -27,6 +27,7 @@ from fastdiff import _checks
 from fastdiff import dispatch as _dispatch
 from fastdiff.ops.sampler_step import sampler_step
 from fastdiff.sampling.core.calls import direct_kernel
+from fastdiff.sampling.features.thresholding import DynamicThresholding
 
 Seeds = Union[int, Sequence[int], torch.Tensor]
 F32_MAX = _checks.FLOAT32_MAX
@@ -126,6 +127,20 @@ class _FusedStep:
         sampler_step(x, [g], history=list(history), coeffs=rows, seeds=seeds, streams=list(streams), outs=[out],
                      side=side)
         return out
+
+    def _x0_and_step(self, x, g, rows: tuple, checked: bool, seeds, streams) -> tuple:
+        """(prev, x0) of a DDIM / DDPM step from its rows: one pass (x0 a side output), or with clip_sample or
+        thresholding two, x0 first, thresholded or clamped as diffusers does, then the step from it (history)."""
+        if len(rows) == 2:
+            x0 = self._fused_step(x, g, rows[0], checked)
+            if self.config.thresholding:
+                x0.copy_(DynamicThresholding(self.config.dynamic_thresholding_ratio,
+                                             self.config.sample_max_value).apply(x0))
+            else:
+                x0.clamp_(-self.config.clip_sample_range, self.config.clip_sample_range)
+            return self._fused_step(x, g, rows[1], checked, history=[x0], seeds=seeds, streams=streams), x0
+        x0 = torch.empty_like(x)
+        return self._fused_step(x, g, rows[0], checked, seeds=seeds, streams=streams, side=x0), x0
 
     def _resolve(self, x) -> tuple:
         """(this run's timesteps, x's device, the step kernel or None for the reference backend (the general path

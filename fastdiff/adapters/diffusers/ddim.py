@@ -10,7 +10,6 @@ from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
 from fastdiff.adapters.diffusers._fused import _FusedStep, checked_rows
-from fastdiff.sampling.features.thresholding import DynamicThresholding
 
 MAX_KEPT_ROWS = 1024
 
@@ -88,17 +87,7 @@ class FastDiffDDIMScheduler(_FusedStep, DDIMScheduler):
         x, g = self._inputs(model_output, sample)
         seeds = self._seeds_for(x.shape[0], x.device) if std > 0 else None
         streams = [self._stream(timestep)] if std > 0 else []
-        if len(rows) == 2:  # clip_sample or thresholding: x0, then the step from it
-            x0 = self._fused_step(x, g, rows[0], checked)
-            if self.config.thresholding:
-                x0.copy_(DynamicThresholding(self.config.dynamic_thresholding_ratio,
-                                             self.config.sample_max_value).apply(x0))
-            else:
-                x0.clamp_(-self.config.clip_sample_range, self.config.clip_sample_range)
-            prev = self._fused_step(x, g, rows[1], checked, history=[x0], seeds=seeds, streams=streams)
-        else:
-            x0 = torch.empty_like(x)
-            prev = self._fused_step(x, g, rows[0], checked, seeds=seeds, streams=streams, side=x0)
+        prev, x0 = self._x0_and_step(x, g, rows, checked, seeds, streams)
         if prev.dtype is not sample.dtype:
             prev = prev.to(sample.dtype)
         if not return_dict:

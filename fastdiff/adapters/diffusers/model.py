@@ -27,8 +27,9 @@ class DiffusersModel(torch.nn.Module):
     takes one, else ``class_labels``; or name it with ``cond_arg``. A dict ``y`` is the forward's keyword
     arguments themselves (SDXL: ``{"encoder_hidden_states": ..., "added_cond_kwargs": {"text_embeds": ...,
     "time_ids": ...}}``; Flux: ``pooled_projections``, ``txt_ids``, ...), each key a parameter of the forward;
-    fastdiff.sample batches and guides it leaf by leaf (docs/sampling.md, Conventions). The sample is passed as the first
-    parameter of the denoiser's forward (``sample``, ``hidden_states``) and the timestep as ``timestep``.
+    fastdiff.sample batches and guides it leaf by leaf (docs/sampling.md, Conventions). The sample is passed as
+    the first parameter of the denoiser's forward (``sample``, ``hidden_states``) and the timestep as
+    ``timestep``.
     """
 
     def __init__(self, denoiser, scheduler_config, prediction_type: Optional[str] = None,  # config or scheduler
