@@ -128,9 +128,17 @@ class _FusedStep:
                      side=side)
         return out
 
+    def _x0_step(self, model_output, timestep, sample, std: float, rows: tuple, checked: bool) -> tuple:
+        """(prev, x0) of a DDIM / DDPM step from its rows, with noise of ``std`` from the step's stream: one pass (x0
+        a side output), or with clip_sample or thresholding two, x0 first, thresholded or clamped as diffusers
+        does, then the step from it (history)."""
+        x, g = self._inputs(model_output, sample)
+        seeds = self._seeds_for(x.shape[0], x.device) if std > 0 else None
+        streams = [self._stream(timestep)] if std > 0 else []
+        prev, x0 = self._x0_and_step(x, g, rows, checked, seeds, streams)
+        return (prev if prev.dtype is sample.dtype else prev.to(sample.dtype)), x0
+
     def _x0_and_step(self, x, g, rows: tuple, checked: bool, seeds, streams) -> tuple:
-        """(prev, x0) of a DDIM / DDPM step from its rows: one pass (x0 a side output), or with clip_sample or
-        thresholding two, x0 first, thresholded or clamped as diffusers does, then the step from it (history)."""
         if len(rows) == 2:
             x0 = self._fused_step(x, g, rows[0], checked)
             if self.config.thresholding:

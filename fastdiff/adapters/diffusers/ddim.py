@@ -84,12 +84,7 @@ class FastDiffDDIMScheduler(_FusedStep, DDIMScheduler):
         t = int(timestep)
         std, rows, checked = self._rows(t, t - self.config.num_train_timesteps // self.num_inference_steps, eta,
                                         use_clipped_model_output)
-        x, g = self._inputs(model_output, sample)
-        seeds = self._seeds_for(x.shape[0], x.device) if std > 0 else None
-        streams = [self._stream(timestep)] if std > 0 else []
-        prev, x0 = self._x0_and_step(x, g, rows, checked, seeds, streams)
-        if prev.dtype is not sample.dtype:
-            prev = prev.to(sample.dtype)
+        prev, x0 = self._x0_step(model_output, timestep, sample, std, rows, checked)
         if not return_dict:
             return prev, x0
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

@@ -93,12 +93,7 @@ class FastDiffDDPMScheduler(_FusedStep, DDPMScheduler):
                              "channels, and diffusers' fixed_large_log gives NaN)")
         t = int(timestep)
         std, rows, checked = self._rows(t)
-        x, g = self._inputs(model_output, sample)
-        seeds = self._seeds_for(x.shape[0], x.device) if std > 0 else None
-        streams = [self._stream(timestep)] if std > 0 else []
-        prev, x0 = self._x0_and_step(x, g, rows, checked, seeds, streams)
-        if prev.dtype is not sample.dtype:
-            prev = prev.to(sample.dtype)
+        prev, x0 = self._x0_step(model_output, timestep, sample, std, rows, checked)
         if not return_dict:
             return prev, x0
         return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
