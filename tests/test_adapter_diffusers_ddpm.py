@@ -149,3 +149,35 @@ def test_method_ddpm_fixed_small_is_ddim_at_eta_one():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="variance_type must be one of 'fixed_small', 'fixed_large'"):
         fastdiff.sample(model, 5, method="ddpm", variance_type="learned", shape=(2,), batch_size=1)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+def test_sample_method_ddpm_with_clip_sample_matches_diffusers(monkeypatch, unet, prediction_type):
+    """lerobot's setting: DDPMScheduler(clip_sample=True) = fastdiff.sample(method="ddpm", clip_sample=1.0) (x0 clamped,
+    then the posterior mean of it and x: DDPM's update reads nothing else)."""
+    from fastdiff.adapters.diffusers import DiffusersModel
+
+    config = dict(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type,
+                  clip_sample=True, clip_sample_range=0.5)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6)) * 2
+    theirs = DDPMScheduler(**config)
+    want, _ = _loop(lambda v, t: unet(v, t).sample * 3, theirs, x, 20, hook=_fastdiff_noise(monkeypatch, theirs, [0, 1]))
+    model = DiffusersModel(lambda sample, timestep, return_dict=False: (unet(sample, timestep).sample * 3,),
+                           theirs.config)
+    with torch.no_grad():
+        got = fastdiff.sample(model, None, noise=x, path=model.path, prediction=model.prediction, method="ddpm",
+                              clip_sample=0.5, timesteps=model.ddim_timesteps(20))
+        unclipped = fastdiff.sample(model, None, noise=x, path=model.path, prediction=model.prediction,
+                                    method="ddpm", timesteps=model.ddim_timesteps(20))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got - unclipped).abs().max() > 0.1  # the clamp acts
+
+
+def test_clip_sample_arguments_are_checked():
+    def model(x, t, y=None):
+        return x
+
+    with pytest.raises(ValueError, match=r"clip_sample must be a finite number in \(0, 3.4e38\]"):
+        fastdiff.sample(model, 3, clip_sample=-1.0, shape=(2,), batch_size=1)
+    with pytest.raises(ValueError, match="give clip_sample .* or dynamic_thresholding, not both"):
+        fastdiff.sample(model, 3, clip_sample=1.0, dynamic_thresholding=True, shape=(2,), batch_size=1)

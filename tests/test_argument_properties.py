@@ -133,7 +133,7 @@ TARGETS = {
                      ("model", "steps", "cfg", "shape", "y", "null_y", "seed", "noise", "path", "prediction",
                       "method", "sigma", "eta", "timesteps", "guidance_interval", "cfg_batch", "batch_size",
                       "backend", "progress", "callback", "device", "check_finite", "cuda_graph", "step_noise",
-                      "guidance", "guidance_rescale", "conditions", "dynamic_thresholding", "classifier",
+                      "guidance", "guidance_rescale", "conditions", "dynamic_thresholding", "clip_sample", "classifier",
                       "classifier_scale", "init", "strength", "known_mask", "resample", "corrector_steps", "snr",
                       "s_churn", "s_noise"),
                      costly=("steps", "resample", "corrector_steps")),

@@ -60,6 +60,9 @@ ARGUMENTS = """Sample ``[B, *shape]`` from ``model(x, t, y)`` by integrating fro
             Langevin steps at its start time, each sample's step size 2 (snr ‖ξ‖ / ‖score‖)² (docs/score_based.md).
         dynamic_thresholding: Imagen's dynamic thresholding of each evaluation's x0 estimate (diffusers'
             thresholding=True): True (ratio 0.995, max_value 1), a ratio, or a DynamicThresholding.
+        clip_sample: c > 0 clamps each evaluation's x0 estimate to [-c, c] (diffusers' clip_sample with
+            clip_sample_range c; True: 1); method="ddpm" then takes diffusers' DDPMScheduler step exactly, DDIM
+            the clipped model output (use_clipped_model_output=True).
         cfg_batch: run conditional and unconditional inputs as one batch of 2B (default) or two calls.
         backend: "auto", "cuda", "triton", "cpu" or "reference" for the fused step; None (default): the one in
             force (fastdiff.use_backend, else FASTDIFF_BACKEND, else "auto").
@@ -93,8 +96,8 @@ DEFAULTS = dict(shape=None, y=None, null_y=None, seed=0, noise=None, path="condo
                 method="euler", sigma=0.0, eta=None, timesteps=None, guidance_interval=None, cfg_batch=True,
                 batch_size=None, backend=None, progress=False, callback=None, device=None, check_finite=True,
                 cuda_graph=False, step_noise=None, guidance=None, guidance_rescale=0.0, conditions=None,
-                dynamic_thresholding=None, classifier=None, classifier_scale=1.0, classifier_y=None, init=None,
-                strength=None, known_mask=None, resample=1, corrector_steps=0, snr=0.16)
+                dynamic_thresholding=None, clip_sample=None, classifier=None, classifier_scale=1.0, classifier_y=None,
+                init=None, strength=None, known_mask=None, resample=1, corrector_steps=0, snr=0.16)
 
 
 class Sampler:

@@ -106,7 +106,7 @@ class Guidance:
         self.rule = get_rule(a.guidance)
         if self.rescale and not self.guided:
             raise ValueError("guidance_rescale applies to guided sampling: give cfg != 1 (or a schedule)")
-        self.thresholding = get_thresholding(a.dynamic_thresholding)
+        self.thresholding = get_thresholding(a.dynamic_thresholding, a.clip_sample)
         self.K = len(self.conditions) if multi else 1
         self.branches = 1 + self.K
         if self.K + 1 + int(getattr(self.rule, "running", False)) > 8:
