@@ -15,7 +15,8 @@ Subjects, each next to the peer it replaces (x peer: the peer's time over the su
 - fastdiff's diffusers schedulers against diffusers' in the same loop (``scale_model_input``, model, ``step``);
 - lerobot's DiffusionPolicy loop (DDPMScheduler: 100 training timesteps, squaredcos_cap_v2, clip_sample,
   epsilon; 100 steps; and DDIMScheduler with the same settings, 10 steps), with fastdiff's DDPM and DDIM
-  schedulers in their place (tests/test_adapter_diffusers_ddpm.py: the same numbers on the same noise).
+  schedulers in their place (tests/test_adapter_diffusers_ddpm.py: the same numbers on the same noise), and a
+  reused fastdiff.Sampler (method "ddpm" / "ddim", clip_sample=1) in place of the whole loop.
 
 cfg 2 runs the guided batch the way each library's users write it: one model call on the 2B batch (fastdiff:
 its own cfg; the others: ``uncond + cfg (cond - uncond)`` in the loop or the denoiser).
@@ -174,6 +175,21 @@ def _diffusers_subjects(batch, cfg, shape, y, device, notes) -> list[Subject]:
             return run
         return build
 
+    def lerobot_sampler(method):
+        """A reused fastdiff.Sampler in lerobot's loop's place: its schedule as the DiscreteVP path, diffusers'
+        timesteps as the grid, clip_sample as x0's clamp."""
+        import fastdiff
+
+        labels = {"y": y} if cfg == 1.0 else {"y": y, "null_y": NULL_LABEL}
+
+        def build(steps):
+            model = fd.DiffusersModel(free_model, diffusers.DDPMScheduler(**LEROBOT).config)
+            built = fastdiff.Sampler(free_model, None, cfg, shape=shape, batch_size=batch, device=device,
+                                     path=model.path, prediction="eps", method=method, clip_sample=1.0,
+                                     timesteps=model.ddim_timesteps(steps), **labels)
+            return lambda: built(seed=0)
+        return build
+
     out = []
     for theirs, ours in (("EulerDiscreteScheduler", "FastDiffEulerScheduler"),
                          ("DDIMScheduler", "FastDiffDDIMScheduler"),
@@ -182,6 +198,10 @@ def _diffusers_subjects(batch, cfg, shape, y, device, notes) -> list[Subject]:
         out.append(Subject(theirs, pipeline_loop(getattr(diffusers, theirs), {}), None, "diffusers' default config"))
     out += [Subject("lerobot:FastDiffDDPMScheduler", lerobot_loop(fd.FastDiffDDPMScheduler, {}),
                     "lerobot:DDPMScheduler", "lerobot's settings and loop, 100 steps", 100),
+            Subject("lerobot:fastdiff.Sampler(ddpm)", lerobot_sampler("ddpm"), "lerobot:DDPMScheduler",
+                    "a reused Sampler, method='ddpm', clip_sample=1", 100),
+            Subject("lerobot:fastdiff.Sampler(ddim)", lerobot_sampler("ddim"), "lerobot:DDIMScheduler",
+                    "a reused Sampler, method='ddim', clip_sample=1"),
             Subject("lerobot:DDPMScheduler", lerobot_loop(diffusers.DDPMScheduler, {}), None,
                     "lerobot's DiffusionPolicy loop, 100 steps", 100),
             Subject("lerobot:FastDiffDDIMScheduler", lerobot_loop(fd.FastDiffDDIMScheduler, {}),
