@@ -161,7 +161,8 @@ def test_sample_method_ddpm_with_clip_sample_matches_diffusers(monkeypatch, unet
                   clip_sample=True, clip_sample_range=0.5)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6)) * 2
     theirs = DDPMScheduler(**config)
-    want, _ = _loop(lambda v, t: unet(v, t).sample * 3, theirs, x, 20, hook=_fastdiff_noise(monkeypatch, theirs, [0, 1]))
+    hook = _fastdiff_noise(monkeypatch, theirs, [0, 1])
+    want, _ = _loop(lambda v, t: unet(v, t).sample * 3, theirs, x, 20, hook=hook)
     model = DiffusersModel(lambda sample, timestep, return_dict=False: (unet(sample, timestep).sample * 3,),
                            theirs.config)
     with torch.no_grad():
@@ -179,5 +180,21 @@ def test_clip_sample_arguments_are_checked():
 
     with pytest.raises(ValueError, match=r"clip_sample must be a finite number in \(0, 3.4e38\]"):
         fastdiff.sample(model, 3, clip_sample=-1.0, shape=(2,), batch_size=1)
-    with pytest.raises(ValueError, match="give clip_sample .* or dynamic_thresholding, not both"):
-        fastdiff.sample(model, 3, clip_sample=1.0, dynamic_thresholding=True, shape=(2,), batch_size=1)
+
+
+def test_clip_sample_composes_with_dynamic_thresholding():
+    """Both: each evaluation's x0 thresholded per sample, then clamped; a clamp at the thresholding's bound (its
+    output lies in [-1, 1]) changes nothing, a tighter one bounds the result."""
+    from fastdiff.sampling.features.thresholding import DynamicThresholding, get_thresholding
+
+    def model(x, t, y=None):
+        return 3.0 * x
+
+    kw = dict(shape=(16,), batch_size=2, seed=2, method="ddpm", path="vp", prediction="x0")
+    alone = fastdiff.sample(model, 8, dynamic_thresholding=True, **kw)
+    assert torch.equal(fastdiff.sample(model, 8, dynamic_thresholding=True, clip_sample=1.0, **kw), alone)
+    tight = fastdiff.sample(model, 8, dynamic_thresholding=True, clip_sample=0.25, **kw)
+    assert not torch.equal(tight, alone)
+    x0 = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 4
+    both = get_thresholding(True, 0.25).apply(x0)
+    assert torch.equal(both, DynamicThresholding().apply(x0).clamp(-0.25, 0.25))

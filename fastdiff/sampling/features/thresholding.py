@@ -72,13 +72,35 @@ class StaticClipping:
         return x0.clamp(-c, c)
 
 
+@dataclass(frozen=True)
+class ThresholdedThenClipped:
+    """dynamic_thresholding and clip_sample together: x0 thresholded per sample, then clamped to [-c, c] (with
+    c >= max_value / max_value the clamp changes nothing: the thresholded x0 already lies in [-1, 1])."""
+
+    thresholding: DynamicThresholding
+    clipping: StaticClipping
+
+    def prediction(self, conversion: tuple, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        a, b = conversion
+        return (self.apply(a * x + b * g) - a * x) / b
+
+    def apply(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.clipping.apply(self.thresholding.apply(x0))
+
+
 def get_thresholding(value, clip_sample=None):
     """sample()'s ``dynamic_thresholding`` (None / False: off, True: the defaults, a ratio, or the record) and
-    ``clip_sample`` (None, or the bound c of a static clamp of x0 to [-c, c]); at most one of them."""
+    ``clip_sample`` (None, or the bound c of a static clamp of x0 to [-c, c]); both: thresholded, then clamped."""
+    clipping = None
     if clip_sample is not None and clip_sample is not False:
-        if value is not None and value is not False:
-            raise ValueError("give clip_sample (a static clamp of x0) or dynamic_thresholding, not both")
-        return StaticClipping(1.0 if clip_sample is True else clip_sample)
+        clipping = StaticClipping(1.0 if clip_sample is True else clip_sample)
+    thresholding = _dynamic(value)
+    if thresholding is None or clipping is None:
+        return thresholding or clipping
+    return ThresholdedThenClipped(thresholding, clipping)
+
+
+def _dynamic(value):
     if value is None or value is False:
         return None
     if value is True:
