@@ -102,15 +102,11 @@ def check_arguments(cuda_graph: bool, device, callback, step_noise, brownian: bo
 
 def key(model, *, stages, beta0, batch, shape, device, cfg, cfg_batch, guidance_interval, backend, noise_given,
         check_finite, labels, brownian=False, per_sample=None, features=()) -> tuple:
-    """Everything a captured loop baked in. ``labels``: a description of each label tensor the loop
-    reads (None, or (shape, dtype)) — values are refilled, shapes and dtypes are baked."""
+    """Everything a captured loop baked in. ``labels``: a description of each label batch the loop reads (None,
+    or labels.signature: the structure, each tensor leaf's shape and dtype) — values are refilled, layouts baked."""
     return (id(model), tuple(dataclasses.astuple(st) for st in stages), float(beta0), int(batch), tuple(shape),
             str(device), cfg, bool(cfg_batch), None if guidance_interval is None else tuple(guidance_interval),
             backend, bool(noise_given), bool(check_finite), labels, bool(brownian), per_sample, features)
-
-
-def label_signature(t) -> tuple | None:
-    return None if t is None else (tuple(t.shape), t.dtype)
 
 
 def _model_ref(model, on_death):
