@@ -287,7 +287,7 @@ def _parser() -> argparse.ArgumentParser:
     p_train.add_argument("--grad-clip", type=float_in(0.0), default=1.0, help="max gradient norm (0: no clipping)")
     p_train.add_argument("--ema-decay", type=float_in(0.0, 1.0), default=0.999)
     p_train.add_argument("--path", default="condot", choices=("condot", "vp", "vp-cosine"))
-    p_train.add_argument("--prediction", default="velocity", choices=("velocity", "eps", "score", "x0"))
+    p_train.add_argument("--prediction", default="velocity", choices=("velocity", "eps", "score", "x0", "v"))
     p_train.add_argument("--time-sampling", default="uniform", choices=("uniform", "logit_normal"))
     p_train.add_argument("--weighting", default="none", choices=("none", "min_snr"))
     p_train.add_argument("--snr-gamma", type=float_in(0.0, low_open=True), default=5.0)

@@ -317,6 +317,8 @@ class GaussianMixture:
         lam = core["lam"][None]
         if kind == "x0":
             return mean + core["alpha"][:, None] * self._rotate(q, lam * yc, resp)
+        if kind == "v":  # alpha eps - beta x0
+            return core["alpha"][:, None] * self._fields(core, "eps") - core["beta"][:, None] * self._fields(core, "x0")
         if kind == "velocity":
             alpha, d_alpha = core["alpha"], core["d_alpha"]
             bdb = _beta_d_beta(core["path"], core["t"], alpha, core["beta"], d_alpha, core["d_beta"])

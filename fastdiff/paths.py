@@ -15,7 +15,9 @@ Every path method accepts ``t`` either as
   VP paths.
 
 Model predictions are one of ``"velocity"`` (u), ``"eps"`` (noise), ``"score"``
-(grad log p_t) or ``"x0"`` (clean data). All four are affine in (x, prediction);
+(grad log p_t), ``"x0"`` (clean data) or ``"v"`` (Salimans & Ho's v = alpha eps - beta x0,
+diffusers' ``v_prediction``; ``"epsilon"``, ``"v_prediction"`` and ``"sample"`` are accepted as
+diffusers' names). All five are affine in (x, prediction);
 :func:`affine_coefficients` gives ``(a, b)`` with ``to = a * x + b * pred`` and
 :func:`convert` applies it. The stable forms of docs/design.md §1 are used, with
 ``Delta = beta * d_alpha - d_beta * alpha``:
@@ -24,6 +26,8 @@ Model predictions are one of ``"velocity"`` (u), ``"eps"`` (noise), ``"score"``
 * from eps: ``x0 = (x - beta eps) / alpha``; from x0: ``eps = (x - alpha x0) / beta``;
   from score: ``eps = -beta s``
 * ``u = d_alpha x0 + d_beta eps`` and ``s = -eps / beta``.
+* from v: ``x0 = (alpha x - beta v) / (alpha^2 + beta^2)``, ``eps = (beta x + alpha v) / (alpha^2 + beta^2)``
+  (on VP paths alpha^2 + beta^2 = 1), and ``v = alpha eps - beta x0``.
 
 No conversion divides by ``alpha`` unless the formula above does, so velocity models
 are finite at t = 0 (CondOT: ``s = (t u - x) / (1 - t)``, ``x0 = x + u``). A conversion
@@ -61,8 +65,9 @@ __all__ = [
     "convert",
 ]
 
-PREDICTIONS = ("velocity", "eps", "score", "x0")
-_PREDICTION_ALIASES = {"epsilon": "eps"}
+PREDICTIONS = ("velocity", "eps", "score", "x0", "v")
+# diffusers' names (prediction_type): "v_prediction" is Salimans & Ho's v, "sample" the clean data
+_PREDICTION_ALIASES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 
 
 def check_prediction(prediction: str, arg: str = "prediction") -> str:
@@ -93,6 +98,9 @@ def _eps_pair(src, al, be, dal, dbe):
         return _div(1.0, be, "beta_t = 0"), _div(-al, be, "beta_t = 0")
     if src == "score":
         return 0.0, -be
+    if src == "v":  # eps = (beta x + alpha v) / (alpha^2 + beta^2)
+        norm = _div(1.0, al * al + be * be, "alpha_t = beta_t = 0")
+        return be * norm, al * norm
     delta = be * dal - dbe * al
     why = "Delta_t = beta_t*d_alpha_t - d_beta_t*alpha_t = 0"
     return _div(dal, delta, why), _div(-al, delta, why)
@@ -106,6 +114,9 @@ def _x0_pair(src, al, be, dal, dbe):
         return _div(1.0, al, "alpha_t = 0"), _div(-be, al, "alpha_t = 0")
     if src == "score":
         return _div(1.0, al, "alpha_t = 0"), _div(be * be, al, "alpha_t = 0")
+    if src == "v":  # x0 = (alpha x - beta v) / (alpha^2 + beta^2)
+        norm = _div(1.0, al * al + be * be, "alpha_t = beta_t = 0")
+        return al * norm, -be * norm
     delta = be * dal - dbe * al
     why = "Delta_t = beta_t*d_alpha_t - d_beta_t*alpha_t = 0"
     return _div(-dbe, delta, why), _div(be, delta, why)
@@ -133,6 +144,11 @@ def _affine(path: GaussianPath, t: Time, src: str, dst: str, check: bool = True)
         elif dst == "score":
             ea, eb = _eps_pair(src, *coeffs)
             a, b = _div(-ea, coeffs[1], "beta_t = 0"), _div(-eb, coeffs[1], "beta_t = 0")
+        elif dst == "v":  # v = alpha eps - beta x0
+            za, zb = _x0_pair(src, *coeffs)
+            ea, eb = _eps_pair(src, *coeffs)
+            al, be = coeffs[0], coeffs[1]
+            a, b = al * ea - be * za, al * eb - be * zb
         else:  # velocity = d_alpha * x0 + d_beta * eps
             za, zb = _x0_pair(src, *coeffs)
             ea, eb = _eps_pair(src, *coeffs)

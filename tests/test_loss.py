@@ -166,7 +166,7 @@ def test_cpu_residual_path_equals_the_fused_backward(pred_dtype):
     (lambda z, t: ops.diffusion_loss(z, z, t[:1], [1, 2], 0), ValueError, "t must have shape"),
     (lambda z, t: ops.diffusion_loss(z, z, t, [1], 0), ValueError, "seeds must hold one seed per sample"),
     (lambda z, t: ops.diffusion_loss(z, z, t, [1, 2], -1), ValueError, "stream"),
-    (lambda z, t: ops.diffusion_loss(z, z, t, [1, 2], 0, prediction="v"), ValueError, "prediction"),
+    (lambda z, t: ops.diffusion_loss(z, z, t, [1, 2], 0, prediction="noise"), ValueError, "prediction"),
     (lambda z, t: ops.diffusion_loss(z, z, t, [1, 2], 0, reduction="max"), ValueError, "reduction"),
     (lambda z, t: ops.diffusion_loss(z.int(), z, t, [1, 2], 0), TypeError, "pred must be"),
     (lambda z, t: ops.diffusion_loss(z, z, t, [1, 2], 0, weight=torch.ones(3)), ValueError, "weight"),

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not (fastdiff.backends()["cpu"].available and lo
                                 reason="native cpu backend unavailable")
 
 PATHS = [CondOT(), VP(), VP(beta_min=0.5, beta_max=10.0), VPCosine(), VPCosine(s=0.1), VE(), VE(sigma_max=2.5)]
-PREDICTIONS = ["velocity", "eps", "x0", "score"]
+PREDICTIONS = ["velocity", "eps", "x0", "score", "v"]
 
 
 def _times(B, seed=0, dtype=torch.float64):

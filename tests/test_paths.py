@@ -63,10 +63,10 @@ PATH_IDS = [repr(p) if not isinstance(p, UserPath) else f"user-{i}" for i, p in 
 
 
 def targets(path, t, z, eps):
-    """The four predictions of a noiseless model for data z and noise eps."""
+    """The five predictions of a noiseless model for data z and noise eps."""
     al, be, dal, dbe = path.coefficients(t)
     x = al * z + be * eps
-    return x, {"x0": z, "eps": eps, "velocity": dal * z + dbe * eps, "score": -eps / be}
+    return x, {"x0": z, "eps": eps, "velocity": dal * z + dbe * eps, "score": -eps / be, "v": al * eps - be * z}
 
 
 def randn(*shape, seed=0):
@@ -268,17 +268,34 @@ def test_path_parameter_validation():
 
 
 def test_prediction_names():
-    assert set(PREDICTIONS) == {"velocity", "eps", "score", "x0"}
+    assert set(PREDICTIONS) == {"velocity", "eps", "score", "x0", "v"}
     assert check_prediction("epsilon") == "eps" and check_prediction("X0") == "x0"
+    # diffusers' prediction_type names
+    assert check_prediction("v_prediction") == "v" and check_prediction("sample") == "x0"
     x = torch.zeros(2)
-    for call in (lambda: check_prediction("v"),
+    for call in (lambda: check_prediction("flow"),
                  lambda: affine_coefficients("condot", 0.5, "noise", "eps"),
-                 lambda: convert(x, x, 0.5, "condot", "velocity", "sample")):
+                 lambda: convert(x, x, 0.5, "condot", "velocity", "noise")):
         with pytest.raises(ValueError) as exc:
             call()
         assert all(name in str(exc.value) for name in PREDICTIONS)
     with pytest.raises(ValueError, match="to_type"):
-        affine_coefficients("condot", 0.5, "eps", "v_prediction")
+        affine_coefficients("condot", 0.5, "eps", "v_pred")
+
+
+@pytest.mark.parametrize("path", ["vp", "vp_cosine", "condot", "ve"])
+def test_v_prediction_is_salimans_and_ho(path):
+    """v = alpha eps - beta x0 (diffusers' v_prediction on VP paths), and x0 = alpha x - beta v where
+    alpha^2 + beta^2 = 1."""
+    torch.manual_seed(0)
+    z, eps, t = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64), 0.37
+    al, be = get_path(path).coefficients(t)[:2]
+    x, v = al * z + be * eps, al * eps - be * z
+    torch.testing.assert_close(convert(v, x, t, path, "v", "x0"), z, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(convert(v, x, t, path, "v", "eps"), eps, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(convert(eps, x, t, path, "eps", "v"), v, rtol=1e-12, atol=1e-12)
+    if path.startswith("vp"):
+        torch.testing.assert_close(convert(v, x, t, path, "v", "x0"), al * x - be * v, rtol=1e-12, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- conversions
@@ -455,14 +472,15 @@ def test_convert_is_differentiable_in_pred():
 # ----------------------------------------------------------------------------- worked examples (seeds)
 
 def test_worked_example_condot_four_representations():
-    """CondOT, z = 5, eps = -1, t = 0.6: x = 2.6, u = 6.0, s = 2.5, eps = -1, x0 = 5.
+    """CondOT, z = 5, eps = -1, t = 0.6: x = 2.6, u = 6.0, s = 2.5, eps = -1, x0 = 5 (and v = alpha eps - beta x0
+    = -0.6 - 0.4 * 5 = -2.6).
 
     (The notes' shortcut "velocity = beta^2 score / t + x / t = 5.0" is a slip; Proposition 1
     with a_t = (1 - t)/t, b_t = 1/t gives 6.0.)"""
     p, t = CondOT(), 0.6
     x = torch.tensor([2.6], dtype=F64)
     assert p.alpha(t) * 5 + p.beta(t) * -1 == pytest.approx(2.6)
-    preds = {"velocity": 6.0, "score": 2.5, "eps": -1.0, "x0": 5.0}
+    preds = {"velocity": 6.0, "score": 2.5, "eps": -1.0, "x0": 5.0, "v": -2.6}
     for src, dst in PAIRS:
         got = convert(torch.tensor([preds[src]], dtype=F64), x, t, p, src, dst)
         assert got.item() == pytest.approx(preds[dst], rel=1e-12), (src, dst)

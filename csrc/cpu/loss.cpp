@@ -184,7 +184,7 @@ std::string path_repr(const PathSpec& s) {
 }
 
 const char* prediction_name(int32_t pair) {
-  static const char* const names[kPairKinds] = {"noising", "velocity", "eps", "x0", "score"};
+  static const char* const names[kPairKinds] = {"noising", "velocity", "eps", "x0", "score", "v"};
   return names[pair];
 }
 
@@ -233,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_at_pairs(const char* op, con
                                                              at::ArrayRef<double> path_params, int64_t prediction) {
   check_loss_data(op, pred, "pred");
   TORCH_CHECK(prediction >= kPairVelocity && prediction < kPairKinds, op,
-              "prediction must be a target code in [1, 5), got ", prediction);
+              "prediction must be a target code in [1, 6), got ", prediction);
   const PathSpec spec = check_path_args(op, t, pred.size(0), pred, "pred", path, path_params, prediction);
   check_optional_weight(op, weight, pred.size(0), pred);
   auto [coef_z, coef_eps] = host_pairs(t, spec);

@@ -451,7 +451,7 @@ PathSpec check_loss_at_args(const char* op, const at::Tensor* grad_loss, const a
   TORCH_CHECK(z.device() == pred.device(), op, "z is on ", z.device(), " but pred is on ", pred.device());
   check_loss_data(op, z, "z");
   TORCH_CHECK(prediction >= kPairVelocity && prediction < kPairKinds, op,
-              "prediction must be a target code in [1, 5), got ", prediction);
+              "prediction must be a target code in [1, 6), got ", prediction);
   const int64_t B = pred.size(0);
   if (grad_loss != nullptr) check_per_sample(op, *grad_loss, "grad_loss", B, pred, "pred");
   check_optional_weight(op, weight, B, pred);

@@ -377,6 +377,9 @@ int main() {
     auto [xa, xb] = pair(vp, fastdiff::kPairX0, 0.7);
     auto [na, nb] = pair(vp, fastdiff::kPairEps, 0.7);
     c.expect(xa == 1.0 && xb == 0.0 && na == 0.0 && nb == 1.0, "x0 (1, 0) and eps (0, 1) targets");
+    auto [vpa, vpb] = pair(vp, fastdiff::kPairNoising, 0.7);
+    auto [va, vb] = pair(vp, fastdiff::kPairV, 0.7);
+    c.expect(va == -vpb && vb == vpa, "v target (-beta, alpha): v = alpha eps - beta z");
     auto [ia, ib] = pair(vp, fastdiff::kPairVelocity, 1.0);
     c.expect(std::isinf(ib) && ib < 0, "vp velocity at t = 1: d beta = -inf (beta = 0)");
     for (double t : {-0.1, 1.5, static_cast<double>(NAN)}) {

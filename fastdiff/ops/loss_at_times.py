@@ -26,7 +26,7 @@ from fastdiff.gaussian_paths import path_from_kernel
 from fastdiff.ops.loss_gradients import loss_grads, native_backend, target_coefficients
 
 # PairKind in gaussian_path.h: what the op's second coefficient pair is
-PREDICTION_CODES = {"velocity": 1, "eps": 2, "x0": 3, "score": 4}
+PREDICTION_CODES = {"velocity": 1, "eps": 2, "x0": 3, "score": 4, "v": 5}  # gaussian_path.h PairKind
 PREDICTION_NAMES = {code: name for name, code in PREDICTION_CODES.items()}
 
 

@@ -20,6 +20,8 @@ def target_coefficients(path, t, prediction):
         return torch.zeros_like(t), torch.ones_like(t)
     if prediction == "x0":
         return torch.ones_like(t), torch.zeros_like(t)
+    if prediction == "v":  # v = alpha eps - beta z
+        return -be, al
     return torch.zeros_like(t), -1.0 / be  # score: -ε / β (infinite where β = 0)
 
 

@@ -30,7 +30,8 @@ ARGUMENTS = """Sample ``[B, *shape]`` from ``model(x, t, y)`` by integrating fro
         seed: int (sample b uses seed + b) or per-sample seeds (sequence or int64 tensor).
         noise: explicit initial state [B, *shape] at the first grid point.
         path: "condot", "vp", "vp-cosine" or a fastdiff.paths.GaussianPath.
-        prediction: what the model returns: "velocity", "eps", "score" or "x0".
+        prediction: what the model returns: "velocity", "eps", "score", "x0" or "v" (alpha eps - beta x0; diffusers'
+            names "epsilon", "v_prediction" and "sample" too).
         method: "euler" (ODE; Euler–Maruyama when sigma > 0), "heun", "ddim" (with ``eta``), "dpmpp_2m",
             or any method registered with fastdiff.sampling.register_method (``fastdiff.sampling.METHODS``).
         sigma: diffusion coefficient (float or callable t → sigma_t) of the SDE (methods that take it: euler).

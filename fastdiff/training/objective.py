@@ -64,6 +64,8 @@ def _x0_gain(prediction: str, al, be, dal, dbe):
         return be / al
     if prediction == "score":
         return be * be / al
+    if prediction == "v":  # ẑ = (α x − β v) / (α² + β²)
+        return be / (al * al + be * be)
     return be / (be * dal - dbe * al)  # velocity: ẑ = (β u − β̇ x) / Δ
 
 
@@ -75,6 +77,8 @@ def _score_gain(prediction: str, al, be, dal, dbe):
         return -1.0 / be
     if prediction == "x0":
         return al / (be * be)  # s = (α ẑ − x) / β²
+    if prediction == "v":  # ε̂ = (β x + α v) / (α² + β²)
+        return -al / (be * (al * al + be * be))
     return al / (be * (be * dal - dbe * al))  # velocity: ε̂ = (α̇ x − α u) / Δ
 
 

@@ -27,7 +27,7 @@ namespace fastdiff {
 enum PathKind : int64_t { kPathCondOT = 0, kPathVP = 1, kPathVPCosine = 2, kPathVE = 3, kPathKinds = 4 };
 // What a coefficient pair is: the noising, or the target of a prediction type (fastdiff.paths).
 enum PairKind : int64_t {
-  kPairNoising = 0, kPairVelocity = 1, kPairEps = 2, kPairX0 = 3, kPairScore = 4, kPairKinds = 5
+  kPairNoising = 0, kPairVelocity = 1, kPairEps = 2, kPairX0 = 3, kPairScore = 4, kPairV = 5, kPairKinds = 6
 };
 constexpr int kPathParams = 2;  // VP (beta_min, beta_max), VPCosine (s), VE (sigma_max)
 
@@ -133,6 +133,7 @@ FASTDIFF_HD void pair_at(const PathSpec& s, double t, float* c0, float* c1) {
     case kPairVelocity: a = dal; b = dbe; break;
     case kPairEps: a = 0.0; b = 1.0; break;
     case kPairX0: a = 1.0; b = 0.0; break;
+    case kPairV: a = -be; b = al; break;  // v = alpha eps - beta z
     default: a = 0.0; b = -1.0 / be; break;  // kPairScore: -eps / beta (-inf where beta = 0)
   }
   *c0 = static_cast<float>(add_rn(a, 0.0));

@@ -31,6 +31,7 @@ if importlib.util.find_spec("diffusers") is None:  # pragma: no cover - exercise
 
 from fastdiff.adapters.diffusers.ddim import FastDiffDDIMScheduler
 from fastdiff.adapters.diffusers.ddpm import FastDiffDDPMScheduler
+from fastdiff.adapters.diffusers.denoiser import Denoiser, denoiser
 from fastdiff.adapters.diffusers.dpm_solver_multistep import FastDiffDPMSolverMultistepScheduler
 from fastdiff.adapters.diffusers.euler import FastDiffEulerScheduler
 from fastdiff.adapters.diffusers.euler_ancestral import FastDiffEulerAncestralScheduler
@@ -38,6 +39,6 @@ from fastdiff.adapters.diffusers.flow_match_euler import FastDiffFlowMatchEulerS
 from fastdiff.adapters.diffusers.model import DiffusersModel
 from fastdiff.adapters.diffusers.unipc_multistep import FastDiffUniPCMultistepScheduler
 
-__all__ = ["DiffusersModel", "FastDiffDDIMScheduler", "FastDiffDDPMScheduler", "FastDiffDPMSolverMultistepScheduler",
-           "FastDiffEulerAncestralScheduler", "FastDiffEulerScheduler", "FastDiffFlowMatchEulerScheduler",
-           "FastDiffUniPCMultistepScheduler"]
+__all__ = ["Denoiser", "DiffusersModel", "denoiser", "FastDiffDDIMScheduler", "FastDiffDDPMScheduler",
+           "FastDiffDPMSolverMultistepScheduler", "FastDiffEulerAncestralScheduler", "FastDiffEulerScheduler",
+           "FastDiffFlowMatchEulerScheduler", "FastDiffUniPCMultistepScheduler"]

@@ -150,6 +150,28 @@ class _FusedStep:
         x0 = torch.empty_like(x)
         return self._fused_step(x, g, rows[0], checked, seeds=seeds, streams=streams, side=x0), x0
 
+    def _thresholded(self, x0: torch.Tensor) -> torch.Tensor:
+        """x0 (float32 [B, ...]) thresholded per sample as diffusers' ``_threshold_sample`` does with the config's
+        dynamic_thresholding_ratio and sample_max_value; a new float32 contiguous tensor (the next pass's history
+        input). The rule is made once per config (its checks name the config's arguments)."""
+        config = self.config
+        memo = self.__dict__.get("_fd_thresholding")
+        if memo is None or memo[0] is not config:
+            ratio, max_value = config.dynamic_thresholding_ratio, config.sample_max_value
+            try:
+                DynamicThresholding(ratio)
+            except ValueError:
+                raise ValueError(f"dynamic_thresholding_ratio must be a number in (0, 1] with thresholding=True, got "
+                                 f"{ratio!r}") from None
+            try:
+                rule = DynamicThresholding(ratio, max_value)
+            except ValueError:
+                raise ValueError(f"sample_max_value must be a finite number >= 1 with thresholding=True (the "
+                                 f"per-sample threshold is clamped to [1, sample_max_value]), got "
+                                 f"{max_value!r}") from None
+            memo = self._fd_thresholding = (config, rule)
+        return memo[1].apply(x0)
+
     def _resolve(self, x) -> tuple:
         """(this run's timesteps, x's device, the step kernel or None for the reference backend (the general path
         runs it), zero seeds for x's batch, the batch, the backend's key). The backend is the one in force at a

@@ -10,6 +10,13 @@ so the whole update, the conversion m_0 (a side output, kept for the next steps 
 ``model_outputs``) and the noise run in one ``fastdiff.ops.sampler_step`` pass with m_1, m_2 as history
 buffers. The coefficients come from diffusers' formulas (its orders, lower-order warm-up and final
 steps, solver types), computed on the host in float64.
+
+With ``thresholding=True`` diffusers thresholds the x0 prediction inside ``convert_model_output`` (a
+per-sample quantile and clamp: not affine), so that step is two passes: x0 = a' x + b' g first, thresholded
+(:class:`fastdiff.sampling.features.thresholding.DynamicThresholding`, diffusers' ``_threshold_sample``),
+then the update above with the thresholded x0 as one more history input; m_0 is that x0 for the "++"
+algorithms, and for the others the eps that gives it, (x - alpha x0) / sigma (a side output of the second
+pass), so the history holds thresholded predictions, as diffusers'.
 """
 
 from __future__ import annotations
@@ -78,9 +85,12 @@ class FastDiffDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepSchedule
     """diffusers' ``DPMSolverMultistepScheduler`` with a fused ``step``: every algorithm type (dpmsolver++,
     sde-dpmsolver++, dpmsolver, sde-dpmsolver), solver order 1-3, midpoint and heun solver types, its
     sigma options (Karras, exponential, beta, Lu lambdas, flow sigmas), ``final_sigmas_type``,
-    ``lower_order_final`` and ``euler_at_final`` are diffusers' own. The SDE variants' noise is fastdiff's
-    per-sample stream (``set_seeds``; stream 1 + step index) unless ``variance_noise`` is given.
-    ``thresholding`` (not affine in the model output) is refused."""
+    ``lower_order_final``, ``euler_at_final`` and dynamic ``thresholding`` (``dynamic_thresholding_ratio``,
+    ``sample_max_value``; two kernel passes a step, with the thresholding between them) are diffusers' own.
+    One kernel pass a step without thresholding. The SDE variants' noise is fastdiff's per-sample stream
+    (``set_seeds``; stream 1 + step index) unless ``variance_noise`` is given. Refused (errors naming the
+    argument): other algorithm types (diffusers' deprecated ones), solver_order=3 with sde-dpmsolver (as
+    diffusers), prediction types the algorithm type does not take, ``sample_max_value`` < 1."""
 
     def _conversion(self, al: float, sg: float, sigma: float) -> tuple[float, float]:
         """(a, b): the converted output m = a x + b g diffusers keeps (x0 for ++, else eps)."""
@@ -148,11 +158,29 @@ class FastDiffDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepSchedule
                 u = ks[1] * (1.0 + q) + ks[2] / (r0 + r1)  # on D1_0 = (m0 - m1) / r0
                 v = -ks[1] * q - ks[2] / (r0 + r1)  # on D1_1 = (m1 - m2) / r1
                 c = [ks[0] + u / r0, -u / r0 + v / r1, -v / r1]
-        rows = [c_s + c[0] * a, c[0] * b, *c[1:]]
-        if c_n != 0.0:
-            rows.append(c_n)
+        noise = [c_n] if c_n != 0.0 else []
+        if self.config.thresholding:
+            rows = self._thresholded_rows(algo, al0, sg0, a, b, c_s, c, noise)
+            return order, rows, all(checked_rows(r) for r in rows), c_n != 0.0, mean_part
+        rows = [c_s + c[0] * a, c[0] * b, *c[1:], *noise]
         rows += [a, b] + [0.0] * (len(rows) - 2)  # the side row: m_0
         return order, rows, checked_rows(rows), c_n != 0.0, mean_part
+
+    @staticmethod
+    def _thresholded_rows(algo: str, al0: float, sg0: float, a: float, b: float, c_s: float, c: list,
+                          noise: list) -> tuple:
+        """The two passes of a thresholded step: x0 = ax x + ag g, then (after x0 is thresholded) the update with x0
+        as the first history input. m_0 is the thresholded x0 for the ++ algorithms, else the eps that gives it,
+        eps = (x - al0 x0) / sg0 (diffusers' order: eps -> x0 -> thresholded -> eps), a side output of pass 2."""
+        if algo.endswith("++"):
+            ax, ag = a, b
+            update = [c_s, 0.0, c[0], *c[1:], *noise]
+            side = [0.0] * len(update)  # (m_0 is the thresholded x0 itself)
+        else:  # x0 = (x - sg0 eps) / al0 with eps = a x + b g
+            ax, ag = (1.0 - sg0 * a) / al0, -sg0 * b / al0
+            update = [c_s + c[0] / sg0, 0.0, -c[0] * al0 / sg0, *c[1:], *noise]
+            side = [1.0 / sg0, 0.0, -al0 / sg0] + [0.0] * (len(update) - 3)
+        return [ax, ag, 0.0, 0.0], update + side
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
              generator: Optional[torch.Generator] = None, variance_noise: Optional[torch.Tensor] = None,
@@ -164,9 +192,6 @@ class FastDiffDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepSchedule
         if algo not in ALGORITHMS:
             raise ValueError(f"algorithm_type={algo!r} is not supported by the fused step; take one of "
                              f"{', '.join(ALGORITHMS)}")
-        if self.config.thresholding:
-            raise NotImplementedError("thresholding=True (dynamic thresholding) is not supported by fastdiff's fused "
-                                      "DPM-Solver step; use diffusers' scheduler or thresholding=False")
         if self.step_index is None:
             self._init_step_index(timestep)
         i = self.step_index
@@ -181,8 +206,14 @@ class FastDiffDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepSchedule
             history.append(variance_noise.to(device=x.device, dtype=torch.float32).contiguous())
         elif noisy:
             seeds, streams = self._seeds_for(x.shape[0], x.device), [1 + i]
-        m0 = torch.empty_like(x)
-        prev = self._fused_step(x, g, rows, checked, history=history, seeds=seeds, streams=streams, side=m0)
+        if self.config.thresholding:  # two passes: x0, thresholded (not affine), then the update from it
+            x0 = self._thresholded(self._fused_step(x, g, rows[0], checked))
+            m0 = x0 if algo.endswith("++") else torch.empty_like(x)
+            prev = self._fused_step(x, g, rows[1], checked, history=[x0, *history], seeds=seeds, streams=streams,
+                                    side=None if m0 is x0 else m0)
+        else:
+            m0 = torch.empty_like(x)
+            prev = self._fused_step(x, g, rows, checked, history=history, seeds=seeds, streams=streams, side=m0)
         for j in range(self.config.solver_order - 1):
             self.model_outputs[j] = self.model_outputs[j + 1]
         self.model_outputs[-1] = m0

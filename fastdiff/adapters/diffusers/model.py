@@ -18,7 +18,8 @@ class DiffusersModel(torch.nn.Module):
       :class:`fastdiff.paths.DiscreteVP` (``alphas_cumprod`` of the config's betas) and the model is
       called at the training timestep tau = T (1 - t) - 1 (rounded where within 1e-3 of an integer,
       so a float32 t hits the trained timesteps exactly); epsilon is an ``"eps"`` model, sample an
-      ``"x0"`` model, and v = alpha eps - beta x0 is turned into x0 = alpha x - beta v (``"x0"``).
+      ``"x0"`` model, v_prediction a ``"v"`` model (v = alpha eps - beta x0: CFG and guidance_rescale act
+      on v, as diffusers' do).
     - ``prediction_type="flow"`` (or a FlowMatchEulerDiscreteScheduler config): the model predicts
       eps - z on x = (1 - sigma) z + sigma eps, i.e. CondOT with sigma = 1 - t, called at timestep
       sigma T; it is a ``"velocity"`` model u = z - eps. Shifted grids: ``fastdiff.schedules.shifted_timesteps``.
@@ -40,11 +41,12 @@ class DiffusersModel(torch.nn.Module):
         class_name = ""
         if hasattr(scheduler_config, "set_timesteps") and hasattr(scheduler_config, "config"):  # a scheduler
             class_name, scheduler_config = type(scheduler_config).__name__, scheduler_config.config
-        config = dict(scheduler_config)
+        config = self._config = dict(scheduler_config)
         class_name = config.get("_class_name", class_name)
         self.denoiser = denoiser
         # flow-matching configs: by class name, or by their keys (a shift and no DDPM betas)
-        flow = ("FlowMatch" in class_name or prediction_type == "flow"
+        flow = ("FlowMatch" in class_name or prediction_type == "flow" or config.get("use_flow_sigmas")
+                or config.get("prediction_type") == "flow_prediction"
                 or ("shift" in config and "beta_start" not in config))
         ptype = "flow" if flow else (prediction_type or config.get("prediction_type", "epsilon"))
         self.prediction_type = ptype
@@ -54,8 +56,12 @@ class DiffusersModel(torch.nn.Module):
         elif ptype in ("epsilon", "sample", "v_prediction"):
             known = {k: v for k, v in config.items() if not k.startswith("_")}
             schedule = DDIMScheduler.from_config(known)
+            if float(schedule.alphas_cumprod[-1]) <= 0.0:
+                raise ValueError("rescale_betas_zero_snr=True gives alpha_bar = 0 at the last training timestep "
+                                 "(infinite noise level), which a fastdiff path cannot hold; use the "
+                                 "FastDiff*Scheduler drop-ins for zero-terminal-SNR schedules")
             self.path = DiscreteVP(schedule.alphas_cumprod)
-            self.prediction = {"epsilon": "eps", "sample": "x0", "v_prediction": "x0"}[ptype]
+            self.prediction = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}[ptype]
             self._ddim_config = known
         else:
             raise ValueError(f"prediction_type={ptype!r} is not supported; DiffusersModel takes epsilon, sample, "
@@ -98,7 +104,16 @@ class DiffusersModel(torch.nn.Module):
         return grid + [end] if end > grid[-1] else grid
 
     def forward(self, x, t, y=None):
-        kwargs = {self._sample_arg: x, "timestep": self.timestep(t).to(x.device)}
+        out = self._network_call(x, self.timestep(t).to(x.device), y)
+        if self.prediction_type == "flow":
+            return -out  # diffusers' flow target is eps - z; fastdiff's velocity is z - eps
+        return out
+
+    def _network_call(self, x, timestep, y, fixed=None):
+        """The network's output at sample x and diffusers timestep ``timestep``, y as its conditioning."""
+        kwargs = {self._sample_arg: x, "timestep": timestep}
+        if fixed:
+            kwargs.update(fixed)
         if isinstance(y, dict):
             unknown = [k for k in y if k not in self._params or k in kwargs]
             if unknown:
@@ -116,9 +131,4 @@ class DiffusersModel(torch.nn.Module):
             out = out[0]
         elif hasattr(out, "sample"):
             out = out.sample
-        if self.prediction_type == "flow":
-            return -out  # diffusers' flow target is eps - z; fastdiff's velocity is z - eps
-        if self.prediction_type == "v_prediction":
-            alpha, beta = (c.to(x.dtype).view(-1, *([1] * (x.dim() - 1))) for c in self.path.coefficients(t)[:2])
-            return alpha * x - beta * out
         return out

@@ -1,0 +1,92 @@
+"""The robotics recipe (docs/adapters/diffusers.md, "A diffusion policy's sampling loop"): a reused
+fastdiff.Sampler in place of lerobot's DiffusionPolicy.conditional_sample loop, lerobot's DDPM config
+(squaredcos_cap_v2, 100 training timesteps, epsilon, clip_sample), an observation embedding as global
+conditioning, equal to the loop with diffusers' DDPMScheduler fed the same noise; 10-step DDIM too."""
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers.schedulers import scheduling_ddpm  # noqa: E402
+
+import fastdiff  # noqa: E402
+from fastdiff.adapters.diffusers import DiffusersModel  # noqa: E402
+
+LEROBOT = dict(num_train_timesteps=100, beta_start=0.0001, beta_end=0.02, beta_schedule="squaredcos_cap_v2",
+               variance_type="fixed_small", clip_sample=True, clip_sample_range=1.0, prediction_type="epsilon")
+HORIZON, ACTION_DIM, COND = 16, 2, 6
+
+
+class PolicyNet(torch.nn.Module):
+    """A stand-in for lerobot's DiffusionConditionalUnet1d: forward(x, timestep, global_cond)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = torch.nn.Linear(ACTION_DIM + COND + 1, 32)
+        self.out = torch.nn.Linear(32, ACTION_DIM)
+
+    def forward(self, x, timestep, global_cond=None):
+        B = x.shape[0]
+        t = timestep.float().view(B, 1, 1).expand(B, x.shape[1], 1) / 100.0
+        c = global_cond.view(B, 1, COND).expand(B, x.shape[1], COND)
+        return 3.0 * self.out(torch.tanh(self.inp(torch.cat([x, c, t], dim=-1))))  # large: the clip acts
+
+
+def lerobot_loop(net, scheduler, x, cond, steps):
+    """lerobot's conditional_sample: a [B] long timestep per call, no scale_model_input."""
+    scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = net(x, torch.full(x.shape[:1], t, dtype=torch.long), global_cond=cond)
+            x = scheduler.step(out, t, x).prev_sample
+    return x
+
+
+def _fastdiff_noise(monkeypatch, scheduler, seeds, module=scheduling_ddpm):
+    """The scheduler's step draws fastdiff's noise of that step (stream 1 + its index) for sample b's seed."""
+    calls = []
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, **kw):
+        calls.append(shape)
+        stream = len(calls)  # one draw per step with noise: the first call is step 0's
+        return fastdiff.ops.randn(seeds, stream, tuple(shape[1:])).to(dtype)
+    monkeypatch.setattr(module, "randn_tensor", randn_tensor)
+    return calls
+
+
+def _sampler(net, method, steps, scheduler, **kw):
+    model = DiffusersModel(net, scheduler.config, cond_arg="global_cond")
+    return fastdiff.Sampler(model, None, shape=(HORIZON, ACTION_DIM), batch_size=2, path=model.path,
+                            prediction=model.prediction, method=method, timesteps=model.ddim_timesteps(steps),
+                            y=torch.zeros(2, COND), **kw)
+
+
+def test_a_reused_sampler_is_lerobots_ddpm_loop(monkeypatch):
+    net = PolicyNet().eval()
+    sampler = _sampler(net, "ddpm", 100, diffusers.DDPMScheduler(**LEROBOT), clip_sample=1.0)
+    g = torch.Generator().manual_seed(2)
+    for episode in range(2):  # the same Sampler, a new observation and new seeds each call
+        cond, seeds = torch.randn(2, COND, generator=g), [10 * episode, 10 * episode + 1]
+        start = fastdiff.ops.randn(seeds, 0, (HORIZON, ACTION_DIM))  # fastdiff's initial noise: stream 0
+        theirs = diffusers.DDPMScheduler(**LEROBOT)
+        _fastdiff_noise(monkeypatch, theirs, seeds)
+        want = lerobot_loop(net, theirs, start.clone(), cond, 100)
+        with torch.no_grad():  # (fastdiff starts at beta_99 xi: alpha_bar_99 < 1e-10 on this schedule, so xi itself)
+            got = sampler(seed=seeds, y=cond)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_a_reused_sampler_is_a_ten_step_ddim_loop():
+    """DDIM, 10 steps, deterministic. diffusers' DDIM with clip_sample steps with the unclipped eps; fastdiff's ddim with
+    clip_sample recomputes eps from the clipped x0 (use_clipped_model_output=True), so the clip-free setting is
+    compared here and FastDiffDDIMScheduler is the exact drop-in for lerobot's clip_sample=True DDIM."""
+    net = PolicyNet().eval()
+    config = {k: v for k, v in LEROBOT.items() if k != "variance_type"} | {"clip_sample": False}
+    sampler = _sampler(net, "ddim", 10, diffusers.DDIMScheduler(**config))
+    cond = torch.randn(2, COND, generator=torch.Generator().manual_seed(3))
+    start = fastdiff.ops.randn([5, 6], 0, (HORIZON, ACTION_DIM))
+    want = lerobot_loop(net, diffusers.DDIMScheduler(**config), start.clone(), cond, 10)
+    with torch.no_grad():  # lerobot starts DDIM's first step (t = 90) from a standard normal, not beta_90 times one
+        got = sampler(noise=start, y=cond)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
