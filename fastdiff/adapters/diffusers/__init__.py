@@ -36,9 +36,10 @@ from fastdiff.adapters.diffusers.dpm_solver_multistep import FastDiffDPMSolverMu
 from fastdiff.adapters.diffusers.euler import FastDiffEulerScheduler
 from fastdiff.adapters.diffusers.euler_ancestral import FastDiffEulerAncestralScheduler
 from fastdiff.adapters.diffusers.flow_match_euler import FastDiffFlowMatchEulerScheduler
+from fastdiff.adapters.diffusers.generic import FastDiffScheduler
 from fastdiff.adapters.diffusers.model import DiffusersModel
 from fastdiff.adapters.diffusers.unipc_multistep import FastDiffUniPCMultistepScheduler
 
 __all__ = ["Denoiser", "DiffusersModel", "denoiser", "FastDiffDDIMScheduler", "FastDiffDDPMScheduler",
            "FastDiffDPMSolverMultistepScheduler", "FastDiffEulerAncestralScheduler", "FastDiffEulerScheduler",
-           "FastDiffFlowMatchEulerScheduler", "FastDiffUniPCMultistepScheduler"]
+           "FastDiffFlowMatchEulerScheduler", "FastDiffScheduler", "FastDiffUniPCMultistepScheduler"]

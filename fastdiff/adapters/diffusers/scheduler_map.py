@@ -1,0 +1,207 @@
+"""Which fastdiff method reproduces which diffusers scheduler (FastDiffScheduler.from_config), and the affine maps
+between a pipeline's sample / model output and fastdiff's state on the VE (or, for flow matching, CondOT) path.
+
+fastdiff's state is k-diffusion's x = z + sigma eps on VE(sigma_max = the grid's first sigma), t = 1 - sigma /
+sigma_max (fastdiff.adapters.k_diffusion), whatever the pipeline's scaling ("scaling" below):
+
+- "sigma": k-diffusion-style schedulers (Euler, Heun, LMS, KDPM2, DPMSolverSDE): the sample is that state; the
+  model sees sample / sqrt(sigma^2 + 1);
+- "vp": DDIM, DDPM, PNDM, DPMSolverMultistep, ...: the sample is alpha x with alpha = 1 / sqrt(sigma^2 + 1); the
+  model sees the sample. The methods used here are invariant under that per-time scaling (they step in x / alpha
+  and sigma), so the VE state reproduces them; the scaling is folded into each stage's coefficient rows;
+- "edm": EDM's preconditioning: the model sees c_in x, and x0 = c_skip x + c_out model_output;
+- "flow": flow matching: the sample is (1 - s) z + s eps, fastdiff's CondOT at t = 1 - s, the model predicts
+  v = eps - z.
+
+In each case the model output converts to x0 by x0 = a x + b model_output (:func:`x0_coefficients`), so stages are
+built with prediction "x0" and (a, b) folded into their rows.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import diffusers
+import torch
+
+SCALINGS = ("sigma", "vp", "edm", "flow")
+# the config keys FastDiffScheduler carries at the top level (the rest of the grid scheduler's config in grid_config)
+COMMON = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+          "timestep_spacing", "steps_offset", "shift")
+
+# class name -> (method, options, scaling, order: diffusers' scheduler.order, which pipelines slice timesteps by)
+SUPPORTED = {
+    "EulerDiscreteScheduler": ("euler", {}, "sigma", 1),
+    "EulerAncestralDiscreteScheduler": ("euler_ancestral", {"eta": 1.0, "s_noise": 1.0}, "sigma", 1),
+    "HeunDiscreteScheduler": ("heun", {}, "sigma", 2),
+    "LMSDiscreteScheduler": ("lms", {"order": 4}, "sigma", 1),
+    "KDPM2DiscreteScheduler": ("dpm_2", {}, "sigma", 2),
+    "KDPM2AncestralDiscreteScheduler": ("dpm_2_ancestral", {"eta": 1.0, "s_noise": 1.0}, "sigma", 2),
+    "DPMSolverSDEScheduler": ("dpmpp_sde", {"eta": 1.0, "s_noise": 1.0, "r": 0.5}, "sigma", 2),
+    "EDMEulerScheduler": ("euler", {}, "edm", 1),
+    "EDMDPMSolverMultistepScheduler": ("dpmpp_2m", {}, "edm", 1),
+    "FlowMatchEulerDiscreteScheduler": ("euler", {}, "flow", 1),
+    "FlowMatchHeunDiscreteScheduler": ("heun", {}, "flow", 2),
+    "DDIMScheduler": ("ddim", {"eta": 0.0}, "vp", 1),
+    "DDPMScheduler": ("ddpm", {"variance_type": "fixed_small"}, "vp", 1),
+    "PNDMScheduler": ("pndm", {}, "vp", 1),
+    "DPMSolverMultistepScheduler": ("dpmpp_2m", {}, "vp", 1),
+    "DEISMultistepScheduler": ("ddim", {"eta": 0.0}, "vp", 1),  # solver_order=1 only (below)
+    "DPMSolverSinglestepScheduler": ("ddim", {"eta": 0.0}, "vp", 1),  # solver_order=1 only (below)
+}
+REFUSED = {
+    "LCMScheduler": "its consistency-model steps (denoise with the boundary condition c_skip/c_out, then re-noise) "
+                    "have no fastdiff method; keep LCMScheduler",
+    "TCDScheduler": "its strategic stochastic sampling (gamma) has no fastdiff method; keep TCDScheduler",
+    "SASolverScheduler": "SA-Solver's stochastic Adams predictor-corrector has no fastdiff method; keep "
+                         "SASolverScheduler, or use DPMSolverSDEScheduler (dpmpp_sde) for a stochastic sampler",
+    "UniPCMultistepScheduler": "use FastDiffUniPCMultistepScheduler (fastdiff.adapters.diffusers), which fuses "
+                               "diffusers' own UniPC step",
+}
+# (config key, the value the mapping needs, why another value is refused) per class (None: every class)
+REQUIRED = {
+    None: [("clip_sample", False, "the fused step does not clamp x0 (FastDiffDDIMScheduler / FastDiffDDPMScheduler "
+                                  "do)"),
+           ("thresholding", False, "the fused step does not threshold x0 (FastDiffDDIMScheduler / "
+                                   "FastDiffDDPMScheduler do)"),
+           ("final_sigmas_type", "zero", "a last step to sigma_min ends on a zero-length or lower-order step that "
+                                         "the method's table does not reproduce")],
+    "FlowMatchEulerDiscreteScheduler": [("stochastic_sampling", False, "use FastDiffFlowMatchEulerScheduler"),
+                                        ("invert_sigmas", False, "fastdiff's grid runs from noise to data")],
+    "DDPMScheduler": [("variance_type", "fixed_small", "only fixed_small is invariant under the VE rescaling; "
+                                                       "use FastDiffDDPMScheduler")],
+    "PNDMScheduler": [("skip_prk_steps", True, "the Runge-Kutta warm-up (PRK) has no fastdiff method; SD 1.5's "
+                                               "config sets skip_prk_steps=True (PLMS)"),
+                      ("prediction_type", "epsilon", "PNDM combines the raw model outputs and converts the "
+                                                     "combination to eps with the current sample, which differs from "
+                                                     "combining eps predictions except for epsilon models")],
+    "DPMSolverMultistepScheduler": [("algorithm_type", "dpmsolver++", "fastdiff's dpmpp_2m is DPM-Solver++; use "
+                                                                      "FastDiffDPMSolverMultistepScheduler"),
+                                    ("solver_type", "midpoint", "dpmpp_2m is the midpoint form"),
+                                    ("euler_at_final", False, "dpmpp_2m is first order on the last step only"),
+                                    ("use_lu_lambdas", False, "the grid would not be diffusers' sigmas"),
+                                    ("variance_type", None, "a learned variance needs the model's variance output")],
+    "EDMDPMSolverMultistepScheduler": [("algorithm_type", "dpmsolver++", "fastdiff's dpmpp_2m is DPM-Solver++"),
+                                       ("solver_type", "midpoint", "dpmpp_2m is the midpoint form"),
+                                       ("euler_at_final", False, "dpmpp_2m is first order on the last step only"),
+                                       ("solver_order", 2, "dpmpp_2m is second order")],
+}
+SOLVER_ORDER_ONE = {
+    "DEISMultistepScheduler": "diffusers' DEIS integrates a Lagrange interpolant in log(sigma) ('logrho'), while "
+                              "fastdiff's deis interpolates in VP time (mode='tab') or sigma (mode='rhoab'); "
+                              "use DPMSolverMultistepScheduler (dpmpp_2m) or FastDiffScheduler(method='deis')",
+    "DPMSolverSinglestepScheduler": "its singlestep updates take the intermediate point on the grid, which no "
+                                    "fastdiff method does; use DPMSolverMultistepScheduler (dpmpp_2m) or "
+                                    "FastDiffScheduler(method='dpmpp_2s_ancestral', method_options={'eta': 0.0})",
+}
+PREDICTIONS = {"sigma": ("epsilon", "v_prediction", "sample"), "vp": ("epsilon", "v_prediction", "sample"),
+               "edm": ("epsilon", "v_prediction"), "flow": (None, "flow_prediction")}
+
+
+def identify(config: dict) -> str:
+    """The diffusers scheduler class a config belongs to: its ``_class_name`` (a config loaded from a file, e.g. a
+    pretrained pipeline's, carries it), else the one known class whose __init__ takes exactly its keys (a
+    scheduler made in Python has no _class_name). ValueError where that is ambiguous or unknown."""
+    name = config.get("_class_name")
+    if name:
+        return name
+    keys = {k for k in config if not k.startswith("_")}
+    names = [n for n in (*SUPPORTED, *REFUSED) if hasattr(diffusers, n)]
+    found = [n for n in names if set(inspect.signature(getattr(diffusers, n).__init__).parameters) - {"self"} == keys]
+    if len(found) == 1:
+        return found[0]
+    which = f"{', '.join(found)} share its keys" if found else "its keys match no scheduler FastDiffScheduler knows"
+    raise ValueError(f"the config does not name its scheduler (no _class_name) and {which}: pass the scheduler "
+                     "itself, FastDiffScheduler.from_config(pipe.scheduler), or a config with _class_name")
+
+
+def fastdiff_config(name: str, config: dict) -> dict:
+    """FastDiffScheduler's config for diffusers scheduler ``name``'s config; ValueError naming the scheduler or the
+    option where no fastdiff method reproduces it."""
+    if name in REFUSED:
+        raise ValueError(f"FastDiffScheduler cannot replace {name}: {REFUSED[name]}")
+    if name not in SUPPORTED:
+        raise ValueError(f"FastDiffScheduler has no mapping for {name}; it replaces {', '.join(SUPPORTED)}")
+    method, options, scaling, _ = SUPPORTED[name]
+    for key, want, why in REQUIRED[None] + REQUIRED.get(name, []):
+        if key in config and config[key] != want:
+            raise ValueError(f"{name} with {key}={config[key]!r} is not supported by FastDiffScheduler (it needs "
+                             f"{key}={want!r}): {why}")
+    if name in SOLVER_ORDER_ONE and config.get("solver_order", 2) != 1:
+        raise ValueError(f"{name} with solver_order={config.get('solver_order', 2)!r} is not supported by "
+                         f"FastDiffScheduler (solver_order=1 is DDIM's step and maps to method 'ddim'): "
+                         f"{SOLVER_ORDER_ONE[name]}")
+    if name == "DPMSolverMultistepScheduler" and config.get("solver_order", 2) not in (1, 2):
+        raise ValueError(f"{name} with solver_order={config['solver_order']!r} is not supported by FastDiffScheduler "
+                         "(dpmpp_2m is second order; solver_order=1 maps to 'ddim'); use "
+                         "FastDiffDPMSolverMultistepScheduler")
+    if name == "DPMSolverMultistepScheduler" and config.get("solver_order", 2) == 1:
+        method, options = "ddim", {"eta": 0.0}
+    ptype = config.get("prediction_type")
+    if ptype not in PREDICTIONS[scaling]:
+        raise ValueError(f"{name} with prediction_type={ptype!r} is not supported by FastDiffScheduler (it takes "
+                         f"{', '.join(p for p in PREDICTIONS[scaling] if p)})")
+    grid_config = {k: v for k, v in config.items() if not k.startswith("_")}
+    return {"method": method, "method_options": dict(options), "grid_scheduler": name, "grid_config": grid_config,
+            "scaling": scaling, **{k: config[k] for k in COMMON if k in config}}
+
+
+def x0_coefficients(scaling: str, ptype, sigma: float, sigma_data: float = 0.5) -> tuple[float, float]:
+    """(a, b) with x0 = a x + b model_output at noise level sigma, x fastdiff's state."""
+    if scaling == "flow":
+        return 1.0, -sigma  # v = eps - z, x = (1 - s) z + s eps
+    if scaling == "edm":  # EDM's c_skip, c_out
+        c_out = sigma * sigma_data / math.sqrt(sigma * sigma + sigma_data * sigma_data)
+        return sigma_data ** 2 / (sigma * sigma + sigma_data ** 2), c_out if ptype == "epsilon" else -c_out
+    if ptype == "epsilon":
+        return 1.0, -sigma
+    if ptype == "v_prediction":
+        return 1.0 / (sigma * sigma + 1.0), -sigma / math.sqrt(sigma * sigma + 1.0)
+    return 0.0, 1.0  # sample
+
+
+def sample_scale(scaling: str, sigma: float) -> float:
+    """q with the pipeline's sample = q x (x fastdiff's state)."""
+    return 1.0 / math.sqrt(sigma * sigma + 1.0) if scaling == "vp" else 1.0
+
+
+def model_input_scale(scaling: str, sigma: float, sigma_data: float = 0.5) -> float:
+    """scale_model_input's factor on the pipeline's sample at noise level sigma."""
+    if scaling == "sigma":
+        return 1.0 / math.sqrt(sigma * sigma + 1.0)
+    if scaling == "edm":
+        return 1.0 / math.sqrt(sigma * sigma + sigma_data * sigma_data)
+    return 1.0
+
+
+def noise_levels(name: str, orig) -> list[float]:
+    """The grid's noise levels (decreasing; float64) after ``orig.set_timesteps``: k-diffusion's sigma (the flow
+    sigma s for flow matching); ValueError where diffusers' steps do not form one grid."""
+    if name in ("DDIMScheduler", "PNDMScheduler", "DDPMScheduler"):
+        levels = _vp_levels(name, orig)
+    else:
+        levels = torch.unique_consecutive(orig.sigmas.detach().cpu()).double().tolist()  # two-stage: repeated
+    # (DDIM / PNDM with set_alpha_to_one=False and steps_offset=0 end on a zero-length step, which they take)
+    if not all(math.isfinite(s) and s >= 0 for s in levels) or any(b >= a for a, b in zip(levels, levels[1:-1])) \
+            or levels[-1] > levels[-2]:
+        raise ValueError(f"{name}'s noise levels {levels} are not finite and decreasing (rescale_betas_zero_snr?): "
+                         "FastDiffScheduler steps on a finite VE grid")
+    return levels
+
+
+def _vp_levels(name: str, orig) -> list[float]:
+    ac = orig.alphas_cumprod.double()
+    ts = torch.unique_consecutive(orig.timesteps.detach().cpu()).tolist()  # PNDM repeats its second timestep
+    if name == "DDPMScheduler":  # its previous_timestep: the next entry, -1 after the last
+        nxt = [*ts[1:], -1]
+    else:  # DDIM and PNDM step from t to t - num_train_timesteps // steps, whatever the spacing
+        ratio = orig.config.num_train_timesteps // orig.num_inference_steps
+        nxt = [t - ratio for t in ts]
+        if nxt[:-1] != ts[1:]:
+            raise ValueError(f"{name} with timestep_spacing={orig.config.timestep_spacing!r} steps from each "
+                             f"timestep t to t - {ratio}, which is not the next timestep here ({ts}); "
+                             "FastDiffScheduler needs a consistent grid: use timestep_spacing='leading'")
+    final = float(orig.final_alpha_cumprod) if hasattr(orig, "final_alpha_cumprod") else 1.0
+    alphas = [float(ac[int(t)]) for t in ts] + [float(ac[nxt[-1]]) if nxt[-1] >= 0 else final]
+    return [math.sqrt(max(0.0, 1.0 - a) / a) for a in alphas]
