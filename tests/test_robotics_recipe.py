@@ -78,9 +78,9 @@ def test_a_reused_sampler_is_lerobots_ddpm_loop(monkeypatch):
 
 
 def test_a_reused_sampler_is_a_ten_step_ddim_loop():
-    """DDIM, 10 steps, deterministic. diffusers' DDIM with clip_sample steps with the unclipped eps; fastdiff's ddim with
-    clip_sample recomputes eps from the clipped x0 (use_clipped_model_output=True), so the clip-free setting is
-    compared here and FastDiffDDIMScheduler is the exact drop-in for lerobot's clip_sample=True DDIM."""
+    """DDIM, 10 steps, deterministic. diffusers' DDIM with clip_sample steps with the unclipped eps; fastdiff's
+    ddim with clip_sample recomputes eps from the clipped x0 (use_clipped_model_output=True), so the clip-free
+    setting is compared here and FastDiffDDIMScheduler is the exact drop-in for lerobot's clip_sample=True DDIM."""
     net = PolicyNet().eval()
     config = {k: v for k, v in LEROBOT.items() if k != "variance_type"} | {"clip_sample": False}
     sampler = _sampler(net, "ddim", 10, diffusers.DDIMScheduler(**config))
