@@ -107,7 +107,38 @@ def test_a_reused_scheduler_gives_each_sample_its_own_seed():
     assert torch.equal(again, got)
 
 
-@pytest.mark.parametrize("variance_type", ["learned", "learned_range", "fixed_large_log"])
+def _variance_model(x, t):
+    """A stand-in improved-DDPM model: eps and, in as many more channels, the variance output (in [-1, 1] for
+    learned_range's interpolation; positive for learned, the variance itself)."""
+    eps = torch.tanh(0.7 * x + 0.001 * t.float()) * 0.9
+    return torch.cat([eps, torch.sin(3.0 * x)], dim=1)
+
+
+@pytest.mark.parametrize("clip_sample", [False, True])
+@pytest.mark.parametrize("variance_type", ["learned_range", "learned"])
+def test_learned_variances_match_diffusers_on_the_same_noise(monkeypatch, variance_type, clip_sample):
+    model = _variance_model if variance_type == "learned_range" else \
+        (lambda x, t: torch.cat([_variance_model(x, t)[:, :2], 0.01 + 0.05 * x.abs()], dim=1))
+    config = dict(num_train_timesteps=1000, variance_type=variance_type, clip_sample=clip_sample)
+    seeds = [3, 4]
+    x = torch.randn(2, 2, 6, 5, generator=torch.Generator().manual_seed(8))
+    ours = FastDiffDDPMScheduler(**config)
+    ours.set_seeds(seeds)
+    got, got_x0 = _loop(model, ours, x, 25)
+    theirs = DDPMScheduler(**config)
+    want, want_x0 = _loop(model, theirs, x, 25, hook=_fastdiff_noise(monkeypatch, theirs, seeds))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    for a, b in zip(got_x0, want_x0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+    fixed = FastDiffDDPMScheduler(**{**config, "variance_type": "fixed_small"})
+    fixed.set_seeds(seeds)
+    assert (_loop(lambda v, t: model(v, t)[:, :2], fixed, x, 25)[0] - got).abs().max() > 1e-3  # the variance acts
+    with pytest.raises(ValueError, match=rf"variance_type={variance_type!r} needs the model's variance channels"):
+        ours.set_timesteps(25)
+        ours.step(x, ours.timesteps[0], x)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_large_log", "learned_log"])
 def test_unsupported_variance_types_are_refused_naming_them(variance_type):
     sched = FastDiffDDPMScheduler(num_train_timesteps=10, variance_type=variance_type)
     sched.set_timesteps(10)
@@ -172,6 +203,43 @@ def test_sample_method_ddpm_with_clip_sample_matches_diffusers(monkeypatch, unet
                                     method="ddpm", timesteps=model.ddim_timesteps(20))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert (got - unclipped).abs().max() > 0.1  # the clamp acts
+
+
+@pytest.mark.parametrize("use_clipped_model_output", [False, True])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_sample_method_ddim_with_clip_sample_matches_diffusers(unet, prediction_type, use_clipped_model_output):
+    """DDIMScheduler(clip_sample=True): the clamped x0 with the unclipped eps by default, eps recomputed from the
+    clamped x0 with use_clipped_model_output=True; fastdiff.sample(method="ddim", clip_sample=c) and
+    StaticClipping(c, use_clipped_model_output=True) take the same steps. The clamp at low SNR makes the loop
+    ill-conditioned (an input moved by 1e-7 of itself moves diffusers' own result by up to 2e-4 here), so the
+    agreement is asked within 1e-5 of max |x| or 10x that sensitivity, and the two settings must differ by far
+    more."""
+    from fastdiff.adapters.diffusers import DiffusersModel
+    from fastdiff.sampling.features.thresholding import StaticClipping
+
+    config = dict(num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=True, clip_sample_range=0.5)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7)) * 2
+
+    def diffusers_loop(start, clipped):
+        theirs = diffusers.DDIMScheduler(**config)
+        theirs.set_timesteps(15)
+        with torch.no_grad():
+            for t in theirs.timesteps:
+                start = theirs.step(unet(start, t).sample * 3, t, start, use_clipped_model_output=clipped).prev_sample
+        return start
+
+    want = diffusers_loop(x, use_clipped_model_output)
+    sensitivity = float((diffusers_loop(x * (1 + 1e-7), use_clipped_model_output) - want).abs().max())
+    model = DiffusersModel(lambda sample, timestep, return_dict=False: (unet(sample, timestep).sample * 3,),
+                           diffusers.DDIMScheduler(**config).config)
+    clip = StaticClipping(0.5, use_clipped_model_output=True) if use_clipped_model_output else 0.5
+    with torch.no_grad():
+        got = fastdiff.sample(model, None, noise=x, path=model.path, prediction=model.prediction, method="ddim",
+                              clip_sample=clip, timesteps=model.ddim_timesteps(15))
+    err = float((got - want).abs().max())
+    assert err <= max(1e-5 * float(want.abs().max()), 10 * sensitivity), (err, sensitivity)
+    other = diffusers_loop(x, not use_clipped_model_output)
+    assert float((other - want).abs().max()) > 100 * max(err, 1e-6)
 
 
 def test_clip_sample_arguments_are_checked():

@@ -77,16 +77,27 @@ def test_a_reused_sampler_is_lerobots_ddpm_loop(monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
-def test_a_reused_sampler_is_a_ten_step_ddim_loop():
-    """DDIM, 10 steps, deterministic. diffusers' DDIM with clip_sample steps with the unclipped eps; fastdiff's
-    ddim with clip_sample recomputes eps from the clipped x0 (use_clipped_model_output=True), so the clip-free
-    setting is compared here and FastDiffDDIMScheduler is the exact drop-in for lerobot's clip_sample=True DDIM."""
+@pytest.mark.parametrize("use_clipped_model_output", [False, True])
+def test_a_reused_sampler_is_a_ten_step_ddim_loop(use_clipped_model_output):
+    """lerobot's DDIM setting, 10 steps: diffusers' DDIM with clip_sample steps with the clamped x0 and the unclipped
+    eps (use_clipped_model_output=False, its default and lerobot's), as fastdiff's ddim with clip_sample does;
+    StaticClipping(use_clipped_model_output=True) is the other setting."""
+    from fastdiff.sampling.features.thresholding import StaticClipping
+
     net = PolicyNet().eval()
-    config = {k: v for k, v in LEROBOT.items() if k != "variance_type"} | {"clip_sample": False}
-    sampler = _sampler(net, "ddim", 10, diffusers.DDIMScheduler(**config))
+    config = {k: v for k, v in LEROBOT.items() if k != "variance_type"}
+    clip = StaticClipping(1.0, use_clipped_model_output=True) if use_clipped_model_output else 1.0
+    sampler = _sampler(net, "ddim", 10, diffusers.DDIMScheduler(**config), clip_sample=clip)
     cond = torch.randn(2, COND, generator=torch.Generator().manual_seed(3))
     start = fastdiff.ops.randn([5, 6], 0, (HORIZON, ACTION_DIM))
-    want = lerobot_loop(net, diffusers.DDIMScheduler(**config), start.clone(), cond, 10)
-    with torch.no_grad():  # lerobot starts DDIM's first step (t = 90) from a standard normal, not beta_90 times one
-        got = sampler(noise=start, y=cond)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    theirs = diffusers.DDIMScheduler(**config)
+    theirs.set_timesteps(10)
+    x = start.clone()
+    with torch.no_grad():
+        for t in theirs.timesteps:
+            out = net(x, torch.full(x.shape[:1], t, dtype=torch.long), global_cond=cond)
+            x = theirs.step(out, t, x, use_clipped_model_output=use_clipped_model_output).prev_sample
+        got = sampler(noise=start, y=cond)  # lerobot starts DDIM's first step (t = 90) from a standard normal
+    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
+    unclipped = lerobot_loop(net, diffusers.DDIMScheduler(**{**config, "clip_sample": False}), start.clone(), cond, 10)
+    assert float((unclipped - x).abs().max()) > 1e-2  # the clip acts

@@ -8,8 +8,9 @@ from fastdiff.sampling.invert import invert
 from fastdiff.sampling.langevin import langevin
 from fastdiff.sampling.likelihood import Likelihood, bits_per_dim, log_likelihood
 from fastdiff.sampling.methods import Method, get_method, methods, register_method  # noqa: F811
+from fastdiff.sampling.features.thresholding import DynamicThresholding, StaticClipping
 
-__all__ = ["METHODS", "Likelihood", "Method", "Sampler", "bits_per_dim", "get_method", "invert", "langevin",
+__all__ = ["METHODS", "DynamicThresholding", "Likelihood", "Method", "Sampler", "StaticClipping", "bits_per_dim", "get_method", "invert", "langevin",
            "log_likelihood", "methods", "register_method", "sample"]
 
 

@@ -62,9 +62,9 @@ ARGUMENTS = """Sample ``[B, *shape]`` from ``model(x, t, y)`` by integrating fro
         dynamic_thresholding: Imagen's dynamic thresholding of each evaluation's x0 estimate (diffusers'
             thresholding=True): True (ratio 0.995, max_value 1), a ratio, or a DynamicThresholding.
         clip_sample: c > 0 clamps each evaluation's x0 estimate to [-c, c] (diffusers' clip_sample with
-            clip_sample_range c; True: 1); method="ddpm" then takes diffusers' DDPMScheduler step exactly, DDIM
-            the clipped model output (use_clipped_model_output=True). With dynamic_thresholding: thresholded,
-            then clamped.
+            clip_sample_range c; True: 1): the step takes the clamped x0 and the unclipped eps, as diffusers' DDIM
+            and DDPM steps do (fastdiff.sampling.StaticClipping(c, use_clipped_model_output=True): eps recomputed
+            from the clamped x0). With dynamic_thresholding: thresholded, then clamped.
         cfg_batch: run conditional and unconditional inputs as one batch of 2B (default) or two calls.
         backend: "auto", "cuda", "triton", "cpu" or "reference" for the fused step; None (default): the one in
             force (fastdiff.use_backend, else FASTDIFF_BACKEND, else "auto").

@@ -44,12 +44,15 @@ class DynamicThresholding:
 @dataclass(frozen=True)
 class StaticClipping:
     """diffusers' ``clip_sample`` (DDPM, DDIM): each evaluation's x0 estimate clamped elementwise to
-    [-max_value, max_value]; the step then runs on the prediction that gives that x0 (for DDIM: diffusers'
-    ``use_clipped_model_output=True``; for DDPM, whose update reads only x0 and x, diffusers' step exactly).
-    A few elementwise passes per evaluation (no quantile: DynamicThresholding's selection cost ~110 us a step
-    at batch 1)."""
+    [-max_value, max_value]. As diffusers' DDIM step by default (``use_clipped_model_output=False``), the step
+    takes the clamped x0 and the unclipped eps: a step A x0 + K eps (Stage.cfg_pp = the share through x0) reads
+    the prediction rho p_clipped + (1 - rho) p, p_clipped the prediction whose x0 is the clamped one;
+    ``use_clipped_model_output=True`` reads p_clipped alone (eps recomputed from the clamped x0). DDPM's update
+    reads only x0 and x (rho = 1): diffusers' step either way. A few elementwise passes per evaluation (no
+    quantile: DynamicThresholding's selection cost ~110 us a step at batch 1)."""
 
     max_value: float = 1.0
+    use_clipped_model_output: bool = False
 
     def __post_init__(self):
         if not is_number(self.max_value):
@@ -71,6 +74,10 @@ class StaticClipping:
         c = float(self.max_value)
         return x0.clamp(-c, c)
 
+    @property
+    def unclipped_eps(self) -> bool:
+        return not self.use_clipped_model_output
+
 
 @dataclass(frozen=True)
 class ThresholdedThenClipped:
@@ -87,12 +94,18 @@ class ThresholdedThenClipped:
     def apply(self, x0: torch.Tensor) -> torch.Tensor:
         return self.clipping.apply(self.thresholding.apply(x0))
 
+    @property
+    def unclipped_eps(self) -> bool:
+        return self.clipping.unclipped_eps
+
 
 def get_thresholding(value, clip_sample=None):
     """sample()'s ``dynamic_thresholding`` (None / False: off, True: the defaults, a ratio, or the record) and
     ``clip_sample`` (None, or the bound c of a static clamp of x0 to [-c, c]); both: thresholded, then clamped."""
     clipping = None
-    if clip_sample is not None and clip_sample is not False:
+    if isinstance(clip_sample, StaticClipping):
+        clipping = clip_sample
+    elif clip_sample is not None and clip_sample is not False:
         clipping = StaticClipping(1.0 if clip_sample is True else clip_sample)
     thresholding = _dynamic(value)
     if thresholding is None or clipping is None:
@@ -134,6 +147,7 @@ class Thresholds:
 
     def __init__(self, thresholding, conversions: list, stages, rule):
         self.thresholding, self.conversions, self.stages, self.rule = thresholding, conversions, stages, rule
+        self.unclipped_eps = getattr(thresholding, "unclipped_eps", False)  # static clipping's diffusers semantics
         self.per_sample = any(isinstance(c, tuple) and isinstance(c[0], torch.Tensor) for c in conversions)
         self.key = (thresholding, tuple(None if c is None else "per-sample" if self.per_sample else c
                                         for c in conversions))
@@ -169,18 +183,33 @@ class Thresholds:
             g = weights.blend(k, preds)
             if classifier is not None:  # the guided prediction includes the classifier's term: threshold it whole
                 g = classifier.add_to(g, k)
+            unclipped_eps = self.unclipped_eps and st.cfg_pp is not None and st.cfg_pp != 1.0 and not (
+                self.rule.name == "cfg_pp" and len(preds) > 1 and weights.guided_at[k])
             if len(conv) == 3:  # per sample: (a, b, valid) [B]
                 shape = (x.shape[0],) + (1,) * (x.dim() - 1)
                 a, b, valid = (c.view(shape) for c in conv)
-                out = torch.where(valid > 0, self.thresholding.prediction((a, torch.where(valid > 0, b, 1.0)), x, g), g)
+                conv = (a, torch.where(valid > 0, b, 1.0))
+                change = self._change(conv, x, g, unclipped_eps, weights.share(k, st, g) if unclipped_eps else None)
+                out = torch.where(valid > 0, change, g)
             else:
-                out = self.thresholding.prediction(conv, x, g)
+                out = self._change(conv, x, g, unclipped_eps, weights.share(k, st, g) if unclipped_eps else None)
             if self.rule.name == "cfg_pp" and st.cfg_pp is not None and len(preds) > 1 and weights.guided_at[k]:
                 rho = weights.share(k, st, out)
                 out = (1.0 - rho) * preds[0].float() + rho * out  # CFG++: the re-noising stays p_null's
             return [out]
 
         return threshold
+
+    def _change(self, conv, x, g, unclipped_eps: bool, rho):
+        """The prediction the step reads: the one whose x0 is the thresholded / clamped estimate, or (static
+        clipping's diffusers semantics) g + rho (x0_clamped - x0) / b: the clamped x0 through the step's clean share
+        rho, the unclipped eps elsewhere. (Not rho p_clamped + (1 - rho) g: rho = alpha' b / c_pred reaches ~1e3 at a
+        DDIM step from low SNR, and the cancellation cost 1e-3 of max |x|.)"""
+        if not unclipped_eps:
+            return self.thresholding.prediction(conv, x, g)
+        a, b = conv
+        x0 = a * x + b * g
+        return g + (rho / b) * (self.thresholding.apply(x0) - x0)
 
 
 def _conversion(path, t: float, prediction: str):
