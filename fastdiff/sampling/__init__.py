@@ -10,8 +10,8 @@ from fastdiff.sampling.likelihood import Likelihood, bits_per_dim, log_likelihoo
 from fastdiff.sampling.methods import Method, get_method, methods, register_method  # noqa: F811
 from fastdiff.sampling.features.thresholding import DynamicThresholding, StaticClipping
 
-__all__ = ["METHODS", "DynamicThresholding", "Likelihood", "Method", "Sampler", "StaticClipping", "bits_per_dim", "get_method", "invert", "langevin",
-           "log_likelihood", "methods", "register_method", "sample"]
+__all__ = ["METHODS", "DynamicThresholding", "Likelihood", "Method", "Sampler", "StaticClipping", "bits_per_dim",
+           "get_method", "invert", "langevin", "log_likelihood", "methods", "register_method", "sample"]
 
 
 def __getattr__(name):
