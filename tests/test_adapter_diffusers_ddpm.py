@@ -94,6 +94,49 @@ def test_ddpm_pipeline_same_images(monkeypatch, unet):
     torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("variance_type,clip_sample", [("fixed_large", True), ("fixed_small_log", False),
+                                                      ("learned_range", True), ("learned", False)])
+def test_ddpm_pipeline_each_variance_type(monkeypatch, variance_type, clip_sample):
+    """DDPMPipeline with each variance type diffusers' DDPMScheduler has (fixed_large_log aside: diffusers' own
+    gives NaN), clip_sample on and off; the learned ones with a UNet of 2 x 3 output channels (eps, variance)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    learned = variance_type.startswith("learned")
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=6 if learned else 3, layers_per_block=1,
+                       block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
+    if variance_type == "learned":  # the raw channels are the variance: keep them positive
+        head = unet.conv_out
+        unet.conv_out = torch.nn.Sequential(head, _PositiveVariance())
+    sched = DDPMScheduler(num_train_timesteps=1000, variance_type=variance_type, clip_sample=clip_sample)
+    pipe = DDPMPipeline(unet=unet, scheduler=sched).to("cpu")
+    pipe.set_progress_bar_config(disable=True)
+    hook = _fastdiff_noise(monkeypatch, pipe.scheduler, [0, 1])
+    original_step = DDPMScheduler.step
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        hook.timestep = timestep
+        return original_step(self, model_output, timestep, sample, generator=generator, return_dict=return_dict)
+
+    monkeypatch.setattr(DDPMScheduler, "step", step)
+    with torch.no_grad():
+        want = pipe(batch_size=2, num_inference_steps=12, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+    monkeypatch.undo()
+    pipe.scheduler = FastDiffDDPMScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        got = pipe(batch_size=2, num_inference_steps=12, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images
+    assert not torch.from_numpy(want).isnan().any()
+    torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), rtol=1e-4, atol=1e-4)
+
+
+class _PositiveVariance(torch.nn.Module):
+    def forward(self, h):
+        return torch.cat([h[:, :3], 0.01 + 0.05 * h[:, 3:].abs()], dim=1)
+
+
 def test_a_reused_scheduler_gives_each_sample_its_own_seed():
     config = dict(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", clip_sample=True)
     x = torch.randn(3, 16, 2, generator=torch.Generator().manual_seed(2))
