@@ -223,3 +223,31 @@ def test_errors_name_the_argument():
         den.grid()
     with pytest.raises(ValueError, match="rescale_betas_zero_snr=True"):
         denoiser(unet, _scheduler("ddim", rescale_betas_zero_snr=True)[0])
+
+
+@pytest.mark.parametrize("name", ["UniPCMultistepScheduler", "DPMSolverMultistepScheduler", "HeunDiscreteScheduler"])
+def test_img2img_pipeline_with_the_fused_schedulers(name):
+    """StableDiffusionImg2ImgPipeline (strength 0.6: set_begin_index and add_noise mid-schedule) with the fused
+    drop-in of ``name`` (Heun through FastDiffScheduler) gives diffusers' own scheduler's latents."""
+    from fastdiff.adapters import diffusers as fd
+
+    ours_of = {"UniPCMultistepScheduler": fd.FastDiffUniPCMultistepScheduler,
+               "DPMSolverMultistepScheduler": fd.FastDiffDPMSolverMultistepScheduler,
+               "HeunDiscreteScheduler": fd.FastDiffScheduler}
+    theirs = getattr(diffusers, name).from_config(SD_CONFIG)
+    pipe = diffusers.StableDiffusionImg2ImgPipeline(vae=tiny_vae(), text_encoder=None, tokenizer=None,
+                                                    unet=tiny_cond_unet(), scheduler=theirs, safety_checker=None,
+                                                    feature_extractor=None, requires_safety_checker=False)
+    g, prompt, neg, _ = _inputs(seed=7)
+    image = torch.rand(2, 3, 16, 16, generator=g)
+
+    def run():
+        with torch.no_grad():
+            return pipe(prompt_embeds=prompt, negative_prompt_embeds=neg, image=image, strength=0.6,
+                        guidance_scale=5.0, num_inference_steps=STEPS, output_type="latent",
+                        generator=torch.Generator().manual_seed(0)).images
+
+    want = run()
+    pipe.scheduler = ours_of[name].from_config(pipe.scheduler.config)
+    got = run()
+    _close(got, want)

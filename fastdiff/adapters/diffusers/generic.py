@@ -27,7 +27,6 @@ generated alone with its seed. ``generator`` is accepted and ignored.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -42,7 +41,7 @@ from diffusers.utils import BaseOutput
 from fastdiff.adapters.diffusers import scheduler_map as smap
 from fastdiff.adapters.diffusers._fused import _FusedStep, checked_rows
 from fastdiff.paths import VE, CondOT
-from fastdiff.sampling.methods import get_method, method_names
+from fastdiff.sampling.methods import get_method
 
 
 @dataclass
@@ -51,12 +50,6 @@ class FastDiffSchedulerOutput(BaseOutput):
 
     prev_sample: torch.Tensor
     pred_original_sample: Optional[torch.Tensor] = None
-
-
-def _method(name: str):
-    if name == "pndm" and name not in method_names():  # registered by its module (not a default import)
-        importlib.import_module("fastdiff.sampling.methods.pndm")
-    return get_method(name)
 
 
 class FastDiffScheduler(_FusedStep, SchedulerMixin, ConfigMixin):
@@ -74,7 +67,7 @@ class FastDiffScheduler(_FusedStep, SchedulerMixin, ConfigMixin):
                  beta_schedule: Optional[str] = None, trained_betas=None, prediction_type: Optional[str] = None,
                  timestep_spacing: Optional[str] = None, steps_offset: Optional[int] = None,
                  shift: Optional[float] = None):
-        record = _method(method)
+        record = get_method(method)
         self._options = dict(method_options or {})
         extra = sorted(set(self._options) - set(record.options))
         if extra:

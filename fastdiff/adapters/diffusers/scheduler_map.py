@@ -47,9 +47,19 @@ SUPPORTED = {
     "DDPMScheduler": ("ddpm", {"variance_type": "fixed_small"}, "vp", 1),
     "PNDMScheduler": ("pndm", {}, "vp", 1),
     "DPMSolverMultistepScheduler": ("dpmpp_2m", {}, "vp", 1),
-    "DEISMultistepScheduler": ("ddim", {"eta": 0.0}, "vp", 1),  # solver_order=1 only (below)
-    "DPMSolverSinglestepScheduler": ("ddim", {"eta": 0.0}, "vp", 1),  # solver_order=1 only (below)
+    "DEISMultistepScheduler": ("deis", {"mode": "logrho", "order": 2, "lower_order_final": True}, "vp", 1),
+    "DPMSolverSinglestepScheduler": ("dpm_singlestep", {"order": 2, "algorithm_type": "dpmsolver++",
+                                                        "solver_type": "midpoint", "lower_order_final": False}, "vp", 1),
 }
+# the method options read from the scheduler's config (its order, algorithm, ...): class -> {config key: option}
+CONFIG_OPTIONS = {
+    "DEISMultistepScheduler": {"solver_order": "order", "lower_order_final": "lower_order_final"},
+    "DPMSolverSinglestepScheduler": {"solver_order": "order", "algorithm_type": "algorithm_type",
+                                     "solver_type": "solver_type", "lower_order_final": "lower_order_final"},
+}
+# classes whose sigmas hold one interval per model evaluation whatever their end: a final_sigmas_type="sigma_min"
+# grid ends on one more step of the same table (a zero-length one with Karras sigmas, which is taken)
+ONE_LEVEL_PER_EVALUATION = ("DEISMultistepScheduler", "DPMSolverSinglestepScheduler")
 REFUSED = {
     "LCMScheduler": "its consistency-model steps (denoise with the boundary condition c_skip/c_out, then re-noise) "
                     "have no fastdiff method; keep LCMScheduler",
@@ -82,18 +92,19 @@ REQUIRED = {
                                     ("euler_at_final", False, "dpmpp_2m is first order on the last step only"),
                                     ("use_lu_lambdas", False, "the grid would not be diffusers' sigmas"),
                                     ("variance_type", None, "a learned variance needs the model's variance output")],
+    "DPMSolverSinglestepScheduler": [("variance_type", None, "a learned variance needs the model's variance output")],
     "EDMDPMSolverMultistepScheduler": [("algorithm_type", "dpmsolver++", "fastdiff's dpmpp_2m is DPM-Solver++"),
                                        ("solver_type", "midpoint", "dpmpp_2m is the midpoint form"),
                                        ("euler_at_final", False, "dpmpp_2m is first order on the last step only"),
                                        ("solver_order", 2, "dpmpp_2m is second order")],
 }
-SOLVER_ORDER_ONE = {
-    "DEISMultistepScheduler": "diffusers' DEIS integrates a Lagrange interpolant in log(sigma) ('logrho'), while "
-                              "fastdiff's deis interpolates in VP time (mode='tab') or sigma (mode='rhoab'); "
-                              "use DPMSolverMultistepScheduler (dpmpp_2m) or FastDiffScheduler(method='deis')",
-    "DPMSolverSinglestepScheduler": "its singlestep updates take the intermediate point on the grid, which no "
-                                    "fastdiff method does; use DPMSolverMultistepScheduler (dpmpp_2m) or "
-                                    "FastDiffScheduler(method='dpmpp_2s_ancestral', method_options={'eta': 0.0})",
+# the values of the config keys in CONFIG_OPTIONS that the methods reproduce, and why others are refused
+CONFIG_VALUES = {
+    ("DEISMultistepScheduler", "solver_order"): ((1, 2, 3), "diffusers' DEIS has orders 1-3"),
+    ("DPMSolverSinglestepScheduler", "solver_order"): ((1, 2, 3), "diffusers' singlestep DPM-Solver has orders 1-3"),
+    ("DPMSolverSinglestepScheduler", "algorithm_type"): (("dpmsolver++", "dpmsolver"), "dpm_singlestep is "
+                                                         "deterministic: sde-dpmsolver++'s noise has no fastdiff method"),
+    ("DPMSolverSinglestepScheduler", "solver_type"): (("midpoint", "heun"), "dpm_singlestep has midpoint and heun"),
 }
 PREDICTIONS = {"sigma": ("epsilon", "v_prediction", "sample"), "vp": ("epsilon", "v_prediction", "sample"),
                "edm": ("epsilon", "v_prediction"), "flow": (None, "flow_prediction")}
@@ -125,13 +136,19 @@ def fastdiff_config(name: str, config: dict) -> dict:
         raise ValueError(f"FastDiffScheduler has no mapping for {name}; it replaces {', '.join(SUPPORTED)}")
     method, options, scaling, _ = SUPPORTED[name]
     for key, want, why in REQUIRED[None] + REQUIRED.get(name, []):
+        if key == "final_sigmas_type" and name in ONE_LEVEL_PER_EVALUATION:
+            continue
         if key in config and config[key] != want:
             raise ValueError(f"{name} with {key}={config[key]!r} is not supported by FastDiffScheduler (it needs "
                              f"{key}={want!r}): {why}")
-    if name in SOLVER_ORDER_ONE and config.get("solver_order", 2) != 1:
-        raise ValueError(f"{name} with solver_order={config.get('solver_order', 2)!r} is not supported by "
-                         f"FastDiffScheduler (solver_order=1 is DDIM's step and maps to method 'ddim'): "
-                         f"{SOLVER_ORDER_ONE[name]}")
+    options = dict(options)
+    for key, option in CONFIG_OPTIONS.get(name, {}).items():
+        value = config.get(key, options[option])
+        allowed, why = CONFIG_VALUES.get((name, key), (None, ""))
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"{name} with {key}={value!r} is not supported by FastDiffScheduler (it takes "
+                             f"{', '.join(map(repr, allowed))}): {why}")
+        options[option] = value
     if name == "DPMSolverMultistepScheduler" and config.get("solver_order", 2) not in (1, 2):
         raise ValueError(f"{name} with solver_order={config['solver_order']!r} is not supported by FastDiffScheduler "
                          "(dpmpp_2m is second order; solver_order=1 maps to 'ddim'); use "
@@ -180,6 +197,8 @@ def noise_levels(name: str, orig) -> list[float]:
     sigma s for flow matching); ValueError where diffusers' steps do not form one grid."""
     if name in ("DDIMScheduler", "PNDMScheduler", "DDPMScheduler"):
         levels = _vp_levels(name, orig)
+    elif name in ONE_LEVEL_PER_EVALUATION:  # every interval is a step, a zero-length last one too
+        levels = orig.sigmas.detach().cpu().double().tolist()
     else:
         levels = torch.unique_consecutive(orig.sigmas.detach().cpu()).double().tolist()  # two-stage: repeated
     # (DDIM / PNDM with set_alpha_to_one=False and steps_offset=0 end on a zero-length step, which they take)

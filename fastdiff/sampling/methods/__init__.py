@@ -3,5 +3,7 @@
 
 from fastdiff.sampling.methods.registry import (OPTIONS, Method, check_options, get_method, method_names,  # noqa: F401
                                                 methods, methods_table, register_method, unregister_method)
-from fastdiff.sampling.methods import coefficients, deis, dpmpp_sde, ipndm, lms, two_stage, unipc  # noqa: F401,I001
+from fastdiff.sampling.methods import coefficients, dpmpp_sde, ipndm, lms, pndm, two_stage, unipc  # noqa: F401,I001
+# after unipc: an option's first registrant sets its neutral value (lower_order_final: unipc's True, not deis' False)
+from fastdiff.sampling.methods import deis, dpm_singlestep  # noqa: F401,I001
 from fastdiff.sampling.methods import score_based  # noqa: F401,I001  (its methods after the solvers: registry order)
