@@ -67,11 +67,9 @@ def test_ddpm_loop_matches_diffusers_on_the_same_noise(monkeypatch, prediction_t
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_ddpm_pipeline_same_images(monkeypatch, unet):
-    """DDPMPipeline (linear betas, 1000 train steps, 20 inference steps) with the fused scheduler equals the
-    pipeline with diffusers' scheduler fed the same noise; sample b alone with seed b equals sample b of the
-    batch."""
-    sched = DDPMScheduler(num_train_timesteps=1000)
+def _pipeline_images(monkeypatch, unet, sched, steps):
+    """(fused, diffusers') images of DDPMPipeline from the same generator, diffusers' scheduler fed fastdiff's noise
+    of the per-sample seeds 0, 1."""
     pipe = DDPMPipeline(unet=unet, scheduler=sched).to("cpu")
     pipe.set_progress_bar_config(disable=True)
     hook = _fastdiff_noise(monkeypatch, pipe.scheduler, [0, 1])
@@ -81,16 +79,25 @@ def test_ddpm_pipeline_same_images(monkeypatch, unet):
         hook.timestep = timestep
         return original_step(self, model_output, timestep, sample, generator=generator, return_dict=return_dict)
 
+    def images():
+        with torch.no_grad():
+            return pipe(batch_size=2, num_inference_steps=steps, output_type="np",
+                        generator=torch.Generator().manual_seed(0)).images
+
     monkeypatch.setattr(DDPMScheduler, "step", step)
-    with torch.no_grad():
-        want = pipe(batch_size=2, num_inference_steps=20, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images
+    want = images()
     monkeypatch.undo()
     pipe.scheduler = FastDiffDDPMScheduler.from_config(pipe.scheduler.config)
     assert isinstance(pipe.scheduler, FastDiffDDPMScheduler)
-    with torch.no_grad():
-        got = pipe(batch_size=2, num_inference_steps=20, output_type="np",
-                   generator=torch.Generator().manual_seed(0)).images
+    return images(), want
+
+
+def test_ddpm_pipeline_same_images(monkeypatch, unet):
+    """DDPMPipeline (linear betas, 1000 train steps, 20 inference steps) with the fused scheduler equals the
+    pipeline with diffusers' scheduler fed the same noise; sample b alone with seed b equals sample b of the
+    batch."""
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    got, want = _pipeline_images(monkeypatch, unet, sched, 20)
     torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), rtol=1e-4, atol=1e-4)
 
 
@@ -110,24 +117,7 @@ def test_ddpm_pipeline_each_variance_type(monkeypatch, variance_type, clip_sampl
         head = unet.conv_out
         unet.conv_out = torch.nn.Sequential(head, _PositiveVariance())
     sched = DDPMScheduler(num_train_timesteps=1000, variance_type=variance_type, clip_sample=clip_sample)
-    pipe = DDPMPipeline(unet=unet, scheduler=sched).to("cpu")
-    pipe.set_progress_bar_config(disable=True)
-    hook = _fastdiff_noise(monkeypatch, pipe.scheduler, [0, 1])
-    original_step = DDPMScheduler.step
-
-    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
-        hook.timestep = timestep
-        return original_step(self, model_output, timestep, sample, generator=generator, return_dict=return_dict)
-
-    monkeypatch.setattr(DDPMScheduler, "step", step)
-    with torch.no_grad():
-        want = pipe(batch_size=2, num_inference_steps=12, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images
-    monkeypatch.undo()
-    pipe.scheduler = FastDiffDDPMScheduler.from_config(pipe.scheduler.config)
-    with torch.no_grad():
-        got = pipe(batch_size=2, num_inference_steps=12, output_type="np",
-                   generator=torch.Generator().manual_seed(0)).images
+    got, want = _pipeline_images(monkeypatch, unet, sched, 12)
     assert not torch.from_numpy(want).isnan().any()
     torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), rtol=1e-4, atol=1e-4)
 
