@@ -251,3 +251,24 @@ def test_img2img_pipeline_with_the_fused_schedulers(name):
     pipe.scheduler = ours_of[name].from_config(pipe.scheduler.config)
     got = run()
     _close(got, want)
+
+
+@pytest.mark.parametrize("name,config", [("PNDMScheduler", {"skip_prk_steps": True, "set_alpha_to_one": False}),
+                                         ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+                                         ("LMSDiscreteScheduler", {})])
+def test_stable_diffusion_with_the_generic_scheduler(name, config):
+    """SD 1.5's default PNDM (PLMS), KDPM2 with Karras sigmas and LMS swapped into StableDiffusionPipeline as
+    FastDiffScheduler.from_config(pipe.scheduler): diffusers' own scheduler's latents."""
+    from fastdiff.adapters.diffusers import FastDiffScheduler
+
+    pipe = _sd_pipe(getattr(diffusers, name).from_config({**SD_CONFIG, **config}))
+    _, prompt, neg, latents = _inputs(seed=8)
+
+    def run():
+        with torch.no_grad():
+            return pipe(prompt_embeds=prompt, negative_prompt_embeds=neg, guidance_scale=6.0,
+                        num_inference_steps=STEPS, latents=latents, output_type="latent", height=16, width=16).images
+
+    want = run()
+    pipe.scheduler = FastDiffScheduler.from_config(pipe.scheduler)
+    _close(run(), want)
