@@ -4,7 +4,6 @@ diffusers scheduler's config, against that scheduler on the same tiny random UNe
 float32 (measured 2e-7 to 7e-7 on an AMD EPYC)."""
 
 import math
-import sys
 
 import pytest
 import torch
@@ -17,22 +16,10 @@ from diffusers.schedulers import (scheduling_ddpm, scheduling_dpmsolver_sde,  # 
 import fastdiff  # noqa: E402
 from fastdiff.adapters.diffusers import FastDiffScheduler  # noqa: E402
 from fastdiff.sampling.core.stage import draw_stream  # noqa: E402
-from fastdiff.sampling.methods import method_names, unregister_method  # noqa: E402
 from test_adapter_diffusers import tiny_unet  # noqa: E402
 
 RTOL = 1e-5
 SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")  # Stable Diffusion's training betas
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _registry_as_found():
-    """Mapping PNDMScheduler registers fastdiff's method 'pndm' (its module is not imported by default yet): leave
-    the registry as the other test files expect it."""
-    had = "pndm" in method_names()
-    yield
-    if not had and "pndm" in method_names():
-        unregister_method("pndm")
-        sys.modules.pop("fastdiff.sampling.methods.pndm", None)
 
 
 @pytest.fixture(scope="module")

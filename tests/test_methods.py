@@ -18,9 +18,9 @@ from fastdiff.sampling.methods.coefficients import Stage, build_stages, needed_c
 from fastdiff.sampling.methods import Method, get_method, method_names, methods, register_method, unregister_method
 
 
-BUILTIN = ("euler", "heun", "ddim", "ddpm", "dpmpp_2m", "euler_ancestral", "deis", "dpmpp_2m_sde", "dpmpp_3m_sde",
-           "ipndm", "ipndm_v", "lms", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "unipc",
-           "annealed_langevin", "reverse_diffusion")  # registration order
+BUILTIN = ("euler", "heun", "ddim", "ddpm", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde",
+           "ipndm", "ipndm_v", "lms", "pndm", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "unipc",
+           "deis", "dpm_singlestep", "annealed_langevin", "reverse_diffusion")  # registration order
 CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 LAST_STEP_EULER = ("dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde")  # one evaluation to sigma = 0
 
@@ -37,7 +37,7 @@ def test_registry_lists_the_builtin_methods_in_order():
     evals = {"euler": 1, "heun": 2, "ddim": 1, "ddpm": 1, "dpmpp_2m": 1, "euler_ancestral": 1, "dpmpp_2m_sde": 1,
              "dpmpp_3m_sde": 1, "lms": 1, "dpm_2": 2, "dpm_2_ancestral": 2, "dpmpp_2s_ancestral": 2, "dpmpp_sde": 2,
              "ipndm": 1, "ipndm_v": 1, "unipc": 1, "deis": 1, "annealed_langevin": "n_steps_each",
-             "reverse_diffusion": 1}
+             "reverse_diffusion": 1, "pndm": 1, "dpm_singlestep": 1}
     assert {n: m.evals_per_step for n, m in records.items()} == evals
     assert coefficients.EVALS_PER_STEP == evals
     assert {n: m.options for n, m in records.items()} == {"euler": ("sigma", *CHURN), "heun": CHURN, "ddim": ("eta",),
@@ -48,7 +48,10 @@ def test_registry_lists_the_builtin_methods_in_order():
                                                          "dpmpp_2s_ancestral": ("eta", "s_noise"),
                                                          "dpmpp_sde": ("eta", "s_noise", "r"),
                                                          "ipndm": ("order",), "ipndm_v": ("order",),
-                                                         "deis": ("order", "mode"),
+                                                         "deis": ("order", "mode", "lower_order_final"),
+                                                         "pndm": (),
+                                                         "dpm_singlestep": ("order", "algorithm_type", "solver_type",
+                                                                            "lower_order_final"),
                                                          "unipc": ("order", "solver_type", "lower_order_final"),
                                                          "annealed_langevin": ("n_steps_each", "step_lr", "denoise"),
                                                          "reverse_diffusion": ()}
@@ -150,7 +153,8 @@ def test_coefficients_match_closed_forms():
     # evaluations per step: the stage count on a path without a singular end point (k-diffusion's
     # two-stage methods take one Euler evaluation on the step to sigma = 0)
     for m in methods():
-        last = 1 if m.name in LAST_STEP_EULER else -1 if m.name == "annealed_langevin" else 0  # its Tweedie step
+        # annealed Langevin's Tweedie step and PLMS's Heun first step: one evaluation more
+        last = 1 if m.name in LAST_STEP_EULER else -1 if m.name in ("annealed_langevin", "pndm") else 0
         assert len(build_stages(m.name, get_path("condot"), grid, "velocity")) == m.evals() * (len(grid) - 1) - last
 
 
