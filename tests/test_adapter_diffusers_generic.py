@@ -100,15 +100,60 @@ def test_deterministic_schedulers_match_diffusers(unet, name, config):
     for mine, theirs in zip(got_x0, want_x0):  # the x0 estimate, where the stage's side output is free for it
         if mine is not None and theirs is not None:
             _close(mine, theirs)
-    # x0 is the side output but where the stage's side buffer holds another term (LMS: eps)
-    assert any(m is not None for m in got_x0) == (name != "LMSDiscreteScheduler")
+    # x0 is the side output but where the stage's side buffer holds another term (LMS, DEIS: eps)
+    assert any(m is not None for m in got_x0) == (name not in ("LMSDiscreteScheduler", "DEISMultistepScheduler"))
+
+
+# diffusers' DEIS (logrho, orders 1-3) and singlestep DPM-Solver (orders 1-3: its steps split into 3/2/1-stage groups
+# by the step count, the inner points on its grid) over step counts of each remainder
+MULTISTAGE = [
+    ("DEISMultistepScheduler", dict(solver_order=1), 7),
+    ("DEISMultistepScheduler", {}, 9),
+    ("DEISMultistepScheduler", dict(solver_order=3), 10),
+    ("DEISMultistepScheduler", dict(solver_order=3), 16),  # past its lower_order_final's 15 steps
+    ("DEISMultistepScheduler", dict(solver_order=3, prediction_type="v_prediction", lower_order_final=False), 8),
+    ("DEISMultistepScheduler", dict(solver_order=3, use_karras_sigmas=True, **SD15), 11),  # a zero-length last step
+    ("DPMSolverSinglestepScheduler", dict(solver_order=1), 5),
+    ("DPMSolverSinglestepScheduler", {}, 8),
+    ("DPMSolverSinglestepScheduler", {}, 9),
+    ("DPMSolverSinglestepScheduler", dict(solver_type="heun", prediction_type="v_prediction"), 7),
+    ("DPMSolverSinglestepScheduler", dict(solver_order=3), 9),
+    ("DPMSolverSinglestepScheduler", dict(solver_order=3), 10),
+    ("DPMSolverSinglestepScheduler", dict(solver_order=3, solver_type="heun"), 11),
+    ("DPMSolverSinglestepScheduler", dict(solver_order=3, prediction_type="v_prediction"), 13),
+    ("DPMSolverSinglestepScheduler", dict(solver_order=3, use_karras_sigmas=True, **SD15), 12),
+    ("DPMSolverSinglestepScheduler", dict(solver_order=3, lower_order_final=False, final_sigmas_type="sigma_min",
+                                          use_karras_sigmas=True), 12),  # full-order groups to a zero-length end
+    ("DPMSolverSinglestepScheduler", dict(solver_order=2, algorithm_type="dpmsolver", solver_type="heun",
+                                          final_sigmas_type="sigma_min", lower_order_final=False), 8),
+    ("DPMSolverSinglestepScheduler", dict(solver_order=3, algorithm_type="dpmsolver", final_sigmas_type="sigma_min",
+                                          prediction_type="v_prediction"), 11),
+    ("DPMSolverSinglestepScheduler", dict(solver_order=3, algorithm_type="dpmsolver", solver_type="heun",
+                                          final_sigmas_type="sigma_min"), 9),
+]
+
+
+@pytest.mark.parametrize("name,config,steps", MULTISTAGE,
+                         ids=[f"{n}-{i}-{s}" for i, (n, _, s) in enumerate(MULTISTAGE)])
+def test_deis_and_singlestep_dpm_solver_match_diffusers(unet, name, config, steps):
+    ours = _ours(getattr(diffusers, name)(**config))  # before diffusers' set_timesteps rewrites lower_order_final
+    want, _ = _loop(unet, getattr(diffusers, name)(**config), _x(), steps)
+    got, _ = _loop(unet, ours, _x(), steps)
+    _close(got, want)
+    assert len(ours.timesteps) == steps
+    order = config.get("solver_order", 2)
+    assert ours.config.method == ("deis" if name == "DEISMultistepScheduler" else "dpm_singlestep")
+    assert ours.config.method_options["order"] == order
 
 
 @pytest.mark.parametrize("name,config,start", [("HeunDiscreteScheduler", {}, 3), ("KDPM2DiscreteScheduler", {}, 2),
-                                               ("DPMSolverMultistepScheduler", {}, 4)])
+                                               ("DPMSolverMultistepScheduler", {}, 4),
+                                               ("DEISMultistepScheduler", dict(solver_order=3), 2),
+                                               ("DPMSolverSinglestepScheduler", dict(solver_order=3), 3)])
 def test_img2img_start_matches_diffusers(unet, name, config, start):
     """set_begin_index(t_start * order) and add_noise, as StableDiffusionImg2ImgPipeline calls them; the method
-    starts at that step (DPM-Solver's warm-up restarts there, as diffusers' does)."""
+    starts at that step (DPM-Solver's and DEIS's warm-up restarts there, as diffusers' does; the singlestep
+    DPM-Solver's begin index starts one of its groups: [3, 3, 1, 1] over 8 steps)."""
     init = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7))
     ref = getattr(diffusers, name)(**config)
     want, _ = _loop(unet, ref, _x(), 8, start=start, init=init)
@@ -250,8 +295,11 @@ def test_own_config_round_trips_and_a_method_can_be_chosen(unet):
     ("DDPMScheduler", dict(clip_sample=False, variance_type="fixed_large"), "variance_type='fixed_large'"),
     ("PNDMScheduler", {}, "skip_prk_steps=False"),
     ("PNDMScheduler", dict(skip_prk_steps=True, prediction_type="v_prediction"), "prediction_type='v_prediction'"),
-    ("DEISMultistepScheduler", {}, "solver_order=2 .*logrho"),
-    ("DPMSolverSinglestepScheduler", {}, "solver_order=2 .*intermediate point"),
+    ("DEISMultistepScheduler", dict(solver_order=4), r"solver_order=4 .*\(it takes 1, 2, 3\)"),
+    ("DPMSolverSinglestepScheduler", dict(algorithm_type="sde-dpmsolver++"),
+     "algorithm_type='sde-dpmsolver\\+\\+' .*sde-dpmsolver\\+\\+'s noise"),
+    ("DPMSolverSinglestepScheduler", dict(variance_type="learned"), "variance_type='learned'"),
+    ("DPMSolverSinglestepScheduler", dict(thresholding=True), "thresholding=True"),
     ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), "algorithm_type='sde-dpmsolver\\+\\+'"),
     ("EulerDiscreteScheduler", dict(final_sigmas_type="sigma_min"), "final_sigmas_type='sigma_min'"),
     ("EDMDPMSolverMultistepScheduler", dict(solver_order=3), "solver_order=3"),

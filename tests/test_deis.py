@@ -1,6 +1,8 @@
 """method "deis" (fastdiff/sampling/methods/deis.py): ComfyUI's published DEIS ('tab': Lagrange weights in the VP
 time of its fixed EDM fit, summed over 10 000 points) restated as a plain loop in sigma, on the same
-denoiser, grid and initial state; 'rhoab' is Adams-Bashforth in sigma; the samples of a mixture."""
+denoiser, grid and initial state; 'rhoab' is Adams-Bashforth in sigma; 'logrho' (diffusers' DEIS, against
+DEISMultistepScheduler in tests/test_adapter_diffusers_generic.py): its closed-form weights against quadrature,
+lower_order_final and its convergence order on a Gaussian's exact flow map; the samples of a mixture."""
 
 import math
 
@@ -10,7 +12,9 @@ import torch
 import fastdiff
 from fastdiff.adapters.k_diffusion import DenoiserModel
 from fastdiff.mixtures import MixtureModel, mode_zscores, ring_mixture
-from fastdiff.sampling.methods.deis import deis_weights
+from fastdiff.paths import get_path
+from fastdiff.sampling.methods import get_method
+from fastdiff.sampling.methods.deis import _gauss_legendre, deis_weights
 from fastdiff.sampling.methods.lms import lms_coefficients
 from test_adapter_k_diffusion import _kd_case
 
@@ -79,7 +83,7 @@ def test_weights():
 
 
 @pytest.mark.parametrize("mode,path,prediction", [("tab", "vp", "eps"), ("rhoab", "vp", "x0"),
-                                                  ("tab", "condot", "velocity")])
+                                                  ("tab", "condot", "velocity"), ("logrho", "vp", "eps")])
 def test_samples_the_mixture(mode, path, prediction):
     from test_sample import N, _quadratic_grid, _zmax
 
@@ -98,5 +102,75 @@ def test_options_are_checked():
     kw = dict(shape=(2,), batch_size=2, path="vp", prediction="eps", method="deis", timesteps=[0.1, 0.5, 1.0])
     with pytest.raises(ValueError, match="order must be 1, 2, 3 or 4 for method='deis'"):
         fastdiff.sample(model, None, order=0, **kw)
-    with pytest.raises(ValueError, match="mode must be 'tab' or 'rhoab'"):
+    with pytest.raises(ValueError, match="mode must be 'tab', 'rhoab' or 'logrho'"):
         fastdiff.sample(model, None, mode="ab", **kw)
+
+
+def test_logrho_weights_are_the_integrals_of_the_log_sigma_interpolant():
+    """∫ L_j(log sigma) d sigma over the step, against 200-point Gauss-Legendre in sigma (deis.py's own: 64)."""
+    s = [14.6, 6.0, 2.9, 1.1, 0.45, 0.2]
+    gl = _gauss_legendre(200)
+    for i in range(1, 5):
+        for order in range(1, min(i + 1, 4) + 1):
+            nodes = [math.log(s[i - k]) for k in range(order)]
+            half, mid = 0.5 * (s[i + 1] - s[i]), 0.5 * (s[i] + s[i + 1])
+            want = []
+            for j in range(order):
+                def basis(u):
+                    return math.prod((u - nodes[k]) / (nodes[j] - nodes[k]) for k in range(order) if k != j)
+                want.append(half * sum(w * basis(math.log(mid + half * x)) for x, w in gl))
+            assert deis_weights(s, i, order, "logrho") == pytest.approx(want, rel=1e-11, abs=1e-13)
+            assert sum(deis_weights(s, i, order, "logrho")) == pytest.approx(s[i + 1] - s[i], rel=1e-12)
+
+
+def _weights_of(stages, i):
+    st = stages[i]
+    return [st.c_extra] + [c for _, c, _ in st.history] if st.extra else []
+
+
+def test_logrho_lower_order_final_is_diffusers_rule():
+    """lower_order_final: on fewer than 15 steps the last step is first order and the one before second (zero weights
+    on the older d's); from 15 steps on it changes nothing, as in diffusers' DEISMultistepScheduler."""
+    deis, vp = get_method("deis"), get_path("vp")
+    for steps, lowered in ((10, True), (15, False)):
+        grid = [0.02 + 0.9 * i / steps for i in range(steps + 1)]
+        plain = deis.stages(vp, grid, "eps", order=3, mode="logrho", lower_order_final=False)
+        lower = deis.stages(vp, grid, "eps", order=3, mode="logrho", lower_order_final=True)
+        assert lower[:-2] == plain[:-2]
+        if not lowered:
+            assert lower == plain
+            continue
+        assert _weights_of(lower, -1) == [0.0, 0.0] and _weights_of(plain, -1)[1] != 0.0
+        assert _weights_of(lower, -2)[1] == 0.0 and _weights_of(lower, -2)[0] != 0.0
+        assert lower[-1].c_pred != plain[-1].c_pred
+
+
+def test_logrho_convergence_order():
+    """Error against the exact flow map of a Gaussian on [0.05, 0.95], VP path, eps model, order 3 without
+    lower_order_final: slopes 2.32, 2.77, 3.01 over 16 -> 128 steps (the first-order first step's O(h^2) error shows
+    on coarse grids), order 2: 2.36, 2.35, 2.24; order 1 (DDIM): 0.98."""
+    from test_sample import _single_gaussian
+
+    g = _single_gaussian()
+    model = MixtureModel(g, "vp", "eps")
+    t0, t1 = 0.05, 0.95
+    al, be = get_path("vp").coefficients(t0)[:2]
+    x0 = (be * torch.randn(256, 2, generator=torch.Generator().manual_seed(0)).double()
+          + al * torch.tensor([1.0, -2.0], dtype=torch.float64))
+    exact = g.flow_map(x0, t0, t1, "vp")
+
+    def slopes(order, ns):
+        errors = []
+        for n in ns:
+            grid = [t0 + (t1 - t0) * i / n for i in range(n + 1)]
+            x = fastdiff.sample(model, None, noise=x0.float(), path="vp", prediction="eps", method="deis",
+                                timesteps=grid, mode="logrho", order=order)
+            errors.append(float((x.double() - exact).norm(dim=1).mean()))
+        return [math.log2(errors[i] / errors[i + 1]) for i in range(len(ns) - 1)]
+
+    third = slopes(3, (16, 32, 64, 128))
+    assert all(s > 2.1 for s in third) and third[-1] > 2.8 and max(third) < 3.6, third
+    second = slopes(2, (16, 32, 64))
+    assert all(1.8 < s < 2.7 for s in second), second
+    first = slopes(1, (16, 32))
+    assert 0.85 < first[0] < 1.15, first

@@ -1,6 +1,6 @@
 """``FastDiffScheduler``: one diffusers scheduler over fastdiff's method registry.
 
-    pipe.scheduler = FastDiffScheduler.from_config(pipe.scheduler.config)   # Heun, LMS, KDPM2, PNDM, EDM, ...
+    pipe.scheduler = FastDiffScheduler.from_config(pipe.scheduler.config)   # Heun, LMS, KDPM2, PNDM, DEIS, ...
     pipe.scheduler = FastDiffScheduler(method="dpmpp_2m", grid_scheduler="EulerDiscreteScheduler",
                                        grid_config={"use_karras_sigmas": True}, beta_schedule="scaled_linear", ...)
 
@@ -13,7 +13,8 @@ that reproduces it (fastdiff.adapters.diffusers.scheduler_map) or refuses it, na
 
 ``step`` runs ONE STAGE of the method's stage table per call (a stage: one model evaluation, one fused
 ``sampler_step`` call), so ``timesteps`` holds one entry per stage (Heun's and KDPM2's repeated and midpoint
-timesteps, PNDM's repeated second one: diffusers' own), and ``prev_sample`` is the next stage's input. The
+timesteps, PNDM's repeated second one, the singlestep DPM-Solver's inner points of its groups: diffusers' own), and
+``prev_sample`` is the next stage's input. The
 model output's conversion to x0 (epsilon, v_prediction, sample, flow's eps - z, EDM's c_skip / c_out) and the
 scaling between the pipeline's sample and fastdiff's state (scheduler_map) are folded into each stage's
 coefficient rows, computed once per schedule in float64; ``pred_original_sample`` is the kernel's side output

@@ -6,9 +6,10 @@ sigma_max (fastdiff.adapters.k_diffusion), whatever the pipeline's scaling ("sca
 
 - "sigma": k-diffusion-style schedulers (Euler, Heun, LMS, KDPM2, DPMSolverSDE): the sample is that state; the
   model sees sample / sqrt(sigma^2 + 1);
-- "vp": DDIM, DDPM, PNDM, DPMSolverMultistep, ...: the sample is alpha x with alpha = 1 / sqrt(sigma^2 + 1); the
-  model sees the sample. The methods used here are invariant under that per-time scaling (they step in x / alpha
-  and sigma), so the VE state reproduces them; the scaling is folded into each stage's coefficient rows;
+- "vp": DDIM, DDPM, PNDM, DPMSolverMultistep, DEIS, DPMSolverSinglestep: the sample is alpha x with
+  alpha = 1 / sqrt(sigma^2 + 1); the model sees the sample. The methods used here are invariant under that per-time
+  scaling (they step in x / alpha and sigma), so the VE state reproduces them; the scaling is folded into each
+  stage's coefficient rows;
 - "edm": EDM's preconditioning: the model sees c_in x, and x0 = c_skip x + c_out model_output;
 - "flow": flow matching: the sample is (1 - s) z + s eps, fastdiff's CondOT at t = 1 - s, the model predicts
   v = eps - z.
@@ -49,7 +50,8 @@ SUPPORTED = {
     "DPMSolverMultistepScheduler": ("dpmpp_2m", {}, "vp", 1),
     "DEISMultistepScheduler": ("deis", {"mode": "logrho", "order": 2, "lower_order_final": True}, "vp", 1),
     "DPMSolverSinglestepScheduler": ("dpm_singlestep", {"order": 2, "algorithm_type": "dpmsolver++",
-                                                        "solver_type": "midpoint", "lower_order_final": False}, "vp", 1),
+                                                        "solver_type": "midpoint", "lower_order_final": False},
+                                     "vp", 1),
 }
 # the method options read from the scheduler's config (its order, algorithm, ...): class -> {config key: option}
 CONFIG_OPTIONS = {
@@ -102,8 +104,9 @@ REQUIRED = {
 CONFIG_VALUES = {
     ("DEISMultistepScheduler", "solver_order"): ((1, 2, 3), "diffusers' DEIS has orders 1-3"),
     ("DPMSolverSinglestepScheduler", "solver_order"): ((1, 2, 3), "diffusers' singlestep DPM-Solver has orders 1-3"),
-    ("DPMSolverSinglestepScheduler", "algorithm_type"): (("dpmsolver++", "dpmsolver"), "dpm_singlestep is "
-                                                         "deterministic: sde-dpmsolver++'s noise has no fastdiff method"),
+    ("DPMSolverSinglestepScheduler", "algorithm_type"): (("dpmsolver++", "dpmsolver"),
+                                                         "dpm_singlestep is deterministic: sde-dpmsolver++'s noise "
+                                                         "has no fastdiff method"),
     ("DPMSolverSinglestepScheduler", "solver_type"): (("midpoint", "heun"), "dpm_singlestep has midpoint and heun"),
 }
 PREDICTIONS = {"sigma": ("epsilon", "v_prediction", "sample"), "vp": ("epsilon", "v_prediction", "sample"),

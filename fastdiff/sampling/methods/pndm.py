@@ -10,10 +10,13 @@ d = (x / alpha - D) / sigma, the eps prediction) PNDM's transfer step is DDIM's,
 with h = sigma' - sigma. The history holds the d of each step's first evaluation (d_0 at t_0, not the corrector's),
 so from step 1 on it is iPNDM's table; the weights stay fixed whatever the step sizes, as in PLMS. Unlike
 iPNDM, a last step to sigma' = 0 is the same multistep update (PLMS does not special-case it). Two stages on
-step 0 (the second at t_1), one afterwards.
+step 0 (the second at t_1), one afterwards. A step from sigma = inf (alpha = 0, e.g. t = 0 on CondOT, where
+diffusers' grids never start) is DDIM's first-order limit, and PLMS starts after it (its Heun step the next).
 """
 
 from __future__ import annotations
+
+import math
 
 from fastdiff.paths import affine_coefficients
 from fastdiff.sampling.core.stage import Stage
@@ -35,21 +38,27 @@ def _derivative(path, t: float, prediction: str) -> tuple[float, float, float]:
                              "Adams-Bashforth of order <= 4 in sigma")
 def _pndm(path, grid, prediction) -> list[Stage]:
     sigmas = [noise_level(path, t) for t in grid]
-    stages = []
+    stages, start = [], 0  # start: PLMS's first step (after a step from sigma = inf)
     for i in range(len(grid) - 1):
         t, t1 = grid[i], grid[i + 1]
+        x0 = affine_coefficients(path, t, prediction, "x0")
+        if math.isinf(sigmas[i]):  # from alpha = 0: DDIM's x' = alpha' D + beta'/beta x
+            al1, be, be1 = path.coefficients(t1)[0], path.coefficients(t)[1], path.coefficients(t1)[1]
+            stages.append(Stage(i, t, "x", "x", al1 * x0[0] + be1 / be, al1 * x0[1], x0=x0, final=True))
+            start = i + 1
+            continue
         al, dx, dg = _derivative(path, t, prediction)
         al1, h = path.coefficients(t1)[0], sigmas[i + 1] - sigmas[i]
-        x0 = affine_coefficients(path, t, prediction, "x0")
-        if i == 0 and sigmas[1] > 0.0:  # Heun: the predictor into "stage", d_0 into side0 for both steps
-            stages.append(Stage(0, t, "x", "stage", al1 / al + al1 * h * dx, al1 * h * dg, side="side0", s_x=dx,
+        if i == start and sigmas[i + 1] > 0.0:  # Heun: the predictor into "stage", d_0 into the ring for both steps
+            ring = f"side{i % 4}"
+            stages.append(Stage(i, t, "x", "stage", al1 / al + al1 * h * dx, al1 * h * dg, side=ring, s_x=dx,
                                 s_pred=dg, x0=x0))
             _, dx1, dg1 = _derivative(path, t1, prediction)
             half = 0.5 * al1 * h
-            stages.append(Stage(0, t1, "stage", "x", half * dx1, half * dg1, c_extra=al1 / al, extra="x",
-                                history=(("side0", half, 0.0),), final=True))
+            stages.append(Stage(i, t1, "stage", "x", half * dx1, half * dg1, c_extra=al1 / al, extra="x",
+                                history=((ring, half, 0.0),), final=True))
             continue
-        w = [al1 * h * v for v in FIXED[min(4, i + 1)]]  # the weights of d_i, d_{i-1}, ...
+        w = [al1 * h * v for v in FIXED[min(4, i + 1 - start)]]  # the weights of d_i, d_{i-1}, ...
         previous = [(f"side{(i - j) % 4}", w[j], 0.0) for j in range(1, len(w))]
         extra, *more = previous or [(None, 0.0, 0.0)]
         stages.append(Stage(i, t, "x", "x", al1 / al + w[0] * dx, w[0] * dg, c_extra=extra[1], extra=extra[0],
