@@ -49,8 +49,20 @@ inline void check_sampler_step_args(const at::Tensor& x, at::TensorList preds, a
                                     const at::Tensor& seeds, at::IntArrayRef streams, at::ArrayRef<double> weights,
                                     at::ArrayRef<double> coeffs, const std::optional<at::Tensor>& sample_weights,
                                     const std::optional<at::Tensor>& sample_coeffs, at::TensorList outs,
-                                    const std::optional<at::Tensor>& side, const std::optional<at::Tensor>& finite) {
+                                    const std::optional<at::Tensor>& side, const std::optional<at::Tensor>& finite,
+                                    std::optional<at::ArrayRef<double>> clip = std::nullopt) {
   constexpr const char* op = "fastdiff::sampler_step: ";
+  if (clip.has_value()) {  // clip_sample: [c, d], the clamp bound and the coefficient of the clamp's change
+    TORCH_CHECK(clip->size() == 2, op, "clip must hold 2 numbers [c, d] (clamp the side row to [-c, c], out += d "
+                "(clamped - side row)), got ", clip->size());
+    const float c = static_cast<float>((*clip)[0]), d = static_cast<float>((*clip)[1]);
+    TORCH_CHECK(std::isfinite((*clip)[0]) && std::isfinite(c) && c > 0.0f, op, "clip[0] (the clamp bound c) must be "
+                "a finite number > 0 in float32, got ", (*clip)[0]);
+    TORCH_CHECK(std::isfinite((*clip)[1]) && std::isfinite(d), op, "clip[1] (the coefficient d) must be a finite "
+                "number in float32's range, got ", (*clip)[1]);
+    TORCH_CHECK(!sample_coeffs.has_value(), op, "clip is not supported with per-sample coefficient rows "
+                "(sample_coeffs): pass host coeffs");
+  }
   TORCH_CHECK(x.dim() >= 1, op, "x must have a batch dimension [B, ...], got a 0-d tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat, op, "x must be float32, got ", x.scalar_type());
   TORCH_CHECK(x.is_contiguous(), op, "x must be contiguous");

@@ -18,11 +18,15 @@ TORCH_LIBRARY(fastdiff, m) {
   //   out  = c_x x + c_g g + sum_j c_h[j] h_j + sum_d c_z[d] z_d    (a noise term only where its coefficient != 0)
   //   side = same with the second row of coefficients                (when side is given)
   // every outs[i] (<= 8) = out; finite[b] = 0 where any pk of sample b has inf/NaN (int32 [B]).
+  // clip = [c, d] (diffusers' clip_sample fused; host numbers rounded once to float32, c finite > 0; not with
+  // sample_coeffs): the side row s is computed even without side, s_c = -c where s < -c, c where s > c, else s;
+  //   out = out + d * (s_c - s)   (float32: t = s_c - s, u = d t, out + u, three roundings, no fma)
+  //   side = s_c                   (when side is given)
   // x, history, outs, side float32 [B, ...]; preds float32/float16/bfloat16 (one dtype); seeds int64 [B];
   // all contiguous on one device. An output may be exactly an input (outs[0] = x, side = history[j]).
   m.def("sampler_step(Tensor x, Tensor[] preds, Tensor[] history, Tensor seeds, int[] streams, float[] weights, "
         "float[] coeffs, Tensor? sample_weights, Tensor? sample_coeffs, Tensor(a!)[] outs, Tensor(b!)? side, "
-        "Tensor(c!)? finite) -> ()");
+        "Tensor(c!)? finite, float[]? clip=None) -> ()");
   // The per-sample reduction pass (docs/design.md §2; spec: fastdiff/ops/sample_gram.py). With u = (terms[0..K),
   // z_0..z_D) (z_d the spec-v1 normal of (seeds[b], streams[d], element e)), T = K + D <= 8, D <= 4, returns
   // float64 [B, T + T (T + 1) / 2]: row b holds sum_e u_i (i < T), then sum_e u_i u_j (i <= j, row-major). Each

@@ -15,8 +15,13 @@ inline StepBuffers step_buffers(const at::Tensor& x, at::TensorList preds, at::T
                                 const at::Tensor& seeds, at::IntArrayRef streams, at::ArrayRef<double> weights,
                                 at::ArrayRef<double> coeffs, const std::optional<at::Tensor>& sample_weights,
                                 const std::optional<at::Tensor>& sample_coeffs, at::TensorList outs,
-                                const std::optional<at::Tensor>& side, const std::optional<at::Tensor>& finite) {
+                                const std::optional<at::Tensor>& side, const std::optional<at::Tensor>& finite,
+                                std::optional<at::ArrayRef<double>> clip = std::nullopt) {
   StepBuffers a{};
+  // clip = [c, d] (checked: c finite and > 0 in float32), rounded once to float32 like the coefficients
+  a.clip = clip.has_value();
+  a.clip_c = a.clip ? static_cast<float>((*clip)[0]) : 0.0f;
+  a.clip_d = a.clip ? static_cast<float>((*clip)[1]) : 0.0f;
   a.shape = StepShape{static_cast<int>(preds.size()), static_cast<int>(history.size()),
                       static_cast<int>(streams.size())};
   a.x = x.const_data_ptr<float>();
@@ -29,7 +34,7 @@ inline StepBuffers step_buffers(const at::Tensor& x, at::TensorList preds, at::T
   for (int i = 0; i < a.shape.branches; ++i) w[i] = static_cast<float>(weights[i]);
   for (int j = 0; j < 2 * a.shape.terms(); ++j) c[j] = static_cast<float>(coeffs[j]);
   load_sample_coeffs(a.shape, w, c, a.host);
-  for (int d = 0; d < a.shape.draws; ++d) a.draws_used[d] = draw_used(a.shape, a.host, d, side.has_value());
+  for (int d = 0; d < a.shape.draws; ++d) a.draws_used[d] = draw_used(a.shape, a.host, d, side.has_value() || a.clip);
   a.sample_weights = sample_weights ? sample_weights->const_data_ptr<float>() : nullptr;
   a.sample_coeffs = sample_coeffs ? sample_coeffs->const_data_ptr<float>() : nullptr;
   a.n_outs = static_cast<int>(outs.size());

@@ -30,10 +30,12 @@ PreparedStep::PreparedStep(const at::Tensor& x, at::TensorList preds, at::Tensor
                            const std::optional<at::Tensor>& sample_weights,
                            const std::optional<at::Tensor>& sample_coeffs, at::TensorList outs,
                            const std::optional<at::Tensor>& side, const std::optional<at::Tensor>& finite,
-                           std::vector<int64_t> parts)
+                           std::vector<int64_t> parts, std::optional<std::vector<double>> clip)
     : parts_(std::move(parts)), sizes_(x.sizes().vec()), device_(x.device()) {
+  const std::optional<at::ArrayRef<double>> clip_ref =
+      clip.has_value() ? std::optional<at::ArrayRef<double>>(at::ArrayRef<double>(*clip)) : std::nullopt;
   check_sampler_step_args(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs, outs,
-                          side, finite);
+                          side, finite, clip_ref);
   TORCH_CHECK(seeds.is_contiguous(), kOp, "seeds must be contiguous (a prepared call reads them in place)");
   runner_ = runners()[static_cast<size_t>(x.device().type())];
   TORCH_CHECK(runner_ != nullptr, kOp, "this build of fastdiff._C has no sampler_step for ", x.device().type(),
@@ -46,7 +48,7 @@ PreparedStep::PreparedStep(const at::Tensor& x, at::TensorList preds, at::Tensor
               "), got ", parts_.size());
   for (int64_t p : parts_) TORCH_CHECK(p >= 0 && p < kMaxBranches, kOp, "parts must be in [0, 8), got ", p);
   buffers_ = step_buffers(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs, outs,
-                          side, finite);
+                          side, finite, clip_ref);
   for (int i = 0; i < kMaxBranches; ++i) buffers_.preds[i] = nullptr;
   bound_.push_back(x);
   bound_.insert(bound_.end(), history.begin(), history.end());

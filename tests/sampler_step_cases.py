@@ -96,7 +96,7 @@ FMA_A, FMA_B, FUSED = 1.0 + 2.0**-12, (2.0**24 - 4095) * 2.0**-48, 1.0 + 2.0**-2
 
 
 def run_model(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs, outs, side, finite,
-              *, normals, fma=fma32):
+              clip=None, *, normals, fma=fma32):
     """The kernels' arithmetic (blend / combine of csrc/include/fastdiff/sampler_step.h, which the Triton
     kernel mirrors) on prepared arguments: float32, each accumulation one exactly rounded ``fma``.
     ``normals(seeds, stream, shape)`` gives the kernel's own noise (its backend's randn)."""
@@ -139,7 +139,11 @@ def run_model(x, preds, history, seeds, streams, weights, coeffs, sample_weights
                 v = torch.where(cz != 0, fma(cz, noise(d), v), v)
         return v
 
-    result, side_value = row_value(0), row_value(1) if side is not None else None
+    result, side_value = row_value(0), row_value(1) if side is not None or clip is not None else None
+    if clip is not None:  # clip_sample: s_c, then t = s_c - s, u = d t, out + u, each rounded (no fma)
+        c, d = (torch.tensor(v, dtype=f32).item() for v in clip)
+        s_c = torch.where(side_value > c, c, torch.where(side_value < -c, -c, side_value))
+        result, side_value = result + d * (s_c - side_value), s_c
     if finite is not None:
         for q in p:
             finite.masked_fill_(~torch.isfinite(q).reshape(B, -1).all(1), 0)

@@ -101,3 +101,30 @@ def test_a_reused_sampler_is_a_ten_step_ddim_loop(use_clipped_model_output):
     torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
     unclipped = lerobot_loop(net, diffusers.DDIMScheduler(**{**config, "clip_sample": False}), start.clone(), cond, 10)
     assert float((unclipped - x).abs().max()) > 1e-2  # the clip acts
+
+
+@pytest.mark.parametrize("method,cfg", [("ddpm", 1.0), ("ddim", 3.0), ("euler", 1.0), ("dpmpp_2m", 2.0)])
+@pytest.mark.parametrize("use_clipped_model_output", [False, True])
+def test_the_clamp_rides_in_the_step_kernel(monkeypatch, method, cfg, use_clipped_model_output):
+    """clip_sample in sample(): where a stage has no side output of its own (ddpm, ddim, euler) the clamp is
+    sampler_step's fused clip (no torch pass before the kernel); elsewhere (dpmpp_2m keeps x0 in its side output)
+    the prediction hook. Both give the hook's numbers (within float32 rounding)."""
+    from fastdiff.sampling.features import thresholding
+    from fastdiff.sampling.features.thresholding import StaticClipping
+
+    def model(x, t, y):
+        return 3.0 * torch.tanh(2.0 * x + y.float().view(-1, 1, 1))
+
+    clip = StaticClipping(0.7, use_clipped_model_output=use_clipped_model_output)
+    kw = dict(shape=(HORIZON, ACTION_DIM), batch_size=3, seed=4, path="vp", prediction="eps", method=method,
+              y=torch.ones(3), clip_sample=clip, **({"null_y": torch.zeros(3), "cfg": cfg} if cfg != 1.0 else {}))
+    applied = []
+    original = StaticClipping.apply
+    monkeypatch.setattr(StaticClipping, "apply", lambda self, x0: applied.append(1) or original(self, x0))
+    fused = fastdiff.sample(model, 12, **kw)
+    assert bool(applied) == (method == "dpmpp_2m")  # the hook's torch pass ran only where the kernel can't clamp
+    monkeypatch.setattr(thresholding.Thresholds, "fuse_clamps", lambda self, classifier: None)
+    hooked = fastdiff.sample(model, 12, **kw)
+    torch.testing.assert_close(fused, hooked, rtol=1e-5, atol=1e-5 * float(hooked.abs().max()))
+    plain = fastdiff.sample(model, 12, **{**kw, "clip_sample": None})
+    assert float((plain - hooked).abs().max()) > 1e-2  # the clamp acts

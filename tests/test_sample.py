@@ -317,7 +317,7 @@ def _model(x, t, y):
     (dict(sigma=2.0 ** 31), ValueError, r"sigma must be in \[0, 1000\]"),
     (dict(sigma=lambda t: -t - 1), ValueError, "sigma"),
     (dict(method="rk4"), ValueError, "method='rk4'"),
-    (dict(prediction="v"), ValueError, "prediction"),
+    (dict(prediction="noise"), ValueError, "prediction"),
     (dict(path="edm"), ValueError, "path"),
     (dict(backend="gpu"), ValueError, "backend"),
     (dict(eta=2.0, method="ddim"), ValueError, "eta"),

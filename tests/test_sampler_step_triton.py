@@ -326,3 +326,30 @@ def test_compiles_for_sm90(tmp_path):
     """The launches the wrapper makes (common step, the largest counts, per-sample rows) compile to sm_90
     cubins through Triton's own argument binder, without a GPU (tests/triton_testing.py)."""
     assert run_script(_SM90_SCRIPT, tmp_path).count("compiled") == 3
+
+
+_SM90_CLIP_SCRIPT = r'''
+import re
+
+from fastdiff.kernels import sampler_step as module
+from fastdiff.ops.sampler_step import prepare
+
+kernel = module._sampler_step_kernel
+module._sampler_step_kernel = Record()
+for side in (False, True):
+    x = torch.randn(2, 4096)
+    calls.clear()
+    module.sampler_step(**prepare(x, [torch.randn(2, 4096)], None, [], [0.5, 0.25, 1.0, -2.0], None, [],
+                                  [torch.empty_like(x)], torch.empty_like(x) if side else None, None, [0.87, -0.61]))
+    _, args, kwargs = calls[0]
+    ptx = compile_sm90(kernel, args, kwargs, "ptx")
+    arith = sorted(set(re.findall(r"\b(?:mul|fma|add)\.[a-z0-9.]+", ptx)))
+    print(f"compiled side={side} mul_rn={'mul.rn.f32' in ptx}", arith)
+'''
+
+
+def test_clip_compiles_for_sm90_with_a_rounded_product(tmp_path):
+    """clip's launches (with and without a side output) compile to sm_90, their product d (s_c - s) a mul.rn.f32
+    (never contracted with the add into an fma, no flush to zero: as the interpreter and the reference round)."""
+    out = run_script(_SM90_CLIP_SCRIPT, tmp_path)
+    assert out.count("compiled") == 2 and "mul_rn=False" not in out and ".ftz" not in out, out

@@ -36,13 +36,13 @@ void sampler_step_cpu(const at::Tensor& x, at::TensorList preds, at::TensorList 
                       at::IntArrayRef streams, at::ArrayRef<double> weights, at::ArrayRef<double> coeffs,
                       const std::optional<at::Tensor>& sample_weights, const std::optional<at::Tensor>& sample_coeffs,
                       at::TensorList outs, const std::optional<at::Tensor>& side,
-                      const std::optional<at::Tensor>& finite) {
+                      const std::optional<at::Tensor>& finite, std::optional<at::ArrayRef<double>> clip) {
   check_sampler_step_args(x, preds, history, seeds_in, streams, weights, coeffs, sample_weights, sample_coeffs, outs,
-                          side, finite);
+                          side, finite, clip);
   if (x.numel() == 0) return;
   const at::Tensor seeds = seeds_in.contiguous();
   const StepBuffers a = step_buffers(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs,
-                                     outs, side, finite);
+                                     outs, side, finite, clip);
   run_cpu(a, preds[0].scalar_type(), x.device());
 }
 

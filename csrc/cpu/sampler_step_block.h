@@ -147,6 +147,8 @@ struct StepRun {
   PhiloxKeys keys;
   uint32_t streams[kMaxDraws];
   bool used[kMaxDraws];
+  bool clip;  // StepBuffers::clip (side is then nullptr when the side row is computed for the clip alone)
+  float clip_c, clip_d;
 };
 
 // A task's block buffers: normals per draw, widened predictions, and the partial block's copies.
@@ -164,6 +166,36 @@ FASTDIFF_NOINLINE void step_normals(const PhiloxKeys& keys, uint64_t q0, uint32_
 }
 FASTDIFF_NOINLINE void step_widen(const char* src, PredType t, int count, float* dst) {
   widen_block(src, t, count, dst);
+}
+
+// clip_sample on one block (StepBuffers::clip), after the step has written it: s the side row's values (the side
+// output's block, or scratch), outs[0 .. n_outs) the out copies. s_c = clip_clamp(s), outs = out + d (s_c - s)
+// rounded as clip_update (fastdiff/sampler_step.h): the product kept apart by a register barrier (the compiler
+// would contract d t + out into an fma at the FMA levels); s = s_c. Elementwise on outputs only (the inputs are
+// read already: aliasing is safe); out of line, one copy per translation unit, reached only by clip calls.
+FASTDIFF_NOINLINE void step_clip(float* s, float* const* outs, int n_outs, float c, float d) {
+  using Vec = at::vec::Vectorized<float>;
+  const Vec hi(c), lo(-c), dv(d);
+  for (int j = 0; j < kBlockElems; j += Vec::size()) {
+    const Vec sv = Vec::loadu(s + j);
+    // -c where s < -c, c where s > c, else s (NaN compares false: it stays), as clip_clamp
+    const Vec sc = Vec::blendv(Vec::blendv(sv, lo, sv < lo), hi, sv > hi);
+    Vec u = dv * (sc - sv);
+#if defined(CPU_CAPABILITY_AVX512)
+    __m512 r = u;
+    asm volatile("" : "+v"(r));
+    u = r;
+#elif defined(CPU_CAPABILITY_AVX2)
+    __m256 r = u;
+    asm volatile("" : "+x"(r));
+    u = r;
+#else
+    asm volatile("" : "+m"(u));
+#endif
+    const Vec o = Vec::loadu(outs[0] + j) + u;
+    for (int i = 0; i < n_outs; ++i) o.store(outs[i] + j);
+    sc.store(s + j);
+  }
 }
 
 // The walk over a run's blocks, in the variant the run needs: kCheck the finiteness check, kCommon one
@@ -186,6 +218,8 @@ void sampler_step_walk(const Shape& s, const SampleCoeffs& k, const StepRun& run
   const int n_outs = kCommon ? 1 : run.n_outs;
   const float* x = run.x;
   float* side = run.side;
+  const bool clip = run.clip;  // checked once per block
+  const float clip_c = run.clip_c, clip_d = run.clip_d;
   const char* preds[kMaxBranches];
   const float* hist[kMaxHistory];
   float* outs[kMaxOuts];
@@ -218,8 +252,10 @@ void sampler_step_walk(const Shape& s, const SampleCoeffs& k, const StepRun& run
       }
       for (int r = 0; r < s.history; ++r) h[r] = hist[r] + e0;
       for (int r = 0; r < n_outs; ++r) o[r] = outs[r] + e0;
-      sampler_step_block<kSide, kCheck, kCommon>(s, coeffs, x + e0, p, h, z, o, n_outs, kSide ? side + e0 : nullptr,
-                                                 acc, lanes);
+      // the side row's block: the side output's, or scratch for a clip without one (side_row)
+      float* side_block = kSide ? (side != nullptr ? side + e0 : buf.side) : nullptr;
+      sampler_step_block<kSide, kCheck, kCommon>(s, coeffs, x + e0, p, h, z, o, n_outs, side_block, acc, lanes);
+      if (kSide && clip) step_clip(side_block, o, n_outs, clip_c, clip_d);
     } else {
       // The partial last block: every input is copied before anything is written (an output may be an input).
       const int count = static_cast<int>(n - e0);
@@ -234,8 +270,9 @@ void sampler_step_walk(const Shape& s, const SampleCoeffs& k, const StepRun& run
       }
       float* local_out = buf.out;
       sampler_step_block<kSide, kCheck, kCommon>(s, coeffs, buf.x, p, h, z, &local_out, 1, buf.side, acc, lanes);
+      if (kSide && clip) step_clip(buf.side, &local_out, 1, clip_c, clip_d);
       for (int r = 0; r < run.n_outs; ++r) std::memcpy(run.outs[r] + e0, buf.out, sizeof(float) * count);
-      if constexpr (kSide) std::memcpy(side + e0, buf.side, sizeof(float) * count);
+      if (kSide && side != nullptr) std::memcpy(side + e0, buf.side, sizeof(float) * count);
     }
   }
   bad = acc;
@@ -257,6 +294,9 @@ void sampler_step_rows(const StepBuffers& a, const Shape s, const PredType pred_
     run.n_outs = a.n_outs;
     run.pred_type = pred_type;
     run.pred_bytes = pred_type == PredType::kFloat ? 4 : 2;
+    run.clip = a.clip;
+    run.clip_c = a.clip_c;
+    run.clip_d = a.clip_d;
     for (int d = 0; d < s.draws; ++d) run.streams[d] = a.streams[d];
     SampleCoeffs k = a.host;
     int64_t b = begin / blocks;
@@ -298,7 +338,7 @@ void sampler_step_rows(const StepBuffers& a, const Shape s, const PredType pred_
       run.full_stop = std::min(run.stop, a.n / kBlockElems);  // the whole blocks among them
       run.keys = philox_keys(static_cast<uint64_t>(a.seeds[b]));
       run.x = a.x + row;
-      run.side = kSide ? a.side + row : nullptr;
+      run.side = kSide && a.side != nullptr ? a.side + row : nullptr;
       for (int r = 0; r < s.branches; ++r) run.preds[r] = static_cast<const char*>(a.preds[r]) + row * run.pred_bytes;
       for (int r = 0; r < s.history; ++r) run.history[r] = a.history[r] + row;
       for (int r = 0; r < a.n_outs; ++r) run.outs[r] = a.outs[r] + row;
@@ -329,7 +369,7 @@ void sampler_step_rows(const StepBuffers& a, const Shape s, const PredType pred_
 // counts (with_step_shape, dispatch.h): 18 bodies per translation unit.
 inline void sampler_step_dispatch(const StepBuffers& a, PredType pred_type) {
   if (a.B == 0 || a.n == 0) return;
-  with_bool(a.side != nullptr, [&](auto side) {
+  with_bool(a.side_row(), [&](auto side) {  // the side row: for the side output, or for the clip
     with_step_shape(a.shape, [&](auto shape) { sampler_step_rows<decltype(side)::value>(a, shape, pred_type); });
   });
 }

@@ -198,7 +198,8 @@ __device__ __forceinline__ bool all_finite(const F4& a) {
   return ok;
 }
 
-// kSide: side given. kVec: n % 4 == 0 and every pointer aligned for load4 / store4 (then groups ==
+// kSide: the side row is computed (side given, or clip: StepBuffers::side_row). kVec: n % 4 == 0 and every
+// pointer aligned for load4 / store4 (then groups ==
 // n / 4). Shape: FixedStepShape<K1, H, D> (registers) or StepShape (runtime counts). Run-time flags,
 // uniform over the launch: finite given, per-sample rows given, noise, the number of outputs.
 template <typename pred_t, bool kSide, bool kVec, typename Shape>
@@ -210,6 +211,8 @@ __global__ void __launch_bounds__(kBlock) sampler_step_kernel(const StepBuffers 
   const bool noise = p.any_draw();
   const bool check_finite = p.finite != nullptr;
   const bool per_sample = p.sample_weights != nullptr || p.sample_coeffs != nullptr;
+  // kSide: the side row is computed, for the side output (store_side) and / or the clip
+  const bool clip = p.clip, store_side = p.side != nullptr;
   // This thread's coefficients: the host values, and this sample's rows where per-sample rows are given
   // (reloaded when the sample changes).
   SampleCoeffs k;
@@ -279,9 +282,20 @@ __global__ void __launch_bounds__(kBlock) sampler_step_kernel(const StepBuffers 
     }
 
     const F4 gv = blend<F4>(s, k, pv);
-    const F4 out = combine<F4>(s, k, 0, xv, gv, hv, zv);
+    F4 out = combine<F4>(s, k, 0, xv, gv, hv, zv);
     if (check_finite && !finite) p.finite[b] = 0;  // never 1: the caller initializes finite
-    if constexpr (kSide) store_group<kVec>(p.side, idx, base, valid, combine<F4>(s, k, 1, xv, gv, hv, zv));
+    if constexpr (kSide) {
+      F4 sv = combine<F4>(s, k, 1, xv, gv, hv, zv);
+      if (clip) {  // clip_sample: s_c = clamp(s), out + d (s_c - s) with three roundings, side = s_c
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float sc = clip_clamp(sv.v[j], p.clip_c);
+          out.v[j] = clip_update(out.v[j], sv.v[j], sc, p.clip_d);
+          sv.v[j] = sc;
+        }
+      }
+      if (store_side) store_group<kVec>(p.side, idx, base, valid, sv);
+    }
 #pragma unroll
     for (int i = 0; i < kMaxOuts; ++i) {
       if (i < p.n_outs) store_group<kVec>(p.outs[i], idx, base, valid, out);
@@ -308,7 +322,7 @@ void launch_sampler_step(const StepBuffers& p) {
       if (!aligned(p.outs[i], 16)) return false;
     return true;
   }();
-  with_bool(p.side != nullptr, [&](auto S) {
+  with_bool(p.side_row(), [&](auto S) {  // the side row: for the side output or the clip (a run-time flag)
     with_bool(vec, [&](auto V) {
       // the common shapes with compile-time counts, the rest with runtime counts (dispatch.h)
       with_step_shape(p.shape, [&](auto shape) {
@@ -330,15 +344,15 @@ void sampler_step_cuda(const at::Tensor& x, at::TensorList preds, at::TensorList
                        at::IntArrayRef streams, at::ArrayRef<double> weights, at::ArrayRef<double> coeffs,
                        const std::optional<at::Tensor>& sample_weights, const std::optional<at::Tensor>& sample_coeffs,
                        at::TensorList outs, const std::optional<at::Tensor>& side,
-                       const std::optional<at::Tensor>& finite) {
+                       const std::optional<at::Tensor>& finite, std::optional<at::ArrayRef<double>> clip) {
   check_sampler_step_args(x, preds, history, seeds_in, streams, weights, coeffs, sample_weights, sample_coeffs, outs,
-                          side, finite);
+                          side, finite, clip);
   TORCH_CHECK(x.is_cuda(), "fastdiff::sampler_step (CUDA): x must be a CUDA tensor, got ", x.device());
   if (x.numel() == 0) return;  // B = 0 or n = 0
   c10::cuda::CUDAGuard guard(x.device());  // for seeds' copy
   const at::Tensor seeds = seeds_in.contiguous();  // the kernel indexes seeds[b] directly
   const StepBuffers p = step_buffers(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs,
-                                     outs, side, finite);
+                                     outs, side, finite, clip);
   run_cuda(p, preds[0].scalar_type(), x.device());
 }
 

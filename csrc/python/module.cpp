@@ -67,10 +67,11 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<const at::Tensor&, std::vector<at::Tensor>, std::vector<at::Tensor>, const at::Tensor&,
                     std::vector<int64_t>, std::vector<double>, std::vector<double>, const std::optional<at::Tensor>&,
                     const std::optional<at::Tensor>&, std::vector<at::Tensor>, const std::optional<at::Tensor>&,
-                    const std::optional<at::Tensor>&, std::vector<int64_t>>(),
+                    const std::optional<at::Tensor>&, std::vector<int64_t>, std::optional<std::vector<double>>>(),
            py::arg("x"), py::arg("preds"), py::arg("history"), py::arg("seeds"), py::arg("streams"),
            py::arg("weights"), py::arg("coeffs"), py::arg("sample_weights"), py::arg("sample_coeffs"),
-           py::arg("outs"), py::arg("side"), py::arg("finite"), py::arg("parts") = std::vector<int64_t>{})
+           py::arg("outs"), py::arg("side"), py::arg("finite"), py::arg("parts") = std::vector<int64_t>{},
+           py::arg("clip") = py::none())
       .def("__call__", &call, py::arg("preds"))
       .def_property_readonly("branches", &fastdiff::PreparedStep::branches);
 }

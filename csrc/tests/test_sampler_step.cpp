@@ -39,15 +39,27 @@ using fastdiff_test::Checker;
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
+using OptClip = std::optional<at::ArrayRef<double>>;
 using StepFn = void(const at::Tensor&, at::TensorList, at::TensorList, const at::Tensor&, at::IntArrayRef,
                     at::ArrayRef<double>, at::ArrayRef<double>, const OptTensor&, const OptTensor&, at::TensorList,
-                    const OptTensor&, const OptTensor&);
+                    const OptTensor&, const OptTensor&, OptClip);
 using RandnFn = at::Tensor(const at::Tensor&, int64_t, c10::IntArrayRef, int64_t, c10::ScalarType);
 using SimdFn = std::string();
 
-c10::TypedOperatorHandle<StepFn> step_op() {
+// The op with its trailing clip = [c, d] optional (none unless given).
+struct StepOp {
+  c10::TypedOperatorHandle<StepFn> op;
+  void call(const at::Tensor& x, at::TensorList preds, at::TensorList history, const at::Tensor& seeds,
+            at::IntArrayRef streams, at::ArrayRef<double> weights, at::ArrayRef<double> coeffs, const OptTensor& sw,
+            const OptTensor& sc, at::TensorList outs, const OptTensor& side, const OptTensor& finite,
+            OptClip clip = std::nullopt) const {
+    op.call(x, preds, history, seeds, streams, weights, coeffs, sw, sc, outs, side, finite, clip);
+  }
+};
+
+StepOp step_op() {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastdiff::sampler_step", "").typed<StepFn>();
-  return op;
+  return StepOp{op};
 }
 
 c10::TypedOperatorHandle<RandnFn> randn_op() {
@@ -795,6 +807,86 @@ int main() {
       }
     }
     status |= c.report();
+  }
+
+  // 9. clip = [c, d] (clip_sample fused): the side row s computed with or without a side output, s_c =
+  //    clip_clamp(s, c), out = clip_update(out, s, s_c, d) (t = s_c - s, u = d t, out + u: three roundings),
+  //    side = s_c. Against the definition with the op's normals: bitwise at the FMA levels (the clip's own
+  //    arithmetic has no fma to differ in), within the base step's bound plus |d| times it at the portable one.
+  //    Fixed and runtime shapes, partial blocks, several outputs, in place; and the checks name clip.
+  {
+    Checker c("clip");
+    const double clip_values[2] = {0.8700000000000001, -0.6180339887498949};  // not float32 numbers
+    const float cf = static_cast<float>(clip_values[0]), df = static_cast<float>(clip_values[1]);
+    const Case clip_cases[] = {
+        {3, {133}, at::kFloat, 2, 1, 1, 2, true, false, false, false, false, 0},
+        {3, {133}, at::kFloat, 2, 1, 1, 1, false, false, false, false, false, 0},
+        {2, {5, 7}, at::kHalf, 1, 0, 0, 1, false, false, false, false, false, 0},
+        {1, {4099}, at::kBFloat16, 1, 1, 0, 1, true, false, false, false, true, 0},
+        {3, {67}, at::kFloat, 3, 2, 2, 3, true, false, true, false, false, 0},
+        {2, {200}, at::kFloat, 4, 0, 1, 1, false, false, false, false, false, 0}};
+    long acted = 0, kept = 0;
+    for (const Case& k : clip_cases) {
+      const Inputs in = make_inputs(k, 77);
+      const int64_t B = k.B, n = numel(k);
+      const std::vector<at::Tensor> z = op_normals(k, in);
+      Case with_side = k;
+      with_side.side = true;  // the definition's side row is the unclamped s
+      Result want = expected(with_side, in, &z);
+      const at::Tensor s = want.side.clone();
+      for (int64_t j = 0; j < B * n; ++j) {
+        const float sv = s.data_ptr<float>()[j];
+        const float sc = fastdiff::clip_clamp(sv, cf);
+        acted += sc != sv;
+        kept += sc == sv;
+        want.out.data_ptr<float>()[j] = fastdiff::clip_update(want.out.data_ptr<float>()[j], sv, sc, df);
+        want.side.data_ptr<float>()[j] = sc;
+      }
+      at::Tensor x = in.x.clone();
+      std::vector<at::Tensor> history;
+      for (const auto& t : in.history) history.push_back(t.clone());
+      std::vector<at::Tensor> outs;
+      for (int i = 0; i < k.nout; ++i) outs.push_back(at::full_like(x, NAN));
+      OptTensor side;
+      if (k.side) side = at::full_like(x, NAN);
+      if (k.in_place) {
+        outs[0] = x;
+        if (k.side && k.H > 0) side = history[0];
+      }
+      step_op().call(x, in.preds, history, in.seeds, in.streams, in.weights, in.coeffs, in.sample_weights,
+                     std::nullopt, outs, side, std::nullopt, at::ArrayRef<double>(clip_values, 2));
+      const at::Tensor tol_out = bound(k, want.mag_out) + bound(k, want.mag_side) * std::fabs(df);
+      const at::Tensor tol_side = bound(k, want.mag_side);
+      for (int i = 0; i < k.nout; ++i)
+        compare(c, outs[i].reshape({B, n}), want.out, exact ? nullptr : &tol_out, 0.0, describe(k) + " clip out");
+      if (k.side) compare(c, side->reshape({B, n}), want.side, exact ? nullptr : &tol_side, 0.0, describe(k) + " clip side");
+    }
+    c.expect(acted > 0 && kept > 0, "the clamp acts on some elements and not on others");
+    // the checks name clip
+    const at::Tensor x = at::randn({2, 5});
+    auto call_with = [&](std::vector<double> clip, OptTensor sample_coeffs) {
+      step_op().call(x, {x}, {}, at::zeros({2}, at::kLong), {}, {1.0}, {1.0, 0.5, 0.25, 1.0}, std::nullopt,
+                     sample_coeffs, {at::empty_like(x)}, std::nullopt, std::nullopt, at::ArrayRef<double>(clip));
+    };
+    const std::pair<std::vector<double>, const char*> bad[] = {
+        {{1.0}, "clip must hold 2"}, {{0.0, 1.0}, "clip[0]"}, {{-1.0, 1.0}, "clip[0]"}, {{1e-50, 1.0}, "clip[0]"},
+        {{INFINITY, 1.0}, "clip[0]"}, {{NAN, 1.0}, "clip[0]"}, {{1.0, NAN}, "clip[1]"}, {{1.0, 1e300}, "clip[1]"}};
+    for (const auto& [clip, needle] : bad) {
+      try {
+        call_with(clip, std::nullopt);
+        c.expect(false, "a bad clip is refused");
+      } catch (const c10::Error& err) {
+        c.expect(std::string(err.what_without_backtrace()).find(needle) != std::string::npos, "the error names clip");
+      }
+    }
+    try {
+      call_with({1.0, 1.0}, at::ones({2, 4}));
+      c.expect(false, "clip with sample_coeffs is refused");
+    } catch (const c10::Error& err) {
+      c.expect(std::string(err.what_without_backtrace()).find("clip is not supported with per-sample") !=
+                   std::string::npos, "the error names clip and sample_coeffs");
+    }
+    status |= c.report(exact ? "(bitwise)" : "(portable: within a few ulps)");
   }
 
   std::printf("test_sampler_step: %s (cpu_simd default: %s, %d threads)\n", status ? "FAILED" : "PASSED",

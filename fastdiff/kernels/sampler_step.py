@@ -8,6 +8,10 @@ within the sample), float32 math in this order, fma(a, b, c) = a b + c rounded o
     side = the same with the side row (s_x, s_g, s_h, s_z)
     outs[0..NOUT) = out;  finite[b] = 0 if an element of any p_k of sample b is inf or NaN
 
+With clip = [c, d] (CLIP, a constexpr: the no-clip binary is unchanged) the side row is computed even without a
+side output, then s_c = where(s > c, c, where(s < -c, -c, s)), t = s_c - s, u = d t, out = out + u (three
+roundings: on a GPU the product is PTX mul.rn.f32, which is never contracted into an fma) and side = s_c.
+
 z_d the spec-v1 normal of (seeds[b], streams[d], element i, offset 0) (docs/design.md §3). The fmas are
 the arithmetic of the C++ kernels (blend / combine, csrc/include/fastdiff/sampler_step.h): explicit, so
 no contraction choice of the compiler enters (no separate multiply feeds an add), and on a GPU a step
@@ -110,7 +114,21 @@ def _draw(res, sv, k0, k1, q, stream, c, s, USE_OUT: tl.constexpr, USE_SIDE: tl.
     return res, sv
 
 
-@triton.jit(do_not_specialize=_STREAMS + _W + _C + _S)
+@triton.jit
+def _clip(res, sv, c, d, INTERPRETED: tl.constexpr):
+    """clip_sample: (out + d (s_c - s), s_c) with s_c = s clamped to [-c, c] (a NaN stays), three roundings."""
+    sc = tl.where(sv > c, c, tl.where(sv < -c, -c, sv))
+    t = sc - sv
+    if INTERPRETED:  # numpy: a product is always rounded on its own
+        u = d * t
+    else:  # mul.rn: never contracted with the add below into an fma (fp fusion would), no flush to zero (libdevice's
+        # mul_rn is mul.rn.ftz here)
+        u = tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [tl.zeros_like(t) + d, t], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    return res + u, sc
+
+
+@triton.jit(do_not_specialize=_STREAMS + _W + _C + _S + ["clip_c", "clip_d"])
 def _sampler_step_kernel(
     x_ptr,  # [B, n] float32
     p0, p1, p2, p3, p4, p5, p6, p7,  # [B, n] float32 | float16 | bfloat16 (one dtype); p_k None for k >= K1
@@ -126,9 +144,13 @@ def _sampler_step_kernel(
     w0, w1, w2, w3, w4, w5, w6, w7,  # host weights, float32 (None unless used)
     c_x, c_g, c_h0, c_h1, c_h2, c_h3, c_z0, c_z1, c_z2, c_z3,  # host out row, float32 (None unless used)
     s_x, s_g, s_h0, s_h1, s_h2, s_h3, s_z0, s_z1, s_z2, s_z3,  # host side row, float32 (None unless used)
+    clip_c, clip_d,  # clip = [c, d], float32 (None without CLIP)
     K1: tl.constexpr, H: tl.constexpr, D: tl.constexpr, NOUT: tl.constexpr,
     ZOUT: tl.constexpr, ZSIDE: tl.constexpr,  # host draws used by out / side: bit d (ignored with SAMPLE_C)
-    HAS_SIDE: tl.constexpr, HAS_FINITE: tl.constexpr, SAMPLE_W: tl.constexpr, SAMPLE_C: tl.constexpr,
+    HAS_SIDE: tl.constexpr,  # the side row is computed (a side output, or CLIP)
+    HAS_FINITE: tl.constexpr, SAMPLE_W: tl.constexpr, SAMPLE_C: tl.constexpr,
+    STORE_SIDE: tl.constexpr,  # a side output is given
+    CLIP: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK: tl.constexpr,  # groups (of 4 elements) per program
 ):
     b, q, offs, mask = sample_tile(n, BLOCK)  # [BLOCK, 4] tile of sample b: row = group q, column = lane
@@ -202,6 +224,9 @@ def _sampler_step_kernel(
                             _coef(s_z3, crow, M + Z + 3, SAMPLE_C and HAS_SIDE), (ZOUT & 8) != 0, (ZSIDE & 8) != 0,
                             HAS_SIDE, SAMPLE_C)
 
+    if CLIP:
+        res, sv = _clip(res, sv, clip_c, clip_d, INTERPRETED)
+
     tl.store(o0 + offs, res, mask=mask)
     if NOUT > 1:
         tl.store(o1 + offs, res, mask=mask)
@@ -217,7 +242,7 @@ def _sampler_step_kernel(
         tl.store(o6 + offs, res, mask=mask)
     if NOUT > 7:
         tl.store(o7 + offs, res, mask=mask)
-    if HAS_SIDE:
+    if STORE_SIDE:
         tl.store(side_ptr + offs, sv, mask=mask)
     if HAS_FINITE:
         # only zeros are stored, by the programs that saw a non-finite prediction (a benign race)
@@ -247,7 +272,7 @@ def _padded(values, count):
 
 
 def sampler_step(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs, outs, side,
-                 finite) -> None:
+                 finite, clip=None) -> None:
     """Writes ``outs`` (and ``side``, ``finite`` when given) in place; see the module docstring.
 
     Arguments as normalized by fastdiff.ops.sampler_step.prepare (the checks are the caller's): x float32
@@ -255,8 +280,8 @@ def sampler_step(x, preds, history, seeds, streams, weights, coeffs, sample_weig
     tensors; seeds int64 [B]; streams 0..4 ints in [0, 2^32); weights K1 numbers and coeffs 2M numbers
     (M = 2 + H + D: out row c_x, c_g, c_h.., c_z.., then the side row), or placeholders when
     sample_weights [B, K1] / sample_coeffs [B, 2M] (float32) are given; outs 1..8 float32 tensors;
-    side float32 or None; finite int32 [B] or None. Everything contiguous on x's device; outs[0] may
-    be x and side may be a history buffer.
+    side float32 or None; finite int32 [B] or None; clip [c, d] host numbers or None (checked: not with
+    sample_coeffs). Everything contiguous on x's device; outs[0] may be x and side may be a history buffer.
     """
     K1, H, D, NOUT = len(preds), len(history), len(streams), len(outs)
     assert 1 <= K1 <= MAX_BRANCHES and H <= MAX_HISTORY and D <= MAX_DRAWS and 1 <= NOUT <= MAX_OUTS
@@ -265,7 +290,8 @@ def sampler_step(x, preds, history, seeds, streams, weights, coeffs, sample_weig
     n = x.numel() // B if B else 0
     if n == 0 or B == 0:
         return
-    has_side = side is not None
+    store_side = side is not None
+    has_side = store_side or clip is not None  # the side row is computed
     sample_w = sample_weights is not None
     sample_c = sample_coeffs is not None
 
@@ -309,7 +335,9 @@ def sampler_step(x, preds, history, seeds, streams, weights, coeffs, sample_weig
     p2 = [flat(p) for p in preds]
     h2 = [flat(h) for h in history]
     o2 = [flat(o) for o in outs]
-    s2 = flat(side) if has_side else None
+    s2 = flat(side) if store_side else None
+    clip_args = [None, None] if clip is None else [_f32(clip[0]), _f32(clip[1])]
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     with _device.on_device(x.device):  # Triton launches on the current device and stream
         for start in range(0, B, _MAX_GRID_Y):
             stop = min(B, start + _MAX_GRID_Y)
@@ -333,7 +361,9 @@ def sampler_step(x, preds, history, seeds, streams, weights, coeffs, sample_weig
                 *w,
                 *c_row,
                 *s_row,
+                *clip_args,
                 K1=K1, H=H, D=D, NOUT=NOUT, ZOUT=zout, ZSIDE=zside,
                 HAS_SIDE=has_side, HAS_FINITE=finite is not None, SAMPLE_W=sample_w, SAMPLE_C=sample_c,
+                STORE_SIDE=store_side, CLIP=clip is not None, INTERPRETED=interpreted and clip is not None,
                 BLOCK=BLOCK,
             )

@@ -10,6 +10,17 @@ every outs[i] receives out (the next model input's copies: the state and its K g
 and finite[b] is set to 0 when an element of any p_k of sample b is inf or NaN (it is never set
 to 1: the caller initializes it). ξ_d is the spec-v1 normal of (seeds[b], streams[d], element i).
 
+With ``clip = [c, d]`` (diffusers' ``clip_sample`` fused: c the clamp bound, d the coefficient of the clamped
+value in out; host numbers rounded once to float32, c > 0), the side row s is computed even without a side
+tensor, and then, per element in float32 in this order (three roundings, never one fused multiply-add):
+
+    s_c  = -c where s < -c, c where s > c, else s        (a NaN stays NaN, as torch.clamp)
+    t    = s_c − s;   u = d · t;   out = out + u
+    side = s_c                                            (when side is given)
+
+(With the side row the x0 estimate and d the coefficient of x0 in the step, this is the step from the clamped
+x0 with the unclipped eps.) clip is refused with per-sample coefficient rows (``coeffs`` as a tensor).
+
 Terms: x and g are always present; a history term is present when the buffer is given (0 · h is
 added: history buffers must be initialized); a noise term is present only where its coefficient is
 non-zero (a draw whose coefficients are all zero is not generated). Sums run in the order written,
@@ -32,7 +43,9 @@ require grad (``fastdiff.ops.guided_step`` is the differentiable two-branch form
 
 from __future__ import annotations
 
+import math
 import numbers
+import struct
 
 import torch
 
@@ -45,8 +58,9 @@ PRED_DTYPES = _checks.PRED_DTYPES
 MAX_BRANCHES, MAX_HISTORY, MAX_DRAWS, MAX_OUTS = 8, 4, 4, 8
 # the kernels' positional arguments (fastdiff/_backends), the keys of prepare()'s result
 KERNEL_ARGS = ("x", "preds", "history", "seeds", "streams", "weights", "coeffs", "sample_weights", "sample_coeffs",
-               "outs", "side", "finite")
-ROW_ARGS = ("streams", "weights", "coeffs", "sample_weights", "sample_coeffs")  # what with_rows adds (with seeds)
+               "outs", "side", "finite", "clip")
+# what with_rows adds (with seeds)
+ROW_ARGS = ("streams", "weights", "coeffs", "sample_weights", "sample_coeffs", "clip")
 
 
 def _row_values(name, values, count, B, device):
@@ -103,9 +117,36 @@ def _check_outputs_apart(named) -> None:
         spans.append(span)
 
 
-def prepare(x, preds, weights, history, coeffs, seeds, streams, outs, side, finite):
+def prepare(x, preds, weights, history, coeffs, seeds, streams, outs, side, finite, clip=None):
     """Checks every argument once; returns the normalized call (a dict of the kernel's arguments)."""
-    return with_rows(prepare_tensors(x, preds, history, seeds, outs, side, finite), weights, coeffs, streams)
+    return with_rows(prepare_tensors(x, preds, history, seeds, outs, side, finite), weights, coeffs, streams, clip)
+
+
+def round_f32(c) -> float:
+    """float(c) rounded to the nearest float32, as a Python float (the kernels' rounding of a host number)."""
+    try:
+        return struct.unpack("f", struct.pack("f", float(c)))[0]
+    except OverflowError:  # finite float64 beyond float32's range rounds to +-inf
+        return math.copysign(math.inf, float(c))
+
+
+def check_clip(clip, per_sample: bool):
+    """clip = [c, d] checked (c finite and > 0 in float32, d finite within float32's range), as a list of two
+    floats, or None."""
+    if clip is None:
+        return None
+    if isinstance(clip, (str, bytes, torch.Tensor)) or not hasattr(clip, "__len__"):
+        raise TypeError(f"clip must be a sequence of 2 numbers [c, d] (clamp the side row to [-c, c], out += "
+                        f"d (clamped - unclamped)), got {type(clip).__name__}")
+    if len(clip) != 2:
+        raise ValueError(f"clip must hold 2 numbers [c, d], got {len(clip)}")
+    c, d = _checks.finite_real("clip[0]", clip[0]), _checks.finite_real("clip[1]", clip[1])
+    if not c > 0 or not round_f32(c) > 0:
+        raise ValueError(f"clip[0] (the clamp bound c) must be a number > 0 (in float32), got {clip[0]!r}")
+    if per_sample:
+        raise ValueError("clip is not supported with per-sample coefficient rows (coeffs as a tensor): pass host "
+                         "coefficients")
+    return [c, d]
 
 
 def prepare_tensors(x, preds, history, seeds, outs, side, finite) -> dict:
@@ -155,9 +196,9 @@ def prepare_tensors(x, preds, history, seeds, outs, side, finite) -> dict:
     return dict(x=x, preds=preds, history=history, seeds=seeds, outs=outs, side=side, finite=finite)
 
 
-def with_rows(tensors: dict, weights, coeffs, streams) -> dict:
+def with_rows(tensors: dict, weights, coeffs, streams, clip=None) -> dict:
     """The call of :func:`prepare`: ``tensors`` (from :func:`prepare_tensors`, not modified) with the
-    branch weights, the coefficient rows and the noise streams, checked."""
+    branch weights, the coefficient rows, the noise streams and the clip, checked."""
     x, side, seeds = tensors["x"], tensors["side"], tensors["seeds"]
     B, device = x.shape[0], x.device
     if isinstance(streams, numbers.Integral) or not hasattr(streams, "__len__"):
@@ -173,14 +214,17 @@ def with_rows(tensors: dict, weights, coeffs, streams) -> dict:
         weights = (1.0,)
     host_weights, sample_weights = _row_values("weights", weights, K1, B, device)
     host_coeffs, sample_coeffs = _row_values("coeffs", coeffs, 2 * M, B, device)
+    clip = check_clip(clip, sample_coeffs is not None)
     if seeds is None:
+        side_row = side is not None or clip is not None  # the side row is computed (its draws too)
         needs_noise = D > 0 and (sample_coeffs is not None or any(
-            host_coeffs[2 + H + d] != 0 or (side is not None and host_coeffs[M + 2 + H + d] != 0) for d in range(D)))
+            host_coeffs[2 + H + d] != 0 or (side_row and host_coeffs[M + 2 + H + d] != 0) for d in range(D)))
         if needs_noise:
             raise ValueError("seeds are required when a noise coefficient is non-zero")
         seeds = torch.zeros(B, dtype=torch.int64, device=device)
     return dict(tensors, seeds=seeds, streams=streams, weights=host_weights or [0.0] * K1,
-                coeffs=host_coeffs or [0.0] * (2 * M), sample_weights=sample_weights, sample_coeffs=sample_coeffs)
+                coeffs=host_coeffs or [0.0] * (2 * M), sample_weights=sample_weights, sample_coeffs=sample_coeffs,
+                clip=clip)
 
 
 def _column(host, sample, j, B, nd):
@@ -192,7 +236,7 @@ def _column(host, sample, j, B, nd):
 
 @register_kernel("reference", "sampler_step")
 def run_reference(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs, outs, side,
-                  finite):
+                  finite, clip=None):
     """The specification on prepared arguments (see :func:`prepare`)."""
     B, nd, f32 = x.shape[0], x.dim(), torch.float32
     H, D = len(history), len(streams)
@@ -231,7 +275,14 @@ def run_reference(x, preds, history, seeds, streams, weights, coeffs, sample_wei
         return v
 
     result = row_value(0)
-    side_value = row_value(1) if side is not None else None
+    side_value = row_value(1) if side is not None or clip is not None else None
+    if clip is not None:  # clip_sample: three float32 roundings in this order (the kernels' too)
+        c, d = round_f32(clip[0]), round_f32(clip[1])
+        s_c = torch.where(side_value > c, c, torch.where(side_value < -c, -c, side_value))  # NaN stays
+        t = s_c - side_value
+        u = d * t
+        result = result + u
+        side_value = s_c
     if finite is not None:
         n = x.numel() // B if B else 0
         for q in p:
@@ -244,27 +295,28 @@ def run_reference(x, preds, history, seeds, streams, weights, coeffs, sample_wei
 
 
 def sampler_step_reference(x, preds, *, weights=None, history=(), coeffs, seeds=None, streams=(), outs=None,
-                           side=None, finite=None):
+                           side=None, finite=None, clip=None):
     """Pure-PyTorch specification of :func:`sampler_step`; returns ``outs[0]``."""
-    return run_reference(**prepare(x, preds, weights, history, coeffs, seeds, streams, outs, side, finite))
+    return run_reference(**prepare(x, preds, weights, history, coeffs, seeds, streams, outs, side, finite, clip))
 
 
 def run_kernel(name, x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs, outs, side,
-               finite):
+               finite, clip=None):
     """Runs backend ``name``'s step kernel on prepared arguments (writes outs, side, finite)."""
     if name != "reference" and not all(t is None or t.is_contiguous() for t in (x, *preds, *history, *outs, side)):
         raise ValueError("sampler_step kernels need contiguous x, preds, history, outs and side "
                          "(the sampler passes contiguous buffers; call .contiguous() on custom inputs)")
+    # clip only when given: a kernel of the twelve arguments before it keeps working
     _dispatch.kernel(name, "sampler_step")(x, preds, history, seeds, streams, weights, coeffs, sample_weights,
-                                           sample_coeffs, outs, side, finite)
+                                           sample_coeffs, outs, side, finite, *(() if clip is None else (clip,)))
     return outs[0]
 
 
 def sampler_step(x, preds, *, weights=None, history=(), coeffs, seeds=None, streams=(), outs=None, side=None,
-                 finite=None, backend=None):
+                 finite=None, clip=None, backend=None):
     """One general fused sampler step on the selected backend; see the module docstring. Returns
     ``outs[0]`` (a new tensor when ``outs`` is None)."""
-    call = prepare(x, preds, weights, history, coeffs, seeds, streams, outs, side, finite)
+    call = prepare(x, preds, weights, history, coeffs, seeds, streams, outs, side, finite, clip)
     name = _dispatch.resolve(x.device, backend)
     if name != "reference" and torch.is_grad_enabled():
         named = [("x", x), *((f"preds[{i}]", p) for i, p in enumerate(call["preds"])),
@@ -283,5 +335,5 @@ if _native.status.loaded and hasattr(torch.ops.fastdiff, "sampler_step"):
 
     @torch.library.register_fake("fastdiff::sampler_step")
     def _sampler_step_fake(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs, outs,
-                           side, finite):
+                           side, finite, clip=None):
         return None  # writes outs, side and finite in place

@@ -13,6 +13,8 @@ checked once in C++, and a run checks only its predictions and calls the kernel,
 the reference, a build without the module) and with ``native=False`` it is :class:`StepCall`, which calls the
 backend's kernel: a plan captured in a CUDA graph asks for that, since a replay runs no host code and the
 dispatcher is paid once, at capture, where the CPU stand-in of a capture (tests/graph_recorder.py) sees the op.
+
+``args`` may stop before the trailing ``clip`` (the twelve arguments before it: no clip).
 """
 
 from __future__ import annotations
@@ -25,19 +27,20 @@ from fastdiff import dispatch as _dispatch
 from fastdiff.ops.sampler_step import KERNEL_ARGS
 
 PREDS = KERNEL_ARGS.index("preds")
+CLIP = KERNEL_ARGS.index("clip")
 
 
 class StepCall:
     """A prepared call on a backend without a native one: the backend's kernel with the stored arguments."""
 
-    __slots__ = ("args", "parts", "backend", "kernel")
+    __slots__ = ("args", "parts", "backend", "kernel", "tail")
 
     def __call__(self, preds) -> None:
         if isinstance(preds, torch.Tensor):  # one batched output: its parts
             B = self.args[0].shape[0]
             split = preds.split(B) if B else [preds] * (max(self.parts) + 1)
             preds = [split[i] for i in self.parts]
-        self.kernel(self.args[0], preds, *self.args[PREDS + 1:])
+        self.kernel(self.args[0], preds, *self.args[PREDS + 1:CLIP], *self.tail)
 
 
 def _native_type(backend: str):
@@ -52,13 +55,16 @@ def step_call(backend: str, args: tuple, parts=None, native: bool = True):
     model output, the part that is each prediction (None: part i is prediction i); ``native=False``: through the
     op even where a native call exists."""
     parts = list(range(len(args[PREDS]))) if parts is None else list(parts)
+    args = tuple(args) + (None,) * (len(KERNEL_ARGS) - len(args))  # (no clip where args stop before it)
+    clip = args[CLIP]
     prepared, record = _native_type(backend)
     if native and prepared is not None:
-        call = prepared(*args, parts)
+        call = prepared(*args[:CLIP], parts) if clip is None else prepared(*args[:CLIP], parts, clip=list(clip))
     else:
         call = StepCall()
         call.kernel = getattr(record, "direct", lambda: record)()
-    call.args, call.parts, call.backend = tuple(args), parts, backend
+        call.tail = () if clip is None else (list(clip),)  # a kernel of the twelve arguments before clip keeps working
+    call.args, call.parts, call.backend = args, parts, backend
     return call
 
 

@@ -145,6 +145,8 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
     native = not a.cuda_graph  # a captured plan calls the op: its replay runs no host code (fastdiff.ops.step_call)
     stage_calls = _calls.StageCalls(buffers, pairs, result, seeds, finite, branches, backend, native)
     thresholds = Thresholds.plan(g.thresholding, stages, merged, a.path, a.prediction, g.rule, weights, device)
+    if thresholds is not None:
+        thresholds.fuse_clamps(classifier)
     model_calls = ModelCalls(stages, g.guided_at, a.cfg_batch, buffers, pairs, times, B, shape, branches, labels,
                              device)
     calls = _build_calls(stage_calls, model_calls, stages, merged, weights, thresholds, noise_feature, g, stage_key,
@@ -245,7 +247,10 @@ def _build_calls(stage_calls, model_calls, stages, merged, weights, thresholds, 
             rows, streams = st.host_noise_rows(), []
         else:
             rows, streams = st.kernel_rows(), st.streams()
-        calls.append(stage_calls.call(k, tensors, stage_weights, rows, streams, None, parts))
+        clip = None
+        if thresholds is not None and k in thresholds.clips:  # the clamp in the kernel (static clipping)
+            rows, clip = thresholds.rows_with_x0(k, rows), thresholds.clips[k][0]
+        calls.append(stage_calls.call(k, tensors, stage_weights, rows, streams, None, parts, clip))
         if new_rows is not None:
             new_rows.append(_calls.cached_rows(calls[-1]))
     if new_rows is not None:

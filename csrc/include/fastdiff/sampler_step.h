@@ -97,6 +97,14 @@ struct StepBuffers {
   float* side;                        // [B, n] or nullptr; may be a history buffer
   int32_t* finite;                    // [B] or nullptr
   int64_t B, n;                       // samples, elements per sample
+  // clip_sample (the op's clip = [c, d], float32): the side row s is computed (with or without `side`),
+  // clamped (clip_clamp) and out += d (s_c - s) (clip_update); side, if given, receives s_c. A run-time flag,
+  // uniform over the call (checked per block on the CPU, per thread on CUDA): no template dimension.
+  bool clip;
+  float clip_c, clip_d;
+
+  // Whether the side row is computed: for the side output or for the clip.
+  FASTDIFF_HD bool side_row() const { return side != nullptr || clip; }
 
   // Whether any draw may be generated (per-sample rows decide per sample and draw).
   FASTDIFF_HD bool any_draw() const {
@@ -148,6 +156,25 @@ FASTDIFF_HD T combine(const Shape& s, const SampleCoeffs& k, int row, const T& x
   }
   return v;
 }
+
+// clip_sample's clamp of a side row value s to [-c, c] (c > 0): -c where s < -c, c where s > c, else s (a NaN
+// stays NaN, as torch.clamp). Written as selects on comparisons (true for no NaN), the same on every backend.
+FASTDIFF_HD float clip_clamp(float s, float c) { return s > c ? c : (s < -c ? -c : s); }
+
+// out + d (s_c - s) with three float32 roundings in this order: t = s_c - s, u = d t, out + u. Never one fused
+// multiply-add: the product is rounded on its own (__fmul_rn on CUDA, an optimization barrier on the CPU, where
+// the compiler could otherwise contract d t + out), as the reference's separate tensor operations round it.
+#if defined(__CUDA_ARCH__)
+__device__ __forceinline__ float clip_update(float out, float s, float s_c, float d) {
+  return __fadd_rn(out, __fmul_rn(d, __fsub_rn(s_c, s)));
+}
+#else
+inline float clip_update(float out, float s, float s_c, float d) {
+  float u = d * (s_c - s);
+  asm volatile("" : "+m"(u));  // u is rounded to float32 in memory: no contraction into a fused multiply-add
+  return out + u;
+}
+#endif
 
 // Whether draw d is needed by a sample: a non-zero coefficient in either row.
 template <typename Shape>

@@ -25,7 +25,7 @@ import torch
 
 from fastdiff import _checks
 from fastdiff import dispatch as _dispatch
-from fastdiff.ops.sampler_step import sampler_step
+from fastdiff.ops.sampler_step import round_f32, sampler_step
 from fastdiff.sampling.core.calls import direct_kernel
 from fastdiff.sampling.features.thresholding import DynamicThresholding
 
@@ -110,9 +110,10 @@ class _FusedStep:
         self._fd_last_schedule = (sigmas, sigmas._version, config, schedule)
         return schedule
 
-    def _fused_step(self, x, g, rows: list, checked: bool, history=(), seeds=None, streams=(), side=None):
-        """sampler_step(x, [g], history=history, coeffs=rows, seeds=seeds, streams=streams, side=side) into a new
-        tensor, returned. ``checked``: the rows passed :func:`checked_rows` (else the general path checks them)."""
+    def _fused_step(self, x, g, rows: list, checked: bool, history=(), seeds=None, streams=(), side=None, clip=None):
+        """sampler_step(x, [g], history=history, coeffs=rows, seeds=seeds, streams=streams, side=side, clip=clip) into
+        a new tensor, returned. ``checked``: the rows (and the clip) passed the kernel's checks (:func:`checked_rows`,
+        :func:`clip_of`; else the general path checks them)."""
         out = torch.empty_like(x)
         device = x.device
         if checked and g.device == device and (not history or _like(history, x)) and not (
@@ -121,24 +122,29 @@ class _FusedStep:
             if run is None or run[0] is not self.timesteps or run[1] != device or run[4] != x.shape[0]:
                 run = self._resolve(x)
             if run[2] is not None:
-                run[2](x, [g], history, run[3] if seeds is None else seeds, streams, ONE_BRANCH, rows, None, None,
-                       [out], side, None)
+                if clip is None:
+                    run[2](x, [g], history, run[3] if seeds is None else seeds, streams, ONE_BRANCH, rows, None, None,
+                           [out], side, None)
+                else:
+                    run[2](x, [g], history, run[3] if seeds is None else seeds, streams, ONE_BRANCH, rows, None, None,
+                           [out], side, None, clip)
                 return out
         sampler_step(x, [g], history=list(history), coeffs=rows, seeds=seeds, streams=list(streams), outs=[out],
-                     side=side)
+                     side=side, clip=clip)
         return out
 
-    def _x0_step(self, model_output, timestep, sample, std: float, rows: tuple, checked: bool) -> tuple:
+    def _x0_step(self, model_output, timestep, sample, std: float, rows: tuple, checked: bool, clip=None) -> tuple:
         """(prev, x0) of a DDIM / DDPM step from its rows, with noise of ``std`` from the step's stream: one pass (x0
-        a side output), or with clip_sample or thresholding two, x0 first, thresholded or clamped as diffusers
-        does, then the step from it (history)."""
+        a side output; with clip_sample alone, ``clip`` = [c, d] clamps it in the same pass: the kernel's clip), or
+        with thresholding (or a clip_sample_range the kernel's clip refuses) two, x0 first, thresholded or clamped
+        as diffusers does, then the step from it (history)."""
         x, g = self._inputs(model_output, sample)
         seeds = self._seeds_for(x.shape[0], x.device) if std > 0 else None
         streams = [self._stream(timestep)] if std > 0 else []
-        prev, x0 = self._x0_and_step(x, g, rows, checked, seeds, streams)
+        prev, x0 = self._x0_and_step(x, g, rows, checked, seeds, streams, clip)
         return (prev if prev.dtype is sample.dtype else prev.to(sample.dtype)), x0
 
-    def _x0_and_step(self, x, g, rows: tuple, checked: bool, seeds, streams) -> tuple:
+    def _x0_and_step(self, x, g, rows: tuple, checked: bool, seeds, streams, clip=None) -> tuple:
         if len(rows) == 2:
             x0 = self._fused_step(x, g, rows[0], checked)
             if self.config.thresholding:
@@ -148,7 +154,7 @@ class _FusedStep:
                 x0.clamp_(-self.config.clip_sample_range, self.config.clip_sample_range)
             return self._fused_step(x, g, rows[1], checked, history=[x0], seeds=seeds, streams=streams), x0
         x0 = torch.empty_like(x)
-        return self._fused_step(x, g, rows[0], checked, seeds=seeds, streams=streams, side=x0), x0
+        return self._fused_step(x, g, rows[0], checked, seeds=seeds, streams=streams, side=x0, clip=clip), x0
 
     def _thresholded(self, x0: torch.Tensor) -> torch.Tensor:
         """x0 (float32 [B, ...]) thresholded per sample as diffusers' ``_threshold_sample`` does with the config's
@@ -220,6 +226,22 @@ class _FusedStep:
         sigma, for flow predictions), for the scheduler's prediction_type; None for an unknown one."""
         return {"epsilon": (1.0 / al, -sg / al), "sample": (0.0, 1.0), "v_prediction": (al, -sg),
                 "flow_prediction": (1.0, -sigma)}.get(self.config.prediction_type)
+
+
+def clip_of(config, d: float):
+    """The kernel's clip [c, d] of diffusers' clip_sample alone (c = clip_sample_range; d: the coefficient of the
+    clamped x0 in the step), or None where the step takes two passes: thresholding, no clip_sample, or a range
+    the kernel refuses (not finite > 0 in float32) or a d beyond float32's range (the two passes clamp as
+    diffusers does)."""
+    if config.thresholding or not config.clip_sample:
+        return None
+    c = config.clip_sample_range
+    if isinstance(c, bool) or not isinstance(c, (int, float)):
+        return None
+    c = float(c)
+    if not (0.0 < c <= F32_MAX and round_f32(c) > 0.0) or not checked_rows([d]):
+        return None
+    return [c, d]
 
 
 def _seeds_state(s):

@@ -9,21 +9,22 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
-from fastdiff.adapters.diffusers._fused import _FusedStep, checked_rows
+from fastdiff.adapters.diffusers._fused import _FusedStep, checked_rows, clip_of
 
 MAX_KEPT_ROWS = 1024
 
 
 class FastDiffDDIMScheduler(_FusedStep, DDIMScheduler):
-    """diffusers' ``DDIMScheduler`` with a fused ``step`` (DDIM, eta in [0, 1]; clip_sample and dynamic
-    thresholding clamp the x0 estimate between the two fused passes)."""
+    """diffusers' ``DDIMScheduler`` with a fused ``step`` (DDIM, eta in [0, 1]; clip_sample clamps the x0 estimate
+    in the one fused pass (the kernel's clip); dynamic thresholding between two fused passes)."""
 
     def set_timesteps(self, num_inference_steps: int, device=None):
         super().set_timesteps(num_inference_steps, device)
         self._fd_timesteps = None
 
     def _rows(self, t: int, prev_t: int, eta: float, use_clipped_model_output: bool) -> tuple:
-        """(std, rows of the one pass or of the two passes, whether they passed the kernel's check) of the step from
+        """(std, rows of the one pass or of the two passes, whether they passed the kernel's check, the kernel's clip
+        or None) of the step from
         training timestep t to prev_t, from the float64 alphas_cumprod (read once per scheduler: 3 torch ops per
         number otherwise)."""
         alphas_cumprod, final, config = self.alphas_cumprod, self.final_alpha_cumprod, self.config
@@ -58,7 +59,13 @@ class FastDiffDDIMScheduler(_FusedStep, DDIMScheduler):
         std = eta * math.sqrt(max(var, 0.0))
         k = math.sqrt(max(1.0 - a_prev - std * std, 0.0))
         noise = [std] if std != 0 else []
-        if self.config.thresholding or self.config.clip_sample:
+        # clip_sample alone: one pass, x0 (the side row) clamped by the kernel's clip, out += d (x0c - x0) with d
+        # the coefficient of x0 in the step: al1 with the unclipped eps, al1 - k al / be with eps recomputed from
+        # the clamped x0 (use_clipped_model_output: eps = (x - al x0c) / be)
+        clip = clip_of(self.config, al1 - k * al / be if use_clipped_model_output and self.config.clip_sample else al1)
+        if clip is not None:
+            rows = ([al1 * ax + k * ex, al1 * ag + k * eg, *noise, ax, ag, *[0.0] * len(noise)],)
+        elif self.config.thresholding or self.config.clip_sample:
             # x0 first (x0 = ax x + ag g), thresholded or clamped (diffusers' order), then the update with it as
             # the extra input
             if use_clipped_model_output:  # eps recomputed from the clamped x0
@@ -68,7 +75,7 @@ class FastDiffDDIMScheduler(_FusedStep, DDIMScheduler):
             rows = ([ax, ag, 0.0, 0.0], [c_x, c_p, c_e, *noise, 0.0, 0.0, 0.0, *[0.0] * len(noise)])
         else:
             rows = ([al1 * ax + k * ex, al1 * ag + k * eg, *noise, ax, ag, *[0.0] * len(noise)],)
-        return std, rows, all(checked_rows(r) for r in rows)
+        return std, rows, all(checked_rows(r) for r in rows), clip
 
     def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator: Optional[torch.Generator] = None,
@@ -82,9 +89,9 @@ class FastDiffDDIMScheduler(_FusedStep, DDIMScheduler):
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         t = int(timestep)
-        std, rows, checked = self._rows(t, t - self.config.num_train_timesteps // self.num_inference_steps, eta,
-                                        use_clipped_model_output)
-        prev, x0 = self._x0_step(model_output, timestep, sample, std, rows, checked)
+        std, rows, checked, clip = self._rows(t, t - self.config.num_train_timesteps // self.num_inference_steps, eta,
+                                              use_clipped_model_output)
+        prev, x0 = self._x0_step(model_output, timestep, sample, std, rows, checked, clip)
         if not return_dict:
             return prev, x0
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
-from fastdiff.adapters.diffusers._fused import _FusedStep, checked_rows
+from fastdiff.adapters.diffusers._fused import _FusedStep, checked_rows, clip_of
 from fastdiff.ops.randn import randn as fastdiff_randn
 
 MAX_KEPT_ROWS = 4096
@@ -21,9 +21,10 @@ LEARNED = ("learned", "learned_range")
 
 class FastDiffDDPMScheduler(_FusedStep, DDPMScheduler):
     """diffusers' ``DDPMScheduler`` with a fused ``step``: the posterior mean of the x0 estimate and the sample plus
-    the variance type's noise (fixed_small, fixed_small_log, fixed_large) in one kernel call; with clip_sample or
-    thresholding, x0 first, clamped, then the step from it (two calls). The noise is fastdiff's stream of the
-    per-sample seeds (``set_seeds``), added at every step but the last (t = 0), as diffusers does. A learned
+    the variance type's noise (fixed_small, fixed_small_log, fixed_large) in one kernel call, clip_sample's clamp of
+    x0 included (the kernel's clip); with thresholding, x0 first, thresholded, then the step from it (two calls).
+    The noise is fastdiff's stream of the per-sample seeds (``set_seeds``), added at every step but the last (t = 0),
+    as diffusers does. A learned
     variance (``learned``: the model's extra channels are the variance; ``learned_range``: they interpolate between
     the log of fixed_small's and fixed_large's, Nichol & Dhariwal 2021) is elementwise: the fused call gives the
     mean and x0, and the noise times the model's standard deviation is added after it (one more pass)."""
@@ -45,7 +46,7 @@ class FastDiffDDPMScheduler(_FusedStep, DDPMScheduler):
         return prev[t]
 
     def _rows(self, t: int) -> tuple:
-        """(std, rows, checked) of the step from training timestep t, from the float64 alphas_cumprod (once per
+        """(std, rows, checked, clip) of the step from training timestep t, from the float64 alphas_cumprod (once per
         scheduler and timestep)."""
         alphas_cumprod, config = self.alphas_cumprod, self.config
         memo = self.__dict__.get("_fd_rows")
@@ -83,12 +84,15 @@ class FastDiffDDPMScheduler(_FusedStep, DDPMScheduler):
             small = max((1.0 - a_prev) / (1.0 - a_t) * current_beta, 1e-20)
             std = math.sqrt(current_beta) if self.config.variance_type == "fixed_large" else math.sqrt(small)
         noise = [std] if std != 0 else []
-        if self.config.thresholding or self.config.clip_sample:
+        clip = clip_of(self.config, c_x0)  # clip_sample alone: the one pass clamps x0 (the side row), d = c_x0
+        if clip is not None:
+            rows = ([c_x + c_x0 * ax, c_x0 * ag, *noise, ax, ag, *[0.0] * len(noise)],)
+        elif self.config.thresholding or self.config.clip_sample:
             # x0 first (x0 = ax x + ag g), thresholded or clamped (diffusers' order), then the mean from it
             rows = ([ax, ag, 0.0, 0.0], [c_x, 0.0, c_x0, *noise, 0.0, 0.0, 0.0, *[0.0] * len(noise)])
         else:
             rows = ([c_x + c_x0 * ax, c_x0 * ag, *noise, ax, ag, *[0.0] * len(noise)],)
-        return std, rows, all(checked_rows(r) for r in rows)
+        return std, rows, all(checked_rows(r) for r in rows), clip
 
     def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor,
              generator: Optional[torch.Generator] = None, return_dict: bool = True):
@@ -104,8 +108,8 @@ class FastDiffDDPMScheduler(_FusedStep, DDPMScheduler):
                                  f"with 2 x sample's {channels} channels on dim 1, got {tuple(model_output.shape)}")
             model_output, predicted = model_output.split(channels, dim=1)
         t = int(timestep)
-        std, rows, checked = self._rows(t)
-        prev, x0 = self._x0_step(model_output, timestep, sample, std, rows, checked)
+        std, rows, checked, clip = self._rows(t)
+        prev, x0 = self._x0_step(model_output, timestep, sample, std, rows, checked, clip)
         if predicted is not None and t > 0:
             prev = self._add_learned_noise(prev, predicted, t, timestep)
         if not return_dict:

@@ -45,10 +45,11 @@ class StageCalls:
                                                 buffers[st.side] if st.side else None, self.finite.row(0))
         return self.checked[key]
 
-    def call(self, k: int, tensors: dict, weights, rows, streams, cached: dict | None, parts):
+    def call(self, k: int, tensors: dict, weights, rows, streams, cached: dict | None, parts, clip=None):
         """The prepared call of stage k: the rows checked (or taken from ``cached``), its finiteness row, and
-        ``parts`` (fastdiff.ops.step_call: which part of the model's batched output is each prediction)."""
-        call = dict(tensors, **cached) if cached is not None else with_rows(tensors, weights, rows, streams)
+        ``parts`` (fastdiff.ops.step_call: which part of the model's batched output is each prediction); ``clip``:
+        sampler_step's fused clamp of the side row."""
+        call = dict(tensors, **cached) if cached is not None else with_rows(tensors, weights, rows, streams, clip)
         if self.finite.enabled:  # the stage's own row of the table (rows are alike: checked with row 0)
             call["finite"] = self.finite.row(k)
         return step_call(self.backend, kernel_args(call), parts, self.native)
