@@ -121,7 +121,7 @@ def test_stable_diffusion_2_v_prediction_with_guidance_rescale(name):
     _close(den.final_latents(got, grid), want)
 
 
-@pytest.mark.parametrize("name", ["euler", "dpmpp_2m_karras"])
+@pytest.mark.parametrize("name", list(SD_SCHEDULERS))
 def test_stable_diffusion_xl(name):
     sched, method = _scheduler(name)
     pipe = diffusers.StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None,
@@ -182,7 +182,18 @@ def test_stable_diffusion_3(name):
     _close(den.final_latents(got, grid), want)
 
 
-def test_flux_with_dynamic_shifting_and_true_cfg():
+# dynamic shifting: the pipeline passes sigmas and mu to set_timesteps (diffusers' DPMSolverMultistep takes no sigmas,
+# so FluxPipeline cannot run it; SD3 runs dpmpp_2m above)
+FLUX_SCHEDULERS = {
+    "euler": (lambda: diffusers.FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64, base_shift=0.5, max_shift=1.15),
+        "euler"),
+    "ddim": (lambda: FLUX_SCHEDULERS["euler"][0](), "ddim"),
+}
+
+
+@pytest.mark.parametrize("name", list(FLUX_SCHEDULERS))
+def test_flux_with_dynamic_shifting_and_true_cfg(name):
     """FluxPipeline: packed latents, dynamic shifting (mu from the sequence length), true CFG with a negative
     prompt; the position ids are the same for every sample: ``fixed``, not batched."""
     torch.manual_seed(0)
@@ -190,9 +201,8 @@ def test_flux_with_dynamic_shifting_and_true_cfg():
                                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                                    pooled_projection_dim=8, guidance_embeds=False,
                                                    axes_dims_rope=(2, 2, 4)).eval()
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4,
-                                                          max_image_seq_len=64, base_shift=0.5, max_shift=1.15)
-    pipe = diffusers.FluxPipeline(scheduler=scheduler, vae=tiny_vae(), text_encoder=None, tokenizer=None,
+    make, method = FLUX_SCHEDULERS[name]
+    pipe = diffusers.FluxPipeline(scheduler=make(), vae=tiny_vae(), text_encoder=None, tokenizer=None,
                                   text_encoder_2=None, tokenizer_2=None, transformer=transformer)
     g, prompt, neg, _ = _inputs(seed=6)
     pooled, neg_pooled = torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g)
@@ -205,7 +215,7 @@ def test_flux_with_dynamic_shifting_and_true_cfg():
                "txt_ids": torch.zeros(prompt.shape[1], 3)}
         den = denoiser(pipe, fixed=ids)
         grid = den.grid(pipe.scheduler)  # the run's shifted sigmas
-        got = fastdiff.sample(den, None, path=den.path, prediction=den.prediction, timesteps=grid, method="euler",
+        got = fastdiff.sample(den, None, path=den.path, prediction=den.prediction, timesteps=grid, method=method,
                               cfg=4.0, y={"encoder_hidden_states": prompt, "pooled_projections": pooled},
                               null_y={"encoder_hidden_states": neg, "pooled_projections": neg_pooled},
                               noise=den.initial_state(latents, grid))
