@@ -161,6 +161,25 @@ def test_img2img_start_matches_diffusers(unet, name, config, start):
     _close(got, want)
 
 
+@pytest.mark.parametrize("steps,start", [(16, 4), (16, 12), (10, 3)])
+def test_deis_img2img_counts_lower_order_final_over_the_whole_schedule(unet, steps, start):
+    """diffusers' DEIS lowers its last orders only when the whole schedule has fewer than 15 steps, whatever the
+    begin index: 16 steps started at 4 or 12 (12 or 4 left) keep the full order to the end."""
+    init = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    ref = diffusers.DEISMultistepScheduler(solver_order=3)
+    want, _ = _loop(unet, ref, _x(), steps, start=start, init=init)
+    got, _ = _loop(unet, _ours(ref), _x(), steps, start=start, init=init)
+    _close(got, want)
+
+
+def test_singlestep_begin_index_inside_a_group_is_refused(unet):
+    """Inside a group diffusers lowers the order and keeps the whole schedule's groups; FastDiffScheduler restarts
+    the method at a group's start, so it refuses a begin index elsewhere, naming the steps it takes."""
+    ref = diffusers.DPMSolverSinglestepScheduler(solver_order=3)
+    with pytest.raises(ValueError, match=r"begin index 2 falls inside a group .*steps \[0, 3, 6, 7\]"):
+        _loop(unet, _ours(ref), _x(), 8, start=2, init=torch.zeros(2, 3, 8, 8))
+
+
 def _feed(monkeypatch, module, stream_of, seeds):
     """diffusers' randn_tensor in ``module`` answered with fastdiff's noise of stream stream_of(scheduler)."""
     state = {}

@@ -28,6 +28,8 @@ generated alone with its seed. ``generator`` is accepted and ignored.
 
 from __future__ import annotations
 
+import math
+
 import inspect
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -43,6 +45,7 @@ from fastdiff.adapters.diffusers import scheduler_map as smap
 from fastdiff.adapters.diffusers._fused import _FusedStep, checked_rows
 from fastdiff.paths import VE, CondOT
 from fastdiff.sampling.methods import get_method
+from fastdiff.sampling.methods.deis import LOWER_ORDER_FINAL_BELOW
 
 
 @dataclass
@@ -229,7 +232,27 @@ class FastDiffScheduler(_FusedStep, SchedulerMixin, ConfigMixin):
         if not 0 <= first < len(full.stages) or (first > 0 and not full.stages[first - 1].final):
             raise ValueError(f"begin index {first} is not the first stage of a step of method="
                              f"{self.config.method!r} (stages: {len(full.stages)}; pass t_start * scheduler.order)")
-        return full.stages[first].step, first
+        step = full.stages[first].step
+        if self.config.method == "dpm_singlestep" and step > 0 and step not in self._group_starts():
+            raise ValueError(f"begin index {first} falls inside a group of DPMSolverSinglestepScheduler's order list "
+                             "(diffusers lowers the order there, keeping the whole schedule's groups); fastdiff "
+                             f"restarts the method at a group's first step: steps {sorted(self._group_starts())}")
+        return step, first
+
+    def _group_starts(self) -> set:
+        """The grid steps where a DPM-Solver singlestep group starts on the whole schedule."""
+        from fastdiff.sampling.methods.dpm_singlestep import group_sizes
+
+        levels = [self._level(t) for t in self._grid]
+        skip = 1 if math.isinf(levels[0]) else 0  # a first step from alpha = 0 stands alone (DDIM's limit)
+        opts = self._options
+        sizes = group_sizes(len(self._grid) - 1 - skip, opts.get("order", 2), opts.get("lower_order_final", True),
+                            levels[-1] == 0.0)
+        starts, k = set(range(skip + 1)), skip
+        for size in sizes:
+            starts.add(k)
+            k += size
+        return starts
 
     def _plan(self, start: int, eta) -> SimpleNamespace:
         """The stage table from grid step ``start`` (a run from a begin index starts the method there: multistep
@@ -240,6 +263,9 @@ class FastDiffScheduler(_FusedStep, SchedulerMixin, ConfigMixin):
         options = dict(self._options)
         if eta is not None:
             options["eta"] = float(eta)
+        if self.config.method == "deis" and options.get("lower_order_final") and \
+                len(self._grid) - 1 >= LOWER_ORDER_FINAL_BELOW:
+            options["lower_order_final"] = False  # diffusers' DEIS counts its rule over the whole schedule
         grid = self._grid[start:]
         stages = self._record.stages(self._path, grid, "x0", **options)
         first = 0 if start == 0 else self._plan(0, None).stages.index(
