@@ -172,6 +172,12 @@ def test_deis_img2img_counts_lower_order_final_over_the_whole_schedule(unet, ste
     _close(got, want)
 
 
+def test_lms_from_a_begin_index_is_refused(unet):
+    ref = diffusers.LMSDiscreteScheduler()
+    with pytest.raises(ValueError, match=r"begin index 3: diffusers' LMSDiscreteScheduler started mid-schedule"):
+        _loop(unet, _ours(ref), _x(), 8, start=3, init=torch.zeros(2, 3, 8, 8))
+
+
 def test_singlestep_begin_index_inside_a_group_is_refused(unet):
     """Inside a group diffusers lowers the order and keeps the whole schedule's groups; FastDiffScheduler restarts
     the method at a group's start, so it refuses a begin index elsewhere, naming the steps it takes."""

@@ -233,6 +233,11 @@ class FastDiffScheduler(_FusedStep, SchedulerMixin, ConfigMixin):
             raise ValueError(f"begin index {first} is not the first stage of a step of method="
                              f"{self.config.method!r} (stages: {len(full.stages)}; pass t_start * scheduler.order)")
         step = full.stages[first].step
+        if self.config.method == "lms" and step > 0 and self._options.get("order", 4) > 1:
+            raise ValueError(f"begin index {first}: diffusers' LMSDiscreteScheduler started mid-schedule weights its "
+                             "first steps with the full order's coefficients over the one or two derivatives it has "
+                             "(its warm-up counts from step 0); fastdiff's lms restarts its warm-up, so it does not "
+                             "reproduce that: use diffusers' scheduler for img2img with LMS")
         if self.config.method == "dpm_singlestep" and step > 0 and step not in self._group_starts():
             raise ValueError(f"begin index {first} falls inside a group of DPMSolverSinglestepScheduler's order list "
                              "(diffusers lowers the order there, keeping the whole schedule's groups); fastdiff "
