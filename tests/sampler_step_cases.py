@@ -46,9 +46,9 @@ def step_inputs(B, shape, dtype, K1, H, D, *, per_w=False, per_c=False, zero_noi
             "weights": put(weights), "coeffs": put(coeffs), "seeds": put(seeds), "streams": STREAMS[:D]}
 
 
-def run_step(step, kw, *, nout=1, side=False, finite=None, alias=False):
+def run_step(step, kw, *, nout=1, side=False, finite=None, alias=False, clip=None):
     """Runs ``step`` (a function of prepare's normalized arguments) on fresh copies of the mutable
-    inputs; returns (outs, side, finite). alias: outs[0] is x and side is history[0]."""
+    inputs; returns (outs, side, finite). alias: outs[0] is x and side is history[0]; clip: sampler_step's."""
     x = kw["x"].clone()
     history = [h.clone() for h in kw["history"]]
     outs = [torch.full_like(x, 9.0) for _ in range(nout)]
@@ -59,7 +59,7 @@ def run_step(step, kw, *, nout=1, side=False, finite=None, alias=False):
             side_t = history[0]
     fin = finite.clone() if finite is not None else None
     call = prepare(x, kw["preds"], kw["weights"], history, kw["coeffs"], kw["seeds"], kw["streams"], outs, side_t,
-                   fin)
+                   fin, clip)
     step(**call)
     return outs, side_t, fin
 

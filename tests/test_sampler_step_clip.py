@@ -22,6 +22,7 @@ import torch
 
 import fastdiff
 from fastdiff.ops.sampler_step import KERNEL_ARGS, prepare, run_reference, sampler_step, sampler_step_reference
+from sampler_step_cases import run_step
 
 step_module = importlib.import_module("fastdiff.ops.sampler_step")
 
@@ -62,17 +63,7 @@ def _inputs(B, shape, dtype, K1, H, D, seed=0):
 
 def _run(kernel, kw, side, alias, clip=CLIP, nout=1):
     """(outs[0], side or None) of ``kernel`` (prepared arguments) on fresh copies of the mutable inputs."""
-    x = kw["x"].clone()
-    history = [h.clone() for h in kw["history"]]
-    outs = [torch.full_like(x, 9.0) for _ in range(nout)]
-    side_t = torch.full_like(x, 9.0) if side else None
-    if alias:
-        outs[0] = x
-        if side:
-            side_t = history[0]
-    call = prepare(x, kw["preds"], kw["weights"], history, kw["coeffs"], kw["seeds"], kw["streams"], outs, side_t,
-                   None, clip)
-    kernel(**call)
+    outs, side_t, _ = run_step(kernel, kw, nout=nout, side=side, alias=alias, clip=clip)
     for o in outs[1:]:
         assert torch.equal(o.view(torch.int32), outs[0].view(torch.int32))
     return outs[0], side_t
