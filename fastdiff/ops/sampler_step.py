@@ -144,8 +144,10 @@ def check_clip(clip, per_sample: bool):
     if not c > 0 or not round_f32(c) > 0:
         raise ValueError(f"clip[0] (the clamp bound c) must be a number > 0 (in float32), got {clip[0]!r}")
     if per_sample:
-        raise ValueError("clip is not supported with per-sample coefficient rows (coeffs as a tensor): pass host "
-                         "coefficients")
+        raise ValueError("clip is not supported with per-sample coefficient rows (coeffs as a tensor): its d, the "
+                         "step's x0 coefficient, is one host number for the batch, and a per-sample row has its own "
+                         "per sample; pass host coefficients (fastdiff.sample clamps such stages in its prediction "
+                         "hook, so clip_sample still composes with per-sample options there)")
     return [c, d]
 
 
