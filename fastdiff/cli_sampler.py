@@ -80,7 +80,8 @@ device_option.__name__ = "device"
 OWN_FLAGS = {"steps": "--steps", "cfg": "--cfg", "seed": "--seed", "method": "--method", "sigma": "--sigma",
              "guidance": "--guidance", "guidance_rescale": "--guidance-rescale", "snr": "--snr",
              "dynamic_thresholding": "--dynamic-thresholding", "corrector_steps": "--corrector-steps",
-             "step_noise": "--step-noise", "device": "--device", "progress": "--no-progress", "shape": "--size",
+             "step_noise": "--step-noise",
+             "schedule": "--schedule", "device": "--device", "progress": "--no-progress", "shape": "--size",
              "batch_size": "--batch-size (generate) or --per-class (sample)", "labels": "--labels (generate)"}
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
@@ -141,6 +142,7 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     from fastdiff.sampling.features.guidance import RULES
     from fastdiff.sampling.methods import methods  # the registry: built-in and registered samplers
     from fastdiff.sampling.core.stage import MAX_LANGEVIN_STEPS
+    from fastdiff.schedules import SCHEDULE_NAMES
 
     p.add_argument("--checkpoint", required=True, help="a checkpoint .json/.safetensors or a run's checkpoints "
                                                        "folder (newest valid one)")
@@ -154,6 +156,9 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-rescale", type=float_in(0.0, 1.0, high_open=False), default=0.0, metavar="PHI",
                    help="CFG rescale phi in [0, 1] (diffusers' guidance_rescale; with --cfg != 1)")
     p.add_argument("--steps", type=int_in(1, MAX_STEPS), default=50, help=f"sampling steps (at most {MAX_STEPS})")
+    p.add_argument("--schedule", default=None, choices=list(SCHEDULE_NAMES), metavar="NAME",
+                   help="the grid's noise schedule with its defaults (default: uniform in flow time): "
+                        + ", ".join(SCHEDULE_NAMES) + " (docs/schedules.md)")
     p.add_argument("--method", default="heun", choices=[m.name for m in methods()],
                    help="sampler (default: %(default)s). " + "; ".join(
                        f"{m.name}: {m.description}" for m in methods()).replace("%", "%%"))
@@ -178,7 +183,7 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
 def sampler_settings(args: argparse.Namespace, state: dict) -> dict:
     """fastdiff.sample's settings from the arguments and the checkpoint's objective (path, prediction)."""
     obj = state.get("objective", {})
-    return dict(steps=args.steps, cfg=args.cfg, path=obj.get("path", "condot"),
+    return dict(steps=args.steps, cfg=args.cfg, path=obj.get("path", "condot"), schedule=args.schedule,
                 prediction=obj.get("prediction", "velocity"), method=args.method, sigma=args.sigma,
                 step_noise="brownian" if args.step_noise == "brownian" else None, guidance=args.guidance,
                 guidance_rescale=args.guidance_rescale, dynamic_thresholding=args.dynamic_thresholding,

@@ -55,8 +55,9 @@ def _jsonable(name: str, value):
         return {"tensor_sha256": hashlib.sha256(data.numpy().tobytes()).hexdigest(), "shape": list(data.shape),
                 "dtype": str(data.dtype)}
     from fastdiff.paths import GaussianPath
+    from fastdiff.schedules import Schedule
 
-    if isinstance(value, GaussianPath):
+    if isinstance(value, (GaussianPath, Schedule)):  # a schedule object is a value: its repr names its options
         return repr(value)
     raise TypeError(f"{name}={value!r} cannot be recorded in the manifest: give sampler settings as numbers, strings, "
                     "lists, tensors or paths (a schedule function has no stable record; pass timesteps instead)")

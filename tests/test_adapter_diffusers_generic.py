@@ -312,9 +312,8 @@ def test_own_config_round_trips_and_a_method_can_be_chosen(unet):
 
 
 @pytest.mark.parametrize("name,config,match", [
-    ("LCMScheduler", {}, "cannot replace LCMScheduler: its consistency-model steps"),
-    ("TCDScheduler", {}, "cannot replace TCDScheduler"),
-    ("SASolverScheduler", {}, "cannot replace SASolverScheduler"),
+    ("SASolverScheduler", dict(algorithm_type="noise_prediction"), r"algorithm_type=.noise_prediction. .*needs "
+                                                                   r"algorithm_type=.data_prediction."),
     ("UniPCMultistepScheduler", {}, "FastDiffUniPCMultistepScheduler"),
     ("DDIMScheduler", {}, r"clip_sample=True .*needs clip_sample=False"),
     ("DDPMScheduler", dict(clip_sample=False, variance_type="fixed_large"), "variance_type='fixed_large'"),

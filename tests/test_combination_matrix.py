@@ -17,11 +17,11 @@ def _pairs(methods, first: str, *others: str) -> set:
 KNOWN_STRUCTURAL: set = set()
 
 # Cells refused because the pair has no meaning, exactly these (a refusal that goes or comes fails the test):
-# CFG++ on methods whose step no peer splits into a clean estimate and its re-noising (ComfyUI's dpmpp_2m_cfg_pp,
-# with its own history rule, is the new-samplers issue's); RePaint on a multistep method (a repeat would mix its
-# history); churn together with an SDE's sigma (two noises for one step).
+# CFG++ on methods whose step no peer splits into a clean estimate and its re-noising (dpmpp_2m's is ComfyUI's
+# dpmpp_2m_cfg_pp, with the unconditional history: tests/test_cfg_pp_multistep.py); RePaint on a multistep method (a
+# repeat would mix its history); churn together with an SDE's sigma (two noises for one step).
 KNOWN_REFUSED = {
-    *((m, "cfg_pp") for m in ("heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lms", "dpmpp_sde", "dpm_2")),
+    *((m, "cfg_pp") for m in ("heun", "dpmpp_2m_sde", "unipc", "lms", "dpmpp_sde", "dpm_2")),
     *((m, "repaint") for m in ("dpmpp_2m", "dpmpp_2m_sde", "unipc", "lms")),
     ("euler", "per_sample_churn", "sde_sigma"),
 }

@@ -7,14 +7,15 @@ import itertools
 import math
 
 import pytest
-import torch
 
 import fastdiff
 from fastdiff.mixtures import MixtureModel, mode_zscores, ring_mixture
 from fastdiff.paths import get_path
 from fastdiff.sampling.methods import get_method
 from fastdiff.sampling.methods.dpm_singlestep import group_sizes
-from test_sample import N, _quadratic_grid, _single_gaussian, _zmax
+import convergence
+from convergence import flow_map_errors
+from test_sample import N, _quadratic_grid, _zmax
 
 
 def _runs(orders):
@@ -53,20 +54,8 @@ CONVERGENCE = [
 def test_convergence_order(options, path, prediction, order):
     """Error against the exact flow map of a Gaussian on [0.05, 0.95] (no singular end): with lower_order_final=False
     and step counts divisible by the order every group is a full one, and the slopes of log error are the order."""
-    g = _single_gaussian()
-    model = MixtureModel(g, path, prediction)
-    t0, t1 = 0.05, 0.95
-    al, be = get_path(path).coefficients(t0)[:2]
-    x0 = (be * torch.randn(256, 2, generator=torch.Generator().manual_seed(0)).double()
-          + al * torch.tensor([1.0, -2.0], dtype=torch.float64))
-    exact = g.flow_map(x0, t0, t1, path)
-    errors = []
-    for n in (24, 48, 96):
-        grid = [t0 + (t1 - t0) * i / n for i in range(n + 1)]
-        x = fastdiff.sample(model, None, noise=x0.float(), path=path, prediction=prediction, method="dpm_singlestep",
-                            timesteps=grid, lower_order_final=False, **options)
-        errors.append(float((x.double() - exact).norm(dim=1).mean()))
-    slopes = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
+    errors = flow_map_errors("dpm_singlestep", path, prediction, (24, 48, 96), lower_order_final=False, **options)
+    slopes = convergence.slopes(errors)
     assert all(order - 0.35 < s < order + 0.6 for s in slopes), (errors, slopes)
 
 

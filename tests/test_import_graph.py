@@ -35,7 +35,7 @@ LAYERS = (
     ("base", ("fastdiff/_checks.py", "fastdiff/_native.py", "fastdiff/_build.py", "fastdiff/_version.py",
               "fastdiff/paths.py", "fastdiff/gaussian_paths.py")),
     ("ops", ("fastdiff/dispatch.py", "fastdiff/_backends/*", "fastdiff/kernels/*", "fastdiff/ops/*")),
-    ("paths", ("fastdiff/schedules.py", "fastdiff/mixtures.py", "fastdiff/mixture_conditionals.py")),
+    ("paths", ("fastdiff/schedules/*", "fastdiff/mixtures.py", "fastdiff/mixture_conditionals.py")),
     ("sampling.core", ("fastdiff/sampling/core/*",)),
     ("sampling.methods", ("fastdiff/sampling/methods/*",)),
     ("sampling.features", ("fastdiff/sampling/features/*",)),

@@ -20,9 +20,30 @@ from fastdiff.sampling.methods import Method, get_method, method_names, methods,
 
 BUILTIN = ("euler", "heun", "ddim", "ddpm", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde",
            "ipndm", "ipndm_v", "lms", "pndm", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "unipc",
-           "deis", "dpm_singlestep", "annealed_langevin", "reverse_diffusion")  # registration order
+           "deis", "dpm_singlestep", "res_multistep", "res_multistep_ancestral", "seeds_2", "exp_heun_2_x0",
+           "exp_heun_2_x0_sde", "seeds_3", "er_sde", "euler_ancestral_RF", "dpm_2_ancestral_RF",
+           "dpmpp_2s_ancestral_RF", "heunpp2", "gradient_estimation", "lcm", "tcd", "cm_multistep", "sa_solver",
+           "sa_solver_pece", "dpm_fast", "dpm_adaptive", "annealed_langevin", "reverse_diffusion")  # registration order
 CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
-LAST_STEP_EULER = ("dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde")  # one evaluation to sigma = 0
+# one evaluation on the step to sigma = 0 (k-diffusion's and ComfyUI's two-stage methods)
+LAST_STEP_EULER = ("dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "seeds_2", "exp_heun_2_x0",
+                   "exp_heun_2_x0_sde", "dpm_2_ancestral_RF", "dpmpp_2s_ancestral_RF")
+
+
+SA_SOLVER = ("eta", "sde_start_percent", "sde_end_percent", "s_noise", "predictor_order", "corrector_order",
+             "simple_order_2", "lower_order_final")
+# issue 33's methods: their sample() options (ComfyUI's / diffusers' names)
+NEW_OPTIONS = {"res_multistep": (), "res_multistep_ancestral": ("eta", "s_noise"),
+               "seeds_2": ("eta", "s_noise", "r", "solver_type"), "exp_heun_2_x0": ("solver_type",),
+               "exp_heun_2_x0_sde": ("eta", "s_noise", "solver_type"), "seeds_3": ("eta", "s_noise", "r_1", "r_2"),
+               "er_sde": ("solver_type", "max_stage", "eta", "s_noise"), "euler_ancestral_RF": ("eta", "s_noise"),
+               "dpm_2_ancestral_RF": ("eta", "s_noise"), "dpmpp_2s_ancestral_RF": ("eta", "s_noise"), "heunpp2": CHURN,
+               "gradient_estimation": ("ge_gamma",), "lcm": ("s_noise", "s_noise_end", "timestep_scaling"),
+               "tcd": ("eta",), "cm_multistep": ("sigma_min", "s_noise", "sigma_data"),
+               "dpm_fast": ("eta", "s_noise"),
+               "sa_solver": SA_SOLVER, "sa_solver_pece": SA_SOLVER,
+               "dpm_adaptive": ("order", "rtol", "atol", "h_init", "pcoeff", "icoeff", "dcoeff", "accept_safety", "eta",
+                                "s_noise")}
 
 
 def _takers(option: str) -> str:
@@ -37,7 +58,11 @@ def test_registry_lists_the_builtin_methods_in_order():
     evals = {"euler": 1, "heun": 2, "ddim": 1, "ddpm": 1, "dpmpp_2m": 1, "euler_ancestral": 1, "dpmpp_2m_sde": 1,
              "dpmpp_3m_sde": 1, "lms": 1, "dpm_2": 2, "dpm_2_ancestral": 2, "dpmpp_2s_ancestral": 2, "dpmpp_sde": 2,
              "ipndm": 1, "ipndm_v": 1, "unipc": 1, "deis": 1, "annealed_langevin": "n_steps_each",
-             "reverse_diffusion": 1, "pndm": 1, "dpm_singlestep": 1}
+             "reverse_diffusion": 1, "pndm": 1, "dpm_singlestep": 1, "res_multistep": 1, "res_multistep_ancestral": 1,
+             "seeds_2": 2, "exp_heun_2_x0": 2, "exp_heun_2_x0_sde": 2, "seeds_3": 3, "er_sde": 1,
+             "euler_ancestral_RF": 1, "dpm_2_ancestral_RF": 2, "dpmpp_2s_ancestral_RF": 2, "heunpp2": 3,
+             "gradient_estimation": 1, "lcm": 1, "tcd": 1, "cm_multistep": 1, "sa_solver": 1, "sa_solver_pece": 2,
+             "dpm_fast": 3, "dpm_adaptive": 3}
     assert {n: m.evals_per_step for n, m in records.items()} == evals
     assert coefficients.EVALS_PER_STEP == evals
     assert {n: m.options for n, m in records.items()} == {"euler": ("sigma", *CHURN), "heun": CHURN, "ddim": ("eta",),
@@ -54,7 +79,7 @@ def test_registry_lists_the_builtin_methods_in_order():
                                                                             "lower_order_final"),
                                                          "unipc": ("order", "solver_type", "lower_order_final"),
                                                          "annealed_langevin": ("n_steps_each", "step_lr", "denoise"),
-                                                         "reverse_diffusion": ()}
+                                                         "reverse_diffusion": (), **NEW_OPTIONS}
     assert records["euler_ancestral"].defaults == {"eta": 1.0, "s_noise": 1.0}
     assert records["ddpm"].defaults == {"variance_type": "fixed_small"}
     assert records["dpmpp_2m_sde"].defaults == {"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint"}
@@ -112,7 +137,9 @@ def _hash(tables):
     # the fields of the original Stage; a later field (history, more_draws, start_churn, brownian_terms, corrector) enters
     # only where a stage uses it
     later = {"history": (), "more_draws": (), "start_churn": None, "brownian_terms": (), "corrector": None}
-    derived = {"cfg_pp"}  # a share of c_pred, computed from the same conversions (checked in test_guidance.py)
+    # CFG++'s share of c_pred, side blend and form: computed from the same conversions (test_guidance.py,
+    # test_cfg_pp_multistep.py)
+    derived = {"cfg_pp", "side_blend", "cfg_pp_form"}
 
     def fields(s):
         return tuple(dataclasses.astuple(s)[i] for i, f in enumerate(dataclasses.fields(s))
@@ -152,10 +179,18 @@ def test_coefficients_match_closed_forms():
         assert st.c_pred == pytest.approx(be1 - al1 * be / al, rel=1e-12, abs=1e-15)
     # evaluations per step: the stage count on a path without a singular end point (k-diffusion's
     # two-stage methods take one Euler evaluation on the step to sigma = 0)
+    # evaluations fewer than evals() x steps: seeds_3 takes one on the step to sigma = 0, heunpp2 two on it and one on
+    # the step before; annealed Langevin's Tweedie step and PLMS's Heun first step take one more
+    fewer = {**dict.fromkeys(LAST_STEP_EULER, 1), "seeds_3": 2, "heunpp2": 3, "annealed_langevin": -1, "pndm": -1,
+             "sa_solver_pece": 1}  # (PECE: no correction, so one evaluation, on the first step)
     for m in methods():
-        # annealed Langevin's Tweedie step and PLMS's Heun first step: one evaluation more
-        last = 1 if m.name in LAST_STEP_EULER else -1 if m.name in ("annealed_langevin", "pndm") else 0
-        assert len(build_stages(m.name, get_path("condot"), grid, "velocity")) == m.evals() * (len(grid) - 1) - last
+        if m.run is not None:  # dpm_adaptive: steps chosen while sampling, no table
+            continue
+        stages = build_stages(m.name, get_path("condot"), grid, "velocity")
+        if m.step_grid is not None:  # dpm_fast: the grid's steps are its budget of evaluations
+            assert len(stages) == len(grid) - 1
+            continue
+        assert len(stages) == m.evals() * (len(grid) - 1) - fewer.get(m.name, 0), m.name
 
 
 # ---- adding a method is one decorated function -----------------------------------------------------------

@@ -3,6 +3,11 @@ table (50 steps on CondOT, one branch, a kept prediction, no model) exactly as t
 history buffers, side outputs and draws cost bandwidth; a case's bytes are what its calls must move
 (reads of x, the prediction and the history, writes of the outputs, 4 bytes an element each), so the
 report's GB/s and its ratio to Euler's time say what each extra buffer costs.
+
+Next to each, "<method> loop": a reused fastdiff.Sampler running the same 50 evaluations with a free model (it
+returns a kept tensor), i.e. the whole loop around the model; its time over the fused calls' time is the loop's own
+cost per step relative to the fused step (issue 33's bound: within 1.2x). dpm_adaptive, which chooses its steps
+while it samples, has no stage table and no case.
 """
 
 from __future__ import annotations
@@ -21,10 +26,7 @@ def _calls(method, n: int, device) -> tuple[list, int]:
     from fastdiff.sampling.core.calls import kernel_args as _kernel_args
 
     path = get_path("condot")
-    grid = [i / STEPS for i in range(STEPS + 1)]
-    options = {k: v for k, v in method.option_values().items() if k in method.options}
-    if "sigma" in options:
-        options["sigma"] = None  # the ODE form: Euler's row is the baseline
+    grid, options = _grid_and_options(method)
     stages = method.stages(path, grid, "velocity", **options)
     g = torch.Generator().manual_seed(0)
     per = n // BATCH
@@ -48,6 +50,45 @@ def _calls(method, n: int, device) -> tuple[list, int]:
     return calls, 4 * elements
 
 
+def _grid_and_options(method) -> tuple[list[float], dict]:
+    """50 steps on CondOT from t = 0, or from t = 1e-3 for a method that steps in log sigma from its first time
+    (dpm_fast), and the method's default options (sigma: the ODE form, Euler's row being the baseline)."""
+    options = {k: v for k, v in method.option_values().items() if k in method.options}
+    if "sigma" in options:
+        options["sigma"] = None
+    t0 = 1e-3 if method.step_grid is not None else 0.0
+    return [t0 + (1 - t0) * i / STEPS for i in range(STEPS + 1)], options
+
+
+class _FreeModel:
+    """A model that costs nothing: returns one kept tensor of x's shape (not x itself, which would let the step
+    read its prediction from the state's cache lines: the fused calls above read a buffer of their own)."""
+
+    def __init__(self):
+        self.out = None
+
+    def __call__(self, x, t, y=None):
+        if self.out is None or self.out.shape != x.shape or self.out.device != x.device:
+            self.out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.device)
+        return self.out
+
+
+def _loop(method, n: int, device):
+    """A reused Sampler of ``method`` whose table has about STEPS stages, with the free model; (run, stages)."""
+    import fastdiff
+
+    grid, options = _grid_and_options(method)
+    steps = STEPS if method.step_grid is not None else max(1, STEPS // method.evals(**options))
+    grid = [grid[0] + (1 - grid[0]) * i / steps for i in range(steps + 1)]
+    options.pop("sigma", None)
+    sampler = fastdiff.Sampler(_FreeModel(), None, shape=(n // BATCH,), batch_size=BATCH, path="condot",
+                               prediction="velocity", method=method.name, timesteps=grid, device=device,
+                               **options)
+    stages = len(method.stages(fastdiff.paths.get_path("condot"), grid, "velocity",
+                               **({"sigma": None} if "sigma" in method.options else {}), **options))
+    return (lambda: sampler(seed=0)), stages
+
+
 def method_cases(n: int, device="cpu", impls=None) -> list[Case]:
     """One case per registered method: the first 50 kernel calls of its 50-step table, i.e. 50 model
     evaluations' fused steps (median / 50 = the time per evaluation), the baseline being Euler's."""
@@ -57,7 +98,9 @@ def method_cases(n: int, device="cpu", impls=None) -> list[Case]:
     kernel = dispatch.kernel(dispatch.resolve(torch.device(device)), "sampler_step")
     out = []
     for method in methods():
-        if impls is not None and method.name not in impls:
+        if impls is not None and method.name not in impls and f"{method.name} loop" not in impls:
+            continue
+        if method.run is not None:  # steps chosen while sampling: no table of kernel calls to time
             continue
         calls, nbytes = _calls(method, n, device)
 
@@ -65,8 +108,14 @@ def method_cases(n: int, device="cpu", impls=None) -> list[Case]:
             for args in calls:
                 kernel(*args)
 
-        out.append(Case("methods", method.name, n, "fp32", run, nbytes,
-                        f"{STEPS} evaluations' steps, {nbytes / STEPS / n:.1f} bytes per element and evaluation"))
+        if impls is None or method.name in impls:
+            out.append(Case("methods", method.name, n, "fp32", run, nbytes,
+                            f"{STEPS} evaluations' steps, {nbytes / STEPS / n:.1f} bytes per element and evaluation"))
+        if impls is None or f"{method.name} loop" in impls:
+            loop, stages = _loop(method, n, device)
+            out.append(Case("methods", f"{method.name} loop", n, "fp32", loop, nbytes * stages // STEPS,
+                            f"a reused Sampler, {stages} stages with a free model (per stage: divide by {stages}; "
+                            f"the fused calls above: by {STEPS})"))
     if impls is None or "brownian_noise" in impls:
         calls, nbytes = _brownian_calls(n, device)
 

@@ -11,11 +11,12 @@ from fastdiff.sampling.methods.registry import get_method
 from fastdiff.sampling.sampler import sample
 
 
-def invert(model, x: torch.Tensor, steps: int | None = 50, cfg: float = 1.0, *, timesteps=None, path="condot",
-           prediction: str = "velocity", method: str = "heun", **kwargs) -> torch.Tensor:
+def invert(model, x: torch.Tensor, steps: int | None = 50, cfg: float = 1.0, *, timesteps=None, schedule=None,
+           path="condot", prediction: str = "velocity", method: str = "heun", **kwargs) -> torch.Tensor:
     """Inversion: integrate the probability-flow ODE from the data ``x`` [B, *shape] (t = the grid's end, 1 by
     default) back to noise (its start), on the reversed grid that ``fastdiff.sample`` with the same ``steps`` /
-    ``timesteps``, path, prediction and method runs, so that ``sample(model, steps, noise=invert(model, x, steps))``
+    ``timesteps`` (or ``schedule``, fastdiff.schedules), path, prediction and method runs, so that
+    ``sample(model, steps, noise=invert(model, x, steps))``
     gives x back up to the discretization error of both ways. Methods registered with inverts=True (heun,
     euler, ddim: DDIM inversion, dpmpp_2m, deis, ipndm, unipc); the multistep ones step in the noise level,
     infinite at t = 1, so their grid must end below 1 (``timesteps``). ``kwargs`` are sample()'s (y, cfg,
@@ -27,7 +28,8 @@ def invert(model, x: torch.Tensor, steps: int | None = 50, cfg: float = 1.0, *, 
     if not bool(torch.isfinite(x).all()):  # else the first model call is blamed for the data's inf/NaN
         raise ValueError("x (the data to invert) holds inf or NaN")
     record = get_method(method)
-    grid = time_grid(steps, timesteps, get_path(path), check_prediction(prediction), record.needed_conversions())
+    grid = time_grid(steps, timesteps, get_path(path), check_prediction(prediction), record.needed_conversions(),
+                     schedule=schedule)
     if grid[0] > grid[-1]:
         raise ValueError("timesteps: give the sampling grid (increasing, noise to data); invert runs it backwards")
     return sample(model, None, cfg, noise=x, timesteps=grid[::-1], path=path, prediction=prediction, method=method,

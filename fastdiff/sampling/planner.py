@@ -20,7 +20,7 @@ from fastdiff.sampling.core.plan import Plan
 from fastdiff.sampling.core.scratch import POOL
 from fastdiff.sampling.core.tables import ModelTimes, stage_tables
 from fastdiff.sampling.features import callback as _callback, corrector as _corrector, step_noise as _step_noise
-from fastdiff.sampling.features import per_sample
+from fastdiff.sampling.features import guidance as _guidance, per_sample
 from fastdiff.sampling.features.classifier import ClassifierGuidance, singular_at_zero
 from fastdiff.sampling.features.editing import check_direction, editing, strength_grid
 from fastdiff.sampling.features.conditions import guidance_arguments
@@ -67,16 +67,21 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
                                         a.path, a.prediction, device, a.check_finite)
     needed = a.record.needed_conversions(**a.values) + (("score", "x0") if a.correcting else ())
     grid = strength_grid(time_grid(a.steps, a.timesteps, a.path, a.prediction, needed,
-                                   start_late=classifier is not None and singular_at_zero(a.path, a.prediction)),
+                                   start_late=classifier is not None and singular_at_zero(a.path, a.prediction),
+                                   schedule=a.schedule),
                          a.strength)
     # sigma is evaluated (and checked) here, so that the builder's ValueErrors are the conversions' own
     sigma_at = {t: a.sigma_fn(t) for t in grid[:-1]} if a.stochastic else None
     a.values["sigma"] = tuple(sigma_at.values()) if a.stochastic else None  # hashable; the builders get a function
     check_direction(grid, a.record, a.values, a.step_noise)
+    call_grid = grid  # the builder's; a method with steps of its own (dpm_fast) gives the plan's grid
+    if a.record.step_grid is not None:
+        grid = a.record.step_grid(a.path, grid, **{k: v for k, v in a.values.items() if k in a.record.options})
     # the stage-table transforms, applied to each per-sample setting's table before they merge
-    transforms = [t for t in (_corrector.transform(a.corrector_steps, a.snr, a.path, grid, a.prediction), classifier)
+    transforms = [t for t in (_guidance.cfg_pp_forms(g),  # CFG++'s own form of a stage, first: it is the method's
+                              _corrector.transform(a.corrector_steps, a.snr, a.path, grid, a.prediction), classifier)
                   if t is not None]
-    stages, merged, stage_key = stage_tables(a.record, a.path, a.path_arg, a.prediction, grid, a.values,
+    stages, merged, stage_key = stage_tables(a.record, a.path, a.path_arg, a.prediction, call_grid, a.values,
                                              a.per_sample_values, B, sigma_at, transforms)
     check_direction(grid, a.record, a.values, a.step_noise, stages)  # a decreasing grid: inversion, deterministic
     if classifier is not None:
@@ -149,8 +154,11 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
         thresholds.fuse_clamps(classifier)
     model_calls = ModelCalls(stages, g.guided_at, a.cfg_batch, buffers, pairs, times, B, shape, branches, labels,
                              device)
+    # CFG++'s side rows on a blend of their own (the unconditional history): their calls, and the stages' without side
+    side_calls = _guidance.side_calls(g, stages, weights, stage_calls, merged, thresholds)
+    own_sides = side_calls.stages if side_calls else frozenset()
     calls = _build_calls(stage_calls, model_calls, stages, merged, weights, thresholds, noise_feature, g, stage_key,
-                         device)
+                         device, own_sides)
     spans = _spans(stages)
     plan = Plan(stages=stages, grid=grid, kernel=kernel, calls=[calls], spans=spans, model_calls=model_calls,
                 times=times, x=x, x_outs=x_outs, result=result if result is not None else x, seeds=seeds,
@@ -199,6 +207,8 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
         plan.add("predictions", classifier.hook(plan, buffers))
     if weights.per_sample:
         plan.add("predictions", lambda k, preds: weights.update(k, preds, backend))
+    if side_calls is not None:  # after the per-sample weights, before thresholding replaces the predictions
+        plan.add("predictions", side_calls)
     if thresholds is not None:
         plan.add("predictions", thresholds.hook(buffers, weights, classifier))
     if a.callback is not None:
@@ -213,7 +223,7 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
         if edit.resample > 1 and a.step_noise is not None:
             no_noise = _step_noise.plan(None, False, stages, grid)
             free = _build_calls(stage_calls, model_calls, stages, merged, weights, thresholds, no_noise, g, stage_key,
-                                device)
+                                device, own_sides)
         edit.plan(plan, a.path, backend, free)
     plan.keep += [noise_buf, start_rows, noise_calls, zeros]
     ns.scratch, ns.noise_buf, ns.beta0, ns.merged, ns.backend = scratch, noise_buf, beta0, merged, backend
@@ -221,8 +231,9 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
 
 
 def _build_calls(stage_calls, model_calls, stages, merged, weights, thresholds, noise_feature, g, stage_key,
-                 device) -> list:
-    """One prepared kernel call per stage, its rows from ROW_CACHE when nothing in them is per sample."""
+                 device, own_sides=frozenset()) -> list:
+    """One prepared kernel call per stage, its rows from ROW_CACHE when nothing in them is per sample; the stages in
+    ``own_sides`` write no side (a call of their own does: CFG++'s side blend)."""
     row_key = (stage_key, weights.key, g.interval, noise_feature.key, thresholds.key if thresholds else None)
     cache_rows = merged is None and not weights.per_sample and not (thresholds and thresholds.per_sample)
     stage_rows = _calls.ROW_CACHE.get(row_key) if cache_rows else None
@@ -235,7 +246,7 @@ def _build_calls(stage_calls, model_calls, stages, merged, weights, thresholds, 
         host_noise = noise_feature.reads_buffer(k)
         history = st.history_buffers() + (("noise",) if host_noise else ())
         n_preds = weights.n_preds(k) if two_branch else 1 if one_pred else weights.K  # K: the conditions alone
-        tensors = stage_calls.tensors(st, n_preds, history, k == last)
+        tensors = stage_calls.tensors(st, n_preds, history, k == last, side=k not in own_sides)
         parts = model_calls.parts(k, n_preds)
         if stage_rows is not None:
             calls.append(stage_calls.call(k, tensors, None, None, None, stage_rows[k], parts))

@@ -19,7 +19,8 @@ ARGUMENTS = """Sample ``[B, *shape]`` from ``model(x, t, y)`` by integrating fro
     Args:
         model: callable ``model(x, t, y)`` → prediction of type ``prediction`` (same shape as x); t is
             a float32 tensor [B] in flow time.
-        steps: number of steps (grid of steps + 1 times, uniform in t unless ``timesteps`` is given).
+        steps: number of steps (grid of steps + 1 times, uniform in t unless ``schedule`` or ``timesteps`` is
+            given).
         cfg: classifier-free guidance scale w: p = p_null + w (p_y - p_null); 1 means one pass. A callable
             t -> w is a schedule, evaluated at each model evaluation's time (two branches throughout).
         shape: per-sample shape (taken from ``noise`` when given).
@@ -39,6 +40,13 @@ ARGUMENTS = """Sample ``[B, *shape]`` from ``model(x, t, y)`` by integrating fro
         **options: further options of the chosen method (fastdiff.sampling.methods(); docs/sampling.md);
             EDM's churn options (s_churn, s_tmin, s_tmax, s_noise of euler, heun, dpm_2) also per sample, as
             a list or 1-D tensor of B values (per-sample model times and coefficient rows).
+        schedule: the grid's schedule by name, with its defaults: ComfyUI's "normal", "karras", "exponential",
+            "sgm_uniform", "simple", "ddim_uniform", "beta", "linear_quadratic", "kl_optimal"; diffusers'
+            timestep_spacing "leading", "trailing", "linspace"; "align_your_steps" ("ays_sd15", "ays_sdxl",
+            "ays_svd"), "gits"; k-diffusion's "polyexponential", "vp", "laplace"; "shifted" (diffusers' FlowMatch
+            shift, dynamic mu, time_shift_type, shift_terminal) — or a schedule object with options, e.g.
+            fastdiff.schedules.Karras(rho=7.0), Beta(alpha=0.6, beta=0.6), Shifted(image_seq_len=4096). Computed in
+            the peer's noise coordinate and mapped to flow time on ``path`` (docs/schedules.md). Not with timesteps.
         timesteps: explicit increasing grid in [0, 1] (steps + 1 times); a decreasing one integrates from data
             to noise (inversion: fastdiff.invert) with a deterministic method registered with inverts=True.
         guidance_interval: (t_lo, t_hi): guidance only for t_lo <= t <= t_hi, one pass elsewhere.
@@ -95,11 +103,29 @@ ARGUMENTS = """Sample ``[B, *shape]`` from ``model(x, t, y)`` by integrating fro
 
 # sample()'s keyword arguments and their defaults (any other keyword is a method option)
 DEFAULTS = dict(shape=None, y=None, null_y=None, seed=0, noise=None, path="condot", prediction="velocity",
-                method="euler", sigma=0.0, eta=None, timesteps=None, guidance_interval=None, cfg_batch=True,
-                batch_size=None, backend=None, progress=False, callback=None, device=None, check_finite=True,
-                cuda_graph=False, step_noise=None, guidance=None, guidance_rescale=0.0, conditions=None,
-                dynamic_thresholding=None, clip_sample=None, classifier=None, classifier_scale=1.0, classifier_y=None,
-                init=None, strength=None, known_mask=None, resample=1, corrector_steps=0, snr=0.16)
+                method="euler", sigma=0.0, eta=None, timesteps=None, schedule=None, guidance_interval=None,
+                cfg_batch=True, batch_size=None, backend=None, progress=False, callback=None, device=None,
+                check_finite=True, cuda_graph=False, step_noise=None, guidance=None, guidance_rescale=0.0,
+                conditions=None, dynamic_thresholding=None, clip_sample=None, classifier=None, classifier_scale=1.0,
+                classifier_y=None, init=None, strength=None, known_mask=None, resample=1, corrector_steps=0, snr=0.16)
+
+
+class _Runs(dict):
+    """The registered methods with a ``run`` (steps chosen while sampling), looked up by name on each call."""
+
+    def __contains__(self, name) -> bool:
+        from fastdiff.sampling.methods.registry import _REGISTRY
+
+        record = _REGISTRY.get(name)
+        return record is not None and record.run is not None
+
+    def __getitem__(self, name):
+        from fastdiff.sampling.methods.registry import _REGISTRY
+
+        return _REGISTRY[name].run
+
+
+_RUNS = _Runs()
 
 
 class Sampler:
@@ -109,6 +135,9 @@ class Sampler:
     device or label layout builds a new plan). Returns a new tensor each call. The arguments are sample()'s."""
 
     def __init__(self, model, steps: int | None = 50, cfg: float = 1.0, **kwargs):
+        if isinstance(kwargs.get("method"), str) and kwargs["method"] in _RUNS:
+            raise ValueError(f"method={kwargs['method']!r} chooses its steps while it samples and has no plan to keep: "
+                             "call fastdiff.sample")
         self._kw = {**DEFAULTS, **{k: v for k, v in kwargs.items() if k in DEFAULTS}}
         self._kw["options"] = {k: v for k, v in kwargs.items() if k not in DEFAULTS}
         self._model, self._steps, self._cfg = model, steps, cfg
@@ -295,6 +324,9 @@ def _run_graph(plan, ns, a) -> tuple:
 
 @torch.no_grad()  # a sampler never backpropagates: model calls keep no activations for backward
 def sample(model, steps: int | None = 50, cfg: float = 1.0, **kwargs) -> torch.Tensor:
+    method = kwargs.get("method")
+    if isinstance(method, str) and method in _RUNS:  # a method that chooses its steps while it samples
+        return _RUNS[method](model, steps, cfg, DEFAULTS, **kwargs)
     key = plan_cache.key_of(model, steps, cfg, kwargs)
     if key is not None:  # a small call: its plan is kept and reused by the next one like it (plan_cache)
         entry = plan_cache.take(key, model)

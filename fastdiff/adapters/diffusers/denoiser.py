@@ -2,7 +2,8 @@
 diffusers' own sampling loops, with the grid of a scheduler and the timesteps it would hand the network.
 
     den = denoiser(pipe)                                    # pipe.unet / pipe.transformer and pipe.scheduler
-    grid = den.timesteps(30, sigmas="karras")               # or den.grid(scheduler) after its set_timesteps
+    grid = den.timesteps(30, sigmas="karras")               # or den.grid(scheduler) after its set_timesteps,
+                                                            # or den.timesteps(30, schedule="align_your_steps")
     y, null_y = {"encoder_hidden_states": emb}, {"encoder_hidden_states": neg}
     x = fastdiff.sample(den, None, path=den.path, prediction=den.prediction, timesteps=grid, method="dpmpp_2m",
                         y=y, null_y=null_y, cfg=7.5, noise=den.initial_state(latents, grid))
@@ -105,10 +106,26 @@ class Denoiser(DiffusersModel):
         self._on_device = {}
         return grid
 
-    def timesteps(self, steps: int, sigmas: Optional[str] = None, scheduler_class=None, **config) -> list[float]:
+    def timesteps(self, steps: int, sigmas: Optional[str] = None, scheduler_class=None, schedule=None,
+                  **config) -> list[float]:
         """The grid of ``steps`` steps of the scheduler class (default: the one given, else diffusers' Euler for
         DDPM-trained networks and FlowMatchEuler for flow ones) made from this denoiser's config, with
-        ``sigmas`` "karras", "exponential" or "beta" (diffusers' use_*_sigmas) and further config overrides."""
+        ``sigmas`` "karras", "exponential" or "beta" (diffusers' use_*_sigmas) and further config overrides.
+
+        ``schedule``: instead, a fastdiff schedule by name or object (fastdiff.schedules: "karras", "normal",
+        "beta", "align_your_steps", "gits", "trailing", Shifted(image_seq_len=...), ...) on this denoiser's path,
+        computed from the training schedule's own levels (a DDPM network's sigmas, ComfyUI's model_sampling)."""
+        if schedule is not None:
+            if sigmas is not None or scheduler_class is not None or config:
+                raise ValueError("schedule: give its options to the schedule object (fastdiff.schedules), not "
+                                 "together with sigmas, scheduler_class or scheduler config")
+            from fastdiff.schedules import get_schedule
+
+            schedule = get_schedule(schedule)
+            table = None if self.prediction_type == "flow" else self._log_sigmas.exp().tolist()
+            grid = schedule.grid(steps, self.path, levels=table)
+            self._on_grid, self._on_device = None, {}  # the network's timesteps: the continuous map of each time
+            return grid
         import diffusers
 
         if scheduler_class is None:
@@ -117,7 +134,8 @@ class Denoiser(DiffusersModel):
                 else diffusers.EulerDiscreteScheduler)
         if sigmas is not None:
             if sigmas not in SIGMA_OPTIONS:
-                raise ValueError(f"sigmas must be one of {', '.join(SIGMA_OPTIONS)} or None, got {sigmas!r}")
+                raise ValueError(f"sigmas must be one of {', '.join(SIGMA_OPTIONS)} or None, got {sigmas!r} "
+                                 "(diffusers' use_*_sigmas; fastdiff's named schedules: schedule=...)")
             config[SIGMA_OPTIONS[sigmas]] = True
         known = {k: v for k, v in self._config.items() if not k.startswith("_")}
         scheduler = scheduler_class.from_config({**known, **config})

@@ -43,9 +43,12 @@ from diffusers.utils import BaseOutput
 
 from fastdiff.adapters.diffusers import scheduler_map as smap
 from fastdiff.adapters.diffusers._fused import _FusedStep, checked_rows
-from fastdiff.paths import VE, CondOT
+from fastdiff.paths import VE, CondOT, DiscreteVP, affine_coefficients
 from fastdiff.sampling.methods import get_method
 from fastdiff.sampling.methods.deis import LOWER_ORDER_FINAL_BELOW
+from fastdiff.sampling.methods.sigma_space import noise_level
+
+ETA_METHODS = ("ddim", "tcd")  # methods whose eta step() takes per call (diffusers' DDIM and TCD step(eta=...))
 
 
 @dataclass
@@ -114,7 +117,7 @@ class FastDiffScheduler(_FusedStep, SchedulerMixin, ConfigMixin):
     # ---- diffusers' scheduler API -------------------------------------------------------------------------
     @property
     def init_noise_sigma(self):
-        if self._scaling in ("vp", "flow"):  # the sample is (nearly) the unit noise at the grid's start
+        if self._scaling in ("vp", "flow", "discrete"):  # the sample is (nearly) unit noise at the grid's start
             return 1.0
         return self._orig.init_noise_sigma
 
@@ -140,10 +143,15 @@ class FastDiffScheduler(_FusedStep, SchedulerMixin, ConfigMixin):
         self.timesteps, self.num_inference_steps = orig.timesteps, orig.num_inference_steps
         if hasattr(orig, "sigmas"):
             self.sigmas = orig.sigmas
-        levels = smap.noise_levels(self.config.grid_scheduler, orig)
-        if self._scaling == "flow":
+        if self._scaling == "discrete":  # LCM, TCD: the training schedule's path and timesteps (scheduler_map)
+            self._path = DiscreteVP(orig.alphas_cumprod)
+            levels = [*orig.timesteps.tolist(), smap.DISCRETE_END.get(self.config.grid_scheduler, -1)]
+            self._grid = [self._path.time(float(tau)) for tau in levels]
+        elif self._scaling == "flow":
+            levels = smap.noise_levels(self.config.grid_scheduler, orig)
             self._path, self._grid = CondOT(), [1.0 - s for s in levels]
         else:
+            levels = smap.noise_levels(self.config.grid_scheduler, orig)
             self._path = VE(levels[0])
             self._grid = [self._path.time(s) for s in levels]
         self._plans, self._buffers = {}, {}
@@ -171,21 +179,22 @@ class FastDiffScheduler(_FusedStep, SchedulerMixin, ConfigMixin):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: Optional[float] = None,
              generator=None, return_dict: bool = True, **unsupported):
         """Stage ``step_index`` of the method's table: one fused kernel call writing its output (the next stage's
-        input, returned as ``prev_sample``) and its side buffer. ``eta``: DDIM's (method 'ddim'; others take 0 or
+        input, returned as ``prev_sample``) and its side buffer. ``eta``: DDIM's or TCD's gamma (methods 'ddim',
+        'tcd'; None: the config's method_options, TCD's 0.3 as diffusers' step default; others take 0 or
         None); ``generator`` is ignored (the noise is fastdiff's per-sample stream, ``set_seeds``)."""
         given = {k: v for k, v in unsupported.items() if v not in (None, False)}
         if given:
             raise ValueError(f"step({', '.join(f'{k}={v!r}' for k, v in given.items())}) is not supported by "
                              "FastDiffScheduler: set the method's options in its config (method_options)")
-        if eta not in (None, 0, 0.0) and self.config.method != "ddim":
-            raise ValueError(f"eta={eta!r} applies to method='ddim'; method={self.config.method!r} takes its noise "
-                             "options from method_options")
+        if eta not in (None, 0, 0.0) and self.config.method not in ETA_METHODS:
+            raise ValueError(f"eta={eta!r} applies to method='ddim' or 'tcd'; method={self.config.method!r} takes "
+                             "its noise options from method_options")
         if self.timesteps is None:
             raise ValueError("call set_timesteps before step")
         if self._step_index is None:
             self._init_step_index(timestep)
         start, _ = self._start()
-        plan = self._plan(start, eta if self.config.method == "ddim" else None)
+        plan = self._plan(start, eta if self.config.method in ETA_METHODS else None)
         k = self._step_index - plan.first
         if not 0 <= k < len(plan.stages):
             raise ValueError(f"step called {self._step_index + 1} times, but the schedule has {len(self.timesteps)} "
@@ -271,6 +280,8 @@ class FastDiffScheduler(_FusedStep, SchedulerMixin, ConfigMixin):
         if self.config.method == "deis" and options.get("lower_order_final") and \
                 len(self._grid) - 1 >= LOWER_ORDER_FINAL_BELOW:
             options["lower_order_final"] = False  # diffusers' DEIS counts its rule over the whole schedule
+        if self.config.method == "sa_solver" and self.config.grid_scheduler == "SASolverScheduler":
+            options.update(self._sa_solver_tau())
         grid = self._grid[start:]
         stages = self._record.stages(self._path, grid, "x0", **options)
         first = 0 if start == 0 else self._plan(0, None).stages.index(
@@ -287,7 +298,11 @@ class FastDiffScheduler(_FusedStep, SchedulerMixin, ConfigMixin):
                 raise NotImplementedError(f"method={self.config.method!r}: stage {k + 1} reads {stages[k + 1].input!r}"
                                           f", not stage {k}'s output {st.out!r}")
             sigma = self._level(st.t)
-            a, b = smap.x0_coefficients(self._scaling, self.config.prediction_type, sigma, sigma_data)
+            if self._scaling == "discrete":  # the state is the sample; the method converts on the path itself
+                a, b = affine_coefficients(self._path, st.t, self.config.prediction_type, "x0")
+            else:
+                a, b = smap.x0_coefficients(self._scaling, self.config.prediction_type, sigma, sigma_data,
+                                            cfg.get("sigma_min", 0.0))
             f_in = 1.0 / smap.sample_scale(self._scaling, sigma)
             t_next = stages[k + 1].t if k + 1 < len(stages) else grid[-1]
             q_out = smap.sample_scale(self._scaling, self._level(t_next))
@@ -297,8 +312,9 @@ class FastDiffScheduler(_FusedStep, SchedulerMixin, ConfigMixin):
             draws = [c for _, c in st.draws()]
             row = [(st.c_x + st.c_pred * a) * f_in * q_out, st.c_pred * b * q_out, *(c * f * q_out for c, _, f in hist),
                    *(c * q_out for c in draws)]
-            if st.side is None:  # the side output is free: the x0 estimate
-                side, is_x0 = [a * f_in, b, *(0.0 for _ in hist)], True
+            if st.side is None:  # the side output is free: the stage's x0 estimate (LCM's: its denoised sample)
+                ax, bx = st.x0 if st.x0 != (0.0, 0.0) else (0.0, 1.0)
+                side, is_x0 = [(ax + bx * a) * f_in, bx * b, *(0.0 for _ in hist)], True
             else:
                 side = [(st.s_x + st.s_pred * a) * f_in, st.s_pred * b, *(s * f for _, s, f in hist)]
                 is_x0 = (st.s_x, st.s_pred) == (0.0, 1.0) and all(s == 0.0 for _, s, _ in hist)
@@ -313,6 +329,21 @@ class FastDiffScheduler(_FusedStep, SchedulerMixin, ConfigMixin):
         self._plans[key] = plan
         return plan
 
+    def _sa_solver_tau(self) -> dict:
+        """SASolverScheduler's noise fraction tau_func(timestep) at each step's start as sa_solver's eta on an
+        interval of the grid: the end times of the first and last noisy steps (sa_solver tests each step's end)."""
+        taus = [float(self._orig.tau_func(t)) for t in self.timesteps]
+        noisy = [k for k, tau in enumerate(taus) if tau != 0.0]
+        if not noisy:
+            return {"eta": 0.0}
+        if len({taus[k] for k in noisy}) > 1 or noisy != list(range(noisy[0], noisy[-1] + 1)) or taus[noisy[0]] < 0:
+            raise ValueError(f"SASolverScheduler's tau over the steps, {taus}, is not one value >= 0 on consecutive "
+                             "steps: sa_solver's eta on an interval cannot express it")
+        return {"eta": taus[noisy[0]], "sde_start_percent": self._grid[noisy[0] + 1],
+                "sde_end_percent": self._grid[noisy[-1] + 1]}
+
     def _level(self, t: float) -> float:
         """The noise level at flow time t (VE's sigma, or flow matching's s = 1 - t)."""
+        if self._scaling == "discrete":
+            return noise_level(self._path, t)
         return 1.0 - t if self._scaling == "flow" else self._path.sigma(t)

@@ -6,13 +6,19 @@ sigma_max (fastdiff.adapters.k_diffusion), whatever the pipeline's scaling ("sca
 
 - "sigma": k-diffusion-style schedulers (Euler, Heun, LMS, KDPM2, DPMSolverSDE): the sample is that state; the
   model sees sample / sqrt(sigma^2 + 1);
-- "vp": DDIM, DDPM, PNDM, DPMSolverMultistep, DEIS, DPMSolverSinglestep: the sample is alpha x with
+- "vp": DDIM, DDPM, PNDM, DPMSolverMultistep, DEIS, DPMSolverSinglestep, SASolver: the sample is alpha x with
   alpha = 1 / sqrt(sigma^2 + 1); the model sees the sample. The methods used here are invariant under that per-time
   scaling (they step in x / alpha and sigma), so the VE state reproduces them; the scaling is folded into each
   stage's coefficient rows;
 - "edm": EDM's preconditioning: the model sees c_in x, and x0 = c_skip x + c_out model_output;
 - "flow": flow matching: the sample is (1 - s) z + s eps, fastdiff's CondOT at t = 1 - s, the model predicts
-  v = eps - z.
+  v = eps - z;
+- "cm": consistency models (CMStochasticIterativeScheduler): EDM's state and model input, the output made x0 by the
+  boundary-condition scalings c_skip = sd^2 / ((sigma - sigma_min)^2 + sd^2), c_out = (sigma - sigma_min) sd /
+  sqrt(sigma^2 + sd^2);
+- "discrete": LCM and TCD, whose steps read the training timestep (LCM's boundary condition, TCD's intermediate
+  timestep floor((1 - gamma) t')): the state is the sample itself on the training schedule's DiscreteVP path, the
+  grid its timesteps' flow times, and the method works on that path.
 
 In each case the model output converts to x0 by x0 = a x + b model_output (:func:`x0_coefficients`), so stages are
 built with prediction "x0" and (a, b) folded into their rows.
@@ -26,7 +32,7 @@ import math
 import diffusers
 import torch
 
-SCALINGS = ("sigma", "vp", "edm", "flow")
+SCALINGS = ("sigma", "vp", "edm", "flow", "cm", "discrete")
 # the config keys FastDiffScheduler carries at the top level (the rest of the grid scheduler's config in grid_config)
 COMMON = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
           "timestep_spacing", "steps_offset", "shift")
@@ -52,22 +58,37 @@ SUPPORTED = {
     "DPMSolverSinglestepScheduler": ("dpm_singlestep", {"order": 2, "algorithm_type": "dpmsolver++",
                                                         "solver_type": "midpoint", "lower_order_final": False},
                                      "vp", 1),
+    # issue 33's few-step schedulers (fastdiff.sampling.methods.few_step)
+    "LCMScheduler": ("lcm", {"timestep_scaling": 10.0}, "discrete", 1),
+    "TCDScheduler": ("tcd", {"eta": 0.3}, "discrete", 1),  # eta: step()'s (default 0.3, pipelines pass theirs)
+    "CMStochasticIterativeScheduler": ("cm_multistep", {"sigma_min": 0.002, "s_noise": 1.0}, "cm", 1),
+    "FlowMatchLCMScheduler": ("lcm", {}, "flow", 1),  # lcm on CondOT: x' = (1 - s') x0 + s' xi
+    # x' = x - (s - s') u(x, t, r): Euler; the pipeline gives its flow map model the second time r = s' T itself
+    "FlowMapEulerDiscreteScheduler": ("euler", {}, "flow", 1),
+    # SA-Solver (fastdiff.sampling.methods.sa_solver): diffusers' order-2 weights are the paper's simple ones, its
+    # lower_order_final its own rule; tau (its default tau_func of the step's timestep) is set per schedule (generic)
+    "SASolverScheduler": ("sa_solver", {"predictor_order": 2, "corrector_order": 2, "simple_order_2": True,
+                                        "lower_order_final": "diffusers", "eta": 1.0}, "vp", 1),
 }
+# where the grid of a "discrete" scheduler ends (training timestep): LCM's last step returns its denoised sample,
+# TCD's steps to timestep 0
+DISCRETE_END = {"LCMScheduler": -1, "TCDScheduler": 0}
 # the method options read from the scheduler's config (its order, algorithm, ...): class -> {config key: option}
 CONFIG_OPTIONS = {
     "DEISMultistepScheduler": {"solver_order": "order", "lower_order_final": "lower_order_final"},
     "DPMSolverSinglestepScheduler": {"solver_order": "order", "algorithm_type": "algorithm_type",
                                      "solver_type": "solver_type", "lower_order_final": "lower_order_final"},
+    "LCMScheduler": {"timestep_scaling": "timestep_scaling"},
+    "CMStochasticIterativeScheduler": {"sigma_min": "sigma_min", "s_noise": "s_noise"},
+    "SASolverScheduler": {"predictor_order": "predictor_order", "corrector_order": "corrector_order",
+                          "lower_order_final": "lower_order_final"},
 }
 # classes whose sigmas hold one interval per model evaluation whatever their end: a final_sigmas_type="sigma_min"
 # grid ends on one more step of the same table (a zero-length one with Karras sigmas, which is taken)
-ONE_LEVEL_PER_EVALUATION = ("DEISMultistepScheduler", "DPMSolverSinglestepScheduler")
+ONE_LEVEL_PER_EVALUATION = ("DEISMultistepScheduler", "DPMSolverSinglestepScheduler",
+                            "CMStochasticIterativeScheduler",  # (CM: a last step sigma_min -> sigma_min at T steps)
+                            "SASolverScheduler")  # (Karras / exponential / beta sigmas: a zero-length last step)
 REFUSED = {
-    "LCMScheduler": "its consistency-model steps (denoise with the boundary condition c_skip/c_out, then re-noise) "
-                    "have no fastdiff method; keep LCMScheduler",
-    "TCDScheduler": "its strategic stochastic sampling (gamma) has no fastdiff method; keep TCDScheduler",
-    "SASolverScheduler": "SA-Solver's stochastic Adams predictor-corrector has no fastdiff method; keep "
-                         "SASolverScheduler, or use DPMSolverSDEScheduler (dpmpp_sde) for a stochastic sampler",
     "UniPCMultistepScheduler": "use FastDiffUniPCMultistepScheduler (fastdiff.adapters.diffusers), which fuses "
                                "diffusers' own UniPC step",
 }
@@ -95,6 +116,20 @@ REQUIRED = {
                                     ("use_lu_lambdas", False, "the grid would not be diffusers' sigmas"),
                                     ("variance_type", None, "a learned variance needs the model's variance output")],
     "DPMSolverSinglestepScheduler": [("variance_type", None, "a learned variance needs the model's variance output")],
+    "LCMScheduler": [("rescale_betas_zero_snr", False, "the DiscreteVP path needs alphas_cumprod > 0")],
+    "TCDScheduler": [("rescale_betas_zero_snr", False, "the DiscreteVP path needs alphas_cumprod > 0")],
+    "CMStochasticIterativeScheduler": [("clip_denoised", False, "the fused step does not clamp the denoised "
+                                                                "sample")],
+    "SASolverScheduler": [("algorithm_type", "data_prediction", "fastdiff's sa_solver integrates x0 predictions; "
+                                                                "noise_prediction's weights are another integrator"),
+                          ("tau_func", None, "sa_solver's noise fraction is eta on an interval of the grid; a "
+                                             "custom tau_func is not expressible (the default's tau = 1 on timesteps "
+                                             "200-800 is)"),
+                          ("variance_type", None, "a learned variance needs the model's variance output"),
+                          ("use_flow_sigmas", False, "flow sigmas with SA-Solver's VP conversions are not one of "
+                                                     "FastDiffScheduler's scalings")],
+    "FlowMatchLCMScheduler": [("scale_factors", None, "its upscaling of x0 between steps changes the shape"),
+                              ("invert_sigmas", False, "fastdiff's grid runs from noise to data")],
     "EDMDPMSolverMultistepScheduler": [("algorithm_type", "dpmsolver++", "fastdiff's dpmpp_2m is DPM-Solver++"),
                                        ("solver_type", "midpoint", "dpmpp_2m is the midpoint form"),
                                        ("euler_at_final", False, "dpmpp_2m is first order on the last step only"),
@@ -108,9 +143,15 @@ CONFIG_VALUES = {
                                                          "dpm_singlestep is deterministic: sde-dpmsolver++'s noise "
                                                          "has no fastdiff method"),
     ("DPMSolverSinglestepScheduler", "solver_type"): (("midpoint", "heun"), "dpm_singlestep has midpoint and heun"),
+    ("SASolverScheduler", "predictor_order"): ((1, 2, 3, 4), "SA-Solver's orders are 1-4 (fastdiff's kernel reads at "
+                                                             "most four earlier x0)"),
+    ("SASolverScheduler", "corrector_order"): ((1, 2, 3, 4), "SA-Solver's orders are 1-4 (fastdiff's kernel reads at "
+                                                             "most four earlier x0)"),
+    ("SASolverScheduler", "lower_order_final"): ((True, False), "lower_order_final is a flag"),
 }
 PREDICTIONS = {"sigma": ("epsilon", "v_prediction", "sample"), "vp": ("epsilon", "v_prediction", "sample"),
-               "edm": ("epsilon", "v_prediction"), "flow": (None, "flow_prediction")}
+               "edm": ("epsilon", "v_prediction"), "flow": (None, "flow_prediction"), "cm": (None,),
+               "discrete": ("epsilon", "v_prediction", "sample")}
 
 
 def identify(config: dict) -> str:
@@ -156,6 +197,8 @@ def fastdiff_config(name: str, config: dict) -> dict:
         raise ValueError(f"{name} with solver_order={config['solver_order']!r} is not supported by FastDiffScheduler "
                          "(dpmpp_2m is second order; solver_order=1 maps to 'ddim'); use "
                          "FastDiffDPMSolverMultistepScheduler")
+    if name == "SASolverScheduler" and options["lower_order_final"] is True:
+        options["lower_order_final"] = "diffusers"  # sa_solver's True is ComfyUI's rule
     if name == "DPMSolverMultistepScheduler" and config.get("solver_order", 2) == 1:
         method, options = "ddim", {"eta": 0.0}
     ptype = config.get("prediction_type")
@@ -167,8 +210,13 @@ def fastdiff_config(name: str, config: dict) -> dict:
             "scaling": scaling, **{k: config[k] for k in COMMON if k in config}}
 
 
-def x0_coefficients(scaling: str, ptype, sigma: float, sigma_data: float = 0.5) -> tuple[float, float]:
-    """(a, b) with x0 = a x + b model_output at noise level sigma, x fastdiff's state."""
+def x0_coefficients(scaling: str, ptype, sigma: float, sigma_data: float = 0.5,
+                    sigma_min: float = 0.0) -> tuple[float, float]:
+    """(a, b) with x0 = a x + b model_output at noise level sigma, x fastdiff's state (not "discrete", whose
+    conversions are its path's)."""
+    if scaling == "cm":  # the consistency models' boundary condition (EDM's with sigma - sigma_min)
+        d = sigma - sigma_min
+        return sigma_data ** 2 / (d * d + sigma_data ** 2), d * sigma_data / math.sqrt(sigma * sigma + sigma_data ** 2)
     if scaling == "flow":
         return 1.0, -sigma  # v = eps - z, x = (1 - s) z + s eps
     if scaling == "edm":  # EDM's c_skip, c_out
@@ -190,7 +238,7 @@ def model_input_scale(scaling: str, sigma: float, sigma_data: float = 0.5) -> fl
     """scale_model_input's factor on the pipeline's sample at noise level sigma."""
     if scaling == "sigma":
         return 1.0 / math.sqrt(sigma * sigma + 1.0)
-    if scaling == "edm":
+    if scaling in ("edm", "cm"):
         return 1.0 / math.sqrt(sigma * sigma + sigma_data * sigma_data)
     return 1.0
 

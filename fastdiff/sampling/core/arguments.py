@@ -12,6 +12,7 @@ from fastdiff import _checks
 from fastdiff.paths import affine_coefficients
 from fastdiff.sampling.core import labels
 from fastdiff.sampling.core.stage import MAX_LANGEVIN_STEPS, Stage
+from fastdiff.schedules import get_schedule
 
 # First grid point where a prediction cannot be converted at t = 0 (e.g. eps or score models under
 # CondOT, whose alpha_0 = 0 makes x0 = (x - beta eps) / alpha undefined).
@@ -26,9 +27,16 @@ def is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def time_grid(steps, timesteps, path, prediction, conversions, start_late: bool = False) -> list[float]:
-    """The grid: ``timesteps`` checked, or ``steps`` uniform steps to 1 from 0, or from T_MIN_SINGULAR when
-    one of the method's ``conversions`` (fastdiff.sampling.methods) is singular at t = 0 or ``start_late``."""
+def time_grid(steps, timesteps, path, prediction, conversions, start_late: bool = False,
+              schedule=None) -> list[float]:
+    """The grid: ``timesteps`` checked, or ``steps`` steps to 1 from 0 (or from T_MIN_SINGULAR when one of the
+    method's ``conversions`` (fastdiff.sampling.methods) is singular at t = 0 or ``start_late``): uniform, or the
+    named ``schedule``'s (fastdiff.schedules) on ``path``."""
+    if schedule is not None and timesteps is not None:
+        raise ValueError("schedule and timesteps were both given: pass one (schedule makes the grid of steps "
+                         "steps; timesteps is a grid already)")
+    if schedule is not None:
+        schedule = get_schedule(schedule)  # ValueError naming the choices, before the steps are checked
     if timesteps is not None:
         if isinstance(timesteps, torch.Tensor):
             if timesteps.dim() != 1:
@@ -65,6 +73,12 @@ def time_grid(steps, timesteps, path, prediction, conversions, start_late: bool 
             affine_coefficients(path, 0.0, prediction, to)
         except ValueError:
             t0 = T_MIN_SINGULAR
+    if schedule is not None:
+        grid = schedule.grid(int(steps), path, t_start=t0)
+        if len(grid) > MAX_STEPS + 1:
+            raise ValueError(f"schedule {schedule.name!r} gives {len(grid) - 1} steps; at most {MAX_STEPS} are "
+                             "supported")
+        return grid
     return [t0 + (1.0 - t0) * i / steps for i in range(steps + 1)]
 
 

@@ -31,19 +31,38 @@ class StageCalls:
         self.finite, self.branches, self.backend, self.native = finite, branches, backend, native
         self.checked = {}  # the tensor half of a call, checked once per distinct set of buffers
 
-    def tensors(self, st, n_preds: int, history: tuple, last: bool) -> dict:
+    def tensors(self, st, n_preds: int, history: tuple, last: bool, side: bool = True) -> dict:
         """The checked tensor half of a stage's call: its input, ``n_preds`` predictions (stand-ins: the run
-        passes the model's), its history buffers and its outputs (the returned samples for the last stage)."""
+        passes the model's), its history buffers and its outputs (the returned samples for the last stage).
+        ``side=False``: without the side buffer, which a call of its own writes (:meth:`side_call`)."""
         result = last and self.result is not None
-        key = (st.input, n_preds, history, result or st.out, st.side)
+        side = st.side if side else None
+        key = (st.input, n_preds, history, result or st.out, side)
         if key not in self.checked:
             buffers = self.buffers
             outs = [self.result] if result else list(self.pairs[st.out]) if st.out in self.pairs else \
                 [buffers[st.out]]
             self.checked[key] = prepare_tensors(buffers[st.input], [buffers[st.input]] * n_preds,
                                                 [buffers[h] for h in history], self.seeds, outs,
-                                                buffers[st.side] if st.side else None, self.finite.row(0))
+                                                buffers[side] if side else None, self.finite.row(0))
         return self.checked[key]
+
+    def side_call(self, k: int, st, n_preds: int, weights):
+        """The call that writes stage k's side buffer alone, before the stage's own call (which then has none): the
+        stage's side row as the out row, over the same input, ``n_preds`` predictions and history, with branch
+        ``weights`` of its own (CFG++'s unconditional history: fastdiff.sampling.features.guidance.SideCalls). The
+        side row has no draws; the run passes the predictions one by one (parts: None)."""
+        history = st.history_buffers()
+        key = ("side", st.input, n_preds, history, st.side)
+        if key not in self.checked:
+            buffers = self.buffers
+            self.checked[key] = prepare_tensors(buffers[st.input], [buffers[st.input]] * n_preds,
+                                                [buffers[h] for h in history], self.seeds, [buffers[st.side]], None,
+                                                self.finite.row(0))
+        rows = st.kernel_rows()
+        M = len(rows) // 2
+        side_row = rows[M:M + 2 + len(history)]  # (s_x, s_pred, s_h...) without the draws' zeros
+        return self.call(k, self.checked[key], weights, side_row + [0.0] * len(side_row), [], None, None)
 
     def call(self, k: int, tensors: dict, weights, rows, streams, cached: dict | None, parts, clip=None):
         """The prepared call of stage k: the rows checked (or taken from ``cached``), its finiteness row, and

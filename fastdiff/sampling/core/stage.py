@@ -59,6 +59,13 @@ class Stage:
     # the clean estimate (x0); the rest re-noises and takes the unconditional prediction. None: the method
     # does not split its step that way
     cfg_pp: float | None = None
+    # guidance="cfg_pp": the side row's prediction is a p_null + b g (g the guided blend) instead of the out row's,
+    # written by a kernel call of its own before the stage's (fastdiff.sampling.features.guidance.SideCalls): (1, 0)
+    # keeps the unconditional prediction's history, as ComfyUI's multistep *_cfg_pp samplers do. None: the out row's
+    side_blend: tuple[float, float] | None = None
+    # guidance="cfg_pp": this stage's CFG++ form where it differs beyond its share (buffers, history), e.g. a
+    # two-stage step that carries its first evaluation's guidance vector to the second; None: this stage
+    cfg_pp_form: "Stage | None" = None
     # corrector_steps (fastdiff.sampling.features.corrector): a Langevin corrector step, (snr, a, b, h) with the
     # score s = a x + b g + Σ h_j history_j; its coefficient rows are per sample, from the norms of s and its draw
     corrector: tuple | None = None

@@ -96,18 +96,114 @@ class CFGPP(CFG):
     the step's clean estimate only, and the re-noising uses the unconditional one,
     x' = alpha' x0(g) + k eps(p_null) [+ s xi]. For a step whose prediction coefficient c_pred has the share
     rho through x0 (Stage.cfg_pp), that is c_pred (p_null + rho w (p_y - p_null)): the blend's weight scaled
-    by rho, host numbers per stage. Methods that split their step so: ddim, euler_ancestral."""
+    by rho, host numbers per stage. Methods that split their step so: euler, ddim, euler_ancestral.
+
+    ComfyUI's multistep and two-stage forms (dpmpp_2m_cfg_pp, res_multistep[_ancestral]_cfg_pp,
+    gradient_estimation_cfg_pp, dpmpp_2s_ancestral_cfg_pp) keep the unconditional prediction's x0 (or slope) as
+    their history, or carry a stage's guidance vector to the next: their side rows read a blend of their own
+    (Stage.side_blend, written by :class:`SideCalls`), and a stage whose CFG++ step has other buffers gives its
+    form (Stage.cfg_pp_form, put in by :func:`cfg_pp_forms`)."""
 
     name: ClassVar[str] = "cfg_pp"  # CFG's blend, per-stage weights (stage_scale)
 
     def stage_scale(self, w: float, stage) -> float:
         if stage.cfg_pp is None:
-            from fastdiff.sampling.methods.registry import methods
-
-            takers = ", ".join(m.name for m in methods() if m.cfg_pp)
+            one, multi = _takers()
             raise ValueError(f"guidance='cfg_pp' is defined for methods whose step is a clean estimate plus its "
-                             f"re-noising, as its peers define it ({takers}); this method's step is not")
+                             f"re-noising, as its peers define it ({', '.join(one)}), and for ComfyUI's multistep and "
+                             f"two-stage *_cfg_pp forms ({', '.join(multi)}); this method's step is not")
         return tuple(v * stage.cfg_pp for v in w) if isinstance(w, tuple) else w * stage.cfg_pp
+
+
+def _takers() -> tuple[list[str], list[str]]:
+    """The methods that take guidance="cfg_pp": (one-stage splits, those with a side blend or CFG++ forms), told
+    apart by their tables on a small grid (an error message's: not the hot path)."""
+    from fastdiff.paths import get_path
+    from fastdiff.sampling.methods.registry import methods
+
+    one, multi = [], []
+    for m in methods():
+        if not m.cfg_pp:
+            continue
+        try:
+            table = m.stages(get_path("condot"), [0.1, 0.4, 0.7, 0.9], "velocity")
+        except (TypeError, ValueError):
+            table = []
+        own = any(st.side_blend is not None or st.cfg_pp_form is not None for st in table)
+        (multi if own else one).append(m.name)
+    return one, multi
+
+
+class CFGPPForms:
+    """The stage-table transform of guidance="cfg_pp" (fastdiff.sampling.core.tables): each stage replaced by its
+    CFG++ form where it gives one (Stage.cfg_pp_form)."""
+
+    key = "cfg_pp_forms"
+
+    def __call__(self, stages: list) -> list:
+        if all(st.cfg_pp_form is None for st in stages):
+            return stages
+        return [st if st.cfg_pp_form is None else st.cfg_pp_form for st in stages]
+
+
+def cfg_pp_forms(guidance) -> CFGPPForms | None:
+    """The transform of a guided call with guidance="cfg_pp" (``guidance``: the call's record,
+    fastdiff.sampling.features.conditions.Guidance), else None."""
+    return CFGPPForms() if guidance.guided and guidance.rule.name == "cfg_pp" else None
+
+
+class SideCalls:
+    """CFG++'s side rows on a blend of their own, at the point ``predictions`` (ComfyUI's post-CFG hook that keeps
+    ``uncond_denoised``): before stage k's call, a call writes its side buffer from a p_null + b g (Stage.side_blend,
+    g the guided blend: the rule's, rescaled where it is), and the stage's own call writes no side. With per-sample
+    weights (rescale) the side's weights a e_0 + b w_g are made here from the step's reduction pass, on the device."""
+
+    def __init__(self, stages, weights, stage_calls, blends: dict):
+        """``blends``: {stage: (a, b, guided)} of the stages with a side call."""
+        self.calls, self.fills = {}, {}
+        for k, (a, b, guided) in blends.items():
+            row = weights.side_weights(k, a, b, guided)
+            if isinstance(row, torch.Tensor):  # filled per run from the per-sample weights (capture-safe: in place)
+                self.fills[k] = (row, a, b)
+            n_preds = weights.n_preds(k) if guided else weights.K
+            self.calls[k] = stage_calls.side_call(k, stages[k], n_preds, row)
+        self.weights = weights
+        self.stages = frozenset(self.calls)  # whose own calls drop their side
+
+    def __call__(self, k: int, preds: list) -> list:
+        call = self.calls.get(k)
+        if call is not None:
+            fill = self.fills.get(k)
+            if fill is not None:
+                row, a, b = fill
+                torch.mul(self.weights.buffer, b, out=row)
+                row[:, 0].add_(a)
+            call(preds)
+        return preds
+
+
+def side_calls(guidance, stages, weights, stage_calls, merged, thresholds) -> SideCalls | None:
+    """The side calls of a plan (None where no stage needs one): the stages with a side buffer and a side blend
+    under guidance="cfg_pp". Outside the guidance interval g = p_null = the conditions' mean, and the side blend is
+    (a + b) times it: no call of its own where that is the out row's (a + b = 1)."""
+    if not guidance.guided or guidance.rule.name != "cfg_pp":
+        return None
+    blends = {}
+    for k, st in enumerate(stages):
+        if st.side is None or st.side_blend is None or st.corrector is not None:
+            continue
+        a, b = st.side_blend
+        guided = guidance.guided_at(st.t)
+        if guided or a + b != 1.0:
+            blends[k] = (a, b, guided)
+    if not blends:
+        return None
+    if merged is not None:  # (no method with per-sample rows has a side blend)
+        raise ValueError("guidance='cfg_pp' with per-sample options: this method's CFG++ history is not per sample")
+    if thresholds is not None and any(b != 0.0 for _, b, _ in blends.values()):
+        raise ValueError("guidance='cfg_pp' on this method carries a guidance vector between its stages, which "
+                         "dynamic thresholding / clip_sample would leave unthresholded: not supported together")
+    return SideCalls(stages, weights, stage_calls, blends)
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,21 @@ class StageWeights:
         """The predictions stage k's kernel reads when guided: the branches and the running average."""
         return 1 + self.K + self.extra
 
+    def side_weights(self, k: int, a: float, b: float, guided: bool):
+        """The branch weights of a p_null + b g for stage k's side call (CFG++'s side blend, Stage.side_blend; g the
+        blend of its x0 estimate): host numbers, or a [B, n] buffer that fastdiff.sampling.features.guidance.SideCalls
+        fills from ``buffer`` after the reduction pass (per-sample weights). Unguided (outside the interval):
+        g = p_null = the conditions' mean."""
+        if not guided:
+            w = self.x0_scales[k]
+            return [(a + b) * v for v in ([1.0, *(wk / sum(w) for wk in w[1:])] if self.K > 1 else [1.0])]
+        n = self.n_preds(k)
+        if self.per_sample and b != 0.0:
+            return torch.empty((self.B, n), dtype=torch.float32, device=self.device)
+        w = self.x0_scales[k]
+        g = [1.0, *w] if isinstance(w, tuple) else [1.0, w]
+        return [a + b, *(b * v for v in g[1:])] + [0.0] * (n - len(g))
+
     def reset(self) -> None:
         """At a loop's start: the running average starts at 0."""
         if self.running is not None:
@@ -82,7 +97,8 @@ class StageWeights:
         """sampler_step's ``weights`` for stage k (None: the one-branch default)."""
         w = self.scales[k]
         if not two_branch:
-            if self.K > 1 and not self.zero[k]:  # the conditions alone: their weighted mean, over p_1
+            if self.K > 1 and not self.zero[k]:  # the conditions alone: their weighted mean, over p_1 (of the scales
+                w = self.x0_scales[k]  # themselves: CFG++'s share may be 0 there)
                 return [1.0, *(wk / sum(w) for wk in w[1:])]
             return [0.0] * self.K if self.zero[k] else None
         if self.zero[k]:

@@ -193,7 +193,7 @@ def _lambda(al: float, be: float) -> float:
 
 
 @register_method("dpmpp_2m", evals_per_step=1, conversions=("x0",),
-                 inverts=True,
+                 inverts=True, cfg_pp=True,
                  description="DPM-Solver++(2M), a second-order multistep ODE solver on x0 predictions")
 def _dpmpp_2m(path, grid, prediction) -> list[Stage]:
     stages = []
@@ -213,9 +213,14 @@ def _dpmpp_2m(path, grid, prediction) -> list[Stage]:
         if h_prev is not None and math.isfinite(h_prev) and math.isfinite(h) and be1 > 0 and h_prev > 0:
             w = 0.5 * h / h_prev
         side, prev = f"side{i % 2}", f"side{(i - 1) % 2}"
+        # CFG++ (ComfyUI's sample_dpmpp_2m_cfg_pp): x' = D_g + e^-h (x - D_u) (scaled) + (1 - e^-h) w (D_g - D_u,prev),
+        # the history the unconditional D_u (side_blend (1, 0)): D_g's share alpha' (1 + (1 - e^-h) w) of Bc (1 + w)
+        total = Bc * (1 + w)
+        share = (al1 + Bc * w) / total if total != 0.0 else 1.0
         stages.append(Stage(i, t, "x", "x", A + Bc * (1 + w) * a0, Bc * (1 + w) * b0,
                             c_extra=-Bc * w, extra=prev if w != 0.0 else None,
-                            side=side, s_x=a0, s_pred=b0, x0=(a0, b0), final=True))
+                            side=side, s_x=a0, s_pred=b0, x0=(a0, b0), final=True, cfg_pp=share,
+                            side_blend=(1.0, 0.0)))
         h_prev = h
     return stages
 

@@ -53,6 +53,12 @@ class Method:
     churn_options: bool = False  # takes EDM's churn options (fastdiff.sampling.methods.churn), applied around its builder
     inverts: bool = False  # runs on decreasing grids (inversion, fastdiff.invert), checked by a round trip test
     cfg_pp: bool = False  # its stages carry CFG++'s share through the clean estimate (Stage.cfg_pp)
+    # (path, grid, **options) -> the times it steps between, where they are not the call's grid (dpm_fast: its own
+    # steps between the grid's ends); the plan's grid for callbacks, step noise and editing. None: the call's grid
+    step_grid: Callable[..., list] | None = None
+    # (model, steps, cfg, **sample_arguments) -> samples: a method whose steps are chosen while it samples
+    # (dpm_adaptive), which sample() hands the whole call to; its builder is not used. None: a stage table
+    run: Callable[..., object] | None = None
 
     def needed_conversions(self, **options) -> tuple[str, ...]:
         """Prediction types this method converts to at the grid's first point, for these option values
@@ -91,11 +97,16 @@ def _takes(method: Method) -> str:
 
 def register_method(name: str, *, options: tuple[str, ...] | dict = (), evals_per_step: int | str,
                     conversions: Conversions, description: str, churn_options: bool = False, inverts: bool = False,
-                    cfg_pp: bool = False):
+                    cfg_pp: bool = False, step_grid: Callable[..., list] | None = None,
+                    run: Callable[..., object] | None = None):
     """Decorator: register the stage builder it decorates as method ``name`` (returns the builder).
     ``churn_options=True``: the method also takes EDM's s_churn, s_tmin, s_tmax and s_noise, applied around the
     builder (fastdiff.sampling.methods.churn: each step built from the raised noise level's time). ``inverts=True``: its
-    builder is also right on decreasing grids (data to noise: fastdiff.invert), as a round trip test checks."""
+    builder is also right on decreasing grids (data to noise: fastdiff.invert), as a round trip test checks.
+    ``step_grid``: where the method steps on times of its own between the call's grid's ends, the function giving
+    them (path, grid, **options) -> times; its builder gets the call's grid, its stages' steps index these times.
+    ``run``: a method that chooses its steps while it samples (no stage table): sample() and Sampler hand it the
+    call, run(model, steps, cfg, **arguments)."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"a method name must be an identifier, got {name!r}")
     churn_options, inverts = _checks.flag("churn_options", churn_options), _checks.flag("inverts", inverts)
@@ -128,8 +139,8 @@ def register_method(name: str, *, options: tuple[str, ...] | dict = (), evals_pe
         for o in options:
             if o not in OPTIONS:
                 OPTIONS[o] = defaults[o]
-        _REGISTRY[name] = Method(name, build, options, defaults, evals_per_step, conversions, description, churn_options,
-                                 inverts, _checks.flag("cfg_pp", cfg_pp))
+        _REGISTRY[name] = Method(name, build, options, defaults, evals_per_step, conversions, description,
+                                 churn_options, inverts, _checks.flag("cfg_pp", cfg_pp), step_grid, run)
         return build
 
     return decorate

@@ -11,7 +11,11 @@ from sigma to sigma' (h = log(sigma / sigma'), alpha' = alpha(t')):
   x' = x + (sigma' - sigma) (x_2 - D_2) / sigma_m (in scaled states); churn as Euler and Heun.
 - dpm_2_ancestral: the same step to sigma_down, then sigma_up fresh noise (k-diffusion's ancestral split).
 - dpmpp_2s_ancestral: x_2 = (sigma_m / sigma) x - expm1(-h_d / 2) D at sigma_m = sqrt(sigma sigma_down),
-  x' = (sigma_down / sigma) x - expm1(-h_d) D_2, then sigma_up noise.
+  x' = (sigma_down / sigma) x - expm1(-h_d) D_2, then sigma_up noise. CFG++ (guidance="cfg_pp", ComfyUI's
+  sample_dpmpp_2s_ancestral_cfg_pp): both stages step on the unconditional x0 (U, U_2) and the first evaluation's
+  guidance vector D - U is added at the end, x' = (sigma_down / sigma) x - expm1(-h_d) U_2 + sigma_up xi + (D - U):
+  its CFG++ form (Stage.cfg_pp_form) carries (sigma_down / sigma) x + (D - U) from the first stage in a side buffer
+  (side blend (-1, 1): g - p_null); single-stage steps (sigma_down = 0, from sigma = inf) take D (share 1).
 - dpmpp_sde: a first-order SDE step to sigma_s = sigma^(1-r) sigma'^r with its own noise, then from x
   the step to sigma' on D_d = (1 - 1/(2r)) D + 1/(2r) D_2 with noise correlated to the first draw as
   Brownian increments over [sigma_s, sigma] and [sigma', sigma] are (k-diffusion draws both from one
@@ -25,6 +29,7 @@ steps' common first-order limit, DDIM's (with the method's eta split into kept a
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from fastdiff.sampling.methods.coefficients import Stage, _conv, check_s_noise
 from fastdiff.sampling.methods.registry import register_method
@@ -113,6 +118,7 @@ def _dpm_2_ancestral(path, grid, prediction, eta=1.0, s_noise=1.0) -> list[Stage
 
 
 @register_method("dpmpp_2s_ancestral", options={"eta": 1.0, "s_noise": 1.0}, evals_per_step=2, conversions=("x0",),
+                 cfg_pp=True,
                  description="DPM-Solver++(2S): two-stage second order on x0, to sigma_down plus sigma_up noise")
 def _dpmpp_2s_ancestral(path, grid, prediction, eta=1.0, s_noise=1.0) -> list[Stage]:
     def two_stages(i, p, down, al1, noise):
@@ -122,10 +128,18 @@ def _dpmpp_2s_ancestral(path, grid, prediction, eta=1.0, s_noise=1.0) -> list[St
         first = Stage(i, p.t, "x", "stage", m.alpha * (m.sigma / (p.sigma * p.alpha) + e * p.a), m.alpha * e * p.b,
                       x0=(p.a, p.b))
         e = -math.expm1(-h)  # x' = alpha' [(sigma_down / sigma) x / alpha + e D_2]
-        return [first, Stage(i, m.t, "stage", "x", al1 * e * m.a, al1 * e * m.b, c_extra=al1 * down / (p.sigma * p.alpha),
-                             extra="x", c_noise=noise, stream=draw_stream(i), final=True)]
+        second = Stage(i, m.t, "stage", "x", al1 * e * m.a, al1 * e * m.b, c_extra=al1 * down / (p.sigma * p.alpha),
+                       extra="x", c_noise=noise, stream=draw_stream(i), final=True)
+        # CFG++: x_2 from U (share 0); side0 = alpha' (sigma_down / sigma) x / alpha + alpha' (D - U), with
+        # D - U = b (g - p_null); x' = alpha' e U_2 + side0 + noise
+        first.cfg_pp_form = replace(first, cfg_pp=0.0, side="side0", s_x=second.c_extra, s_pred=al1 * p.b,
+                                    side_blend=(-1.0, 1.0))
+        second.cfg_pp_form = replace(second, cfg_pp=0.0, extra="side0", c_extra=1.0)
+        return [first, second]
 
-    return _ancestral("dpmpp_2s_ancestral", path, grid, prediction, eta, s_noise, two_stages)
+    stages = _ancestral("dpmpp_2s_ancestral", path, grid, prediction, eta, s_noise, two_stages)
+    # CFG++ on the single-stage steps (x' = alpha' D, or from sigma = inf the first-order limit): all through D
+    return [replace(st, cfg_pp=1.0) if st.final and st.cfg_pp_form is None else st for st in stages]
 
 
 @register_method("dpmpp_sde", options={"eta": 1.0, "s_noise": 1.0, "r": 0.5}, evals_per_step=2, conversions=("x0",),

@@ -1,4 +1,5 @@
-"""Time grids for ``fastdiff.sample(timesteps=...)`` from the schedules the peers use.
+"""Time grids for ``fastdiff.sample(timesteps=...)`` from sigma schedules on the VE path and shifted CondOT grids
+(the first helpers; the named schedules of ``sample(schedule=...)`` are in fastdiff.schedules.grid).
 
 fastdiff integrates in flow time t (0 noise, 1 data) over an increasing grid. k-diffusion and EDM
 schedule noise levels sigma instead (decreasing, ending at 0), which on the VE path

@@ -1,0 +1,87 @@
+"""method "dpm_adaptive" (fastdiff/sampling/adaptive.py): DPM-Solver-12 / 23 with a PID step-size controller per
+sample. One sample is k-diffusion's sample_dpm_adaptive (same evaluations, accepts and rejects); a sample's result is
+the same alone and in any batch; finished samples leave the batch; the samples of a mixture; option errors."""
+
+import math
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.mixtures import GaussianMixture, MixtureModel, mode_zscores, ring_mixture
+from fastdiff.paths import VE
+from test_adapter_k_diffusion import Denoiser, _kd
+from test_sample import _zmax
+
+
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("options", [{}, dict(rtol=0.01, atol=0.001, pcoeff=0.1, dcoeff=0.05)])
+def test_one_sample_is_k_diffusion(order, options):
+    """The batch-wide controller of k-diffusion and the per-sample one coincide for one sample."""
+    kd = _kd()
+    den = Denoiser()
+    smax, smin = 20.0, 0.05
+    path = VE(smax)
+    from fastdiff.adapters.k_diffusion import DenoiserModel
+
+    model = DenoiserModel(den, [smax, 0.0])
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * smax
+    ours, info = fastdiff.sample(model, None, noise=x, path=path, prediction="x0", method="dpm_adaptive",
+                                 timesteps=[0.0, path.time(smin)], order=order, return_info=True, **options)
+    theirs, kinfo = kd.sample_dpm_adaptive(den, x, smin, smax, order=order, disable=True, return_info=True, **options)
+    assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-5
+    assert (int(info.nfe[0]), int(info.n_accept[0]), int(info.n_reject[0])) == \
+        (kinfo["nfe"], kinfo["n_accept"], kinfo["n_reject"])
+
+
+def _two_class_model(path):
+    """Class 0: one broad Gaussian (a nearly linear flow); class 1: eight sharp modes on a ring."""
+    angles = torch.arange(8) * 2 * math.pi / 8
+    means = torch.cat([torch.zeros(1, 2), torch.stack([4 * angles.cos(), 4 * angles.sin()], 1)])
+    mixture = GaussianMixture(means, stds=torch.tensor([2.0] + [0.05] * 8), labels=torch.tensor([0] + [1] * 8))
+    return MixtureModel(mixture, path, "x0")
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_a_sample_is_the_same_alone_and_in_any_batch(eta):
+    path = VE(80.0)
+    model = _two_class_model(path)
+    y = torch.tensor([0, 1, 1, 0, 1, 1])
+    kw = dict(path=path, prediction="x0", method="dpm_adaptive", timesteps=[0.0, path.time(0.002)], eta=eta,
+              shape=(2,), return_info=True)
+    batch, info = fastdiff.sample(model, None, y=y, seed=[7, 8, 9, 10, 11, 12], **kw)
+    for b in (1, 3, 5):
+        alone, one = fastdiff.sample(model, None, y=y[b:b + 1], seed=[7 + b], **kw)
+        torch.testing.assert_close(alone[0], batch[b], rtol=1e-6, atol=1e-6)
+        assert int(one.nfe[0]) == int(info.nfe[b])
+    pair, _ = fastdiff.sample(model, None, y=y[[5, 1]], seed=[12, 8], **kw)
+    torch.testing.assert_close(pair, batch[[5, 1]], rtol=1e-6, atol=1e-6)
+    # samples differ in their evaluations; the model saw finished samples only until the next check
+    assert int(info.nfe.min()) < int(info.nfe.max())
+    assert info.model_rows <= int(info.nfe.max()) * len(y)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_samples_the_mixture(eta):
+    mixture = ring_mixture(heterogeneous=True)
+    model = MixtureModel(mixture, "vp", "eps")
+    x = fastdiff.sample(model, None, method="dpm_adaptive", shape=(2,), seed=3, path="vp", prediction="eps",
+                        batch_size=1000, timesteps=[1e-3, 1 - 1e-4], eta=eta)
+    assert _zmax(mode_zscores(x.double(), mixture)) < 6.0
+
+
+def test_errors():
+    model = MixtureModel(ring_mixture(), "vp", "eps")
+    kw = dict(shape=(2,), batch_size=2, path="vp", prediction="eps", method="dpm_adaptive")
+    with pytest.raises(ValueError, match="order must be 2 or 3 for method='dpm_adaptive', got 4"):
+        fastdiff.sample(model, 8, order=4, **kw)
+    with pytest.raises(ValueError, match="rtol must be a finite number > 0 for method='dpm_adaptive'"):
+        fastdiff.sample(model, 8, rtol=0.0, **kw)
+    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
+        fastdiff.sample(model, None, timesteps=[0.5, 0.4], **kw)
+    with pytest.raises(TypeError, match="method='dpm_adaptive' takes"):
+        fastdiff.sample(model, 8, r=0.5, **kw)
+    with pytest.raises(ValueError, match="guidance_rescale does not apply to method='dpm_adaptive'"):
+        fastdiff.sample(model, 8, guidance_rescale=0.5, **kw)
+    with pytest.raises(ValueError, match="chooses its steps while it samples and has no plan to keep"):
+        fastdiff.Sampler(model, 8, **kw)
