@@ -253,3 +253,53 @@ def test_noise_levels_of_a_time_tensor_are_remembered_by_identity_and_version():
     with torch.inference_mode():  # no version counter: looked up every time
         u = torch.tensor([0.25])
         assert model.sigma(u).item() == pytest.approx(60.0)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_dpm_fast_is_k_diffusions_with_its_noise_sampler(eta):
+    kd = _kd()
+    den = Denoiser()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 20.0
+    draws = torch.randn(8, *x.shape, generator=torch.Generator().manual_seed(2))
+    calls, ours_calls = [], []
+
+    def sampler(into):
+        return lambda s, s_next: into.append((float(s), float(s_next))) or draws[len(into) - 1]
+
+    ours = fk.sample_dpm_fast(den, x, 0.05, 20.0, 10, eta=eta, noise_sampler=sampler(ours_calls), disable=True)
+    theirs = kd.sample_dpm_fast(den, x, 0.05, 20.0, 10, eta=eta, noise_sampler=sampler(calls), disable=True)
+    assert float((ours - theirs).abs().max() / theirs.abs().max()) < 2e-5
+    if eta:  # asked for the same noise levels, in the same order (k-diffusion also asks on the last step, whose
+        # sigma_down is capped at sigma_min: its noise is scaled by 0 there)
+        assert len(ours_calls) == len(calls) - 1
+        flat = [s for pair in calls[:-1] for s in pair]
+        assert [s for pair in ours_calls for s in pair] == pytest.approx(flat, rel=1e-6)
+    seen = []
+    fk.sample_dpm_fast(den, x, 0.05, 20.0, 10, callback=seen.append, disable=True)
+    assert [d["i"] for d in seen] == [0, 1, 2, 3] and {"x", "sigma", "denoised"} <= set(seen[0])
+
+
+def test_dpm_adaptive_one_sample_is_k_diffusions_and_a_batch_counts_per_sample():
+    kd = _kd()
+    den = Denoiser()
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 20.0
+    ours, info = fk.sample_dpm_adaptive(den, x[:1], 0.05, 20.0, return_info=True, disable=True)
+    theirs, kinfo = kd.sample_dpm_adaptive(den, x[:1], 0.05, 20.0, return_info=True, disable=True)
+    assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-5
+    assert {k: info[k] for k in ("steps", "nfe", "n_accept", "n_reject")} == kinfo
+    batch, binfo = fk.sample_dpm_adaptive(den, x, 0.05, 20.0, return_info=True, disable=True)
+    assert binfo["nfe_per_sample"].shape == (3,) and int(binfo["nfe_per_sample"][0]) == kinfo["nfe"]
+    with pytest.raises(ValueError, match="noise_sampler and callback are k-diffusion's per batch-wide step"):
+        fk.sample_dpm_adaptive(den, x, 0.05, 20.0, callback=print)
+    with pytest.raises(ValueError, match="sigma_min must be a finite number > 0"):
+        fk.sample_dpm_adaptive(den, x, 0.0, 20.0)
+
+
+def test_the_end_point_samplers_take_k_diffusions_keywords():
+    import inspect
+
+    kd = _kd()
+    for name in ("sample_dpm_fast", "sample_dpm_adaptive"):
+        ours = inspect.signature(getattr(fk, name)).parameters
+        for p in inspect.signature(getattr(kd, name)).parameters.values():
+            assert p.name in ours and ours[p.name].default == p.default, (name, p.name)

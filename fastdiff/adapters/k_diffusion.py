@@ -18,7 +18,8 @@ Brownian path of fastdiff.sampling.features.brownian, step-count stable as k-dif
 of the SDE samplers, ~15x faster than that tree on the CPU). ``sample_dpm_2``,
 ``sample_dpm_2_ancestral``, ``sample_dpmpp_2s_ancestral`` and ``sample_dpmpp_sde`` evaluate the denoiser
 between grid points too (their midpoints), and the churn options of ``sample_euler`` / ``sample_heun`` /
-``sample_dpm_2`` are honoured (fastdiff.sampling.methods.churn).
+``sample_dpm_2`` are honoured (fastdiff.sampling.methods.churn). ``sample_dpm_fast`` and ``sample_dpm_adaptive`` take
+k-diffusion's (sigma_min, sigma_max) ends: fastdiff's ``dpm_fast`` and its per-sample ``dpm_adaptive``.
 
 Each call's plan (the noise levels, the stage table, a ``fastdiff.Sampler``) is kept for the next call with the same
 schedule, method, options and x layout; the denoiser is held weakly (fastdiff.adapters.k_diffusion_plans;
@@ -36,7 +37,8 @@ from fastdiff.adapters.k_diffusion_plans import NoiseLevels, check_denoiser, cle
 
 __all__ = ["DenoiserModel", "sample_euler", "sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral",
            "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_dpmpp_2m", "sample_euler_ancestral",
-           "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_lms", "clear_plans"]
+           "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_lms", "sample_dpm_fast", "sample_dpm_adaptive",
+           "clear_plans"]
 
 
 class DenoiserModel(torch.nn.Module):
@@ -167,6 +169,109 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     noise fastdiff's per-sample stream of ``seed`` as in :func:`sample_dpmpp_2m_sde`."""
     return _run("dpmpp_3m_sde", model, x, sigmas, extra_args, callback, disable, eta=_eta(eta), seed=seed,
                 noise_sampler=noise_sampler, s_noise=s_noise)
+
+
+def _ends(model, x, sigma_min, sigma_max, name: str):
+    """(DenoiserModel on VE(sigma_max), its path) for k-diffusion's calls that take the ends of a schedule."""
+    for arg, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
+        if not (isinstance(v, (int, float, torch.Tensor)) and math.isfinite(float(v)) and float(v) > 0):
+            raise ValueError(f"{name}: {arg} must be a finite number > 0 (k-diffusion: 'must not be 0'), got {v!r}")
+    lo, hi = float(sigma_min), float(sigma_max)
+    if not lo < hi:
+        raise ValueError(f"{name}: sigma_min must be below sigma_max, got {lo} and {hi}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise TypeError("x must be a floating-point tensor [B, ...] (the initial state, noise times sigma_max)")
+    return lo, hi
+
+
+@torch.no_grad()
+def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None, disable=None, eta=0.0,
+                    s_noise=1.0, noise_sampler=None, seed=0):
+    """k-diffusion's ``sample_dpm_fast`` (DPM-Solver-fast: n evaluations in 3/2/1-stage steps uniform in log sigma
+    from sigma_max to sigma_min, the state at sigma_min returned): fastdiff's method ``dpm_fast``. The noise of
+    eta > 0 is fastdiff's stream of ``seed``, or the ``noise_sampler``'s, called as k-diffusion calls it
+    (noise_sampler(sigma, sigma_next) of each step). ``callback`` gets k-diffusion's dict per step."""
+    from fastdiff.sampling.methods.dpm_fast import step_grid
+
+    lo, hi = _ends(model, x, sigma_min, sigma_max, "sample_dpm_fast")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        raise ValueError(f"n (the model evaluations) must be an int >= 2, got {n!r}")
+    levels = [hi * (lo / hi) ** (k / n) for k in range(n + 1)]  # only the ends count; uniform in log sigma
+    den = DenoiserModel(model, levels, extra_args)
+    eta = _eta(eta)
+    times = step_grid(den.path, den.timesteps, eta)
+    sigmas = torch.tensor([den.path.sigma(t) for t in times], dtype=torch.float32)
+    den.exact_at(sorted(set(times) | {st.t for st in _stages("dpm_fast", den, eta, s_noise)}))
+    step_noise = None if noise_sampler is None else _noise_from_sampler(noise_sampler, sigmas, x.shape)
+    steps = len(times) - 1
+    kd_callback = None if callback is None else (
+        lambda i, t, state, x0: callback({"x": state, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                                          "t": -sigmas[i].log(), "t_up": -sigmas[i].log(), "denoised": x0}))
+    out = _sample(den, None, noise=x.float(), path=den.path, prediction="x0", method="dpm_fast",
+                          timesteps=den.timesteps, eta=eta, s_noise=s_noise, seed=seed, step_noise=step_noise,
+                          callback=kd_callback, progress=_progress(disable) and steps > 0)
+    return out.to(x.dtype)
+
+
+@torch.no_grad()
+def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callback=None, disable=None, order=3,
+                        rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0.0, icoeff=1.0, dcoeff=0.0, accept_safety=0.81,
+                        eta=0.0, s_noise=1.0, noise_sampler=None, return_info=False, seed=0):
+    """k-diffusion's ``sample_dpm_adaptive`` (DPM-Solver-12 / 23 with PID step-size control) with each sample its own
+    controller (fastdiff's ``dpm_adaptive``: one sample is k-diffusion's run exactly; a batch's samples do not wait
+    for each other). ``return_info``: k-diffusion's dict (steps: the batch's iterations; nfe, n_accept, n_reject:
+    the most any sample used) plus ``nfe_per_sample``, ``n_accept_per_sample``, ``n_reject_per_sample`` tensors.
+    The noise of eta > 0 is fastdiff's stream of ``seed``; a ``noise_sampler`` (one draw for the whole batch at
+    batch-wide sigmas) and a ``callback`` (per batch-wide step) have no per-sample counterpart and are refused."""
+    lo, hi = _ends(model, x, sigma_min, sigma_max, "sample_dpm_adaptive")
+    if noise_sampler is not None or callback is not None:
+        raise ValueError("sample_dpm_adaptive: noise_sampler and callback are k-diffusion's per batch-wide step; here "
+                         "each sample has its own steps (use seed for the noise)")
+    den = DenoiserModel(model, [hi, lo], extra_args)
+    out, info = _sample(den, None, noise=x.float(), path=den.path, prediction="x0", method="dpm_adaptive",
+                                timesteps=den.timesteps, order=order, rtol=rtol, atol=atol, h_init=h_init,
+                                pcoeff=pcoeff, icoeff=icoeff, dcoeff=dcoeff, accept_safety=accept_safety,
+                                eta=_eta(eta), s_noise=s_noise, seed=seed, return_info=True,
+                                progress=_progress(disable))
+    if not return_info:
+        return out.to(x.dtype)
+    most = lambda v: int(v.max()) if v.numel() else 0  # noqa: E731
+    return out.to(x.dtype), {"steps": info.iterations, "nfe": most(info.nfe), "n_accept": most(info.n_accept),
+                             "n_reject": most(info.n_reject), "nfe_per_sample": info.nfe,
+                             "n_accept_per_sample": info.n_accept, "n_reject_per_sample": info.n_reject}
+
+
+def _stages(method, den, eta, s_noise):
+    from fastdiff.sampling.methods import get_method
+
+    return get_method(method).stages(den.path, den.timesteps, "x0", eta=eta, s_noise=s_noise)
+
+
+def _noise_from_sampler(noise_sampler, sigmas, shape):
+    if not callable(noise_sampler):
+        raise TypeError(f"noise_sampler must be callable as noise_sampler(sigma, sigma_next), got "
+                        f"{type(noise_sampler).__name__}")
+
+    def step_noise(step: int, j: int):
+        noise = noise_sampler(sigmas[step], sigmas[step + 1])
+        if not isinstance(noise, torch.Tensor) or noise.shape != shape:
+            raise ValueError(f"noise_sampler returned {getattr(noise, 'shape', type(noise).__name__)} at step {step}; "
+                             f"it must return noise of x's shape {tuple(shape)}")
+        return noise
+
+    return step_noise
+
+
+def _progress(disable) -> bool:
+    import sys
+
+    return (not disable) if disable is not None else sys.stderr.isatty()
+
+
+def _sample(*args, **kwargs):
+    import fastdiff
+
+    return fastdiff.sample(*args, **kwargs)
 
 
 def _eta(eta) -> float:

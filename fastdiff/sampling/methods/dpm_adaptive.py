@@ -43,7 +43,7 @@ class AdaptiveInfo:
     nfe: torch.Tensor  # model evaluations the sample used
     n_accept: torch.Tensor
     n_reject: torch.Tensor
-    iterations: int  # iterations of the batch (the most any sample needed)
+    iterations: int  # iterations in which some sample moved (the most any sample needed: k-diffusion's steps)
     model_rows: int  # samples x evaluations the model computed, finished samples waiting for the next check included
 
 
@@ -177,6 +177,7 @@ def dpm_adaptive(model, cfg: float = 1.0, *, shape=None, y=None, null_y=None, se
 
         bar = tqdm(total=B, desc="fastdiff dpm_adaptive", unit="sample")
     it = rows = 0
+    moved = torch.zeros((), dtype=torch.int64, device=dev)  # iterations with an unfinished sample (read at the end)
     while idx.numel():
         if it >= max_iterations:
             raise RuntimeError(f"method='dpm_adaptive': {idx.numel()} samples did not reach the end in "
@@ -239,6 +240,7 @@ def dpm_adaptive(model, cfg: float = 1.0, *, shape=None, y=None, null_y=None, se
         nfe[idx] += active.long() * order
         n_acc[idx] += accept.long()
         n_rej[idx] += (active & ~accept).long()
+        moved += active.any()
         it += 1
         if it % check_every == 0 or not bool(active.any()):
             done = s >= lam_end - 1e-5
@@ -257,7 +259,7 @@ def dpm_adaptive(model, cfg: float = 1.0, *, shape=None, y=None, null_y=None, se
                 fresh = fresh[keep]
     if bar is not None:
         bar.close()
-    info = AdaptiveInfo(nfe, n_acc, n_rej, it, rows)
+    info = AdaptiveInfo(nfe, n_acc, n_rej, int(moved), rows)
     return (out, info) if return_info else out
 
 
