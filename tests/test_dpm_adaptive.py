@@ -10,6 +10,7 @@ import torch
 import fastdiff
 from fastdiff.mixtures import GaussianMixture, MixtureModel, mode_zscores, ring_mixture
 from fastdiff.paths import VE
+from conftest import BACKENDS
 from test_adapter_k_diffusion import Denoiser, _kd
 from test_sample import _zmax
 
@@ -68,6 +69,20 @@ def test_samples_the_mixture(eta):
     x = fastdiff.sample(model, None, method="dpm_adaptive", shape=(2,), seed=3, path="vp", prediction="eps",
                         batch_size=1000, timesteps=[1e-3, 1 - 1e-4], eta=eta)
     assert _zmax(mode_zscores(x.double(), mixture)) < 6.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_agree_with_the_reference(backend):
+    """The embedded pair, the accept pass and the ancestral noise are fused steps with per-sample rows on the call's
+    backend (CFG's blend of the two branches inside them)."""
+    name, device = backend
+    model = MixtureModel(ring_mixture(labels=list(range(8))), "vp", "eps")
+    kw = dict(shape=(2,), seed=[4, 5, 6, 7], y=torch.tensor([0, 3, 5, 7], device=device), null_y=-1,
+              path="vp", prediction="eps", method="dpm_adaptive", eta=1.0, device=device, return_info=True)
+    ref, ref_info = fastdiff.sample(model, None, 2.0, backend="reference", **kw)
+    ours, info = fastdiff.sample(model, None, 2.0, backend=name, **kw)
+    torch.testing.assert_close(ours.cpu(), ref.cpu(), rtol=1e-4, atol=1e-4)
+    assert torch.equal(info.nfe.cpu(), ref_info.nfe.cpu())
 
 
 def test_errors():

@@ -19,6 +19,13 @@ The steps of one iteration (the embedded pair, on k-diffusion's formulas as fast
 
     order 2: y_low = y - sigma_t expm1(h) E_0,  y_high = DPM-Solver-2 (r1 = 1/2)
     order 3: y_low = DPM-Solver-2 with r1 = 1/3,  y_high = DPM-Solver-3 (r1 = 1/3, r2 = 2/3)
+
+are fused sampler_step calls with per-sample coefficient rows (the state x unscaled in float32, E = a x + b g the eps
+conversion at each evaluation's time, CFG's two branches blended inside the call): the second evaluation's input with
+E_0 as side output, the third's with E_1, then y_high with y_low as side output; the accept is one more in-place call
+(x = accept alpha' (y_high + s_noise su xi) + (1 - accept) x, y_prev likewise). The error norm and the controller are
+[B]-sized torch ops. 16.8 ms per iteration at 2^20 elements against 37.5 ms for the loop as float64 torch ops (AMD
+EPYC, 2 threads).
 """
 
 from __future__ import annotations
@@ -83,32 +90,108 @@ def _check_options(opts: dict, eta, s_noise) -> dict:
 
 
 class _Evaluator:
-    """eps at each sample's own flow time: model(x, t, y) converted, with classifier-free guidance."""
+    """The model at each sample's own flow time: its branches (conditional, then unconditional under CFG) and their
+    weights in the fused step's blend, g = w_c p_c + w_u p_u."""
 
-    def __init__(self, model, path, prediction, cfg, y, null_y):
-        self.model, self.path, self.prediction, self.cfg = model, path, prediction, float(cfg)
-        self.y, self.null_y = y, null_y
+    def __init__(self, model, cfg, y, null_y):
+        self.model, self.cfg, self.y, self.null_y = model, float(cfg), y, null_y
+        self.weights = (1.0,) if self.cfg == 1.0 else (self.cfg, 1.0 - self.cfg)
 
-    def __call__(self, x, t64, keep):
+    def __call__(self, x, t64, keep) -> list:
         t = t64.float()
         y = None if self.y is None else self.y[keep]
         if self.cfg == 1.0:
-            g = self.model(x, t, y)
-        else:  # null_y: one label for all, or one per sample
-            null = torch.as_tensor(self.null_y, dtype=y.dtype, device=y.device)
-            null = null[keep] if null.dim() and null.shape[0] == self.y.shape[0] else null.expand_as(y)
-            both = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-            cond, uncond = both.chunk(2)
-            g = uncond + self.cfg * (cond - uncond)
-        a, b = affine_coefficients(self.path, t64, self.prediction, "eps")
-        view = (-1,) + (1,) * (x.dim() - 1)
-        return (a.view(view) * x.double() + b.view(view) * g.double())
+            return [self.model(x, t, y).contiguous()]
+        null = torch.as_tensor(self.null_y, dtype=y.dtype, device=y.device)  # one label for all, or one per sample
+        null = null[keep] if null.dim() and null.shape[0] == self.y.shape[0] else null.expand_as(y)
+        cond, uncond = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+        return [cond.contiguous(), uncond.contiguous()]
+
+
+def _ancestral(s, lam_next, lam_end, eta):
+    """(lambda the step goes to, the noise scale su): k-diffusion's ancestral split of the step s -> lam_next
+    (sigma_down not below the end's level), or (lam_next, 0) at eta = 0."""
+    if not eta:
+        return lam_next, torch.zeros_like(s)
+    sig, sig_next = torch.exp(-s), torch.exp(-lam_next)
+    up = torch.minimum(sig_next, eta * torch.sqrt(torch.clamp(sig_next ** 2 * (sig ** 2 - sig_next ** 2) / sig ** 2,
+                                                              min=0.0)))
+    down = torch.sqrt(torch.clamp(sig_next ** 2 - up ** 2, min=0.0))
+    lam_to = torch.minimum(torch.full_like(s, lam_end), -torch.log(down))
+    return lam_to, torch.sqrt(torch.clamp(sig_next ** 2 - torch.exp(-2 * lam_to), min=0.0))
+
+
+class _Step:
+    """One iteration's per-sample coefficient rows (float32 [B, 2M], fastdiff.ops.sampler_step's layout) of the embedded
+    DPM-Solver pair from lambda = s to lam_to, the state x unscaled at flow time t_now, E = a x + b g the eps
+    conversion at each evaluation."""
+
+    def __init__(self, path, prediction, lo, hi, s, lam_to, t_now, order, r1):
+        # a finished sample (h = 0) still passes through the calls, its result discarded: a finite stand-in step keeps
+        # 0/0 out of its rows (0 x NaN would leak through the accept pass's zero weight)
+        hh = torch.where(lam_to > s, lam_to - s, torch.ones_like(s))
+        lam_to = s + hh
+        self.t0 = t_now
+        self.t1 = time_of_lambda(path, s + r1 * hh, lo, hi)
+        self.t2 = time_of_lambda(path, s + (2.0 / 3.0) * hh, lo, hi) if order == 3 else None
+        self.al0, self.al1 = path.coefficients(self.t0)[0], path.coefficients(self.t1)[0]
+        self.a0, self.b0 = affine_coefficients(path, self.t0, prediction, "eps")
+        self.a1, self.b1 = affine_coefficients(path, self.t1, prediction, "eps")
+        self.sig_to, self.E, self.hh, self.r1, self.order = torch.exp(-lam_to), torch.expm1(hh), hh, r1, order
+        self.c1 = -torch.exp(-(s + r1 * hh)) * torch.expm1(r1 * hh)  # u_1 = y + c1 E_0
+        if order == 3:
+            self.al2 = path.coefficients(self.t2)[0]
+            self.a2, self.b2 = affine_coefficients(path, self.t2, prediction, "eps")
+            s2, e2h = torch.exp(-(s + (2.0 / 3.0) * hh)), torch.expm1((2.0 / 3.0) * hh)
+            self.d2 = (2.0 / 3.0) / r1 * s2 * (e2h / ((2.0 / 3.0) * hh) - 1.0)  # u_2 = y - s2 e2h E_0 - d2 (E_1 - E_0)
+            self.k2 = s2 * e2h
+
+    @staticmethod
+    def _rows(*columns):
+        return torch.stack([c if isinstance(c, torch.Tensor) else torch.full_like(columns[0], c) for c in columns],
+                           1).float().contiguous()
+
+    def rows_u1(self):
+        """out: the second evaluation's input alpha_1 u_1; side: E_0."""
+        c = self.al1 * self.c1
+        return self._rows(self.al1 / self.al0 + c * self.a0, c * self.b0, self.a0, self.b0)
+
+    def rows_u2(self):
+        """(input u_1, history x, E_0) out: alpha_2 u_2; side: E_1."""
+        k = -self.al2 * self.d2
+        return self._rows(k * self.a1, k * self.b1, self.al2 / self.al0, self.al2 * (self.d2 - self.k2),
+                          self.a1, self.b1, 0.0, 0.0)
+
+    def rows_final(self):
+        """out: y_high; side: y_low (scaled states y = x / alpha): order 2 (input u_1; history x, E_0), order 3 (input
+        u_2; history x, E_0, E_1)."""
+        first = self.sig_to * self.E  # y - sigma' expm1(h) E_0
+        two = self.sig_to / (2 * self.r1) * self.E  # the second-order term's weight on (E_1 - E_0)
+        if self.order == 2:  # high: DPM-Solver-2 (from E_1 at the input), low: DPM-Solver-1
+            return self._rows(-two * self.a1, -two * self.b1, 1.0 / self.al0, two - first,
+                              0.0, 0.0, 1.0 / self.al0, -first)
+        k3 = 1.5 * self.sig_to * (self.E / self.hh - 1.0)  # DPM-Solver-3's weight on (E_2 - E_0)
+        return self._rows(-k3 * self.a2, -k3 * self.b2, 1.0 / self.al0, k3 - first, 0.0,
+                          0.0, 0.0, 1.0 / self.al0, two - first, -two)
+
+
+class _Fused:
+    """fastdiff.ops.sampler_step with per-sample rows on the call's backend: out and side written in place."""
+
+    def __init__(self, weights, seeds, backend):
+        self.weights, self.seeds, self.backend = weights, seeds, backend
+
+    def __call__(self, x, preds, history, rows, out, side, streams=(), weights=None):
+        from fastdiff.ops import sampler_step
+
+        sampler_step(x, preds, weights=weights or self.weights, history=history, coeffs=rows, seeds=self.seeds,
+                     streams=streams, outs=[out], side=side, backend=self.backend)
 
 
 def dpm_adaptive(model, cfg: float = 1.0, *, shape=None, y=None, null_y=None, seed=0, noise=None, path="condot",
                  prediction="velocity", timesteps=None, batch_size=None, device=None, eta: float = 0.0,
                  s_noise: float = 1.0, check_every: int = 4, max_iterations: int = 10000, return_info: bool = False,
-                 progress: bool = False, check_finite: bool = True, **options):
+                 progress: bool = False, check_finite: bool = True, backend=None, **options):
     """Sample with per-sample adaptive DPM-Solver steps from the first to the last nonzero noise level of
     ``timesteps`` (the grid's ends are all it reads; default t = 0 to 1 - 1e-3; a first time where alpha = 0 moves to
     T_MIN_SINGULAR = 1e-3, as fastdiff's grids do where a conversion is singular), k-diffusion's options
@@ -147,10 +230,11 @@ def dpm_adaptive(model, cfg: float = 1.0, *, shape=None, y=None, null_y=None, se
     seeds = sample_seeds(seed, B, dev)
     if cfg != 1.0 and (y is None or null_y is None):
         raise ValueError("cfg != 1 needs y and null_y")
-    evaluate = _Evaluator(model, path, prediction, cfg, y, null_y)
+    evaluate = _Evaluator(model, cfg, y, null_y)
     lam_start, lam_end = -math.log(top), -math.log(bottom)
     lo, hi = grid[0], grid[-1]
     order = opts["order"]
+    r1 = 1.0 / 3.0 if order == 3 else 0.5
     b1 = (opts["pcoeff"] + opts["icoeff"] + opts["dcoeff"]) / (1.5 if eta else order)
     b2 = -(opts["pcoeff"] + 2 * opts["dcoeff"]) / (1.5 if eta else order)
     b3 = opts["dcoeff"] / (1.5 if eta else order)
@@ -159,16 +243,14 @@ def dpm_adaptive(model, cfg: float = 1.0, *, shape=None, y=None, null_y=None, se
     h = torch.full((B,), opts["h_init"], **f64)
     errs = torch.zeros((B, 3), **f64)  # the PID history (inverse errors), set at the first proposal
     fresh = torch.ones(B, dtype=torch.bool, device=dev)
-    view = (-1,) + (1,) * (x.dim() - 1)
-    alpha0 = path.coefficients(torch.full((B,), lo, **f64))[0]
-    yst = x.double() / alpha0.view(view)  # the scaled state y = x / alpha
-    y_prev = yst.clone()
+    t_now = torch.full((B,), lo, **f64)  # each sample's flow time (the state x is unscaled, at t_now)
+    x = x.float().contiguous()
+    y_prev = (x.double() / path.coefficients(t_now)[0].view((-1,) + (1,) * (x.dim() - 1))).float()  # y = x / alpha
     nfe = torch.zeros(B, dtype=torch.int64, device=dev)
     n_acc, n_rej = torch.zeros_like(nfe), torch.zeros_like(nfe)
     out = torch.empty_like(x)
     idx = torch.arange(B, device=dev)  # the samples still in the batch
     numel = math.prod(x.shape[1:])
-    sig = lambda lam: torch.exp(-lam)  # noqa: E731
     if not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 1:
         raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
     bar = None
@@ -183,43 +265,23 @@ def dpm_adaptive(model, cfg: float = 1.0, *, shape=None, y=None, null_y=None, se
             raise RuntimeError(f"method='dpm_adaptive': {idx.numel()} samples did not reach the end in "
                                f"{max_iterations} iterations (rtol={opts['rtol']}, atol={opts['atol']})")
         active = s < lam_end - 1e-5
-        t_next = torch.minimum(torch.full_like(s, lam_end), s + h)
-        lam_to, su = t_next, torch.zeros_like(s)
-        if eta:
-            sd_, s_next = sig(t_next), sig(t_next)
-            up = torch.minimum(s_next, eta * torch.sqrt(torch.clamp(s_next ** 2 * (sig(s) ** 2 - s_next ** 2)
-                                                                     / sig(s) ** 2, min=0.0)))
-            sd_ = torch.sqrt(torch.clamp(s_next ** 2 - up ** 2, min=0.0))
-            lam_to = torch.minimum(torch.full_like(s, lam_end), -torch.log(sd_))
-            su = torch.sqrt(torch.clamp(s_next ** 2 - sig(lam_to) ** 2, min=0.0))
-        hh = lam_to - s
-
-        def eps_at(lam, ystate):
-            t = time_of_lambda(path, lam, lo, hi)
-            al = path.coefficients(t)[0]
-            return evaluate((ystate * al.view(view)).float(), t, idx)
-
-        def v(z):
-            return z.view(view)
-
-        e0 = eps_at(s, yst)
-        r1 = 1.0 / 3.0 if order == 3 else 0.5
-        s1 = s + r1 * hh
-        u1 = yst - v(sig(s1) * torch.expm1(r1 * hh)) * e0
-        e1 = eps_at(s1, u1)
-        E = torch.expm1(hh)
-        two = yst - v(sig(lam_to) * E) * e0 - v(sig(lam_to) / (2 * r1) * E) * (e1 - e0)
+        lam_next = torch.minimum(torch.full_like(s, lam_end), s + h)
+        lam_to, su = _ancestral(s, lam_next, lam_end, eta)
+        step = _Step(path, prediction, lo, hi, s, lam_to, t_now, order, r1)
+        g0 = evaluate(x, step.t0, idx)
+        buf = {name: torch.empty_like(x) for name in ("u1", "e0", "u2", "e1", "high", "low")}
+        fused = _Fused(evaluate.weights, seeds[idx], backend)
+        fused(x, g0, [], step.rows_u1(), buf["u1"], buf["e0"])
+        g1 = evaluate(buf["u1"], step.t1, idx)
         if order == 2:
-            low, high = yst - v(sig(lam_to) * E) * e0, two
+            fused(buf["u1"], g1, [x, buf["e0"]], step.rows_final(), buf["high"], buf["low"])
         else:
-            s2 = s + (2.0 / 3.0) * hh
-            e2h = torch.expm1((2.0 / 3.0) * hh)
-            u2 = yst - v(sig(s2) * e2h) * e0 - v(sig(s2) * 2.0 * (e2h / ((2.0 / 3.0) * hh) - 1)) * (e1 - e0)
-            e2 = eps_at(s2, u2)
-            low = two
-            high = yst - v(sig(lam_to) * E) * e0 - v(sig(lam_to) * 1.5 * (E / hh - 1)) * (e2 - e0)
-        delta = torch.maximum(torch.full_like(low, opts["atol"]), opts["rtol"] * torch.maximum(low.abs(), y_prev.abs()))
-        error = ((low - high) / delta).flatten(1).norm(dim=1) / math.sqrt(numel)
+            fused(buf["u1"], g1, [x, buf["e0"]], step.rows_u2(), buf["u2"], buf["e1"])
+            g2 = evaluate(buf["u2"], step.t2, idx)
+            fused(buf["u2"], g2, [x, buf["e0"], buf["e1"]], step.rows_final(), buf["high"], buf["low"])
+        low, high = buf["low"], buf["high"]
+        delta = torch.clamp(opts["rtol"] * torch.maximum(low.abs(), y_prev.abs()), min=opts["atol"])
+        error = ((low - high) / delta).flatten(1).norm(dim=1).double() / math.sqrt(numel)
         inv = 1.0 / (error + 1e-8)
         errs = torch.where(fresh[:, None], inv[:, None].expand(-1, 3), errs)
         fresh = torch.zeros_like(fresh)
@@ -228,14 +290,18 @@ def dpm_adaptive(model, cfg: float = 1.0, *, shape=None, y=None, null_y=None, se
         accept = (factor >= opts["accept_safety"]) & active
         errs = torch.where(accept[:, None], torch.stack([errs[:, 0], errs[:, 0], errs[:, 1]], 1), errs)
         h = torch.where(active, h * factor, h)
-        if eta:
-            from fastdiff import ops
-
-            xi = ops.randn(seeds[idx], 1 + it, tuple(x.shape[1:])).double()
-            high = high + v(su * s_noise) * xi
-        y_prev = torch.where(v(accept), low, y_prev)
-        yst = torch.where(v(accept), high, yst)
-        s = torch.where(accept, t_next, s)
+        # accepted: x = alpha_next (y_high + s_noise su xi) at the step's end, y_prev = y_low; else both kept
+        t_new = torch.where(accept, time_of_lambda(path, lam_next, lo, hi), t_now)
+        acc = accept.double()
+        al_new = path.coefficients(t_new)[0]
+        draw = (acc * al_new * su * s_noise,) if eta else ()  # eta = 0: no draw at all
+        rows_accept = _Step._rows(acc * al_new, 0.0, 1.0 - acc, 0.0, 0.0, *draw,
+                                  0.0, 0.0, 0.0, acc, 1.0 - acc, *(0.0,) * len(draw))
+        # one pass, in place: x (out, read as history 0) and y_prev (side, read as history 2)
+        fused(high, [high], [x, low, y_prev], rows_accept, x, y_prev, streams=[1 + it] if eta else [],
+              weights=(1.0,))
+        s = torch.where(accept, lam_next, s)
+        t_now = t_new
         rows += idx.numel() * order
         nfe[idx] += active.long() * order
         n_acc[idx] += accept.long()
@@ -244,19 +310,17 @@ def dpm_adaptive(model, cfg: float = 1.0, *, shape=None, y=None, null_y=None, se
         it += 1
         if it % check_every == 0 or not bool(active.any()):
             done = s >= lam_end - 1e-5
-            if check_finite and not bool(torch.isfinite(yst).all()):
-                bad = idx[~torch.isfinite(yst).flatten(1).all(1)].tolist()
+            if check_finite and not bool(torch.isfinite(x).all()):
+                bad = idx[~torch.isfinite(x).flatten(1).all(1)].tolist()
                 raise ValueError(f"method='dpm_adaptive': the state of samples {bad[:8]} is not finite after "
                                  f"iteration {it} (the model returned inf / NaN, or the steps diverged)")
             if bar is not None:
                 bar.update(int(done.sum()))
             if bool(done.any()):  # one host read per check_every iterations
-                t_end = torch.full((int(done.sum()),), grid[-1] if noise_level(path, grid[-1]) > 0 else grid[-2],
-                                   **f64)
-                out[idx[done]] = (yst[done] * v(path.coefficients(t_end)[0])).float()
+                out[idx[done]] = x[done]
                 keep = ~done
-                idx, s, h, errs, yst, y_prev = idx[keep], s[keep], h[keep], errs[keep], yst[keep], y_prev[keep]
-                fresh = fresh[keep]
+                idx, s, h, errs, t_now, fresh = idx[keep], s[keep], h[keep], errs[keep], t_now[keep], fresh[keep]
+                x, y_prev = x[keep].contiguous(), y_prev[keep].contiguous()
     if bar is not None:
         bar.close()
     info = AdaptiveInfo(nfe, n_acc, n_rej, int(moved), rows)
@@ -266,9 +330,8 @@ def dpm_adaptive(model, cfg: float = 1.0, *, shape=None, y=None, null_y=None, se
 # sample()'s arguments a per-sample adaptive call takes (the rest must keep their defaults)
 _TAKES = {"shape", "y", "null_y", "seed", "noise", "path", "prediction", "method", "eta", "timesteps", "schedule",
           "batch_size", "device", "s_noise", "check_every", "max_iterations", "return_info", "progress", "check_finite",
-          *OPTIONS}
-# accepted and without effect: the loop runs torch ops on the samples' device, whatever the fused step's backend
-_IGNORED = {"backend"}
+          "backend", *OPTIONS}
+_IGNORED: set = set()
 # values that mean "not used" besides sample()'s defaults (the command line passes its own), and arguments that only
 # matter with another one (snr: the corrector's)
 _ALSO_NEUTRAL = {"guidance": ("cfg",), "sigma": (None, 0), "dynamic_thresholding": (False,), "step_noise": ()}
