@@ -85,6 +85,16 @@ def test_backends_agree_with_the_reference(backend):
     assert torch.equal(info.nfe.cpu(), ref_info.nfe.cpu())
 
 
+def test_a_sampler_hands_each_call_over():
+    """fastdiff.Sampler with dpm_adaptive: no plan to keep; each call is sample()'s with the refilled seeds / labels."""
+    model = MixtureModel(ring_mixture(labels=list(range(8))), "vp", "eps")
+    kw = dict(shape=(2,), path="vp", prediction="eps", method="dpm_adaptive", null_y=-1)
+    sampler = fastdiff.Sampler(model, None, 2.0, y=torch.tensor([1, 2]), seed=3, **kw)
+    assert torch.equal(sampler(), fastdiff.sample(model, None, 2.0, y=torch.tensor([1, 2]), seed=3, **kw))
+    assert torch.equal(sampler(seed=[9], y=torch.tensor([5])),
+                       fastdiff.sample(model, None, 2.0, y=torch.tensor([5]), seed=[9], **kw))
+
+
 def test_errors():
     model = MixtureModel(ring_mixture(), "vp", "eps")
     kw = dict(shape=(2,), batch_size=2, path="vp", prediction="eps", method="dpm_adaptive")
@@ -98,5 +108,4 @@ def test_errors():
         fastdiff.sample(model, 8, r=0.5, **kw)
     with pytest.raises(ValueError, match="guidance_rescale does not apply to method='dpm_adaptive'"):
         fastdiff.sample(model, 8, guidance_rescale=0.5, **kw)
-    with pytest.raises(ValueError, match="chooses its steps while it samples and has no plan to keep"):
-        fastdiff.Sampler(model, 8, **kw)
+

@@ -110,22 +110,12 @@ DEFAULTS = dict(shape=None, y=None, null_y=None, seed=0, noise=None, path="condo
                 classifier_y=None, init=None, strength=None, known_mask=None, resample=1, corrector_steps=0, snr=0.16)
 
 
-class _Runs(dict):
-    """The registered methods with a ``run`` (steps chosen while sampling), looked up by name on each call."""
+def _run_of(method):
+    """The ``run`` of a registered method that chooses its steps while it samples (dpm_adaptive), else None."""
+    from fastdiff.sampling.methods.registry import _REGISTRY
 
-    def __contains__(self, name) -> bool:
-        from fastdiff.sampling.methods.registry import _REGISTRY
-
-        record = _REGISTRY.get(name)
-        return record is not None and record.run is not None
-
-    def __getitem__(self, name):
-        from fastdiff.sampling.methods.registry import _REGISTRY
-
-        return _REGISTRY[name].run
-
-
-_RUNS = _Runs()
+    record = _REGISTRY.get(method) if isinstance(method, str) else None
+    return None if record is None else record.run
 
 
 class Sampler:
@@ -135,9 +125,10 @@ class Sampler:
     device or label layout builds a new plan). Returns a new tensor each call. The arguments are sample()'s."""
 
     def __init__(self, model, steps: int | None = 50, cfg: float = 1.0, **kwargs):
-        if isinstance(kwargs.get("method"), str) and kwargs["method"] in _RUNS:
-            raise ValueError(f"method={kwargs['method']!r} chooses its steps while it samples and has no plan to keep: "
-                             "call fastdiff.sample")
+        self._run_method = _run_of(kwargs.get("method"))
+        if self._run_method is not None:  # steps chosen while sampling: no plan to keep, each call hands them over
+            self._model, self._steps, self._cfg, self._run_kw = model, steps, cfg, dict(kwargs)
+            return
         self._kw = {**DEFAULTS, **{k: v for k, v in kwargs.items() if k in DEFAULTS}}
         self._kw["options"] = {k: v for k, v in kwargs.items() if k not in DEFAULTS}
         self._model, self._steps, self._cfg = model, steps, cfg
@@ -157,6 +148,10 @@ class Sampler:
             self._fresh_result()
 
     def __call__(self, *, seed=None, noise=None, y=None, null_y=None, batch_size=None) -> torch.Tensor:
+        if self._run_method is not None:
+            changes = {k: v for k, v in (("seed", seed), ("noise", noise), ("y", y), ("null_y", null_y),
+                                         ("batch_size", batch_size)) if v is not None}
+            return self._run_method(self._model, self._steps, self._cfg, DEFAULTS, **{**self._run_kw, **changes})
         return self._call(self._model, seed, noise, y, null_y, batch_size)
 
     def _call(self, model, seed=None, noise=None, y=None, null_y=None, batch_size=None, trusted=False):
@@ -324,9 +319,9 @@ def _run_graph(plan, ns, a) -> tuple:
 
 @torch.no_grad()  # a sampler never backpropagates: model calls keep no activations for backward
 def sample(model, steps: int | None = 50, cfg: float = 1.0, **kwargs) -> torch.Tensor:
-    method = kwargs.get("method")
-    if isinstance(method, str) and method in _RUNS:  # a method that chooses its steps while it samples
-        return _RUNS[method](model, steps, cfg, DEFAULTS, **kwargs)
+    run = _run_of(kwargs.get("method"))
+    if run is not None:  # a method that chooses its steps while it samples
+        return run(model, steps, cfg, DEFAULTS, **kwargs)
     key = plan_cache.key_of(model, steps, cfg, kwargs)
     if key is not None:  # a small call: its plan is kept and reused by the next one like it (plan_cache)
         entry = plan_cache.take(key, model)

@@ -259,6 +259,7 @@ def dpm_adaptive(model, cfg: float = 1.0, *, shape=None, y=None, null_y=None, se
 
         bar = tqdm(total=B, desc="fastdiff dpm_adaptive", unit="sample")
     it = rows = 0
+    buf = None
     moved = torch.zeros((), dtype=torch.int64, device=dev)  # iterations with an unfinished sample (read at the end)
     while idx.numel():
         if it >= max_iterations:
@@ -269,7 +270,8 @@ def dpm_adaptive(model, cfg: float = 1.0, *, shape=None, y=None, null_y=None, se
         lam_to, su = _ancestral(s, lam_next, lam_end, eta)
         step = _Step(path, prediction, lo, hi, s, lam_to, t_now, order, r1)
         g0 = evaluate(x, step.t0, idx)
-        buf = {name: torch.empty_like(x) for name in ("u1", "e0", "u2", "e1", "high", "low")}
+        if buf is None or buf["u1"].shape != x.shape:  # the step's buffers, new only when the batch shrinks
+            buf = {name: torch.empty_like(x) for name in ("u1", "e0", "u2", "e1", "high", "low")}
         fused = _Fused(evaluate.weights, seeds[idx], backend)
         fused(x, g0, [], step.rows_u1(), buf["u1"], buf["e0"])
         g1 = evaluate(buf["u1"], step.t1, idx)
@@ -308,15 +310,16 @@ def dpm_adaptive(model, cfg: float = 1.0, *, shape=None, y=None, null_y=None, se
         n_rej[idx] += (active & ~accept).long()
         moved += active.any()
         it += 1
-        if it % check_every == 0 or not bool(active.any()):
+        if it % check_every == 0:  # the one host read of check_every iterations: finished and non-finite counts
             done = s >= lam_end - 1e-5
-            if check_finite and not bool(torch.isfinite(x).all()):
-                bad = idx[~torch.isfinite(x).flatten(1).all(1)].tolist()
-                raise ValueError(f"method='dpm_adaptive': the state of samples {bad[:8]} is not finite after "
-                                 f"iteration {it} (the model returned inf / NaN, or the steps diverged)")
+            bad = ~torch.isfinite(x).flatten(1).all(1) if check_finite else torch.zeros_like(done)
+            n_done, n_bad = torch.stack([done.sum(), bad.sum()]).tolist()
+            if n_bad:
+                raise ValueError(f"method='dpm_adaptive': the state of samples {idx[bad].tolist()[:8]} is not finite "
+                                 f"after iteration {it} (the model returned inf / NaN, or the steps diverged)")
             if bar is not None:
-                bar.update(int(done.sum()))
-            if bool(done.any()):  # one host read per check_every iterations
+                bar.update(n_done)
+            if n_done:
                 out[idx[done]] = x[done]
                 keep = ~done
                 idx, s, h, errs, t_now, fresh = idx[keep], s[keep], h[keep], errs[keep], t_now[keep], fresh[keep]
