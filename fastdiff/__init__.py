@@ -12,10 +12,11 @@ _native.load()
 from fastdiff import ops, paths  # noqa: E402
 from fastdiff.sampling import Sampler, bits_per_dim, invert, langevin, log_likelihood, sample  # noqa: E402
 from fastdiff.generation import generate, load_generated  # noqa: E402
+from fastdiff.sampling.cfg_parallel import cfg_parallel  # noqa: E402
 from fastdiff.sampling.core.graphs import clear_cuda_graphs  # noqa: E402
 from fastdiff.sampling.sampler import clear_scratch  # noqa: E402
 from fastdiff.dispatch import BackendUnavailable, backends, use_backend  # noqa: E402
 
-__all__ = ["BackendUnavailable", "Sampler", "backends", "bits_per_dim", "clear_cuda_graphs", "clear_scratch", "generate", "invert",
-           "langevin", "load_generated", "log_likelihood", "ops", "paths", "sample",
-           "use_backend", "__version__"]
+__all__ = ["BackendUnavailable", "Sampler", "backends", "bits_per_dim", "cfg_parallel", "clear_cuda_graphs",
+           "clear_scratch", "generate", "invert", "langevin", "load_generated", "log_likelihood", "ops", "paths",
+           "sample", "use_backend", "__version__"]

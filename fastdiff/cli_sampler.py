@@ -80,7 +80,7 @@ device_option.__name__ = "device"
 OWN_FLAGS = {"steps": "--steps", "cfg": "--cfg", "seed": "--seed", "method": "--method", "sigma": "--sigma",
              "guidance": "--guidance", "guidance_rescale": "--guidance-rescale", "snr": "--snr",
              "dynamic_thresholding": "--dynamic-thresholding", "corrector_steps": "--corrector-steps",
-             "step_noise": "--step-noise",
+             "step_noise": "--step-noise", "cache": "--cache",
              "schedule": "--schedule", "device": "--device", "progress": "--no-progress", "shape": "--size",
              "batch_size": "--batch-size (generate) or --per-class (sample)", "labels": "--labels (generate)"}
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
@@ -155,6 +155,9 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
                    "this quantile (e.g. 0.995; diffusers' thresholding=True)")
     p.add_argument("--guidance-rescale", type=float_in(0.0, 1.0, high_open=False), default=0.0, metavar="PHI",
                    help="CFG rescale phi in [0, 1] (diffusers' guidance_rescale; with --cfg != 1)")
+    p.add_argument("--cache", default=None, choices=["easycache", "lazycache", "adaptive"],
+                   help="step caching with the rule's defaults: reuse the model's outputs where its input has "
+                        "barely changed (fewer model calls; docs/guidance.md, \"Step caching\")")
     p.add_argument("--steps", type=int_in(1, MAX_STEPS), default=50, help=f"sampling steps (at most {MAX_STEPS})")
     p.add_argument("--schedule", default=None, choices=list(SCHEDULE_NAMES), metavar="NAME",
                    help="the grid's noise schedule with its defaults (default: uniform in flow time): "
@@ -187,7 +190,8 @@ def sampler_settings(args: argparse.Namespace, state: dict) -> dict:
                 prediction=obj.get("prediction", "velocity"), method=args.method, sigma=args.sigma,
                 step_noise="brownian" if args.step_noise == "brownian" else None, guidance=args.guidance,
                 guidance_rescale=args.guidance_rescale, dynamic_thresholding=args.dynamic_thresholding,
-                corrector_steps=args.corrector_steps, snr=args.snr, **method_options(args.option))
+                corrector_steps=args.corrector_steps, snr=args.snr, **({"cache": args.cache} if args.cache else {}),
+                **method_options(args.option))
 
 
 def sample_shape(state: dict, size: int) -> tuple:

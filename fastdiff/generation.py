@@ -156,7 +156,11 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
         progress: one tqdm bar on rank 0 for the whole job's count. device: where to sample (default: the
             process's GPU under torchrun with CUDA, else the CPU).
         **sample_kwargs: fastdiff.sample's settings (steps, cfg, method, path, prediction, null_y, ...).
+
+    A ``fastdiff.cfg_parallel(model, group_size=G)`` model: each group of G ranks makes its shards together (the
+    branches of each call shared among them, fastdiff/sampling/cfg_parallel.py), its first rank writing them.
     """
+    from fastdiff.sampling import cfg_parallel
     from fastdiff.sampling.sampler import sample
     from fastdiff.training import distributed
 
@@ -201,6 +205,8 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
     num_classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
     y_all, label_record = _labels(labels, n, num_classes)
     ctx = distributed.setup(device)
+    # a cfg_parallel model: its groups of ranks share each call, and each group takes its own batches
+    layout = cfg_parallel.batch_layout(model, ctx.rank, ctx.world, ctx.device)
     out = Path(out_dir)
     manifest = {"format": FORMAT, "version": VERSION, "n": int(n), "seed": int(seed), "shard_size": int(shard_size),
                 "shape": list(shape), "labels": label_record,
@@ -223,7 +229,7 @@ def generate(model, n: int, out_dir, *, shape, seed: int = 0, batch_size: int = 
         if not ctx.is_main:
             check_manifest(out, manifest)
         summary = _make(model, n, out, ctx, manifest, shards, y_all, batch_size, png, progress, sample_kwargs,
-                        per_sample)
+                        per_sample, layout)
     except BaseException:
         if aside is not None:
             if not shard_files(out):  # the new run wrote nothing: the earlier set comes back as it was
@@ -270,18 +276,20 @@ def _open_folder(out: Path, manifest: dict, shards: int, overwrite: bool) -> tup
 
 
 def _make(model, n: int, out: Path, ctx, manifest: dict, shards: int, y_all, batch_size: int, png: bool,
-          progress: bool, sample_kwargs: dict, per_sample: tuple = ()) -> dict:
-    """This process's shards of the set (those on disk that check out are kept)."""
+          progress: bool, sample_kwargs: dict, per_sample: tuple = (), layout=None) -> dict:
+    """This process's shards of the set (those on disk that check out are kept). ``layout``
+    (cfg_parallel.batch_layout): a group of ranks makes its shards together, its first rank writing them."""
     from fastdiff.sampling.sampler import sample
 
     seed, shard_size, shape = manifest["seed"], manifest["shard_size"], tuple(manifest["shape"])
     settings = settings_sha256(manifest)
-    mine = [k for k in range(ctx.rank, shards, ctx.world)]
+    shard_rank, shard_world, writer, group = layout or (ctx.rank, ctx.world, True, None)
+    mine = [k for k in range(shard_rank, shards, shard_world)]
     todo, present = [], 0
     for k in mine:
         lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
         seeds = torch.arange(lo, hi, dtype=torch.int64) + seed
-        if shard_valid(out / shard_name(k), seeds, shape, settings):
+        if writer and shard_valid(out / shard_name(k), seeds, shape, settings):
             present += hi - lo
             if png and not all(png_intact(out / "png" / png_name(i)) for i in range(lo, hi)):
                 # a job killed between a shard and its pictures, an earlier run without png=True, or a damaged one
@@ -290,12 +298,19 @@ def _make(model, n: int, out: Path, ctx, manifest: dict, shards: int, y_all, bat
                 write_pngs(out / "png", st.load_file(str(out / shard_name(k)))["x"], lo)
         else:
             todo.append((k, lo, hi, seeds))
+    if group is not None:  # the writer's list for the whole group: its ranks then make the same calls
+        import torch.distributed as dist
+
+        making = {item[0] for item in todo}
+        flags = torch.tensor([k in making for k in mine], dtype=torch.int64, device=ctx.device)
+        dist.broadcast(flags, src=dist.get_global_rank(group, 0), group=group)
+        todo = [item for item, make in zip(todo, flags.tolist()) if make or writer]
     counter = _Counter(ctx, out, n, present, progress)
     t0, made = time.perf_counter(), 0
     for k, lo, hi, seeds in todo:
         # pictures of a shard being made again belong to the old one (another set, or damaged): without this they
         # would pass the "all pictures present" check of a later run with png=True
-        for i in range(lo, hi):
+        for i in range(lo, hi) if writer else ():
             (out / "png" / png_name(i)).unlink(missing_ok=True)
         parts = []
         for b in range(lo, hi, batch_size):
@@ -304,7 +319,10 @@ def _make(model, n: int, out: Path, ctx, manifest: dict, shards: int, y_all, bat
             x = sample(model, shape=shape, seed=seeds[b - lo:e - lo].tolist(), batch_size=e - b, y=y, device=ctx.device,
                        **_batch_settings(sample_kwargs, per_sample, b, e))
             parts.append(x.cpu())
-            counter.add(e - b)
+            if writer:
+                counter.add(e - b)
+        if not writer:  # the group's writer has the same samples
+            continue
         x = torch.cat(parts)
         write_shard(out, k, x, seeds, y_all[lo:hi] if y_all is not None else None, settings)
         if png:

@@ -33,13 +33,15 @@ from pathlib import Path
 import torch
 
 import fastdiff
-from fastdiff.sampling import get_method
+from fastdiff.sampling import EasyCache, get_method
+from fastdiff.sampling.features.apg_mix import APGMix
+from fastdiff.sampling.features.perturbed import PAG
 from fastdiff.sampling.methods import OPTIONS as METHOD_OPTIONS
 
 METHODS = ("euler", "heun", "ddim", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde", "unipc", "lms", "dpmpp_sde",
            "dpm_2")
 PAIR_METHODS = ("euler", "euler_ancestral")  # one deterministic (with sigma and churn), one ancestral (cfg_pp)
-B, SHAPE, STEPS = 3, (2, 3), 6
+B, SHAPE, STEPS = 3, (2, 8, 8), 6  # images: FDG splits [C, H, W] samples into a pyramid
 LABELS = (0, 1, 2)  # y of the three samples
 NULL_LABEL = 3  # the unconditional branch's label
 STRUCTURAL_PATTERNS = re.compile(r"\(yet\)|for now|does not combine|not with|not supported")
@@ -154,6 +156,21 @@ FEATURES = {
     "guidance_interval": _cfg(guidance_interval=(0.2, 0.8)),
     "cfg_batch_false": _cfg(cfg_batch=False),
     "sde_sigma": lambda b, shape, device: {"sigma": 0.5},
+    # issue 34: the guidance frontier, a perturbed branch and step caching
+    "tcfg": _cfg(guidance="tcfg"),
+    "mambo_g": _cfg(guidance="mambo_g"),
+    "apg_mix": _cfg(guidance=APGMix(adaptive_projected_guidance_start_step=2)),
+    "epsilon_scaling": lambda b, shape, device: {"guidance": "epsilon_scaling"},
+    "cfg_norm": _cfg(guidance="cfg_norm"),
+    "mahiro": _cfg(guidance="mahiro"),
+    "mimic": _cfg(guidance="mimic"),
+    "fdg": lambda b, shape, device: {"cfg": 1.0, "null_y": NULL_LABEL, "guidance": "fdg"},  # its own scales
+    "perp_neg": lambda b, shape, device: {
+        "conditions": [_labels([i % 3 for i in range(b)], device), _labels([(i + 1) % 3 for i in range(b)], device)],
+        "cfg": 2.0, "null_y": NULL_LABEL, "guidance": "perp_neg"},
+    "pag": _cfg(guidance=PAG(perturbed_guidance_start=0.0, perturbed_guidance_stop=1.0),
+                perturbed_model=lambda x, t, y=None: 0.9 * gaussian_velocity_model(x, t, y)),
+    "cache": lambda b, shape, device: {"cache": EasyCache(reuse_threshold=1.0, start_percent=0.0)},
 }
 
 
@@ -171,6 +188,8 @@ def _cfg_rank(cfg) -> tuple:
 def _same(a, b) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):  # conditions: lists of label tensors
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return a is b or a == b
 
 

@@ -174,14 +174,16 @@ def test_k_diffusion_loop_is_ddim_in_sigma_space():
 
 def test_method_cases_run_every_registered_method():
     """One case per registered method with a stage table: 50 evaluations' fused steps, and the whole loop around them
-    ("<method> loop": a reused Sampler with a free model); Euler moves 12 bytes per element and evaluation (x and the
-    prediction read, x written), a method with history buffers more."""
+    ("<method> loop": a reused Sampler with a free model; euler, heun, dpmpp_2m also with step caching); Euler moves 12
+    bytes per element and evaluation (x and the prediction read, x written), a method with history buffers more."""
     from fastdiff.bench.methods import method_cases
 
     n = 16 * 64
     cases = {c.impl: c for c in method_cases(n)}
     tables = [m.name for m in fastdiff.sampling.methods() if m.run is None]  # (dpm_adaptive: no table)
-    assert list(cases) == [*(name for m in tables for name in (m, f"{m} loop")), "brownian_noise"]
+    cached = ("loop fresh", "loop cached o0", "loop cached o2")  # the step-caching cases (issue 34)
+    assert list(cases) == [*(name for m in tables for name in (m, f"{m} loop", *(
+        f"{m} {c}" for c in cached if m in ("euler", "heun", "dpmpp_2m")))), "brownian_noise"]
     assert cases["euler"].bytes == 50 * 12 * n
     # step_noise="brownian": ~7 calls of 4 draws per step, each 12 bytes per element
     assert 50 * 5 * 12 * n < cases["brownian_noise"].bytes < 50 * 10 * 12 * n

@@ -80,6 +80,12 @@ def test_train_then_sample_ring(tmp_path, capsys):
     assert cli.main(base + ["--cfg", "3", "--guidance", "cfg_zero_star"]) == 0
     assert not torch.equal(guided, safetensors.torch.load_file(st)["x"])
     assert cli.main(base + ["--cfg", "3", "--method", "ddim", "--guidance", "cfg_pp"]) == 0
+    # --cache: step caching (the samples change: some of 16 steps reuse outputs)
+    assert cli.main(base + ["--cfg", "3", "--steps", "16"]) == 0
+    full = safetensors.torch.load_file(st)["x"]
+    assert cli.main(base + ["--cfg", "3", "--steps", "16", "--cache", "adaptive"]) == 0
+    cached = safetensors.torch.load_file(st)["x"]
+    assert cached.isfinite().all() and not torch.equal(full, cached)
     assert cli.main(base + ["--cfg", "3", "--dynamic-thresholding", "0.9"]) == 0
     assert safetensors.torch.load_file(st)["x"].isfinite().all()
     assert cli.main(base + ["--guidance-rescale", "0.7"]) == 2

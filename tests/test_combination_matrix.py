@@ -14,16 +14,21 @@ def _pairs(methods, first: str, *others: str) -> set:
 
 # Cells refused as not supported yet (STRUCTURAL_PATTERNS). Before the plan redesign: 23 (the list, and the 11
 # limits worded as definitions, in bench/results/amd-epyc-20261206-combinations-before.md); now none.
-KNOWN_STRUCTURAL: set = set()
+# Issue 34 adds one: PAG / SLG / SEG with several conditions (the perturbed forward on each condition, K more calls,
+# is not built).
+KNOWN_STRUCTURAL: set = {(m, "pag", "two_conditions") for m in matrix.PAIR_METHODS}
 
 # Cells refused because the pair has no meaning, exactly these (a refusal that goes or comes fails the test):
 # CFG++ on methods whose step no peer splits into a clean estimate and its re-noising (dpmpp_2m's is ComfyUI's
 # dpmpp_2m_cfg_pp, with the unconditional history: tests/test_cfg_pp_multistep.py); RePaint on a multistep method (a
-# repeat would mix its history); churn together with an SDE's sigma (two noises for one step).
+# repeat would mix its history); churn together with an SDE's sigma (two noises for one step); FDG with a cfg schedule
+# or guidance_rescale (its own options).
 KNOWN_REFUSED = {
     *((m, "cfg_pp") for m in ("heun", "dpmpp_2m_sde", "unipc", "lms", "dpmpp_sde", "dpm_2")),
     *((m, "repaint") for m in ("dpmpp_2m", "dpmpp_2m_sde", "unipc", "lms")),
     ("euler", "per_sample_churn", "sde_sigma"),
+    # FDG carries its scales (one per frequency level) and diffusers' guidance_rescale as its own options
+    *_pairs(matrix.PAIR_METHODS, "fdg", "cfg_schedule", "guidance_rescale"),
 }
 
 # Cells that crash or go non-finite today, {cell: message}; fastdiff's sampling owners fix them. None today.

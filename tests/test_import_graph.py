@@ -24,7 +24,7 @@ SAMPLING_REDESIGN_ALLOWANCE: set = set()
 UPWARD_ALLOWANCE: set = set()
 
 _SAMPLING_ENTRY_POINTS = tuple(f"fastdiff/sampling/{name}.py" for name in (
-    "__init__", "sampler", "planner", "plan_cache", "invert", "langevin", "likelihood"))
+    "__init__", "sampler", "planner", "plan_cache", "invert", "langevin", "likelihood", "cfg_parallel"))
 
 # Layers, lowest first, as globs over paths relative to the repository root (fnmatch: * also matches /). An import
 # from a module to a module of a higher layer is upward. The paths (conversions and path classes, depending on

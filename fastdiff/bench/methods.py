@@ -7,7 +7,9 @@ report's GB/s and its ratio to Euler's time say what each extra buffer costs.
 Next to each, "<method> loop": a reused fastdiff.Sampler running the same 50 evaluations with a free model (it
 returns a kept tensor), i.e. the whole loop around the model; its time over the fused calls' time is the loop's own
 cost per step relative to the fused step (issue 33's bound: within 1.2x). dpm_adaptive, which chooses its steps
-while it samples, has no stage table and no case.
+while it samples, has no stage table and no case. For euler, heun and dpmpp_2m, "<method> loop fresh" (the loop
+with a model returning 4 buffers in turn, as a real model's new outputs are cold) and "<method> loop cached o0 /
+o2" (the same with step caching reusing every other step: plain reuse / second-order extrapolation).
 """
 
 from __future__ import annotations
@@ -61,19 +63,34 @@ def _grid_and_options(method) -> tuple[list[float], dict]:
 
 
 class _FreeModel:
-    """A model that costs nothing: returns one kept tensor of x's shape (not x itself, which would let the step
-    read its prediction from the state's cache lines: the fused calls above read a buffer of their own)."""
+    """A model that costs nothing: returns one of ``rotation`` kept tensors of x's shape, equal (not x itself, which
+    would let the step read its prediction from the state's cache lines: the fused calls above read a buffer of
+    their own). A cached loop keeps up to three outputs: four in turn are never one it keeps, as a real model's
+    new tensors are not."""
 
-    def __init__(self):
-        self.out = None
+    def __init__(self, rotation: int = 1):
+        self.outs, self.rotation, self.i = [], rotation, 0
 
     def __call__(self, x, t, y=None):
-        if self.out is None or self.out.shape != x.shape or self.out.device != x.device:
-            self.out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.device)
-        return self.out
+        if not self.outs or self.outs[0].shape != x.shape or self.outs[0].device != x.device:
+            out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.device)
+            self.outs = [out] + [out.clone() for _ in range(self.rotation - 1)]
+        self.i = (self.i + 1) % self.rotation
+        return self.outs[self.i]
 
 
-def _loop(method, n: int, device):
+CACHED = ("euler", "heun", "dpmpp_2m")  # the methods with cached loop cases (issue 34's)
+
+
+def _alternate(order: int):
+    """Step caching that reuses every other step with the free model (its outputs are equal, so EasyCache's
+    estimated change is 0 and max_skips=1 forces the computed steps between), extrapolating to ``order``."""
+    from fastdiff.sampling.features.caching import EasyCache
+
+    return EasyCache(max_skips=1, order=order, start_percent=0.0, end_percent=1.0)
+
+
+def _loop(method, n: int, device, cache=None, rotation: int = 1):
     """A reused Sampler of ``method`` whose table has about STEPS stages, with the free model; (run, stages)."""
     import fastdiff
 
@@ -81,9 +98,9 @@ def _loop(method, n: int, device):
     steps = STEPS if method.step_grid is not None else max(1, STEPS // method.evals(**options))
     grid = [grid[0] + (1 - grid[0]) * i / steps for i in range(steps + 1)]
     options.pop("sigma", None)
-    sampler = fastdiff.Sampler(_FreeModel(), None, shape=(n // BATCH,), batch_size=BATCH, path="condot",
+    sampler = fastdiff.Sampler(_FreeModel(rotation), None, shape=(n // BATCH,), batch_size=BATCH, path="condot",
                                prediction="velocity", method=method.name, timesteps=grid, device=device,
-                               **options)
+                               cache=cache, **options)
     stages = len(method.stages(fastdiff.paths.get_path("condot"), grid, "velocity",
                                **({"sigma": None} if "sigma" in method.options else {}), **options))
     return (lambda: sampler(seed=0)), stages
@@ -98,7 +115,7 @@ def method_cases(n: int, device="cpu", impls=None) -> list[Case]:
     kernel = dispatch.kernel(dispatch.resolve(torch.device(device)), "sampler_step")
     out = []
     for method in methods():
-        if impls is not None and method.name not in impls and f"{method.name} loop" not in impls:
+        if impls is not None and not any(i == method.name or i.startswith(f"{method.name} loop") for i in impls):
             continue
         if method.run is not None:  # steps chosen while sampling: no table of kernel calls to time
             continue
@@ -116,6 +133,15 @@ def method_cases(n: int, device="cpu", impls=None) -> list[Case]:
             out.append(Case("methods", f"{method.name} loop", n, "fp32", loop, nbytes * stages // STEPS,
                             f"a reused Sampler, {stages} stages with a free model (per stage: divide by {stages}; "
                             f"the fused calls above: by {STEPS})"))
+        for name, cache in ((f"{method.name} loop fresh", None), (f"{method.name} loop cached o0", _alternate(0)),
+                            (f"{method.name} loop cached o2", _alternate(2))):
+            if method.name in CACHED and (impls is None or name in impls):
+                loop, stages = _loop(method, n, device, cache=cache, rotation=4)
+                out.append(Case("methods", name, n, "fp32", loop, nbytes * stages // STEPS,
+                                "the loop with a model returning 4 buffers in turn (a real model's outputs are "
+                                "new tensors)" + ("" if cache is None else
+                                                  f", cache=EasyCache(max_skips=1, order={cache.order}): every "
+                                                  "other step reused") + f"; per stage: divide by {stages}"))
     if impls is None or "brownian_noise" in impls:
         calls, nbytes = _brownian_calls(n, device)
 

@@ -9,9 +9,11 @@ from fastdiff.sampling.langevin import langevin
 from fastdiff.sampling.likelihood import Likelihood, bits_per_dim, log_likelihood
 from fastdiff.sampling.methods import Method, get_method, methods, register_method  # noqa: F811
 from fastdiff.sampling.features.thresholding import DynamicThresholding, StaticClipping
+from fastdiff.sampling.features.caching import AdaptiveCache, CacheIndicator, EasyCache, LazyCache
 
-__all__ = ["METHODS", "DynamicThresholding", "Likelihood", "Method", "Sampler", "StaticClipping", "bits_per_dim",
-           "get_method", "invert", "langevin", "log_likelihood", "methods", "register_method", "sample"]
+__all__ = ["METHODS", "AdaptiveCache", "CacheIndicator", "DynamicThresholding", "EasyCache", "LazyCache", "Likelihood",
+           "Method", "Sampler", "StaticClipping", "bits_per_dim", "get_method", "invert", "langevin",
+           "log_likelihood", "methods", "register_method", "sample"]
 
 
 def __getattr__(name):

@@ -21,6 +21,8 @@ from fastdiff.sampling.core.scratch import POOL
 from fastdiff.sampling.core.tables import ModelTimes, stage_tables
 from fastdiff.sampling.features import callback as _callback, corrector as _corrector, step_noise as _step_noise
 from fastdiff.sampling.features import guidance as _guidance, per_sample
+from fastdiff.sampling.features import tensor_rules as _tensor_rules
+from fastdiff.sampling.features import cached_calls as _cached_calls, caching as _caching
 from fastdiff.sampling.features.classifier import ClassifierGuidance, singular_at_zero
 from fastdiff.sampling.features.editing import check_direction, editing, strength_grid
 from fastdiff.sampling.features.conditions import guidance_arguments
@@ -39,6 +41,7 @@ def arguments(model, steps, cfg, kw: dict) -> SimpleNamespace:
     if a.backend is not None:
         _dispatch.check_name(a.backend)
     a.guidance = guidance_arguments(a)  # y, cfg, conditions, rule, rescale, thresholding, interval
+    a.cache = _caching.get_cache(a.cache)
     if a.eta is not None and (not is_number(a.eta) or not 0 <= a.eta <= 1):  # NaN fails the comparison
         raise ValueError(f"eta must be in [0, 1], got {a.eta!r}")
     a.sigma_fn = sigma_function(a.sigma)
@@ -66,8 +69,11 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
         classifier = ClassifierGuidance(a.classifier, a.classifier_scale, g.classifier_labels(a.classifier_y),
                                         a.path, a.prediction, device, a.check_finite)
     needed = a.record.needed_conversions(**a.values) + (("score", "x0") if a.correcting else ())
+    # a rule's own stage-table transform, guided or not (epsilon_scaling: the prediction's coefficients), or None
+    rule_table = getattr(g.rule, "table_transform", lambda path, prediction: None)(a.path, a.prediction)
     grid = strength_grid(time_grid(a.steps, a.timesteps, a.path, a.prediction, needed,
-                                   start_late=classifier is not None and singular_at_zero(a.path, a.prediction),
+                                   start_late=(classifier is not None and singular_at_zero(a.path, a.prediction))
+                                   or getattr(rule_table, "start_late", False),
                                    schedule=a.schedule),
                          a.strength)
     # sigma is evaluated (and checked) here, so that the builder's ValueErrors are the conversions' own
@@ -79,7 +85,8 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
         grid = a.record.step_grid(a.path, grid, **{k: v for k, v in a.values.items() if k in a.record.options})
     # the stage-table transforms, applied to each per-sample setting's table before they merge
     transforms = [t for t in (_guidance.cfg_pp_forms(g),  # CFG++'s own form of a stage, first: it is the method's
-                              _corrector.transform(a.corrector_steps, a.snr, a.path, grid, a.prediction), classifier)
+                              _corrector.transform(a.corrector_steps, a.snr, a.path, grid, a.prediction),
+                              rule_table, classifier)  # the rule's before the classifier's: it scales that term too
                   if t is not None]
     stages, merged, stage_key = stage_tables(a.record, a.path, a.path_arg, a.prediction, call_grid, a.values,
                                              a.per_sample_values, B, sigma_at, transforms)
@@ -152,8 +159,10 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
     thresholds = Thresholds.plan(g.thresholding, stages, merged, a.path, a.prediction, g.rule, weights, device)
     if thresholds is not None:
         thresholds.fuse_clamps(classifier)
+    tensor_guide = _tensor_rules.plan(g, stages, merged, a.path, a.prediction, buffers, x_shape)  # or None
     model_calls = ModelCalls(stages, g.guided_at, a.cfg_batch, buffers, pairs, times, B, shape, branches, labels,
-                             device)
+                             device, perturbed=(g.perturbed.model, weights.perturbed_at) if g.perturbed else None)
+    model_calls = _cached_calls.plan(model_calls, a.cache, stages, g, B, a.cuda_graph)  # step caching, else itself
     # CFG++'s side rows on a blend of their own (the unconditional history): their calls, and the stages' without side
     side_calls = _guidance.side_calls(g, stages, weights, stage_calls, merged, thresholds)
     own_sides = side_calls.stages if side_calls else frozenset()
@@ -203,12 +212,16 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
         weights.reset()
 
     plan.add("start", write_start)
+    if a.cache is not None:
+        _cached_calls.add_hooks(plan, model_calls)
     if classifier is not None:
         plan.add("predictions", classifier.hook(plan, buffers))
     if weights.per_sample:
         plan.add("predictions", lambda k, preds: weights.update(k, preds, backend))
     if side_calls is not None:  # after the per-sample weights, before thresholding replaces the predictions
         plan.add("predictions", side_calls)
+    if tensor_guide is not None:  # a rule of torch ops: [p_null, p_y] -> [g], before thresholding reads g
+        plan.add("predictions", tensor_guide)
     if thresholds is not None:
         plan.add("predictions", thresholds.hook(buffers, weights, classifier))
     if a.callback is not None:
@@ -242,7 +255,9 @@ def _build_calls(stage_calls, model_calls, stages, merged, weights, thresholds, 
     calls = []
     for k, st in enumerate(stages):
         one_pred = thresholds is not None and thresholds.at(k)  # the kernel gets the thresholded blend alone
-        two_branch = g.guided_at(st.t) and not one_pred
+        # or a tensor rule's guided prediction (fastdiff.sampling.features.tensor_rules)
+        one_pred = one_pred or (_tensor_rules.is_tensor_rule(g.rule) and g.guided_at(st.t))
+        two_branch = weights.branched(k) and not one_pred  # guided (or a perturbed branch: features/perturbed.py)
         host_noise = noise_feature.reads_buffer(k)
         history = st.history_buffers() + (("noise",) if host_noise else ())
         n_preds = weights.n_preds(k) if two_branch else 1 if one_pred else weights.K  # K: the conditions alone

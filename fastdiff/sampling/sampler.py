@@ -52,7 +52,25 @@ ARGUMENTS = """Sample ``[B, *shape]`` from ``model(x, t, y)`` by integrating fro
         guidance_interval: (t_lo, t_hi): guidance only for t_lo <= t <= t_hi, one pass elsewhere.
         guidance: the guidance rule: None or "cfg" (g = p_null + w (p_y - p_null)), "cfg_zero_star" (CFG-Zero*:
             the unconditional branch scaled by its per-sample optimal factor, zero prediction at the first
-            step), or a rule object of fastdiff.sampling.features.guidance (e.g. CFGZeroStar(zero_init_steps=2)).
+            step), or a rule object of fastdiff.sampling.features.guidance (e.g. CFGZeroStar(zero_init_steps=2));
+            "pag", "slg", "seg" (a third branch from ``perturbed_model``: g = p_null + w (p_y - p_null)
+            + s (p_y - p_perturbed) in the rule's window of steps), "autoguidance" (``perturbed_model`` a weaker
+            model in place of the unconditional branch), "perp_neg" (conditions=[positive, negative], null_y the
+            empty prompt); "cfg_norm", "mahiro", "mimic" (ComfyUI's CFGNorm and Mahiro, sd-dynamic-thresholding's
+            mimic scale: torch ops on the clean estimates), "fdg" (frequency-decoupled guidance: per pyramid level
+            scales of its own, cfg left at 1); "mambo_g" (MAMBO-G: the scale damped per sample by
+            |p_y - p_null| / |p_null|), "apg_mix" (CFG, then APG after adaptive_projected_guidance_start_step:
+            HunyuanImage 2.1's), "epsilon_scaling" (the noise estimate divided by a factor, also with cfg = 1);
+            docs/guidance.md.
+        cache: step caching (fastdiff.sampling.features.caching; docs/guidance.md, "Step caching"): "easycache",
+            "lazycache", "adaptive" or a rule object (EasyCache(reuse_threshold=0.2, ...), LazyCache, AdaptiveCache,
+            CacheIndicator(indicator, threshold)): a step whose model input has barely changed reuses the last
+            outputs, extrapolated in t (order 2 by default; a multi-stage step computes its first evaluation);
+            fewer model calls, one small host read per step. Not with cuda_graph. Off by default: it trades
+            accuracy for calls (docs/guidance.md says where it loses).
+        perturbed_model: ``perturbed_model(x, t, y)`` with the model's signature, called on the conditional
+            input by guidance="pag" / "slg" / "seg" (the network perturbed, e.g. a functools.partial reading a
+            flag) and "autoguidance" (a weaker model): one more call of B per stage that uses it.
         guidance_rescale: CFG rescale phi in [0, 1] (diffusers' guidance_rescale; Lin et al. 2024): the blend
             is scaled toward the conditional prediction's standard deviation per sample, fused (one
             per-sample reduction pass per guided evaluation, no host sync; fastdiff.sampling.features.guidance).
@@ -107,7 +125,8 @@ DEFAULTS = dict(shape=None, y=None, null_y=None, seed=0, noise=None, path="condo
                 cfg_batch=True, batch_size=None, backend=None, progress=False, callback=None, device=None,
                 check_finite=True, cuda_graph=False, step_noise=None, guidance=None, guidance_rescale=0.0,
                 conditions=None, dynamic_thresholding=None, clip_sample=None, classifier=None, classifier_scale=1.0,
-                classifier_y=None, init=None, strength=None, known_mask=None, resample=1, corrector_steps=0, snr=0.16)
+                classifier_y=None, init=None, strength=None, known_mask=None, resample=1, corrector_steps=0, snr=0.16,
+                cache=None, perturbed_model=None)
 
 
 def _run_of(method):
@@ -301,7 +320,7 @@ def _run_graph(plan, ns, a) -> tuple:
                      backend=ns.backend, noise_given=a.noise is not None, check_finite=a.check_finite,
                      labels=signature, brownian=a.brownian, per_sample=ns.merged.key if ns.merged else None,
                      features=(g.thresholding, a.classifier, a.classifier_scale, a.init is not None, a.resample,
-                               a.corrector_steps, a.snr))
+                               a.corrector_steps, a.snr, a.perturbed_model))
     entry = graphs.CACHE.get(key, a.model)
     if entry is None:
         graph = graphs.CAPTURE.capture(lambda: executor.run(plan, a.model), a.device)

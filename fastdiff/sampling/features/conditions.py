@@ -19,6 +19,7 @@ from fastdiff.sampling.core import labels
 from fastdiff.sampling.core.arguments import is_number
 from fastdiff.sampling.features.guidance import check_rescale, get_rule, get_thresholding, scale_schedule
 from fastdiff.sampling.features.guidance_weights import StageWeights
+from fastdiff.sampling.features.tensor_rules import check_guidance as check_tensor_rule, is_tensor_rule
 
 
 MAX_CONDITIONS = 7  # K + 1 branches <= 8 (the step's limit)
@@ -104,7 +105,16 @@ class Guidance:
             self.scale_at = at
         self.rescale = check_rescale(a.guidance_rescale)
         self.rule = get_rule(a.guidance)
-        if self.rescale and not self.guided:
+        if is_tensor_rule(self.rule):  # a rule of torch ops (features/tensor_rules.py): its checks; own scales guide
+            self.guided = check_tensor_rule(self.rule, cfg, self.guided, self.rescale, multi is not None)
+        self.perturbed = None  # a perturbed forward's branch (features/perturbed.py), set by its rule's bind
+        bind = getattr(self.rule, "bind_call", None)
+        if bind is not None:  # a rule's own checks of the call (perp_neg's conditions, a perturbed model)
+            bind(self, a)
+        if getattr(a, "perturbed_model", None) is not None and self.perturbed is None:
+            raise ValueError(f"perturbed_model is read by guidance='pag', 'slg', 'seg' and 'autoguidance'; with "
+                             f"guidance={self.rule.name!r} it would be unused")
+        if self.rescale and not self.guided and self.perturbed is None:
             raise ValueError("guidance_rescale applies to guided sampling: give cfg != 1 (or a schedule)")
         self.thresholding = get_thresholding(a.dynamic_thresholding, a.clip_sample)
         self.K = len(self.conditions) if multi else 1
@@ -133,10 +143,14 @@ class Guidance:
     def stage_weights(self, stages, B: int, device, merged=None) -> StageWeights:
         """Each stage's branch weights: its scale(s), CFG++'s share through the clean estimate, the rule's zero
         steps, per-sample weights (rescale, rules) from a reduction pass."""
+        own = getattr(self.rule, "stage_weights", None)
+        if own is not None:  # a rule with branches of its own (perp_neg, a perturbed forward) makes its weights
+            return own(self, stages, B, device, merged)
         scales = [self.scale_at(st.t) for st in stages]
         if self.conditions is not None:
             for st, w in zip(stages, scales):
                 if not math.isfinite(sum(w)) or (sum(w) == 0.0 and (self.rescale or self.rule.needs_gram
+                                                                     or is_tensor_rule(self.rule)
                                                                      or not self.guided_at(st.t))):
                     raise ValueError(f"the condition weights {w} sum to 0 at t={st.t:.6g}: guidance_rescale, "
                                      f"guidance={self.rule.name!r} and guidance_interval act on their weighted mean, "
@@ -148,9 +162,12 @@ class Guidance:
             step_scales = [w if st.corrector is not None else self.rule.stage_scale(w, st)
                            for w, st in zip(scales, stages)]
         zero = [st.step < self.rule.zero_init_steps for st in stages]
+        # a rule whose blend depends on the step (apg_mix: CFG, then APG) gives each stage's: stage_rule(step)
+        stage_rule = getattr(self.rule, "stage_rule", None)
         return StageWeights(self.rule, self.rescale, step_scales, zero, self.guided, B, device, x0_scales=scales,
                             guided_at=[self.guided_at(st.t) for st in stages], shares=shares,
-                            per_sample_values=self._per_sample(merged))
+                            per_sample_values=self._per_sample(merged),
+                            stage_rules=None if stage_rule is None else [stage_rule(st.step) for st in stages])
 
     def _per_sample(self, merged) -> dict | None:
         """With per-sample churn: the stages where the samples' own times give them other weights (a schedule's

@@ -266,7 +266,9 @@ def register_rule(rule):
     dataclass with ``name``; ``needs_gram`` (whether its blend reads the branches' per-sample Gram matrix, one
     fused reduction pass per guided evaluation); ``zero_init_steps``; and ``blend(gram, w)`` -> the weights
     (a, b[, c]) of g = a p_null + b p_y [+ c r], numbers or per-sample [B] float64 tensors, from the Gram matrices
-    [B, n+1, n+1] of (1, p_null, p_y[, r]) (docs/design.md, "Adding a guidance rule")."""
+    [B, n+1, n+1] of (1, p_null, p_y[, r]) (docs/design.md, "Adding a guidance rule"). Optional: ``stage_rule(step)``
+    -> the blend of a sampler step's evaluations (apg_mix); ``table_transform(path, prediction)`` -> a stage-table
+    transform of its own, applied guided or not (epsilon_scaling)."""
     if not isinstance(getattr(rule, "name", None), str) or rule.name in RULES:
         raise ValueError(f"a guidance rule needs a new name, got {getattr(rule, 'name', None)!r}")
     if not callable(getattr(rule, "blend", None)):

@@ -21,9 +21,11 @@ class StageWeights:
 
     def __init__(self, rule, phi: float, scales: list, zero: list[bool], guided: bool, B: int, device,
                  x0_scales: list | None = None, guided_at: list[bool] | None = None, shares: list | None = None,
-                 per_sample_values: dict | None = None):
+                 per_sample_values: dict | None = None, stage_rules: list | None = None):
         """``per_sample_values``: {stage: (each sample's step scale, x0 scale, share)} where the samples' own
-        times (churn per sample) give them different values (a schedule's, CFG++'s share); else the stage's."""
+        times (churn per sample) give them different values (a schedule's, CFG++'s share); else the stage's.
+        ``stage_rules``: each stage's blend where the rule's depends on the stage (a rule's ``stage_rule``), or
+        None: ``rule`` at every stage."""
         from fastdiff.ops.sample_gram import sample_gram
 
         self.B, self.device = B, device
@@ -34,6 +36,7 @@ class StageWeights:
                                                                                 device=device))
 
         self.rule, self.phi, self.scales, self.zero = rule, phi, scales, zero
+        self.stage_rules = stage_rules
         self.x0_scales = scales if x0_scales is None else x0_scales
         self.guided_at = guided_at if guided_at is not None else [guided] * len(scales)
         self.K = len(scales[0]) if scales and isinstance(scales[0], tuple) else 1
@@ -68,6 +71,10 @@ class StageWeights:
         if values is not None and values[2] is not None:
             return values[2].to(like.dtype).view((like.shape[0],) + (1,) * (like.dim() - 1))
         return stage.cfg_pp
+
+    def branched(self, k: int) -> bool:
+        """Whether stage k's kernel blends several predictions (a guided stage; a perturbed rule's: its own)."""
+        return self.guided_at[k]
 
     def n_preds(self, k: int) -> int:
         """The predictions stage k's kernel reads when guided: the branches and the running average."""
@@ -130,10 +137,11 @@ class StageWeights:
             preds = [*preds, self.running]
         if not self.zero[k]:
             gram = self._gram(preds, backend=backend)
+            rule = self.rule if self.stage_rules is None else self.stage_rules[k]
             if mean is None:
-                branch_weights(gram, self.rule, w, self.phi, self.buffer)
+                branch_weights(gram, rule, w, self.phi, self.buffer)
             else:
-                self._spread(gram, mean, sum(w), w)
+                self._spread(gram, mean, sum(w), w, rule)
             if self.shares and self.shares[k] is not None:  # CFG++: (1 - rho) p_null + rho g
                 rho = self.shares[k]
                 values = self.sample_values.get(k)
@@ -152,12 +160,13 @@ class StageWeights:
             P[3, n - 1] = 1.0
         return P.to(device)
 
-    def _spread(self, gram: torch.Tensor, mean: list[float], W: float, w: tuple) -> None:
+    def _spread(self, gram: torch.Tensor, mean: list[float], W: float, w: tuple, rule=None) -> None:
         """The rule on (p_null, p_c[, r]) from the full Gram matrix, its weights spread over the K conditions."""
         P = self.projections[w]
         small = P @ gram.to(P.dtype) @ P.T
         two = torch.empty((gram.shape[0], 2 + self.extra), dtype=torch.float32, device=gram.device)
-        branch_weights(small, self.rule, W, self.phi, two)  # (Σ v, v_c[, v_r]) over (p_null, p_c[, r])
+        rule = self.rule if rule is None else rule
+        branch_weights(small, rule, W, self.phi, two)  # (Σ v, v_c[, v_r]) over (p_null, p_c[, r])
         self.buffer[:, 0].copy_(two[:, 0])
         for j, a_k in enumerate(mean):
             self.buffer[:, 1 + j].copy_(two[:, 1] * a_k)

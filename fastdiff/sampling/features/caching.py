@@ -1,0 +1,287 @@
+"""Step caching: reuse a model output when the model's input has barely changed (docs/guidance.md, "Step caching").
+
+``sample(..., cache=...)`` takes a rule by name ("easycache", "lazycache", "adaptive") or a rule object:
+
+- :class:`EasyCache` (Zhou et al. 2025, "EasyCache"; ComfyUI's EasyCache node): at each evaluation the input's
+  change since the last computed evaluation, ``mean |x - x_c|``, times the last measured transformation rate
+  ``k = mean |o_c - o_c'| / mean |x_c - x_c'|`` over the output's scale ``mean |o_c|``, adds to a running sum; while
+  the sum stays under ``reuse_threshold`` the evaluation reuses the cache, else the model runs and the sum restarts.
+  Statistics on the first condition's branch, subsampled by ``subsample_factor`` in the last two dimensions.
+- :class:`LazyCache` (ComfyUI's LazyCache node): the same decision on the guided prediction (the CFG blend at the
+  stage's scale) instead of the first condition's.
+- :class:`AdaptiveCache` (Ye et al. 2024, "Training-Free Adaptive Diffusion with Bounded Difference Approximation
+  Strategy"): with d_j = mean |x_j - x_{j-1}| over the evaluations' inputs, evaluation j reuses the output when the
+  third-order difference of the inputs is small, |(d_j + d_{j-2}) / 2 - d_{j-1}| <= threshold d_{j-1}, after
+  ``warmup`` computed evaluations and at most ``max_skips`` in a row.
+- :class:`CacheIndicator`: the caller's indicator (TeaCache / MagCache style, from the model's own first block):
+  ``indicator(x, t)`` returns a change estimate, summed while under ``threshold``.
+
+What a skipped evaluation returns (``reuse``): ``"output"``, the last computed output itself (the prediction;
+AdaptiveDiffusion's choice; no pass at all: the step reads the kept tensor), or ``"residual"``, the input plus the
+last output change ``o_c - x_c`` (EasyCache's transformation vector; one pass to make it and one to apply it);
+``order=1`` extrapolates either linearly in t from the last two computed evaluations (TaylorSeer's first order at
+the output; one pass). Every branch of a guided evaluation is cached alike, so every method, guidance rule, editing
+mode and feature downstream of the model call sees predictions as usual.
+
+The decision is batch-wide (one model call or none) and costs one small host read per evaluation (a mean over a
+subsample); a captured loop (cuda_graph=True) cannot branch on it and is refused: torch exposes no CUDA graph
+conditional nodes to Python.
+
+The window ``start_percent`` / ``end_percent`` is in flow time t (0 = noise, 1 = data; ComfyUI's percent of its
+model's timesteps, the same on a flow model with shift 1): before it every evaluation runs and feeds the statistics
+(warm-up), from ``end_percent`` on every evaluation runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from fastdiff.sampling.core.arguments import is_number
+
+_REUSES = ("output", "residual")
+
+
+def _check_common(rule) -> None:
+    for name in ("start_percent", "end_percent"):
+        v = getattr(rule, name)
+        if not is_number(v) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
+    if rule.max_skips is not None and (not isinstance(rule.max_skips, int) or isinstance(rule.max_skips, bool)
+                                       or rule.max_skips < 1):
+        raise ValueError(f"max_skips must be None or an int >= 1, got {rule.max_skips!r}")
+    if rule.reuse not in _REUSES:
+        raise ValueError(f"reuse must be one of {', '.join(map(repr, _REUSES))}, got {rule.reuse!r}")
+    if rule.order not in (0, 1, 2) or isinstance(rule.order, bool):
+        raise ValueError(f"order must be 0 (reuse), 1 or 2 (extrapolation in t), got {rule.order!r}")
+    if not isinstance(rule.subsample_factor, int) or isinstance(rule.subsample_factor, bool) or \
+            rule.subsample_factor < 1:
+        raise ValueError(f"subsample_factor must be an int >= 1, got {rule.subsample_factor!r}")
+
+
+def _threshold(name: str, v) -> None:
+    if not is_number(v) or not 0.0 <= v < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+
+
+@dataclass(frozen=True)
+class EasyCache:
+    """EasyCache's decision (module docstring); ComfyUI's options and defaults."""
+
+    reuse_threshold: float = 0.2
+    start_percent: float = 0.15
+    end_percent: float = 0.95
+    max_skips: int | None = None
+    reuse: str = "output"
+    order: int = 2
+    subsample_factor: int = 8
+    verbose: bool = False
+
+    name: ClassVar[str] = "easycache"
+    on_guided: ClassVar[bool] = False  # the statistics on the first condition's branch
+
+    def __post_init__(self):
+        _threshold("reuse_threshold", self.reuse_threshold)
+        _check_common(self)
+
+    def decider(self):
+        return _ChangeRate(self)
+
+
+@dataclass(frozen=True)
+class LazyCache(EasyCache):
+    """LazyCache: EasyCache's decision on the guided prediction (module docstring)."""
+
+    name: ClassVar[str] = "lazycache"
+    on_guided: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class AdaptiveCache:
+    """AdaptiveDiffusion's third-order criterion (module docstring); its options and defaults (SDXL's)."""
+
+    threshold: float = 0.01
+    max_skips: int | None = 4
+    warmup: int = 4
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    reuse: str = "output"
+    order: int = 2
+    subsample_factor: int = 1
+    verbose: bool = False
+
+    name: ClassVar[str] = "adaptive"
+    on_guided: ClassVar[bool] = False
+
+    def __post_init__(self):
+        _threshold("threshold", self.threshold)
+        if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 3:
+            raise ValueError(f"warmup must be an int >= 3 (the criterion needs three input changes), got "
+                             f"{self.warmup!r}")
+        _check_common(self)
+
+    def decider(self):
+        return _ThirdDifference(self)
+
+
+@dataclass(frozen=True)
+class CacheIndicator:
+    """The caller's indicator: ``indicator(x, t)`` -> a non-negative change estimate (a number or 0-d tensor) for
+    the input x (the first condition's branch, [B, ...]) at flow times t ([B]); summed over the evaluations since
+    the last computed one, the evaluation reuses while the sum is under ``threshold``."""
+
+    indicator: Callable
+    threshold: float = 0.1
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    max_skips: int | None = None
+    reuse: str = "output"
+    order: int = 0
+    subsample_factor: int = 1
+    verbose: bool = False
+
+    name: ClassVar[str] = "indicator"
+    on_guided: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if not callable(self.indicator):
+            raise TypeError(f"indicator must be a callable indicator(x, t) -> change, got "
+                            f"{type(self.indicator).__name__}")
+        _threshold("threshold", self.threshold)
+        _check_common(self)
+
+    def decider(self):
+        return _Indicator(self)
+
+
+CACHE_RULES = {rule.name: rule for rule in (EasyCache, LazyCache, AdaptiveCache)}
+
+
+def get_cache(cache):
+    """sample()'s ``cache``: None, a rule's name (its defaults) or a rule object."""
+    if cache is None:
+        return None
+    if isinstance(cache, str):
+        if cache not in CACHE_RULES:
+            raise ValueError(f"cache must be one of {', '.join(map(repr, CACHE_RULES))}, a rule object "
+                             f"(fastdiff.sampling.EasyCache, ...) or None, got {cache!r}")
+        return CACHE_RULES[cache]()
+    if not isinstance(cache, (EasyCache, AdaptiveCache, CacheIndicator)):
+        raise TypeError(f"cache must be a rule name or object (EasyCache, LazyCache, AdaptiveCache, CacheIndicator), "
+                        f"got {type(cache).__name__}")
+    return cache
+
+
+def _subsample(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Every f-th element of the last two dimensions of samples with at least two (ComfyUI's spatial subsample);
+    of a larger flat sample (>= 4096 elements), its first 1/f² (a strided pick would touch most cache lines)."""
+    if f <= 1:
+        return x
+    if x.dim() >= 3:
+        return x[..., ::f, ::f]
+    n = x[0].numel()
+    return x.flatten(1)[:, :n // (f * f)] if n >= 4096 else x  # a contiguous slice: 1/f² of the reads
+
+
+class _ChangeRate:
+    """EasyCache's running sum of estimated relative output changes."""
+
+    def __init__(self, rule):
+        self.rule = rule
+        self.rate = self.x_prev = self.o_prev = self.o_norm = self.input_change = None
+        self.total = 0.0
+
+    def skip(self, t: float, x: torch.Tensor, t_rows) -> bool:
+        xs = _subsample(x, self.rule.subsample_factor)
+        # mean |a - b| as one op (l1_loss): each torch op costs ~5 us of host time on the CPU, per evaluation
+        self.input_change = None if self.x_prev is None else F.l1_loss(xs, self.x_prev)
+        if self.o_norm is None or self.rate is None or self.input_change is None:
+            return False
+        self.total += float(self.rate * self.input_change / self.o_norm)  # the one host read of the evaluation
+        if self.total < self.rule.reuse_threshold:
+            return True
+        self.total = 0.0
+        return False
+
+    def forced(self) -> None:
+        self.total = 0.0
+
+    def computed(self, x: torch.Tensor, o: torch.Tensor) -> None:
+        xs, os_ = _subsample(x, self.rule.subsample_factor), _subsample(o, self.rule.subsample_factor)
+        if self.o_prev is not None and self.input_change is not None:
+            self.rate = F.l1_loss(os_, self.o_prev) / self.input_change
+        if self.x_prev is None or self.x_prev.shape != xs.shape or self.o_prev.shape != os_.shape:
+            self.x_prev, self.o_prev = torch.empty_like(xs), torch.empty_like(os_)
+        self.x_prev.copy_(xs)
+        self.o_prev.copy_(os_)
+        self.o_norm = os_.abs().mean()
+        self.input_change = None
+
+    def seen(self, x: torch.Tensor) -> None:
+        """An evaluation outside the window that still runs: its statistics."""
+
+
+class _ThirdDifference:
+    """AdaptiveDiffusion's criterion on the evaluations' inputs."""
+
+    def __init__(self, rule):
+        self.rule = rule
+        self.x_last = None
+        self.diffs: list[float] = []
+        self.count = 0  # evaluations seen
+
+    def _observe(self, x: torch.Tensor) -> None:
+        xs = _subsample(x, self.rule.subsample_factor)
+        if self.x_last is not None:
+            self.diffs.append(float((xs - self.x_last).abs().mean()))  # the one host read of the evaluation
+        self.x_last = xs.clone()
+        self.count += 1
+
+    def skip(self, t: float, x: torch.Tensor, t_rows) -> bool:
+        self._observe(x)
+        if self.count <= self.rule.warmup or len(self.diffs) < 3:
+            return False
+        cur, prev, prevprev = self.diffs[-1], self.diffs[-2], self.diffs[-3]
+        return abs(0.5 * (cur + prevprev) - prev) <= self.rule.threshold * prev
+
+    def forced(self) -> None:
+        pass
+
+    def computed(self, x: torch.Tensor, o: torch.Tensor) -> None:
+        pass
+
+    def seen(self, x: torch.Tensor) -> None:
+        self._observe(x)
+
+
+class _Indicator:
+    def __init__(self, rule):
+        self.rule = rule
+        self.total = 0.0
+        self.primed = False
+
+    def skip(self, t: float, x: torch.Tensor, t_rows) -> bool:
+        change = self.rule.indicator(x, t_rows)
+        if not self.primed:
+            return False
+        change = float(change)
+        if not change >= 0.0:  # NaN too
+            raise ValueError(f"cache indicator returned {change!r} at t={t:.6g}: it must be a finite number >= 0")
+        self.total += change
+        if self.total < self.rule.threshold:
+            return True
+        self.total = 0.0
+        return False
+
+    def forced(self) -> None:
+        self.total = 0.0
+
+    def computed(self, x: torch.Tensor, o: torch.Tensor) -> None:
+        self.primed = True
+
+    def seen(self, x: torch.Tensor) -> None:
+        pass
