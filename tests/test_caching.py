@@ -27,6 +27,11 @@ class Counted:
         return self.model(x, t, y)
 
 
+def _order(rule):
+    """The rule's extrapolation order on these deterministic runs (None: 2)."""
+    return 2 if rule.order is None else rule.order
+
+
 def lagrange(kept, t):
     """The polynomial through the kept (t_i, v_i) at t, in float64 (the newest alone: itself)."""
     if len(kept) == 1:
@@ -84,7 +89,7 @@ class EasyCacheReference:
         self.calls += 1
         out = self.model(x, t, y)
         value = out - x if r.reuse == "residual" else out.clone()
-        self.kept = (self.kept + [(tt, value)])[-(r.order + 1):]
+        self.kept = (self.kept + [(tt, value)])[-(_order(r) + 1):]
         if tt < r.end_percent:
             of = self._sub(self._first_out(out))
             if self.o_prev is not None and ic is not None:
@@ -123,7 +128,7 @@ class AdaptiveReference:
         self.run = 0
         self.calls += 1
         out = self.model(x, t, y)
-        self.kept = (self.kept + [(float(t[0]), out)])[-(r.order + 1):]
+        self.kept = (self.kept + [(float(t[0]), out)])[-(_order(r) + 1):]
         return out
 
 
@@ -235,6 +240,17 @@ def test_a_model_writing_one_buffer():
     want = fastdiff.sample(MIXTURE, timesteps=GRID, noise=_noise(7), cache=rule)
     got = fastdiff.sample(model, timesteps=GRID, noise=_noise(7), cache=rule)
     assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+@pytest.mark.parametrize("method", ["euler_ancestral", "dpmpp_2m_sde"])
+def test_stochastic_methods_reuse_without_extrapolating(method):
+    """order=None reuses a stochastic method's outputs as they are (order 0): extrapolating a noisy trajectory's
+    outputs amplifies its noise (docs/guidance.md, "Where it loses")."""
+    kw = dict(timesteps=GRID, noise=_noise(8), method=method, seed=4)
+    default = fastdiff.sample(MIXTURE, **kw, cache=AdaptiveCache(threshold=0.3, max_skips=2))
+    plain = fastdiff.sample(MIXTURE, **kw, cache=AdaptiveCache(threshold=0.3, max_skips=2, order=0))
+    extrapolated = fastdiff.sample(MIXTURE, **kw, cache=AdaptiveCache(threshold=0.3, max_skips=2, order=2))
+    assert torch.equal(default, plain) and not torch.equal(default, extrapolated)
 
 
 def test_indicator_sums_the_callers_estimate():

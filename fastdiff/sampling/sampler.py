@@ -65,7 +65,8 @@ ARGUMENTS = """Sample ``[B, *shape]`` from ``model(x, t, y)`` by integrating fro
         cache: step caching (fastdiff.sampling.features.caching; docs/guidance.md, "Step caching"): "easycache",
             "lazycache", "adaptive" or a rule object (EasyCache(reuse_threshold=0.2, ...), LazyCache, AdaptiveCache,
             CacheIndicator(indicator, threshold)): a step whose model input has barely changed reuses the last
-            outputs, extrapolated in t (order 2 by default; a multi-stage step computes its first evaluation);
+            outputs, extrapolated in t (order 2; plain reuse on a stochastic method; a multi-stage step computes its
+            first evaluation);
             fewer model calls, one small host read per step. Not with cuda_graph. Off by default: it trades
             accuracy for calls (docs/guidance.md says where it loses).
         perturbed_model: ``perturbed_model(x, t, y)`` with the model's signature, called on the conditional

@@ -48,6 +48,8 @@ class CachedCalls:
         # a multi-stage step keeps its first evaluation (at the trajectory's state) and reuses the rest
         self.computes = [self.first[k] and not stages[k].final for k in range(len(stages))]
         self.window = [rule.start_percent <= st.t < rule.end_percent for st in stages]
+        # order None: extrapolate a deterministic method's outputs (2), reuse a stochastic one's as they are (0)
+        self.order = rule.order if rule.order is not None else 0 if any(st.noise_scale() > 0 for st in stages) else 2
         self.copies = False  # the model writes one buffer per call: keep copies
         self.firsts: dict[int, tuple] = {}
         self.fuse = None  # FusedReplay, set by plan() where the step may read the kept outputs itself
@@ -152,7 +154,7 @@ class CachedCalls:
         return proxy
 
     def _record(self, model, k: int, t: float, x_first, layout):
-        keep = self.rule.order + 1
+        keep = self.order + 1
         residual = self.rule.reuse == "residual"
         if self.layout != layout:  # another call structure (a guidance interval's edge): start the series anew
             self.kept, self.layout = {}, layout

@@ -19,9 +19,12 @@
 What a skipped evaluation returns (``reuse``): ``"output"``, the last computed output itself (the prediction;
 AdaptiveDiffusion's choice; no pass at all: the step reads the kept tensor), or ``"residual"``, the input plus the
 last output change ``o_c - x_c`` (EasyCache's transformation vector; one pass to make it and one to apply it);
-``order=1`` extrapolates either linearly in t from the last two computed evaluations (TaylorSeer's first order at
-the output; one pass). Every branch of a guided evaluation is cached alike, so every method, guidance rule, editing
-mode and feature downstream of the model call sees predictions as usual.
+``order=1`` / ``2`` extrapolates either in t through the last two / three computed evaluations (TaylorSeer's
+orders at the output; one pass, or none where the step's own call reads the kept outputs). ``order=None`` (the
+default): 2 for a deterministic method, 0 for a stochastic one (on a noisy trajectory the extrapolation amplifies the
+noise: dpmpp_2m_sde on the digits model, 20 steps, AdaptiveCache(0.3, max_skips=2) at order 2 gave a Fréchet
+distance of 13.5 against 0.21 uncached). Every branch of a guided evaluation is cached alike, so every method,
+guidance rule, editing mode and feature downstream of the model call sees predictions as usual.
 
 The decision is batch-wide (one model call or none) and costs one small host read per evaluation (a mean over a
 subsample); a captured loop (cuda_graph=True) cannot branch on it and is refused: torch exposes no CUDA graph
@@ -56,8 +59,9 @@ def _check_common(rule) -> None:
         raise ValueError(f"max_skips must be None or an int >= 1, got {rule.max_skips!r}")
     if rule.reuse not in _REUSES:
         raise ValueError(f"reuse must be one of {', '.join(map(repr, _REUSES))}, got {rule.reuse!r}")
-    if rule.order not in (0, 1, 2) or isinstance(rule.order, bool):
-        raise ValueError(f"order must be 0 (reuse), 1 or 2 (extrapolation in t), got {rule.order!r}")
+    if rule.order is not None and (rule.order not in (0, 1, 2) or isinstance(rule.order, bool)):
+        raise ValueError(f"order must be None (2 for a deterministic method, 0 for a stochastic one), 0 (reuse), 1 "
+                         f"or 2 (extrapolation in t), got {rule.order!r}")
     if not isinstance(rule.subsample_factor, int) or isinstance(rule.subsample_factor, bool) or \
             rule.subsample_factor < 1:
         raise ValueError(f"subsample_factor must be an int >= 1, got {rule.subsample_factor!r}")
@@ -77,7 +81,7 @@ class EasyCache:
     end_percent: float = 0.95
     max_skips: int | None = None
     reuse: str = "output"
-    order: int = 2
+    order: int | None = None
     subsample_factor: int = 8
     verbose: bool = False
 
@@ -110,7 +114,7 @@ class AdaptiveCache:
     start_percent: float = 0.0
     end_percent: float = 1.0
     reuse: str = "output"
-    order: int = 2
+    order: int | None = None
     subsample_factor: int = 1
     verbose: bool = False
 
@@ -140,7 +144,7 @@ class CacheIndicator:
     end_percent: float = 1.0
     max_skips: int | None = None
     reuse: str = "output"
-    order: int = 0
+    order: int | None = None
     subsample_factor: int = 1
     verbose: bool = False
 
