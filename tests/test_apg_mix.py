@@ -4,8 +4,6 @@ of steps (the momentum's state), against diffusers' AdaptiveProjectedMixGuidance
 the loop against hand-written Euler and Heun loops on every backend here, with rescale, two conditions, cfg = 1 and a
 captured loop; bad options."""
 
-import argparse
-
 import pytest
 import torch
 
@@ -15,7 +13,8 @@ from fastdiff.ops.sample_gram import sample_gram_reference
 from fastdiff.sampling.features.apg_mix import APGMix, apg_mix_reference
 from fastdiff.sampling.features.guidance import RULES, branch_weights, get_rule, rescale_reference
 
-from combination_matrix import gaussian_velocity_model as model
+from gram_rule_testing import (B, BACKENDS, SHAPE, STEPS, assert_cli_accepts, close, device_ops_model, kw,
+                               model)
 
 
 def _weights_blend(rule, step, p_null, p_y, running, w, phi=0.0):
@@ -134,17 +133,11 @@ def test_the_rule_is_registered_and_checked():
             APGMix(**{name: value})
     with pytest.raises(TypeError, match="use_original_formulation"):
         APGMix(use_original_formulation=1)
-    from fastdiff.cli_sampler import add_sampler_arguments
-
-    p = argparse.ArgumentParser()
-    add_sampler_arguments(p)
-    assert p.parse_args(["--checkpoint", "c.json", "--guidance", "apg_mix"]).guidance == "apg_mix"
+    assert_cli_accepts("apg_mix")
 
 
 # ---- in the loop ----------------------------------------------------------------------------------------------
 
-BACKENDS = [b for b in ("cpu", "reference", "triton") if fastdiff.backends()[b]]
-SHAPE, B, STEPS = (2, 3), 3, 6
 # not label 1: its class mean is 0, and APG's projection onto a p_y near 0 turns a 1e-7 change of the initial state
 # into 2e-4 of the result (measured), beyond float32 loop-vs-float64-reference comparisons
 Y, Y2, NULL = torch.tensor([0, 2, 0]), torch.tensor([2, 0, 2]), 3
@@ -155,14 +148,6 @@ LOOP_RULE = APGMix(adaptive_projected_guidance_scale=6.0, adaptive_projected_gui
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
-
-
-def kw(backend, **more):
-    return dict(shape=SHAPE, seed=3, backend=backend, **more)
-
-
-def _close(a, b, tol=2e-5):
-    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 def _hand_loop(rule, w, phi=0.0, method="euler", a=(1.0,), steps=STEPS, seed=3):
@@ -195,7 +180,7 @@ ORIGINAL_RULE = APGMix(use_original_formulation=True, adaptive_projected_guidanc
 @pytest.mark.parametrize("phi", [0.0, 0.6])
 def test_sample_is_the_hand_loop(backend, rule, phi):
     got = fastdiff.sample(model, STEPS, 3.5, y=Y, null_y=NULL, guidance=rule, guidance_rescale=phi, **kw(backend))
-    _close(got, _hand_loop(rule, 3.5, phi), 1e-4)
+    close(got, _hand_loop(rule, 3.5, phi), 1e-4)
     cfg = fastdiff.sample(model, STEPS, 3.5, y=Y, null_y=NULL, guidance_rescale=phi, **kw(backend))
     assert (got - cfg).abs().max() > 1e-3  # the APG phase is not CFG here (the check can tell them apart)
 
@@ -203,39 +188,28 @@ def test_sample_is_the_hand_loop(backend, rule, phi):
 def test_heun_switches_by_sampler_step(backend):
     """Two evaluations per step: both of step i take step i's phase, and each updates the running average."""
     got = fastdiff.sample(model, STEPS, 3.5, y=Y, null_y=NULL, method="heun", guidance=LOOP_RULE, **kw(backend))
-    _close(got, _hand_loop(LOOP_RULE, 3.5, method="heun"), 1e-4)
+    close(got, _hand_loop(LOOP_RULE, 3.5, method="heun"), 1e-4)
 
 
 def test_two_conditions_act_on_their_weighted_mean(backend):
     w = (2.0, 1.5)
     a = [wk / sum(w) for wk in w]
     got = fastdiff.sample(model, STEPS, w, conditions=[Y, Y2], null_y=NULL, guidance=LOOP_RULE, **kw(backend))
-    _close(got, _hand_loop(LOOP_RULE, sum(w), a=a), 1e-4)
+    close(got, _hand_loop(LOOP_RULE, sum(w), a=a), 1e-4)
 
 
 def test_defaults_by_name_and_cfg_one(backend):
     """guidance="apg_mix" is the defaults' rule; cfg = 1 is unguided sampling (diffusers' guider turns APG off too)."""
     got = fastdiff.sample(model, 8, 3.0, y=Y, null_y=NULL, guidance="apg_mix", **kw(backend))
-    _close(got, _hand_loop(APGMix(), 3.0, steps=8), 1e-4)
+    close(got, _hand_loop(APGMix(), 3.0, steps=8), 1e-4)
     plain = fastdiff.sample(model, STEPS, 1.0, y=Y, null_y=NULL, **kw(backend))
     assert torch.equal(fastdiff.sample(model, STEPS, 1.0, y=Y, null_y=NULL, guidance=LOOP_RULE, **kw(backend)), plain)
 
 
-def test_runs_in_a_captured_loop(monkeypatch):
+def test_runs_in_a_captured_loop(recorder):
     """No host read in the weights and the phases are host decisions: the loop captures once and replays, the
     running average restarting at 0 for each replay."""
-    from fastdiff.sampling.core import graphs
-    from graph_recorder import RecordingCapture
-
-    rec = RecordingCapture()
-    monkeypatch.setattr(graphs, "CAPTURE", rec)
-    monkeypatch.setattr(graphs, "CACHE", graphs.GraphCache())
-    lin = 0.2 * torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
-    emb = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
-
-    def m(x, t, y):  # device ops only: a linear map and a label embedding
-        return ((x.flatten(1) @ lin) * (1.0 + t[:, None]) + emb[y]).view_as(x)
-
+    rec, m = recorder, device_ops_model()
     backend = BACKENDS[0]
     for seed in (1, 2):
         args = dict(y=Y, null_y=NULL, guidance=LOOP_RULE, guidance_rescale=0.5, shape=SHAPE, seed=seed,

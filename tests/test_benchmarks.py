@@ -181,15 +181,27 @@ def test_method_cases_run_every_registered_method():
     n = 16 * 64
     cases = {c.impl: c for c in method_cases(n)}
     tables = [m.name for m in fastdiff.sampling.methods() if m.run is None]  # (dpm_adaptive: no table)
-    cached = ("loop fresh", "loop cached o0", "loop cached o2")  # the step-caching cases (issue 34)
+    cached = ("loop fresh", "loop cached o0", "loop cached o2")  # the step-caching cases (issue 34), each beside
+    # the kernel calls it makes ("... calls": the loop's own time is the loop's over theirs)
     assert list(cases) == [*(name for m in tables for name in (m, f"{m} loop", *(
-        f"{m} {c}" for c in cached if m in ("euler", "heun", "dpmpp_2m")))), "brownian_noise"]
+        f"{m} {c}{part}" for c in cached for part in ("", " calls") if m in ("euler", "heun", "dpmpp_2m")))),
+        "brownian_noise"]
     assert cases["euler"].bytes == 50 * 12 * n
     # step_noise="brownian": ~7 calls of 4 draws per step, each 12 bytes per element
     assert 50 * 5 * 12 * n < cases["brownian_noise"].bytes < 50 * 10 * 12 * n
     assert cases["dpmpp_3m_sde"].bytes > cases["dpmpp_2m"].bytes > cases["euler"].bytes
     for case in cases.values():
         case.fn()
+    # a loop's recorded calls are what it runs: replayed, they leave the loop's result (the state they write)
+    from fastdiff.bench.methods import _loop, _recorded_calls
+    from fastdiff.sampling.features.caching import EasyCache
+
+    for cache in (None, EasyCache(max_skips=1, order=2, start_percent=0.0, end_percent=1.0)):
+        sampler, _ = _loop(fastdiff.sampling.get_method("heun"), n, "cpu", cache=cache, rotation=8)
+        replay = _recorded_calls(sampler)
+        expected = sampler(seed=0).clone()
+        replay()
+        assert torch.equal(sampler._plan.result, expected)
 
 
 def test_loop_cases_include_the_method_rows():

@@ -3,6 +3,8 @@ its peer's decision (ComfyUI's EasyCache / LazyCache wrappers, AdaptiveDiffusion
 the model of an uncached run — the same evaluations skipped, the same samples —, on every backend here; with
 guidance, guidance rules, several conditions, multi-stage methods and editing; a reused Sampler; the refusals."""
 
+import math
+
 import pytest
 import torch
 
@@ -240,6 +242,60 @@ def test_a_model_writing_one_buffer():
     want = fastdiff.sample(MIXTURE, timesteps=GRID, noise=_noise(7), cache=rule)
     got = fastdiff.sample(model, timesteps=GRID, noise=_noise(7), cache=rule)
     assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_a_model_rotating_buffers_gets_its_outputs_copied_into_dropped_copies():
+    """A model returning 3 buffers in turn overwrites outputs a second-order series keeps: from the first clash on,
+    outputs are copied, into the storage of copies the series dropped (no new tensor per call), and the run equals
+    the one with a model returning new tensors from that point."""
+    from fastdiff.sampling.features import cached_calls
+
+    buffers, i = [torch.empty(B, 2) for _ in range(3)], [0]
+
+    def model(x, t, y=None):
+        i[0] += 1
+        return buffers[i[0] % 3].copy_(MIXTURE(x, t, y))
+
+    made = []
+    real_copy = cached_calls.CachedCalls._copy
+
+    def copy(self, out):
+        got = real_copy(self, out)
+        made.append(got.untyped_storage().data_ptr())
+        return got
+
+    rule = AdaptiveCache(threshold=0.3, max_skips=2, order=2)
+    want = fastdiff.sample(MIXTURE, timesteps=GRID, noise=_noise(7), method="heun", cache=rule)
+    cached_calls.CachedCalls._copy = copy
+    try:
+        got = fastdiff.sample(model, timesteps=GRID, noise=_noise(7), method="heun", cache=rule)
+    finally:
+        cached_calls.CachedCalls._copy = real_copy
+    assert len(made) > 10 and len(set(made)) <= 5  # copies reuse a few storages
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+@pytest.mark.parametrize("shape,view", [((16, 1 << 14), lambda t: t[:, :300]),
+                                        ((3, 5, 67, 41), lambda t: t[..., ::8, ::8]), ((7, 9), lambda t: t.t()),
+                                        ((1, 1), lambda t: t), ((), lambda t: t), ((4, 0), lambda t: t)])
+def test_native_mean_abs_is_the_torch_expression(shape, view):
+    """fastdiff._C.mean_abs (the CPU statistics' one read): mean |a - b|, mean |a|, and b <- a, on strided views."""
+    C = pytest.importorskip("fastdiff._C")
+    g = torch.Generator().manual_seed(0)
+    a, b = view(torch.randn(shape, generator=g)), view(torch.randn(shape, generator=g))
+    want_diff, want_norm = (a.double() - b.double()).abs().mean().item(), a.double().abs().mean().item()
+    if a.numel() == 0:
+        assert math.isnan(C.mean_abs(a, b)) and math.isnan(C.mean_abs(a))
+        return
+    assert C.mean_abs(a, b) == pytest.approx(want_diff, rel=1e-6)
+    assert C.mean_abs(a) == pytest.approx(want_norm, rel=1e-6)
+    diff, norm = C.mean_abs(a, b, norm=True, keep=True)
+    assert diff == pytest.approx(want_diff, rel=1e-6) and norm == pytest.approx(want_norm, rel=1e-6)
+    assert torch.equal(b, a)  # kept
+    with pytest.raises(RuntimeError, match="b must have a's shape"):
+        C.mean_abs(a, torch.zeros(5))
+    with pytest.raises(RuntimeError, match="float32 CPU"):
+        C.mean_abs(a.double())
 
 
 @pytest.mark.parametrize("method", ["euler_ancestral", "dpmpp_2m_sde"])

@@ -6,8 +6,6 @@ CondOT paths, x0 / eps / v / velocity models, guided and unguided, both spaces (
 ComfyUI's eps / v models, or x itself of its flow models); the transform against a hand-written Euler loop of the
 reference (rescale, classifier guidance), callbacks' x0, a captured loop; bad options and the singular start."""
 
-import argparse
-
 import pytest
 import torch
 
@@ -19,6 +17,7 @@ from fastdiff.sampling.features.epsilon_scaling import EpsilonScaling, epsilon_s
 from fastdiff.sampling.features.guidance import RULES, get_rule, rescale_reference
 
 from combination_matrix import gaussian_velocity_model
+from gram_rule_testing import assert_cli_accepts, device_ops_model
 
 BACKENDS = [b for b in ("cpu", "reference", "triton") if fastdiff.backends()[b]]
 MIXTURE = class_conditional_mixture(num_classes=3, modes_per_class=2, radius=2.0, std=0.5)
@@ -194,20 +193,9 @@ def test_scales_the_classifier_term_too(backend):
     torch.testing.assert_close(got, want, rtol=0, atol=2e-5 * want.abs().max().item())
 
 
-def test_runs_in_a_captured_loop(monkeypatch):
+def test_runs_in_a_captured_loop(recorder):
     """Host numbers only: the loop captures once and replays."""
-    from fastdiff.sampling.core import graphs
-    from graph_recorder import RecordingCapture
-
-    rec = RecordingCapture()
-    monkeypatch.setattr(graphs, "CAPTURE", rec)
-    monkeypatch.setattr(graphs, "CACHE", graphs.GraphCache())
-    lin = 0.2 * torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
-    emb = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
-
-    def m(x, t, y):  # device ops only: a linear map and a label embedding
-        return ((x.flatten(1) @ lin) * (1.0 + t[:, None]) + emb[y]).view_as(x)
-
+    rec, m = recorder, device_ops_model()
     for seed in (1, 2):
         args = dict(y=LY, null_y=NULL, guidance="epsilon_scaling", shape=SHAPE, seed=seed, backend=BACKENDS[0],
                     method="dpmpp_2m")
@@ -226,11 +214,7 @@ def test_the_rule_is_registered_and_checked():
             EpsilonScaling(scaling_factor=bad)
     with pytest.raises(ValueError, match="space must be one of 'eps', 'state'"):
         EpsilonScaling(space="x0")
-    from fastdiff.cli_sampler import add_sampler_arguments
-
-    p = argparse.ArgumentParser()
-    add_sampler_arguments(p)
-    assert p.parse_args(["--checkpoint", "c.json", "--guidance", "epsilon_scaling"]).guidance == "epsilon_scaling"
+    assert_cli_accepts("epsilon_scaling")
 
 
 def test_the_singular_start():

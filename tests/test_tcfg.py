@@ -3,18 +3,16 @@ reference and diffusers' TangentialClassifierFreeGuidance on the same prediction
 and the rule in the loop against a hand-written Euler loop on every backend here, with rescale, two conditions,
 cfg = 1 and a captured loop."""
 
-import argparse
-
 import pytest
 import torch
 
 import fastdiff
-from fastdiff.ops.randn import randn
 from fastdiff.ops.sample_gram import sample_gram_reference
 from fastdiff.sampling.features.guidance import RULES, branch_weights, get_rule, rescale_reference
 from fastdiff.sampling.features.tcfg import TCFG, tcfg_reference
 
-from combination_matrix import gaussian_velocity_model as model
+from gram_rule_testing import (BACKENDS, NULL, SHAPE, STEPS, Y, Y2, assert_cli_accepts, branches, close,
+                               device_ops_model, hand_euler, kw, model)
 
 RULE_CASES = [TCFG(), TCFG(use_original_formulation=True)]
 RULE_IDS = ["tcfg", "original"]
@@ -101,46 +99,16 @@ def test_the_rule_is_registered_and_checked():
     assert RULES["tcfg"] is TCFG and get_rule("tcfg") == TCFG()
     with pytest.raises(TypeError, match="use_original_formulation"):
         TCFG(use_original_formulation="no")
-    from fastdiff.cli_sampler import add_sampler_arguments
-
-    p = argparse.ArgumentParser()
-    add_sampler_arguments(p)
-    assert p.parse_args(["--checkpoint", "c.json", "--guidance", "tcfg"]).guidance == "tcfg"
+    assert_cli_accepts("tcfg")
 
 
 # ---- in the loop ----------------------------------------------------------------------------------------------
-
-BACKENDS = [b for b in ("cpu", "reference", "triton") if fastdiff.backends()[b]]
-SHAPE, B, STEPS = (2, 3), 3, 6
-Y, Y2, NULL = torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1]), 3
-
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
 
 
-def kw(backend, **more):
-    return dict(shape=SHAPE, seed=3, backend=backend, **more)
-
-
-def _close(a, b, tol=2e-5):
-    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
-
-
-def _hand_euler(blend, steps=STEPS, seed=3):
-    """Euler on CondOT from the sampler's own initial noise: x' = x + h blend(x, t)."""
-    x = randn(torch.arange(seed, seed + B), 0, SHAPE).double()
-    grid = [i / steps for i in range(steps + 1)]
-    for t, t1 in zip(grid, grid[1:]):
-        x = x + (t1 - t) * blend(x.float(), torch.full((B,), t)).double()
-    return x.float()
-
-
-def _branches(x, t, a=(1.0,)):
-    p_null = model(x, t, torch.full((B,), NULL))
-    p_c = sum(ak * model(x, t, yk).double() for ak, yk in zip(a, (Y, Y2)))
-    return p_null, p_c
 
 
 @pytest.mark.parametrize("guidance", ["tcfg", TCFG(use_original_formulation=True)], ids=RULE_IDS)
@@ -149,12 +117,12 @@ def test_sample_is_the_hand_loop(backend, guidance, phi):
     rule, w = get_rule(guidance), 3.5
 
     def blend(x, t):
-        p_null, p_y = _branches(x, t)
+        p_null, p_y = branches(x, t)
         g = tcfg_reference(p_null, p_y, w, rule)
         return rescale_reference(p_null, p_y, w, phi, g) if phi else g
 
     got = fastdiff.sample(model, STEPS, w, y=Y, null_y=NULL, guidance=guidance, guidance_rescale=phi, **kw(backend))
-    _close(got, _hand_euler(blend), 1e-4)
+    close(got, hand_euler(blend), 1e-4)
     cfg = fastdiff.sample(model, STEPS, w, y=Y, null_y=NULL, guidance_rescale=phi, **kw(backend))
     assert (got - cfg).abs().max() > 1e-3  # the rule is not CFG here (the check can tell them apart)
 
@@ -165,7 +133,7 @@ def test_identical_conditions_are_one_condition_with_the_summed_weight(backend, 
     one = fastdiff.sample(model, STEPS, 2.5, y=Y, null_y=NULL, method=method, guidance=guidance, **kw(backend))
     two = fastdiff.sample(model, STEPS, (1.0, 1.5), conditions=[Y, Y], null_y=NULL, method=method, guidance=guidance,
                           **kw(backend))
-    _close(two, one)
+    close(two, one)
 
 
 def test_two_conditions_act_on_their_weighted_mean(backend):
@@ -173,10 +141,10 @@ def test_two_conditions_act_on_their_weighted_mean(backend):
     a = [wk / sum(w) for wk in w]
 
     def blend(x, t):
-        return tcfg_reference(*_branches(x, t, a), sum(w), TCFG())
+        return tcfg_reference(*branches(x, t, a), sum(w), TCFG())
 
     got = fastdiff.sample(model, STEPS, w, conditions=[Y, Y2], null_y=NULL, guidance="tcfg", **kw(backend))
-    _close(got, _hand_euler(blend), 1e-4)
+    close(got, hand_euler(blend), 1e-4)
 
 
 def test_cfg_one_is_no_rule(backend):
@@ -186,20 +154,9 @@ def test_cfg_one_is_no_rule(backend):
                            plain)
 
 
-def test_runs_in_a_captured_loop(monkeypatch):
+def test_runs_in_a_captured_loop(recorder):
     """No host read in the rule's weights: the loop captures once and replays (tests/graph_recorder.py)."""
-    from fastdiff.sampling.core import graphs
-    from graph_recorder import RecordingCapture
-
-    rec = RecordingCapture()
-    monkeypatch.setattr(graphs, "CAPTURE", rec)
-    monkeypatch.setattr(graphs, "CACHE", graphs.GraphCache())
-    lin = 0.2 * torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
-    emb = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
-
-    def m(x, t, y):  # device ops only: a linear map and a label embedding
-        return ((x.flatten(1) @ lin) * (1.0 + t[:, None]) + emb[y]).view_as(x)
-
+    rec, m = recorder, device_ops_model()
     backend = BACKENDS[0]
     for seed in (1, 2):
         args = dict(y=Y, null_y=NULL, guidance="tcfg", guidance_rescale=0.5, shape=SHAPE, seed=seed, backend=backend)

@@ -12,6 +12,10 @@
 
 namespace py = pybind11;
 
+namespace fastdiff {
+py::object mean_abs(const at::Tensor& a, const std::optional<at::Tensor>& b, bool norm, bool keep);  // mean_abs.cpp
+}
+
 namespace {
 
 // Large steps run without the GIL (other Python threads go on); at batch 1 releasing it costs more than the step.
@@ -74,4 +78,9 @@ PYBIND11_MODULE(_C, m) {
            py::arg("clip") = py::none())
       .def("__call__", &call, py::arg("preds"))
       .def_property_readonly("branches", &fastdiff::PreparedStep::branches);
+  m.def("mean_abs", &fastdiff::mean_abs, py::arg("a"), py::arg("b") = py::none(), py::arg("norm") = false,
+        py::arg("keep") = false,
+        "mean |a - b| (mean |a| without b) of float32 CPU tensors of one shape, any strides; norm=True: (that, "
+        "mean |a|) from one read; keep=True: a copied into b after it is read (step caching's statistics, "
+        "csrc/python/mean_abs.cpp)");
 }

@@ -286,6 +286,11 @@ def report(ops=OPS, log2_sizes=(22,), dtypes=("fp32",), device="cpu", repeat=15,
                     if c.note:
                         line += f"  {c.note}"
                     log(line)
+                if op == "methods":  # the loops' own time per step: each loop over the kernel calls it makes
+                    for impl, s in med.items():
+                        if f"{impl} calls" in med:
+                            log(f"{op:9s} {dtype:5s} {n:9d} {impl}: the loop's own time, its median over its "
+                                f"calls': {s / med[f'{impl} calls']:.3f}x")
                 if op == "loop" and all(k in med for k in ("fastdiff", *LOOP_PARTS)):
                     rows += loop_split_rows(med, per_round, rows[-1], log)
                 write_rows(path, rows)

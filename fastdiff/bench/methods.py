@@ -8,8 +8,11 @@ Next to each, "<method> loop": a reused fastdiff.Sampler running the same 50 eva
 returns a kept tensor), i.e. the whole loop around the model; its time over the fused calls' time is the loop's own
 cost per step relative to the fused step (issue 33's bound: within 1.2x). dpm_adaptive, which chooses its steps
 while it samples, has no stage table and no case. For euler, heun and dpmpp_2m, "<method> loop fresh" (the loop
-with a model returning 4 buffers in turn, as a real model's new outputs are cold) and "<method> loop cached o0 /
-o2" (the same with step caching reusing every other step: plain reuse / second-order extrapolation).
+with a model returning 8 buffers in turn, as a real model's new outputs are cold) and "<method> loop cached o0 /
+o2" (the same with step caching reusing every other step: plain reuse / second-order extrapolation), each
+next to "... calls": the kernel calls that loop makes (its reused steps' fused replays reading the kept outputs
+included), recorded from one run and replayed alone, so that the loop's time over theirs is the loop's own cost
+per step (issue 34's bound: within 1.2x).
 """
 
 from __future__ import annotations
@@ -65,8 +68,9 @@ def _grid_and_options(method) -> tuple[list[float], dict]:
 class _FreeModel:
     """A model that costs nothing: returns one of ``rotation`` kept tensors of x's shape, equal (not x itself, which
     would let the step read its prediction from the state's cache lines: the fused calls above read a buffer of
-    their own). A cached loop keeps up to three outputs: four in turn are never one it keeps, as a real model's
-    new tensors are not."""
+    their own). A cached loop keeps up to three outputs per call, which span up to six calls (Heun's same-time entries
+    replaced): eight in turn are never one it keeps, as a real model's new tensors are not (a buffer it still keeps
+    would make it copy each output, as for a model that writes one buffer)."""
 
     def __init__(self, rotation: int = 1):
         self.outs, self.rotation, self.i = [], rotation, 0
@@ -79,6 +83,7 @@ class _FreeModel:
         return self.outs[self.i]
 
 
+ROTATION = 8  # buffers the free model of the fresh and cached loops returns in turn
 CACHED = ("euler", "heun", "dpmpp_2m")  # the methods with cached loop cases (issue 34's)
 
 
@@ -103,7 +108,36 @@ def _loop(method, n: int, device, cache=None, rotation: int = 1):
                                cache=cache, **options)
     stages = len(method.stages(fastdiff.paths.get_path("condot"), grid, "velocity",
                                **({"sigma": None} if "sigma" in method.options else {}), **options))
-    return (lambda: sampler(seed=0)), stages
+    return sampler, stages
+
+
+def _recorded_calls(sampler) -> list:
+    """The kernel calls one run of ``sampler`` makes, each with the predictions it reads, in order, after the run's
+    start (its initial draw): the loop's fused work without the loop (a reused step's fused replay reading its kept
+    outputs included), so that the loop's time over theirs is its own cost per step."""
+    sampler(seed=0)  # the plan
+    record = []
+
+    def keep(k, preds, call):
+        record.append((call, preds if isinstance(preds, torch.Tensor) else list(preds)))
+        return call
+
+    hooks = sampler._plan.points.before_step
+    hooks.append(keep)  # after the plan's own hooks: the call that runs
+    try:
+        sampler(seed=0)
+    finally:
+        hooks.remove(keep)
+
+    starts = list(sampler._plan.points.start)  # the initial draw (one fused pass) and the features' resets
+
+    def run():
+        for hook in starts:
+            hook()
+        for call, preds in record:
+            call(preds)
+
+    return run
 
 
 def method_cases(n: int, device="cpu", impls=None) -> list[Case]:
@@ -129,19 +163,28 @@ def method_cases(n: int, device="cpu", impls=None) -> list[Case]:
             out.append(Case("methods", method.name, n, "fp32", run, nbytes,
                             f"{STEPS} evaluations' steps, {nbytes / STEPS / n:.1f} bytes per element and evaluation"))
         if impls is None or f"{method.name} loop" in impls:
-            loop, stages = _loop(method, n, device)
-            out.append(Case("methods", f"{method.name} loop", n, "fp32", loop, nbytes * stages // STEPS,
+            sampler, stages = _loop(method, n, device)
+            out.append(Case("methods", f"{method.name} loop", n, "fp32", lambda s=sampler: s(seed=0),
+                            nbytes * stages // STEPS,
                             f"a reused Sampler, {stages} stages with a free model (per stage: divide by {stages}; "
                             f"the fused calls above: by {STEPS})"))
         for name, cache in ((f"{method.name} loop fresh", None), (f"{method.name} loop cached o0", _alternate(0)),
                             (f"{method.name} loop cached o2", _alternate(2))):
-            if method.name in CACHED and (impls is None or name in impls):
-                loop, stages = _loop(method, n, device, cache=cache, rotation=4)
-                out.append(Case("methods", name, n, "fp32", loop, nbytes * stages // STEPS,
-                                "the loop with a model returning 4 buffers in turn (a real model's outputs are "
-                                "new tensors)" + ("" if cache is None else
-                                                  f", cache=EasyCache(max_skips=1, order={cache.order}): every "
-                                                  "other step reused") + f"; per stage: divide by {stages}"))
+            if method.name not in CACHED:
+                continue
+            what = ("the loop with a model returning 8 buffers in turn (a real model's outputs are new tensors)"
+                    + ("" if cache is None else f", cache=EasyCache(max_skips=1, order={cache.order}): every other "
+                                                "step reused"))
+            if impls is None or name in impls or f"{name} calls" in impls:
+                sampler, stages = _loop(method, n, device, cache=cache, rotation=ROTATION)
+            if impls is None or name in impls:
+                out.append(Case("methods", name, n, "fp32", lambda s=sampler: s(seed=0), nbytes * stages // STEPS,
+                                f"{what}; per stage: divide by {stages}"))
+            if impls is None or f"{name} calls" in impls:
+                out.append(Case("methods", f"{name} calls", n, "fp32", _recorded_calls(sampler),
+                                nbytes * stages // STEPS,
+                                f"the kernel calls that loop makes, alone (the loop's own time: the loop's over "
+                                f"these); per stage: divide by {stages}"))
     if impls is None or "brownian_noise" in impls:
         calls, nbytes = _brownian_calls(n, device)
 

@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 
 import torch
+
+from fastdiff.ops.sampler_step import KERNEL_ARGS
+
+_PREDS, _WEIGHTS, _SAMPLE_WEIGHTS = (KERNEL_ARGS.index(name) for name in ("preds", "weights", "sample_weights"))
+
 
 class _Proxy:
     """The model as one stage's calls see it: ``run(fn, x, t, y)`` with the model (or, bound, a perturbed rule's
@@ -53,6 +59,7 @@ class CachedCalls:
         self.copies = False  # the model writes one buffer per call: keep copies
         self.firsts: dict[int, tuple] = {}
         self.fuse = None  # FusedReplay, set by plan() where the step may read the kept outputs itself
+        self.views: dict = {}
         self.reset()
 
     # ModelCalls' interface, the planner's half
@@ -70,8 +77,12 @@ class CachedCalls:
     def reset(self) -> None:
         """A new run: no kept outputs, fresh statistics (the plan's start point)."""
         self.decider = self.rule.decider()
-        self.kept: dict[int, list] = {}  # call j of an evaluation -> [(t, tensor)] newest last, distinct times
+        self.decider.views = self.views  # the subsample views of the plan's kept inputs, made once
+        self.kept: dict[int, list] = {}  # call j of an evaluation -> [(t, tensor, storage)] newest last, distinct t
         self.layout = None  # the call structure of the kept outputs
+        self.spare: list = []  # copies dropped from the series, to copy the next outputs into
+        self.owned: dict = {}  # id -> weak reference of those copies (never a model's own tensor)
+        self.scratch: dict = {}  # call j -> the extrapolation's buffer
         self.reusing = False  # the current step's decision
         self.run_length = 0
         self.computed = self.skipped = 0
@@ -100,7 +111,7 @@ class CachedCalls:
             for e in range(entries):
                 calls = iter(range(len(self.kept)))  # the stage's calls in order, entry e of each
                 preds += self.calls.evaluate(lambda x, t, y, e=e, calls=calls: self.kept[next(calls)][e][1], k)
-            self.fuse.pending = (k, lagrange_weights([e[0] for e in self.kept[0]], self.stages[k].t))
+            self.fuse.pending = (k, tuple(e[0] for e in self.kept[0]), self.stages[k].t)
             return preds
         return self.calls.evaluate(proxy, k)
 
@@ -172,24 +183,44 @@ class CachedCalls:
                 # overwrote dropped)
                 if residual:
                     value = out - xin
+                    ptr = None
                 else:
                     ptr = out.untyped_storage().data_ptr()
-                    clash = [e for entries in self.kept.values() for e in entries
-                             if e[1].untyped_storage().data_ptr() == ptr]
-                    if clash or self.copies:
+                    if self.copies or any(e[2] == ptr for entries in self.kept.values() for e in entries):
                         self.copies = True
-                        self.kept = {i: [e for e in v if e[1].untyped_storage().data_ptr() != ptr]
-                                     for i, v in self.kept.items()}
-                    value = out.clone() if self.copies else out
-                # one series per call over every computed evaluation, newest last, one entry per time (a later
-                # evaluation at the same time replaces it: Heun's next step at its corrector's time)
-                entries = [e for e in self.kept.get(j, []) if e[0] != t] + [(t, value)]
-                self.kept[j] = entries[-keep:]
+                        self.kept = {i: [e for e in v if e[2] != ptr] for i, v in self.kept.items()}
+                        value = self._copy(out)
+                        ptr = value.untyped_storage().data_ptr()
+                    else:
+                        value = out
+                # one series per call over every computed evaluation, newest last, one entry (t, value, its
+                # storage) per time (a later evaluation at the same time replaces it: Heun's next step at its
+                # corrector's time)
+                entries = self.kept.get(j, [])
+                series = ([e for e in entries if e[0] != t] + [(t, value, ptr)])[-keep:]
+                self.kept[j] = series
+                if self.copies:  # the copies dropped from the series hold the next ones (no new allocation)
+                    self.spare += [e[1] for e in entries if self._owned(e[1]) and not any(e is s for s in series)]
                 if j == 0 and stats:
                     self.decider.computed(x_first, self._guided_first(out, k) if guided else out[:self.B])
             return out
 
         return _Proxy(run, model)
+
+    def _owned(self, v: torch.Tensor) -> bool:
+        ref = self.owned.get(id(v))
+        return ref is not None and ref() is v
+
+    def _copy(self, out: torch.Tensor) -> torch.Tensor:
+        """A copy of a model output into a dropped copy's storage where one fits (a fresh 16 MB tensor costs page
+        faults: 2.5 ms a copy on the CPU against 1.4 ms into a kept one)."""
+        for i, spare in enumerate(self.spare):
+            if spare.shape == out.shape and spare.dtype == out.dtype and spare.device == out.device:
+                del self.spare[i]
+                return spare.copy_(out)
+        copy = out.clone()
+        self.owned[id(copy)] = weakref.ref(copy)
+        return copy
 
     def _guided_first(self, out, k):
         """The CFG blend at the stage's scale from one batched output (conditions first, the null branch last)."""
@@ -208,7 +239,13 @@ class CachedCalls:
         def run(fn, xin, tin, y):
             j = position[0]
             position[0] += 1
-            value = extrapolate(self.kept[j], t)
+            entries = self.kept[j]
+            if len(entries) > 1 and not residual:  # into a buffer of its own per call (no allocation per step)
+                out = self.scratch.get(j)
+                if out is None or out.shape != entries[0][1].shape or out.dtype != entries[0][1].dtype:
+                    out = self.scratch[j] = torch.empty_like(entries[0][1])
+                return extrapolate(entries, t, out)
+            value = extrapolate(entries, t)
             return xin + value if residual else value
 
         return _Proxy(run, None)
@@ -243,39 +280,37 @@ class FusedReplay:
     def __init__(self, plan, model_calls):
         self.plan, self.model_calls = plan, model_calls
         self.pending = None
-        self.calls = {}  # (stage, weights) -> the prepared call, for the run's repeats of a pattern
+        self.calls = {}  # (stage, kept times, time) -> the prepared call, for the next runs
 
     def possible(self, k: int, kept: dict) -> bool:
-        from fastdiff.ops.sampler_step import KERNEL_ARGS
-
         if self.plan.points.predictions or not kept or len(kept[0]) < 2 or \
                 (self.model_calls.perturbed_model is not None and self.model_calls.perturbed[k] is not None):
             return False
         n = self.model_calls.plans[k][2]  # the predictions of one evaluation
         args = self.plan.calls[self.plan.repeat][k].args
-        return (len(kept[0]) * n <= 8 and args[KERNEL_ARGS.index("sample_weights")] is None
-                and len(args[KERNEL_ARGS.index("weights")]) == n)
+        return len(kept[0]) * n <= 8 and args[_SAMPLE_WEIGHTS] is None and len(args[_WEIGHTS]) == n
 
     def hook(self, k: int, preds, call):
         if self.pending is None or self.pending[0] != k:
             return call
-        from fastdiff.ops.sampler_step import KERNEL_ARGS
         from fastdiff.ops.step_call import StepCall, step_call
 
-        L = self.pending[1]
+        # (stage, the kept entries' times, the stage's time, the repeat, the branch weights): the same call in every
+        # run (the Lagrange weights and the call made once: ~10 us a reused step)
+        w = call.args[_WEIGHTS]
+        key = (*self.pending, self.plan.repeat, tuple(w))
         self.pending = None
-        args = list(call.args)
-        w = args[KERNEL_ARGS.index("weights")]
-        if args[KERNEL_ARGS.index("sample_weights")] is not None:
-            raise AssertionError("a fused replay needs host weights")  # possible() rules it out
-        rest = sum(w[1:])
-        c = [v for Le in L for v in (Le * (w[0] - rest), *(Le * wi for wi in w[1:]))]
-        u = (float(w[0]), *(float(v) for v in c[1:]))
-        key = (k, u)
         fused = self.calls.get(key)
         if fused is None:
-            args[KERNEL_ARGS.index("preds")] = [args[0]] * len(u)
-            args[KERNEL_ARGS.index("weights")] = list(u)
+            args = list(call.args)
+            if args[_SAMPLE_WEIGHTS] is not None:
+                raise AssertionError("a fused replay needs host weights")  # possible() rules it out
+            rest = sum(w[1:])
+            L = lagrange_weights(list(key[1]), key[2])
+            c = [v for Le in L for v in (Le * (w[0] - rest), *(Le * wi for wi in w[1:]))]
+            u = (float(w[0]), *(float(v) for v in c[1:]))
+            args[_PREDS] = [args[0]] * len(u)
+            args[_WEIGHTS] = list(u)
             fused = step_call(call.backend, tuple(args), None, not isinstance(call, StepCall))
             if len(self.calls) > 256:
                 self.calls.clear()
@@ -283,15 +318,15 @@ class FusedReplay:
         return fused
 
 
-def extrapolate(entries: list, t: float) -> torch.Tensor:
+def extrapolate(entries: list, t: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """The Lagrange polynomial through the kept (t_i, v_i) (distinct times; order = their number - 1) at t: one
-    pass (the newest itself, no pass, for one entry)."""
+    pass (the newest itself, no pass, for one entry), into ``out`` where given."""
     if len(entries) == 1:
         return entries[0][1]
     weights = lagrange_weights([e[0] for e in entries], t)
-    out = entries[0][1] * weights[0]
-    for (_, v), w in zip(entries[1:], weights[1:]):
-        out.add_(v, alpha=w)
+    out = entries[0][1] * weights[0] if out is None else torch.mul(entries[0][1], weights[0], out=out)
+    for e, w in zip(entries[1:], weights[1:]):
+        out.add_(e[1], alpha=w)
     return out
 
 
