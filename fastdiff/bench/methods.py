@@ -17,6 +17,8 @@ per step (issue 34's bound: within 1.2x).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from fastdiff.bench.case import Case
@@ -111,7 +113,7 @@ def _loop(method, n: int, device, cache=None, rotation: int = 1):
     return sampler, stages
 
 
-def _recorded_calls(sampler) -> list:
+def _recorded_calls(sampler) -> Callable[[], None]:
     """The kernel calls one run of ``sampler`` makes, each with the predictions it reads, in order, after the run's
     start (its initial draw): the loop's fused work without the loop (a reused step's fused replay reading its kept
     outputs included), so that the loop's time over theirs is its own cost per step."""
