@@ -67,3 +67,42 @@ def device_ops_model():
         return ((x.flatten(1) @ lin) * (1.0 + t[:, None]) + emb[y]).view_as(x)
 
     return m
+
+
+def assert_identical_conditions_are_one(backend, guidance, method):
+    """conditions=[Y, Y] with weights (1, 1.5) is y=Y with cfg 2.5 under the rule."""
+    one = fastdiff.sample(model, STEPS, 2.5, y=Y, null_y=NULL, method=method, guidance=guidance, **kw(backend))
+    two = fastdiff.sample(model, STEPS, (1.0, 1.5), conditions=[Y, Y], null_y=NULL, method=method, guidance=guidance,
+                          **kw(backend))
+    close(two, one)
+
+
+def assert_two_conditions_act_on_their_weighted_mean(backend, guidance, reference):
+    """conditions=[Y, Y2] with weights (2, 1): the rule's ``reference(p_null, p_c, w)`` on the weighted mean p_c of
+    the conditions' predictions at the summed weight, in the hand Euler loop."""
+    w = (2.0, 1.0)
+    a = [wk / sum(w) for wk in w]
+
+    def blend(x, t):
+        return reference(*branches(x, t, a), sum(w))
+
+    got = fastdiff.sample(model, STEPS, w, conditions=[Y, Y2], null_y=NULL, guidance=guidance, **kw(backend))
+    close(got, hand_euler(blend), 1e-4)
+
+
+def assert_cfg_one_is_no_rule(backend, rules):
+    plain = fastdiff.sample(model, STEPS, 1.0, y=Y, null_y=NULL, **kw(backend))
+    for guidance in rules:
+        assert torch.equal(fastdiff.sample(model, STEPS, 1.0, y=Y, null_y=NULL, guidance=guidance, **kw(backend)),
+                           plain)
+
+
+def assert_captured_once(recorder, **args):
+    """No host read in the rule's weights: the loop of ``args`` (sample()'s, with y and the rule) captures once and
+    replays bit for bit (tests/graph_recorder.py, the conftest ``recorder``)."""
+    m = device_ops_model()
+    for seed in (1, 2):
+        run = dict(null_y=NULL, shape=SHAPE, seed=seed, backend=BACKENDS[0], **args)
+        torch.testing.assert_close(fastdiff.sample(m, STEPS, 3.0, cuda_graph=True, **run),
+                                   fastdiff.sample(m, STEPS, 3.0, **run), rtol=0, atol=0)
+    assert recorder.captures == 1 and recorder.replays == 2

@@ -13,8 +13,7 @@ from fastdiff.ops.sample_gram import sample_gram_reference
 from fastdiff.sampling.features.apg_mix import APGMix, apg_mix_reference
 from fastdiff.sampling.features.guidance import RULES, branch_weights, get_rule, rescale_reference
 
-from gram_rule_testing import (B, BACKENDS, SHAPE, STEPS, assert_cli_accepts, close, device_ops_model, kw,
-                               model)
+from gram_rule_testing import B, BACKENDS, SHAPE, STEPS, assert_captured_once, assert_cli_accepts, close, kw, model
 
 
 def _weights_blend(rule, step, p_null, p_y, running, w, phi=0.0):
@@ -207,13 +206,4 @@ def test_defaults_by_name_and_cfg_one(backend):
 
 
 def test_runs_in_a_captured_loop(recorder):
-    """No host read in the weights and the phases are host decisions: the loop captures once and replays, the
-    running average restarting at 0 for each replay."""
-    rec, m = recorder, device_ops_model()
-    backend = BACKENDS[0]
-    for seed in (1, 2):
-        args = dict(y=Y, null_y=NULL, guidance=LOOP_RULE, guidance_rescale=0.5, shape=SHAPE, seed=seed,
-                    backend=backend)
-        torch.testing.assert_close(fastdiff.sample(m, STEPS, 3.0, cuda_graph=True, **args),
-                                   fastdiff.sample(m, STEPS, 3.0, **args), rtol=0, atol=0)
-    assert rec.captures == 1 and rec.replays == 2
+    assert_captured_once(recorder, y=Y, guidance=LOOP_RULE, guidance_rescale=0.5)

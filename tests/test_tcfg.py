@@ -11,8 +11,10 @@ from fastdiff.ops.sample_gram import sample_gram_reference
 from fastdiff.sampling.features.guidance import RULES, branch_weights, get_rule, rescale_reference
 from fastdiff.sampling.features.tcfg import TCFG, tcfg_reference
 
-from gram_rule_testing import (BACKENDS, NULL, SHAPE, STEPS, Y, Y2, assert_cli_accepts, branches, close,
-                               device_ops_model, hand_euler, kw, model)
+from gram_rule_testing import (BACKENDS, NULL, STEPS, Y, assert_captured_once, assert_cfg_one_is_no_rule,
+                               assert_cli_accepts, assert_identical_conditions_are_one,
+                               assert_two_conditions_act_on_their_weighted_mean, branches, close, hand_euler, kw,
+                               model)
 
 RULE_CASES = [TCFG(), TCFG(use_original_formulation=True)]
 RULE_IDS = ["tcfg", "original"]
@@ -130,36 +132,17 @@ def test_sample_is_the_hand_loop(backend, guidance, phi):
 @pytest.mark.parametrize("guidance", ["tcfg", TCFG(use_original_formulation=True)], ids=RULE_IDS)
 @pytest.mark.parametrize("method", ["euler", "euler_ancestral"])
 def test_identical_conditions_are_one_condition_with_the_summed_weight(backend, guidance, method):
-    one = fastdiff.sample(model, STEPS, 2.5, y=Y, null_y=NULL, method=method, guidance=guidance, **kw(backend))
-    two = fastdiff.sample(model, STEPS, (1.0, 1.5), conditions=[Y, Y], null_y=NULL, method=method, guidance=guidance,
-                          **kw(backend))
-    close(two, one)
+    assert_identical_conditions_are_one(backend, guidance, method)
 
 
 def test_two_conditions_act_on_their_weighted_mean(backend):
-    w = (2.0, 1.0)
-    a = [wk / sum(w) for wk in w]
-
-    def blend(x, t):
-        return tcfg_reference(*branches(x, t, a), sum(w), TCFG())
-
-    got = fastdiff.sample(model, STEPS, w, conditions=[Y, Y2], null_y=NULL, guidance="tcfg", **kw(backend))
-    close(got, hand_euler(blend), 1e-4)
+    assert_two_conditions_act_on_their_weighted_mean(backend, "tcfg",
+                                                     lambda p_null, p_c, w: tcfg_reference(p_null, p_c, w, TCFG()))
 
 
 def test_cfg_one_is_no_rule(backend):
-    plain = fastdiff.sample(model, STEPS, 1.0, y=Y, null_y=NULL, **kw(backend))
-    for guidance in RULE_CASES:
-        assert torch.equal(fastdiff.sample(model, STEPS, 1.0, y=Y, null_y=NULL, guidance=guidance, **kw(backend)),
-                           plain)
+    assert_cfg_one_is_no_rule(backend, RULE_CASES)
 
 
 def test_runs_in_a_captured_loop(recorder):
-    """No host read in the rule's weights: the loop captures once and replays (tests/graph_recorder.py)."""
-    rec, m = recorder, device_ops_model()
-    backend = BACKENDS[0]
-    for seed in (1, 2):
-        args = dict(y=Y, null_y=NULL, guidance="tcfg", guidance_rescale=0.5, shape=SHAPE, seed=seed, backend=backend)
-        torch.testing.assert_close(fastdiff.sample(m, STEPS, 3.0, cuda_graph=True, **args),
-                                   fastdiff.sample(m, STEPS, 3.0, **args), rtol=0, atol=0)
-    assert rec.captures == 1 and rec.replays == 2
+    assert_captured_once(recorder, y=Y, guidance="tcfg", guidance_rescale=0.5)

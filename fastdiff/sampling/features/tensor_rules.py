@@ -25,11 +25,13 @@ ops: two more reductions); with churn per sample each sample's x0 conversion is 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+
+from fastdiff.sampling.features.thresholding import _conversion  # x0 = a x + b p at t, None where singular
+
 
 @dataclass(frozen=True)
 class At:
@@ -169,14 +171,3 @@ def plan(guidance, stages, merged, path, prediction: str, buffers: dict, x_shape
             table = torch.tensor(rows, dtype=torch.float64)[torch.tensor(merged.index)].float()
             conversions.append(tuple(table[:, j].to(buffers["x"].device) for j in range(3)))
     return TensorGuidance(rule, stages, guided, scales, conversions, buffers, guidance.rescale)
-
-
-def _conversion(path, t: float, prediction: str):
-    """(a, b) of x0 = a x + b p at time t, None where singular."""
-    from fastdiff.paths import affine_coefficients
-
-    try:
-        a, b = affine_coefficients(path, t, prediction, "x0")
-    except ValueError:
-        return None
-    return (a, b) if math.isfinite(a) and math.isfinite(b) and b != 0.0 else None

@@ -241,6 +241,7 @@ class Thresholds:
 
 
 def _conversion(path, t: float, prediction: str):
+    """(a, b) of x0 = a x + b p at time t, None where singular (also the tensor rules', features/tensor_rules.py)."""
     from fastdiff.paths import affine_coefficients
 
     try:
