@@ -324,7 +324,7 @@ def test_indicator_sums_the_callers_estimate():
 
 @pytest.mark.parametrize("rule", ["easycache", "lazycache", "adaptive"])
 @pytest.mark.parametrize("case", ["heun", "dpmpp_2m", "apg", "conditions", "img2img", "two_calls", "interval", "pag",
-                                  "mambo_g", "cfg_norm", "perp_neg", "epsilon_scaling", "rescale", "thresholding"])
+                                  "pag_conditions", "mambo_g", "cfg_norm", "perp_neg", "epsilon_scaling", "rescale", "thresholding"])
 def test_combines_with_features(rule, case):
     """Each feature with caching: fewer model calls than without, a finite result near the uncached one, and with
     nothing to reuse (threshold 0) bit for bit the uncached run."""
@@ -347,6 +347,12 @@ def test_combines_with_features(rule, case):
 
         kw.update(guidance=PAG(perturbed_guidance_start=0.0, perturbed_guidance_stop=1.0),
                   perturbed_model=Counted(lambda x, t, y=None: 0.8 * gaussian_velocity_model(x, t, y)))
+    elif case == "pag_conditions":  # the perturbed call of both conditions (one of 2B) too
+        from fastdiff.sampling.features.perturbed import PAG
+
+        kw = dict(timesteps=GRID, noise=noise, conditions=[y, (y + 1) % 3], null_y=3,
+                  guidance=PAG(perturbed_guidance_start=0.0, perturbed_guidance_stop=1.0),
+                  perturbed_model=Counted(lambda x, t, y=None: 0.8 * gaussian_velocity_model(x, t, y)))
     elif case in ("mambo_g", "cfg_norm", "epsilon_scaling"):
         kw.update(guidance=case, timesteps=GRID[1:] if case == "epsilon_scaling" else GRID)
     elif case == "perp_neg":
@@ -357,11 +363,11 @@ def test_combines_with_features(rule, case):
         kw.update(dynamic_thresholding=True, prediction="velocity")
     full_model, cached_model = Counted(gaussian_velocity_model), Counted(gaussian_velocity_model)
     full = fastdiff.sample(full_model, None, 2.0, **kw)
-    if case == "pag":
+    if case.startswith("pag"):
         kw["perturbed_model"].calls = 0
     got = fastdiff.sample(cached_model, None, 2.0, cache=rule, **kw)
     assert cached_model.calls < full_model.calls
-    if case == "pag":
+    if case.startswith("pag"):
         pert = kw["perturbed_model"]
         # one perturbed call with each computed evaluation but the first (diffusers' window: step 0 is not perturbed)
         assert pert.calls == cached_model.calls - 1

@@ -13,10 +13,9 @@ def _pairs(methods, first: str, *others: str) -> set:
 
 
 # Cells refused as not supported yet (STRUCTURAL_PATTERNS). Before the plan redesign: 23 (the list, and the 11
-# limits worded as definitions, in bench/results/amd-epyc-20261206-combinations-before.md); now none.
-# Issue 34 adds one: PAG / SLG / SEG with several conditions (the perturbed forward on each condition, K more calls,
-# is not built).
-KNOWN_STRUCTURAL: set = {(m, "pag", "two_conditions") for m in matrix.PAIR_METHODS}
+# limits worded as definitions, in bench/results/amd-epyc-20261206-combinations-before.md); now none (issue 34's
+# PAG / SLG / SEG with several conditions combine: the perturbed forward of each condition).
+KNOWN_STRUCTURAL: set = set()
 
 # Cells refused because the pair has no meaning, exactly these (a refusal that goes or comes fails the test):
 # CFG++ on methods whose step no peer splits into a clean estimate and its re-noising (dpmpp_2m's is ComfyUI's

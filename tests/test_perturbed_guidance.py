@@ -194,22 +194,31 @@ B, SHAPE, STEPS = 5, (2,), 8
 Y, NULL = torch.tensor([0, 1, 2, 0, 1]), 3
 
 
-def _hand_euler(rule, w, phi=0.0, interval=None, steps=STEPS, seed=3, weak=WEAK):
-    """Euler on CondOT from the sampler's own initial noise, each step's blend by :func:`_formula`."""
+def _hand_euler(rule, w, phi=0.0, interval=None, steps=STEPS, seed=3, weak=WEAK, conditions=None):
+    """Euler on CondOT from the sampler's own initial noise, each step's blend by :func:`_formula`. With
+    ``conditions`` (label batches, w their weights): the formula on their weighted mean p_c = Σ a_k p_k with scale
+    W = Σ w_k, the perturbed prediction likewise p̃_c = Σ a_k p̃_k (ComfyUI's combined conditioning)."""
     x = randn(torch.arange(seed, seed + B), 0, SHAPE).double()
     grid = [i / steps for i in range(steps + 1)]
     ag = isinstance(rule, AutoGuidance)
+    ys, ws = (conditions, w) if conditions is not None else ([Y], [w])
+    shares = [wk / sum(ws) for wk in ws]
+    w = sum(ws)
+
+    def mean(model, xf, tt):
+        return sum(a * model(xf, tt, y).double() for a, y in zip(shares, ys))
+
     for i, (t, t1) in enumerate(zip(grid, grid[1:])):
         xf, tt = x.float(), torch.full((B,), t)
-        guided = w != 1.0 and (interval is None or interval[0] <= t <= interval[1])
-        c = MAIN(xf, tt, Y)
+        guided = (w != 1.0 or conditions is not None) and (interval is None or interval[0] <= t <= interval[1])
+        c = mean(MAIN, xf, tt)
         if ag:
             s, cfg_on = (w if guided else None), False
         else:
             scale, start, stop = _options(rule)
             s, cfg_on = (scale if _window(start, stop, scale, i, steps) else None), guided
         u = MAIN(xf, tt, torch.full((B,), NULL)) if cfg_on else None
-        p = weak(xf, tt, Y) if s is not None else None
+        p = mean(weak, xf, tt) if s is not None else None
         g = _formula(u, c, p, w, s, rule.use_original_formulation, cfg_on)
         if phi and (cfg_on or s is not None):
             g = _rescaled(g, c, phi)
@@ -248,6 +257,53 @@ def test_rescale_and_interval_in_the_loop(backend, rule):
         torch.testing.assert_close(got, _hand_euler(rule, 2.5, phi, interval), rtol=1e-5, atol=1e-5)
 
 
+Y2 = torch.tensor([2, 2, 0, 1, 0])
+
+
+@pytest.mark.parametrize("ws,cfg_batch", [((2.0, 1.5), True), ((3.0, -1.0), False)],
+                         ids=["positive-batched", "negative-per-condition"])
+@pytest.mark.parametrize("rule", LOOP_RULES, ids=LOOP_IDS)
+def test_conditions_act_on_their_weighted_mean(backend, rule, ws, cfg_batch):
+    """conditions=[y_1, y_2] with weights w_k: the rule on p_c = Σ (w_k / W) p_k with scale W, its perturbed branch
+    on the same mean of each condition's perturbed prediction (one call of 2B, or one per condition)."""
+    got = fastdiff.sample(MAIN, STEPS, list(ws), conditions=[Y, Y2], null_y=NULL, shape=SHAPE, seed=3, guidance=rule,
+                          perturbed_model=WEAK, backend=backend, cfg_batch=cfg_batch)
+    torch.testing.assert_close(got, _hand_euler(rule, ws, conditions=[Y, Y2]), rtol=1e-5, atol=1e-5)
+    first = fastdiff.sample(MAIN, STEPS, sum(ws), y=Y, null_y=NULL, shape=SHAPE, seed=3, guidance=rule,
+                            perturbed_model=WEAK, backend=backend)
+    assert (got - first).abs().max() > 1e-2  # the second condition matters (the check can tell)
+
+
+@pytest.mark.parametrize("rule", [PAG(perturbed_guidance_start=0.0, perturbed_guidance_stop=0.9), AutoGuidance()],
+                         ids=["pag", "autoguidance"])
+def test_conditions_with_rescale_and_interval(backend, rule):
+    """guidance_rescale toward p_c's standard deviation; outside the interval the conditions alone (K branches)."""
+    for phi, interval in ((0.6, None), (0.0, (0.3, 0.8)), (0.5, (0.3, 0.8))):
+        got = fastdiff.sample(MAIN, STEPS, [2.0, 0.5], conditions=[Y, Y2], null_y=NULL, shape=SHAPE, seed=3,
+                              guidance=rule, perturbed_model=WEAK, backend=backend, guidance_rescale=phi,
+                              guidance_interval=interval)
+        want = _hand_euler(rule, (2.0, 0.5), phi, interval, conditions=[Y, Y2])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_one_condition_is_y_and_the_limits():
+    """conditions=[y] is y=y bit for bit; at most 3 conditions (2K + 1 predictions), 4 for AutoGuidance (2K); the
+    weights' sum must not be 0 (p_c is their weighted mean)."""
+    rule = PAG(perturbed_guidance_start=0.0, perturbed_guidance_stop=1.0)
+    kw = dict(null_y=NULL, shape=SHAPE, seed=3, perturbed_model=WEAK)
+    for g in (rule, "autoguidance"):
+        torch.testing.assert_close(fastdiff.sample(MAIN, STEPS, 2.5, conditions=[Y], guidance=g, **kw),
+                                   fastdiff.sample(MAIN, STEPS, 2.5, y=Y, guidance=g, **kw), rtol=0, atol=0)
+    four = [Y, Y2, Y.flip(0), Y2.flip(0)]
+    with pytest.raises(ValueError, match="guidance='pag' with 4 conditions: at most 3"):
+        fastdiff.sample(MAIN, 3, 2.0, conditions=four, guidance=rule, **kw)
+    fastdiff.sample(MAIN, 3, 2.0, conditions=four, guidance="autoguidance", **kw)  # 8 predictions: the limit
+    with pytest.raises(ValueError, match="guidance='autoguidance' with 5 conditions: at most 4"):
+        fastdiff.sample(MAIN, 3, 2.0, conditions=four + [Y], guidance="autoguidance", **kw)
+    with pytest.raises(ValueError, match="sum to 0.0"):
+        fastdiff.sample(MAIN, 3, [1.0, -1.0], conditions=[Y, Y2], guidance=rule, **kw)
+
+
 def test_perturbed_calls_only_inside_the_window():
     """One perturbed call of B per stage inside the window (heun: two stages a step but its last), none outside."""
     calls = []
@@ -268,6 +324,11 @@ def test_perturbed_calls_only_inside_the_window():
     calls.clear()
     fastdiff.sample(MAIN, steps, 1.0, y=Y, shape=SHAPE, guidance=AutoGuidance(), perturbed_model=counted)
     assert calls == []  # cfg = 1: AutoGuidance is off, as diffusers' is
+    for cfg_batch, want in ((True, [2 * B] * 3), (False, [B] * 6)):  # two conditions: one call of 2B, or two of B
+        calls.clear()
+        fastdiff.sample(MAIN, steps, [3.0, 1.0], conditions=[Y, Y2], null_y=NULL, shape=SHAPE, guidance=rule,
+                        perturbed_model=counted, method="euler", cfg_batch=cfg_batch)
+        assert [n for n, _ in calls] == want
 
 
 def test_perturbed_output_dtype_is_the_models():
@@ -382,9 +443,6 @@ def test_bad_input_names_the_argument():
         fastdiff.sample(MAIN, cfg=2.0, guidance="cfg_zero_star", perturbed_model=WEAK, **kw)
     with pytest.raises(ValueError, match="perturbed_model is read by"):
         fastdiff.sample(MAIN, cfg=2.0, perturbed_model=WEAK, **kw)
-    with pytest.raises(ValueError, match="conditions"):
-        fastdiff.sample(MAIN, 3, 2.0, conditions=[Y, Y.flip(0)], null_y=NULL, shape=SHAPE, guidance="seg",
-                        perturbed_model=WEAK)
     with pytest.raises(ValueError, match="guidance_rescale"):
         fastdiff.sample(MAIN, cfg=1.0, guidance="autoguidance", perturbed_model=WEAK, guidance_rescale=0.5, **kw)
     with pytest.raises(ValueError, match="perturbed_model: model output .* shape"):

@@ -120,7 +120,8 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
         return scratch[-1]
 
     branches = g.branches
-    paired = {st.input for st in stages if a.cfg_batch and g.guided_at(st.t)}
+    # (with K > 1 conditions every stage's: outside the guidance interval the K conditions are one batched call)
+    paired = {st.input for st in stages if a.cfg_batch and (g.guided_at(st.t) or g.K > 1)}
     pairs = {name: new_buffer((branches, *x_shape)) for name in sorted(paired)}
     buffers = {name: pair[0] for name, pair in pairs.items()}
     if "x" not in buffers:

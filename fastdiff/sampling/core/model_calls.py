@@ -37,9 +37,9 @@ class ModelCalls:
     """Per stage, the model's inputs: one call of B (unguided stages), one batched call of branches · B whose
     input is a kept pair buffer (no torch.cat), or one call per branch (cfg_batch=False); outside the guidance
     interval with K conditions, the K conditions alone; where a perturbed rule asks (features/perturbed.py), one more
-    call of B to the perturbed callable on the conditional input. Made once: in the loop, every Python operation after a
-    memory-bound step runs on cold caches (~20 us each at 2^20 elements on the CPU), so a step does as few as it
-    can."""
+    call to the perturbed callable on the conditional input (B samples; with K conditions K·B, or one call per
+    condition). Made once: in the loop, every Python operation after a memory-bound step runs on cold caches (~20 us
+    each at 2^20 elements on the CPU), so a step does as few as it can."""
 
     def __init__(self, stages: list[Stage], guided_at, cfg_batch: bool, buffers: dict, pairs: dict, t_tensor, B: int,
                  shape: tuple, branches: int, labels: SimpleNamespace, device, perturbed=None):
@@ -65,10 +65,22 @@ class ModelCalls:
                                                                                      labels.null),), branches
             self.plans.append(plan)
         self.whole = [False] * len(stages)  # stage k's call reads the one model output itself (parts)
-        # stage k's perturbed call (the conditional input, its times and labels), or None
+        # stage k's perturbed calls: (the conditional input, its times, labels) of each condition, or one batched call
+        # of K·B; None without
         self.perturbed_model = perturbed[0] if perturbed else None
-        self.perturbed = [(buffers[st.input], t_tensor(k, B), labels.y) if perturbed and perturbed[1][k] else None
-                          for k, st in enumerate(stages)]
+        self.perturbed = [None] * len(stages)
+        for k, st in enumerate(stages):
+            if not (perturbed and perturbed[1][k]):
+                continue
+            xin = buffers[st.input]
+            if K == 1:
+                self.perturbed[k] = ((xin, t_tensor(k, B), labels.y),)
+            elif cfg_batch:
+                self.perturbed[k] = ((pairs[st.input][:K].view(K * B, *shape), t_tensor(k, K * B),
+                                      labels.conditions_only),)
+            else:
+                self.perturbed[k] = tuple((xin, t_tensor(k, B), c) for c in labels.conds)
+        self.K = K
 
     def parts(self, k: int, n_preds: int) -> list[int] | None:
         """For stage k's call of ``n_preds`` predictions, which part of its one model output is each (the null
@@ -88,27 +100,33 @@ class ModelCalls:
 
     def evaluate(self, model, k: int) -> list:
         """Stage k's predictions: [p] or [p_null, p_y] ([p_null, p_1, ..., p_K] with several conditions; the
-        conditions alone outside the guidance interval: [p_1, ..., p_K]); with a perturbed call, its prediction p_s
-        last ([p_null, p_y, p_s]), or first where the stage has no null branch ([p_s, p_y])."""
+        conditions alone outside the guidance interval: [p_1, ..., p_K]); with perturbed calls, their predictions
+        (one per condition) last ([p_null, p_y, p_s]), or first where the stage has no null branch ([p_s, p_y])."""
         preds = self._evaluate(model, k)
         if self.perturbed[k] is not None:
-            p = self._perturbed_call(k, preds[0].dtype)
-            preds = [p, *preds] if len(preds) == 1 else [*preds, p]
+            perturbed = self._perturbed_calls(k, preds[0].dtype)
+            kind, _, n = self.plans[k]
+            null = kind == "two" or (kind == "batched" and n == self.branches)  # a guided stage
+            preds = [*preds, *perturbed] if null else [*perturbed, *preds]
         return preds
 
-    def _perturbed_call(self, k: int, dtype):
-        """Stage k's perturbed prediction: perturbed_model(x, t, y) of B samples (in the model output's dtype, which
-        the step reads for every prediction)."""
-        args = self.perturbed[k]
-        out = self.perturbed_model(*args)
-        if out.__class__ is not torch.Tensor or out.dtype is not dtype or out.shape != args[0].shape or \
-                out.device != self.device:
-            try:
-                check_model_output(out, args[0].shape, self.device, self.stages[k])
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"perturbed_model: {e}") from None
-            out = out.to(dtype)
-        return out.contiguous()
+    def _perturbed_calls(self, k: int, dtype) -> list:
+        """Stage k's perturbed predictions: perturbed_model(x, t, y) of B samples per condition, or of K·B at once
+        (cfg_batch), each in the model output's dtype (which the step reads for every prediction)."""
+        outs = []
+        for args in self.perturbed[k]:
+            out = self.perturbed_model(*args)
+            if out.__class__ is not torch.Tensor or out.dtype is not dtype or out.shape != args[0].shape or \
+                    out.device != self.device:
+                try:
+                    check_model_output(out, args[0].shape, self.device, self.stages[k])
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"perturbed_model: {e}") from None
+                out = out.to(dtype)
+            outs.append(out.contiguous())
+        if len(self.perturbed[k]) == 1 and self.K > 1:
+            return list(outs[0].chunk(self.K))  # views of the batched call's output, the conditions in order
+        return outs
 
     def _evaluate(self, model, k: int) -> list:
         kind, inputs, n = self.plans[k]

@@ -146,6 +146,9 @@ class AutoGuidance:
 
 
 PERTURBED_RULES = ("pag", "slg", "seg", "autoguidance")
+# the most conditions with a perturbed rule, by replaces_null: 2K + 1 predictions (PAG, SLG, SEG) or 2K
+# (AutoGuidance) within the step's 8
+MAX_PERTURBED_CONDITIONS = {False: 3, True: 4}
 
 
 @dataclass(frozen=True)
@@ -166,9 +169,12 @@ def bind_perturbed(rule, guidance, a) -> None:
                          "model's signature (the perturbed network, or a weaker model for 'autoguidance')")
     if not callable(model):
         raise TypeError(f"perturbed_model must be callable as perturbed_model(x, t, y), got {type(model).__name__}")
-    if guidance.conditions is not None:
-        raise ValueError(f"guidance={rule.name!r} with conditions=[...]: not supported (the perturbed forward takes "
-                         "one conditional input); give y")
+    K = len(guidance.conditions) if guidance.conditions is not None else 1
+    if K > MAX_PERTURBED_CONDITIONS[rule.replaces_null]:
+        most = MAX_PERTURBED_CONDITIONS[rule.replaces_null]
+        raise ValueError(f"guidance={rule.name!r} with {K} conditions: at most {most} (each condition has its "
+                         f"perturbed prediction: {'2K' if rule.replaces_null else '2K + 1'} predictions, the step's "
+                         "limit is 8)")
     if rule.replaces_null and not guidance.guided and guidance.rescale:
         raise ValueError("guidance_rescale applies to guided sampling: give cfg != 1 (AutoGuidance's scale)")
     guidance.perturbed = PerturbedBranch(model, guidance.guided)
@@ -186,35 +192,75 @@ class _Fixed:
         return self.v
 
 
+def _condition_weights(guidance, t: float) -> tuple[tuple, tuple]:
+    """(w_k, a_k) at time t: the conditions' weights and their shares a_k = w_k / W of the weighted mean p_c
+    (fastdiff.sampling.features.conditions); one condition: ((w,), (1,))."""
+    w = guidance.scale_at(t)
+    if not isinstance(w, tuple):
+        return (w,), (1.0,)
+    W = sum(w)
+    if not math.isfinite(W) or W == 0.0:
+        raise ValueError(f"the condition weights {w} sum to {W} at t={t:.6g}: a perturbed rule acts on their weighted "
+                         "mean p_c (its perturbed branch is p_c's), which needs a finite non-zero sum")
+    return w, tuple(wk / W for wk in w)
+
+
+def stage_layout(rule, guidance, st, i: int, n: int) -> tuple[tuple | None, bool, int]:
+    """Stage ``st`` (step i of n): (its kernel weights over its predictions, or None for one; whether it calls the
+    perturbed model; the index of its first condition's prediction). Each blend is g = Σ c_j q_j over the
+    predictions q in the stage's order, the kernel's weights (Σ c = 1, c_1, ...): with the conditions' weights w_k,
+    a_k = w_k / W, p_c = Σ a_k p_k and p̃_c = Σ a_k p̃_k (the perturbed predictions of each condition, ComfyUI's
+    combined conditioning through the perturbed forward), b = 1 with use_original_formulation (p_c the base), else 0:
+
+    - CFG and the perturbed branch, (p_null, p_1..p_K, p̃_1..p̃_K): g = (1 − b) p_null + b p_c + Σ w_k (p_k − p_null)
+      + s (p_c − p̃_c); one condition: (1, w + s, −s) over (p_null, p_y, p_s);
+    - the perturbed branch alone, (p̃_1..p̃_K, p_1..p_K): g = (1 − b) p̃_c + b p_c + s (p_c − p̃_c); AutoGuidance,
+      its weak model's p̃ in place of p_null: g = (1 − b) p̃_c + b p_c + Σ w_k (p_k − p̃_k);
+    - CFG alone, (p_null, p_1..p_K); neither, (p_1..p_K): p_c (one condition: one prediction, None)."""
+    w, a = _condition_weights(guidance, st.t)
+    b = 1.0 if rule.use_original_formulation else 0.0
+    K = len(w)
+    if rule.replaces_null:
+        s = None  # AutoGuidance: the weak model guides where CFG would
+        perturbed = guidance.perturbed.guided and (guidance.interval is None or
+                                                  guidance.interval[0] <= st.t <= guidance.interval[1])
+        cfg_on = False
+    else:
+        s = rule.scale if rule.active(i, n) else None
+        perturbed, cfg_on = s is not None, guidance.guided_at(st.t)
+    if cfg_on:
+        W = sum(w)
+        c = [1.0 - b - W] + [b * ak + wk + (0.0 if s is None else s * ak) for wk, ak in zip(w, a)]
+        c += [] if s is None else [-s * ak for ak in a]
+        first = 1
+    elif perturbed and rule.replaces_null:
+        c = [(1.0 - b) * ak - wk for wk, ak in zip(w, a)] + [b * ak + wk for wk, ak in zip(w, a)]
+        first = K
+    elif perturbed:
+        c = [(1.0 - b - s) * ak for ak in a] + [(b + s) * ak for ak in a]
+        first = K
+    else:
+        c, first = list(a), 0
+    return (None if len(c) == 1 else (1.0, *c[1:])), perturbed, first
+
+
 def stage_rows(rule, guidance, stages) -> list:
-    """Each stage's kernel weights (w_0, w_1[, w_2]) over its predictions, or None for one prediction:
-    [p_null, p_y] (1, w), [p_null, p_y, p_s] (1, w + s, -s), [p_s, p_y] (1, s); the original formulation adds 1 to
-    w_1 (p_y as the base)."""
-    base = 1.0 if rule.use_original_formulation else 0.0
+    """Each stage's kernel weights over its predictions, or None for one prediction (:func:`stage_layout`)."""
+    return [layout[0] for layout in _layouts(rule, guidance, stages)]
+
+
+def _layouts(rule, guidance, stages) -> list:
     order = {s: i for i, s in enumerate(sorted({st.step for st in stages}))}
-    n = len(order)
-    rows = []
-    for st in stages:
-        if rule.replaces_null:
-            s = guidance.scale_at(st.t) if guidance.perturbed.guided and (
-                guidance.interval is None or guidance.interval[0] <= st.t <= guidance.interval[1]) else None
-            rows.append(None if s is None else (1.0, base + s))
-            continue
-        s = rule.scale if rule.active(order[st.step], n) else None
-        if guidance.guided_at(st.t):
-            w = guidance.scale_at(st.t)
-            rows.append((1.0, base + w) if s is None else (1.0, base + w + s, -s))
-        else:
-            rows.append(None if s is None else (1.0, base + s))
-    return rows
+    return [stage_layout(rule, guidance, st, order[st.step], len(order)) for st in stages]
 
 
 class PerturbedWeights(StageWeights):
-    """The branch weights of a perturbed rule (:func:`stage_rows`): host numbers per stage, or with rescale one
+    """The branch weights of a perturbed rule (:func:`stage_layout`): host numbers per stage, or with rescale one
     [B, n] buffer per prediction count n, rewritten before each stage's step from one reduction pass."""
 
     def __init__(self, rule, guidance, stages, B: int, device, merged=None):
-        self.rows = stage_rows(rule, guidance, stages)
+        layouts = _layouts(rule, guidance, stages)
+        self.rows = [lay[0] for lay in layouts]
         if merged is not None and any(stage_rows(rule, guidance, table) != self.rows for table in merged.tables):
             raise ValueError(f"guidance={rule.name!r} with a cfg schedule and per-sample churn: not supported (the "
                              "perturbed blend's weights are per stage, not per sample)")
@@ -222,12 +268,16 @@ class PerturbedWeights(StageWeights):
         super().__init__(CFG(), 0.0, scales, [False] * len(stages), guidance.guided, B, device,
                          guided_at=[guidance.guided_at(st.t) for st in stages])
         self.rule, self.phi = rule, guidance.rescale
-        self.layouts = ["one" if r is None else "p" if not g else "cfg" if len(r) == 2 else "cfg+p"
-                        for r, g in zip(self.rows, self.guided_at)]
-        self.perturbed_at = [lay in ("p", "cfg+p") for lay in self.layouts]
+        self.perturbed_at = [lay[1] for lay in layouts]
+        self.layouts = ["one" if r is None else ("cfg" if g else "conditions") if not p else "cfg+p" if g else "p"
+                        for r, p, g in zip(self.rows, self.perturbed_at, self.guided_at)]
         self.per_sample = bool(self.phi) and any(r is not None for r in self.rows)
         self.buffers = {len(r): torch.ones((B, len(r)), dtype=torch.float32, device=device)
                         for r in self.rows if r is not None} if self.per_sample else {}
+        # the rescale's target p_c: its share of each prediction (one condition: the second, branch_weights' default)
+        self.targets = [None if self.K == 1 or not self.per_sample or lay[0] is None else torch.tensor(
+            [0.0] * lay[2] + list(_condition_weights(guidance, st.t)[1]) + [0.0] * (len(lay[0]) - lay[2] - self.K),
+            dtype=torch.float64, device=device) for lay, st in zip(layouts, stages)]
         # g = Σ v_i p_i of each stage (branch_weights' rescale reads them)
         self.blends = [None if r is None else _Fixed((r[0] - sum(r[1:]), *r[1:])) for r in self.rows]
         self.key = (tuple(self.rows), self.phi, rule)
@@ -247,12 +297,12 @@ class PerturbedWeights(StageWeights):
     def update(self, k: int, preds: list, backend: str) -> list:
         if self.rows[k] is not None and len(preds) > 1:
             branch_weights(self._gram(preds, backend=backend), self.blends[k], 0.0, self.phi,
-                           self.buffers[len(preds)])
+                           self.buffers[len(preds)], target=self.targets[k])
         return preds
 
     def host_blend(self, k: int, preds: list) -> bool:
         return self.rows[k] is None or (self.layouts[k] == "cfg" and not self.rule.use_original_formulation
-                                        and not self.per_sample)
+                                        and not self.per_sample and self.K == 1)
 
     def blend(self, k: int, preds: list) -> torch.Tensor:
         if len(preds) == 1:
