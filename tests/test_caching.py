@@ -323,8 +323,9 @@ def test_indicator_sums_the_callers_estimate():
 
 
 @pytest.mark.parametrize("rule", ["easycache", "lazycache", "adaptive"])
-@pytest.mark.parametrize("case", ["heun", "dpmpp_2m", "apg", "conditions", "img2img", "two_calls", "interval", "pag",
-                                  "pag_conditions", "mambo_g", "cfg_norm", "perp_neg", "epsilon_scaling", "rescale", "thresholding"])
+@pytest.mark.parametrize("case", ["heun", "dpmpp_2m", "apg", "conditions", "img2img", "two_calls", "interval",
+                                  "pag", "pag_conditions", "mambo_g", "cfg_norm", "perp_neg", "epsilon_scaling",
+                                  "rescale", "thresholding"])
 def test_combines_with_features(rule, case):
     """Each feature with caching: fewer model calls than without, a finite result near the uncached one, and with
     nothing to reuse (threshold 0) bit for bit the uncached run."""
