@@ -186,6 +186,27 @@ def test_per_sample_churn_gives_each_sample_its_own_run(backend, feature):
         _close(got[b:b + 1], want, 1e-5)
 
 
+@pytest.mark.parametrize("guidance", ["cfg_norm", "mahiro", "mimic", "tcfg", "apg"])
+@pytest.mark.parametrize("two", [False, True], ids=["y", "conditions"])
+def test_per_sample_churn_with_a_cfg_schedule(guidance, two):
+    """Churn per sample with a cfg schedule and a guidance rule (the tensor rules run once per group of samples
+    sharing a time; the fused ones read per-sample weights): each sample is its own batch-1 run."""
+    churn = [0.0, 0.8, 0.3]
+    labels = dict(conditions=[Y, Y2], cfg=[lambda t: 2.0 + t, lambda t: 1.0 - 0.5 * t]) if two else \
+        dict(y=Y, cfg=lambda t: 2.0 + t)
+    start = dict(timesteps=[0.02 + 0.98 * i / STEPS for i in range(STEPS + 1)], steps=None)
+    common = dict(null_y=NULL, method="heun", s_tmax=10.0, guidance=guidance, shape=SHAPE, backend="cpu")
+    got = fastdiff.sample(model, **start, **labels, s_churn=churn, seed=[5, 6, 7], **common)
+    for b in range(B):
+        one = {k: ([c[b:b + 1] for c in v] if k == "conditions" else v[b:b + 1] if k == "y" else v)
+               for k, v in labels.items()}
+        want = fastdiff.sample(model, **start, **one, s_churn=churn[b], seed=[5 + b], **common)
+        _close(got[b:b + 1], want, 1e-5)
+    fixed = fastdiff.sample(model, **start, **{**labels, "cfg": [2.5, 0.75] if two else 2.5}, s_churn=churn,
+                            seed=[5, 6, 7], **common)
+    assert (got - fixed).abs().max() > 1e-3  # the schedule matters (the check can tell)
+
+
 # ---- thresholding and CFG++ ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("phi", [0.0, 0.5])

@@ -304,6 +304,27 @@ def test_one_condition_is_y_and_the_limits():
         fastdiff.sample(MAIN, 3, [1.0, -1.0], conditions=[Y, Y2], guidance=rule, **kw)
 
 
+@pytest.mark.parametrize("rule", [PAG(perturbed_guidance_start=0.0, perturbed_guidance_stop=0.9), AutoGuidance()],
+                         ids=["pag", "autoguidance"])
+@pytest.mark.parametrize("phi,two", [(0.0, False), (0.5, True)], ids=["y", "conditions-rescale"])
+def test_cfg_schedule_with_churn_per_sample(rule, phi, two):
+    """Churn per sample with a cfg schedule: each sample's weights at its own times, as when it is sampled alone."""
+    churn = [0.0, 0.5, 0.0, 0.2, 0.9]
+    labels = dict(conditions=[Y, Y2], cfg=[lambda t: 2.0 + t, lambda t: 1.0 - 0.5 * t]) if two else \
+        dict(y=Y, cfg=lambda t: 2.0 + t)
+    kw = dict(null_y=NULL, shape=SHAPE, method="heun", guidance=rule, perturbed_model=WEAK, guidance_rescale=phi,
+              backend="cpu")
+    got = fastdiff.sample(MAIN, 6, seed=3, s_churn=churn, **labels, **kw)
+    for b in range(B):
+        one = {k: ([c[b:b + 1] for c in v] if k == "conditions" else v[b:b + 1] if k == "y" else v)
+               for k, v in labels.items()}
+        alone = fastdiff.sample(MAIN, 6, seed=3 + b, s_churn=churn[b], **one, **kw)
+        torch.testing.assert_close(got[b:b + 1], alone, rtol=1e-6, atol=1e-6)
+    fixed = fastdiff.sample(MAIN, 6, seed=3, s_churn=churn, **{**labels, "cfg": 2.5 if not two else [2.5, 0.75]},
+                            **kw)
+    assert (got - fixed).abs().max() > 1e-3  # the schedule matters (the check can tell)
+
+
 def test_perturbed_calls_only_inside_the_window():
     """One perturbed call of B per stage inside the window (heun: two stages a step but its last), none outside."""
     calls = []
@@ -450,8 +471,5 @@ def test_bad_input_names_the_argument():
                         perturbed_model=lambda x, t, y: x[:, :1])
     with pytest.raises(TypeError, match="perturbed_model: model returned"):
         fastdiff.sample(MAIN, cfg=2.0, guidance="autoguidance", **kw, perturbed_model=lambda x, t, y: None)
-    with pytest.raises(ValueError, match="per-sample churn"):
-        fastdiff.sample(MAIN, 4, lambda t: 2.0 + t, y=Y, null_y=NULL, shape=SHAPE, method="heun",
-                        s_churn=[0.0, 0.5, 0.0, 0.2, 0.0], guidance="autoguidance", perturbed_model=WEAK)
     with pytest.raises(ValueError, match="perturbed_model does not apply"):
         fastdiff.sample(MAIN, 4, 2.0, y=Y, null_y=NULL, shape=SHAPE, method="dpm_adaptive", perturbed_model=WEAK)

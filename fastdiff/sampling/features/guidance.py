@@ -296,8 +296,8 @@ def branch_weights(gram: torch.Tensor, rule, w: float, phi: float, out: torch.Te
     """Writes the per-sample branch weights (w_0, w_1[, w_2]) of the step's blend w_0 p_null + Σ_j w_j (p_j - p_null)
     into ``out`` [B, n] float32, from the Gram matrices [B, n+1, n+1] of (1, p_null, p_y[, r]) (fastdiff.ops.sample_gram):
     the rule's blend g = Σ_i v_i p_i, then CFG rescale by phi (0: none) toward the standard deviation of p_y, or of
-    Σ_i target_i p_i (a perturbed rule's p_c over several conditions). A sample whose blend has zero variance keeps
-    its scale."""
+    Σ_i target_i p_i (a perturbed rule's p_c over several conditions; target [n] or [B, n]). A sample whose blend has
+    zero variance keeps its scale."""
     # numbers become [B] tensors by fills (capture-safe under a CUDA graph, unlike a host-made tensor)
     v = torch.stack([c if isinstance(c, torch.Tensor) else torch.full_like(gram[:, 0, 0], c)
                      for c in rule.blend(gram, w)], dim=1)  # [B, n]
@@ -306,9 +306,10 @@ def branch_weights(gram: torch.Tensor, rule, w: float, phi: float, out: torch.Te
         if target is None:
             var_y = gram[:, 2, 2] - gram[:, 0, 2] * gram[:, 0, 2] / n
         else:
-            a = target.to(quad.dtype)  # [n] on the device (made with the plan: a captured loop copies no host data)
-            sum_y = sums @ a
-            var_y = torch.einsum("i,bij,j->b", a, quad, a) - sum_y * sum_y / n
+            # [n], or [B, n] per sample, on the device (made with the plan: a captured loop copies no host data)
+            a = target.to(quad.dtype).expand(quad.shape[0], -1)
+            sum_y = (a * sums).sum(1)
+            var_y = torch.einsum("bi,bij,bj->b", a, quad, a) - sum_y * sum_y / n
         sum_g = (v * sums).sum(1)
         var_g = torch.einsum("bi,bij,bj->b", v, quad, v) - sum_g * sum_g / n
         ok = var_g > 0

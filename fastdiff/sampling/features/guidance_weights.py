@@ -57,6 +57,18 @@ class StageWeights:
             for k, w in enumerate(self.x0_scales):
                 if not self.zero[k] and self.guided_at[k]:
                     self.projections[w] = self._projection([wk / sum(w) for wk in w], device)
+        # churn per sample with a cfg schedule and K > 1: each sample's (W [B], a_k [B, K], projection [B, 3, n])
+        self.sample_means = {}
+        if self.per_sample and self.K > 1:
+            for k, (_, x0s, _) in (per_sample_values or {}).items():
+                if any(sum(w) == 0.0 for w in x0s):
+                    raise ValueError(f"the condition weights sum to 0 for some sample at stage {k} (its own time under "
+                                     "per-sample churn): the rule acts on their weighted mean, which needs a non-zero "
+                                     "sum")
+                means = [[wk / sum(w) for wk in w] for w in x0s]
+                self.sample_means[k] = (torch.tensor([sum(w) for w in x0s], dtype=torch.float64, device=device),
+                                        torch.tensor(means, dtype=torch.float64, device=device),
+                                        torch.stack([self._projection(m, device) for m in means]))
         self._gram = sample_gram
 
     @staticmethod
@@ -125,6 +137,10 @@ class StageWeights:
         if k in self.sample_values and self.K == 1:  # each sample's scale, a [B] tensor the rule reads elementwise
             w = self.sample_values[k][1][:, 1].to(torch.float64)
         mean = None if self.K == 1 else [wk / sum(w) for wk in w]  # p_c = Σ a_k p_k
+        own = self.sample_means.get(k)  # each sample's W and a_k (churn per sample, a cfg schedule)
+        if own is not None:
+            view = (-1,) + (1,) * (preds[0].dim() - 1)
+            mean = [own[1][:, j].to(preds[0].dtype).view(view) for j in range(self.K)]
         if self.extra:
             if self.running is None:
                 self.running = torch.zeros_like(preds[1])
@@ -133,15 +149,20 @@ class StageWeights:
             else:
                 self.running.mul_(self.rule.momentum).sub_(preds[0])
                 for a_k, p in zip(mean, preds[1:]):
-                    self.running.add_(p, alpha=a_k)
+                    if isinstance(a_k, torch.Tensor):
+                        self.running.addcmul_(p, a_k)
+                    else:
+                        self.running.add_(p, alpha=a_k)
             preds = [*preds, self.running]
         if not self.zero[k]:
             gram = self._gram(preds, backend=backend)
             rule = self.rule if self.stage_rules is None else self.stage_rules[k]
             if mean is None:
                 branch_weights(gram, rule, w, self.phi, self.buffer)
+            elif own is not None:
+                self._spread(gram, own[1].unbind(1), own[0], own[2], rule)
             else:
-                self._spread(gram, mean, sum(w), w, rule)
+                self._spread(gram, mean, sum(w), self.projections[w], rule)
             if self.shares and self.shares[k] is not None:  # CFG++: (1 - rho) p_null + rho g
                 rho = self.shares[k]
                 values = self.sample_values.get(k)
@@ -160,10 +181,10 @@ class StageWeights:
             P[3, n - 1] = 1.0
         return P.to(device)
 
-    def _spread(self, gram: torch.Tensor, mean: list[float], W: float, w: tuple, rule=None) -> None:
-        """The rule on (p_null, p_c[, r]) from the full Gram matrix, its weights spread over the K conditions."""
-        P = self.projections[w]
-        small = P @ gram.to(P.dtype) @ P.T
+    def _spread(self, gram: torch.Tensor, mean: list, W, P: torch.Tensor, rule=None) -> None:
+        """The rule on (p_null, p_c[, r]) from the full Gram matrix, its weights spread over the K conditions (a_k,
+        W and the projection P the stage's, or each sample's: [B] and [B, 3, n])."""
+        small = P @ gram.to(P.dtype) @ P.transpose(-1, -2)
         two = torch.empty((gram.shape[0], 2 + self.extra), dtype=torch.float32, device=gram.device)
         rule = self.rule if rule is None else rule
         branch_weights(small, rule, W, self.phi, two)  # (Σ v, v_c[, v_r]) over (p_null, p_c[, r])

@@ -73,16 +73,19 @@ class PerpNegWeights(StageWeights):
     conditions); outside the guidance interval, p alone (weights (1, 0) over (p, n))."""
 
     def __init__(self, rule, guidance, stages, B: int, device, merged=None):
-        if guidance._per_sample(merged) is not None:
-            raise ValueError("guidance='perp_neg' with a cfg schedule and per-sample churn: not supported (its scale "
-                             "is per stage, not per sample)")
         w = [guidance.scale_at(st.t)[0] for st in stages]
         super().__init__(rule, guidance.rescale, [(v, 0.0) for v in w], [False] * len(stages), True, B, device,
                          x0_scales=[(1.0, 0.0)] * len(stages), guided_at=[guidance.guided_at(st.t) for st in stages])
+        # churn per sample with a cfg schedule: each sample's scale at its own time, a [B] tensor the blend reads
+        # elementwise
+        per_sample = guidance._per_sample(merged) or {}
+        self.sample_scales = {k: torch.tensor([v[0] for v in values[0]], dtype=torch.float64, device=device)
+                              for k, values in per_sample.items()}
 
     def update(self, k: int, preds: list, backend: str) -> list:
         if self.guided_at[k]:
-            branch_weights(self._gram(preds, backend=backend), self.rule, self.scales[k][0], self.phi, self.buffer)
+            w = self.sample_scales.get(k, self.scales[k][0])
+            branch_weights(self._gram(preds, backend=backend), self.rule, w, self.phi, self.buffer)
         return preds
 
 

@@ -205,10 +205,12 @@ def _condition_weights(guidance, t: float) -> tuple[tuple, tuple]:
     return w, tuple(wk / W for wk in w)
 
 
-def stage_layout(rule, guidance, st, i: int, n: int) -> tuple[tuple | None, bool, int]:
+def stage_layout(rule, guidance, st, i: int, n: int, t: float | None = None) -> tuple[tuple | None, bool, int]:
     """Stage ``st`` (step i of n): (its kernel weights over its predictions, or None for one; whether it calls the
-    perturbed model; the index of its first condition's prediction). Each blend is g = Σ c_j q_j over the
-    predictions q in the stage's order, the kernel's weights (Σ c = 1, c_1, ...): with the conditions' weights w_k,
+    perturbed model; the index of its first condition's prediction); the weights at time ``t`` (a sample's own
+    under per-sample churn; default the stage's), the layout (guided, perturbed) the stage's. Each blend is
+    g = Σ c_j q_j over the predictions q in the stage's order, the kernel's weights (Σ c = 1, c_1, ...): with the
+    conditions' weights w_k,
     a_k = w_k / W, p_c = Σ a_k p_k and p̃_c = Σ a_k p̃_k (the perturbed predictions of each condition, ComfyUI's
     combined conditioning through the perturbed forward), b = 1 with use_original_formulation (p_c the base), else 0:
 
@@ -217,7 +219,7 @@ def stage_layout(rule, guidance, st, i: int, n: int) -> tuple[tuple | None, bool
     - the perturbed branch alone, (p̃_1..p̃_K, p_1..p_K): g = (1 − b) p̃_c + b p_c + s (p_c − p̃_c); AutoGuidance,
       its weak model's p̃ in place of p_null: g = (1 − b) p̃_c + b p_c + Σ w_k (p_k − p̃_k);
     - CFG alone, (p_null, p_1..p_K); neither, (p_1..p_K): p_c (one condition: one prediction, None)."""
-    w, a = _condition_weights(guidance, st.t)
+    w, a = _condition_weights(guidance, st.t if t is None else t)
     b = 1.0 if rule.use_original_formulation else 0.0
     K = len(w)
     if rule.replaces_null:
@@ -249,9 +251,16 @@ def stage_rows(rule, guidance, stages) -> list:
     return [layout[0] for layout in _layouts(rule, guidance, stages)]
 
 
-def _layouts(rule, guidance, stages) -> list:
+def _layouts(rule, guidance, stages, times=None) -> list:
     order = {s: i for i, s in enumerate(sorted({st.step for st in stages}))}
-    return [stage_layout(rule, guidance, st, order[st.step], len(order)) for st in stages]
+    return [stage_layout(rule, guidance, st, order[st.step], len(order), None if times is None else times[k])
+            for k, st in enumerate(stages)]
+
+
+def _target(layout, shares) -> list[float]:
+    """The shares of p_c over a stage's predictions (zeros but at its conditions')."""
+    row, _, first = layout
+    return [0.0] * first + list(shares) + [0.0] * (len(row) - first - len(shares))
 
 
 class PerturbedWeights(StageWeights):
@@ -261,9 +270,6 @@ class PerturbedWeights(StageWeights):
     def __init__(self, rule, guidance, stages, B: int, device, merged=None):
         layouts = _layouts(rule, guidance, stages)
         self.rows = [lay[0] for lay in layouts]
-        if merged is not None and any(stage_rows(rule, guidance, table) != self.rows for table in merged.tables):
-            raise ValueError(f"guidance={rule.name!r} with a cfg schedule and per-sample churn: not supported (the "
-                             "perturbed blend's weights are per stage, not per sample)")
         scales = [guidance.scale_at(st.t) for st in stages]
         super().__init__(CFG(), 0.0, scales, [False] * len(stages), guidance.guided, B, device,
                          guided_at=[guidance.guided_at(st.t) for st in stages])
@@ -274,13 +280,30 @@ class PerturbedWeights(StageWeights):
         self.per_sample = bool(self.phi) and any(r is not None for r in self.rows)
         self.buffers = {len(r): torch.ones((B, len(r)), dtype=torch.float32, device=device)
                         for r in self.rows if r is not None} if self.per_sample else {}
-        # the rescale's target p_c: its share of each prediction (one condition: the second, branch_weights' default)
-        self.targets = [None if self.K == 1 or not self.per_sample or lay[0] is None else torch.tensor(
-            [0.0] * lay[2] + list(_condition_weights(guidance, st.t)[1]) + [0.0] * (len(lay[0]) - lay[2] - self.K),
-            dtype=torch.float64, device=device) for lay, st in zip(layouts, stages)]
-        # g = Σ v_i p_i of each stage (branch_weights' rescale reads them)
-        self.blends = [None if r is None else _Fixed((r[0] - sum(r[1:]), *r[1:])) for r in self.rows]
-        self.key = (tuple(self.rows), self.phi, rule)
+        # each stage's blend g = Σ c_i p_i (c: [n] numbers, or [B, n] per sample), its rescale target p_c's shares
+        full = [None if r is None else (r[0] - sum(r[1:]), *r[1:]) for r in self.rows]
+        targets = [None if lay[0] is None else _target(lay, _condition_weights(guidance, st.t)[1])
+                   for lay, st in zip(layouts, stages)]
+        # churn per sample: the samples' own times give a schedule's scales per sample (the stage's layout kept)
+        self.sample_rows = {}  # stage -> [B, n] float32 kernel weights
+        if merged is not None:
+            per_table = [_layouts(rule, guidance, stages, [st.t for st in table]) for table in merged.tables]
+            index = torch.tensor(merged.index)
+            for k, r in enumerate(self.rows):
+                if r is None or all(lays[k][0] == r for lays in per_table):
+                    continue
+                rows = torch.tensor([lays[k][0] for lays in per_table], dtype=torch.float64)[index]
+                self.sample_rows[k] = rows.float().to(device)
+                full[k] = torch.cat([rows[:, :1] - rows[:, 1:].sum(1, keepdim=True), rows[:, 1:]], 1).to(device)
+                targets[k] = torch.tensor([_target(lays[k], _condition_weights(guidance, table[k].t)[1])
+                                           for lays, table in zip(per_table, merged.tables)],
+                                          dtype=torch.float64)[index]
+        self.blends = [None if c is None else _Fixed(tuple(c.unbind(1)) if isinstance(c, torch.Tensor) else c)
+                       for c in full]
+        # the rescale's target p_c (one condition: the second prediction, branch_weights' default)
+        self.targets = [None if self.K == 1 or not self.per_sample or a is None else
+                        torch.as_tensor(a, dtype=torch.float64).to(device) for a in targets]
+        self.key = (tuple(self.rows), self.phi, rule, tuple(sorted(self.sample_rows)))
 
     def branched(self, k: int) -> bool:
         return self.rows[k] is not None
@@ -292,7 +315,7 @@ class PerturbedWeights(StageWeights):
         r = self.rows[k]
         if r is None or not two_branch:
             return None
-        return self.buffers[len(r)] if self.per_sample else list(r)
+        return self.buffers[len(r)] if self.per_sample else self.sample_rows.get(k, list(r))
 
     def update(self, k: int, preds: list, backend: str) -> list:
         if self.rows[k] is not None and len(preds) > 1:
@@ -302,14 +325,15 @@ class PerturbedWeights(StageWeights):
 
     def host_blend(self, k: int, preds: list) -> bool:
         return self.rows[k] is None or (self.layouts[k] == "cfg" and not self.rule.use_original_formulation
-                                        and not self.per_sample and self.K == 1)
+                                        and not self.per_sample and self.K == 1 and k not in self.sample_rows)
 
     def blend(self, k: int, preds: list) -> torch.Tensor:
         if len(preds) == 1:
             return preds[0].float()
         per = (preds[0].shape[0], *([1] * (preds[0].dim() - 1)))
         r = self.rows[k]
-        weights = [self.buffers[len(r)][:, j].view(per) for j in range(len(r))] if self.per_sample else r
+        rows = self.buffers[len(r)] if self.per_sample else self.sample_rows.get(k)
+        weights = r if rows is None else [rows[:, j].view(per) for j in range(len(r))]
         p0 = preds[0].float()
         g = weights[0] * p0
         for wj, p in zip(weights[1:], preds[1:]):

@@ -121,12 +121,23 @@ class TensorGuidance:
         steps = stages[-1].step + 1
         self.at = [At(st.step, steps, st.t) for st in stages]
         # per stage: the scale W and the conditions' mean weights a_k (None: one condition)
-        self.scales = [(sum(w), [wk / sum(w) for wk in w]) if isinstance(w, tuple) else (w, None) for w in scales]
+        self.scales = [_scale_and_mean(w) for w in scales]
+        self.groups: dict = {}  # churn per sample with a cfg schedule: stage_groups()
 
     def __call__(self, k: int, preds: list) -> list:
         if not self.guided[k] or len(preds) < 2:
             return preds
-        W, mean = self.scales[k]
+        groups = self.groups.get(k)
+        if groups is None:
+            return [self._guided(k, preds, *self.scales[k], self.at[k], self.conversions[k], None)]
+        out = torch.empty(preds[0].shape, dtype=torch.float32, device=preds[0].device)
+        for members, W, mean, at, conversion in groups:
+            out.index_copy_(0, members, self._guided(k, [p.index_select(0, members) for p in preds], W, mean, at,
+                                                     conversion, members))
+        return [out]
+
+    def _guided(self, k: int, preds: list, W, mean, at, conversion, members) -> torch.Tensor:
+        """The guided prediction of ``preds`` (the stage's samples, or those ``members``) at scale W."""
         u = preds[0]
         if mean is None:
             c = preds[1]
@@ -134,13 +145,13 @@ class TensorGuidance:
             c = preds[1].float() * mean[0]
             for a_k, p in zip(mean[1:], preds[2:]):
                 c.add_(p, alpha=a_k)
-        at = self.at[k]
         if self.rule.space == "x0":
             x = self.buffers[self.stages[k].input]
-            g = prediction_from_x0(self.rule, u, c, W, at, x, self.conversions[k])
+            x = x if members is None else x.index_select(0, members)
+            g = prediction_from_x0(self.rule, u, c, W, at, x, conversion)
         else:
             g = self.rule.guide(u, c, W, at)
-        return [rescaled(g, c, self.phi) if self.phi else g]
+        return rescaled(g, c, self.phi) if self.phi else g
 
 
 def plan(guidance, stages, merged, path, prediction: str, buffers: dict, x_shape: tuple) -> TensorGuidance | None:
@@ -155,13 +166,14 @@ def plan(guidance, stages, merged, path, prediction: str, buffers: dict, x_shape
     if merged is None:
         conversions = [_conversion(path, st.t, prediction) if g and rule.space == "x0" else None
                        for st, g in zip(stages, guided)]
-    else:  # churn per sample: each sample's own time, so its own conversion (a scale must be one per stage)
+    else:  # churn per sample: each sample's own time, so its own conversion
         conversions = []
         for k, g in enumerate(guided):
-            if any(guidance.scale_at(table[k].t) != scales[k] for table in merged.tables):
-                raise ValueError(f"guidance={rule.name!r} with a cfg schedule and per-sample churn: the samples' own "
-                                 "times give them different scales, which the rule's torch ops take as one; give a "
-                                 "fixed cfg")
+            if g and any(guidance.scale_at(table[k].t) != scales[k] for table in merged.tables):
+                # a cfg schedule: the samples' own times give them their own scales, which the rule's torch ops take
+                # as one number: the rule runs once per group of samples sharing a time (stage_groups)
+                conversions.append(None)
+                continue
             per_table = [_conversion(path, table[k].t, prediction) for table in merged.tables] \
                 if g and rule.space == "x0" else [None]
             if all(c is None for c in per_table):
@@ -170,4 +182,33 @@ def plan(guidance, stages, merged, path, prediction: str, buffers: dict, x_shape
             rows = [[*(c if c is not None else (0.0, 1.0)), float(c is not None)] for c in per_table]
             table = torch.tensor(rows, dtype=torch.float64)[torch.tensor(merged.index)].float()
             conversions.append(tuple(table[:, j].to(buffers["x"].device) for j in range(3)))
-    return TensorGuidance(rule, stages, guided, scales, conversions, buffers, guidance.rescale)
+    out = TensorGuidance(rule, stages, guided, scales, conversions, buffers, guidance.rescale)
+    if merged is not None:
+        out.groups = stage_groups(guidance, stages, merged, guided, scales, path, prediction, x_shape, buffers)
+    return out
+
+
+def stage_groups(guidance, stages, merged, guided, scales, path, prediction, x_shape, buffers) -> dict:
+    """{stage: [(the samples' indices, scale W, mean weights, At, conversion)] per group of samples sharing a time}
+    at the guided stages where the samples' own times (churn per sample) give them their own cfg schedule's scale."""
+    rule, device = guidance.rule, buffers["x"].device
+    steps = stages[-1].step + 1
+    groups = {}
+    for k, g in enumerate(guided):
+        if not g or all(guidance.scale_at(table[k].t) == scales[k] for table in merged.tables):
+            continue
+        groups[k] = []
+        for i, table in enumerate(merged.tables):
+            members = [b for b, j in enumerate(merged.index) if j == i]
+            if not members:
+                continue
+            st = table[k]
+            W, mean = _scale_and_mean(guidance.scale_at(st.t))
+            conversion = _conversion(path, st.t, prediction) if rule.space == "x0" else None
+            groups[k].append((torch.tensor(members, device=device), W, mean, At(st.step, steps, st.t), conversion))
+    return groups
+
+
+def _scale_and_mean(w) -> tuple:
+    """(W, the conditions' mean weights a_k, or None for one condition) of a stage's scale(s)."""
+    return (sum(w), [wk / sum(w) for wk in w]) if isinstance(w, tuple) else (w, None)
