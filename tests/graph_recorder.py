@@ -57,7 +57,16 @@ class RecordedGraph:
         self.violations = []
 
     def replay(self):
-        for func, args, kwargs, outputs in self.ops:
+        skip = 0
+        for entry in self.ops:
+            if skip:
+                skip -= 1
+                continue
+            if isinstance(entry, _Conditional):  # a conditional node: its body's ops run where pred holds
+                if not bool(entry.pred.get()):
+                    skip = entry.length
+                continue
+            func, args, kwargs, outputs = entry
             a = tree_map(lambda r: r.get() if isinstance(r, _Ref) else r, args)
             k = tree_map(lambda r: r.get() if isinstance(r, _Ref) else r, kwargs)
             new = func(*a, **k)
@@ -67,6 +76,13 @@ class RecordedGraph:
                     t = rec.get()
                     if t.data_ptr() != got.data_ptr() or t.stride() != got.stride():
                         t.copy_(got)
+
+
+class _Conditional:
+    """A conditional node's place in the recording: the ``length`` ops after it run where ``pred`` holds."""
+
+    def __init__(self, pred: _Ref):
+        self.pred, self.length = pred, 0
 
 
 class _Recorder(TorchDispatchMode):
@@ -104,6 +120,8 @@ class RecordingCapture:
     def __init__(self):
         self.captures = 0
         self.replays = 0
+        self.conditionals = 0  # conditional nodes recorded
+        self.recording = None  # the graph being captured
 
     def supports(self, device) -> bool:
         return True
@@ -111,8 +129,12 @@ class RecordingCapture:
     def capture(self, run_loop, device):
         run_loop()  # the warm-up
         graph = RecordedGraph()
-        with _Recorder(graph):
-            run_loop()
+        self.recording = graph
+        try:
+            with _Recorder(graph):
+                run_loop()
+        finally:
+            self.recording = None
         if graph.violations:
             from collections import Counter
 
@@ -123,6 +145,21 @@ class RecordingCapture:
     def replay(self, graph, device):
         graph.replay()
         self.replays += 1
+
+    def when(self, pred, fn):
+        """A conditional node: while capturing, fn's ops recorded as its body (run here too, as the capture run's
+        ops all are: a replay starts from the captured start's state); in the warm-up, a host read of pred."""
+        g = self.recording
+        if g is None:
+            if bool(pred):
+                fn()
+            return
+        node = _Conditional(_Ref(pred, id(pred) in g.owned, "when"))
+        g.ops.append(node)
+        start = len(g.ops)
+        fn()
+        node.length = len(g.ops) - start
+        self.conditionals += 1
 
 
 def empty_cache():

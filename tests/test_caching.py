@@ -428,3 +428,94 @@ def test_refusals():
         fastdiff.sample(MIXTURE, timesteps=GRID, noise=_noise(), cache=CacheIndicator(lambda x, t: float("nan")))
     with pytest.raises(ValueError, match="does not apply to method='dpm_adaptive'"):
         fastdiff.sample(MIXTURE, noise=_noise(), method="dpm_adaptive", cache="easycache")
+
+
+# ---- a captured loop (cuda_graph=True, on the recorder: tests/graph_recorder.py) ------------------------------
+
+_LIN = 0.3 * torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+_EMB = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+
+
+def _device_model(x, t, y):
+    """Device ops only (a capture allows no host reads)."""
+    return torch.tanh(x @ _LIN) * (1.0 + t[:, None]) + _EMB[y] - x
+
+
+def _indicator(x, t):
+    return 0.5 * (1.0 - t[0]) * torch.ones((), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "dpmpp_2m"])
+@pytest.mark.parametrize("rule", [EasyCache(reuse_threshold=0.3, start_percent=0.0),
+                                  LazyCache(reuse_threshold=0.3, order=0),
+                                  AdaptiveCache(threshold=0.3, max_skips=2),
+                                  EasyCache(reuse_threshold=0.3, reuse="residual", order=1),
+                                  CacheIndicator(_indicator, threshold=1.0)],
+                         ids=["easycache", "lazycache-o0", "adaptive", "residual-o1", "indicator"])
+def test_captured_loop_decides_on_the_device(monkeypatch, method, rule):
+    """cuda_graph=True: the decision, the statistics and the kept outputs on the device, each evaluation's branches
+    conditional nodes: the eager loop's result (its decisions) without a host read, replayed for other seeds."""
+    from fastdiff.sampling.core import graphs
+    from graph_recorder import RecordingCapture
+
+    rec = RecordingCapture()
+    monkeypatch.setattr(graphs, "CAPTURE", rec)
+    monkeypatch.setattr(graphs, "CACHE", graphs.GraphCache())
+    kw = dict(y=torch.tensor([0, 1, 2, 1, 0]), null_y=3, shape=(4,), method=method, cache=rule)
+    sampler = fastdiff.Sampler(_device_model, 20, 2.0, cuda_graph=True, **kw)
+    for seed in (1, 2, 3):
+        eager_sampler = fastdiff.Sampler(_device_model, 20, 2.0, **kw)
+        eager = eager_sampler(seed=seed)
+        got = sampler(seed=seed)
+        torch.testing.assert_close(got, eager, rtol=0, atol=2e-6 * eager.abs().max().item())
+        assert sampler._plan.model_calls.report() == eager_sampler._plan.model_calls.report()
+    assert rec.captures == 1 and rec.replays == 3 and rec.conditionals > 0
+    assert not sampler._plan.model_calls.report().split(": ")[1].startswith("0 of")  # some reused (it can tell)
+    plain = fastdiff.sample(_device_model, 20, 2.0, seed=3, **{**kw, "cache": None})
+    assert (got - plain).abs().max() > 1e-5
+
+
+def test_reused_plan_writes_this_calls_samples():
+    """A reused plan (sample()'s plan cache, a Sampler) gives its last stage a new output tensor each call: a reused
+    last step's fused replay writes it, not the tensor an earlier call returned."""
+    kw = dict(y=torch.tensor([0, 1, 2, 1, 0]), null_y=3, shape=(4,), seed=1, method="euler",
+              cache=AdaptiveCache(threshold=0.3, max_skips=2))
+    fastdiff.clear_scratch()
+    first = fastdiff.sample(_device_model, 20, 2.0, **kw)
+    kept = first.clone()
+    again = fastdiff.sample(_device_model, 20, 2.0, **kw)
+    assert torch.equal(first, kept) and torch.equal(again, first)
+    sampler = fastdiff.Sampler(_device_model, 20, 2.0, **kw)
+    a = sampler()
+    b = sampler()
+    assert torch.equal(a, first) and torch.equal(b, first)
+
+
+def _perturbed_device_model(x, t, y):
+    return torch.tanh(x @ _LIN.T) * (1.0 + t[:, None]) + _EMB[y] - x
+
+
+@pytest.mark.parametrize("case", ["interval", "pag", "conditions", "two_calls", "rescale", "apg"])
+def test_captured_loop_combines_with_features(monkeypatch, case):
+    """The captured cache with a guidance interval (a new call layout restarts the kept series), a perturbed
+    branch, two conditions, one call per branch, rescale and a Gram rule: the eager loop's result and decisions."""
+    from fastdiff.sampling.core import graphs
+    from fastdiff.sampling.features.perturbed import PAG
+    from graph_recorder import RecordingCapture
+
+    monkeypatch.setattr(graphs, "CAPTURE", RecordingCapture())
+    monkeypatch.setattr(graphs, "CACHE", graphs.GraphCache())
+    y = torch.tensor([0, 1, 2, 1, 0])
+    extra = {"interval": dict(guidance_interval=(0.2, 0.7)), "two_calls": dict(cfg_batch=False),
+             "pag": dict(guidance=PAG(perturbed_guidance_start=0.0, perturbed_guidance_stop=0.6),
+                         perturbed_model=_perturbed_device_model),
+             "conditions": dict(conditions=[y, y.flip(0)]), "rescale": dict(guidance_rescale=0.5),
+             "apg": dict(guidance="apg")}[case]
+    cfg = [2.0, 1.0] if case == "conditions" else 2.0
+    kw = dict(null_y=3, shape=(4,), method="heun", **({} if case == "conditions" else {"y": y}), **extra)
+    for rule in (EasyCache(reuse_threshold=0.3, start_percent=0.0), AdaptiveCache(threshold=0.3, max_skips=2)):
+        eager = fastdiff.Sampler(_device_model, 20, cfg, cache=rule, **kw)
+        captured = fastdiff.Sampler(_device_model, 20, cfg, cache=rule, cuda_graph=True, **kw)
+        want = eager(seed=1)
+        torch.testing.assert_close(captured(seed=1), want, rtol=0, atol=4e-6 * want.abs().max().item())
+        assert captured._plan.model_calls.report() == eager._plan.model_calls.report()

@@ -262,6 +262,28 @@ def test_cuda_two_captures_alternating_with_empty_cache(method, extra):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("method", ["euler", "heun", "dpmpp_2m"])
+def test_cuda_captured_step_caching(method):
+    """Step caching in a real capture: the decision on the device, the branches CUDA graph conditional nodes
+    (CUDAGraph.begin_capture_to_if_node): the eager loop's decisions and result, replayed for other seeds."""
+    _gpu()
+    from fastdiff.sampling.features.caching import AdaptiveCache, EasyCache
+
+    graphs.clear_cuda_graphs()
+    model = TimeModel().cuda()
+    y = torch.tensor([0, 1, 2, 1, 0], device="cuda")
+    for rule in (EasyCache(reuse_threshold=0.3, start_percent=0.0), AdaptiveCache(threshold=0.3, max_skips=2)):
+        kw = _kw(method, {}, cfg=3.0, y=y, null_y=3, device="cuda", backend="auto", cache=rule)
+        captured = fastdiff.Sampler(model, 20, **kw, cuda_graph=True)
+        for seed in (1, 2):
+            eager = fastdiff.Sampler(model, 20, **kw)
+            want = eager(seed=seed)
+            torch.testing.assert_close(captured(seed=seed), want, rtol=0, atol=2e-5 * want.abs().max().item())
+            assert captured._plan.model_calls.report() == eager._plan.model_calls.report()
+    graphs.clear_cuda_graphs()
+
+
+@pytest.mark.cuda
 def test_cuda_graph_on_a_non_current_device():
     _gpu()
     if torch.cuda.device_count() < 2:

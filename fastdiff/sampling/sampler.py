@@ -321,7 +321,7 @@ def _run_graph(plan, ns, a) -> tuple:
                      backend=ns.backend, noise_given=a.noise is not None, check_finite=a.check_finite,
                      labels=signature, brownian=a.brownian, per_sample=ns.merged.key if ns.merged else None,
                      features=(g.thresholding, a.classifier, a.classifier_scale, a.init is not None, a.resample,
-                               a.corrector_steps, a.snr, a.perturbed_model))
+                               a.corrector_steps, a.snr, a.perturbed_model, a.cache))
     entry = graphs.CACHE.get(key, a.model)
     if entry is None:
         graph = graphs.CAPTURE.capture(lambda: executor.run(plan, a.model), a.device)

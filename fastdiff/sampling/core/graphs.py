@@ -65,6 +65,20 @@ class CudaCapture:
         with torch.cuda.device(device):
             graph.replay()
 
+    def when(self, pred: torch.Tensor, fn) -> None:
+        """fn() where the 0-d bool ``pred`` holds: while capturing, a CUDA graph conditional IF node (torch's
+        CUDAGraph.begin_capture_to_if_node; CUDA >= 12.4) whose body is what fn launches; in the warm-up run, a
+        host read of pred."""
+        if torch.cuda.is_current_stream_capturing():
+            graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+            graph.begin_capture_to_if_node(pred)
+            try:
+                fn()
+            finally:
+                graph.end_capture_to_conditional_node()
+        elif bool(pred):
+            fn()
+
 
 CAPTURE = CudaCapture()
 

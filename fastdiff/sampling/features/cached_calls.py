@@ -280,7 +280,7 @@ class FusedReplay:
     def __init__(self, plan, model_calls):
         self.plan, self.model_calls = plan, model_calls
         self.pending = None
-        self.calls = {}  # (stage, kept times, time) -> the prepared call, for the next runs
+        self.calls = {}  # (stage, kept times, time, ...) -> (the stage's call, the fused call made from it)
 
     def possible(self, k: int, kept: dict) -> bool:
         if self.plan.points.predictions or not kept or len(kept[0]) < 2 or \
@@ -296,11 +296,14 @@ class FusedReplay:
         from fastdiff.ops.step_call import StepCall, step_call
 
         # (stage, the kept entries' times, the stage's time, the repeat, the branch weights): the same call in every
-        # run (the Lagrange weights and the call made once: ~10 us a reused step)
+        # run (the Lagrange weights and the call made once: ~10 us a reused step), made from this very stage call
+        # (a Sampler gives the last stage a new output tensor each run: a call made from the last run's would write
+        # the samples it returned then)
         w = call.args[_WEIGHTS]
         key = (*self.pending, self.plan.repeat, tuple(w))
         self.pending = None
-        fused = self.calls.get(key)
+        made = self.calls.get(key)
+        fused = made[1] if made is not None and made[0] is call else None
         if fused is None:
             args = list(call.args)
             if args[_SAMPLE_WEIGHTS] is not None:
@@ -314,7 +317,7 @@ class FusedReplay:
             fused = step_call(call.backend, tuple(args), None, not isinstance(call, StepCall))
             if len(self.calls) > 256:
                 self.calls.clear()
-            self.calls[key] = fused
+            self.calls[key] = (call, fused)
         return fused
 
 
@@ -334,18 +337,19 @@ def plan(model_calls, rule, stages, guidance, B: int, cuda_graph: bool):
     """The cached model calls of a plan, or ``model_calls`` itself without a cache rule."""
     if rule is None:
         return model_calls
-    if cuda_graph:
-        raise ValueError("cache with cuda_graph=True: the skip decision is a host read per evaluation, which a "
-                         "captured loop cannot branch on (torch exposes no CUDA graph conditional nodes); sample "
-                         "without cuda_graph to cache steps")
+    if cuda_graph:  # the decision on the device, each evaluation's branches as conditional nodes
+        from fastdiff.sampling.features.cached_graph import CapturedCachedCalls
+
+        return CapturedCachedCalls(model_calls, rule, stages, guidance.scale_at, guidance.guided_at, B)
     return CachedCalls(model_calls, rule, stages, guidance.scale_at, guidance.guided_at, B)
 
 
 def add_hooks(plan, calls) -> None:
     """The cache's points: a new run starts afresh; the step of a reused stage reads the kept outputs (FusedReplay,
-    host weights only: the stage's call tells); the report after the last step."""
+    host weights only: the stage's call tells); the report after the last step (eager loops)."""
     plan.add("start", calls.reset)
-    if calls.rule.reuse == "output":
+    # (a captured loop: the kept times, so the replay's weights, are data on the device: no fused replay)
+    if calls.rule.reuse == "output" and not hasattr(calls, "device_decider"):
         calls.fuse = FusedReplay(plan, calls.calls)
         plan.add("before_step", calls.fuse.hook)
     last = len(calls.stages) - 1

@@ -27,8 +27,8 @@ distance of 13.5 against 0.21 uncached). Every branch of a guided evaluation is 
 guidance rule, editing mode and feature downstream of the model call sees predictions as usual.
 
 The decision is batch-wide (one model call or none) and costs one small host read per evaluation (a mean over a
-subsample); a captured loop (cuda_graph=True) cannot branch on it and is refused: torch exposes no CUDA graph
-conditional nodes to Python.
+subsample). In a captured loop (cuda_graph=True) it is made on the device instead and each evaluation's computed
+and reused branches are CUDA graph conditional nodes (fastdiff.sampling.features.cached_graph): no host read.
 
 The window ``start_percent`` / ``end_percent`` is in flow time t (0 = noise, 1 = data; ComfyUI's percent of its
 model's timesteps, the same on a flow model with shift 1): before it every evaluation runs and feeds the statistics
