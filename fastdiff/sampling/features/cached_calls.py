@@ -107,10 +107,13 @@ class CachedCalls:
             # the kept outputs themselves, each entry's predictions as the stage reads them; the step's call (the
             # before_step hook) blends them with the extrapolation's weights: no pass of its own
             entries = len(self.kept[0])
-            preds = []
-            for e in range(entries):
-                calls = iter(range(len(self.kept)))  # the stage's calls in order, entry e of each
-                preds += self.calls.evaluate(lambda x, t, y, e=e, calls=calls: self.kept[next(calls)][e][1], k)
+            if self.calls.plans[k][0] == "one":  # one call of B: the entries themselves (~3 us a step less)
+                preds = [entry[1] for entry in self.kept[0]]
+            else:
+                preds = []
+                for e in range(entries):
+                    calls = iter(range(len(self.kept)))  # the stage's calls in order, entry e of each
+                    preds += self.calls.evaluate(lambda x, t, y, e=e, calls=calls: self.kept[next(calls)][e][1], k)
             self.fuse.pending = (k, tuple(e[0] for e in self.kept[0]), self.stages[k].t)
             return preds
         return self.calls.evaluate(proxy, k)
@@ -186,7 +189,7 @@ class CachedCalls:
                     ptr = None
                 else:
                     ptr = out.untyped_storage().data_ptr()
-                    if self.copies or any(e[2] == ptr for entries in self.kept.values() for e in entries):
+                    if self.copies or self._keeps(ptr):
                         self.copies = True
                         self.kept = {i: [e for e in v if e[2] != ptr] for i, v in self.kept.items()}
                         value = self._copy(out)
@@ -202,10 +205,19 @@ class CachedCalls:
                 if self.copies:  # the copies dropped from the series hold the next ones (no new allocation)
                     self.spare += [e[1] for e in entries if self._owned(e[1]) and not any(e is s for s in series)]
                 if j == 0 and stats:
-                    self.decider.computed(x_first, self._guided_first(out, k) if guided else out[:self.B])
+                    self.decider.computed(x_first, self._guided_first(out, k) if guided else
+                                          out if out.shape[0] == self.B else out[:self.B])
             return out
 
         return _Proxy(run, model)
+
+    def _keeps(self, ptr: int) -> bool:
+        """Whether a kept entry lives in the storage at ``ptr`` (the model wrote into a buffer it returned before)."""
+        for entries in self.kept.values():
+            for e in entries:
+                if e[2] == ptr:
+                    return True
+        return False
 
     def _owned(self, v: torch.Tensor) -> bool:
         ref = self.owned.get(id(v))

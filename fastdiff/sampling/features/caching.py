@@ -196,9 +196,9 @@ def _mean_abs(a: torch.Tensor, b: torch.Tensor | None = None, norm: bool = False
     after. fastdiff._C.mean_abs for float32 CPU tensors: one read, host floats (12 us on 65536 subsampled elements
     against F.l1_loss's 57 us, three passes: on the CPU these reads were most of a cached step's own time); else
     torch ops and 0-d tensors (on a GPU: no host read here)."""
-    native = _native_mean_abs()
-    if native is not None and a.is_cpu and a.dtype == torch.float32 and \
-            (b is None or (b.dtype == torch.float32 and b.is_cpu)):
+    native = _NATIVE[0] if _NATIVE else _native_mean_abs()
+    if native is not None and a.dtype is torch.float32 and a.is_cpu and \
+            (b is None or (b.dtype is torch.float32 and b.is_cpu)):
         return native(a, b, norm, keep)
     d = a.abs().mean() if b is None else F.l1_loss(a, b)
     out = (d, a.abs().mean()) if norm else d
@@ -209,9 +209,19 @@ def _mean_abs(a: torch.Tensor, b: torch.Tensor | None = None, norm: bool = False
 
 def _div(a, b):
     """a / b with IEEE semantics for host floats too (x / 0 = ±inf, 0 / 0 = nan), as on tensors."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or b != 0:
+    try:
         return a / b
-    return math.nan if a == 0 or a != a else math.copysign(math.inf, a)
+    except ZeroDivisionError:
+        return math.nan if a == 0 or a != a else math.copysign(math.inf, a)
+
+
+def _copy_into(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """dst = src: natively on float32 CPU tensors (1.3 us, a read included, against copy_'s 3.8 us of dispatch)."""
+    native = _NATIVE[0] if _NATIVE else _native_mean_abs()
+    if native is not None and src.dtype is torch.float32 and src.is_cpu and dst.dtype is torch.float32 and dst.is_cpu:
+        native(src, dst, False, True)
+    else:
+        dst.copy_(src)
 
 
 def _subsample(x: torch.Tensor, f: int) -> torch.Tensor:
@@ -222,7 +232,11 @@ def _subsample(x: torch.Tensor, f: int) -> torch.Tensor:
     if x.dim() >= 3:
         return x[..., ::f, ::f]
     n = x.numel() // x.shape[0] if x.shape[0] else 0
-    return x.flatten(1)[:, :n // (f * f)] if n >= 4096 else x  # a contiguous slice: 1/f² of the reads
+    if n < 4096:
+        return x
+    if x.dim() == 2 and x.stride(1) == 1:  # one view op (flatten and slice: two, ~0.8 us more a computed step)
+        return x.as_strided((x.shape[0], n // (f * f)), (x.stride(0), 1))
+    return x.flatten(1)[:, :n // (f * f)]  # a contiguous slice: 1/f² of the reads
 
 
 def _input_view(views: dict, x: torch.Tensor, f: int) -> torch.Tensor:
@@ -244,7 +258,8 @@ class _ChangeRate:
         self.views: dict = {}
 
     def skip(self, t: float, x: torch.Tensor, t_rows) -> bool:
-        xs = self._input_view(x)
+        kept = self.views.get(id(x))
+        xs = kept[1] if kept is not None and kept[0] is x else self._input_view(x)
         self.input_change = None if self.x_prev is None else _mean_abs(xs, self.x_prev)
         if self.o_norm is None or self.rate is None or self.input_change is None:
             return False
@@ -269,7 +284,7 @@ class _ChangeRate:
         change, self.o_norm = _mean_abs(os_, self.o_prev, norm=True, keep=True)
         if not fresh and self.input_change is not None:
             self.rate = _div(change, self.input_change)
-        self.x_prev.copy_(xs)
+        _copy_into(xs, self.x_prev)
         self.input_change = None
 
     def seen(self, x: torch.Tensor) -> None:
@@ -288,11 +303,11 @@ class _ThirdDifference:
 
     def _observe(self, x: torch.Tensor) -> None:
         xs = _input_view(self.views, x, self.rule.subsample_factor)
-        if self.x_last is not None:
-            self.diffs.append(float(_mean_abs(xs, self.x_last)))  # the one host read of the evaluation
         if self.x_last is None or self.x_last.shape != xs.shape or self.x_last.dtype != xs.dtype:
             self.x_last = torch.empty_like(xs)
-        self.x_last.copy_(xs)
+            self.x_last.copy_(xs)
+        else:  # the change and the copy in one read; the evaluation's one host read
+            self.diffs.append(float(_mean_abs(xs, self.x_last, keep=True)))
         self.count += 1
 
     def skip(self, t: float, x: torch.Tensor, t_rows) -> bool:
