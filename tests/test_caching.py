@@ -495,7 +495,7 @@ def _perturbed_device_model(x, t, y):
     return torch.tanh(x @ _LIN.T) * (1.0 + t[:, None]) + _EMB[y] - x
 
 
-@pytest.mark.parametrize("case", ["interval", "pag", "conditions", "two_calls", "rescale", "apg"])
+@pytest.mark.parametrize("case", ["interval", "pag", "conditions", "two_calls", "rescale", "apg", "bf16"])
 def test_captured_loop_combines_with_features(monkeypatch, case):
     """The captured cache with a guidance interval (a new call layout restarts the kept series), a perturbed
     branch, two conditions, one call per branch, rescale and a Gram rule: the eager loop's result and decisions."""
@@ -510,12 +510,16 @@ def test_captured_loop_combines_with_features(monkeypatch, case):
              "pag": dict(guidance=PAG(perturbed_guidance_start=0.0, perturbed_guidance_stop=0.6),
                          perturbed_model=_perturbed_device_model),
              "conditions": dict(conditions=[y, y.flip(0)]), "rescale": dict(guidance_rescale=0.5),
-             "apg": dict(guidance="apg")}[case]
+             "apg": dict(guidance="apg"), "bf16": {}}[case]
     cfg = [2.0, 1.0] if case == "conditions" else 2.0
     kw = dict(null_y=3, shape=(4,), method="heun", **({} if case == "conditions" else {"y": y}), **extra)
-    for rule in (EasyCache(reuse_threshold=0.3, start_percent=0.0), AdaptiveCache(threshold=0.3, max_skips=2)):
-        eager = fastdiff.Sampler(_device_model, 20, cfg, cache=rule, **kw)
-        captured = fastdiff.Sampler(_device_model, 20, cfg, cache=rule, cuda_graph=True, **kw)
+    model = (lambda x, t, y: _device_model(x, t, y).to(torch.bfloat16)) if case == "bf16" else _device_model
+    rules = (EasyCache(reuse_threshold=0.3, start_percent=0.0), AdaptiveCache(threshold=0.3, max_skips=2))
+    if case == "bf16":  # a bfloat16 model: kept as bfloat16, its residual as float32 (as the eager loop does)
+        rules += (EasyCache(reuse_threshold=0.3, start_percent=0.0, reuse="residual"),)
+    for rule in rules:
+        eager = fastdiff.Sampler(model, 20, cfg, cache=rule, **kw)
+        captured = fastdiff.Sampler(model, 20, cfg, cache=rule, cuda_graph=True, **kw)
         want = eager(seed=1)
         torch.testing.assert_close(captured(seed=1), want, rtol=0, atol=4e-6 * want.abs().max().item())
         assert captured._plan.model_calls.report() == eager._plan.model_calls.report()

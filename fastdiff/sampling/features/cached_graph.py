@@ -14,6 +14,7 @@ reading the kept outputs itself) is not used here: its weights are data-dependen
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from fastdiff.sampling.features.cached_calls import CachedCalls, _Proxy
 from fastdiff.sampling.features.caching import AdaptiveCache, CacheIndicator, _subsample
@@ -26,9 +27,10 @@ def _when(pred: torch.Tensor, fn) -> None:
 
 
 def _l1(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """mean |a - b| (mean |a|) as a 0-d float32 tensor: torch ops, no host read."""
-    d = a.float() if b is None else a.float() - b.float()
-    return d.abs().mean()
+    """mean |a - b| (mean |a|) as a 0-d float32 tensor: the eager loop's torch ops (caching._mean_abs off the native
+    path), no host read."""
+    a = a if a.dtype is torch.float32 else a.float()
+    return a.abs().mean() if b is None else F.l1_loss(a, b if b.dtype is torch.float32 else b.float())
 
 
 class _State:
@@ -80,8 +82,8 @@ class DeviceChangeRate:
     def computed(self, x: torch.Tensor, o: torch.Tensor) -> None:
         s = self.s
         xs, os_ = _subsample(x, self.rule.subsample_factor), _subsample(o, self.rule.subsample_factor)
-        if self.o_prev is None:
-            self.o_prev = torch.zeros(os_.shape, dtype=torch.float32, device=os_.device)
+        if self.o_prev is None:  # in the output's dtype, as the eager loop keeps it
+            self.o_prev = torch.zeros(os_.shape, dtype=os_.dtype, device=os_.device)
         if self.x_prev is None:
             self.x_prev = torch.zeros(xs.shape, dtype=torch.float32, device=xs.device)
         has_x = s.get("has_x", x, torch.bool)
@@ -196,7 +198,7 @@ class _Ring:
         last = (self.n - 1).remainder(self.keep)
         same = (self.n > 0) & (self.times.gather(0, last.view(1)).view(()) == t)
         slot = torch.where(same, last, self.n.remainder(self.keep)).view(1)
-        self.values.index_copy_(0, slot, value.unsqueeze(0))
+        self.values.index_copy_(0, slot, value.to(self.values.dtype).unsqueeze(0))
         self.times.index_copy_(0, slot, torch.full((1,), t, dtype=torch.float64, device=self.times.device))
         self.n.copy_(torch.where(same, self.n, self.n + 1))
 
@@ -220,7 +222,9 @@ class CapturedCachedCalls(CachedCalls):
     def __init__(self, calls, rule, stages, scale_at, guided_at, B: int):
         self.device_decider = device_decider(rule)
         self.rings: dict = {}  # (layout, call j) -> _Ring
-        self.outs: dict = {}  # (stage, call j) -> the buffer the stage's call reads
+        # (stage, call j) -> the buffer the stage's call reads: float32 (a bfloat16 or float16 model's outputs exactly,
+        # the extrapolation without rounding to the model's dtype, as the eager loop's fused replay blends them)
+        self.outs: dict = {}
         self.flags = None  # [reusing the step, run length, computed, skipped] on the device
         super().__init__(calls, rule, stages, scale_at, guided_at, B)
         # a layout's series starts anew where the stage before had another (a guidance interval's edge)
@@ -295,17 +299,18 @@ class CapturedCachedCalls(CachedCalls):
             def computed():
                 nonlocal out, ring
                 o = fn(xin, tin, y)
+                value = o - xin if residual else o
                 if out is None:  # made in the warm-up run (every call's first stage computes there)
-                    out = self.outs[(k, j)] = torch.empty_like(o)
+                    out = self.outs[(k, j)] = torch.empty(o.shape, dtype=torch.float32, device=o.device)
                 if ring is None:
-                    ring = self.rings[(layout, j)] = _Ring(o, keep)
+                    ring = self.rings[(layout, j)] = _Ring(out, keep)
                 out.copy_(o)
-                ring.add(st.t, o - xin if residual else o)
+                ring.add(st.t, value)
                 if j == 0 and stats:
                     d.computed(x, self._guided_first(o, k) if guided else o[:self.B])
 
             if out is None and ring is not None:  # made in the warm-up run, which visits every stage
-                out = self.outs[(k, j)] = torch.empty(xin.shape, dtype=ring.values.dtype, device=xin.device)
+                out = self.outs[(k, j)] = torch.empty(xin.shape, dtype=torch.float32, device=xin.device)
             _when(compute, computed)
 
             def reused():

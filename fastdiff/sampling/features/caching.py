@@ -200,8 +200,9 @@ def _mean_abs(a: torch.Tensor, b: torch.Tensor | None = None, norm: bool = False
     if native is not None and a.dtype is torch.float32 and a.is_cpu and \
             (b is None or (b.dtype is torch.float32 and b.is_cpu)):
         return native(a, b, norm, keep)
-    d = a.abs().mean() if b is None else F.l1_loss(a, b)
-    out = (d, a.abs().mean()) if norm else d
+    a32 = a if a.dtype is torch.float32 else a.float()  # a half-precision model's outputs: the means in float32
+    d = a32.abs().mean() if b is None else F.l1_loss(a32, b if b.dtype is torch.float32 else b.float())
+    out = (d, a32.abs().mean()) if norm else d
     if keep:
         b.copy_(a)
     return out
