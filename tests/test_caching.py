@@ -449,9 +449,9 @@ def _indicator(x, t):
 @pytest.mark.parametrize("rule", [EasyCache(reuse_threshold=0.3, start_percent=0.0),
                                   LazyCache(reuse_threshold=0.3, order=0),
                                   AdaptiveCache(threshold=0.3, max_skips=2),
-                                  EasyCache(reuse_threshold=0.3, reuse="residual", order=1),
+                                  EasyCache(reuse_threshold=0.3, reuse="residual", order=1, max_skips=1),
                                   CacheIndicator(_indicator, threshold=1.0)],
-                         ids=["easycache", "lazycache-o0", "adaptive", "residual-o1", "indicator"])
+                         ids=["easycache", "lazycache-o0", "adaptive", "residual-o1-max1", "indicator"])
 def test_captured_loop_decides_on_the_device(monkeypatch, method, rule):
     """cuda_graph=True: the decision, the statistics and the kept outputs on the device, each evaluation's branches
     conditional nodes: the eager loop's result (its decisions) without a host read, replayed for other seeds."""

@@ -50,15 +50,34 @@ class _State:
             t.zero_()
 
 
-class DeviceChangeRate:
-    """EasyCache's decision (caching._ChangeRate) on the device."""
+class _DeviceDecider:
+    """A rule's decision on the device: its state (device scalars) zeroed by reset(); the points a rule may skip."""
 
     def __init__(self, rule):
         self.rule, self.s = rule, _State()
-        self.x_prev = self.o_prev = None
 
     def reset(self) -> None:
         self.s.reset()
+
+    def forced(self, forced: torch.Tensor) -> None:
+        """max_skips turned the reuse ``forced`` (a 0-d bool) into a computed evaluation: a running sum restarts."""
+        total = self.s.tensors.get("total")
+        if total is not None:
+            total.copy_(torch.where(forced, torch.zeros_like(total), total))
+
+    def computed(self, x: torch.Tensor, o: torch.Tensor) -> None:
+        """A computed evaluation's input and output (inside its conditional node)."""
+
+    def seen(self, x: torch.Tensor) -> None:
+        """An evaluation before the window, which runs and may feed the statistics."""
+
+
+class DeviceChangeRate(_DeviceDecider):
+    """EasyCache's decision (caching._ChangeRate) on the device."""
+
+    def __init__(self, rule):
+        super().__init__(rule)
+        self.x_prev = self.o_prev = None
 
     def skip(self, x: torch.Tensor) -> torch.Tensor:
         s, xs = self.s, _subsample(x, self.rule.subsample_factor)
@@ -74,10 +93,6 @@ class DeviceChangeRate:
         reuse = can & (new < self.rule.reuse_threshold)
         total.copy_(torch.where(can, torch.where(reuse, new, torch.zeros_like(new)), total))
         return reuse
-
-    def forced(self, forced: torch.Tensor) -> None:
-        total = self.s.get("total", forced)
-        total.copy_(torch.where(forced, torch.zeros_like(total), total))
 
     def computed(self, x: torch.Tensor, o: torch.Tensor) -> None:
         s = self.s
@@ -98,19 +113,13 @@ class DeviceChangeRate:
         has_x.fill_(True)
         s.get("has_change", x, torch.bool).fill_(False)
 
-    def seen(self, x: torch.Tensor) -> None:
-        pass
 
-
-class DeviceThirdDifference:
+class DeviceThirdDifference(_DeviceDecider):
     """AdaptiveDiffusion's criterion (caching._ThirdDifference) on the device: the last three input changes."""
 
     def __init__(self, rule):
-        self.rule, self.s = rule, _State()
+        super().__init__(rule)
         self.x_last = self.diffs = None
-
-    def reset(self) -> None:
-        self.s.reset()
 
     def _observe(self, x: torch.Tensor) -> None:
         s, xs = self.s, _subsample(x, self.rule.subsample_factor)
@@ -131,25 +140,13 @@ class DeviceThirdDifference:
         small = (0.5 * (cur + pp) - prev).abs() <= self.rule.threshold * prev
         return (self.s.get("count", x, torch.int64) > self.rule.warmup) & (self.s.get("n", x, torch.int64) >= 3) & small
 
-    def forced(self, forced: torch.Tensor) -> None:
-        pass
-
-    def computed(self, x: torch.Tensor, o: torch.Tensor) -> None:
-        pass
-
     def seen(self, x: torch.Tensor) -> None:
         self._observe(x)
 
 
-class DeviceIndicator:
+class DeviceIndicator(_DeviceDecider):
     """The caller's indicator (caching._Indicator) on the device: ``indicator(x, t)`` must return a tensor (device
     ops only, as the model); an estimate that is negative or NaN computes the evaluation (a graph cannot raise)."""
-
-    def __init__(self, rule):
-        self.rule, self.s = rule, _State()
-
-    def reset(self) -> None:
-        self.s.reset()
 
     def skip(self, x: torch.Tensor, t_rows) -> torch.Tensor:
         change = torch.as_tensor(self.rule.indicator(x, t_rows), device=x.device).float().reshape(())
@@ -160,15 +157,8 @@ class DeviceIndicator:
         total.copy_(torch.where(valid & ~reuse, torch.zeros_like(new), torch.where(reuse, new, total)))
         return reuse
 
-    def forced(self, forced: torch.Tensor) -> None:
-        total = self.s.get("total", forced)
-        total.copy_(torch.where(forced, torch.zeros_like(total), total))
-
     def computed(self, x: torch.Tensor, o: torch.Tensor) -> None:
         self.s.get("primed", x, torch.bool).fill_(True)
-
-    def seen(self, x: torch.Tensor) -> None:
-        pass
 
 
 def device_decider(rule):
