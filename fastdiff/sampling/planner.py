@@ -22,7 +22,8 @@ from fastdiff.sampling.core.tables import ModelTimes, stage_tables
 from fastdiff.sampling.features import callback as _callback, corrector as _corrector, step_noise as _step_noise
 from fastdiff.sampling.features import guidance as _guidance, per_sample
 from fastdiff.sampling.features import tensor_rules as _tensor_rules
-from fastdiff.sampling.features import cached_calls as _cached_calls, caching as _caching
+from fastdiff.sampling.features import cached_calls as _cached_calls, cached_graph as _cached_graph
+from fastdiff.sampling.features import caching as _caching
 from fastdiff.sampling.features.classifier import ClassifierGuidance, singular_at_zero
 from fastdiff.sampling.features.editing import check_direction, editing, strength_grid
 from fastdiff.sampling.features.conditions import guidance_arguments
@@ -163,7 +164,8 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
     tensor_guide = _tensor_rules.plan(g, stages, merged, a.path, a.prediction, buffers, x_shape)  # or None
     model_calls = ModelCalls(stages, g.guided_at, a.cfg_batch, buffers, pairs, times, B, shape, branches, labels,
                              device, perturbed=(g.perturbed.model, weights.perturbed_at) if g.perturbed else None)
-    model_calls = _cached_calls.plan(model_calls, a.cache, stages, g, B, a.cuda_graph)  # step caching, else itself
+    # step caching (in a captured loop: decided on the device), else model_calls itself
+    model_calls = (_cached_graph if a.cuda_graph else _cached_calls).plan(model_calls, a.cache, stages, g, B)
     # CFG++'s side rows on a blend of their own (the unconditional history): their calls, and the stages' without side
     side_calls = _guidance.side_calls(g, stages, weights, stage_calls, merged, thresholds)
     own_sides = side_calls.stages if side_calls else frozenset()

@@ -345,14 +345,11 @@ def extrapolate(entries: list, t: float, out: torch.Tensor | None = None) -> tor
     return out
 
 
-def plan(model_calls, rule, stages, guidance, B: int, cuda_graph: bool):
-    """The cached model calls of a plan, or ``model_calls`` itself without a cache rule."""
+def plan(model_calls, rule, stages, guidance, B: int):
+    """The cached model calls of an eager plan, or ``model_calls`` itself without a cache rule (a captured plan's:
+    fastdiff.sampling.features.cached_graph.plan)."""
     if rule is None:
         return model_calls
-    if cuda_graph:  # the decision on the device, each evaluation's branches as conditional nodes
-        from fastdiff.sampling.features.cached_graph import CapturedCachedCalls
-
-        return CapturedCachedCalls(model_calls, rule, stages, guidance.scale_at, guidance.guided_at, B)
     return CachedCalls(model_calls, rule, stages, guidance.scale_at, guidance.guided_at, B)
 
 

@@ -317,3 +317,10 @@ class CapturedCachedCalls(CachedCalls):
         proxy = _Proxy(run_call, model)
         proxy.reused = False
         return proxy
+
+
+def plan(model_calls, rule, stages, guidance, B: int):
+    """The cached model calls of a captured plan (cuda_graph=True), or ``model_calls`` itself without a cache rule."""
+    if rule is None:
+        return model_calls
+    return CapturedCachedCalls(model_calls, rule, stages, guidance.scale_at, guidance.guided_at, B)
