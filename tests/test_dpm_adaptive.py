@@ -78,7 +78,8 @@ def test_backends_agree_with_the_reference(backend):
     name, device = backend
     model = MixtureModel(ring_mixture(labels=list(range(8))), "vp", "eps")
     kw = dict(shape=(2,), seed=[4, 5, 6, 7], y=torch.tensor([0, 3, 5, 7], device=device), null_y=-1,
-              path="vp", prediction="eps", method="dpm_adaptive", eta=1.0, device=device, return_info=True)
+              path="vp", prediction="eps", method="dpm_adaptive", eta=1.0, device=device, return_info=True,
+              rtol=0.2, atol=0.03)  # fewer iterations: the Triton interpreter pays per launch (22 s at the defaults)
     ref, ref_info = fastdiff.sample(model, None, 2.0, backend="reference", **kw)
     ours, info = fastdiff.sample(model, None, 2.0, backend=name, **kw)
     torch.testing.assert_close(ours.cpu(), ref.cpu(), rtol=1e-4, atol=1e-4)
