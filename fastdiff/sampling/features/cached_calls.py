@@ -42,6 +42,8 @@ class CachedCalls:
     whole Heun steps instead: 0.85x at 2x. Each stage's calls are replayed in order (one batched call, or one per
     branch), so the kept tensors match the stage's own."""
 
+    fused_replay = True  # a reused stage's step may read the kept outputs itself (FusedReplay)
+
     def __init__(self, calls, rule, stages, scale_at, guided_at, B: int):
         self.calls, self.rule, self.stages, self.B = calls, rule, stages, B
         self.scale_at, self.guided_at = scale_at, guided_at
@@ -357,8 +359,7 @@ def add_hooks(plan, calls) -> None:
     """The cache's points: a new run starts afresh; the step of a reused stage reads the kept outputs (FusedReplay,
     host weights only: the stage's call tells); the report after the last step (eager loops)."""
     plan.add("start", calls.reset)
-    # (a captured loop: the kept times, so the replay's weights, are data on the device: no fused replay)
-    if calls.rule.reuse == "output" and not hasattr(calls, "device_decider"):
+    if calls.rule.reuse == "output" and calls.fused_replay:
         calls.fuse = FusedReplay(plan, calls.calls)
         plan.add("before_step", calls.fuse.hook)
     last = len(calls.stages) - 1

@@ -209,6 +209,8 @@ class _Ring:
 class CapturedCachedCalls(CachedCalls):
     """CachedCalls for a captured loop (the module docstring): the same decisions, as device tensors."""
 
+    fused_replay = False  # the kept times, so a replay's weights, are data on the device
+
     def __init__(self, calls, rule, stages, scale_at, guided_at, B: int):
         self.device_decider = device_decider(rule)
         self.rings: dict = {}  # (layout, call j) -> _Ring
@@ -223,12 +225,11 @@ class CapturedCachedCalls(CachedCalls):
     def reset(self) -> None:
         """The captured start: every device state zeroed (nothing kept, no skips)."""
         super().reset()
-        if hasattr(self, "device_decider"):
-            self.device_decider.reset()
-            for ring in self.rings.values():
-                ring.reset()
-            if self.flags is not None:
-                self.flags.zero_()
+        self.device_decider.reset()
+        for ring in self.rings.values():
+            ring.reset()
+        if self.flags is not None:
+            self.flags.zero_()
 
     def report(self) -> str:
         if self.flags is None:

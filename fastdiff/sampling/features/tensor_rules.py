@@ -167,11 +167,12 @@ def plan(guidance, stages, merged, path, prediction: str, buffers: dict, x_shape
         conversions = [_conversion(path, st.t, prediction) if g and rule.space == "x0" else None
                        for st, g in zip(stages, guided)]
     else:  # churn per sample: each sample's own time, so its own conversion
+        # a cfg schedule: the samples' own times give them their own scales, which the rule's torch ops take as one
+        # number: at those stages the rule runs once per group of samples sharing a time (stage_groups)
+        groups = stage_groups(guidance, stages, merged, guided, scales, path, prediction, buffers)
         conversions = []
         for k, g in enumerate(guided):
-            if g and any(guidance.scale_at(table[k].t) != scales[k] for table in merged.tables):
-                # a cfg schedule: the samples' own times give them their own scales, which the rule's torch ops take
-                # as one number: the rule runs once per group of samples sharing a time (stage_groups)
+            if k in groups:
                 conversions.append(None)
                 continue
             per_table = [_conversion(path, table[k].t, prediction) for table in merged.tables] \
@@ -184,11 +185,11 @@ def plan(guidance, stages, merged, path, prediction: str, buffers: dict, x_shape
             conversions.append(tuple(table[:, j].to(buffers["x"].device) for j in range(3)))
     out = TensorGuidance(rule, stages, guided, scales, conversions, buffers, guidance.rescale)
     if merged is not None:
-        out.groups = stage_groups(guidance, stages, merged, guided, scales, path, prediction, x_shape, buffers)
+        out.groups = groups
     return out
 
 
-def stage_groups(guidance, stages, merged, guided, scales, path, prediction, x_shape, buffers) -> dict:
+def stage_groups(guidance, stages, merged, guided, scales, path, prediction, buffers) -> dict:
     """{stage: [(the samples' indices, scale W, mean weights, At, conversion)] per group of samples sharing a time}
     at the guided stages where the samples' own times (churn per sample) give them their own cfg schedule's scale."""
     rule, device = guidance.rule, buffers["x"].device
