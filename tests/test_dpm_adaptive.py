@@ -43,13 +43,13 @@ def _two_class_model(path):
     return MixtureModel(mixture, path, "x0")
 
 
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_a_sample_is_the_same_alone_and_in_any_batch(eta):
+@pytest.mark.parametrize("eta, h_max", [(0.0, math.inf), (1.0, math.inf), (0.0, 1.0)])
+def test_a_sample_is_the_same_alone_and_in_any_batch(eta, h_max):
     path = VE(80.0)
     model = _two_class_model(path)
     y = torch.tensor([0, 1, 1, 0, 1, 1])
     kw = dict(path=path, prediction="x0", method="dpm_adaptive", timesteps=[0.0, path.time(0.002)], eta=eta,
-              shape=(2,), return_info=True)
+              shape=(2,), return_info=True, h_max=h_max)
     batch, info = fastdiff.sample(model, None, y=y, seed=[7, 8, 9, 10, 11, 12], **kw)
     for b in (1, 3, 5):
         alone, one = fastdiff.sample(model, None, y=y[b:b + 1], seed=[7 + b], **kw)
@@ -60,6 +60,29 @@ def test_a_sample_is_the_same_alone_and_in_any_batch(eta):
     # samples differ in their evaluations; the model saw finished samples only until the next check
     assert int(info.nfe.min()) < int(info.nfe.max())
     assert info.model_rows <= int(info.nfe.max()) * len(y)
+
+
+def test_h_max_caps_the_steps_of_a_narrow_class():
+    """Analytic oracle: one Gaussian N(mu, s^2 I) on VE has the flow x(sigma) = mu + (x_T - mu) sqrt(s^2 + sigma^2) /
+    sqrt(s^2 + sigma_max^2). Alone, k-diffusion's controller (h_max = inf) sees its embedded pair agree until sigma
+    nears s, grows h to ~4 and crosses the transition in one accepted step: 0.1 from the flow, twice the class's
+    width. Every step at most h_max in log sigma: >= ceil(log(sigma_max / sigma_min) / h_max) accepted steps, and the
+    flow to ~1e-4."""
+    smax, smin, s = 80.0, 0.002, 0.05
+    path = VE(smax)
+    mu = torch.tensor([[1.0, -0.5, 0.25, 2.0]])
+    model = MixtureModel(GaussianMixture(mu, stds=torch.tensor([s])), path, "x0")
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)) * smax
+    exact = mu + (x.double() - mu) * math.sqrt(s ** 2 + smin ** 2) / math.sqrt(s ** 2 + smax ** 2)
+    kw = dict(noise=x, path=path, prediction="x0", method="dpm_adaptive", timesteps=[0.0, path.time(smin)],
+              return_info=True)
+    runs = {h_max: fastdiff.sample(model, None, h_max=h_max, **kw) for h_max in (math.inf, 1.0, 0.5)}
+    err = {h_max: float(((out.double() - exact).norm(dim=1) / 2).max()) for h_max, (out, _) in runs.items()}
+    assert err[math.inf] > 0.05 and err[1.0] < 1e-3 and err[0.5] < err[1.0] / 3
+    for h_max in (1.0, 0.5):
+        assert int(runs[h_max][1].n_accept.min()) >= math.ceil(math.log(smax / smin) / h_max)
+    default, _ = fastdiff.sample(model, None, **kw)
+    assert torch.equal(default, runs[math.inf][0])  # inf: k-diffusion's controller, bit for bit
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
@@ -103,6 +126,9 @@ def test_errors():
         fastdiff.sample(model, 8, order=4, **kw)
     with pytest.raises(ValueError, match="rtol must be a finite number > 0 for method='dpm_adaptive'"):
         fastdiff.sample(model, 8, rtol=0.0, **kw)
+    for bad in (0.0, -1.0, math.nan, "1"):
+        with pytest.raises(ValueError, match="h_max must be a number > 0 .inf: no cap. for method='dpm_adaptive'"):
+            fastdiff.sample(model, 8, h_max=bad, **kw)
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
         fastdiff.sample(model, None, timesteps=[0.5, 0.4], **kw)
     with pytest.raises(TypeError, match="method='dpm_adaptive' takes"):

@@ -42,8 +42,8 @@ NEW_OPTIONS = {"res_multistep": (), "res_multistep_ancestral": ("eta", "s_noise"
                "tcd": ("eta",), "cm_multistep": ("sigma_min", "s_noise", "sigma_data"),
                "dpm_fast": ("eta", "s_noise"),
                "sa_solver": SA_SOLVER, "sa_solver_pece": SA_SOLVER,
-               "dpm_adaptive": ("order", "rtol", "atol", "h_init", "pcoeff", "icoeff", "dcoeff", "accept_safety", "eta",
-                                "s_noise")}
+               "dpm_adaptive": ("order", "rtol", "atol", "h_init", "pcoeff", "icoeff", "dcoeff", "accept_safety",
+                                "h_max", "eta", "s_noise")}
 
 
 def _takers(option: str) -> str:
