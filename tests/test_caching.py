@@ -523,3 +523,35 @@ def test_captured_loop_combines_with_features(monkeypatch, case):
         want = eager(seed=1)
         torch.testing.assert_close(captured(seed=1), want, rtol=0, atol=4e-6 * want.abs().max().item())
         assert captured._plan.model_calls.report() == eager._plan.model_calls.report()
+
+
+def test_verbose_reports_once_per_call_eager_and_captured(monkeypatch, caplog):
+    """verbose=True logs each call's reuse count: an eager loop after its last step, a captured one after the replay
+    (the device counters read once the graph has run; while it runs a graph reads nothing back)."""
+    import logging
+
+    from fastdiff.sampling.core import graphs
+    from graph_recorder import RecordingCapture
+
+    monkeypatch.setattr(graphs, "CAPTURE", RecordingCapture())
+    monkeypatch.setattr(graphs, "CACHE", graphs.GraphCache())
+    kw = dict(y=torch.tensor([0, 1, 2, 1, 0]), null_y=3, shape=(4,), method="euler",
+              cache=EasyCache(reuse_threshold=0.3, start_percent=0.0, verbose=True))
+    reports = {}
+    for captured in (False, True):
+        sampler = fastdiff.Sampler(_device_model, 20, 2.0, cuda_graph=captured, **kw)
+        for seed in (1, 2):
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="fastdiff"):
+                sampler(seed=seed)
+            lines = [r.getMessage() for r in caplog.records if "evaluations reused" in r.getMessage()]
+            assert len(lines) == 1, lines
+            reports[captured, seed] = lines[0]
+        with caplog.at_level(logging.INFO, logger="fastdiff"):  # sample()'s cached graph reports too
+            caplog.clear()
+            fastdiff.sample(_device_model, 20, 2.0, seed=3, cuda_graph=captured, **kw)
+            reports[captured, 3] = [r.getMessage() for r in caplog.records if "evaluations reused" in r.getMessage()]
+    for seed in (1, 2):
+        assert reports[True, seed] == reports[False, seed]
+        assert not reports[True, seed].split(": ")[1].startswith("0 of")
+    assert len(reports[True, 3]) == len(reports[False, 3]) == 1 and reports[True, 3] == reports[False, 3]

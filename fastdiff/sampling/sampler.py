@@ -66,9 +66,9 @@ ARGUMENTS = """Sample ``[B, *shape]`` from ``model(x, t, y)`` by integrating fro
             "lazycache", "adaptive" or a rule object (EasyCache(reuse_threshold=0.2, ...), LazyCache, AdaptiveCache,
             CacheIndicator(indicator, threshold)): a step whose model input has barely changed reuses the last
             outputs, extrapolated in t (order 2; plain reuse on a stochastic method; a multi-stage step computes its
-            first evaluation);
-            fewer model calls, one small host read per step. Not with cuda_graph. Off by default: it trades
-            accuracy for calls (docs/guidance.md says where it loses).
+            first evaluation); fewer model calls, one small host read per step (with cuda_graph: none, decided on
+            the device in conditional nodes). Off by default: it trades accuracy for calls (docs/guidance.md says
+            where it loses).
         perturbed_model: ``perturbed_model(x, t, y)`` with the model's signature, called on the conditional
             input by guidance="pag" / "slg" / "seg" (the network perturbed, e.g. a functools.partial reading a
             flag) and "autoguidance" (a weaker model): one more call of B per stage that uses it.
@@ -238,6 +238,8 @@ class Sampler:
                     self._graph = graphs.CAPTURE.capture(lambda: executor.run(plan, model), a.device)
                 plan.finite.first_bad.fill_(-1)
                 graphs.CAPTURE.replay(self._graph, a.device)
+            for hook in plan.points.after_replay:
+                hook()
             _raise_first_bad(plan, ns, a, plan.finite.first_bad, plan.stages)
             return plan.result.clone()
         grad = torch.is_grad_enabled()
@@ -334,6 +336,8 @@ def _run_graph(plan, ns, a) -> tuple:
                       **{f"c{i}": c for i, c in enumerate(labels.conds)})
     entry.first_bad.fill_(-1)
     graphs.CAPTURE.replay(entry.graph, a.device)
+    for hook in entry.keepalive[0].points.after_replay:  # the captured plan's (the graph ran its tensors)
+        hook()
     return entry.x.clone(), entry.first_bad, entry.stages
 
 

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-POINTS = ("start", "predictions", "before_step", "after_stage", "after_repeat", "after_step")
+# after_replay: a captured run (cuda_graph=True) has been replayed; host reads are allowed again (the cache's report)
+POINTS = ("start", "predictions", "before_step", "after_stage", "after_repeat", "after_step", "after_replay")
 
 
 class Points:

@@ -268,6 +268,9 @@ class CachedCalls:
         if self.rule.verbose:
             logging.getLogger("fastdiff").info(self.report())
 
+    def after_replay(self) -> None:  # an eager loop reports after its last step (after_run)
+        pass
+
 
 def lagrange_weights(times: list, t: float) -> list[float]:
     """The weights of the Lagrange polynomial through ``times`` at t (they sum to 1)."""
@@ -357,10 +360,11 @@ def plan(model_calls, rule, stages, guidance, B: int):
 
 def add_hooks(plan, calls) -> None:
     """The cache's points: a new run starts afresh; the step of a reused stage reads the kept outputs (FusedReplay,
-    host weights only: the stage's call tells); the report after the last step (eager loops)."""
+    host weights only: the stage's call tells); the report after the last step (eager) or the replay (captured)."""
     plan.add("start", calls.reset)
     if calls.rule.reuse == "output" and calls.fused_replay:
         calls.fuse = FusedReplay(plan, calls.calls)
         plan.add("before_step", calls.fuse.hook)
     last = len(calls.stages) - 1
     plan.add("after_step", lambda k: calls.after_run() if k == last else None)
+    plan.add("after_replay", calls.after_replay)

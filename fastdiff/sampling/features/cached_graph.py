@@ -238,8 +238,11 @@ class CapturedCachedCalls(CachedCalls):
         return (f"{self.rule.name}: {skipped} of {computed + skipped} evaluations reused "
                 f"({(computed + skipped) / max(computed, 1):.2f}x fewer model calls)")
 
-    def after_run(self) -> None:  # a graph reads nothing back: report() after the replay
+    def after_run(self) -> None:  # a graph reads nothing back while it runs
         pass
+
+    def after_replay(self) -> None:  # verbose: the device counters, read once the replay is done
+        CachedCalls.after_run(self)
 
     def evaluate(self, model, k: int):
         proxy = self._model_for(model, k)
