@@ -129,6 +129,11 @@ def test_errors():
     for bad in (0.0, -1.0, math.nan, "1"):
         with pytest.raises(ValueError, match="h_max must be a number > 0 .inf: no cap. for method='dpm_adaptive'"):
             fastdiff.sample(model, 8, h_max=bad, **kw)
+    with pytest.raises(ValueError, match="h_max=0.01 needs at least .* steps .* more than max_iterations=100"):
+        fastdiff.sample(model, 8, h_max=0.01, max_iterations=100, **kw)
+    for name in ("check_every", "max_iterations"):
+        with pytest.raises(ValueError, match=f"{name} must be an int >= 1, got 0"):
+            fastdiff.sample(model, 8, **{name: 0}, **kw)
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
         fastdiff.sample(model, None, timesteps=[0.5, 0.4], **kw)
     with pytest.raises(TypeError, match="method='dpm_adaptive' takes"):

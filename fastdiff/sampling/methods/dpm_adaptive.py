@@ -252,7 +252,14 @@ def dpm_adaptive(model, cfg: float = 1.0, *, shape=None, y=None, null_y=None, se
     b3 = opts["dcoeff"] / (1.5 if eta else order)
     f64 = dict(dtype=torch.float64, device=dev)
     s = torch.full((B,), lam_start, **f64)
+    for name, value in (("check_every", check_every), ("max_iterations", max_iterations)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     h_max = opts["h_max"]
+    if math.ceil((lam_end - lam_start) / h_max) > max_iterations:  # fail now, not after max_iterations
+        raise ValueError(f"h_max={h_max:g} needs at least {math.ceil((lam_end - lam_start) / h_max)} steps from "
+                         f"sigma_max={top:g} to sigma_min={bottom:g} (log ratio {lam_end - lam_start:.4g}), more than "
+                         f"max_iterations={max_iterations}: raise h_max or max_iterations")
     h = torch.full((B,), min(opts["h_init"], h_max), **f64)
     errs = torch.zeros((B, 3), **f64)  # the PID history (inverse errors), set at the first proposal
     fresh = torch.ones(B, dtype=torch.bool, device=dev)
@@ -264,8 +271,6 @@ def dpm_adaptive(model, cfg: float = 1.0, *, shape=None, y=None, null_y=None, se
     out = torch.empty_like(x)
     idx = torch.arange(B, device=dev)  # the samples still in the batch
     numel = math.prod(x.shape[1:])
-    if not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 1:
-        raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -277,7 +282,8 @@ def dpm_adaptive(model, cfg: float = 1.0, *, shape=None, y=None, null_y=None, se
     while idx.numel():
         if it >= max_iterations:
             raise RuntimeError(f"method='dpm_adaptive': {idx.numel()} samples did not reach the end in "
-                               f"{max_iterations} iterations (rtol={opts['rtol']}, atol={opts['atol']})")
+                               f"{max_iterations} iterations (rtol={opts['rtol']}, atol={opts['atol']}, "
+                               f"h_max={opts['h_max']:g})")
         active = s < lam_end - 1e-5
         lam_next = torch.minimum(torch.full_like(s, lam_end), s + h)
         lam_to, su = _ancestral(s, lam_next, lam_end, eta)
