@@ -312,3 +312,42 @@ def test_churn_at_the_first_step_in_a_graph(recorder):
         got = fastdiff.sample(model, None, **kw, seed=seed, cuda_graph=True)
         torch.testing.assert_close(got, fastdiff.sample(model, None, **kw, seed=seed), rtol=0, atol=0)
     assert recorder.captures == 2 and recorder.replays == 4
+
+
+@pytest.mark.parametrize("edit", ["img2img", "inpainting", "repaint"])
+def test_an_editing_graph_reads_each_calls_init_mask_and_seeds(recorder, edit):
+    """A cached capture of an editing call (init noised by the seeds: the start; the known region re-imposed from
+    init and the mask) replays for a new seed and a new init with the eager result, owns its copies of init and the
+    mask (the caller's may die; a later call's are copied into the graph's, never into the caller's tensors)."""
+    model = TimeModel()
+    g = torch.Generator().manual_seed(3)
+    inits = [torch.randn(5, 6, generator=g) for _ in range(3)]
+    masks = [torch.rand(5, 6, generator=g) > 0.5 for _ in range(3)]
+    extra = {"img2img": dict(strength=0.6), "inpainting": {}, "repaint": dict(resample=2)}[edit]
+    kw = _kw("euler", {}, **extra)
+    kept = [t.clone() for t in inits + masks]
+    for i, seed in enumerate((1, 2, 2)):
+        init, mask = inits[i], (None if edit == "img2img" else masks[i])
+        both = dict(init=init, **({} if mask is None else {"known_mask": mask}))
+        got = fastdiff.sample(model, 20, **kw, **both, seed=seed, cuda_graph=True)
+        torch.testing.assert_close(got, fastdiff.sample(model, 20, **kw, **both, seed=seed), rtol=0, atol=1e-6)
+    assert recorder.captures == 1 and recorder.replays == 3
+    assert all(torch.equal(t, k) for t, k in zip(inits + masks, kept))  # the caller's tensors untouched
+    del inits[0], masks[0]  # the first call's init and mask die: the graph reads its own copies
+    gc.collect()
+    both = dict(init=inits[0], **({} if edit == "img2img" else {"known_mask": masks[0]}))
+    got = fastdiff.sample(model, 20, **kw, **both, seed=4, cuda_graph=True)
+    torch.testing.assert_close(got, fastdiff.sample(model, 20, **kw, **both, seed=4), rtol=0, atol=1e-6)
+
+
+def test_img2img_and_inpainting_get_their_own_graphs(recorder):
+    """Whether a call inpaints (a known_mask) and the mask's broadcast shape are part of the key."""
+    model = TimeModel()
+    init = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    kw = _kw("euler", {})
+    for mask in (None, torch.ones(5, 6, dtype=torch.bool).tril(), torch.tensor([True, False] * 3)):
+        extra = dict(strength=1.0) if mask is None else dict(known_mask=mask)
+        got = fastdiff.sample(model, 20, **kw, init=init, seed=1, cuda_graph=True, **extra)
+        torch.testing.assert_close(got, fastdiff.sample(model, 20, **kw, init=init, seed=1, **extra), rtol=0,
+                                   atol=1e-6)
+    assert recorder.captures == 3

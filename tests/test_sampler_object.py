@@ -127,3 +127,22 @@ def test_a_sampler_captures_once_and_replays(monkeypatch):
         assert torch.equal(sampler(seed=seed), fastdiff.sample(m, 4, seed=seed, **kw))
     assert torch.equal(sampler(seed=0, y=Y2), fastdiff.sample(m, 4, seed=0, **{**kw, "y": Y2}))
     assert rec.captures == 1 and rec.replays == 4
+
+
+@pytest.mark.parametrize("captured", [False, True])
+@pytest.mark.parametrize("edit", ["img2img", "inpainting"])
+def test_an_editing_sampler_noises_init_with_each_calls_seeds(recorder, captured, edit):
+    """A Sampler with init: each call's start is init noised with that call's seeds (the plan's first seeds were
+    the Sampler's own), eager and captured; the same as sample()."""
+    g = torch.Generator().manual_seed(2)
+    init = torch.randn(5, 4, generator=g)
+    extra = dict(strength=0.6) if edit == "img2img" else dict(known_mask=torch.rand(5, 4, generator=g) > 0.5)
+    lin = 0.3 * torch.randn(4, 4, generator=g)
+
+    def model(x, t, y=None):
+        return torch.tanh(x @ lin) * (1.0 + t[:, None]) - x
+
+    sampler = fastdiff.Sampler(model, 20, init=init, cuda_graph=captured, **extra)
+    for seed in (1, 2, 1, 7):
+        torch.testing.assert_close(sampler(seed=seed), fastdiff.sample(model, 20, init=init, seed=seed, **extra),
+                                   rtol=0, atol=1e-6)

@@ -100,9 +100,18 @@ def build(a: SimpleNamespace, pooled: bool) -> tuple[Plan | None, SimpleNamespac
     seeds = sample_seeds(a.seed, B, device)
     backend = _dispatch.resolve(device, a.backend)  # None: use_backend / FASTDIFF_BACKEND, else auto
     noise = a.noise
+    restart = None
     if edit is not None and B and math.prod(shape):  # the initial state: init noised through the path
-        noise = edit.start(a.path, grid[0], seeds, backend)
-    ns = SimpleNamespace(stages=stages, given={"init": a.init, "noise": a.noise}, classifier=classifier)
+        if a.cuda_graph:  # a graph reads init and the mask by address: its own copies, refilled per call
+            edit.own()
+        path, t0 = a.path, grid[0]
+
+        def restart(seeds):  # a reused plan's start for its new seeds (Sampler) or init (a cached graph)
+            return edit.start(path, t0, seeds, backend)
+
+        noise = restart(seeds)
+    ns = SimpleNamespace(stages=stages, given={"init": a.init, "noise": a.noise}, classifier=classifier, edit=edit,
+                         restart=restart)
     if B == 0 or math.prod(shape) == 0:  # nothing to sample: no model call, no kernel
         ns.empty = torch.empty((B, *shape), dtype=torch.float32, device=device)
         return None, ns

@@ -211,6 +211,12 @@ class Sampler:
                 self._ns.noise_buf.copy_(noise)
             else:
                 plan.inputs.noise = noise.to(device=a.device, dtype=torch.float32).contiguous()
+        elif seed is not None and self._ns.restart is not None:  # editing: init noised with this call's seeds
+            start = self._ns.restart(plan.seeds)
+            if a.cuda_graph:
+                self._ns.noise_buf.copy_(start)
+            else:
+                plan.inputs.noise = start
         labels = plan.labels
         if isinstance(y, torch.Tensor) and (y is not self._last_y or y._version != self._last_y_version):
             labels.y.copy_(y)  # (the same tensor, unchanged since the last call, is there already)
@@ -312,6 +318,14 @@ def _raise_first_bad(plan, ns, a, first_bad=None, stages=None) -> None:
     plan.finite.raise_first_bad(first_bad, stages, ns.given, a.step_noise)  # init made noise
 
 
+def _edit_key(edit) -> tuple | None:
+    """What of an editing call a captured loop is made for (its tensors' values are refilled): img2img or
+    inpainting, the mask's shape (it broadcasts), RePaint's repeats."""
+    if edit is None:
+        return None
+    return edit.strength is None, None if edit.mask is None else tuple(edit.mask.shape), edit.resample
+
+
 def _run_graph(plan, ns, a) -> tuple:
     """sample(cuda_graph=True): capture the plan's run, or replay the cached capture of the same settings."""
     g = a.guidance
@@ -323,17 +337,21 @@ def _run_graph(plan, ns, a) -> tuple:
                      backend=ns.backend, noise_given=a.noise is not None, check_finite=a.check_finite,
                      labels=signature, brownian=a.brownian, per_sample=ns.merged.key if ns.merged else None,
                      features=(g.thresholding, a.classifier, a.classifier_scale, a.init is not None, a.resample,
-                               a.corrector_steps, a.snr, a.perturbed_model, a.cache))
+                               a.corrector_steps, a.snr, a.perturbed_model, a.cache, _edit_key(ns.edit)))
     entry = graphs.CACHE.get(key, a.model)
     if entry is None:
         graph = graphs.CAPTURE.capture(lambda: executor.run(plan, a.model), a.device)
+        edit = ns.edit
         entry = graphs.CACHE.put(key, a.model, graphs.CapturedLoop(
             graph=graph, statics=dict(seeds=plan.seeds, noise=ns.noise_buf, y=labels.y, null=labels.null,
-                                      y2=labels.batched, **{f"c{i}": c for i, c in enumerate(labels.conds)}),
+                                      y2=labels.batched, **{f"c{i}": c for i, c in enumerate(labels.conds)},
+                                      init=edit and edit.init, mask=edit and edit.mask),
             x=plan.result, first_bad=plan.finite.first_bad, stages=plan.stages, keepalive=(plan, ns)))
     else:
-        graphs.refill(entry, seeds=plan.seeds, noise=a.noise, y=labels.y, null=labels.null, y2=labels.batched,
-                      **{f"c{i}": c for i, c in enumerate(labels.conds)})
+        edit = ns.edit  # this call's init, mask and init noised with its seeds (the plan made them)
+        graphs.refill(entry, seeds=plan.seeds, noise=a.noise if edit is None else ns.noise_buf, y=labels.y,
+                      null=labels.null, y2=labels.batched, **{f"c{i}": c for i, c in enumerate(labels.conds)},
+                      init=edit and edit.init, mask=edit and edit.mask)
     entry.first_bad.fill_(-1)
     graphs.CAPTURE.replay(entry.graph, a.device)
     for hook in entry.keepalive[0].points.after_replay:  # the captured plan's (the graph ran its tensors)

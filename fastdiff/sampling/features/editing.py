@@ -126,6 +126,13 @@ class Editing:
         self.mask = None if known_mask is None else _mask(known_mask, tuple(x_shape), device)
         self.known = torch.empty_like(self.init) if self.mask is not None else None  # the known region at t'
 
+    def own(self) -> None:
+        """init and the mask as tensors of this call's own (a captured loop reads them by address: the caller's
+        tensors may die, and a later call's are copied into these)."""
+        self.init = self.init.clone()
+        if self.mask is not None:
+            self.mask = self.mask.clone()
+
     def check(self, grid: list[float], stages) -> None:
         if grid[0] > grid[-1]:
             raise ValueError("init edits a sampling run (increasing grid); to invert data, use fastdiff.invert")
