@@ -351,3 +351,18 @@ def test_img2img_and_inpainting_get_their_own_graphs(recorder):
         torch.testing.assert_close(got, fastdiff.sample(model, 20, **kw, init=init, seed=1, **extra), rtol=0,
                                    atol=1e-6)
     assert recorder.captures == 3
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_a_langevin_corrector_in_a_graph(recorder, guided):
+    """The corrector's per-sample rows (its Gram pass, ε from the norms) are device ops filled from host weights
+    without a tensor made from host data: captured, replayed for other seeds, the eager result."""
+    model = TimeModel()
+    kw = _kw("euler_ancestral", dict(corrector_steps=1, snr=0.1))
+    if guided:
+        kw.update(y=torch.tensor([0, 1, 2, 1, 0]), null_y=3)
+    cfg = 2.0 if guided else 1.0
+    for seed in (1, 2):
+        got = fastdiff.sample(model, 20, cfg, **kw, seed=seed, cuda_graph=True)
+        torch.testing.assert_close(got, fastdiff.sample(model, 20, cfg, **kw, seed=seed), rtol=0, atol=1e-6)
+    assert recorder.captures == 1 and recorder.replays == 2

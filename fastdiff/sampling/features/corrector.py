@@ -70,19 +70,20 @@ def corrector_rows(args: tuple, preds: list, st: Stage, backend: str) -> torch.T
     G = sample_gram(terms, seeds=seeds, streams=streams, backend=backend)  # u = (1, x, p_0.., h.., ξ)
     B, K, H = x.shape[0], len(preds), len(history)
     # s = a x + b g with g = w_0 p_0 + Σ_k w_k (p_k − p_0): p_0's weight is w_0 − Σ_{k≥1} w_k. Host weights
-    # fill columns (no host-to-device copy: capturable in a CUDA graph)
+    # fill columns by fill_ (no tensor made from host data, no host-to-device copy: capturable in a CUDA graph;
+    # v[:, 1] = a would make a 0-d tensor of a first)
     v = torch.zeros(B, K + H + 3, dtype=torch.float64, device=x.device)
-    v[:, 1] = a
+    v[:, 1].fill_(a)
     if sample_w is None:
-        v[:, 2] = b * (host_w[0] - sum(host_w[1:]))
+        v[:, 2].fill_(b * (host_w[0] - sum(host_w[1:])))
         for k in range(1, K):
-            v[:, 2 + k] = b * host_w[k]
+            v[:, 2 + k].fill_(b * host_w[k])
     else:
         w = sample_w.to(torch.float64)
         v[:, 2] = b * (w[:, 0] - w[:, 1:].sum(1))
         v[:, 3:K + 2] = b * w[:, 1:]
     for j, c in enumerate(h):
-        v[:, 2 + K + j] = c
+        v[:, 2 + K + j].fill_(c)
     score_sq = torch.einsum("bi,bij,bj->b", v, G, v)
     eps = 2.0 * snr * snr * G[:, -1, -1] / score_sq
     eps = torch.where(score_sq > 0, eps, torch.zeros_like(eps))  # a zero score: no move
