@@ -366,3 +366,25 @@ def test_a_langevin_corrector_in_a_graph(recorder, guided):
         got = fastdiff.sample(model, 20, cfg, **kw, seed=seed, cuda_graph=True)
         torch.testing.assert_close(got, fastdiff.sample(model, 20, cfg, **kw, seed=seed), rtol=0, atol=1e-6)
     assert recorder.captures == 1 and recorder.replays == 2
+
+
+@pytest.mark.parametrize("targets", ["y", "classifier_y"])
+def test_a_classifier_graph_reads_each_calls_targets(recorder, targets):
+    """Classifier guidance in a cached capture: a later call's target classes (classifier_y, or y) are refilled
+    (they were the first call's: a different gradient, silently); the caller's label tensors are left as given."""
+    model = TimeModel(dim=4)
+    w = torch.randn(4, 3, generator=torch.Generator().manual_seed(2))
+
+    def classifier(x, t):
+        return torch.tanh(x) @ w
+
+    kw = dict(shape=(4,), classifier=classifier, classifier_scale=2.0, seed=1)
+    labels = [torch.tensor(v) for v in ([0, 1, 2, 1, 0], [2, 2, 0, 1, 1], [1, 0, 0, 2, 2])]
+    kept = [t.clone() for t in labels]
+    for y in labels:
+        more = dict(y=y, null_y=3) if targets == "y" else dict(classifier_y=y, batch_size=5)
+        cfg = 2.0 if targets == "y" else 1.0
+        got = fastdiff.sample(model, 20, cfg, **kw, **more, cuda_graph=True)
+        torch.testing.assert_close(got, fastdiff.sample(model, 20, cfg, **kw, **more), rtol=0, atol=1e-6)
+    assert recorder.captures == 1 and recorder.replays == 3
+    assert all(torch.equal(t, k) for t, k in zip(labels, kept))

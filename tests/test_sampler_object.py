@@ -146,3 +146,24 @@ def test_an_editing_sampler_noises_init_with_each_calls_seeds(recorder, captured
     for seed in (1, 2, 1, 7):
         torch.testing.assert_close(sampler(seed=seed), fastdiff.sample(model, 20, init=init, seed=seed, **extra),
                                    rtol=0, atol=1e-6)
+
+
+def test_a_classifier_sampler_leaves_the_callers_labels():
+    """A Sampler with classifier guidance refills its own copy of the targets: the y it was made with is not
+    overwritten by a later call's y (it was), and each call is sample()'s."""
+    g = torch.Generator().manual_seed(4)
+    lin, w, emb = 0.3 * torch.randn(4, 4, generator=g), torch.randn(4, 3, generator=g), torch.randn(4, 4, generator=g)
+
+    def model(x, t, y=None):
+        return torch.tanh(x @ lin) * (1.0 + t[:, None]) + emb[y] - x
+
+    def classifier(x, t):
+        return torch.tanh(x) @ w
+
+    y0 = torch.tensor([0, 1, 2, 1, 0])
+    kw = dict(shape=(4,), classifier=classifier, classifier_scale=2.0, null_y=3)
+    sampler = fastdiff.Sampler(model, 20, 2.0, y=y0, **kw)
+    for y in (torch.tensor([2, 2, 2, 2, 2]), y0, torch.tensor([1, 0, 0, 2, 2])):
+        torch.testing.assert_close(sampler(seed=1, y=y), fastdiff.sample(model, 20, 2.0, y=y, seed=1, **kw), rtol=0,
+                                   atol=1e-6)
+    assert y0.tolist() == [0, 1, 2, 1, 0]

@@ -345,13 +345,15 @@ def _run_graph(plan, ns, a) -> tuple:
         entry = graphs.CACHE.put(key, a.model, graphs.CapturedLoop(
             graph=graph, statics=dict(seeds=plan.seeds, noise=ns.noise_buf, y=labels.y, null=labels.null,
                                       y2=labels.batched, **{f"c{i}": c for i, c in enumerate(labels.conds)},
-                                      init=edit and edit.init, mask=edit and edit.mask),
+                                      init=edit and edit.init, mask=edit and edit.mask,
+                                      classifier_y=ns.classifier and ns.classifier.y),
             x=plan.result, first_bad=plan.finite.first_bad, stages=plan.stages, keepalive=(plan, ns)))
     else:
         edit = ns.edit  # this call's init, mask and init noised with its seeds (the plan made them)
         graphs.refill(entry, seeds=plan.seeds, noise=a.noise if edit is None else ns.noise_buf, y=labels.y,
                       null=labels.null, y2=labels.batched, **{f"c{i}": c for i, c in enumerate(labels.conds)},
-                      init=edit and edit.init, mask=edit and edit.mask)
+                      init=edit and edit.init, mask=edit and edit.mask,
+                      classifier_y=ns.classifier and ns.classifier.y)  # its targets (classifier_y, or y)
     entry.first_bad.fill_(-1)
     graphs.CAPTURE.replay(entry.graph, a.device)
     for hook in entry.keepalive[0].points.after_replay:  # the captured plan's (the graph ran its tensors)

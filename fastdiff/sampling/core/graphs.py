@@ -86,7 +86,7 @@ CAPTURE = CudaCapture()
 @dataclass
 class CapturedLoop:
     graph: object
-    statics: dict  # refilled before each replay: seeds, noise, y, null, y2, init, mask (None where absent)
+    statics: dict  # refilled before each replay: seeds, noise, y, null, y2, init, mask, classifier_y (or None)
     x: torch.Tensor  # the state buffer the graph leaves the samples in
     first_bad: torch.Tensor  # first stage with a non-finite model output, -1 if none
     stages: list

@@ -43,7 +43,9 @@ class ClassifierGuidance:
         if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
             raise ValueError("classifier guidance needs y (or classifier_y): the target class of each sample, an "
                              "integer tensor [B]")
-        self.y = y.to(device=device, dtype=torch.long)
+        # its own copy: a Sampler refills it per call, a captured loop reads it by address (the caller's y was
+        # overwritten by the next call's targets when this aliased it)
+        self.y = y.to(device=device, dtype=torch.long, copy=True)
         self.classifier, self.scale_at = classifier, scale_schedule(scale, "classifier_scale")[0]
         self.path, self.prediction = path, prediction
         self.buffer = None  # set by the plan
