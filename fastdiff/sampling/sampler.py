@@ -326,6 +326,14 @@ def _edit_key(edit) -> tuple | None:
     return edit.strength is None, None if edit.mask is None else tuple(edit.mask.shape), edit.resample
 
 
+def _edit_statics(ns) -> dict:
+    """A captured loop's editing and classifier tensors, refilled per call: init, the mask, the classifier's targets
+    (classifier_y, or y), each the plan's own copy (None where absent)."""
+    edit, classifier = ns.edit, ns.classifier
+    return dict(init=None if edit is None else edit.init, mask=None if edit is None else edit.mask,
+                classifier_y=None if classifier is None else classifier.y)
+
+
 def _run_graph(plan, ns, a) -> tuple:
     """sample(cuda_graph=True): capture the plan's run, or replay the cached capture of the same settings."""
     g = a.guidance
@@ -341,19 +349,16 @@ def _run_graph(plan, ns, a) -> tuple:
     entry = graphs.CACHE.get(key, a.model)
     if entry is None:
         graph = graphs.CAPTURE.capture(lambda: executor.run(plan, a.model), a.device)
-        edit = ns.edit
         entry = graphs.CACHE.put(key, a.model, graphs.CapturedLoop(
             graph=graph, statics=dict(seeds=plan.seeds, noise=ns.noise_buf, y=labels.y, null=labels.null,
                                       y2=labels.batched, **{f"c{i}": c for i, c in enumerate(labels.conds)},
-                                      init=edit and edit.init, mask=edit and edit.mask,
-                                      classifier_y=ns.classifier and ns.classifier.y),
+                                      **_edit_statics(ns)),
             x=plan.result, first_bad=plan.finite.first_bad, stages=plan.stages, keepalive=(plan, ns)))
     else:
-        edit = ns.edit  # this call's init, mask and init noised with its seeds (the plan made them)
-        graphs.refill(entry, seeds=plan.seeds, noise=a.noise if edit is None else ns.noise_buf, y=labels.y,
+        # an editing call's start is init noised with its seeds (its plan made it), refilled as given noise is
+        graphs.refill(entry, seeds=plan.seeds, noise=a.noise if ns.edit is None else ns.noise_buf, y=labels.y,
                       null=labels.null, y2=labels.batched, **{f"c{i}": c for i, c in enumerate(labels.conds)},
-                      init=edit and edit.init, mask=edit and edit.mask,
-                      classifier_y=ns.classifier and ns.classifier.y)  # its targets (classifier_y, or y)
+                      **_edit_statics(ns))
     entry.first_bad.fill_(-1)
     graphs.CAPTURE.replay(entry.graph, a.device)
     for hook in entry.keepalive[0].points.after_replay:  # the captured plan's (the graph ran its tensors)
