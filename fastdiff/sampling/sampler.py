@@ -319,7 +319,7 @@ def _raise_first_bad(plan, ns, a, first_bad=None, stages=None) -> None:
 
 
 def _edit_key(edit) -> tuple | None:
-    """What of an editing call a captured loop is made for (its tensors' values are refilled): img2img or
+    """What of an editing call a captured loop is made for (its tensors' values are refilled): none, img2img or
     inpainting, the mask's shape (it broadcasts), RePaint's repeats."""
     if edit is None:
         return None
@@ -344,8 +344,8 @@ def _run_graph(plan, ns, a) -> tuple:
                      cfg=plan.weights.key, cfg_batch=a.cfg_batch, guidance_interval=g.interval,
                      backend=ns.backend, noise_given=a.noise is not None, check_finite=a.check_finite,
                      labels=signature, brownian=a.brownian, per_sample=ns.merged.key if ns.merged else None,
-                     features=(g.thresholding, a.classifier, a.classifier_scale, a.init is not None, a.resample,
-                               a.corrector_steps, a.snr, a.perturbed_model, a.cache, _edit_key(ns.edit)))
+                     features=(g.thresholding, a.classifier, a.classifier_scale, _edit_key(ns.edit),
+                               a.corrector_steps, a.snr, a.perturbed_model, a.cache))
     entry = graphs.CACHE.get(key, a.model)
     if entry is None:
         graph = graphs.CAPTURE.capture(lambda: executor.run(plan, a.model), a.device)

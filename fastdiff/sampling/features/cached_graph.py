@@ -14,23 +14,15 @@ reading the kept outputs itself) is not used here: its weights are data-dependen
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from fastdiff.sampling.features.cached_calls import CachedCalls, _Proxy
-from fastdiff.sampling.features.caching import AdaptiveCache, CacheIndicator, _subsample
+from fastdiff.sampling.features.caching import AdaptiveCache, CacheIndicator, _subsample, l1_tensor as _l1
 
 
 def _when(pred: torch.Tensor, fn) -> None:
     from fastdiff.sampling.core import graphs
 
     graphs.CAPTURE.when(pred, fn)
-
-
-def _l1(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """mean |a - b| (mean |a|) as a 0-d float32 tensor: the eager loop's torch ops (caching._mean_abs off the native
-    path), no host read."""
-    a = a if a.dtype is torch.float32 else a.float()
-    return a.abs().mean() if b is None else F.l1_loss(a, b if b.dtype is torch.float32 else b.float())
 
 
 class _State:

@@ -200,6 +200,13 @@ def _native_for(a: torch.Tensor, b: torch.Tensor | None):
     return None
 
 
+def l1_tensor(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """mean |a - b| (mean |a| without b) as a 0-d float32 tensor: torch ops, no host read (a half-precision model's
+    outputs: the means in float32). The statistics off the native path, eager and captured (cached_graph)."""
+    a = a if a.dtype is torch.float32 else a.float()
+    return a.abs().mean() if b is None else F.l1_loss(a, b if b.dtype is torch.float32 else b.float())
+
+
 def _mean_abs(a: torch.Tensor, b: torch.Tensor | None = None, norm: bool = False, keep: bool = False):
     """mean |a - b| (mean |a| without b); with ``norm`` the pair (that, mean |a|); with ``keep`` a is copied into b
     after. fastdiff._C.mean_abs for float32 CPU tensors: one read, host floats (12 us on 65536 subsampled elements
@@ -208,9 +215,9 @@ def _mean_abs(a: torch.Tensor, b: torch.Tensor | None = None, norm: bool = False
     native = _native_for(a, b)
     if native is not None:
         return native(a, b, norm, keep)
-    a32 = a if a.dtype is torch.float32 else a.float()  # a half-precision model's outputs: the means in float32
-    d = a32.abs().mean() if b is None else F.l1_loss(a32, b if b.dtype is torch.float32 else b.float())
-    out = (d, a32.abs().mean()) if norm else d
+    a32 = a if a.dtype is torch.float32 else a.float()  # widened once for both means
+    d = l1_tensor(a32, b)
+    out = (d, l1_tensor(a32)) if norm else d
     if keep:
         b.copy_(a)
     return out
@@ -267,8 +274,7 @@ class _ChangeRate:
         self.views: dict = {}
 
     def skip(self, t: float, x: torch.Tensor, t_rows) -> bool:
-        kept = self.views.get(id(x))
-        xs = kept[1] if kept is not None and kept[0] is x else self._input_view(x)
+        xs = self._input_view(x)
         self.input_change = None if self.x_prev is None else _mean_abs(xs, self.x_prev)
         if self.o_norm is None or self.rate is None or self.input_change is None:
             return False
@@ -313,8 +319,7 @@ class _ThirdDifference:
     def _observe(self, x: torch.Tensor) -> None:
         xs = _input_view(self.views, x, self.rule.subsample_factor)
         if self.x_last is None or self.x_last.shape != xs.shape or self.x_last.dtype != xs.dtype:
-            self.x_last = torch.empty_like(xs)
-            self.x_last.copy_(xs)
+            self.x_last = xs.clone(memory_format=torch.contiguous_format)
         else:  # the change and the copy in one read; the evaluation's one host read
             self.diffs.append(float(_mean_abs(xs, self.x_last, keep=True)))
         self.count += 1
