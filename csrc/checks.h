@@ -139,6 +139,59 @@ inline void check_sampler_step_args(const at::Tensor& x, at::TensorList preds, a
   }
 }
 
+// fastdiff::sampler_step's stats (fastdiff/ops/step_stats.py): tensors = [sums, x_ref, x_keep, q_ref, q_keep]
+// (sums float64 [B, 3]; the others float32 [B, S] or empty: not given), pick = [m, H, W, f, branch]; a keep
+// buffer overlaps no other argument. Returns S, the picked elements per sample.
+inline int64_t check_step_stats(const at::Tensor& x, at::TensorList preds, at::TensorList history,
+                                at::TensorList outs, const std::optional<at::Tensor>& side, at::TensorList tensors,
+                                at::IntArrayRef pick) {
+  constexpr const char* op = "fastdiff::sampler_step: ";
+  TORCH_CHECK(tensors.size() == 5, op, "stats must hold 5 tensors [sums, x_ref, x_keep, q_ref, q_keep] (empty where "
+              "not given), got ", tensors.size());
+  TORCH_CHECK(pick.size() == 5, op, "stats_pick must hold 5 ints [m, H, W, f, branch], got ", pick.size());
+  const int64_t B = x.size(0), n = B == 0 ? 0 : x.numel() / B;
+  const int64_t m = pick[0], H = pick[1], W = pick[2], f = pick[3], branch = pick[4];
+  TORCH_CHECK(H >= 1 && W >= 1 && f >= 1, op, "stats_pick's H, W and f must be >= 1, got ", pick);
+  int64_t S = m;
+  if (H * W == 1) {
+    TORCH_CHECK(m >= 0 && m <= n, op, "stats_pick's m must be in [0, n = ", n, "], got ", m);
+  } else {
+    TORCH_CHECK(m == n && n % (H * W) == 0, op, "stats_pick with H x W = ", H, " x ", W, " picks from whole samples: "
+                "m must be n = ", n, " and n a multiple of H W, got m = ", m);
+    S = (n / (H * W)) * ((H + f - 1) / f) * ((W + f - 1) / f);
+  }
+  TORCH_CHECK(branch >= kStatsNoQ && branch < static_cast<int64_t>(preds.size()), op, "stats_pick's branch must be "
+              "-2 (no q), -1 (the blend g) or a prediction's index < ", preds.size(), ", got ", branch);
+  const at::Tensor& sums = tensors[0];
+  TORCH_CHECK(sums.dim() == 2 && sums.size(0) == B && sums.size(1) == 3 && sums.scalar_type() == at::kDouble &&
+              sums.device() == x.device() && sums.is_contiguous(), op, "stats' sums must be a contiguous float64 "
+              "tensor [B, 3] = [", B, ", 3] on x's device, got ", sums.scalar_type(), " ", sums.sizes());
+  const char* names[5] = {"sums", "x_ref", "x_keep", "q_ref", "q_keep"};
+  for (int i = 1; i < 5; ++i) {
+    const at::Tensor& t = tensors[i];
+    if (t.numel() == 0) continue;
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) == S && t.scalar_type() == at::kFloat &&
+                t.device() == x.device() && t.is_contiguous(), op, "stats' ", names[i], " must be a contiguous "
+                "float32 tensor [B, S] = [", B, ", ", S, "] on x's device, got ", t.scalar_type(), " ", t.sizes());
+    TORCH_CHECK(i < 3 || branch != kStatsNoQ, op, "stats' ", names[i], " needs q: stats_pick's branch must be -1 "
+                "(the blend g) or a prediction's index");
+  }
+  std::vector<const at::Tensor*> others{&x, &tensors[0], &tensors[1], &tensors[3]};
+  for (const auto& t : preds) others.push_back(&t);
+  for (const auto& t : history) others.push_back(&t);
+  for (const auto& t : outs) others.push_back(&t);
+  if (side.has_value()) others.push_back(&*side);
+  for (int i : {2, 4}) {
+    if (tensors[i].numel() == 0) continue;
+    for (const at::Tensor* t : others) {
+      TORCH_CHECK(t->numel() == 0 || at::get_overlap_status(tensors[i], *t) == at::MemOverlapStatus::No, op, "stats' ",
+                  names[i], " must not share memory with another argument (it is written in full)");
+    }
+    others.push_back(&tensors[i]);
+  }
+  return S;
+}
+
 // fastdiff::add_noise, fastdiff::diffusion_loss and fastdiff::diffusion_loss_backward. `op` is the
 // message prefix ("fastdiff::<op>: ").
 

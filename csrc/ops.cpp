@@ -24,9 +24,11 @@ TORCH_LIBRARY(fastdiff, m) {
   //   side = s_c                   (when side is given)
   // x, history, outs, side float32 [B, ...]; preds float32/float16/bfloat16 (one dtype); seeds int64 [B];
   // all contiguous on one device. An output may be exactly an input (outs[0] = x, side = history[j]).
+  // stats = [sums, x_ref, x_keep, q_ref, q_keep], stats_pick = [m, H, W, f, branch]: per-sample statistics of the
+  // output and a prediction over a subsample, from the elements the step holds (spec: fastdiff/ops/step_stats.py).
   m.def("sampler_step(Tensor x, Tensor[] preds, Tensor[] history, Tensor seeds, int[] streams, float[] weights, "
         "float[] coeffs, Tensor? sample_weights, Tensor? sample_coeffs, Tensor(a!)[] outs, Tensor(b!)? side, "
-        "Tensor(c!)? finite, float[]? clip=None) -> ()");
+        "Tensor(c!)? finite, float[]? clip=None, Tensor(d!)[]? stats=None, int[]? stats_pick=None) -> ()");
   // The per-sample reduction pass (docs/design.md §2; spec: fastdiff/ops/sample_gram.py). With u = (terms[0..K),
   // z_0..z_D) (z_d the spec-v1 normal of (seeds[b], streams[d], element e)), T = K + D <= 8, D <= 4, returns
   // float64 [B, T + T (T + 1) / 2]: row b holds sum_e u_i (i < T), then sum_e u_i u_j (i <= j, row-major). Each

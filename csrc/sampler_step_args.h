@@ -16,7 +16,8 @@ inline StepBuffers step_buffers(const at::Tensor& x, at::TensorList preds, at::T
                                 at::ArrayRef<double> coeffs, const std::optional<at::Tensor>& sample_weights,
                                 const std::optional<at::Tensor>& sample_coeffs, at::TensorList outs,
                                 const std::optional<at::Tensor>& side, const std::optional<at::Tensor>& finite,
-                                std::optional<at::ArrayRef<double>> clip = std::nullopt) {
+                                std::optional<at::ArrayRef<double>> clip = std::nullopt,
+                                at::TensorList stats = {}, at::IntArrayRef stats_pick = {}, int64_t stats_size = 0) {
   StepBuffers a{};
   // clip = [c, d] (checked: c finite and > 0 in float32), rounded once to float32 like the coefficients
   a.clip = clip.has_value();
@@ -43,6 +44,21 @@ inline StepBuffers step_buffers(const at::Tensor& x, at::TensorList preds, at::T
   a.finite = finite ? finite->mutable_data_ptr<int32_t>() : nullptr;
   a.B = x.size(0);
   a.n = a.B == 0 ? 0 : x.numel() / a.B;
+  if (!stats.empty()) {  // checked by check_step_stats, which gave stats_size (S)
+    auto read = [&](int i) { return stats[i].numel() ? stats[i].const_data_ptr<float>() : nullptr; };
+    auto write = [&](int i) { return stats[i].numel() ? stats[i].mutable_data_ptr<float>() : nullptr; };
+    a.stats.sums = stats[0].mutable_data_ptr<double>();
+    a.stats.x_ref = read(1);
+    a.stats.x_keep = write(2);
+    a.stats.q_ref = read(3);
+    a.stats.q_keep = write(4);
+    a.stats.m = stats_pick[0];
+    a.stats.H = stats_pick[1];
+    a.stats.W = stats_pick[2];
+    a.stats.f = stats_pick[3];
+    a.stats.branch = static_cast<int>(stats_pick[4]);
+    a.stats.S = stats_size;
+  }
   return a;
 }
 

@@ -30,13 +30,16 @@ PreparedStep::PreparedStep(const at::Tensor& x, at::TensorList preds, at::Tensor
                            const std::optional<at::Tensor>& sample_weights,
                            const std::optional<at::Tensor>& sample_coeffs, at::TensorList outs,
                            const std::optional<at::Tensor>& side, const std::optional<at::Tensor>& finite,
-                           std::vector<int64_t> parts, std::optional<std::vector<double>> clip)
+                           std::vector<int64_t> parts, std::optional<std::vector<double>> clip,
+                           std::vector<at::Tensor> stats, std::vector<int64_t> stats_pick)
     : parts_(std::move(parts)), sizes_(x.sizes().vec()), device_(x.device()) {
   const std::optional<at::ArrayRef<double>> clip_ref =
       clip.has_value() ? std::optional<at::ArrayRef<double>>(at::ArrayRef<double>(*clip)) : std::nullopt;
   check_sampler_step_args(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs, outs,
                           side, finite, clip_ref);
   TORCH_CHECK(seeds.is_contiguous(), kOp, "seeds must be contiguous (a prepared call reads them in place)");
+  TORCH_CHECK(stats.empty() == stats_pick.empty(), kOp, "stats and stats_pick go together");
+  const int64_t stats_size = stats.empty() ? 0 : check_step_stats(x, preds, history, outs, side, stats, stats_pick);
   runner_ = runners()[static_cast<size_t>(x.device().type())];
   TORCH_CHECK(runner_ != nullptr, kOp, "this build of fastdiff._C has no sampler_step for ", x.device().type(),
               " tensors");
@@ -48,8 +51,9 @@ PreparedStep::PreparedStep(const at::Tensor& x, at::TensorList preds, at::Tensor
               "), got ", parts_.size());
   for (int64_t p : parts_) TORCH_CHECK(p >= 0 && p < kMaxBranches, kOp, "parts must be in [0, 8), got ", p);
   buffers_ = step_buffers(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs, outs,
-                          side, finite, clip_ref);
+                          side, finite, clip_ref, stats, stats_pick, stats_size);
   for (int i = 0; i < kMaxBranches; ++i) buffers_.preds[i] = nullptr;
+  bound_.insert(bound_.end(), stats.begin(), stats.end());
   bound_.push_back(x);
   bound_.insert(bound_.end(), history.begin(), history.end());
   bound_.push_back(seeds);

@@ -25,12 +25,14 @@ class PreparedStep {
   // The op's arguments (csrc/ops.cpp), checked as the op checks them; `preds` only stand in for the shape and
   // count of a run's predictions. `parts`: for a run on one batched model output, the part that is
   // prediction i (empty: part i). seeds must be contiguous (read in place: a plan refills them). clip: the op's
-  // clip = [c, d] (clip_sample fused; none by default), after parts so that existing callers keep their order.
+  // clip = [c, d] (clip_sample fused; none by default), after parts so that existing callers keep their order;
+  // stats / stats_pick: the op's step statistics (none when empty).
   PreparedStep(const at::Tensor& x, at::TensorList preds, at::TensorList history, const at::Tensor& seeds,
                at::IntArrayRef streams, at::ArrayRef<double> weights, at::ArrayRef<double> coeffs,
                const std::optional<at::Tensor>& sample_weights, const std::optional<at::Tensor>& sample_coeffs,
                at::TensorList outs, const std::optional<at::Tensor>& side, const std::optional<at::Tensor>& finite,
-               std::vector<int64_t> parts = {}, std::optional<std::vector<double>> clip = std::nullopt);
+               std::vector<int64_t> parts = {}, std::optional<std::vector<double>> clip = std::nullopt,
+               std::vector<at::Tensor> stats = {}, std::vector<int64_t> stats_pick = {});
 
   int branches() const { return buffers_.shape.branches; }
   int64_t numel() const { return buffers_.B * buffers_.n; }

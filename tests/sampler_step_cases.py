@@ -96,10 +96,12 @@ FMA_A, FMA_B, FUSED = 1.0 + 2.0**-12, (2.0**24 - 4095) * 2.0**-48, 1.0 + 2.0**-2
 
 
 def run_model(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs, outs, side, finite,
-              clip=None, *, normals, fma=fma32):
+              clip=None, stats=None, *, normals, fma=fma32):
     """The kernels' arithmetic (blend / combine of csrc/include/fastdiff/sampler_step.h, which the Triton
     kernel mirrors) on prepared arguments: float32, each accumulation one exactly rounded ``fma``.
-    ``normals(seeds, stream, shape)`` gives the kernel's own noise (its backend's randn)."""
+    ``normals(seeds, stream, shape)`` gives the kernel's own noise (its backend's randn). (stats: the step's
+    statistics, tests/test_step_stats.py; none here.)"""
+    assert stats is None
     B, nd, f32 = x.shape[0], x.dim(), torch.float32
     H, D = len(history), len(streams)
     M = 2 + H + D

@@ -36,13 +36,17 @@ void sampler_step_cpu(const at::Tensor& x, at::TensorList preds, at::TensorList 
                       at::IntArrayRef streams, at::ArrayRef<double> weights, at::ArrayRef<double> coeffs,
                       const std::optional<at::Tensor>& sample_weights, const std::optional<at::Tensor>& sample_coeffs,
                       at::TensorList outs, const std::optional<at::Tensor>& side,
-                      const std::optional<at::Tensor>& finite, std::optional<at::ArrayRef<double>> clip) {
+                      const std::optional<at::Tensor>& finite, std::optional<at::ArrayRef<double>> clip,
+                      std::optional<at::TensorList> stats, at::OptionalIntArrayRef stats_pick) {
   check_sampler_step_args(x, preds, history, seeds_in, streams, weights, coeffs, sample_weights, sample_coeffs, outs,
                           side, finite, clip);
+  TORCH_CHECK(stats.has_value() == stats_pick.has_value(), "fastdiff::sampler_step: stats and stats_pick go together");
+  const int64_t S = stats.has_value() ? check_step_stats(x, preds, history, outs, side, *stats, *stats_pick) : 0;
   if (x.numel() == 0) return;
   const at::Tensor seeds = seeds_in.contiguous();
   const StepBuffers a = step_buffers(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs,
-                                     outs, side, finite, clip);
+                                     outs, side, finite, clip, stats.value_or(at::TensorList()),
+                                     stats_pick.value_or(at::IntArrayRef()), S);
   run_cpu(a, preds[0].scalar_type(), x.device());
 }
 

@@ -149,6 +149,14 @@ struct StepRun {
   bool used[kMaxDraws];
   bool clip;  // StepBuffers::clip (side is then nullptr when the side row is computed for the clip alone)
   float clip_c, clip_d;
+  // The step statistics (StepBuffers::stats; stats == nullptr without): sample b's rows of its buffers and the
+  // task's float64 sums for the sample.
+  const StepStats* stats;
+  const float* x_ref;
+  float* x_keep;
+  const float* q_ref;
+  float* q_keep;
+  double* sums;
 };
 
 // A task's block buffers: normals per draw, widened predictions, and the partial block's copies.
@@ -198,6 +206,80 @@ FASTDIFF_NOINLINE void step_clip(float* s, float* const* outs, int n_outs, float
   }
 }
 
+// Calls fn(j, k) for each picked element e0 + j of [e0, e0 + count) of a sample (StepStats::pick), k its index
+// in the subsample: a prefix directly, a strided pick row by row (one division per row of the block).
+template <typename Fn>
+inline void for_picked(const StepStats& st, int64_t e0, int count, Fn fn) {
+  const int64_t end = std::min<int64_t>(e0 + count, st.m);
+  if (st.H * st.W == 1) {
+    for (int64_t i = e0; i < end; ++i) fn(static_cast<int>(i - e0), i);
+    return;
+  }
+  const int64_t W = st.W, H = st.H, f = st.f, Ws = (W + f - 1) / f, Hs = (H + f - 1) / f;
+  for (int64_t i = e0; i < end;) {
+    const int64_t r = i / W, h = r % H, row_end = std::min(end, (r + 1) * W);
+    if (h % f == 0) {
+      const int64_t base = (r / H) * Hs * Ws + (h / f) * Ws;
+      for (int64_t w = (i - r * W + f - 1) / f * f; r * W + w < row_end; w += f)
+        fn(static_cast<int>(r * W + w - e0), base + w / f);
+    }
+    i = row_end;
+  }
+}
+
+// The q statistics of one block, before the step writes it (an output may be exactly a prediction): q the
+// prediction run.stats->branch of the block (p, float: the loads' own lines, now in L1), or the blend g for -1
+// (recomputed per picked element as blend does: w0 p0, then fma(w_r, p_r - p0, .)). Out of line: one copy per
+// translation unit, reached only by calls with statistics.
+FASTDIFF_NOINLINE void step_stats_q(const StepRun& run, const SampleCoeffs& k, int branches, const float* const* p,
+                                    int64_t e0, int count) {
+  const StepStats& st = *run.stats;
+  double diff = 0.0, norm = 0.0;
+  const int branch = st.branch;
+  for_picked(st, e0, count, [&](int j, int64_t idx) {
+    float q;
+    if (branch >= 0) {
+      q = p[branch][j];
+    } else {
+      const float p0 = p[0][j];
+      q = k.w[0] * p0;
+      for (int r = 1; r < branches; ++r) q = std::fma(k.w[r], p[r][j] - p0, q);
+    }
+    if (run.q_ref != nullptr) diff += std::fabs(static_cast<double>(q - run.q_ref[idx]));
+    norm += std::fabs(static_cast<double>(q));
+    if (run.q_keep != nullptr) run.q_keep[idx] = q;
+  });
+  run.sums[1] += diff;
+  run.sums[2] += norm;
+}
+
+// The out statistics of one block, after the step wrote it (out: the block's first output).
+FASTDIFF_NOINLINE void step_stats_out(const StepRun& run, const float* out, int64_t e0, int count) {
+  double diff = 0.0;
+  for_picked(*run.stats, e0, count, [&](int j, int64_t idx) {
+    const float o = out[j];
+    if (run.x_ref != nullptr) diff += std::fabs(static_cast<double>(o - run.x_ref[idx]));
+    if (run.x_keep != nullptr) run.x_keep[idx] = o;
+  });
+  run.sums[0] += diff;
+}
+
+// sums[i] += v[i] for the three columns: tasks that share a sample add their parts (the order varies with the
+// thread schedule: the spec leaves it to the backend).
+inline void add_stat_sums(double* sums, const double* v) {
+  for (int c = 0; c < 3; ++c) {
+    if (v[c] == 0.0) continue;
+    auto* word = reinterpret_cast<uint64_t*>(sums + c);
+    uint64_t seen = __atomic_load_n(word, __ATOMIC_RELAXED), next;
+    do {
+      double d;
+      std::memcpy(&d, &seen, sizeof d);
+      d += v[c];
+      std::memcpy(&next, &d, sizeof d);
+    } while (!__atomic_compare_exchange_n(word, &seen, next, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+  }
+}
+
 // The walk over a run's blocks, in the variant the run needs: kCheck the finiteness check, kCommon one
 // output, w0 = 1 and non-zero draw coefficients (fixed shapes only). These two are template arguments because
 // they pay: with them as runtime tests the ODE step took 1.9x the instructions of 852978a's loop
@@ -220,6 +302,9 @@ void sampler_step_walk(const Shape& s, const SampleCoeffs& k, const StepRun& run
   float* side = run.side;
   const bool clip = run.clip;  // checked once per block
   const float clip_c = run.clip_c, clip_d = run.clip_d;
+  const bool stats = run.stats != nullptr;  // checked once per block: blocks past the pick's m skip it
+  const bool q_stats = stats && run.stats->branch != kStatsNoQ;
+  const int64_t stats_m = stats ? run.stats->m : 0;
   const char* preds[kMaxBranches];
   const float* hist[kMaxHistory];
   float* outs[kMaxOuts];
@@ -254,8 +339,11 @@ void sampler_step_walk(const Shape& s, const SampleCoeffs& k, const StepRun& run
       for (int r = 0; r < n_outs; ++r) o[r] = outs[r] + e0;
       // the side row's block: the side output's, or scratch for a clip without one (side_row)
       float* side_block = kSide ? (side != nullptr ? side + e0 : buf.side) : nullptr;
+      const bool stats_here = stats && e0 < stats_m;
+      if (stats_here && q_stats) step_stats_q(run, coeffs, s.branches, p, e0, kBlockElems);
       sampler_step_block<kSide, kCheck, kCommon>(s, coeffs, x + e0, p, h, z, o, n_outs, side_block, acc, lanes);
       if (kSide && clip) step_clip(side_block, o, n_outs, clip_c, clip_d);
+      if (stats_here) step_stats_out(run, o[0], e0, kBlockElems);
     } else {
       // The partial last block: every input is copied before anything is written (an output may be an input).
       const int count = static_cast<int>(n - e0);
@@ -269,8 +357,11 @@ void sampler_step_walk(const Shape& s, const SampleCoeffs& k, const StepRun& run
         h[r] = buf.h[r];
       }
       float* local_out = buf.out;
+      const bool stats_here = stats && e0 < stats_m;
+      if (stats_here && q_stats) step_stats_q(run, coeffs, s.branches, p, e0, count);
       sampler_step_block<kSide, kCheck, kCommon>(s, coeffs, buf.x, p, h, z, &local_out, 1, buf.side, acc, lanes);
       if (kSide && clip) step_clip(buf.side, &local_out, 1, clip_c, clip_d);
+      if (stats_here) step_stats_out(run, buf.out, e0, count);
       for (int r = 0; r < run.n_outs; ++r) std::memcpy(run.outs[r] + e0, buf.out, sizeof(float) * count);
       if (kSide && side != nullptr) std::memcpy(side + e0, buf.side, sizeof(float) * count);
     }
@@ -304,6 +395,16 @@ void sampler_step_rows(const StepBuffers& a, const Shape s, const PredType pred_
     int64_t loaded = -1;  // the sample whose per-sample coefficients are in k
     Vec bad(0.0f);
     StepLanes lanes;
+    const StepStats* stats = a.stats.on() ? &a.stats : nullptr;
+    double stat_sums[3] = {0.0, 0.0, 0.0};
+    run.stats = stats;
+    run.sums = stat_sums;
+    auto flush_stats = [&](int64_t sample) {
+      if (stats != nullptr) {
+        add_stat_sums(stats->sums + 3 * sample, stat_sums);
+        stat_sums[0] = stat_sums[1] = stat_sums[2] = 0.0;
+      }
+    };
     auto flush_finite = [&](int64_t sample) {
       if (check_finite) {
         alignas(64) float values[Vec::size()];
@@ -342,6 +443,13 @@ void sampler_step_rows(const StepBuffers& a, const Shape s, const PredType pred_
       for (int r = 0; r < s.branches; ++r) run.preds[r] = static_cast<const char*>(a.preds[r]) + row * run.pred_bytes;
       for (int r = 0; r < s.history; ++r) run.history[r] = a.history[r] + row;
       for (int r = 0; r < a.n_outs; ++r) run.outs[r] = a.outs[r] + row;
+      if (stats != nullptr) {
+        const int64_t srow = b * stats->S;
+        run.x_ref = stats->x_ref != nullptr ? stats->x_ref + srow : nullptr;
+        run.x_keep = stats->x_keep != nullptr ? stats->x_keep + srow : nullptr;
+        run.q_ref = stats->q_ref != nullptr ? stats->q_ref + srow : nullptr;
+        run.q_keep = stats->q_keep != nullptr ? stats->q_keep + srow : nullptr;
+      }
       bool common = ShapeCaps<Shape>::kFixed && a.n_outs == 1 && k.w[0] == 1.0f;
       for (int d = 0; d < s.draws; ++d) common = common && k.c[0][kDrawColumn + d] != 0.0f;
       with_bool(check_finite, [&](auto check) {
@@ -357,11 +465,15 @@ void sampler_step_rows(const StepBuffers& a, const Shape s, const PredType pred_
       blk = run.stop;
       if (blk == blocks) {
         flush_finite(b);
+        flush_stats(b);
         blk = 0;
         ++b;
       }
     }
-    if (blk != 0) flush_finite(b);  // the task ended inside sample b
+    if (blk != 0) {  // the task ended inside sample b
+      flush_finite(b);
+      flush_stats(b);
+    }
   });
 }
 

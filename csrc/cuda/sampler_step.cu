@@ -344,15 +344,19 @@ void sampler_step_cuda(const at::Tensor& x, at::TensorList preds, at::TensorList
                        at::IntArrayRef streams, at::ArrayRef<double> weights, at::ArrayRef<double> coeffs,
                        const std::optional<at::Tensor>& sample_weights, const std::optional<at::Tensor>& sample_coeffs,
                        at::TensorList outs, const std::optional<at::Tensor>& side,
-                       const std::optional<at::Tensor>& finite, std::optional<at::ArrayRef<double>> clip) {
+                       const std::optional<at::Tensor>& finite, std::optional<at::ArrayRef<double>> clip,
+                       std::optional<at::TensorList> stats, at::OptionalIntArrayRef stats_pick) {
   check_sampler_step_args(x, preds, history, seeds_in, streams, weights, coeffs, sample_weights, sample_coeffs, outs,
                           side, finite, clip);
+  TORCH_CHECK(stats.has_value() == stats_pick.has_value(), "fastdiff::sampler_step: stats and stats_pick go together");
+  const int64_t S = stats.has_value() ? check_step_stats(x, preds, history, outs, side, *stats, *stats_pick) : 0;
   TORCH_CHECK(x.is_cuda(), "fastdiff::sampler_step (CUDA): x must be a CUDA tensor, got ", x.device());
   if (x.numel() == 0) return;  // B = 0 or n = 0
   c10::cuda::CUDAGuard guard(x.device());  // for seeds' copy
   const at::Tensor seeds = seeds_in.contiguous();  // the kernel indexes seeds[b] directly
   const StepBuffers p = step_buffers(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs,
-                                     outs, side, finite, clip);
+                                     outs, side, finite, clip, stats.value_or(at::TensorList()),
+                                     stats_pick.value_or(at::IntArrayRef()), S);
   run_cuda(p, preds[0].scalar_type(), x.device());
 }
 

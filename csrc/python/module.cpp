@@ -71,11 +71,13 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<const at::Tensor&, std::vector<at::Tensor>, std::vector<at::Tensor>, const at::Tensor&,
                     std::vector<int64_t>, std::vector<double>, std::vector<double>, const std::optional<at::Tensor>&,
                     const std::optional<at::Tensor>&, std::vector<at::Tensor>, const std::optional<at::Tensor>&,
-                    const std::optional<at::Tensor>&, std::vector<int64_t>, std::optional<std::vector<double>>>(),
+                    const std::optional<at::Tensor>&, std::vector<int64_t>, std::optional<std::vector<double>>,
+                    std::vector<at::Tensor>, std::vector<int64_t>>(),
            py::arg("x"), py::arg("preds"), py::arg("history"), py::arg("seeds"), py::arg("streams"),
            py::arg("weights"), py::arg("coeffs"), py::arg("sample_weights"), py::arg("sample_coeffs"),
            py::arg("outs"), py::arg("side"), py::arg("finite"), py::arg("parts") = std::vector<int64_t>{},
-           py::arg("clip") = py::none())
+           py::arg("clip") = py::none(), py::arg("stats") = std::vector<at::Tensor>{},
+           py::arg("stats_pick") = std::vector<int64_t>{})
       .def("__call__", &call, py::arg("preds"))
       .def_property_readonly("branches", &fastdiff::PreparedStep::branches);
   m.def("mean_abs", &fastdiff::mean_abs, py::arg("a"), py::arg("b") = py::none(), py::arg("norm") = false,

@@ -22,11 +22,25 @@ def _call(name: str):
     return call
 
 
+def _sampler_step():
+    """The op with the kernels' trailing (clip, stats): stats = (tensors, pick) is the op's stats, stats_pick."""
+
+    def call(*args):
+        op = torch.ops.fastdiff.sampler_step.default
+        if len(args) > 13 and args[13] is not None:
+            return op(*args[:13], *args[13])
+        return op(*args[:13])
+
+    call.__name__ = "sampler_step"
+    call.direct = lambda: call
+    return call
+
+
 def register(backend: str, *, residual: bool = False) -> None:
     """Registers the _C kernels for ``backend``; ``residual``: also the loss forward that keeps pred − target
     for a backward without a second pass over the noise (worth it where the normals are costly: CPU)."""
     for name in OPS + (("diffusion_loss_residual",) if residual else ()):
-        register_kernel(backend, name)(_call(name))
+        register_kernel(backend, name)(_sampler_step() if name == "sampler_step" else _call(name))
     if all(hasattr(torch.ops.fastdiff, name) for name in AT_TIMES_OPS):
         for name in AT_TIMES_OPS + (("diffusion_loss_at_residual",) if residual else ()):
             register_kernel(backend, name)(_call(name))

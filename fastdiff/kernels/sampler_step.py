@@ -272,7 +272,7 @@ def _padded(values, count):
 
 
 def sampler_step(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs, outs, side,
-                 finite, clip=None) -> None:
+                 finite, clip=None, stats=None) -> None:
     """Writes ``outs`` (and ``side``, ``finite`` when given) in place; see the module docstring.
 
     Arguments as normalized by fastdiff.ops.sampler_step.prepare (the checks are the caller's): x float32
@@ -283,6 +283,8 @@ def sampler_step(x, preds, history, seeds, streams, weights, coeffs, sample_weig
     side float32 or None; finite int32 [B] or None; clip [c, d] host numbers or None (checked: not with
     sample_coeffs). Everything contiguous on x's device; outs[0] may be x and side may be a history buffer.
     """
+    if stats is not None:
+        raise NotImplementedError("stats: not yet in the Triton kernel")
     K1, H, D, NOUT = len(preds), len(history), len(streams), len(outs)
     assert 1 <= K1 <= MAX_BRANCHES and H <= MAX_HISTORY and D <= MAX_DRAWS and 1 <= NOUT <= MAX_OUTS
     M = 2 + H + D

@@ -53,12 +53,13 @@ from fastdiff import _checks, _native
 from fastdiff import dispatch as _dispatch
 from fastdiff._backends import register_kernel
 from fastdiff.ops.randn import randn_reference
+from fastdiff.ops.step_stats import check_stats, reference_stats
 
 PRED_DTYPES = _checks.PRED_DTYPES
 MAX_BRANCHES, MAX_HISTORY, MAX_DRAWS, MAX_OUTS = 8, 4, 4, 8
 # the kernels' positional arguments (fastdiff/_backends), the keys of prepare()'s result
 KERNEL_ARGS = ("x", "preds", "history", "seeds", "streams", "weights", "coeffs", "sample_weights", "sample_coeffs",
-               "outs", "side", "finite", "clip")
+               "outs", "side", "finite", "clip", "stats")
 # what with_rows adds (with seeds)
 ROW_ARGS = ("streams", "weights", "coeffs", "sample_weights", "sample_coeffs", "clip")
 
@@ -117,9 +118,27 @@ def _check_outputs_apart(named) -> None:
         spans.append(span)
 
 
-def prepare(x, preds, weights, history, coeffs, seeds, streams, outs, side, finite, clip=None):
+def prepare(x, preds, weights, history, coeffs, seeds, streams, outs, side, finite, clip=None, stats=None):
     """Checks every argument once; returns the normalized call (a dict of the kernel's arguments)."""
-    return with_rows(prepare_tensors(x, preds, history, seeds, outs, side, finite), weights, coeffs, streams, clip)
+    call = with_rows(prepare_tensors(x, preds, history, seeds, outs, side, finite), weights, coeffs, streams, clip)
+    return with_stats(call, stats)
+
+
+def with_stats(call: dict, stats) -> dict:
+    """``call`` with ``stats`` (a fastdiff.ops.step_stats.StepStats or None) checked, in the kernels' form."""
+    checked = check_stats(stats, call["x"], len(call["preds"]))
+    if checked is not None:  # a keep buffer is written in full: apart from every output and every input
+        _, x_ref, x_keep, q_ref, q_keep = checked[0]
+        writes = [*((f"outs[{i}]", o) for i, o in enumerate(call["outs"])), ("side", call["side"]),
+                  ("stats.x_keep", x_keep), ("stats.q_keep", q_keep)]
+        _check_outputs_apart(writes)
+        reads = [("x", call["x"]), *((f"preds[{i}]", p) for i, p in enumerate(call["preds"])),
+                 *((f"history[{i}]", h) for i, h in enumerate(call["history"])),
+                 ("stats.x_ref", x_ref), ("stats.q_ref", q_ref)]
+        for keep in writes[-2:]:
+            for other in reads:
+                _check_outputs_apart([keep, other])
+    return dict(call, stats=checked)
 
 
 def round_f32(c) -> float:
@@ -195,7 +214,7 @@ def prepare_tensors(x, preds, history, seeds, outs, side, finite) -> dict:
         seeds = _checks.seeds_tensor(seeds, device)
         if seeds.shape != (B,):
             raise ValueError(f"seeds must hold one seed per sample ({B}), got shape {tuple(seeds.shape)}")
-    return dict(x=x, preds=preds, history=history, seeds=seeds, outs=outs, side=side, finite=finite)
+    return dict(x=x, preds=preds, history=history, seeds=seeds, outs=outs, side=side, finite=finite, stats=None)
 
 
 def with_rows(tensors: dict, weights, coeffs, streams, clip=None) -> dict:
@@ -238,7 +257,7 @@ def _column(host, sample, j, B, nd):
 
 @register_kernel("reference", "sampler_step")
 def run_reference(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs, outs, side,
-                  finite, clip=None):
+                  finite, clip=None, stats=None):
     """The specification on prepared arguments (see :func:`prepare`)."""
     B, nd, f32 = x.shape[0], x.dim(), torch.float32
     H, D = len(history), len(streams)
@@ -289,6 +308,8 @@ def run_reference(x, preds, history, seeds, streams, weights, coeffs, sample_wei
         n = x.numel() // B if B else 0
         for q in p:
             finite.masked_fill_(~torch.isfinite(q).reshape(B, n).all(1), 0)
+    if stats is not None:  # before the writes: a reference buffer may be read after an output aliasing x is written
+        reference_stats(stats, result, p, g)
     if side is not None:
         side.copy_(side_value)
     for o in outs:
@@ -297,28 +318,30 @@ def run_reference(x, preds, history, seeds, streams, weights, coeffs, sample_wei
 
 
 def sampler_step_reference(x, preds, *, weights=None, history=(), coeffs, seeds=None, streams=(), outs=None,
-                           side=None, finite=None, clip=None):
+                           side=None, finite=None, clip=None, stats=None):
     """Pure-PyTorch specification of :func:`sampler_step`; returns ``outs[0]``."""
-    return run_reference(**prepare(x, preds, weights, history, coeffs, seeds, streams, outs, side, finite, clip))
+    return run_reference(**prepare(x, preds, weights, history, coeffs, seeds, streams, outs, side, finite, clip,
+                                   stats))
 
 
 def run_kernel(name, x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs, outs, side,
-               finite, clip=None):
+               finite, clip=None, stats=None):
     """Runs backend ``name``'s step kernel on prepared arguments (writes outs, side, finite)."""
     if name != "reference" and not all(t is None or t.is_contiguous() for t in (x, *preds, *history, *outs, side)):
         raise ValueError("sampler_step kernels need contiguous x, preds, history, outs and side "
                          "(the sampler passes contiguous buffers; call .contiguous() on custom inputs)")
-    # clip only when given: a kernel of the twelve arguments before it keeps working
+    # clip and stats only when given: a kernel of the twelve arguments before them keeps working
+    tail = () if clip is None and stats is None else (clip,) if stats is None else (clip, stats)
     _dispatch.kernel(name, "sampler_step")(x, preds, history, seeds, streams, weights, coeffs, sample_weights,
-                                           sample_coeffs, outs, side, finite, *(() if clip is None else (clip,)))
+                                           sample_coeffs, outs, side, finite, *tail)
     return outs[0]
 
 
 def sampler_step(x, preds, *, weights=None, history=(), coeffs, seeds=None, streams=(), outs=None, side=None,
-                 finite=None, clip=None, backend=None):
+                 finite=None, clip=None, stats=None, backend=None):
     """One general fused sampler step on the selected backend; see the module docstring. Returns
     ``outs[0]`` (a new tensor when ``outs`` is None)."""
-    call = prepare(x, preds, weights, history, coeffs, seeds, streams, outs, side, finite, clip)
+    call = prepare(x, preds, weights, history, coeffs, seeds, streams, outs, side, finite, clip, stats)
     name = _dispatch.resolve(x.device, backend)
     if name != "reference" and torch.is_grad_enabled():
         named = [("x", x), *((f"preds[{i}]", p) for i, p in enumerate(call["preds"])),
@@ -337,5 +360,5 @@ if _native.status.loaded and hasattr(torch.ops.fastdiff, "sampler_step"):
 
     @torch.library.register_fake("fastdiff::sampler_step")
     def _sampler_step_fake(x, preds, history, seeds, streams, weights, coeffs, sample_weights, sample_coeffs, outs,
-                           side, finite, clip=None):
-        return None  # writes outs, side and finite in place
+                           side, finite, clip=None, stats=None, stats_pick=None):
+        return None  # writes outs, side, finite and the stats tensors in place

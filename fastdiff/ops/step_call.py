@@ -14,7 +14,7 @@ the reference, a build without the module) and with ``native=False`` it is :clas
 backend's kernel: a plan captured in a CUDA graph asks for that, since a replay runs no host code and the
 dispatcher is paid once, at capture, where the CPU stand-in of a capture (tests/graph_recorder.py) sees the op.
 
-``args`` may stop before the trailing ``clip`` (the twelve arguments before it: no clip).
+``args`` may stop before the trailing ``clip`` and ``stats`` (the twelve arguments before them: neither).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from fastdiff.ops.sampler_step import KERNEL_ARGS
 
 PREDS = KERNEL_ARGS.index("preds")
 CLIP = KERNEL_ARGS.index("clip")
+STATS = KERNEL_ARGS.index("stats")
 
 
 class StepCall:
@@ -56,14 +57,19 @@ def step_call(backend: str, args: tuple, parts=None, native: bool = True):
     op even where a native call exists."""
     parts = list(range(len(args[PREDS]))) if parts is None else list(parts)
     args = tuple(args) + (None,) * (len(KERNEL_ARGS) - len(args))  # (no clip where args stop before it)
-    clip = args[CLIP]
+    clip, stats = args[CLIP], args[STATS]
     prepared, record = _native_type(backend)
     if native and prepared is not None:
-        call = prepared(*args[:CLIP], parts) if clip is None else prepared(*args[:CLIP], parts, clip=list(clip))
+        named = {} if clip is None else {"clip": list(clip)}
+        if stats is not None:
+            named.update(stats=list(stats[0]), stats_pick=list(stats[1]))
+        call = prepared(*args[:CLIP], parts, **named)
     else:
         call = StepCall()
         call.kernel = getattr(record, "direct", lambda: record)()
-        call.tail = () if clip is None else (list(clip),)  # a kernel of the twelve arguments before clip keeps working
+        # a kernel of the twelve arguments before clip keeps working
+        call.tail = () if clip is None and stats is None else \
+            (None if clip is None else list(clip),) + (() if stats is None else (stats,))
     call.args, call.parts, call.backend = args, parts, backend
     return call
 

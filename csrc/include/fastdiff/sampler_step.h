@@ -79,6 +79,31 @@ struct SampleCoeffs {
   float c[2][kMaxTerms];  // [row][column]: row 0 out, row 1 side; columns as kDrawColumn says
 };
 
+// The step statistics (the op's stats, spec: fastdiff/ops/step_stats.py): over the picked elements of each
+// sample, sums[b, 0] += |out - x_ref|, sums[b, 1] += |q - q_ref|, sums[b, 2] += |q| (float64), out and q copied
+// into x_keep / q_keep; q is prediction `branch` (-1: the blend g; -2: none). Absent buffers are nullptr;
+// sums == nullptr: no statistics (the step as before).
+constexpr int kStatsNoQ = -2, kStatsBlend = -1;
+struct StepStats {
+  double* sums;  // [B, 3]
+  const float* x_ref;  // [B, S] each, or nullptr
+  float* x_keep;
+  const float* q_ref;
+  float* q_keep;
+  int64_t m, H, W, f, S;  // the pick: element i is picked iff i < m, (i % W) % f == 0, ((i / W) % H) % f == 0
+  int branch;
+
+  FASTDIFF_HD bool on() const { return sums != nullptr; }
+  // Whether element i of a sample is picked, and then its index k in the subsample.
+  FASTDIFF_HD bool pick(int64_t i, int64_t& k) const {
+    if (i >= m) return false;
+    const int64_t w = i % W, r = i / W, h = r % H;
+    if (w % f != 0 || h % f != 0) return false;
+    k = (r / H) * ((H + f - 1) / f) * ((W + f - 1) / f) + (h / f) * ((W + f - 1) / f) + w / f;
+    return true;
+  }
+};
+
 // The buffers and numbers of one call: filled on the host from the op's arguments (step_buffers in
 // csrc/sampler_step_args.h), read by the CPU loops and passed by value to the CUDA kernel.
 struct StepBuffers {
@@ -102,6 +127,7 @@ struct StepBuffers {
   // uniform over the call (checked per block on the CPU, per thread on CUDA): no template dimension.
   bool clip;
   float clip_c, clip_d;
+  StepStats stats;  // stats.sums == nullptr without statistics
 
   // Whether the side row is computed: for the side output or for the clip.
   FASTDIFF_HD bool side_row() const { return side != nullptr || clip; }
