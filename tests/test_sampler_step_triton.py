@@ -353,3 +353,34 @@ def test_clip_compiles_for_sm90_with_a_rounded_product(tmp_path):
     (never contracted with the add into an fma, no flush to zero: as the interpreter and the reference round)."""
     out = run_script(_SM90_CLIP_SCRIPT, tmp_path)
     assert out.count("compiled") == 2 and "mul_rn=False" not in out and ".ftz" not in out, out
+
+
+_SM90_STATS_SCRIPT = r'''
+from fastdiff.kernels import sampler_step as module
+from fastdiff.ops.sampler_step import prepare
+from fastdiff.ops.step_stats import StepStats, picked, subsample_pick
+
+kernel = module._sampler_step_kernel
+module._sampler_step_kernel = Record()
+for shape, f, branch, dtype in [((2, 8192), 8, 1, torch.float32), ((2, 3, 40, 41), 4, -1, torch.bfloat16),
+                                ((2, 3, 40, 41), 2, -2, torch.float32)]:
+    x = torch.randn(shape)
+    pick = subsample_pick(shape, f, branch)
+    S = picked(x[0].numel(), pick)
+    q = branch != -2
+    stats = StepStats(torch.zeros(2, 3, dtype=torch.float64), pick, torch.zeros(2, S), torch.zeros(2, S),
+                      torch.zeros(2, S) if q else None, torch.zeros(2, S) if q else None)
+    calls.clear()
+    module.sampler_step(**prepare(x, [torch.randn(shape).to(dtype) for _ in range(2)], [1.0, 3.0], [],
+                                  [1.0, -0.5, 0.0, 0.0], None, [], [x], None, None, None, stats))
+    _, args, kwargs = calls[0]
+    ptx = compile_sm90(kernel, args, kwargs, "ptx")
+    print(f"compiled {shape} f={f} branch={branch} f64_atomics={'add.f64' in ptx}")
+'''
+
+
+def test_stats_compile_for_sm90(tmp_path):
+    """The step statistics' launches (tests/test_step_stats.py: a prefix pick, strided picks, q a prediction, the
+    blend or none) compile to sm_90, their float64 sums as float64 atomic adds."""
+    out = run_script(_SM90_STATS_SCRIPT, tmp_path)
+    assert out.count("compiled") == 3 and "f64_atomics=False" not in out, out

@@ -12,6 +12,10 @@ With clip = [c, d] (CLIP, a constexpr: the no-clip binary is unchanged) the side
 side output, then s_c = where(s > c, c, where(s < -c, -c, s)), t = s_c - s, u = d t, out = out + u (three
 roundings: on a GPU the product is PTX mul.rn.f32, which is never contracted into an fma) and side = s_c.
 
+With stats (PICK, a constexpr: the binary without is unchanged) each program adds its picked elements' L1 sums
+(fastdiff/ops/step_stats.py: out as stored, q prediction QB as read or the blend g) to sums[b] by a float64
+atomic add, and writes the keep buffers at the picked lanes only.
+
 z_d the spec-v1 normal of (seeds[b], streams[d], element i, offset 0) (docs/design.md §3). The fmas are
 the arithmetic of the C++ kernels (blend / combine, csrc/include/fastdiff/sampler_step.h): explicit, so
 no contraction choice of the compiler enters (no separate multiply feeds an add), and on a GPU a step
@@ -67,12 +71,15 @@ def _nonfinite(v):
 
 
 @triton.jit
-def _branch(g, bad, p0, p_ptr, offs, mask, w, HAS_FINITE: tl.constexpr):
-    """fma(w, p_k - p0, g) for one more prediction p_k; bad |= p_k non-finite (when tracked)."""
+def _branch(g, bad, q, p0, p_ptr, offs, mask, w, HAS_FINITE: tl.constexpr, IS_Q: tl.constexpr):
+    """fma(w, p_k - p0, g) for one more prediction p_k; bad |= p_k non-finite (when tracked); q = p_k when IS_Q
+    (the statistics' prediction: from the registers, an output may be p_k)."""
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_FINITE:
         bad = bad | _nonfinite(p)
-    return tl.fma(w, p - p0, g), bad
+    if IS_Q:
+        q = p
+    return tl.fma(w, p - p0, g), bad, q
 
 
 @triton.jit
@@ -128,7 +135,44 @@ def _clip(res, sv, c, d, INTERPRETED: tl.constexpr):
     return res + u, sc
 
 
-@triton.jit(do_not_specialize=_STREAMS + _W + _C + _S + ["clip_c", "clip_d"])
+@triton.jit
+def _picked(q, m, pick_h, pick_w, pick_f, pick_ws, pick_hsws, PICK: tl.constexpr):
+    """(taken, k): which elements 4 q + lane of the tile the pick takes, and their subsample indices."""
+    i = q[:, None] * 4 + tl.arange(0, 4)[None, :].to(tl.int64)
+    taken = i < m
+    if PICK == 1:  # a prefix: k = i
+        k = i
+    else:
+        if PICK == 32:  # the divisions by run-time values in int32: several times cheaper than in int64
+            i = i.to(tl.int32)
+        r = i // pick_w
+        c = i - r * pick_w
+        h = r % pick_h
+        cf = c // pick_f
+        hf = h // pick_f
+        taken = taken & (c == cf * pick_f) & (h == hf * pick_f)
+        k = (r // pick_h) * pick_hsws + hf * pick_ws + cf
+    return taken, k
+
+
+@triton.jit
+def _l1(v, taken):
+    """Σ |v| over the taken lanes, in float64."""
+    return tl.sum(tl.sum(tl.where(taken, tl.abs(v.to(tl.float64)), 0.0), axis=1), axis=0)
+
+
+@triton.jit
+def _stat(sum_ptr, v, taken, ref_ptr, keep_ptr, srow, k, any_taken):
+    """sum += Σ |v - ref[k]| (with ref); keep[k] = v (with keep)."""
+    if ref_ptr is not None:
+        ref = tl.load(ref_ptr + srow + k, mask=taken, other=0.0)
+        tl.atomic_add(sum_ptr, _l1(v - ref, taken), mask=any_taken, sem="relaxed")
+    if keep_ptr is not None:
+        tl.store(keep_ptr + srow + k, v, mask=taken)
+
+
+@triton.jit(do_not_specialize=_STREAMS + _W + _C + _S + ["clip_c", "clip_d", "pick_m", "pick_h", "pick_w", "pick_f",
+                                                        "pick_ws", "pick_hsws", "pick_s"])
 def _sampler_step_kernel(
     x_ptr,  # [B, n] float32
     p0, p1, p2, p3, p4, p5, p6, p7,  # [B, n] float32 | float16 | bfloat16 (one dtype); p_k None for k >= K1
@@ -145,12 +189,18 @@ def _sampler_step_kernel(
     c_x, c_g, c_h0, c_h1, c_h2, c_h3, c_z0, c_z1, c_z2, c_z3,  # host out row, float32 (None unless used)
     s_x, s_g, s_h0, s_h1, s_h2, s_h3, s_z0, s_z1, s_z2, s_z3,  # host side row, float32 (None unless used)
     clip_c, clip_d,  # clip = [c, d], float32 (None without CLIP)
+    sums_ptr,  # [B, 3] float64 statistics' sums (None without PICK)
+    x_ref, x_keep, q_ref, q_keep,  # [B, S] float32 or None
+    pick_m, pick_h, pick_w, pick_f, pick_ws, pick_hsws,  # the pick (m, H, W, f), Ws, Hs Ws (None without PICK)
+    pick_s,  # S (None without PICK)
     K1: tl.constexpr, H: tl.constexpr, D: tl.constexpr, NOUT: tl.constexpr,
     ZOUT: tl.constexpr, ZSIDE: tl.constexpr,  # host draws used by out / side: bit d (ignored with SAMPLE_C)
     HAS_SIDE: tl.constexpr,  # the side row is computed (a side output, or CLIP)
     HAS_FINITE: tl.constexpr, SAMPLE_W: tl.constexpr, SAMPLE_C: tl.constexpr,
     STORE_SIDE: tl.constexpr,  # a side output is given
     CLIP: tl.constexpr, INTERPRETED: tl.constexpr,
+    PICK: tl.constexpr,  # statistics: 0 none, 1 a prefix pick, 32 / 64 a strided pick in int32 / int64 indices
+    QB: tl.constexpr,  # q: prediction QB, the blend g (-1), none (-2)
     BLOCK: tl.constexpr,  # groups (of 4 elements) per program
 ):
     b, q, offs, mask = sample_tile(n, BLOCK)  # [BLOCK, 4] tile of sample b: row = group q, column = lane
@@ -171,20 +221,30 @@ def _sampler_step_kernel(
     if HAS_FINITE:
         bad = _nonfinite(pz)
     g = _coef(w0, wrow, 0, SAMPLE_W) * pz
+    qv = pz  # q of the statistics (QB = 0, or replaced below)
     if K1 > 1:
-        g, bad = _branch(g, bad, pz, p1, offs, mask, _coef(w1, wrow, 1, SAMPLE_W), HAS_FINITE)
+        g, bad, qv = _branch(g, bad, qv, pz, p1, offs, mask, _coef(w1, wrow, 1, SAMPLE_W), HAS_FINITE,
+                             QB == 1)
     if K1 > 2:
-        g, bad = _branch(g, bad, pz, p2, offs, mask, _coef(w2, wrow, 2, SAMPLE_W), HAS_FINITE)
+        g, bad, qv = _branch(g, bad, qv, pz, p2, offs, mask, _coef(w2, wrow, 2, SAMPLE_W), HAS_FINITE,
+                             QB == 2)
     if K1 > 3:
-        g, bad = _branch(g, bad, pz, p3, offs, mask, _coef(w3, wrow, 3, SAMPLE_W), HAS_FINITE)
+        g, bad, qv = _branch(g, bad, qv, pz, p3, offs, mask, _coef(w3, wrow, 3, SAMPLE_W), HAS_FINITE,
+                             QB == 3)
     if K1 > 4:
-        g, bad = _branch(g, bad, pz, p4, offs, mask, _coef(w4, wrow, 4, SAMPLE_W), HAS_FINITE)
+        g, bad, qv = _branch(g, bad, qv, pz, p4, offs, mask, _coef(w4, wrow, 4, SAMPLE_W), HAS_FINITE,
+                             QB == 4)
     if K1 > 5:
-        g, bad = _branch(g, bad, pz, p5, offs, mask, _coef(w5, wrow, 5, SAMPLE_W), HAS_FINITE)
+        g, bad, qv = _branch(g, bad, qv, pz, p5, offs, mask, _coef(w5, wrow, 5, SAMPLE_W), HAS_FINITE,
+                             QB == 5)
     if K1 > 6:
-        g, bad = _branch(g, bad, pz, p6, offs, mask, _coef(w6, wrow, 6, SAMPLE_W), HAS_FINITE)
+        g, bad, qv = _branch(g, bad, qv, pz, p6, offs, mask, _coef(w6, wrow, 6, SAMPLE_W), HAS_FINITE,
+                             QB == 6)
     if K1 > 7:
-        g, bad = _branch(g, bad, pz, p7, offs, mask, _coef(w7, wrow, 7, SAMPLE_W), HAS_FINITE)
+        g, bad, qv = _branch(g, bad, qv, pz, p7, offs, mask, _coef(w7, wrow, 7, SAMPLE_W), HAS_FINITE,
+                             QB == 7)
+    if QB == -1:
+        qv = g
 
     res = tl.fma(_coef(c_g, crow, 1, SAMPLE_C), g, _coef(c_x, crow, 0, SAMPLE_C) * x)
     sv = res  # placeholder when there is no side row
@@ -248,6 +308,15 @@ def _sampler_step_kernel(
         # only zeros are stored, by the programs that saw a non-finite prediction (a benign race)
         any_bad = tl.max(tl.max((bad & mask).to(tl.int32), axis=1), axis=0)
         tl.store(finite_ptr + b, any_bad * 0, mask=any_bad != 0)
+    if PICK != 0:
+        if tl.program_id(0).to(tl.int64) * (4 * BLOCK) < pick_m:  # a program past m has nothing picked
+            taken, k = _picked(q, pick_m, pick_h, pick_w, pick_f, pick_ws, pick_hsws, PICK)
+            any_taken = tl.max(tl.max(taken.to(tl.int32), axis=1), axis=0) != 0
+            srow = b * pick_s
+            _stat(sums_ptr + b * 3, res, taken, x_ref, x_keep, srow, k, any_taken)
+            if QB >= -1:
+                _stat(sums_ptr + b * 3 + 1, qv, taken, q_ref, q_keep, srow, k, any_taken)
+                tl.atomic_add(sums_ptr + b * 3 + 2, _l1(qv, taken), mask=any_taken, sem="relaxed")
 
 
 def _f32(c) -> float:
@@ -281,10 +350,10 @@ def sampler_step(x, preds, history, seeds, streams, weights, coeffs, sample_weig
     (M = 2 + H + D: out row c_x, c_g, c_h.., c_z.., then the side row), or placeholders when
     sample_weights [B, K1] / sample_coeffs [B, 2M] (float32) are given; outs 1..8 float32 tensors;
     side float32 or None; finite int32 [B] or None; clip [c, d] host numbers or None (checked: not with
-    sample_coeffs). Everything contiguous on x's device; outs[0] may be x and side may be a history buffer.
+    sample_coeffs); stats ([sums, x_ref, x_keep, q_ref, q_keep], [m, H, W, f, branch]) or None (empty tensors
+    where not given: fastdiff/ops/step_stats.py). Everything contiguous on x's device; outs[0] may be x and side
+    may be a history buffer.
     """
-    if stats is not None:
-        raise NotImplementedError("stats: not yet in the Triton kernel")
     K1, H, D, NOUT = len(preds), len(history), len(streams), len(outs)
     assert 1 <= K1 <= MAX_BRANCHES and H <= MAX_HISTORY and D <= MAX_DRAWS and 1 <= NOUT <= MAX_OUTS
     M = 2 + H + D
@@ -340,6 +409,16 @@ def sampler_step(x, preds, history, seeds, streams, weights, coeffs, sample_weig
     s2 = flat(side) if store_side else None
     clip_args = [None, None] if clip is None else [_f32(clip[0]), _f32(clip[1])]
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    # statistics: None everywhere without them (no arguments: the plain binary)
+    stat_bufs, pick_args, PICK, QB = [None] * 5, [None] * 7, 0, -2
+    if stats is not None:
+        (sums, *bufs), (m, pH, pW, f, branch) = stats
+        bufs = [t if t.numel() else None for t in bufs]
+        if m > 0 and (branch >= -1 or bufs[0] is not None or bufs[1] is not None):  # else nothing to add or write
+            Ws, Hs = -(-pW // f), -(-pH // f)
+            stat_bufs, QB = [sums, *bufs], branch
+            pick_args = [m, pH, pW, f, Ws, Hs * Ws, m if pH * pW == 1 else n // (pH * pW) * Hs * Ws]
+            PICK = 1 if pH * pW == 1 else 32 if n + 4 * BLOCK < 2**31 else 64  # a tile's i < n + 4 BLOCK
     with _device.on_device(x.device):  # Triton launches on the current device and stream
         for start in range(0, B, _MAX_GRID_Y):
             stop = min(B, start + _MAX_GRID_Y)
@@ -364,8 +443,11 @@ def sampler_step(x, preds, history, seeds, streams, weights, coeffs, sample_weig
                 *c_row,
                 *s_row,
                 *clip_args,
+                *map(chunk, stat_bufs),
+                *pick_args,
                 K1=K1, H=H, D=D, NOUT=NOUT, ZOUT=zout, ZSIDE=zside,
                 HAS_SIDE=has_side, HAS_FINITE=finite is not None, SAMPLE_W=sample_w, SAMPLE_C=sample_c,
                 STORE_SIDE=store_side, CLIP=clip is not None, INTERPRETED=interpreted and clip is not None,
+                PICK=PICK, QB=QB,
                 BLOCK=BLOCK,
             )
