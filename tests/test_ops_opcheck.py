@@ -47,6 +47,10 @@ def test_sampler_step_strided_seeds():
     args = (x, [torch.randn_like(pred), pred], [extra], seeds, [4], [1.0, 2.0], [0.9, 0.1, 0.2, 0.3, 1.0, 0.5, 0.25, 0.0],
             None, None, [torch.empty_like(x)], torch.empty_like(x), None)
     torch.library.opcheck(torch.ops.fastdiff.sampler_step.default, args)
+    # with the step statistics (fastdiff/ops/step_stats.py): sums added to, the keep buffers written
+    sums, keep = torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, 4)
+    stats = [sums, torch.randn(3, 4), keep, torch.randn(3, 4), torch.zeros(3, 4)]
+    torch.library.opcheck(torch.ops.fastdiff.sampler_step.default, args + (None, stats, [4, 1, 1, 1, 1]))
 
 
 def test_add_noise_strided_coefficients_and_seeds():

@@ -37,6 +37,10 @@ dtype); seeds int64 [B]; finite int32 [B]; everything contiguous on x's device. 
 exactly an input (outs[0] = x, side = history[j]): each element reads its inputs before it writes.
 Limits: K1 ≤ 8, H ≤ 4, D ≤ 4, len(outs) ≤ 8.
 
+With ``stats`` (a :class:`fastdiff.ops.step_stats.StepStats`) the step also adds per-sample L1 statistics of
+out and of one prediction (or g) over a subsample, and keeps those subsamples, from the values it holds (step
+caching's decision, fastdiff.sampling.features.cached_stats; spec: fastdiff/ops/step_stats.py).
+
 ``sampler_step_reference`` is the specification. The kernels write in place and refuse inputs that
 require grad (``fastdiff.ops.guided_step`` is the differentiable two-branch form).
 """

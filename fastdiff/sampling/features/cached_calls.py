@@ -10,6 +10,7 @@ import weakref
 import torch
 
 from fastdiff.ops.sampler_step import KERNEL_ARGS
+from fastdiff.sampling.features import cached_stats as _cached_stats
 
 _PREDS, _WEIGHTS, _SAMPLE_WEIGHTS = (KERNEL_ARGS.index(name) for name in ("preds", "weights", "sample_weights"))
 
@@ -43,6 +44,7 @@ class CachedCalls:
     branch), so the kept tensors match the stage's own."""
 
     fused_replay = True  # a reused stage's step may read the kept outputs itself (FusedReplay)
+    in_step_stats = True  # the decider's statistics from the kernels' pass (cached_stats), where the plan allows
 
     def __init__(self, calls, rule, stages, scale_at, guided_at, B: int):
         self.calls, self.rule, self.stages, self.B = calls, rule, stages, B
@@ -177,6 +179,10 @@ class CachedCalls:
         position = [0]
         stats = self.first[k] and (self.window[k] or t < self.rule.start_percent)
         guided = self.rule.on_guided and self.guided_at(t)
+        # LazyCache with one call per branch: the blend needs the null branch's call, the stage's last
+        kind, _, n_calls = self.calls.plans[k]
+        at = n_calls - 1 if guided and kind == "two" else 0
+        cond = []
 
         def run(fn, xin, tin, y):
             out = fn(xin, tin, y)
@@ -206,8 +212,12 @@ class CachedCalls:
                 self.kept[j] = series
                 if self.copies:  # the copies dropped from the series hold the next ones (no new allocation)
                     self.spare += [e[1] for e in entries if self._owned(e[1]) and not any(e is s for s in series)]
-                if j == 0 and stats:
-                    self.decider.computed(x_first, self._guided_first(out, k) if guided else
+                if stats and j == 0 and at:
+                    cond.append(out)
+                elif stats and j == at:
+                    measured = self.decider.stats is not None and self.decider.stats.measure_output(k)
+                    self.decider.computed(x_first, None if measured else
+                                          self._guided_first(out, k, *cond) if guided else
                                           out if out.shape[0] == self.B else out[:self.B])
             return out
 
@@ -236,14 +246,18 @@ class CachedCalls:
         self.owned[id(copy)] = weakref.ref(copy)
         return copy
 
-    def _guided_first(self, out, k):
-        """The CFG blend at the stage's scale from one batched output (conditions first, the null branch last)."""
+    def _guided_first(self, out, k, cond=None):
+        """The CFG blend at the stage's scale of the first condition: from one batched output (conditions first, the
+        null branch last), or from the first condition's output ``cond`` and the null branch's ``out`` (one call per
+        branch)."""
         kind, inputs, n = self.calls.plans[k]
         w = self.scale_at(self.stages[k].t)
         w = w[0] if isinstance(w, tuple) else w
         if kind == "batched" and n >= 2:
             parts = out.chunk(n)
             return parts[-1] + w * (parts[0] - parts[-1])
+        if cond is not None:
+            return out + w * (cond - out)
         return out[:self.B]
 
     def _replay(self, k: int, t: float):
@@ -368,3 +382,4 @@ def add_hooks(plan, calls) -> None:
     last = len(calls.stages) - 1
     plan.add("after_step", lambda k: calls.after_run() if k == last else None)
     plan.add("after_replay", calls.after_replay)
+    _cached_stats.add_hooks(plan, calls)

@@ -202,6 +202,7 @@ class CapturedCachedCalls(CachedCalls):
     """CachedCalls for a captured loop (the module docstring): the same decisions, as device tensors."""
 
     fused_replay = False  # the kept times, so a replay's weights, are data on the device
+    in_step_stats = False  # its deciders' statistics are device ops of their own (no host read to save)
 
     def __init__(self, calls, rule, stages, scale_at, guided_at, B: int):
         self.device_decider = device_decider(rule)
@@ -269,6 +270,8 @@ class CapturedCachedCalls(CachedCalls):
         self.flags[3].add_((~compute).long())
         stats = self.first[k] and (self.window[k] or st.t < self.rule.start_percent)
         guided = self.rule.on_guided and self.guided_at(st.t)
+        # LazyCache with one call per branch: the blend at the null branch's call (the stage's last), as eager
+        at = self.calls.plans[k][2] - 1 if guided and self.calls.plans[k][0] == "two" else 0
         keep, residual = self.order + 1, self.rule.reuse == "residual"
         position = [0]
 
@@ -292,8 +295,9 @@ class CapturedCachedCalls(CachedCalls):
                     ring = self.rings[(layout, j)] = _Ring(out, keep)
                 out.copy_(o)
                 ring.add(st.t, value)
-                if j == 0 and stats:
-                    d.computed(x, self._guided_first(o, k) if guided else o[:self.B])
+                if j == at and stats:
+                    d.computed(x, self._guided_first(o, k, self.outs[(k, 0)] if at else None) if guided else
+                               o[:self.B])
 
             if out is None and ring is not None:  # made in the warm-up run, which visits every stage
                 out = self.outs[(k, j)] = torch.empty(xin.shape, dtype=torch.float32, device=xin.device)

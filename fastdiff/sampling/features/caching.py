@@ -26,9 +26,12 @@ noise: dpmpp_2m_sde on the digits model, 20 steps, AdaptiveCache(0.3, max_skips=
 distance of 13.5 against 0.21 uncached). Every branch of a guided evaluation is cached alike, so every method,
 guidance rule, editing mode and feature downstream of the model call sees predictions as usual.
 
-The decision is batch-wide (one model call or none) and costs one small host read per evaluation (a mean over a
-subsample). In a captured loop (cuda_graph=True) it is made on the device instead and each evaluation's computed
-and reused branches are CUDA graph conditional nodes (fastdiff.sampling.features.cached_graph): no host read.
+The decision is batch-wide (one model call or none) and costs one small host read per evaluation: the statistics
+(means over a subsample) come out of the fused step's own pass where the plan allows (the kernel that writes the
+state measures it, the one that reads a computed output measures that: fastdiff.sampling.features.cached_stats),
+else the decider reads the subsamples (the functions below). In a captured loop (cuda_graph=True) it is made on the
+device instead and each evaluation's computed and reused branches are CUDA graph conditional nodes
+(fastdiff.sampling.features.cached_graph): no host read.
 
 The window ``start_percent`` / ``end_percent`` is in flow time t (0 = noise, 1 = data; ComfyUI's percent of its
 model's timesteps, the same on a flow model with shift 1): before it every evaluation runs and feeds the statistics
@@ -267,6 +270,8 @@ def _input_view(views: dict, x: torch.Tensor, f: int) -> torch.Tensor:
 class _ChangeRate:
     """EasyCache's running sum of estimated relative output changes."""
 
+    stats = None  # the statistics from the fused step's pass (cached_stats.InStepStats), where the plan allows
+
     def __init__(self, rule):
         self.rule = rule
         self.rate = self.x_prev = self.o_prev = self.o_norm = self.input_change = None
@@ -275,7 +280,10 @@ class _ChangeRate:
 
     def skip(self, t: float, x: torch.Tensor, t_rows) -> bool:
         xs = self._input_view(x)
-        self.input_change = None if self.x_prev is None else _mean_abs(xs, self.x_prev)
+        if self.stats is not None:
+            self.input_change = self.stats.input_change(xs)
+        else:
+            self.input_change = None if self.x_prev is None else _mean_abs(xs, self.x_prev)
         if self.o_norm is None or self.rate is None or self.input_change is None:
             return False
         self.total += float(_div(self.rate * self.input_change, self.o_norm))  # the evaluation's one host read
@@ -290,7 +298,13 @@ class _ChangeRate:
     def _input_view(self, x: torch.Tensor) -> torch.Tensor:
         return _input_view(self.views, x, self.rule.subsample_factor)
 
-    def computed(self, x: torch.Tensor, o: torch.Tensor) -> None:
+    def computed(self, x: torch.Tensor, o: torch.Tensor | None) -> None:
+        """A computed evaluation at x with output o (None: the step's kernel measures it, record_output after)."""
+        if self.stats is not None:
+            self.stats.rebase(self._input_view(x))
+            if o is not None:
+                self.record_output(*self.stats.read_output(_subsample(o, self.rule.subsample_factor)))
+            return
         xs, os_ = self._input_view(x), _subsample(o, self.rule.subsample_factor)
         fresh = self.x_prev is None or self.x_prev.shape != xs.shape or self.o_prev.shape != os_.shape
         if fresh:
@@ -302,12 +316,21 @@ class _ChangeRate:
         _copy_into(xs, self.x_prev)
         self.input_change = None
 
+    def record_output(self, change, norm) -> None:
+        """A computed output's change since the last one (None for the first) and its scale."""
+        self.o_norm = norm
+        if change is not None and self.input_change is not None:
+            self.rate = _div(change, self.input_change)
+        self.input_change = None
+
     def seen(self, x: torch.Tensor) -> None:
         """An evaluation outside the window that still runs: its statistics."""
 
 
 class _ThirdDifference:
     """AdaptiveDiffusion's criterion on the evaluations' inputs."""
+
+    stats = None  # as _ChangeRate's
 
     def __init__(self, rule):
         self.rule = rule
@@ -318,7 +341,12 @@ class _ThirdDifference:
 
     def _observe(self, x: torch.Tensor) -> None:
         xs = _input_view(self.views, x, self.rule.subsample_factor)
-        if self.x_last is None or self.x_last.shape != xs.shape or self.x_last.dtype != xs.dtype:
+        if self.stats is not None:
+            d = self.stats.input_change(xs)
+            if d is not None:
+                self.diffs.append(float(d))
+            self.stats.rebase(xs)
+        elif self.x_last is None or self.x_last.shape != xs.shape or self.x_last.dtype != xs.dtype:
             self.x_last = xs.clone(memory_format=torch.contiguous_format)
         else:  # the change and the copy in one read; the evaluation's one host read
             self.diffs.append(float(_mean_abs(xs, self.x_last, keep=True)))
@@ -342,6 +370,8 @@ class _ThirdDifference:
 
 
 class _Indicator:
+    stats = None  # the caller's indicator: no statistics of the step's
+
     def __init__(self, rule):
         self.rule = rule
         self.total = 0.0
