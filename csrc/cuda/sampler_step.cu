@@ -23,6 +23,19 @@
 // number of outputs and whether any noise is drawn are run-time values, uniform over the launch (a
 // template flag each would double the kernels for a predicated load or branch in a memory-bound loop).
 //
+// Statistics (StepBuffers::stats, spec: fastdiff/ops/step_stats.py): a template flag of the runtime-shape kernel alone
+// (12 more kernels), so that the 108 kernels without them are compiled as before: code after the item loop, even a
+// single atomic, changed ptxas's register allocation for 28 of them (fewer resident blocks per SM: 8 -> 6, 6 -> 5 or
+// 5 -> 4; CUDA 13, sm_90). A launch with them has one item per thread (no wave cap), and they run on the thread's own
+// item outside the item loop: stats_head before it (q read from the predictions ahead of the thread's own stores, as
+// an output may be exactly a prediction and no other thread writes the item; g recomputed as blend computes it),
+// stats_tail after it (out read back from outs[0], the thread's own stores). Per group its pick (a prefix: compares;
+// a strided pick: 3-4 32-bit divisions, then increments), per picked element a few scalar loads of lines the step
+// reads or writes anyway, and the sums: a float32 difference, float64 |.|, a float64 part per thread and column,
+// summed over the warp by shuffles when its items are one sample's (else one atomic add per lane), then one
+// atomicAdd(double) per warp and column (native on sm_60+). The cost against the fixed-shape kernel of a step is
+// not measured yet (no GPU).
+//
 // Coefficients: each thread copies the used entries of the host values (the argument struct) once;
 // where per-sample rows are given, it reloads them when its sample changes (grid-stride items of one
 // thread rarely cross a sample boundary). For the fixed shapes the copy is a few registers.
@@ -198,13 +211,196 @@ __device__ __forceinline__ bool all_finite(const F4& a) {
   return ok;
 }
 
+// ---- Step statistics (StepBuffers::stats, spec: fastdiff/ops/step_stats.py) ----
+
+// The picked lanes of group g of a sample, elements i0 = 4 g .. i0 + valid - 1 (i0 < st.m): bit j for element i0 + j.
+// k0: the picked elements before the group's first picked one, so its t-th picked lane is the subsample's element
+// k0 + t (k(i) is i's rank among the picked elements). A strided pick divides once per group (32-bit where the
+// sample's indices fit; H, W < 2^32: run_cuda checks) and steps the lanes by increments; a group inside a row that is
+// not picked (most of them for f > 1) stops after three divisions.
+__device__ __forceinline__ unsigned group_pick(const StepStats& st, int64_t n, int64_t g, int valid, int64_t& k0) {
+  const int64_t i0 = 4 * g;
+  unsigned mask = 0;
+  if (st.H == 1 && st.W == 1) {  // a prefix: i < m, k = i
+    k0 = i0;
+    const int64_t left = st.m - i0;  // > 0
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (j < valid && j < left) mask |= 1u << j;
+    }
+    return mask;
+  }
+  // x[..., ::f, ::f] of whole samples (m = n): i = (blk H + h) W + w is picked iff h % f == 0 and w % f == 0. An f
+  // beyond both H and W picks as max(H, W) does (w % f == 0 iff w == 0, ceil(W / f) = 1).
+  const uint32_t W = static_cast<uint32_t>(st.W), H = static_cast<uint32_t>(st.H);
+  const uint32_t f = static_cast<uint32_t>(st.f < (W > H ? W : H) ? st.f : (W > H ? W : H));
+  uint64_t blk;
+  uint32_t w, h;
+  if (n <= static_cast<int64_t>(std::numeric_limits<uint32_t>::max())) {
+    const uint32_t r = static_cast<uint32_t>(i0) / W;
+    w = static_cast<uint32_t>(i0) - r * W;
+    blk = r / H;
+    h = r - static_cast<uint32_t>(blk) * H;
+  } else {
+    const uint64_t r = static_cast<uint64_t>(i0) / W;
+    w = static_cast<uint32_t>(static_cast<uint64_t>(i0) - r * W);
+    blk = r / H;
+    h = static_cast<uint32_t>(r - blk * H);
+  }
+  const uint32_t hq = h / f;
+  uint32_t hr = h - hq * f;
+  if (hr != 0 && W - w >= 4) return 0;  // the whole group in a row that is not picked
+  const uint32_t wq = w / f;
+  uint32_t wr = w - wq * f;
+  // before i0: blk blocks of Hs Ws, the picked rows of this block before h (ceil(h / f)) and, in a picked row, its
+  // picked columns before w (ceil(w / f))
+  const uint64_t Ws = (W - 1) / f + 1, Hs = (H - 1) / f + 1;
+  k0 = static_cast<int64_t>((blk * Hs + hq + (hr != 0)) * Ws + (hr == 0 ? wq + (wr != 0) : 0));
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if (j < valid && hr == 0 && wr == 0) mask |= 1u << j;
+    if (j < 3) {  // the next element: the next column, or the next row's first
+      if (++wr == f) wr = 0;
+      if (++w == W) {
+        w = wr = 0;
+        if (++hr == f) hr = 0;
+        if (++h == H) h = hr = 0;
+      }
+    }
+  }
+  return mask;
+}
+
+// *a += v in float64: native on sm_60+, a compare-and-swap loop below (a TORCH_CUDA_ARCH_LIST may name older GPUs).
+__device__ __forceinline__ void add_f64(double* a, double v) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 600
+  atomicAdd(a, v);
+#else
+  auto* word = reinterpret_cast<unsigned long long*>(a);
+  unsigned long long seen = *word, prev;
+  do {
+    prev = seen;
+    seen = atomicCAS(word, prev, __double_as_longlong(__longlong_as_double(prev) + v));
+  } while (seen != prev);
+#endif
+}
+
+// *sum += this lane's part v. same (warp-uniform): all lanes with an item hold one sample's, so the parts are summed
+// over the warp by shuffles (lanes without an item add 0) and lane 0 adds once; else each lane that picked an element
+// adds its own (a warp across a sample boundary, or samples of fewer than 128 elements). The whole warp calls it.
+__device__ __forceinline__ void add_stat(bool same, bool picked, double* sum, double v) {
+  if (same) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xFFFFFFFFu, v, off);
+    if ((threadIdx.x & 31) == 0) add_f64(sum, v);
+  } else if (picked) {
+    add_f64(sum, v);
+  }
+}
+
+// This thread's item for the statistics: a launch with statistics has one item per thread (launch_shape), idx =
+// the thread's index; item: idx < total; picked / k0: group_pick's (none without an item or past a prefix pick);
+// any / same: the warp's votes (some lane picked an element; all lanes with an item are on b).
+struct StatsItem {
+  int64_t b, g, k0;
+  unsigned picked;
+  bool any, same;
+};
+__device__ __forceinline__ StatsItem stats_item(const StepBuffers& p) {
+  const int64_t groups = (p.n + 3) / 4, total = p.B * groups;
+  // read afresh (volatile): computed once for the kernel, the index would stay live across the item loop
+  unsigned tid, cta;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+  asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(cta));
+  const int64_t idx = static_cast<int64_t>(cta) * kBlock + tid;
+  const bool item = idx < total;
+  StatsItem t{0, 0, 0, 0u, false, false};
+  if (item) {
+    split_item(idx, groups, total, &t.b, &t.g);
+    if (4 * t.g < p.stats.m) {  // groups past a prefix pick skip to the vote
+      const int valid = p.n - 4 * t.g < 4 ? static_cast<int>(p.n - 4 * t.g) : 4;
+      t.picked = group_pick(p.stats, p.n, t.g, valid, t.k0);
+    }
+  }
+  // Every thread of the launch gets here (no early exit): the votes and shuffles take all 32 lanes.
+  t.any = __any_sync(0xFFFFFFFFu, t.picked != 0);
+  // lane 0 has the warp's first item (the lanes' items are consecutive): it has one where any lane picked
+  if (t.any) t.same = __all_sync(0xFFFFFFFFu, !item || t.b == __shfl_sync(0xFFFFFFFFu, t.b, 0));
+  return t;
+}
+
+// The q statistics of this thread's item, before the item loop: q of each picked element read from the predictions
+// (prediction `branch` as float, or the blend g recomputed as blend computes it, lane for lane the same float
+// operations), sums[b, 1] += |q - q_ref|, sums[b, 2] += |q| (float64), q into q_keep. Before the loop, so before any
+// store of the item (an output may be exactly a prediction; no other thread writes the item's elements).
+template <typename pred_t, typename Shape>
+__device__ __forceinline__ void stats_head(const StepBuffers& p) {
+  using Caps = ShapeCaps<Shape>;
+  const StepStats& st = p.stats;
+  const StatsItem t = stats_item(p);
+  if (!t.any) return;  // warp-uniform
+  const Shape s = shape_of<Shape>(p);
+  const int64_t base = t.b * p.n + 4 * t.g, row = t.b * st.S + t.k0;
+  double d = 0.0, a = 0.0;
+#pragma unroll 1
+  for (int j = 0; j < 4; ++j) {
+    if (!((t.picked >> j) & 1u)) continue;
+    float q = 0.0f;
+    if (st.branch >= 0) {
+      q = static_cast<float>(static_cast<const pred_t*>(p.preds[st.branch])[base + j]);
+    } else {  // g = w0 p0, then fma(w_i, p_i - p0, g), with this sample's weights (its row where given)
+      auto weight = [&](int i) {
+        return p.sample_weights != nullptr ? p.sample_weights[t.b * s.branches + i] : p.host.w[i];
+      };
+      auto pred = [&](int i) { return static_cast<float>(static_cast<const pred_t*>(p.preds[i])[base + j]); };
+      const float p0 = pred(0);
+      q = weight(0) * p0;
+#pragma unroll
+      for (int i = 1; i < Caps::kBranches; ++i) {
+        if (i < s.branches) q = fmaf(weight(i), pred(i) - p0, q);
+      }
+    }
+    const int64_t e = row + __popc(t.picked & ((1u << j) - 1u));
+    if (st.q_ref != nullptr) d += fabs(static_cast<double>(q - st.q_ref[e]));  // a float32 difference
+    a += fabs(static_cast<double>(q));
+    if (st.q_keep != nullptr) st.q_keep[e] = q;
+  }
+  double* sums = st.sums + 3 * t.b;
+  if (st.q_ref != nullptr) add_stat(t.same, t.picked != 0, sums + 1, d);
+  add_stat(t.same, t.picked != 0, sums + 2, a);
+}
+
+// The out statistics of this thread's item, after the item loop: out of each picked element read back from outs[0]
+// (this thread's own store), sums[b, 0] += |out - x_ref| (float64 of a float32 difference), out into x_keep.
+__device__ __forceinline__ void stats_tail(const StepBuffers& p) {
+  const StepStats& st = p.stats;
+  const StatsItem t = stats_item(p);
+  if (!t.any) return;  // warp-uniform
+  const int64_t base = t.b * p.n + 4 * t.g, row = t.b * st.S + t.k0;
+  double d = 0.0;
+#pragma unroll 1
+  for (int j = 0; j < 4; ++j) {
+    if (!((t.picked >> j) & 1u)) continue;
+    const float o = p.outs[0][base + j];
+    const int64_t e = row + __popc(t.picked & ((1u << j) - 1u));
+    if (st.x_ref != nullptr) d += fabs(static_cast<double>(o - st.x_ref[e]));
+    if (st.x_keep != nullptr) st.x_keep[e] = o;
+  }
+  if (st.x_ref != nullptr) add_stat(t.same, t.picked != 0, st.sums + 3 * t.b, d);
+}
+
 // kSide: the side row is computed (side given, or clip: StepBuffers::side_row). kVec: n % 4 == 0 and every
 // pointer aligned for load4 / store4 (then groups ==
 // n / 4). Shape: FixedStepShape<K1, H, D> (registers) or StepShape (runtime counts). Run-time flags,
 // uniform over the launch: finite given, per-sample rows given, noise, the number of outputs.
-template <typename pred_t, bool kSide, bool kVec, typename Shape>
+template <typename pred_t, bool kSide, bool kVec, typename Shape, bool kStats = false>
 __global__ void __launch_bounds__(kBlock) sampler_step_kernel(const StepBuffers p) {
   using Caps = ShapeCaps<Shape>;
+  // The statistics (kStats: the runtime-shape kernel only; a launch with them has one item per thread): q of the
+  // thread's item first, out after the item loop, where none of the loop's values are live (see the file's comment).
+  if constexpr (kStats) {
+    if (p.stats.branch != kStatsNoQ) stats_head<pred_t, Shape>(p);
+  }
   const Shape s = shape_of<Shape>(p);
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
   const int64_t groups = (p.n + 3) / 4, total = p.B * groups;  // work items: (sample, group of 4)
@@ -301,12 +497,19 @@ __global__ void __launch_bounds__(kBlock) sampler_step_kernel(const StepBuffers 
       if (i < p.n_outs) store_group<kVec>(p.outs[i], idx, base, valid, out);
     }
   }
+  if constexpr (kStats) {
+    if (p.stats.x_ref != nullptr || p.stats.x_keep != nullptr) stats_tail(p);
+  }
 }
 
-template <typename pred_t, bool kSide, bool kVec, typename Shape>
+template <typename pred_t, bool kSide, bool kVec, typename Shape, bool kStats = false>
 void launch_shape(const StepBuffers& p) {
-  auto kernel = sampler_step_kernel<pred_t, kSide, kVec, Shape>;
-  kernel<<<grid_size(p.B * ((p.n + 3) / 4), kernel), kBlock, 0, at::cuda::getCurrentCUDAStream()>>>(p);
+  auto kernel = sampler_step_kernel<pred_t, kSide, kVec, Shape, kStats>;
+  const int64_t items = p.B * ((p.n + 3) / 4);
+  // With statistics one item per thread (stats_head and stats_tail work on the thread's own item), else at most one
+  // wave of blocks that loop.
+  const int64_t blocks = kStats ? (items + kBlock - 1) / kBlock : grid_size(items, kernel);
+  kernel<<<blocks, kBlock, 0, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -324,6 +527,10 @@ void launch_sampler_step(const StepBuffers& p) {
   }();
   with_bool(p.side_row(), [&](auto S) {  // the side row: for the side output or the clip (a run-time flag)
     with_bool(vec, [&](auto V) {
+      if (p.stats.on()) {  // the statistics: in the runtime-shape kernel, whatever the counts (12 more kernels)
+        launch_shape<pred_t, decltype(S)::value, decltype(V)::value, StepShape, true>(p);
+        return;
+      }
       // the common shapes with compile-time counts, the rest with runtime counts (dispatch.h)
       with_step_shape(p.shape, [&](auto shape) {
         launch_shape<pred_t, decltype(S)::value, decltype(V)::value, decltype(shape)>(p);
@@ -333,6 +540,10 @@ void launch_sampler_step(const StepBuffers& p) {
 }
 
 void run_cuda(const StepBuffers& p, at::ScalarType pred_type, at::Device device) {
+  // group_pick steps the columns and rows of a strided pick in 32 bits (a row of 2^32 floats is 16 GiB)
+  constexpr int64_t kMax32 = std::numeric_limits<uint32_t>::max();
+  TORCH_CHECK(!p.stats.on() || (p.stats.H <= kMax32 && p.stats.W <= kMax32), "fastdiff::sampler_step (CUDA): "
+              "statistics need the pick's H and W below 2^32, got ", p.stats.H, " x ", p.stats.W);
   c10::cuda::CUDAGuard guard(device);
   with_data_type(pred_type, [&](auto tag) { launch_sampler_step<decltype(tag)>(p); });
 }
