@@ -52,7 +52,9 @@ def _run(backend, x, preds, weights, coeffs, stats, **kw):
 
 
 def _copy(stats):
-    clone = (lambda t: None if t is None else t.clone())
+    def clone(t):
+        return None if t is None else t.clone()
+
     return StepStats(stats.sums.clone(), stats.pick, clone(stats.x_ref), clone(stats.x_keep), clone(stats.q_ref),
                      clone(stats.q_keep))
 
@@ -184,7 +186,8 @@ def test_stats_errors_name_the_argument():
         (StepStats(sums, (20, 4, 6, 2, 0)), "m must be n = 24"),
         (StepStats(sums, (25, 1, 1, 1, 0)), r"m must be in \[0, 24\]"),
         (StepStats(sums, (24, 4, 6, 2, 2)), "branch must be -2"),
-        (StepStats(sums, pick, x_ref=torch.zeros(2, S + 1)), r"stats.x_ref must be a contiguous float32 tensor \[B, S\]"),
+        (StepStats(sums, pick, x_ref=torch.zeros(2, S + 1)),
+         r"stats.x_ref must be a contiguous float32 tensor \[B, S\]"),
         (StepStats(sums, (24, 4, 6, 2, NO_Q), q_keep=torch.zeros(2, S)), "stats.q_keep needs q"),
         (StepStats(sums, pick, x_keep=x.reshape(2, -1)[:, :S]), "stats.x_keep"),
         ("stats", "stats must be a fastdiff.ops.step_stats.StepStats"),
