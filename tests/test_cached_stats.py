@@ -14,28 +14,11 @@ from fastdiff.sampling.features.cached_calls import CachedCalls
 from fastdiff.sampling.features.caching import AdaptiveCache, EasyCache, LazyCache
 
 from combination_matrix import gaussian_velocity_model
+from test_caching import Counted, _device_model
 
 MIXTURE = MixtureModel(ring_mixture(heterogeneous=True), "condot", "velocity")
 GRID = torch.linspace(1e-3, 1.0, 41).tolist()
-_LIN = 0.3 * torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
-_EMB = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
-
-
-def _device_model(x, t, y):
-    """Device ops only (a capture allows no host reads)."""
-    return torch.tanh(x @ _LIN) * (1.0 + t[:, None]) + _EMB[y] - x
-
-
 RULES = {"easycache": EasyCache(0.2), "lazycache": LazyCache(0.2), "adaptive": AdaptiveCache(0.3, max_skips=2)}
-
-
-class Counted:
-    def __init__(self, model):
-        self.model, self.calls = model, 0
-
-    def __call__(self, x, t, y=None):
-        self.calls += 1
-        return self.model(x, t, y)
 
 
 def _runs(monkeypatch, model, run):

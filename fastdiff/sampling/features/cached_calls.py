@@ -121,7 +121,7 @@ class CachedCalls:
             self.fuse.pending = (k, tuple(e[0] for e in self.kept[0]), self.stages[k].t)
             return preds
         if proxy.reused and self.order == 0 and self.rule.reuse == "output" and self.calls.plans[k][0] == "one":
-            return [self.kept[0][0][1]]  # plain reuse of one call: the kept output itself (~9 us a step on cold caches)
+            return [self.kept[0][0][1]]  # plain reuse of one call: the kept output itself, without the proxies
         return self.calls.evaluate(proxy, k)
 
     @contextlib.contextmanager
