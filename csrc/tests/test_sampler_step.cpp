@@ -42,18 +42,20 @@ using OptTensor = std::optional<at::Tensor>;
 using OptClip = std::optional<at::ArrayRef<double>>;
 using StepFn = void(const at::Tensor&, at::TensorList, at::TensorList, const at::Tensor&, at::IntArrayRef,
                     at::ArrayRef<double>, at::ArrayRef<double>, const OptTensor&, const OptTensor&, at::TensorList,
-                    const OptTensor&, const OptTensor&, OptClip);
+                    const OptTensor&, const OptTensor&, OptClip, std::optional<at::TensorList>,
+                    at::OptionalIntArrayRef);
 using RandnFn = at::Tensor(const at::Tensor&, int64_t, c10::IntArrayRef, int64_t, c10::ScalarType);
 using SimdFn = std::string();
 
-// The op with its trailing clip = [c, d] optional (none unless given).
+// The op with its trailing clip = [c, d] optional (none unless given); no statistics (tests/test_step_stats.py).
 struct StepOp {
   c10::TypedOperatorHandle<StepFn> op;
   void call(const at::Tensor& x, at::TensorList preds, at::TensorList history, const at::Tensor& seeds,
             at::IntArrayRef streams, at::ArrayRef<double> weights, at::ArrayRef<double> coeffs, const OptTensor& sw,
             const OptTensor& sc, at::TensorList outs, const OptTensor& side, const OptTensor& finite,
             OptClip clip = std::nullopt) const {
-    op.call(x, preds, history, seeds, streams, weights, coeffs, sw, sc, outs, side, finite, clip);
+    op.call(x, preds, history, seeds, streams, weights, coeffs, sw, sc, outs, side, finite, clip, std::nullopt,
+            std::nullopt);
   }
 };
 
