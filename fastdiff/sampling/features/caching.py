@@ -310,11 +310,9 @@ class _ChangeRate:
         if fresh:
             self.x_prev, self.o_prev = torch.empty_like(xs), torch.empty_like(os_)
         # the output's change since the last computed evaluation and its scale, its subsample kept: one read
-        change, self.o_norm = _mean_abs(os_, self.o_prev, norm=True, keep=True)
-        if not fresh and self.input_change is not None:
-            self.rate = _div(change, self.input_change)
+        change, norm = _mean_abs(os_, self.o_prev, norm=True, keep=True)
         _copy_into(xs, self.x_prev)
-        self.input_change = None
+        self.record_output(None if fresh else change, norm)
 
     def record_output(self, change, norm) -> None:
         """A computed output's change since the last one (None for the first) and its scale."""
